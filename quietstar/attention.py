@@ -1,0 +1,193 @@
+"""The thought attention pattern, injected through transformers' AttentionInterface.
+
+A thought-mode forward lays its tokens out *pass by pass*: the L text tokens first, then one
+block of L tokens per thought pass (START, thought tokens, END, teacher-forced tokens). The token
+of position i in pass p may see
+
+    text keys 0..i                          (the ordinary causal part, an L x L block)
+    its own keys of passes 1..p             (the "diagonal" part, L x p values)
+
+and nothing else: never another position's thought. We score the two parts separately and
+normalise them with one joint softmax, so attention costs O(L^2 + L*P) per pass and no
+L x (L*P) mask or per-position copy of the text keys is ever built.
+
+Ordinary calls (no ``thought_layout`` keyword) fall through to standard SDPA attention with the
+usual masks, so the wrapped model still behaves as the plain base model outside thought mode.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+ATTENTION_NAME = "quietstar"
+
+# Keyword arguments that models hand to attention functions which we either honour or that carry
+# no meaning for the result; anything else that is not None is refused (e.g. attention sinks).
+_HANDLED_KWARGS = {
+    "sliding_window", "softcap", "thought_layout", "position_ids", "cu_seq_lens_q", "cu_seq_lens_k",
+    "max_length_q", "max_length_k", "output_attentions", "use_cache", "cache_position", "is_causal",
+    "return_dict", "output_hidden_states", "layer_idx", "head_mask", "position_bias",
+}
+
+
+@dataclass
+class ThoughtLayout:
+    """Tells the attention function how a thought-mode forward is laid out.
+
+    The key sequence is always ``[text (L) | thought pass 1 (L) | ... | thought pass P (L)]``;
+    the query sequence is one block of L tokens per entry of ``query_passes`` (0 = the text).
+    """
+
+    text_len: int
+    query_passes: tuple[int, ...]
+    text_key_valid: torch.Tensor  # [B, L] bool: False for padding
+    text_positions: torch.Tensor  # [B, L] long: position id of each text token
+
+    def text_mask(self, sliding_window: int | None) -> torch.Tensor:
+        """Allowed text keys, [B, 1, 1, Qp or 1, L, L] bool (query i, key j)."""
+        L = self.text_len
+        idx = torch.arange(L, device=self.text_key_valid.device)
+        causal = idx[None, :] <= idx[:, None]  # [L(query), L(key)]
+        allowed = causal[None] & self.text_key_valid[:, None, :]  # [B, L, L]
+        # A padded query with no valid key would give NaN; let it see itself (its output is unused).
+        allowed = allowed | torch.eye(L, dtype=torch.bool, device=allowed.device)[None]
+        if sliding_window is None:
+            return allowed[:, None, None, None]
+        passes = torch.tensor(self.query_passes, device=allowed.device)
+        pos = self.text_positions
+        # Query of pass p at position i sits at position pos_i + p; key j at pos_j.
+        distance = (pos[:, None, :, None] + passes[None, :, None, None]) - pos[:, None, None, :]
+        return (allowed[:, None] & (distance < sliding_window))[:, None, None]
+
+    def thought_mask(self, num_key_passes: int, sliding_window: int | None) -> torch.Tensor:
+        """Allowed own-thought keys, [1, 1, 1, Qp, 1, P] bool: pass p sees passes 1..p."""
+        q = torch.tensor(self.query_passes, device=self.text_key_valid.device)[:, None]
+        k = torch.arange(1, num_key_passes + 1, device=q.device)[None, :]
+        allowed = k <= q
+        if sliding_window is not None:
+            allowed = allowed & (q - k < sliding_window)
+        return allowed[None, None, None, :, None, :]
+
+
+def thought_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """Attention function registered under ``ATTENTION_NAME``; see the module docstring."""
+    layout: ThoughtLayout | None = kwargs.get("thought_layout")
+    softcap = kwargs.get("softcap")
+    sliding_window = kwargs.get("sliding_window")
+    unknown = [k for k, v in kwargs.items() if k not in _HANDLED_KWARGS and v is not None]
+    if unknown or getattr(module, "sinks", None) is not None or kwargs.get("position_bias") is not None:
+        raise NotImplementedError(
+            f"{type(module).__name__} passes attention arguments quietstar does not support "
+            f"({unknown or ['sinks/position_bias']}); this model family cannot be wrapped yet")
+    if layout is None:
+        return _plain_attention(module, query, key, value, attention_mask, scaling, dropout,
+                                softcap=softcap, sliding_window=sliding_window)
+
+    B, H, Q, D = query.shape
+    Hkv = key.shape[1]
+    G = H // Hkv
+    L = layout.text_len
+    Qp = len(layout.query_passes)
+    P = key.shape[2] // L - 1
+    if Q != Qp * L or key.shape[2] != (P + 1) * L:
+        raise RuntimeError(f"thought layout mismatch: {Q} queries and {key.shape[2]} keys for "
+                           f"L={L} and query passes {layout.query_passes}")
+    scale = scaling if scaling is not None else D ** -0.5
+
+    # Group query heads by their key/value head (GQA) instead of copying keys to every head.
+    q = query.view(B, Hkv, G, Qp, L, D)
+    k_text, v_text = key[:, :, :L], value[:, :, :L]
+    s_text = torch.matmul(q.reshape(B, Hkv, G * Qp * L, D), k_text.transpose(-1, -2))
+    s_text = s_text.view(B, Hkv, G, Qp, L, L) * scale
+    if softcap is not None:
+        s_text = torch.tanh(s_text / softcap) * softcap
+    s_text = s_text.masked_fill(~layout.text_mask(sliding_window), float("-inf"))
+    row_max = s_text.amax(-1)
+
+    if P > 0:
+        k_own = key[:, :, L:].view(B, Hkv, P, L, D)
+        v_own = value[:, :, L:].view(B, Hkv, P, L, D)
+        s_own = torch.einsum("bkgqld,bkpld->bkgqlp", q, k_own) * scale
+        if softcap is not None:
+            s_own = torch.tanh(s_own / softcap) * softcap
+        s_own = s_own.masked_fill(~layout.thought_mask(P, sliding_window), float("-inf"))
+        row_max = torch.maximum(row_max, s_own.amax(-1))
+
+    # One softmax over both parts: shared max, shared normaliser.
+    row_max = row_max.detach().unsqueeze(-1)
+    e_text = torch.exp(s_text - row_max)
+    norm = e_text.sum(-1, keepdim=True)
+    if P > 0:
+        e_own = torch.exp(s_own - row_max)
+        norm = norm + e_own.sum(-1, keepdim=True)
+    p_text = e_text / norm
+    if dropout > 0:
+        p_text = F.dropout(p_text, p=dropout, training=True)
+    out = torch.matmul(p_text.view(B, Hkv, G * Qp * L, L), v_text).view(B, Hkv, G, Qp, L, D)
+    if P > 0:
+        p_own = e_own / norm
+        if dropout > 0:
+            p_own = F.dropout(p_own, p=dropout, training=True)
+        out = out + torch.einsum("bkgqlp,bkpld->bkgqld", p_own, v_own)
+    # (B, Hkv, G, Qp, L, D) -> (B, Qp*L, H, D), the layout models expect back.
+    out = out.reshape(B, H, Q, D).transpose(1, 2).contiguous()
+    return out, None
+
+
+def _plain_attention(module, query, key, value, attention_mask, scaling, dropout, softcap, sliding_window):
+    """Ordinary causal attention for calls outside thought mode (masks come from ``sdpa_mask``)."""
+    if softcap is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                      scaling=scaling, sliding_window=sliding_window)
+    # SDPA has no softcap (Gemma-2): eager attention with the boolean mask.
+    B, H, Q, D = query.shape
+    G = H // key.shape[1]
+    k = key.repeat_interleave(G, dim=1)
+    v = value.repeat_interleave(G, dim=1)
+    scale = scaling if scaling is not None else D ** -0.5
+    scores = torch.matmul(query, k.transpose(-1, -2)) * scale
+    scores = torch.tanh(scores / softcap) * softcap
+    if attention_mask is None:
+        K = k.shape[2]
+        qi = torch.arange(Q, device=query.device)[:, None] + (K - Q)
+        kj = torch.arange(K, device=query.device)[None, :]
+        attention_mask = kj <= qi
+        if sliding_window is not None:
+            attention_mask = attention_mask & (qi - kj < sliding_window)
+    elif attention_mask.dtype != torch.bool:
+        scores = scores + attention_mask
+        attention_mask = None
+    if attention_mask is not None:
+        scores = scores.masked_fill(~attention_mask, float("-inf"))
+    probs = torch.softmax(scores.float(), dim=-1).to(query.dtype)
+    if dropout > 0:
+        probs = F.dropout(probs, p=dropout, training=True)
+    return torch.matmul(probs, v).transpose(1, 2).contiguous(), None
+
+
+def install(model) -> None:
+    """Route every attention layer of ``model`` (a transformers PreTrainedModel) to ours."""
+    if not getattr(model, "_supports_attention_backend", False):
+        raise NotImplementedError(
+            f"{type(model).__name__} does not route its attention through transformers' "
+            "AttentionInterface, so quietstar cannot give thoughts their attention pattern without "
+            "editing the model file. Use a model family that supports custom attention "
+            "implementations (Llama, Mistral, Qwen2/3, Gemma 1/2/3, Phi-3, GPT-2, SmolLM ...).")
+    AttentionInterface.register(ATTENTION_NAME, thought_attention)
+    AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
+    model.set_attn_implementation(ATTENTION_NAME)

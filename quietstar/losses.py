@@ -1,0 +1,114 @@
+"""Log-likelihoods from hidden states, and the Quiet-STaR objective built from them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from .config import QuietStarConfig
+
+
+def target_logprobs(
+    logits_fn: Callable[[torch.Tensor], torch.Tensor],
+    hidden: torch.Tensor,
+    targets: torch.Tensor,
+    temperature: float = 1.0,
+    chunk_tokens: int = 0,
+) -> torch.Tensor:
+    """log softmax(logits_fn(hidden) / temperature)[target], for hidden [..., d] and targets [...].
+
+    With ``chunk_tokens > 0`` the vocabulary-sized logits are made ``chunk_tokens`` rows at a time
+    and recomputed in the backward pass, so no [tokens x vocab] tensor outlives its chunk.
+    """
+    shape = targets.shape
+    h = hidden.reshape(-1, hidden.shape[-1])
+    t = targets.reshape(-1)
+
+    def piece(h_part: torch.Tensor, t_part: torch.Tensor) -> torch.Tensor:
+        logits = logits_fn(h_part).float()
+        if temperature != 1.0:
+            logits = logits / temperature
+        return -F.cross_entropy(logits, t_part, reduction="none")
+
+    if chunk_tokens <= 0 or h.shape[0] <= chunk_tokens:
+        return piece(h, t).view(shape)
+    parts = [
+        checkpoint(piece, h[i:i + chunk_tokens], t[i:i + chunk_tokens], use_reentrant=False)
+        if torch.is_grad_enabled() else piece(h[i:i + chunk_tokens], t[i:i + chunk_tokens])
+        for i in range(0, h.shape[0], chunk_tokens)
+    ]
+    return torch.cat(parts).view(shape)
+
+
+@dataclass
+class LossParts:
+    """The total loss and its parts; metrics are detached."""
+
+    loss: torch.Tensor
+    base_nll: torch.Tensor        # next-token NLL without a thought
+    mixed_nll: torch.Tensor       # [A]: NLL of the mixed prediction of x_{i+1+s}
+    policy_loss: torch.Tensor
+    mean_reward: torch.Tensor     # reward after the baseline (and clamping), mean over positions
+    positive_reward_fraction: torch.Tensor  # share of rewards > 0 before clamping
+    thought_gain: torch.Tensor    # mean over positions of sum_s [log p_mix - log p_base]: > 0 = thoughts help
+
+
+def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    mask = mask.to(values.dtype)
+    return (values * mask).sum() / mask.sum().clamp(min=1)
+
+
+def quietstar_loss(
+    config: QuietStarConfig,
+    base_logp: torch.Tensor,
+    mixed_logp: torch.Tensor,
+    thought_logp: torch.Tensor,
+    target_valid: torch.Tensor,
+) -> LossParts:
+    """The objective for n = ``config.thoughts_per_position`` thoughts per position.
+
+    Rows are grouped as [B*n] with the n thoughts of a text adjacent. Shapes:
+    base_logp [B*n, L] (log p_base(x_{i+1}) at position i), mixed_logp [B*n, L, A],
+    thought_logp [B*n, L, k] (thought tokens at the REINFORCE temperature),
+    target_valid [B*n, L, A] (x_{i+1+s} exists and is not ignored).
+    """
+    n = config.thoughts_per_position
+    A = mixed_logp.shape[-1]
+    L = base_logp.shape[1]
+
+    base_nll = _masked_mean(-base_logp, target_valid[..., 0])
+    mixed_nll = torch.stack([_masked_mean(-mixed_logp[..., s], target_valid[..., s]) for s in range(A)])
+
+    # The base model's log-likelihood of the same A tokens: log p_base(x_{i+1+s}) sits at i+s.
+    base_shifted = torch.stack(
+        [F.pad(base_logp[:, s:], (0, s)) for s in range(A)], dim=-1)  # [B*n, L, A]
+    valid = target_valid.to(mixed_logp.dtype)
+    thought_ll = (mixed_logp.detach() * valid).sum(-1)  # [B*n, L]
+    base_ll = (base_shifted.detach() * valid).sum(-1)
+    position_valid = target_valid[..., 0]
+
+    if config.reward_baseline == "thought_mean":
+        grouped = thought_ll.view(-1, n, L)
+        reward = (grouped - grouped.mean(1, keepdim=True)).view(-1, L)
+    else:
+        reward = thought_ll - base_ll
+    positive = _masked_mean((reward > 0).float(), position_valid)
+    if config.drop_negative_rewards:
+        reward = reward.clamp(min=0)
+    policy_loss = _masked_mean(-reward * thought_logp.mean(-1), position_valid)
+
+    loss = (config.base_loss_weight * base_nll + config.mixed_loss_weight * mixed_nll.mean()
+            + config.policy_loss_weight * policy_loss)
+    return LossParts(
+        loss=loss,
+        base_nll=base_nll.detach(),
+        mixed_nll=mixed_nll.detach(),
+        policy_loss=policy_loss.detach(),
+        mean_reward=_masked_mean(reward, position_valid).detach(),
+        positive_reward_fraction=positive.detach(),
+        thought_gain=_masked_mean(thought_ll - base_ll, position_valid).detach(),
+    )

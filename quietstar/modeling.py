@@ -1,0 +1,284 @@
+"""QuietStarForCausalLM: any transformers causal LM, taught to think before it speaks."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from . import attention
+from .config import CONFIG_NAME, QuietStarConfig
+from .losses import LossParts, quietstar_loss, target_logprobs
+from .meta_tokens import MetaTokenEmbedding, add_meta_tokens
+from .mixing import MixingHead
+from .rollout import GridHidden, sample_thoughts, score_grid
+
+HEAD_WEIGHTS_NAME = "quietstar_head.safetensors"
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss came out NaN or infinite."""
+
+
+@dataclass
+class ThoughtScores:
+    """What ``score_thoughts`` returns for fixed thoughts."""
+
+    base_logits: torch.Tensor     # [B, L, V]     no thought: predicts x_{i+1}
+    thought_logits: torch.Tensor  # [B, L, A, V]  after the thought and s true tokens: x_{i+1+s}
+    mixing_weight: torch.Tensor   # [B, L, A]
+    mixed_logits: torch.Tensor    # [B, L, A, V]
+
+
+@dataclass
+class QuietStarOutput:
+    """What a training-mode forward returns."""
+
+    loss: torch.Tensor
+    base_nll: torch.Tensor
+    mixed_nll: torch.Tensor       # [A]
+    policy_loss: torch.Tensor
+    mean_reward: torch.Tensor
+    positive_reward_fraction: torch.Tensor
+    thought_gain: torch.Tensor
+    mean_mixing_weight: torch.Tensor
+    thought_ids: torch.Tensor     # [B, n, L, k] the sampled thoughts (inner tokens)
+
+
+class QuietStarForCausalLM(nn.Module):
+    """A causal LM with a learned thought after every token and a mixing head.
+
+    Build one with ``from_base`` (fresh) or ``from_pretrained`` (saved). ``lm`` is the unmodified
+    transformers model (its attention is routed to quietstar's function, nothing else changes).
+    """
+
+    def __init__(self, lm, tokenizer, config: QuietStarConfig, embedding: MetaTokenEmbedding,
+                 mixing_head: MixingHead):
+        super().__init__()
+        self.lm = lm
+        self.tokenizer = tokenizer
+        self.config = config
+        self.embedding = embedding
+        self.mixing_head = mixing_head
+        self.start_id, self.end_id = embedding.start_id, embedding.end_id
+        vocab = lm.get_output_embeddings().weight.shape[0]
+        meta_in_vocab = [i for i in (self.start_id, self.end_id) if i < vocab]
+        self.register_buffer("_meta_logit_ids", torch.tensor(meta_in_vocab, dtype=torch.long),
+                             persistent=False)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_base(cls, model, tokenizer, config: QuietStarConfig | None = None) -> "QuietStarForCausalLM":
+        """Wraps a transformers causal LM: adds the meta tokens, initialises them from
+        ``config.meta_token_init`` and attaches a mixing head that starts at w = 0."""
+        config = config or QuietStarConfig()
+        _check_model(model)
+        start_id, end_id = add_meta_tokens(tokenizer, config.start_thought_token, config.end_thought_token)
+        init_ids = tokenizer(config.meta_token_init, add_special_tokens=False).input_ids
+        if not init_ids:
+            raise ValueError(f"meta_token_init {config.meta_token_init!r} encodes to no token")
+        base_embed = model.get_input_embeddings()
+        with torch.no_grad():
+            init = base_embed(torch.tensor([init_ids[0]], device=base_embed.weight.device))[0].float()
+        embedding = MetaTokenEmbedding(base_embed, start_id, end_id, init, config.meta_token_lr_multiplier)
+        head = MixingHead(model.config.get_text_config().hidden_size, config.mixing_head_hidden_size,
+                          config.mixing_weight_bounded)
+        attention.install(model)
+        return cls(model, tokenizer, config, embedding, head.to(base_embed.weight.device))
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Writes the base LM (safetensors), tokenizer, QuietStar config and learned head."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.lm.save_pretrained(directory)
+        self.tokenizer.save_pretrained(directory)
+        self.config.save(directory)
+        tensors = {"meta_embeddings.scaled_vectors": self.embedding.scaled_vectors}
+        tensors |= {f"mixing_head.{k}": v for k, v in self.mixing_head.state_dict().items()}
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()},
+                  directory / HEAD_WEIGHTS_NAME)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, **model_kwargs) -> "QuietStarForCausalLM":
+        """Loads what ``save_pretrained`` wrote; the learned meta tokens and head come back intact."""
+        directory = Path(directory)
+        for name in (CONFIG_NAME, HEAD_WEIGHTS_NAME, "config.json"):
+            if not (directory / name).exists():
+                raise FileNotFoundError(f"{directory} is not a saved QuietStar model: {name} is missing "
+                                        "(save one with QuietStarForCausalLM.save_pretrained)")
+        config = QuietStarConfig.load(directory)
+        try:
+            head_tensors = load_file(directory / HEAD_WEIGHTS_NAME)
+        except (SafetensorError, OSError, ValueError) as e:
+            raise ValueError(f"{directory / HEAD_WEIGHTS_NAME} is corrupt ({e}); "
+                             "restore the checkpoint from a backup or an earlier save") from None
+        tokenizer = AutoTokenizer.from_pretrained(directory)
+        lm = AutoModelForCausalLM.from_pretrained(directory, **model_kwargs)
+        lm.eval()
+        model = cls.from_base(lm, tokenizer, config)
+        try:
+            model.embedding.scaled_vectors.data.copy_(head_tensors.pop("meta_embeddings.scaled_vectors"))
+            model.mixing_head.load_state_dict(
+                {k.removeprefix("mixing_head."): v for k, v in head_tensors.items()})
+        except (KeyError, RuntimeError) as e:
+            raise ValueError(f"{directory / HEAD_WEIGHTS_NAME} does not fit this model ({e}); "
+                             "it was saved from a different base model or is damaged") from None
+        return model
+
+    # ------------------------------------------------------------------ pieces
+    def get_input_embeddings(self) -> MetaTokenEmbedding:
+        return self.embedding
+
+    @property
+    def decoder(self):
+        return self.lm.get_decoder()
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """LM logits of final hidden states; the meta tokens are never predicted."""
+        logits = self.lm.get_output_embeddings()(hidden)
+        cap = getattr(self.lm.config.get_text_config(), "final_logit_softcapping", None)
+        if cap is not None:
+            logits = torch.tanh(logits / cap) * cap
+        if self._meta_logit_ids.numel():
+            logits = logits.index_fill(-1, self._meta_logit_ids, float("-inf"))
+        return logits
+
+    def _inputs(self, input_ids, attention_mask, labels):
+        """Validates a batch and returns (attention_mask, target ids, target valid [B, L, A])."""
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [batch, length], got shape {tuple(input_ids.shape)}")
+        B, L = input_ids.shape
+        A = self.config.ahead_tokens
+        if L < A + 1:
+            raise ValueError(f"sequence length {L} is shorter than ahead_tokens + 1 = {A + 1}: each "
+                             f"thought predicts {A} true tokens; use longer sequences or a smaller "
+                             "ahead_tokens")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        for name, t in (("attention_mask", attention_mask), ("labels", labels)):
+            if t is not None and t.shape != input_ids.shape:
+                raise ValueError(f"{name} has shape {tuple(t.shape)} but input_ids has "
+                                 f"{tuple(input_ids.shape)}; they must match")
+        meta = (input_ids == self.start_id) | (input_ids == self.end_id)
+        if meta.any():
+            raise ValueError("input_ids contain the thought meta tokens; the text must not: "
+                             "thoughts are inserted by the model")
+        if labels is None:
+            labels = input_ids.masked_fill(attention_mask == 0, -100)
+        # targets[b, i, s] = x_{i+1+s}, valid where inside the text and not ignored.
+        padded = torch.cat([labels, labels.new_full((B, A), -100)], dim=1)
+        targets = torch.stack([padded[:, 1 + s:1 + s + L] for s in range(A)], dim=-1)
+        valid = targets != -100
+        return attention_mask, targets.clamp(min=0), valid
+
+    def _mix(self, grid: GridHidden) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mixed hidden states [B, L, A, d] and weights [B, L, A]; step s pairs the post-thought
+        state of position i with the base state of position i+s (both predict x_{i+1+s})."""
+        A = grid.after.shape[2]
+        L = grid.base.shape[1]
+        idx = (torch.arange(L, device=grid.base.device)[:, None]
+               + torch.arange(A, device=grid.base.device)[None, :]).clamp(max=L - 1)
+        base = grid.base[:, idx]  # [B, L, A, d]
+        return self.mixing_head(base, grid.after)
+
+    def _score(self, input_ids, thought_ids, attention_mask) -> GridHidden:
+        return score_grid(self.decoder, self.embedding, input_ids, thought_ids, attention_mask,
+                          self.start_id, self.end_id, self.config.ahead_tokens,
+                          self.tokenizer.pad_token_id)
+
+    # ------------------------------------------------------------------ public computations
+    def score_thoughts(self, input_ids, thought_ids, attention_mask=None) -> ThoughtScores:
+        """Logits with fixed thoughts ``thought_ids`` [B, L, k] (inner tokens; START/END are added)."""
+        attention_mask, _, _ = self._inputs(input_ids, attention_mask, None)
+        if thought_ids.dim() != 3 or thought_ids.shape[:2] != input_ids.shape:
+            raise ValueError(f"thought_ids must be [batch, length, k] matching input_ids "
+                             f"{tuple(input_ids.shape)}, got {tuple(thought_ids.shape)}")
+        if ((thought_ids == self.start_id) | (thought_ids == self.end_id)).any():
+            raise ValueError("thought_ids contain START/END; pass only the inner thought tokens")
+        grid = self._score(input_ids, thought_ids, attention_mask)
+        mixed, w = self._mix(grid)
+        return ThoughtScores(self.logits(grid.base), self.logits(grid.after), w, self.logits(mixed))
+
+    def sample_thoughts(self, input_ids, attention_mask=None, num_tokens=None, temperature=None,
+                        generator=None) -> torch.Tensor:
+        """Samples one thought after every position: [B, L, k] inner token ids."""
+        cfg = self.config
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        was_training = self.lm.training
+        self.lm.eval()  # no dropout, and activation checkpointing must not drop the cache
+        try:
+            return sample_thoughts(
+                self.decoder, self.embedding, self.logits, input_ids, attention_mask, self.start_id,
+                cfg.sampled_thought_tokens if num_tokens is None else num_tokens,
+                cfg.thought_temperature if temperature is None else temperature, generator)
+        finally:
+            self.lm.train(was_training)
+
+    def forward(self, input_ids, attention_mask=None, labels=None, generator=None,
+                check_finite: bool = True) -> QuietStarOutput:
+        """One training step's loss: sample n thoughts per position, score them, mix, REINFORCE.
+
+        ``check_finite`` raises ``NonFiniteLossError`` on a NaN/inf loss (one host sync).
+        """
+        cfg = self.config
+        n = cfg.thoughts_per_position
+        attention_mask, targets, valid = self._inputs(input_ids, attention_mask, labels)
+        # The n thoughts of a text are adjacent rows: [B*n, ...].
+        input_ids, attention_mask = input_ids.repeat_interleave(n, 0), attention_mask.repeat_interleave(n, 0)
+        targets, valid = targets.repeat_interleave(n, 0), valid.repeat_interleave(n, 0)
+
+        # 1. sample thoughts without gradients, 2. score the whole grid with gradients.
+        thoughts = self.sample_thoughts(input_ids, attention_mask, generator=generator)
+        grid = self._score(input_ids, thoughts, attention_mask)
+        mixed, w = self._mix(grid)
+
+        # 3. log-likelihoods: base next token, mixed A tokens, thought tokens (REINFORCE temperature).
+        chunk = cfg.loss_chunk_tokens
+        base_logp = target_logprobs(self.logits, grid.base, targets[..., 0], chunk_tokens=chunk)
+        mixed_logp = target_logprobs(self.logits, mixed, targets, chunk_tokens=chunk)
+        thought_logp = target_logprobs(self.logits, grid.thought, thoughts,
+                                       cfg.policy_logprob_temperature, chunk_tokens=chunk)
+        parts: LossParts = quietstar_loss(cfg, base_logp, mixed_logp, thought_logp, valid)
+
+        if check_finite and not torch.isfinite(parts.loss):
+            bad = [name for name in ("base_nll", "mixed_nll", "policy_loss")
+                   if not torch.isfinite(getattr(parts, name)).all()]
+            raise NonFiniteLossError(
+                f"the QuietStar loss is {parts.loss.item()} (non-finite parts: {bad or 'the weighted sum'}); "
+                "lower the learning rate or policy_loss_weight, check the data for empty sequences, or "
+                "train in float32 / bfloat16 instead of float16")
+        mask = valid.to(w.dtype)
+        return QuietStarOutput(
+            loss=parts.loss, base_nll=parts.base_nll, mixed_nll=parts.mixed_nll,
+            policy_loss=parts.policy_loss, mean_reward=parts.mean_reward,
+            positive_reward_fraction=parts.positive_reward_fraction, thought_gain=parts.thought_gain,
+            mean_mixing_weight=((w.detach() * mask).sum() / mask.sum().clamp(min=1)),
+            thought_ids=thoughts.view(-1, n, *thoughts.shape[1:]),
+        )
+
+    def generate(self, input_ids, attention_mask=None, **kwargs):
+        """Thinking generation (see ``quietstar.generation.generate`` for the arguments)."""
+        from .generation import generate
+
+        return generate(self, input_ids, attention_mask=attention_mask, **kwargs)
+
+    def activation_checkpointing_enable(self) -> None:
+        """Recompute each decoder layer in the backward pass (non-reentrant, grid-safe)."""
+        self.lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+
+
+def _check_model(model) -> None:
+    if getattr(model.config, "is_encoder_decoder", False):
+        raise NotImplementedError(f"{type(model).__name__} is an encoder-decoder model; quietstar "
+                                  "wraps decoder-only causal LMs")
+    if model.get_output_embeddings() is None or not hasattr(model, "get_decoder"):
+        raise NotImplementedError(f"{type(model).__name__} is not a causal LM with an output head; "
+                                  "load it with AutoModelForCausalLM")

@@ -1,0 +1,98 @@
+"""Tiny models and a tiny tokenizer, built locally (no hub)."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+import transformers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
+
+from quietstar import QuietStarConfig, QuietStarForCausalLM
+
+torch.set_num_threads(2)
+
+CORPUS = [
+    "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May.",
+    "How many clips did Natalia sell altogether in April and May? 48 + 24 = 72 --- #### 72",
+    "Weng earns $12 an hour for babysitting. Yesterday, she just did 50 minutes of babysitting.",
+    "The quick brown fox jumps over the lazy dog. 0123456789 + - * / = ( ) ? ! , . : ;",
+]
+
+
+@functools.lru_cache(maxsize=1)
+def _tokenizer_json() -> str:
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<pad>", "<eos>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(CORPUS * 4, trainer)
+    return tok.to_str()
+
+
+def make_tokenizer(pad: bool = True) -> PreTrainedTokenizerFast:
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(_tokenizer_json()),
+                                  eos_token="<eos>", pad_token="<pad>" if pad else None)
+    return tok
+
+
+VOCAB = 336  # >= tokenizer size + 2 meta tokens would also work; meta ids may exceed the matrix
+
+FAMILIES = {
+    # GQA (4 query heads share 2 key/value heads)
+    "llama": lambda: transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        tie_word_embeddings=False),
+    # sliding window smaller than the sequence
+    "mistral": lambda: transformers.MistralConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=256, sliding_window=7),
+    "qwen2": lambda: transformers.Qwen2Config(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        tie_word_embeddings=True),
+    "qwen3": lambda: transformers.Qwen3Config(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=256),
+    # embedding scaling by sqrt(d), tied embeddings
+    "gemma": lambda: transformers.GemmaConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=1, head_dim=8, max_position_embeddings=256),
+    # attention and final-logit softcapping, alternating sliding-window layers
+    "gemma2": lambda: transformers.Gemma2Config(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=256,
+        sliding_window=6, attn_logit_softcapping=5.0, final_logit_softcapping=3.0),
+    # learned absolute positions
+    "gpt2": lambda: transformers.GPT2Config(
+        vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=256,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0),
+}
+
+
+def make_lm(family: str = "llama", seed: int = 0):
+    torch.manual_seed(seed)
+    config = FAMILIES[family]()
+    config._attn_implementation = "eager"
+    lm = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    lm.eval()
+    return lm
+
+
+def make_model(family: str = "llama", seed: int = 0, **config_kwargs) -> QuietStarForCausalLM:
+    config = QuietStarConfig(**{"sampled_thought_tokens": 3, "ahead_tokens": 3, **config_kwargs})
+    return QuietStarForCausalLM.from_base(make_lm(family, seed), make_tokenizer(), config)
+
+
+def random_text(batch: int, length: int, seed: int = 0, vocab: int = 300) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(2, vocab, (batch, length), generator=g)
+
+
+@pytest.fixture
+def tokenizer():
+    return make_tokenizer()
