@@ -5,7 +5,7 @@ The pipeline is four small steps, each usable on its own:
     texts   = load_texts("builtin:arithmetic")          # an iterable of document strings
     train, heldout = train_heldout_split(list(texts), 0.05, seed=0)
     batches = TokenBatches(train, tokenizer, seq_len=256, batch_size=8, seed=0)
-    for batch in batches: ...                             # {"input_ids", "attention_mask", "labels"}
+    for batch in batches: ...     # {"input_ids", "attention_mask", "labels"}: [8, 256] each
 
 ``TokenBatches`` shuffles documents deterministically, packs (or crops) them into windows with
 ``pack_documents`` and stacks the windows into [batch_size, seq_len] LongTensors. Its
@@ -125,7 +125,8 @@ def _sharing(rng: random.Random, name: str) -> tuple[str, list[str], int]:
 
 def _rates(rng: random.Random, name: str) -> tuple[str, list[str], int]:
     worker, place, verb, things = rng.choice(_WORKS)
-    rate, h1, h2, price = rng.randint(2, 9), rng.randint(2, 5), rng.randint(2, 5), rng.randint(3, 15)
+    rate, price = rng.randint(2, 9), rng.randint(3, 15)
+    h1, h2 = rng.randint(2, 5), rng.randint(2, 5)
     day = rng.choice(_DAYS)
     hours, made = h1 + h2, rate * (h1 + h2)
     money = made * price
@@ -430,6 +431,9 @@ def load_texts(source: str, *, split: str = "train", text_field: str | None = No
         path = Path(source).expanduser()
         if not path.exists():
             raise FileNotFoundError(f"data path {str(path)!r} does not exist")
+        if path.is_dir() and not any(p.suffix in LOCAL_SUFFIXES for p in path.rglob("*")):
+            kinds = "/".join(LOCAL_SUFFIXES)
+            raise FileNotFoundError(f"data directory {str(path)!r} has no {kinds} files")
         texts: Iterable[str] = _Reiterable(lambda: _read_local(path, text_field))
     else:
         texts = _load_hub(source, split, text_field, True if streaming is None else streaming)
@@ -594,7 +598,8 @@ class TokenBatches:
         if not self.shuffle:
             return self.texts
         # A string seed keeps (seed, epoch) pairs distinct and is stable across Python runs.
-        return _buffer_shuffle(self.texts, self.shuffle_buffer, random.Random(f"{self.seed}:{epoch}"))
+        rng = random.Random(f"{self.seed}:{epoch}")
+        return _buffer_shuffle(self.texts, self.shuffle_buffer, rng)
 
     def _collate(self, examples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         return {k: torch.stack([ex[k] for ex in examples]) for k in examples[0]}

@@ -12,6 +12,10 @@ from torch.utils.checkpoint import checkpoint
 from .config import QuietStarConfig
 
 
+class NonFiniteLossError(FloatingPointError):
+    """A NaN or infinite value where the objective needs finite numbers."""
+
+
 def target_logprobs(
     logits_fn: Callable[[torch.Tensor], torch.Tensor],
     hidden: torch.Tensor,

@@ -15,16 +15,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from . import attention
 from .config import CONFIG_NAME, QuietStarConfig
-from .losses import LossParts, quietstar_loss, target_logprobs
+from .losses import LossParts, NonFiniteLossError, quietstar_loss, target_logprobs
 from .meta_tokens import MetaTokenEmbedding, add_meta_tokens
 from .mixing import MixingHead
 from .rollout import GridHidden, sample_thoughts, score_grid
 
 HEAD_WEIGHTS_NAME = "quietstar_head.safetensors"
-
-
-class NonFiniteLossError(FloatingPointError):
-    """The loss came out NaN or infinite."""
 
 
 @dataclass

@@ -22,6 +22,7 @@ import torch
 from transformers import DynamicCache
 
 from .attention import ThoughtLayout
+from .losses import NonFiniteLossError
 
 
 @dataclass
@@ -79,7 +80,14 @@ def sample_thoughts(
             current = logits.argmax(-1)
         else:
             probs = torch.softmax(logits / temperature, dim=-1).view(B * L, -1)
-            current = torch.multinomial(probs, 1, generator=generator).view(B, L)
+            try:
+                current = torch.multinomial(probs, 1, generator=generator).view(B, L)
+            except RuntimeError as e:
+                if torch.isfinite(probs).all():
+                    raise
+                raise NonFiniteLossError(
+                    "the model's logits are NaN/inf while sampling thoughts: its weights have diverged; "
+                    "resume from the last good checkpoint with a lower learning rate") from e
         tokens.append(current)
     return torch.stack(tokens, dim=-1)
 

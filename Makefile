@@ -1,0 +1,15 @@
+# `make train`: set up, then train on the embedded default model (a few minutes on 2 CPU cores).
+# `make test`:  set up, then run the test suite (unit tests on tiny models + a few real-model tests).
+PYTHON ?= python3
+
+.PHONY: setup train test
+
+setup:
+	PYTHON=$(PYTHON) bash scripts/setup.sh
+
+train: setup
+	$(PYTHON) -m quietstar train
+
+test:
+	PYTHON=$(PYTHON) bash scripts/setup.sh browser
+	$(PYTHON) -m pytest -q

@@ -1,0 +1,159 @@
+"""The parallel rollout equals generating each position's thought on its own."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from conftest import FAMILIES, make_lm, make_tokenizer, random_text
+from quietstar import QuietStarConfig, QuietStarForCausalLM
+
+K, A = 3, 3
+
+
+def wrap(family, **kw):
+    lm = make_lm(family)
+    reference = copy.deepcopy(lm)  # untouched base model with ordinary eager attention
+    config = QuietStarConfig(sampled_thought_tokens=K, ahead_tokens=A, **kw)
+    return QuietStarForCausalLM.from_base(lm, make_tokenizer(), config), reference
+
+
+def perturb_head(model, seed=0):
+    """Give the mixing head a non-zero output so thoughts change the mixed prediction."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        last = model.mixing_head.mlp[-1]
+        last.weight.copy_(torch.randn(last.weight.shape, generator=g) * 0.5)
+        last.bias.fill_(0.3)
+
+
+def sequential_logits(model, reference, text, i, thought):
+    """Plain base model on [x_0..x_i, START, thought, END, x_{i+1}..x_{i+A-1}] (no padding)."""
+    seq = torch.cat([text[:i + 1], torch.tensor([model.start_id]), thought,
+                     torch.tensor([model.end_id]), text[i + 1:i + A]])
+    with torch.no_grad():
+        logits = reference(inputs_embeds=model.get_input_embeddings()(seq[None])).logits[0]
+    return logits
+
+
+def mix_logits(model, base, thought, w):
+    """Interpolation of the pre-softcap logits (the LM head is linear in the hidden state)."""
+    cap = getattr(model.lm.config, "final_logit_softcapping", None)
+    if cap is None:
+        return base + w * (thought - base)
+    base, thought = cap * torch.atanh(base / cap), cap * torch.atanh(thought / cap)
+    return cap * torch.tanh((base + w * (thought - base)) / cap)
+
+
+def assert_close_finite(actual, expected, atol=1e-4):
+    # The wrapped model gives meta tokens -inf; the plain base model knows nothing of that.
+    finite = torch.isfinite(actual)
+    assert finite.any()
+    torch.testing.assert_close(actual[finite], expected[..., :actual.shape[-1]][finite], atol=atol, rtol=0)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("padding", ["none", "right", "left"])
+def test_parallel_equals_sequential(family, padding):
+    model, reference = wrap(family)
+    B, L = 2, 11
+    x = random_text(B, L, seed=3)
+    mask = torch.ones_like(x)
+    lengths = [L, L]
+    if padding != "none":
+        lengths = [L, L - 4]
+        if padding == "right":
+            mask[1, L - 4:] = 0
+        else:
+            mask[1, :4] = 0
+    thoughts = random_text(B * L, K, seed=4).view(B, L, K)
+    scores = model.score_thoughts(x, thoughts, mask)
+    perturb_head(model)
+    mixed_scores = model.score_thoughts(x, thoughts, mask)
+
+    for b in range(B):
+        keep = mask[b].bool()
+        text = x[b][keep]  # the row as it would be with no padding at all
+        columns = keep.nonzero().flatten()
+        with torch.no_grad():
+            plain = reference(inputs_embeds=model.get_input_embeddings()(text[None])).logits[0]
+        assert_close_finite(scores.base_logits[b, columns], plain)
+        for i in range(lengths[b]):
+            col = columns[i]
+            logits = sequential_logits(model, reference, text, i, thoughts[b, col])
+            end = i + 1 + K + 1  # index of END in the sequential sequence
+            for s in range(min(A, lengths[b] - i)):
+                assert_close_finite(scores.thought_logits[b, col, s], logits[end + s])
+                # mixed logits interpolate base (at i+s) and post-thought logits with weight w
+                w = mixed_scores.mixing_weight[b, col, s]
+                expected = mix_logits(model, plain[i + s], logits[end + s], w)
+                assert_close_finite(mixed_scores.mixed_logits[b, col, s], expected)
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "gemma2"])
+def test_sampling_pass_equals_sequential(family):
+    """Greedy thoughts from the cached parallel sampler are the sequential greedy thoughts."""
+    model, reference = wrap(family)
+    x = random_text(1, 9, seed=5)
+    thoughts = model.sample_thoughts(x, temperature=0.0)
+    assert thoughts.shape == (1, 9, K)
+    emb = model.get_input_embeddings()
+    for i in range(9):
+        seq = torch.cat([x[0, :i + 1], torch.tensor([model.start_id])])
+        for j in range(K):
+            with torch.no_grad():
+                logits = reference(inputs_embeds=emb(seq[None])).logits[0, -1]
+            logits[[model.start_id, model.end_id]] = float("-inf")
+            token = logits.argmax()
+            assert thoughts[0, i, j] == token, (i, j)
+            seq = torch.cat([seq, token[None]])
+
+
+def test_sampled_thoughts_exclude_meta_tokens_and_reproduce():
+    model, _ = wrap("llama", thought_temperature=5.0)
+    # Make the meta tokens the most likely next tokens of the raw LM: they must still never appear.
+    with torch.no_grad():
+        head = model.lm.get_output_embeddings()
+        head.weight[[model.start_id, model.end_id]] = head.weight.abs().max() * 50
+    x = random_text(3, 20, seed=6)
+    a = model.sample_thoughts(x, generator=torch.Generator().manual_seed(1))
+    b = model.sample_thoughts(x, generator=torch.Generator().manual_seed(1))
+    c = model.sample_thoughts(x, generator=torch.Generator().manual_seed(2))
+    assert not ((a == model.start_id) | (a == model.end_id)).any()
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+    assert len(a.unique()) > 20  # temperature 5: really sampled, not collapsed
+
+
+def test_mixed_prediction_equals_base_at_initialisation():
+    model, reference = wrap("qwen2")
+    x = random_text(2, 10, seed=7)
+    thoughts = model.sample_thoughts(x)
+    scores = model.score_thoughts(x, thoughts)
+    assert torch.equal(scores.mixing_weight, torch.zeros_like(scores.mixing_weight))
+    for s in range(A):
+        torch.testing.assert_close(scores.mixed_logits[:, :10 - s, s], scores.base_logits[:, s:])
+    with torch.no_grad():
+        plain = reference(x).logits
+    assert_close_finite(scores.base_logits, plain, atol=1e-5)
+
+
+def test_training_forward_uses_score_thoughts_path(monkeypatch):
+    """The loss of a training forward is computed from score_thoughts' numbers."""
+    model, _ = wrap("llama", thoughts_per_position=2, policy_loss_weight=0.0)
+    perturb_head(model)
+    x = random_text(1, 8, seed=8)
+    out = model(x, generator=torch.Generator().manual_seed(0))
+    thoughts = out.thought_ids[0]  # [n, L, k]
+    scores = model.score_thoughts(x.repeat(2, 1), thoughts)
+    logp = torch.log_softmax(scores.mixed_logits, -1)
+    nll = []
+    for s in range(A):
+        targets = x[0, 1 + s:]
+        nll.append(-logp[:, :8 - 1 - s, s].gather(-1, targets.expand(2, -1)[..., None]).mean())
+    base = -torch.log_softmax(scores.base_logits, -1)[:, :-1].gather(-1, x[:, 1:].expand(2, -1)[..., None]).mean()
+    torch.testing.assert_close(out.mixed_nll, torch.stack(nll))
+    torch.testing.assert_close(out.base_nll, base)
+    torch.testing.assert_close(out.loss, 0.5 * base + 0.5 * torch.stack(nll).mean())
