@@ -48,6 +48,13 @@ class ThoughtLayout:
     query_passes: tuple[int, ...]
     text_key_valid: torch.Tensor  # [B, L] bool: False for padding
     text_positions: torch.Tensor  # [B, L] long: position id of each text token
+    has_padding: bool = True      # False lets the text part use a plain causal kernel
+
+    def additive_text_mask(self, dtype: torch.dtype) -> torch.Tensor:
+        """[B, 1, L, L] additive mask of the text part, for padded batches without a window."""
+        allowed = self.text_mask(None)[:, 0, 0, 0].unsqueeze(1)
+        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
+            ~allowed, float("-inf"))
 
     def text_mask(self, sliding_window: int | None) -> torch.Tensor:
         """Allowed text keys, [B, 1, 1, Qp or 1, L, L] bool (query i, key j)."""
@@ -108,6 +115,10 @@ def thought_attention(
         raise RuntimeError(f"thought layout mismatch: {Q} queries and {key.shape[2]} keys for "
                            f"L={L} and query passes {layout.query_passes}")
     scale = scaling if scaling is not None else D ** -0.5
+    window_binds = sliding_window is not None and sliding_window <= L + max(layout.query_passes)
+    if (query.device.type == "cpu" and softcap is None and dropout == 0 and not window_binds
+            and query.dtype in (torch.float32, torch.float64, torch.bfloat16)):
+        return _fused_thought_attention(query, key, value, layout, scale)
 
     # Group query heads by their key/value head (GQA) instead of copying keys to every head.
     q = query.view(B, Hkv, G, Qp, L, D)
@@ -149,6 +160,69 @@ def thought_attention(
     return out, None
 
 
+class _CausalTextAttention(torch.autograd.Function):
+    """Fused (flash) attention over the text keys that also returns the log-sum-exp, with a
+    backward that accepts a gradient for it, so the text part can be merged with the thought part.
+
+    The flash backward computes dS = P * (dP - D) with D = rowsum(dO * O). A gradient g on the
+    log-sum-exp adds P * g to dS, i.e. replaces D by D - g: we pass O - g * dO / |dO|^2 in place
+    of O (its only use), which is bounded because g is itself linear in dO.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, mask, scale):
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q, k, v, 0.0, mask is None, attn_mask=mask, scale=scale)
+        ctx.save_for_backward(q, k, v, out, lse, mask)
+        ctx.scale = scale
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_lse):
+        q, k, v, out, lse, mask = ctx.saved_tensors
+        if grad_out is None:
+            grad_out = torch.zeros_like(out)
+        out_arg = out
+        if grad_lse is not None:
+            norm2 = (grad_out * grad_out).sum(-1, keepdim=True)
+            correction = grad_lse.unsqueeze(-1) * grad_out / norm2.clamp(min=torch.finfo(norm2.dtype).tiny)
+            out_arg = out - torch.where(norm2 > 0, correction, torch.zeros_like(correction))
+        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            grad_out.contiguous(), q, k, v, out_arg, lse, 0.0, mask is None, attn_mask=mask, scale=ctx.scale)
+        return dq, dk, dv, None, None
+
+
+def _fused_thought_attention(query, key, value, layout: ThoughtLayout, scale: float):
+    """The same pattern as the general path: the text part with a fused causal kernel (query
+    passes folded into the head dimension, GQA without key copies), merged with the small
+    own-thought part through the log-sum-exp."""
+    B, H, Q, D = query.shape
+    Hkv = key.shape[1]
+    L = layout.text_len
+    Qp = len(layout.query_passes)
+    P = key.shape[2] // L - 1
+    # Heads ordered (kv head, group, pass): head h reads kv head h // (G * Qp), as the kernel's GQA.
+    q = query.reshape(B, H, Qp, L, D).reshape(B, H * Qp, L, D)
+    mask = layout.additive_text_mask(query.dtype) if layout.has_padding else None
+    out_text, lse_text = _CausalTextAttention.apply(
+        q, key[:, :, :L].contiguous(), value[:, :, :L].contiguous(), mask, scale)
+    out_text = out_text.view(B, H, Qp, L, D)
+    if P == 0:
+        return out_text.reshape(B, H, Q, D).transpose(1, 2).contiguous(), None
+    G = H // Hkv
+    q6 = q.view(B, Hkv, G, Qp, L, D)
+    k_own = key[:, :, L:].view(B, Hkv, P, L, D)
+    v_own = value[:, :, L:].view(B, Hkv, P, L, D)
+    s_own = torch.einsum("bkgqld,bkpld->bkgqlp", q6, k_own) * scale
+    # A finite fill keeps the log-sum-exp of fully masked rows (text queries) differentiable.
+    s_own = s_own.masked_fill(~layout.thought_mask(P, None), torch.finfo(s_own.dtype).min)
+    lse_all = torch.logaddexp(lse_text.view(B, Hkv, G, Qp, L), torch.logsumexp(s_own, -1))
+    text_share = torch.exp(lse_text.view(B, Hkv, G, Qp, L) - lse_all).unsqueeze(-1)
+    p_own = torch.exp(s_own - lse_all.unsqueeze(-1))
+    out = text_share * out_text.view(B, Hkv, G, Qp, L, D) + torch.einsum("bkgqlp,bkpld->bkgqld", p_own, v_own)
+    return out.reshape(B, H, Q, D).transpose(1, 2).contiguous(), None
+
+
 def _plain_attention(module, query, key, value, attention_mask, scaling, dropout, softcap, sliding_window):
     """Ordinary causal attention for calls outside thought mode (masks come from ``sdpa_mask``)."""
     if softcap is None:
@@ -173,7 +247,9 @@ def _plain_attention(module, query, key, value, attention_mask, scaling, dropout
         scores = scores + attention_mask
         attention_mask = None
     if attention_mask is not None:
-        scores = scores.masked_fill(~attention_mask, float("-inf"))
+        # The dtype's minimum, not -inf: a left-padding query that may see no key at all then gets
+        # a finite (unused) output instead of NaN, which would leak into later layers via 0 * NaN.
+        scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
     probs = torch.softmax(scores.float(), dim=-1).to(query.dtype)
     if dropout > 0:
         probs = F.dropout(probs, p=dropout, training=True)

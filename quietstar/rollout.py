@@ -68,12 +68,13 @@ def sample_thoughts(
     B, L = input_ids.shape
     positions = text_positions(attention_mask)
     valid = attention_mask.bool()
+    padded = not bool(valid.all())
     cache = DynamicCache()  # no config: a sliding-window cache would evict the text's keys
-    _forward(decoder, embed(input_ids), positions, ThoughtLayout(L, (0,), valid, positions), cache)
+    _forward(decoder, embed(input_ids), positions, ThoughtLayout(L, (0,), valid, positions, padded), cache)
     current = torch.full_like(input_ids, start_id)
     tokens = []
     for p in range(1, num_tokens + 1):
-        layout = ThoughtLayout(L, (p,), valid, positions)
+        layout = ThoughtLayout(L, (p,), valid, positions, padded)
         hidden = _forward(decoder, embed(current), positions + p, layout, cache)
         logits = logits_fn(hidden).float()
         if temperature == 0:
@@ -114,7 +115,8 @@ def score_grid(decoder, embed, input_ids, thought_ids, attention_mask, start_id,
     F_ = ids.shape[1]
     base_pos = text_positions(attention_mask)
     positions = base_pos[:, None, :] + torch.arange(F_, device=ids.device)[None, :, None]
-    layout = ThoughtLayout(L, tuple(range(F_)), attention_mask.bool(), base_pos)
+    valid = attention_mask.bool()
+    layout = ThoughtLayout(L, tuple(range(F_)), valid, base_pos, not bool(valid.all()))
     hidden = _forward(decoder, embed(ids.view(B, F_ * L)), positions.view(B, F_ * L), layout)
     hidden = hidden.view(B, F_, L, -1)
     return GridHidden(
