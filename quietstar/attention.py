@@ -105,9 +105,7 @@ def thought_attention(
         return _plain_attention(module, query, key, value, attention_mask, scaling, dropout,
                                 softcap=softcap, sliding_window=sliding_window)
 
-    B, H, Q, D = query.shape
-    Hkv = key.shape[1]
-    G = H // Hkv
+    Q, D = query.shape[2], query.shape[3]
     L = layout.text_len
     Qp = len(layout.query_passes)
     P = key.shape[2] // L - 1
@@ -120,6 +118,18 @@ def thought_attention(
             and query.dtype in (torch.float32, torch.float64, torch.bfloat16)):
         return _fused_thought_attention(query, key, value, layout, scale)
 
+    return _general_thought_attention(query, key, value, layout, scale, softcap, sliding_window, dropout)
+
+
+def _general_thought_attention(query, key, value, layout: ThoughtLayout, scale: float, softcap=None,
+                               sliding_window=None, dropout: float = 0.0):
+    """The pattern in plain tensor ops: any device and dtype, softcapping, binding windows, dropout."""
+    B, H, Q, D = query.shape
+    Hkv = key.shape[1]
+    G = H // Hkv
+    L = layout.text_len
+    Qp = len(layout.query_passes)
+    P = key.shape[2] // L - 1
     # Group query heads by their key/value head (GQA) instead of copying keys to every head.
     q = query.view(B, Hkv, G, Qp, L, D)
     k_text, v_text = key[:, :, :L], value[:, :, :L]
