@@ -117,6 +117,8 @@ def thought_attention(
     if (query.device.type == "cpu" and softcap is None and dropout == 0 and not window_binds
             and query.dtype in (torch.float32, torch.float64, torch.bfloat16)):
         return _fused_thought_attention(query, key, value, layout, scale)
+    if query.device.type != "cpu" and softcap is None and dropout == 0 and not window_binds:
+        return _sdpa_thought_attention(query, key, value, layout, scale)
 
     return _general_thought_attention(query, key, value, layout, scale, softcap, sliding_window, dropout)
 
@@ -194,9 +196,12 @@ class _CausalTextAttention(torch.autograd.Function):
             grad_out = torch.zeros_like(out)
         out_arg = out
         if grad_lse is not None:
-            norm2 = (grad_out * grad_out).sum(-1, keepdim=True)
-            correction = grad_lse.unsqueeze(-1) * grad_out / norm2.clamp(min=torch.finfo(norm2.dtype).tiny)
-            out_arg = out - torch.where(norm2 > 0, correction, torch.zeros_like(correction))
+            work = torch.promote_types(out.dtype, torch.float32)
+            g = grad_out.to(work)
+            norm2 = (g * g).sum(-1, keepdim=True)
+            correction = grad_lse.to(work).unsqueeze(-1) * g / norm2.clamp(min=torch.finfo(work).tiny)
+            correction = torch.where(norm2 > 0, correction, torch.zeros_like(correction))
+            out_arg = (out.to(work) - correction).to(out.dtype)
         dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
             grad_out.contiguous(), q, k, v, out_arg, lse, 0.0, mask is None, attn_mask=mask, scale=ctx.scale)
         return dq, dk, dv, None, None
@@ -220,17 +225,83 @@ def _fused_thought_attention(query, key, value, layout: ThoughtLayout, scale: fl
     if P == 0:
         return out_text.reshape(B, H, Q, D).transpose(1, 2).contiguous(), None
     G = H // Hkv
-    q6 = q.view(B, Hkv, G, Qp, L, D)
-    k_own = key[:, :, L:].view(B, Hkv, P, L, D)
-    v_own = value[:, :, L:].view(B, Hkv, P, L, D)
+    # The merge runs in float32 at least: the kernel's log-sum-exp is float32 even for bfloat16.
+    work = torch.promote_types(query.dtype, torch.float32)
+    q6 = q.view(B, Hkv, G, Qp, L, D).to(work)
+    k_own = key[:, :, L:].view(B, Hkv, P, L, D).to(work)
+    v_own = value[:, :, L:].view(B, Hkv, P, L, D).to(work)
     s_own = torch.einsum("bkgqld,bkpld->bkgqlp", q6, k_own) * scale
     # A finite fill keeps the log-sum-exp of fully masked rows (text queries) differentiable.
     s_own = s_own.masked_fill(~layout.thought_mask(P, None), torch.finfo(s_own.dtype).min)
-    lse_all = torch.logaddexp(lse_text.view(B, Hkv, G, Qp, L), torch.logsumexp(s_own, -1))
-    text_share = torch.exp(lse_text.view(B, Hkv, G, Qp, L) - lse_all).unsqueeze(-1)
+    lse_text = lse_text.view(B, Hkv, G, Qp, L).to(work)
+    lse_all = torch.logaddexp(lse_text, torch.logsumexp(s_own, -1))
+    text_share = torch.exp(lse_text - lse_all).unsqueeze(-1)
     p_own = torch.exp(s_own - lse_all.unsqueeze(-1))
-    out = text_share * out_text.view(B, Hkv, G, Qp, L, D) + torch.einsum("bkgqlp,bkpld->bkgqld", p_own, v_own)
+    out = (text_share * out_text.view(B, Hkv, G, Qp, L, D).to(work)
+           + torch.einsum("bkgqlp,bkpld->bkgqld", p_own, v_own)).to(query.dtype)
     return out.reshape(B, H, Q, D).transpose(1, 2).contiguous(), None
+
+
+def _sdpa_thought_attention(query, key, value, layout: ThoughtLayout, scale: float):
+    """The same pattern in one call of torch's ``scaled_dot_product_attention``, whose fused GPU
+    kernels keep memory linear in L (the general path holds L x L scores per pass and head).
+
+    SDPA gives no differentiable log-sum-exp, so the own-thought part joins the kernel as one extra
+    key k*, placed before the text and seen by every query: its score for a query is the
+    log-sum-exp of that query's own-thought scores (carried by an extra query feature that k*
+    alone reads) and its value is a one-hot extra feature. The kernel's softmax then normalises the
+    text part jointly with the whole own part, and the extra output feature is the own part's share
+    of the probability mass; the own part's output (a softmax over at most P keys) is added with
+    that share. A dummy first query keeps the kernel's plain causal mask right (query i+1 sees
+    k* and text keys 0..i). Exact, gradients included, under any SDPA backend.
+    """
+    B, H, Q, D = query.shape
+    Hkv = key.shape[1]
+    G = H // Hkv
+    L = layout.text_len
+    Qp = len(layout.query_passes)
+    P = key.shape[2] // L - 1
+    width = -(-(D + 1) // 8) * 8  # D + 1 features, padded to a multiple of 8 for fused kernels
+    q = query.reshape(B, Hkv, G, Qp, L, D)
+    k_text, v_text = key[:, :, :L], value[:, :, :L]
+
+    if P > 0:  # the own-thought part, small: [.., L, P] scores, in float32 at least
+        own_dtype = torch.promote_types(query.dtype, torch.float32)
+        k_own = key[:, :, L:].reshape(B, Hkv, P, L, D).to(own_dtype)
+        v_own = value[:, :, L:].reshape(B, Hkv, P, L, D).to(own_dtype)
+        s_own = torch.einsum("bkgqld,bkpld->bkgqlp", q.to(own_dtype), k_own) * scale
+        # A finite fill keeps the log-sum-exp of rows without own keys (text queries) finite.
+        s_own = s_own.masked_fill(~layout.thought_mask(P, None), torch.finfo(s_own.dtype).min)
+        # Rows without own keys get score -1000 for k*: weight exp(-1000) = 0, finite in fp16.
+        lse_own = torch.logsumexp(s_own, -1).clamp(min=-1000.0)
+        own_out = torch.einsum("bkgqlp,bkpld->bkgqld", torch.softmax(s_own, -1), v_own)
+        extra = (lse_own / scale).to(query.dtype).unsqueeze(-1)
+    else:
+        extra = query.new_full((B, Hkv, G, Qp, L, 1), -1000.0 / scale)
+
+    # Queries: a dummy row, then [q, extra, 0...]. Keys/values: k* = v* = e_D, then [k or v, 0...].
+    qx = F.pad(torch.cat([q, extra], -1), (0, width - D - 1, 1, 0)).reshape(B, H * Qp, L + 1, width)
+    star = query.new_zeros(B, Hkv, 1, width)
+    star[..., D] = 1
+    kx = torch.cat([star, F.pad(k_text, (0, width - D))], 2)
+    vx = torch.cat([star, F.pad(v_text, (0, width - D))], 2)
+    mask = None
+    if layout.has_padding:
+        allowed = layout.text_mask(None)[:, 0, 0, 0]  # [B, L, L]
+        mask = torch.ones(B, 1, L + 1, L + 1, dtype=torch.bool, device=query.device)
+        mask[:, 0, 0, 1:] = False
+        mask[:, 0, 1:, 1:] = allowed
+    # Grouped heads without key copies where the kernels allow it (no mask, half precision).
+    gqa = mask is None and query.dtype in (torch.float16, torch.bfloat16)
+    if not gqa:
+        kx, vx = kx.repeat_interleave(G * Qp, 1), vx.repeat_interleave(G * Qp, 1)
+    out = F.scaled_dot_product_attention(qx, kx, vx, attn_mask=mask, is_causal=mask is None,
+                                         scale=scale, enable_gqa=gqa)
+    out = out[:, :, 1:].reshape(B, Hkv, G, Qp, L, width)
+    text_part = out[..., :D]
+    if P > 0:
+        text_part = text_part + (out[..., D:D + 1].to(own_dtype) * own_out).to(query.dtype)
+    return text_part.reshape(B, H, Q, D).transpose(1, 2).contiguous(), None
 
 
 def _plain_attention(module, query, key, value, attention_mask, scaling, dropout, softcap, sliding_window):

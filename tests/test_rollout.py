@@ -184,3 +184,14 @@ def test_fused_attention_equals_general_with_gradients(padded, query_passes):
         results.append((out, *grads))
     for fused, general in zip(*results):
         torch.testing.assert_close(fused, general, atol=1e-10, rtol=1e-8)
+
+
+def test_bfloat16_thought_scoring_runs_and_tracks_float32():
+    model, _ = wrap("llama")
+    x = random_text(1, 10, seed=9)
+    thoughts = random_text(10, K, seed=10).view(1, 10, K)
+    reference = model.score_thoughts(x, thoughts).thought_logits
+    model.to(torch.bfloat16)
+    low = model.score_thoughts(x, thoughts).thought_logits.float()
+    finite = torch.isfinite(reference)
+    assert (low[finite] - reference[finite]).abs().max() < 0.1
