@@ -1,0 +1,196 @@
+"""Which tokens do thoughts help? Per-token NLL against token difficulty.
+
+The paper's analysis: thoughts help most on the tokens that are hardest for the base model. On
+held-out text we take, for every token, the NLL of the base model and of the thinking model (the
+mixed prediction of that token after a thought at the previous position), sort the tokens by base
+NLL into equal-count buckets, and report the improvement (base - thinking) in each bucket, the
+mean NLLs, and the NLLs on the hardest 10% of tokens, all with bootstrap 95% intervals.
+
+Library use (the evidence experiments reuse this)::
+
+    nll = token_nlls(model, texts, thought_tokens=8)
+    report = difficulty_report(nll.base, nll.thinking, groups=nll.document)
+    print(format_difficulty_table(report)); plot_difficulty(report, "difficulty.png")
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .evaluation import _device, _pad, add_model_arguments, load_model, next_token_logits, summarize
+from .plots import plot_difficulty
+
+
+@dataclass
+class TokenNLLs:
+    """Per-token NLLs (nats) of every predicted token of the texts, in text order."""
+
+    base: np.ndarray      # [N] without thoughts
+    thinking: np.ndarray  # [N] mixed prediction after a thought at the previous position
+    document: np.ndarray  # [N] index of the text the token belongs to
+
+
+def _windows(texts: Sequence[str], tokenizer, max_length: int) -> list[tuple[int, list[int]]]:
+    """(document, token ids) windows of at most ``max_length`` tokens. Consecutive windows of a
+    text share one token, so every token after a text's first is predicted exactly once."""
+    if max_length < 2:
+        raise ValueError(f"max_length must be >= 2 (a token and its successor), got {max_length}")
+    windows = []
+    for d, text in enumerate(texts):
+        ids = tokenizer(text).input_ids
+        for start in range(0, max(len(ids) - 1, 1), max_length - 1):
+            window = ids[start:start + max_length]
+            if len(window) >= 2:
+                windows.append((d, window))
+    return windows
+
+
+@torch.no_grad()
+def token_nlls(model, texts: Sequence[str], thought_tokens: int | None = None,
+               thought_temperature: float | None = None, max_length: int = 256,
+               batch_size: int = 4, seed: int = 0, progress: bool = False) -> TokenNLLs:
+    """Base and thinking NLL of every token of ``texts`` that has a predecessor.
+
+    Thoughts have ``thought_tokens`` tokens (default the model's k) and are sampled at
+    ``thought_temperature`` (default the model's; 0 = greedy) from a generator seeded with ``seed``.
+    Long texts are cut into windows of ``max_length`` tokens.
+    """
+    K = model.config.sampled_thought_tokens if thought_tokens is None else thought_tokens
+    if K < 1:
+        raise ValueError(f"thought_tokens must be >= 1, got {K}")
+    tokenizer, device = model.tokenizer, _device(model)
+    windows = _windows(texts, tokenizer, max_length)
+    if not windows:
+        raise ValueError("the texts hold no token with a predecessor; give longer texts")
+    generator = torch.Generator(device).manual_seed(seed)
+    min_len = model.config.ahead_tokens + 1  # what score_thoughts needs
+    base, thinking, document = [], [], []
+    was_training = model.training
+    model.eval()
+    try:
+        starts = range(0, len(windows), batch_size)
+        for start in tqdm(starts, desc="token NLLs", disable=not progress, leave=False):
+            batch = windows[start:start + batch_size]
+            ids, mask = _pad([w for _, w in batch], tokenizer.pad_token_id, "right", device)
+            if ids.shape[1] < min_len:
+                extra = min_len - ids.shape[1]
+                ids = torch.cat([ids, ids.new_full((ids.shape[0], extra), tokenizer.pad_token_id)], 1)
+                mask = torch.cat([mask, mask.new_zeros((mask.shape[0], extra))], 1)
+            base_logits, mixed_logits = next_token_logits(model, ids, mask, K, thought_temperature, generator)
+            targets = ids[:, 1:]
+            valid = mask[:, 1:].bool()
+            for logits, out in ((base_logits, base), (mixed_logits, thinking)):
+                nll = torch.nn.functional.cross_entropy(
+                    logits[:, :-1].float().transpose(1, 2), targets, reduction="none")
+                out.append(nll[valid].cpu().numpy())
+            document.append(np.repeat([d for d, _ in batch], valid.sum(1).cpu().numpy()))
+    finally:
+        model.train(was_training)
+    return TokenNLLs(np.concatenate(base), np.concatenate(thinking), np.concatenate(document))
+
+
+def difficulty_report(base, other, groups=None, buckets: int = 10, hardest_fraction: float = 0.1,
+                      seed: int = 0) -> dict:
+    """Compares per-token NLLs ``other`` against ``base`` by the tokens' base difficulty.
+
+    Tokens are ranked by base NLL and split into ``buckets`` equal-count buckets (deciles by
+    default); the hardest ``hardest_fraction`` of tokens are also reported alone. Improvements are
+    base - other (positive: ``other`` predicts better). With ``groups`` (e.g. the document of each
+    token) the bootstrap resamples whole groups.
+
+    Returns {"n_tokens", "mean": {"base", "other", "improvement"}, "hardest": {"fraction",
+    "min_base_nll", "base", "other", "improvement"}, "buckets": [{"min_base_nll", "max_base_nll",
+    "base", "other", "improvement"}]}, each leaf a ``summarize`` dict (mean, ci_low, ci_high, n).
+    """
+    base, other = np.asarray(base, np.float64), np.asarray(other, np.float64)
+    groups = None if groups is None else np.asarray(groups)
+    if base.shape != other.shape or base.ndim != 1 or (groups is not None and groups.shape != base.shape):
+        raise ValueError(f"base, other (and groups) must be 1-D arrays of one length; got "
+                         f"{base.shape}, {other.shape}{'' if groups is None else f', {groups.shape}'}")
+    if not 1 <= buckets <= base.size:
+        raise ValueError(f"buckets must be between 1 and the number of tokens ({base.size}), got {buckets}")
+    if not 0 < hardest_fraction <= 1:
+        raise ValueError(f"hardest_fraction must be in (0, 1], got {hardest_fraction}")
+
+    def compare(index: np.ndarray) -> dict:
+        g = None if groups is None else groups[index]
+        return {"base": summarize(base[index], g, seed), "other": summarize(other[index], g, seed),
+                "improvement": summarize(base[index] - other[index], g, seed)}
+
+    order = np.argsort(base, kind="stable")  # easiest first
+    hardest = order[-max(1, math.ceil(hardest_fraction * base.size)):]
+    return {
+        "n_tokens": int(base.size),
+        "mean": compare(order),
+        "hardest": {"fraction": hardest_fraction, "min_base_nll": float(base[hardest].min()),
+                    **compare(hardest)},
+        "buckets": [{"min_base_nll": float(base[b].min()), "max_base_nll": float(base[b].max()),
+                     **compare(b)} for b in np.array_split(order, buckets)],
+    }
+
+
+def format_difficulty_table(report: dict, labels: tuple[str, str] = ("base", "thinking")) -> str:
+    """A one-screen table of ``difficulty_report``'s result."""
+    def cell(s: dict, signed: bool = False) -> str:
+        f = "{:+.3f}" if signed else "{:.3f}"
+        return f"{f.format(s['mean'])} [{f.format(s['ci_low'])}, {f.format(s['ci_high'])}]"
+
+    head = (f"{'tokens':<22}{'n':>7}  {labels[0] + ' NLL':<24}{labels[1] + ' NLL':<24}"
+            f"{'improvement':<24}")
+    lines = [f"NLL (nats/token) by {labels[0]} difficulty; mean [95% bootstrap CI], "
+             f"improvement = {labels[0]} - {labels[1]}", head]
+
+    def row(name: str, r: dict) -> str:
+        return (f"{name:<22}{r['base']['n']:>7}  {cell(r['base']):<24}{cell(r['other']):<24}"
+                f"{cell(r['improvement'], True):<24}")
+
+    lines.append(row("all", report["mean"]))
+    hardest = report["hardest"]
+    lines.append(row(f"hardest {hardest['fraction']:.0%}", hardest))
+    for b in report["buckets"]:
+        lines.append(row(f"[{b['min_base_nll']:.2f}, {b['max_base_nll']:.2f}]", b))
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------- CLI
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_model_arguments(parser)
+    parser.add_argument("--data", required=True,
+                        help="held-out text the model was not trained on: a .txt/.jsonl/.json/.parquet "
+                             "file or folder, builtin:arithmetic, or a Hugging Face dataset")
+    parser.add_argument("--limit", type=int, default=None, help="use the first N documents only")
+    parser.add_argument("--max-length", type=int, default=256, help="tokens per window")
+    parser.add_argument("--batch-size", type=int, default=4, help="windows per model call")
+    parser.add_argument("--buckets", type=int, default=10, help="difficulty buckets (10 = deciles)")
+    parser.add_argument("--out", required=True, help="folder for report.json and difficulty.png")
+
+
+def run(args: argparse.Namespace) -> int:
+    from .data import load_texts
+
+    model = load_model(args.model, args.device, args.dtype)
+    texts = list(load_texts(args.data, num_documents=args.limit))
+    nll = token_nlls(model, texts, args.thought_tokens, args.thought_temperature, args.max_length,
+                     args.batch_size, args.seed, progress=True)
+    report = difficulty_report(nll.base, nll.thinking, nll.document, args.buckets, seed=args.seed)
+    report |= {"model": args.model, "data": args.data, "documents": len(texts),
+               "thought_tokens": (model.config.sampled_thought_tokens if args.thought_tokens is None
+                                  else args.thought_tokens),
+               "thought_temperature": (model.config.thought_temperature if args.thought_temperature is None
+                                       else args.thought_temperature)}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    plot_difficulty(report, out / "difficulty.png")
+    print(format_difficulty_table(report))
+    print(f"report and plot written to {out / 'report.json'} and {out / 'difficulty.png'}")
+    return 0

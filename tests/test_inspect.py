@@ -1,0 +1,108 @@
+"""quietstar.inspect: thoughts, their gains, and the HTML page (checked in headless Chromium)."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import shutil
+import subprocess
+
+import pytest
+import torch
+from matplotlib.image import imread
+
+from conftest import CORPUS, make_model
+from quietstar import inspect as thought_inspect
+from quietstar.inspect import TokenThought, render_html, token_thoughts, write_page
+
+TEXT = CORPUS[1]
+
+
+def test_gains_hand_computed():
+    model = make_model(ahead_tokens=3)
+    with torch.no_grad():
+        model.mixing_head.mlp[-1].bias.fill_(0.3)
+    V = model.lm.get_output_embeddings().weight.shape[0]            # 336, meta ids 320 and 321
+    meta = [model.start_id, model.end_id]
+    base = torch.zeros(V).index_fill(0, torch.tensor(meta), float("-inf"))
+    mixed = base.clone()
+    mixed[0::2] += math.log(2)                                        # even ids twice as likely
+    model.logits = lambda h: (base if h.dim() == 3 else mixed).expand(*h.shape[:-1], V)
+    # Without the thought every one of the 334 ordinary tokens has p = 1/334; with it an even token has
+    # 2/Z and an odd one 1/Z, Z = 2 * 167 + 167 = 501. The gain of one step is log(334 * c / 501):
+    # log(4/3) for an even next token, log(2/3) for an odd one.
+    step = {0: math.log(4 / 3), 1: math.log(2 / 3)}
+    records = token_thoughts(model, TEXT, thought_tokens=2, seed=1)
+    ids = model.tokenizer(TEXT).input_ids
+    assert [r.token for r in records] == [model.tokenizer.decode([i]) for i in ids]
+    for i, r in enumerate(records):
+        following = ids[i + 1:i + 4]
+        assert r.steps == len(following)
+        if following:
+            assert r.gain == pytest.approx(sum(step[t % 2] for t in following), abs=1e-4)
+        else:
+            assert math.isnan(r.gain)
+        assert r.weight == pytest.approx(0.3)
+        assert len(model.tokenizer(r.thought, add_special_tokens=False).input_ids) >= 1
+
+
+def test_untrained_model_gains_nothing():
+    records = token_thoughts(make_model(), TEXT, thought_tokens=2)
+    assert all(abs(r.gain) < 1e-4 and r.weight == 0 for r in records[:-1])
+    assert math.isnan(records[-1].gain)
+    with pytest.raises(ValueError, match="at least"):
+        token_thoughts(make_model(), "Hi", thought_tokens=2)
+
+
+def test_render_html_escapes_and_colours():
+    records = [TokenThought("<b>", "x & y", 0.5, 0.1, 2), TokenThought(" a\n", "</span>", -0.25, -0.2, 1),
+               TokenThought("end", "z", math.nan, 0.0, 0)]
+    page = render_html(records, title="T<1>", subtitle="s")
+    assert "&lt;b&gt;" in page and "x &amp; y" in page and "&lt;/span&gt;" in page and "T&lt;1&gt;" in page
+    assert "<b>" not in page and "\u21b5" in page                  # the newline is made visible
+    assert "rgba(0, 160, 60, 0.750)" in page                       # the largest gain: full green
+    assert "rgba(220, 40, 40, 0.375)" in page                      # half of it, negative: half red
+    assert "n/a (last token)" in page and "+0.500 nats over 2 tokens" in page
+    assert "<script" not in page and "http" not in page            # self-contained
+
+
+def test_inspect_cli(tmp_path, capsys):
+    saved = tmp_path / "model"
+    make_model().save_pretrained(saved)
+    parser = argparse.ArgumentParser()
+    thought_inspect.add_arguments(parser)
+    out = tmp_path / "page.html"
+    args = parser.parse_args(["--model", str(saved), "--text", TEXT, "--out", str(out), "--thought-tokens", "2"])
+    assert thought_inspect.run(args) == 0
+    page = out.read_text()
+    n_tokens = len(make_model().tokenizer(TEXT).input_ids)
+    assert "thoughts of 2 tokens" in page and page.count('<tr><td class="num">') == n_tokens
+    text_file = tmp_path / "text.txt"
+    text_file.write_text(CORPUS[0])
+    args = parser.parse_args(["--model", str(saved), "--text-file", str(text_file), "--out", str(out)])
+    assert thought_inspect.run(args) == 0 and "thoughts of 3 tokens" in out.read_text()  # the model's k
+    assert "wrote" in capsys.readouterr().out
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+
+
+@pytest.mark.browser
+@pytest.mark.skipif(CHROMIUM is None, reason="headless Chromium is not installed")
+def test_page_renders_in_headless_chromium(tmp_path):
+    model = make_model()
+    with torch.no_grad():
+        model.mixing_head.mlp[-1].bias.fill_(0.5)
+    page = write_page(model, TEXT + "\n" + CORPUS[0], tmp_path / "page.html", thought_tokens=3)
+    shot = tmp_path / "page.png"
+    subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                    "--no-first-run", "--disable-background-networking", "--disable-component-update",
+                    "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1200,900",
+                    f"--screenshot={shot}", page.as_uri()],
+                   check=True, capture_output=True, timeout=120)
+    image = imread(shot)[..., :3]
+    assert image.shape[:2] == (900, 1200)
+    r, g, b = image[..., 0], image[..., 1], image[..., 2]
+    green = (g > r + 0.1) & (g > b + 0.05)     # tokens whose thought helped
+    red = (r > g + 0.1) & (r > b + 0.1)        # tokens whose thought hurt
+    assert green.sum() > 500 and red.sum() > 500
