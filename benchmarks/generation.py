@@ -1,0 +1,119 @@
+"""Speed of thinking generation against the base model's own ``generate``, on CPU.
+
+    python benchmarks/generation.py                                  # tiny random Llama, ~3 min
+    python benchmarks/generation.py --new-tokens 64 128 --thought-tokens 4 8
+    python benchmarks/generation.py --model embedded:smollm2-135m-instruct --new-tokens 64 \\
+        --thought-tokens 4 8
+
+One prompt at a time (batch 1, the command line's case), one CPU thread, greedy tokens.
+
+    base      the LM's transformers ``generate`` (greedy, its own cache), new tokens / s
+    think     ``QuietStarForCausalLM.generate`` with k-token thoughts (sampled at the model's
+              thought temperature), new tokens / s
+    target    0.8 x base / (k + 3): a thought is k + 2 model inputs (START, k tokens, END) and the
+              token itself one more, so k + 3 single-token passes of the base model per new token,
+              with 20% slack for the mixing head and the thought sampling
+    ratio     think / target (>= 1: on target)
+
+Time is the process's CPU time, not wall time: with one thread the two agree on an idle machine,
+but on a shared one wall time mostly measures the other processes. Each number is the best of
+``--repeats`` runs after a warm-up. Neither side stops at an end-of-sequence token.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import time
+
+import torch
+
+from quietstar import QuietStarConfig, QuietStarForCausalLM
+
+PROMPT = "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May."
+
+
+def tiny_model() -> QuietStarForCausalLM:
+    """A random Llama (4 layers, d = 128) with a small byte-level BPE tokenizer, built locally."""
+    import transformers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator([PROMPT, "How many clips did Natalia sell altogether? --- 72"] * 8,
+                            trainers.BpeTrainer(vocab_size=512, special_tokens=["<pad>", "<eos>"],
+                                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>",
+                                                     pad_token="<pad>")
+    config = transformers.LlamaConfig(
+        vocab_size=len(tokenizer) + 2, hidden_size=128, intermediate_size=384, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(0)
+    lm = transformers.AutoModelForCausalLM.from_config(config).eval()
+    return QuietStarForCausalLM.from_base(lm, tokenizer, QuietStarConfig())
+
+
+def load(name: str) -> QuietStarForCausalLM:
+    if name == "tiny":
+        return tiny_model()
+    from quietstar.generation import load_model
+
+    return load_model(name, "cpu")
+
+
+def best_rate(fn, prompt_len: int, new_tokens: int, repeats: int) -> float:
+    """New tokens per second: the best of ``repeats`` timed runs of ``fn``."""
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.process_time()
+        out = fn()
+        best = min(best, time.process_time() - start)
+        assert out.shape[1] == prompt_len + new_tokens, "a run stopped early"
+    return new_tokens / best
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="tiny",
+                        help="'tiny' (random, built here), a saved QuietStar folder, or a base model "
+                             "such as embedded:smollm2-135m-instruct")
+    parser.add_argument("--new-tokens", type=int, nargs="+", default=[64, 128, 256, 512])
+    parser.add_argument("--thought-tokens", type=int, nargs="+", default=[4, 8, 16])
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--prompt", default=PROMPT)
+    args = parser.parse_args(argv)
+
+    torch.set_num_threads(1)
+    model = load(args.model)
+    lm = model.lm
+    ids = model.tokenizer(args.prompt, return_tensors="pt").input_ids
+    mask = torch.ones_like(ids)
+    pad = model.tokenizer.pad_token_id
+
+    def base(n):
+        return lm.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
+                           do_sample=False, pad_token_id=pad)
+
+    def think(n, k):
+        return model.generate(ids, mask, max_new_tokens=n, thought_tokens=k, eos_token_id=[])
+
+    base(8), think(8, 2)  # warm-up
+    print(f"model {args.model}, prompt {ids.shape[1]} tokens, batch 1, 1 CPU thread, "
+          f"tokens per CPU second, best of {args.repeats}")
+    header = f"| {'new tokens':>10} | {'k':>3} | {'base tok/s':>10} | {'think tok/s':>11} | " \
+             f"{'target tok/s':>12} | {'ratio':>5} |"
+    print(header)
+    print("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")
+    for n in args.new_tokens:
+        base_rate = best_rate(functools.partial(base, n), ids.shape[1], n, args.repeats)
+        for k in args.thought_tokens:
+            rate = best_rate(functools.partial(think, n, k), ids.shape[1], n, args.repeats)
+            target = 0.8 * base_rate / (k + 3)
+            print(f"| {n:>10} | {k:>3} | {base_rate:>10.1f} | {rate:>11.2f} | {target:>12.2f} | "
+                  f"{rate / target:>5.2f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

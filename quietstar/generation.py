@@ -1,0 +1,420 @@
+"""Thinking generation: a thought before every new token, on one key/value cache.
+
+For each new token the model (1) reads the latest token, which gives its base hidden state
+``h_base``; (2) thinks on top of the cache: START, k sampled thought tokens, END, whose last
+hidden state is ``h_thought``; (3) mixes the two with the mixing head and picks the next token
+from the mixed logits; (4) drops the k + 2 thought entries from the cache, so no later token
+ever sees a thought. Position ids follow the text alone (a thought after the token at position
+p sits at p+1 .. p+k+2, exactly as in training), so the numbers equal ``score_thoughts``.
+
+Inputs whose values are known in advance share a model call: the new token x travels with
+START ([x, START]: x's output is h_base, START's predicts t_1), and the last thought token with
+END ([t_k, END]: t_k's output is not needed, END always comes next). A new token thus costs k + 1
+cached forward calls instead of k + 3 (x, START, t_1..t_k, END one by one); the calls are
+memory-bound on the weights, so two tokens cost about as much as one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache
+
+from .rollout import text_positions
+
+
+@dataclass
+class GenerateOutput:
+    """What ``generate`` returns when asked for more than the token ids."""
+
+    sequences: torch.Tensor                 # [B, L + N] prompt and new tokens (pad after eos)
+    thought_ids: torch.Tensor | None        # [B, N, k] the thought behind each new token
+    thoughts: list[list[str]] | None        # [B][N] those thoughts decoded
+    mixing_weight: torch.Tensor | None      # [B, N] w of each new token (0 after eos)
+    logits: tuple[torch.Tensor, ...] | None  # N x [B, V] mixed logits each token was chosen from
+
+
+class _CachedDecoder:
+    """The LM's decoder on one growing key/value cache, fed a few tokens per call."""
+
+    def __init__(self, model, attention_mask: torch.Tensor, capacity: int):
+        self.decoder = model.decoder
+        # No config: a sliding-window cache would evict text keys while a thought is appended.
+        self.cache = DynamicCache()
+        self.length = 0
+        B, L = attention_mask.shape
+        if bool(attention_mask.all()):
+            # No padding: leave the masks to the model, which then skips them where it can.
+            self.mask = None
+        else:
+            # One 2-D key-padding mask for the whole run; each call passes a view of its prefix.
+            self.mask = torch.ones(B, L + capacity, dtype=torch.bool, device=attention_mask.device)
+            self.mask[:, :L] = attention_mask.bool()
+
+    def __call__(self, embeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        self.length += embeds.shape[1]
+        mask = None if self.mask is None else self.mask[:, :self.length]
+        out = self.decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
+                           cache=self.cache, use_cache=True)
+        return out.last_hidden_state
+
+    def drop_last(self, n: int) -> None:
+        """Forgets the last n cached tokens (a thought)."""
+        self.cache.crop(-n)
+        self.length -= n
+
+
+def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
+    """Sets to -inf every logit outside the top-k tokens and outside the top-p nucleus.
+
+    The nucleus is the smallest set of most likely tokens whose probability reaches ``top_p``
+    (always at least one token), as in transformers' ``TopPLogitsWarper``.
+    """
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1)  # ascending
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cumulative <= 1 - top_p
+        drop[..., -1] = False  # the most likely token always stays
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return logits
+
+
+def sample(logits: torch.Tensor, temperature: float, generator: torch.Generator | None = None,
+           top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
+    """Token ids [B] from logits [B, V]: greedy at temperature 0, else sampled from
+    softmax(logits / temperature) restricted to the top-k / top-p tokens."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = filter_logits(logits.float() / temperature, top_k, top_p)
+    # Inverse-CDF sampling: one uniform number per row. On CPU this is ~10x faster than
+    # torch.multinomial over a large vocabulary, and a zero-probability token (a meta token, one
+    # outside top-k/top-p) can never be drawn: the CDF does not rise there.
+    cdf = logits.softmax(-1).cumsum(-1)
+    u = torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u, right=True).squeeze(-1)
+
+
+def _check_inputs(model, input_ids, attention_mask, max_new_tokens, do_sample, temperature, top_k,
+                  top_p, thought_temperature, thought_tokens):
+    if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+        raise ValueError(f"input_ids must be [batch, length] with length >= 1, got shape "
+                         f"{tuple(input_ids.shape)}")
+    if attention_mask is not None and attention_mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)} but input_ids has "
+                         f"{tuple(input_ids.shape)}; they must match")
+    if attention_mask is not None and not attention_mask[:, -1].all():
+        raise ValueError("the prompts are right-padded; pad on the left for generation "
+                         "(tokenizer.padding_side = 'left')")
+    if ((input_ids == model.start_id) | (input_ids == model.end_id)).any():
+        raise ValueError("input_ids contain the thought meta tokens; prompts must not: thoughts are "
+                         "inserted by the model")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if thought_tokens < 0:
+        raise ValueError(f"thought_tokens must be >= 0 (0 = the base model), got {thought_tokens}")
+    if thought_temperature < 0:
+        raise ValueError(f"thought_temperature must be >= 0 (0 = greedy), got {thought_temperature}")
+    if do_sample and not temperature > 0:
+        raise ValueError(f"temperature must be > 0 when sampling, got {temperature}; use "
+                         "do_sample=False for greedy decoding")
+    if not do_sample and (top_k is not None or top_p is not None):
+        raise ValueError("top_k / top_p only apply when sampling; pass do_sample=True")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+
+
+def _special_ids(model, eos_token_id):
+    """(list of eos ids, pad id), defaulting as transformers' ``generate`` does."""
+    gen_config = getattr(model.lm, "generation_config", None)
+    if eos_token_id is None:
+        eos_token_id = getattr(gen_config, "eos_token_id", None)
+    if eos_token_id is None:
+        eos_token_id = model.tokenizer.eos_token_id
+    pad = getattr(gen_config, "pad_token_id", None)
+    if pad is None:
+        pad = model.tokenizer.pad_token_id
+    eos = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or [])
+    if pad is None:
+        pad = eos[0] if eos else 0
+    return eos, pad
+
+
+@torch.no_grad()
+def generate(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    max_new_tokens: int = 32,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    eos_token_id: int | list[int] | None = None,
+    streamer=None,
+    thought_temperature: float | None = None,
+    thought_tokens: int | None = None,
+    return_thoughts: bool = False,
+    output_logits: bool = False,
+    generator: torch.Generator | None = None,
+):
+    """Generates up to ``max_new_tokens`` tokens, thinking before each one.
+
+    Args:
+        model: a ``QuietStarForCausalLM``.
+        input_ids: [B, L] prompts, left-padded when their lengths differ.
+        attention_mask: [B, L], 0 on padding; None means no padding.
+        do_sample, temperature, top_k, top_p: how the next token is chosen from the mixed logits
+            (greedy by default), as in transformers' ``generate``.
+        eos_token_id: id(s) that end a row; defaults to the LM's generation config, then the
+            tokenizer's eos. Finished rows are filled with the pad id; generation stops when
+            every row has finished.
+        streamer: a transformers streamer (``put``/``end``), given the prompt, then every new
+            token. If it also has ``put_thought(thought_ids)``, each token's thought [k] is
+            passed to it just before the token (batch of one only).
+        thought_temperature: temperature of thought tokens (0 = greedy); default
+            ``model.config.thought_temperature``.
+        thought_tokens: k, tokens sampled per thought; default
+            ``model.config.sampled_thought_tokens``. 0 runs the plain base model.
+        return_thoughts: also return each token's thought ids, text and mixing weight.
+        output_logits: also return the mixed logits of every step (before temperature/top-k/p).
+        generator: random generator for thought and token sampling.
+
+    Returns:
+        [B, L + N] token ids, or a ``GenerateOutput`` if ``return_thoughts`` or ``output_logits``.
+    """
+    cfg = model.config
+    k = cfg.sampled_thought_tokens if thought_tokens is None else thought_tokens
+    thought_t = cfg.thought_temperature if thought_temperature is None else thought_temperature
+    _check_inputs(model, input_ids, attention_mask, max_new_tokens, do_sample, temperature, top_k,
+                  top_p, thought_t, k)
+    B, device = input_ids.shape[0], input_ids.device
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    show_thoughts = hasattr(streamer, "put_thought") and k > 0
+    if show_thoughts and B > 1:
+        raise ValueError(f"a streamer that shows thoughts takes one prompt at a time, got {B}")
+    eos, pad = _special_ids(model, eos_token_id)
+    eos = torch.tensor(eos, device=device) if eos else None
+    token_t = temperature if do_sample else 0.0
+
+    was_training = model.training
+    model.eval()  # no dropout
+    try:
+        decoder = _CachedDecoder(model, attention_mask, max_new_tokens + k + 2)
+        thinker = _Thinker(model, decoder, k, thought_t, generator, device) if k > 0 else None
+        # Prompts are checked and meta tokens never sampled, so every id fed to the LM except
+        # START/END (which the thinker adds) is an ordinary token of the base embedding.
+        embed = model.embedding.base
+        unfinished = torch.ones(B, dtype=torch.bool, device=device)
+        new, thoughts, weights, step_logits = [], [], [], []
+        if streamer is not None:
+            streamer.put(input_ids.cpu())
+
+        ids, positions = input_ids, text_positions(attention_mask)
+        for _ in range(max_new_tokens):
+            if thinker is None:
+                logits = model.logits(decoder(embed(ids), positions)[:, -1])
+            else:
+                logits, thought, w = thinker(embed(ids), positions)
+            logits = logits.float()
+            token = sample(logits, token_t, generator, top_k, top_p)
+            if eos is not None:
+                token = token.masked_fill(~unfinished, pad)
+            new.append(token)
+            if output_logits:
+                step_logits.append(logits)
+            if thinker is not None and return_thoughts:
+                thoughts.append(thought.masked_fill(~unfinished[:, None], pad))
+                weights.append(w.float().masked_fill(~unfinished, 0.0))
+            if show_thoughts:
+                streamer.put_thought(thought[0].cpu())
+            if streamer is not None:
+                streamer.put(token.cpu())
+            if eos is not None:
+                unfinished = unfinished & ~torch.isin(token, eos)
+                if not unfinished.any():
+                    break
+            ids, positions = token[:, None], positions[:, -1:] + 1
+        if streamer is not None:
+            streamer.end()
+    finally:
+        model.train(was_training)
+
+    sequences = torch.cat([input_ids, *[t[:, None] for t in new]], dim=1)
+    if not (return_thoughts or output_logits):
+        return sequences
+    out = GenerateOutput(sequences, None, None, None, tuple(step_logits) if output_logits else None)
+    if return_thoughts:
+        N = len(new)
+        out.thought_ids = torch.stack(thoughts, 1) if thoughts else input_ids.new_zeros(B, N, k)
+        out.mixing_weight = torch.stack(weights, 1) if weights else torch.zeros(B, N, device=device)
+        out.thoughts = [[model.tokenizer.decode(t) for t in row] for row in out.thought_ids.tolist()]
+    return out
+
+
+class _Thinker:
+    """One thought on top of the cache, for the latest text token of every row.
+
+    Called with the embeddings and positions of the newest text tokens (the whole prompt at the
+    first step, then the chosen token), it feeds them together with START, samples t_1..t_k,
+    feeds [t_k, END], and returns the mixed logits [B, V], the thought [B, k] and the mixing
+    weight [B]. The thought's k + 2 cache entries are dropped again before it returns.
+    """
+
+    def __init__(self, model, decoder: _CachedDecoder, k: int, temperature: float, generator, device):
+        self.model, self.decoder, self.k = model, decoder, k
+        self.temperature, self.generator = temperature, generator
+        self.meta = model.embedding(torch.tensor([model.start_id, model.end_id], device=device))
+        self.offsets = torch.arange(k + 3, device=device)  # x, START, t_1..t_k, END
+
+    def __call__(self, text_embeds: torch.Tensor, text_positions: torch.Tensor):
+        model, decoder, k = self.model, self.decoder, self.k
+        B = text_embeds.shape[0]
+        start, end = self.meta.to(text_embeds.dtype)[:, None, None].expand(2, B, 1, -1)
+        pos = text_positions[:, -1:] + self.offsets  # [B, k + 3], the last text token's first
+        hidden = decoder(torch.cat([text_embeds, start], 1), torch.cat([text_positions, pos[:, 1:2]], 1))
+        h_base = hidden[:, -2]
+        thought = []
+        for j in range(1, k + 1):  # hidden[:, -1] is the state of START, then of t_{j-1}
+            token = sample(model.logits(hidden[:, -1]).float(), self.temperature, self.generator)
+            thought.append(token)
+            if j < k:
+                hidden = decoder(model.embedding.base(token[:, None]), pos[:, j + 1:j + 2])
+        # t_k's own output is not needed (END comes next in any case): one call for both.
+        hidden = decoder(torch.cat([model.embedding.base(token[:, None]), end], 1), pos[:, k + 1:])
+        mixed, w = model.mixing_head(h_base, hidden[:, -1])
+        decoder.drop_last(k + 2)
+        return model.logits(mixed), torch.stack(thought, 1), w
+
+
+# ---------------------------------------------------------------------------------------- CLI
+DIM, RESET = "\x1b[2m", "\x1b[0m"
+
+
+class TextStreamer:
+    """Prints the continuation as it is generated (the prompt is not echoed)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.tokens: list[int] = []
+        self.printed = 0  # characters of the decoded continuation already written
+        self.prompt_seen = False
+
+    @staticmethod
+    def _write(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    def put(self, token_ids: torch.Tensor) -> None:
+        if not self.prompt_seen:  # the first call carries the prompt
+            self.prompt_seen = True
+            return
+        self.tokens.extend(token_ids.view(-1).tolist())
+        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        if text.endswith("\ufffd"):
+            return  # an incomplete multi-byte character: wait for the rest
+        self._write(text[self.printed:])
+        self.printed = len(text)
+
+    def end(self) -> None:
+        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        self._write(text[self.printed:] + "\n")
+
+
+class ThoughtStreamer(TextStreamer):
+    """Prints the continuation with each token's thought just before the token: dimmed (ANSI)
+    when ``color`` is true, else between « and »."""
+
+    def __init__(self, tokenizer, color: bool):
+        super().__init__(tokenizer)
+        self.color = color
+
+    def put_thought(self, thought_ids: torch.Tensor) -> None:
+        text = self.tokenizer.decode(thought_ids.tolist()).replace("\n", "\\n")
+        self._write(f"{DIM}{text}{RESET}" if self.color else f"«{text}»")
+
+
+def load_model(name: str, device: str | None = None):
+    """A saved QuietStar model, or a plain base model (folder, hub id, ``embedded:...``) wrapped
+    fresh: with its untrained mixing head (w = 0) it generates exactly as the base model."""
+    from pathlib import Path
+
+    from .config import CONFIG_NAME
+    from .modeling import QuietStarForCausalLM
+
+    if Path(name, CONFIG_NAME).is_file():
+        model = QuietStarForCausalLM.from_pretrained(name)
+    else:
+        from .models import load_base_model
+
+        lm, tokenizer = load_base_model(name)
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        print(f"quietstar: {name} is a base model, not a trained QuietStar model ({CONFIG_NAME} is "
+              "missing); wrapping it with an untrained mixing head, so the thoughts do not change "
+              "its output yet. Train it with `quietstar train`.", file=sys.stderr)
+        model = QuietStarForCausalLM.from_base(lm, tokenizer)
+    return model.to(device) if device else model
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    # Options whose default depends on the model or machine are declared with default=SUPPRESS
+    # and get their value from set_defaults, so the help shows the real rule, not "None".
+    parser.set_defaults(thought_tokens=None, thought_temperature=None, sample=False, device=None)
+    parser.add_argument("--model", required=True, default=argparse.SUPPRESS,
+                        help="a saved QuietStar model folder, or a base model (folder, hub id or "
+                             "embedded:smollm2-135m-instruct), wrapped untrained")
+    parser.add_argument("--prompt", required=True, default=argparse.SUPPRESS,
+                        help="the text to continue")
+    parser.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most")
+    parser.add_argument("--thought-tokens", type=int, default=argparse.SUPPRESS,
+                        help="tokens per thought, 0 = no thinking (default: the model's "
+                             "sampled_thought_tokens)")
+    parser.add_argument("--thought-temperature", type=float, default=argparse.SUPPRESS,
+                        help="temperature of thought tokens, 0 = greedy (default: the model's "
+                             "thought_temperature)")
+    parser.add_argument("--show-thoughts", action="store_true",
+                        help="print each token's thought before it")
+    parser.add_argument("--color", choices=("auto", "always", "never"), default="auto",
+                        help="show thoughts dimmed (ANSI) or between « »; auto: dimmed on a terminal")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--greedy", dest="sample", action="store_false", default=argparse.SUPPRESS,
+                      help="pick the most likely token (the default)")
+    mode.add_argument("--sample", dest="sample", action="store_true", default=argparse.SUPPRESS,
+                      help="sample the next token")
+    parser.add_argument("--temperature", type=float, default=1.0, help="with --sample")
+    parser.add_argument("--top-k", type=int, default=None, help="with --sample")
+    parser.add_argument("--top-p", type=float, default=None, help="with --sample")
+    parser.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+    parser.add_argument("--device", default=argparse.SUPPRESS,
+                        help="e.g. cpu, cuda (default: cuda when available, else cpu)")
+
+
+def run(args: argparse.Namespace) -> int:
+    if not args.sample and (args.top_k is not None or args.top_p is not None or args.temperature != 1.0):
+        print("quietstar generate: --temperature/--top-k/--top-p need --sample", file=sys.stderr)
+        return 2
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = load_model(args.model, device)
+    if args.show_thoughts:
+        color = args.color == "always" or (args.color == "auto" and sys.stdout.isatty())
+        streamer = ThoughtStreamer(model.tokenizer, color)
+    else:
+        streamer = TextStreamer(model.tokenizer)
+    input_ids = model.tokenizer(args.prompt, return_tensors="pt").input_ids.to(device)
+    generator = None
+    if args.seed is not None:
+        generator = torch.Generator(device=device).manual_seed(args.seed)
+    generate(model, input_ids, max_new_tokens=args.max_new_tokens, do_sample=args.sample,
+             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, streamer=streamer,
+             thought_temperature=args.thought_temperature, thought_tokens=args.thought_tokens,
+             generator=generator)
+    return 0
