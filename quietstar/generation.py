@@ -24,6 +24,7 @@ import torch
 from transformers import DynamicCache
 
 from .rollout import text_positions
+from .sampling import filter_logits, sample  # noqa: F401  (filter_logits is part of this module's API)
 
 
 @dataclass
@@ -65,39 +66,6 @@ class _CachedDecoder:
         """Forgets the last n cached tokens (a thought)."""
         self.cache.crop(-n)
         self.length -= n
-
-
-def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
-    """Sets to -inf every logit outside the top-k tokens and outside the top-p nucleus.
-
-    The nucleus is the smallest set of most likely tokens whose probability reaches ``top_p``
-    (always at least one token), as in transformers' ``TopPLogitsWarper``.
-    """
-    if top_k is not None and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1)  # ascending
-        cumulative = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cumulative <= 1 - top_p
-        drop[..., -1] = False  # the most likely token always stays
-        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-    return logits
-
-
-def sample(logits: torch.Tensor, temperature: float, generator: torch.Generator | None = None,
-           top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
-    """Token ids [B] from logits [B, V]: greedy at temperature 0, else sampled from
-    softmax(logits / temperature) restricted to the top-k / top-p tokens."""
-    if temperature == 0:
-        return logits.argmax(-1)
-    logits = filter_logits(logits.float() / temperature, top_k, top_p)
-    # Inverse-CDF sampling: one uniform number per row. On CPU this is ~10x faster than
-    # torch.multinomial over a large vocabulary, and a zero-probability token (a meta token, one
-    # outside top-k/top-p) can never be drawn: the CDF does not rise there.
-    cdf = logits.softmax(-1).cumsum(-1)
-    u = torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device) * cdf[:, -1:]
-    return torch.searchsorted(cdf, u, right=True).squeeze(-1)
 
 
 def _check_inputs(model, input_ids, attention_mask, max_new_tokens, do_sample, temperature, top_k,

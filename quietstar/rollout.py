@@ -22,7 +22,7 @@ import torch
 from transformers import DynamicCache
 
 from .attention import ThoughtLayout
-from .losses import NonFiniteLossError
+from .sampling import sample
 
 
 @dataclass
@@ -76,19 +76,7 @@ def sample_thoughts(
     for p in range(1, num_tokens + 1):
         layout = ThoughtLayout(L, (p,), valid, positions, padded)
         hidden = _forward(decoder, embed(current), positions + p, layout, cache)
-        logits = logits_fn(hidden).float()
-        if temperature == 0:
-            current = logits.argmax(-1)
-        else:
-            probs = torch.softmax(logits / temperature, dim=-1).view(B * L, -1)
-            try:
-                current = torch.multinomial(probs, 1, generator=generator).view(B, L)
-            except RuntimeError as e:
-                if torch.isfinite(probs).all():
-                    raise
-                raise NonFiniteLossError(
-                    "the model's logits are NaN/inf while sampling thoughts: its weights have diverged; "
-                    "resume from the last good checkpoint with a lower learning rate") from e
+        current = sample(logits_fn(hidden).view(B * L, -1), temperature, generator).view(B, L)
         tokens.append(current)
     return torch.stack(tokens, dim=-1)
 

@@ -212,8 +212,8 @@ def test_nan_loss():
         model.lm.get_output_embeddings().weight[0, 0] = float("nan")
     with pytest.raises(NonFiniteLossError, match="loss is nan .*lower the learning rate"):
         model(random_text(1, 10))
-    model.config.thought_temperature = 1.0
-    with pytest.raises(NonFiniteLossError, match="NaN/inf while sampling thoughts"):
+    model.config.thought_temperature = 1.0  # NaN sampling logits must not crash the sampler
+    with pytest.raises(NonFiniteLossError, match="loss is nan"):
         model(random_text(1, 10))
 
 
