@@ -26,7 +26,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .evaluation import _device, _pad, add_model_arguments, load_model, next_token_logits, summarize
+from .evaluation import _device, _pad, add_model_arguments, next_token_logits, summarize
+from .models import load_quietstar_model
 from .plots import plot_difficulty
 
 
@@ -177,7 +178,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from .data import load_texts
 
-    model = load_model(args.model, args.device, args.dtype)
+    model = load_quietstar_model(args.model, args.device, args.dtype)
     texts = list(load_texts(args.data, num_documents=args.limit))
     nll = token_nlls(model, texts, args.thought_tokens, args.thought_temperature, args.max_length,
                      args.batch_size, args.seed, progress=True)

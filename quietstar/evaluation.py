@@ -38,6 +38,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .answers import first_integer, first_number, majority_vote, parse_choice, parse_gsm8k_gold
+from .models import load_quietstar_model
 from .rollout import text_positions
 
 TASKS = ("gsm8k", "csqa")
@@ -429,32 +430,6 @@ def format_table(results: dict) -> str:
 
 
 # --------------------------------------------------------------------------------------- CLI
-def load_model(name: str, device: str | None = None, dtype: str | None = None):
-    """A QuietStarForCausalLM from a saved QuietStar folder, or a plain model (folder, hub id or
-    the embedded name) wrapped fresh with ``from_base`` (its mixing weight is 0, so its thoughts
-    change nothing until it is trained: a note on stderr says so)."""
-    from .config import CONFIG_NAME, QuietStarConfig
-    from .modeling import QuietStarForCausalLM
-    from .models import _resolve_dtype, load_base_model
-
-    if Path(name).expanduser().is_dir() and (Path(name).expanduser() / CONFIG_NAME).is_file():
-        kwargs = {} if dtype is None else {"dtype": _resolve_dtype(dtype)}
-        model = QuietStarForCausalLM.from_pretrained(Path(name).expanduser(), **kwargs)
-    else:
-        lm, tokenizer = load_base_model(name, dtype=dtype)
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
-        model = QuietStarForCausalLM.from_base(lm, tokenizer, QuietStarConfig())
-        print(f"note: {name} is a plain language model, wrapped fresh with "
-              "QuietStarForCausalLM.from_base: its mixing weight is 0, so thoughts on equals "
-              "thoughts off until the model is trained", file=sys.stderr)
-    if device is not None:
-        from .models import _resolve_device
-
-        model.to(_resolve_device(device))
-    return model.eval()
-
-
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """--model/--device/--dtype, shared by eval, analyze and inspect."""
     from .models import EMBEDDED_MODEL
@@ -492,7 +467,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    model = load_model(args.model, args.device, args.dtype)
+    model = load_quietstar_model(args.model, args.device, args.dtype)
     if args.lm_eval:
         from .lm_eval_adapter import evaluate_lm_eval, format_lm_eval_table
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
+from .models import load_quietstar_model
 from .rollout import text_positions
 from .sampling import filter_logits, sample  # noqa: F401  (filter_logits is part of this module's API)
 
@@ -310,29 +311,6 @@ class ThoughtStreamer(TextStreamer):
         self._write(f"{DIM}{text}{RESET}" if self.color else f"«{text}»")
 
 
-def load_model(name: str, device: str | None = None):
-    """A saved QuietStar model, or a plain base model (folder, hub id, ``embedded:...``) wrapped
-    fresh: with its untrained mixing head (w = 0) it generates exactly as the base model."""
-    from pathlib import Path
-
-    from .config import CONFIG_NAME
-    from .modeling import QuietStarForCausalLM
-
-    if Path(name, CONFIG_NAME).is_file():
-        model = QuietStarForCausalLM.from_pretrained(name)
-    else:
-        from .models import load_base_model
-
-        lm, tokenizer = load_base_model(name)
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
-        print(f"quietstar: {name} is a base model, not a trained QuietStar model ({CONFIG_NAME} is "
-              "missing); wrapping it with an untrained mixing head, so the thoughts do not change "
-              "its output yet. Train it with `quietstar train`.", file=sys.stderr)
-        model = QuietStarForCausalLM.from_base(lm, tokenizer)
-    return model.to(device) if device else model
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     # Options whose default depends on the model or machine are declared with default=SUPPRESS
     # and get their value from set_defaults, so the help shows the real rule, not "None".
@@ -371,7 +349,7 @@ def run(args: argparse.Namespace) -> int:
         print("quietstar generate: --temperature/--top-k/--top-p need --sample", file=sys.stderr)
         return 2
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = load_model(args.model, device)
+    model = load_quietstar_model(args.model, device)
     if args.show_thoughts:
         color = args.color == "always" or (args.color == "auto" and sys.stdout.isatty())
         streamer = ThoughtStreamer(model.tokenizer, color)

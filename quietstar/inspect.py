@@ -19,7 +19,8 @@ from pathlib import Path
 
 import torch
 
-from .evaluation import _device, add_model_arguments, load_model
+from .evaluation import _device, add_model_arguments
+from .models import load_quietstar_model
 
 
 @dataclass
@@ -167,7 +168,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    model = load_model(args.model, args.device, args.dtype)
+    model = load_quietstar_model(args.model, args.device, args.dtype)
     text = args.text if args.text is not None else Path(args.text_file).read_text(encoding="utf-8")
     path = write_page(model, text, args.out, args.thought_tokens, args.thought_temperature, args.seed,
                       title=f"Quiet-STaR thoughts of {args.model}")

@@ -19,6 +19,7 @@ import importlib.util
 import json
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -425,3 +426,27 @@ def _load_local_folder(folder: Path, dtype: Any) -> tuple[Any, Any]:
             raise ValueError(f"Model folder {str(folder)!r} has no loadable tokenizer: {error}") from error
         model = AutoModelForCausalLM.from_pretrained(str(folder), **kwargs)
     return model, tokenizer
+
+
+def load_quietstar_model(name: str, device: str | None = None, dtype: str | None = None):
+    """A QuietStarForCausalLM from a saved QuietStar folder, or a plain model (folder, hub id or
+    the embedded name) wrapped fresh with ``from_base`` (its mixing weight is 0, so its thoughts
+    change nothing until it is trained: a note on stderr says so)."""
+    from .config import CONFIG_NAME, QuietStarConfig
+    from .modeling import QuietStarForCausalLM
+
+    if Path(name).expanduser().is_dir() and (Path(name).expanduser() / CONFIG_NAME).is_file():
+        kwargs = {} if dtype is None else {"dtype": _resolve_dtype(dtype)}
+        model = QuietStarForCausalLM.from_pretrained(Path(name).expanduser(), **kwargs)
+    else:
+        lm, tokenizer = load_base_model(name, dtype=dtype)
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        model = QuietStarForCausalLM.from_base(lm, tokenizer, QuietStarConfig())
+        print(f"note: {name} is a plain base model, not a trained QuietStar model ({CONFIG_NAME} "
+              "is missing); wrapped fresh with QuietStarForCausalLM.from_base and an untrained "
+              "mixing head (weight 0), so thoughts on equals thoughts off until it is trained "
+              "with `quietstar train`", file=sys.stderr)
+    if device is not None:
+        model.to(_resolve_device(device))
+    return model.eval()

@@ -13,6 +13,7 @@ import torch
 
 from conftest import make_lm, make_model, make_tokenizer
 from quietstar import evaluation
+from quietstar.models import load_quietstar_model
 from quietstar.answers import (first_integer, first_number, majority_vote, normalize_number,
                                parse_choice, parse_gsm8k_gold)
 from quietstar.evaluation import (COT_ANSWER_TRIGGER, COT_TRIGGER, Item, accuracy_predictions,
@@ -401,10 +402,10 @@ def test_eval_cli_on_saved_and_plain_models(tmp_path, capsys):
 def test_load_model_dtype(tmp_path):
     saved = tmp_path / "saved"
     make_model().save_pretrained(saved)
-    model = evaluation.load_model(str(saved), device="cpu", dtype="bfloat16")
+    model = load_quietstar_model(str(saved), device="cpu", dtype="bfloat16")
     assert model.lm.dtype == torch.bfloat16 and not model.training
     items = load_items("gsm8k", str(GSM8K))
-    reference = direct_scores(evaluation.load_model(str(saved)), items, "gsm8k", thought_tokens=2)
+    reference = direct_scores(load_quietstar_model(str(saved)), items, "gsm8k", thought_tokens=2)
     np.testing.assert_allclose(direct_scores(model, items, "gsm8k", thought_tokens=2), reference, rtol=0.2)
 
 

@@ -314,7 +314,7 @@ def test_cli_sampling_options(saved_model, capsys, monkeypatch):
     import quietstar.generation
 
     # Loading is tested above; here the options' effect is, on the model already in memory.
-    monkeypatch.setattr(quietstar.generation, "load_model", lambda name, device: model)
+    monkeypatch.setattr(quietstar.generation, "load_quietstar_model", lambda name, device: model)
     base = ["--model", directory, "--prompt", "Weng earns", "--max-new-tokens", 8]
     greedy = _cli(capsys, *base, "--greedy", "--thought-temperature", 0).out
     top1 = _cli(capsys, *base, "--sample", "--top-k", 1, "--thought-temperature", 0).out
