@@ -291,8 +291,9 @@ def _sdpa_thought_attention(query, key, value, layout: ThoughtLayout, scale: flo
         mask = torch.ones(B, 1, L + 1, L + 1, dtype=torch.bool, device=query.device)
         mask[:, 0, 0, 1:] = False
         mask[:, 0, 1:, 1:] = allowed
-    # Grouped heads without key copies where the kernels allow it (no mask, half precision).
-    gqa = mask is None and query.dtype in (torch.float16, torch.bfloat16)
+    # Grouped heads without key copies where the fused kernels allow it (no mask), as transformers'
+    # own SDPA path decides; with a mask the keys are copied to every (head, pass).
+    gqa = mask is None
     if not gqa:
         kx, vx = kx.repeat_interleave(G * Qp, 1), vx.repeat_interleave(G * Qp, 1)
     out = F.scaled_dot_product_attention(qx, kx, vx, attn_mask=mask, is_causal=mask is None,

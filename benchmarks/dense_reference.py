@@ -1,0 +1,158 @@
+"""Quiet-STaR computed the way the paper's code does it: pass by pass, with dense masks.
+
+This is the straightforward implementation that ``quietstar`` is checked and timed against. Pass
+p (p = 0 .. F-1, see ``quietstar.rollout``) feeds the L tokens of that pass as queries to an
+ordinary SDPA (or eager) attention over the keys of *every* pass so far, concatenated in a cache
+that keeps its gradients, under a dense additive mask of shape [B, 1, L, (p+1)*L]:
+
+    text keys      causal and not padding (the query at position i sees text keys 0..i)
+    pass-q keys    only the diagonal (the query at position i sees its own thought's key i)
+
+Thought tokens are sampled inside the same passes (the choice carries no gradient), so a training
+step is F forward passes with gradients and one backward through all of them. Its masks (one
+value per query-key pair of every pass: about B (F L)^2 / 2 in all) and the keys of all earlier
+passes that every pass concatenates and keeps for the backward (about F^2 L / 2 key vectors per
+layer, which transformers' SDPA path also copies to every head under grouped-query attention)
+make its memory grow like (F L)^2 and its attention work like F^2 L^2: what quietstar's split
+attention avoids.
+
+The model is a deep copy of a ``QuietStarForCausalLM`` with its LM switched to a stock attention
+implementation, so none of quietstar's attention code runs here; the losses are the same functions.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+from transformers import DynamicCache
+
+from quietstar.losses import LossParts, quietstar_loss, target_logprobs
+from quietstar.modeling import QuietStarForCausalLM, ThoughtScores
+from quietstar.rollout import GridHidden, text_positions
+from quietstar.sampling import sample
+
+
+class DenseQuietStar(nn.Module):
+    """A copy of ``model`` whose thought rollout uses dense masks and stock attention.
+
+    It has its own weights (a deep copy), so it can be trained and timed independently; right after
+    construction it computes the same function as ``model``.
+    """
+
+    def __init__(self, model: QuietStarForCausalLM, attn_implementation: str = "sdpa"):
+        super().__init__()
+        text_config = model.lm.config.get_text_config()
+        if getattr(text_config, "attn_logit_softcapping", None) or getattr(text_config, "sinks", None):
+            raise NotImplementedError("the dense reference supports models without attention "
+                                      "softcapping or sinks")
+        layer_types = set(getattr(text_config, "layer_types", None) or [])
+        if len(layer_types) > 1:
+            raise NotImplementedError(f"the dense reference needs one attention type for all layers, "
+                                      f"got {sorted(layer_types)}")
+        self.model = copy.deepcopy(model)
+        self.model.lm.set_attn_implementation(attn_implementation)
+        # All layers slide (e.g. Mistral) or none does; None means no window.
+        self.sliding_window = getattr(text_config, "sliding_window", None)
+        if layer_types == {"full_attention"}:
+            self.sliding_window = None
+
+    @property
+    def config(self):
+        return self.model.config
+
+    def _mask(self, positions: torch.Tensor, valid: torch.Tensor, p: int, dtype) -> torch.Tensor:
+        """Additive mask [B, 1, L, (p+1)*L] for the queries of pass p (position ids pos_i + p)."""
+        B, L = positions.shape
+        idx = torch.arange(L, device=positions.device)
+        text = (idx[None, :] <= idx[:, None])[None] & valid[:, None, :]      # [B, L, L]
+        text = text | torch.eye(L, dtype=torch.bool, device=text.device)  # padded rows see themselves
+        own = torch.eye(L, dtype=torch.bool, device=text.device).expand(B, L, L)
+        if self.sliding_window is not None:
+            text = text & ((positions[:, :, None] + p) - positions[:, None, :] < self.sliding_window)
+            own_passes = [own & (p - q < self.sliding_window) for q in range(1, p + 1)]
+        else:
+            own_passes = [own] * p
+        allowed = torch.cat([text, *own_passes], dim=-1)[:, None]
+        mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+        return mask.masked_fill(~allowed, float("-inf"))
+
+    def rollout(self, input_ids, attention_mask, thought_ids=None, generator=None):
+        """Runs the F passes. Returns (GridHidden, thought ids [B, L, k]).
+
+        With ``thought_ids`` the thought tokens are teacher-forced; without, they are sampled from
+        each pass's logits with the sampler ``quietstar.rollout.sample_thoughts`` uses.
+        """
+        m, cfg = self.model, self.model.config
+        k, A = cfg.sampled_thought_tokens, cfg.ahead_tokens
+        if thought_ids is not None:
+            k = thought_ids.shape[-1]
+        B, L = input_ids.shape
+        positions = text_positions(attention_mask)
+        valid = attention_mask.bool()
+        decoder = m.decoder
+        dtype = _attention_dtype(decoder)
+        cache = DynamicCache()  # every pass's keys, with gradients
+        pad_id = m.tokenizer.pad_token_id
+
+        def run(p: int, ids: torch.Tensor) -> torch.Tensor:
+            out = decoder(inputs_embeds=m.embedding(ids), position_ids=positions + p,
+                          attention_mask=self._mask(positions, valid, p, dtype),
+                          cache=cache, use_cache=True)
+            return out.last_hidden_state
+
+        base = run(0, input_ids)
+        current = torch.full_like(input_ids, m.start_id)
+        thought_hidden, tokens = [], []
+        for p in range(1, k + 1):
+            hidden = run(p, current)
+            thought_hidden.append(hidden)
+            if thought_ids is not None:
+                current = thought_ids[..., p - 1]
+            else:
+                # The same sampler as quietstar's rollout, on the same [B*L, V] rows.
+                logits = m.logits(hidden.detach()).view(B * L, -1)
+                current = sample(logits, cfg.thought_temperature, generator).view(B, L)
+            tokens.append(current)
+        run(k + 1, current)  # last thought token: its output is unused (END is forced)
+        after = [run(k + 2, torch.full_like(input_ids, m.end_id))]
+        for s in range(1, A):
+            forced = torch.cat([input_ids[:, s:], input_ids.new_full((B, min(s, L)), pad_id)], 1)[:, :L]
+            after.append(run(k + 2 + s, forced))
+        grid = GridHidden(base=base, thought=torch.stack(thought_hidden, 2), after=torch.stack(after, 2))
+        return grid, torch.stack(tokens, -1)
+
+    def score_thoughts(self, input_ids, thought_ids, attention_mask=None) -> ThoughtScores:
+        """The same as ``QuietStarForCausalLM.score_thoughts``, computed densely."""
+        m = self.model
+        attention_mask, _, _ = m._inputs(input_ids, attention_mask, None)
+        grid, _ = self.rollout(input_ids, attention_mask, thought_ids)
+        mixed, w = m._mix(grid)
+        return ThoughtScores(m.logits(grid.base), m.logits(grid.after), w, m.logits(mixed))
+
+    def forward(self, input_ids, attention_mask=None, labels=None, generator=None):
+        """One training step's loss, as ``QuietStarForCausalLM.forward``: returns (LossParts,
+        thought ids [B, n, L, k])."""
+        m, cfg = self.model, self.model.config
+        n = cfg.thoughts_per_position
+        attention_mask, targets, valid = m._inputs(input_ids, attention_mask, labels)
+        input_ids, attention_mask, targets, valid = (
+            t.repeat_interleave(n, 0) for t in (input_ids, attention_mask, targets, valid))
+        grid, thoughts = self.rollout(input_ids, attention_mask, generator=generator)
+        mixed, _ = m._mix(grid)
+        chunk = cfg.loss_chunk_tokens
+        base_logp = target_logprobs(m.logits, grid.base, targets[..., 0], chunk_tokens=chunk)
+        mixed_logp = target_logprobs(m.logits, mixed, targets, chunk_tokens=chunk)
+        thought_logp = target_logprobs(m.logits, grid.thought, thoughts, cfg.policy_logprob_temperature,
+                                       chunk_tokens=chunk)
+        parts: LossParts = quietstar_loss(cfg, base_logp, mixed_logp, thought_logp, valid)
+        return parts, thoughts.view(-1, n, *thoughts.shape[1:])
+
+
+def _attention_dtype(decoder) -> torch.dtype:
+    """The dtype queries have inside attention: SDPA wants a float mask of that dtype."""
+    weight = next(decoder.parameters())
+    if torch.is_autocast_enabled(weight.device.type):
+        return torch.get_autocast_dtype(weight.device.type)
+    return weight.dtype
