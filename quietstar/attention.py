@@ -105,6 +105,9 @@ def thought_attention(
         return _plain_attention(module, query, key, value, attention_mask, scaling, dropout,
                                 softcap=softcap, sliding_window=sliding_window)
 
+    if query.dtype != value.dtype or key.dtype != value.dtype:
+        # Under autocast RoPE leaves q/k in float32 while v comes out of its projection in bf16.
+        query, key = query.to(value.dtype), key.to(value.dtype)
     Q, D = query.shape[2], query.shape[3]
     L = layout.text_len
     Qp = len(layout.query_passes)

@@ -12,7 +12,7 @@ from transformers import PreTrainedTokenizerFast
 
 from quietstar import QuietStarConfig, QuietStarForCausalLM
 
-torch.set_num_threads(2)
+torch.set_num_threads(1)  # steadier on a shared 2-core machine
 
 CORPUS = [
     "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May.",

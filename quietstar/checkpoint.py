@@ -1,0 +1,357 @@
+"""Training checkpoints: written atomically, resumed exactly, the last K kept.
+
+A checkpoint is a folder ``<run>/checkpoint-<step>/``:
+
+    model/               the trained model, ``QuietStarForCausalLM.from_pretrained(...)`` loads it
+                         (with LoRA: the adapter merged into the base weights)
+    adapter/             LoRA only: the unmerged peft adapter, what a resumed run continues from
+    training_state.pt    step, optimiser state, RNG states, data position, model fingerprint
+    train_config.yaml    the resolved training configuration
+    accelerate_state/    FSDP / DeepSpeed only: the sharded model and optimiser (accelerate)
+
+It is written into a hidden temporary folder next to its final place, every file is fsync'ed, and
+only then is the folder renamed: a crash mid-write leaves the previous checkpoints intact and at
+worst a ``.tmp-*`` folder, which the next run removes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .modeling import HEAD_WEIGHTS_NAME, QuietStarForCausalLM
+
+PREFIX = "checkpoint-"
+STATE_NAME = "training_state.pt"
+CONFIG_NAME = "train_config.yaml"
+MODEL_DIR = "model"
+ADAPTER_DIR = "adapter"
+SHARDED_DIR = "accelerate_state"
+FORMAT = 1
+_NAME = re.compile(rf"^{PREFIX}(\d+)$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, corrupt or does not fit the model being trained."""
+
+
+# ------------------------------------------------------------------------------ finding them
+def checkpoint_name(step: int) -> str:
+    return f"{PREFIX}{step:06d}"  # zero-padded: folders sort by step
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first (temporary folders are not listed)."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in run_dir.iterdir()
+             if p.is_dir() and (m := _NAME.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    found = list_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def resolve_resume(resume: str, output_dir: str | Path | None) -> Path:
+    """The checkpoint folder ``resume`` points at: a checkpoint folder, a run folder (its latest
+    checkpoint), or ``"latest"`` (the latest checkpoint in ``output_dir``)."""
+    if resume == "latest":
+        if output_dir is None:
+            raise CheckpointError("--resume latest needs --output-dir (the run folder to continue); "
+                                  "or pass the run or checkpoint folder itself: --resume PATH")
+        found = latest_checkpoint(output_dir)
+        if found is None:
+            raise CheckpointError(f"--resume latest: {output_dir} holds no checkpoint-* folder; "
+                                  "start without --resume, or point --resume at a checkpoint")
+        return found
+    path = Path(resume).expanduser()
+    if _NAME.match(path.name) and path.is_dir():
+        return path
+    if path.is_dir() and (found := latest_checkpoint(path)) is not None:
+        return found
+    raise CheckpointError(f"--resume {resume}: not a checkpoint folder or a run folder holding "
+                          "checkpoint-* folders; pass one of those, or 'latest' with --output-dir")
+
+
+def step_of(checkpoint: str | Path) -> int:
+    match = _NAME.match(Path(checkpoint).name)
+    if match is None:
+        raise CheckpointError(f"{checkpoint} is not named {PREFIX}<step>")
+    return int(match.group(1))
+
+
+def remove_partial(run_dir: str | Path) -> None:
+    """Delete temporary folders left by a save that crashed before its rename."""
+    for p in Path(run_dir).glob(f".tmp-{PREFIX}*"):
+        shutil.rmtree(p, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------ atomic writes
+def _fsync_tree(folder: Path) -> None:
+    for path in sorted(folder.rglob("*"), reverse=True):  # files before their folders
+        _fsync(path)
+    _fsync(folder)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def temp_folder(run_dir: Path, step: int) -> Path:
+    """Where checkpoint ``step`` is written before its rename (a fixed name, so that every
+    process of a distributed run writes into the same one)."""
+    return run_dir / f".tmp-{checkpoint_name(step)}"
+
+
+def begin(run_dir: str | Path, step: int) -> Path:
+    """Creates the (empty) temporary folder of checkpoint ``step`` and returns it."""
+    tmp = temp_folder(Path(run_dir), step)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def commit(run_dir: str | Path, step: int, keep: int) -> Path:
+    """fsyncs the temporary folder, renames it into place and deletes all but the last ``keep``."""
+    run_dir = Path(run_dir)
+    tmp, final = temp_folder(run_dir, step), run_dir / checkpoint_name(step)
+    _fsync_tree(tmp)
+    if final.exists():  # a previous run reached this step: replace it, never half-way
+        old = run_dir / f".tmp-{checkpoint_name(step)}-old"
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(final, old)
+        os.rename(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, final)
+    _fsync(run_dir)  # make the rename itself durable
+    for stale in list_checkpoints(run_dir)[:-keep]:
+        shutil.rmtree(stale, ignore_errors=True)
+    return final
+
+
+# ------------------------------------------------------------------------------ model weights
+def _is_peft(lm) -> bool:
+    return hasattr(lm, "peft_config") and hasattr(lm, "get_base_model")
+
+
+def merged_lora_state_dict(peft_lm) -> dict[str, torch.Tensor]:
+    """The base model's state dict with every LoRA update added in, under the plain names.
+
+    Computed from the live weights (nothing is merged in place), so training continues on the
+    unmerged adapter exactly as before.
+    """
+    from peft.tuners.lora import LoraLayer
+
+    base = peft_lm.get_base_model()
+    adapter = peft_lm.active_adapter
+    deltas = {name: module.get_delta_weight(adapter) for name, module in base.named_modules()
+              if isinstance(module, LoraLayer) and adapter in module.lora_A}
+    merged = {}
+    for key, value in base.state_dict().items():
+        if ".lora_" in key:
+            continue
+        plain = key.replace(".base_layer.", ".")
+        module_name, _, leaf = plain.rpartition(".")
+        if leaf == "weight" and module_name in deltas:
+            value = value + deltas[module_name].to(value.dtype)
+        merged[plain] = value.detach()
+    return merged
+
+
+@contextlib.contextmanager
+def _quiet_saving():
+    """No "Writing model shards" progress bars or info logs from transformers while saving."""
+    from transformers.utils import logging as hf_logging
+
+    bars, verbosity = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+        hf_logging.set_verbosity(verbosity)
+
+
+def save_model(model: QuietStarForCausalLM, directory: str | Path,
+               state_dict: dict[str, torch.Tensor] | None = None) -> None:
+    """Writes ``model`` in the ``QuietStarForCausalLM.save_pretrained`` format.
+
+    ``state_dict`` (the full state dict of ``model``, e.g. gathered from FSDP / ZeRO-3 shards)
+    replaces the live parameters. A LoRA model is written with the adapter merged in, so
+    ``QuietStarForCausalLM.from_pretrained`` loads it like any other.
+    """
+    with _quiet_saving():
+        if state_dict is None and not _is_peft(model.lm):
+            model.save_pretrained(directory)
+        else:
+            _save_pieces(model, Path(directory), state_dict)
+
+
+def save_adapter(model: QuietStarForCausalLM, directory: str | Path) -> None:
+    """LoRA only: the unmerged peft adapter (what a resumed run continues from)."""
+    with _quiet_saving():
+        model.lm.save_pretrained(directory)
+
+
+def _save_pieces(model: QuietStarForCausalLM, directory: Path,
+                 state_dict: dict[str, torch.Tensor] | None) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    if _is_peft(model.lm):
+        lm, lm_state = model.lm.get_base_model(), merged_lora_state_dict(model.lm)
+    else:
+        lm = model.lm
+        lm_state = {k.removeprefix("lm."): v for k, v in state_dict.items() if k.startswith("lm.")}
+    lm.save_pretrained(directory, state_dict=lm_state)
+    model.tokenizer.save_pretrained(directory)
+    model.config.save(directory)
+    source = state_dict if state_dict is not None else model.state_dict()
+    head = {"meta_embeddings.scaled_vectors": source["embedding.scaled_vectors"]}
+    head |= {k: v for k, v in source.items() if k.startswith("mixing_head.")}
+    save_file({k: v.detach().contiguous().cpu() for k, v in head.items()}, directory / HEAD_WEIGHTS_NAME)
+
+
+def _read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{folder} holds no .safetensors weights; the checkpoint is "
+                              "incomplete: delete it to resume from an earlier one")
+    tensors = {}
+    for file in files:
+        try:
+            tensors |= load_file(file)
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"{file} is corrupt ({e}); delete {folder.parent} to resume from "
+                                  "an earlier checkpoint, or start a fresh run") from None
+    return tensors
+
+
+def load_model_weights(model: QuietStarForCausalLM, checkpoint: str | Path) -> None:
+    """Loads the trained weights of ``checkpoint`` into a freshly built ``model`` (the same base
+    model, LoRA settings and method config as the run that wrote it)."""
+    checkpoint = Path(checkpoint)
+    head = _read_safetensors_file(checkpoint / MODEL_DIR / HEAD_WEIGHTS_NAME)
+    try:
+        model.embedding.scaled_vectors.data.copy_(head.pop("meta_embeddings.scaled_vectors"))
+        model.mixing_head.load_state_dict({k.removeprefix("mixing_head."): v for k, v in head.items()})
+    except (KeyError, RuntimeError) as e:
+        raise _mismatch(checkpoint, e) from None
+    if _is_peft(model.lm):
+        from peft import set_peft_model_state_dict
+
+        adapter = _read_safetensors(checkpoint / ADAPTER_DIR)
+        try:
+            result = set_peft_model_state_dict(model.lm, adapter)
+        except RuntimeError as e:
+            raise _mismatch(checkpoint, e) from None
+        if getattr(result, "unexpected_keys", None):
+            raise _mismatch(checkpoint, f"unexpected adapter weights {result.unexpected_keys[:3]}")
+        return
+    weights = _read_safetensors(checkpoint / MODEL_DIR)
+    weights = {k: v for k, v in weights.items()
+               if not k.startswith(("meta_embeddings.", "mixing_head."))}
+    try:
+        missing, unexpected = model.lm.load_state_dict(weights, strict=False)
+    except RuntimeError as e:
+        raise _mismatch(checkpoint, e) from None
+    # Tied weights (e.g. an LM head sharing the embedding) are saved once; they count as loaded.
+    params = model.lm.state_dict(keep_vars=True)
+    loaded = {params[k].data_ptr() for k in weights if k in params}
+    missing = [k for k in missing if params[k].data_ptr() not in loaded]
+    if missing or unexpected:
+        raise _mismatch(checkpoint, f"missing {missing[:3]}, unexpected {unexpected[:3]}")
+
+
+def _read_safetensors_file(path: Path) -> dict[str, torch.Tensor]:
+    if not path.exists():
+        raise CheckpointError(f"{path} is missing; the checkpoint is incomplete: delete "
+                              f"{path.parent.parent} to resume from an earlier one")
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path} is corrupt ({e}); delete {path.parent.parent} to resume "
+                              "from an earlier checkpoint, or start a fresh run") from None
+
+
+def _mismatch(checkpoint: Path, error: Any) -> CheckpointError:
+    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return CheckpointError(f"{checkpoint} does not fit the model being trained ({first}); it was "
+                           "written by a run with another base model or settings: resume with "
+                           "that run's --model (its train_config.yaml), or start a fresh run")
+
+
+# ------------------------------------------------------------------------------ training state
+def capture_rng() -> dict[str, Any]:
+    """Python, NumPy and torch (CPU and CUDA) RNG states, in a form ``torch.load`` accepts with
+    ``weights_only=True``."""
+    version, keys, gauss = random.getstate()
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    state = {
+        "python": [version, list(keys), gauss],
+        "numpy": [np_name, torch.from_numpy(np_keys.astype(np.int64)), np_pos, np_has_gauss, np_gauss],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    version, keys, gauss = state["python"]
+    random.setstate((version, tuple(keys), gauss))
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = state["numpy"]
+    np.random.set_state((np_name, np_keys.numpy().astype(np.uint32), np_pos, np_has_gauss, np_gauss))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_training_state(folder: Path, state: dict[str, Any]) -> None:
+    torch.save({"format": FORMAT, **state}, folder / STATE_NAME)
+
+
+def load_training_state(checkpoint: str | Path) -> dict[str, Any]:
+    path = Path(checkpoint) / STATE_NAME
+    if not path.exists():
+        raise CheckpointError(f"{path} is missing: {checkpoint} is not a complete training "
+                              "checkpoint; delete it to resume from an earlier one")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many kinds for a damaged zip/pickle
+        raise CheckpointError(f"{path} is corrupt ({type(e).__name__}: {str(e)[:200]}); delete "
+                              f"{checkpoint} to resume from an earlier checkpoint, or start a "
+                              "fresh run") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a quietstar training state of format {FORMAT}; "
+                              "start a fresh run")
+    return state
+
+
+def check_fingerprint(checkpoint: Path, saved: dict[str, Any], current: dict[str, Any]) -> None:
+    """Refuses a checkpoint written for another model before any weight is touched."""
+    different = {k: (saved.get(k), v) for k, v in current.items() if saved.get(k) != v}
+    if different:
+        detail = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in different.items())
+        raise CheckpointError(f"{checkpoint} was written for another model ({detail}); resume "
+                              "with the same --model and settings as that run (see its "
+                              f"{CONFIG_NAME}), or start a fresh run without --resume")
+

@@ -1,0 +1,214 @@
+"""What a training run writes down: every step's numbers, sample thoughts and the curves.
+
+* ``MetricsLogger`` appends one JSON object per step to ``metrics.jsonl`` (always, flushed at once,
+  so a crash loses nothing and another process can follow along) and forwards the same numbers to
+  TensorBoard or Weights & Biases when asked (``report_to``).
+* ``thought_samples`` / ``SampleWriter`` turn sampled thoughts into readable snippets
+  ``…text «thought» next tokens`` in ``samples.jsonl`` and ``samples.md``.
+* ``plot_training_curves`` draws ``metrics.jsonl`` into a PNG at the end of a run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+REPORT_TO = ("none", "tensorboard", "wandb")
+METRICS_NAME = "metrics.jsonl"
+SAMPLES_JSONL = "samples.jsonl"
+SAMPLES_MD = "samples.md"
+CURVES_NAME = "training_curves.png"
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """All records of a metrics JSONL file; a torn last line (killed mid-write) is ignored."""
+    records = []
+    path = Path(path)
+    if not path.exists():
+        return records
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+def _truncate_after(path: Path, step: int) -> None:
+    """Drop the records of steps after ``step``: a resumed run redoes them."""
+    kept = [r for r in read_metrics(path) if r.get("step", 0) <= step]
+    path.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+
+
+class MetricsLogger:
+    """Per-step metrics to ``<output_dir>/metrics.jsonl`` and, optionally, TensorBoard or W&B.
+
+    ``resume_step`` (when continuing a run) first removes the records of later steps, which the
+    interrupted run logged but the checkpoint does not contain, so the file reads as one run.
+    """
+
+    def __init__(self, output_dir: str | Path, report_to: str = "none",
+                 run_config: dict[str, Any] | None = None, resume_step: int | None = None):
+        if report_to not in REPORT_TO:
+            raise ValueError(f"report_to must be one of {REPORT_TO}, got {report_to!r}")
+        self.output_dir = Path(output_dir)
+        self.path = self.output_dir / METRICS_NAME
+        if resume_step is not None and self.path.exists():
+            _truncate_after(self.path, resume_step)
+        self._file = self.path.open("a", encoding="utf-8")
+        self._tensorboard = self._wandb = None
+        if report_to == "tensorboard":
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as e:
+                raise ImportError("--report-to tensorboard needs the tensorboard package: "
+                                  "pip install tensorboard (or use --report-to none)") from e
+            self._tensorboard = SummaryWriter(str(self.output_dir / "tensorboard"))
+        elif report_to == "wandb":
+            try:
+                import wandb
+            except ImportError as e:
+                raise ImportError("--report-to wandb needs the wandb package: pip install wandb "
+                                  "(or use --report-to none / tensorboard)") from e
+            self._wandb = wandb.init(project="quietstar", name=self.output_dir.name,
+                                     dir=str(self.output_dir), config=run_config, resume="allow")
+
+    def log(self, record: dict[str, Any]) -> None:
+        """Write one record; it must hold an int ``step``. Non-finite floats are written as null."""
+        step = int(record["step"])
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+                 for k, v in record.items()}
+        self._file.write(json.dumps(clean) + "\n")
+        self._file.flush()
+        scalars = {k: v for k, v in clean.items()
+                   if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
+        if self._tensorboard is not None:
+            for key, value in scalars.items():
+                self._tensorboard.add_scalar(key, value, step)
+            self._tensorboard.flush()
+        if self._wandb is not None:
+            self._wandb.log(scalars, step=step)
+
+    def close(self) -> None:
+        self._file.close()
+        if self._tensorboard is not None:
+            self._tensorboard.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+
+
+# ------------------------------------------------------------------------------------- thoughts
+def thought_samples(tokenizer, input_ids, thought_ids, positions: Iterable[int], ahead: int,
+                    context_tokens: int = 12) -> list[dict[str, Any]]:
+    """Readable thoughts of one sequence.
+
+    ``input_ids`` [L] is the text, ``thought_ids`` [L, k] the thought sampled after each position.
+    For each position i: the last ``context_tokens`` tokens up to x_i, the thought, and the
+    ``ahead`` true tokens the thought was trained to predict.
+    """
+    ids = input_ids.tolist()
+    samples = []
+    for i in positions:
+        context = tokenizer.decode(ids[max(0, i + 1 - context_tokens):i + 1])
+        samples.append({
+            "position": int(i),
+            "context": context,
+            "thought": tokenizer.decode(thought_ids[i].tolist()),
+            "next": tokenizer.decode(ids[i + 1:i + 1 + ahead]),
+        })
+    return samples
+
+
+def format_sample(sample: dict[str, Any]) -> str:
+    """``…context «thought» next`` on one line (newlines shown as ⏎)."""
+    def flat(text: str) -> str:
+        return text.replace("\n", "⏎")
+    return f"…{flat(sample['context'])} «{flat(sample['thought'])}» {flat(sample['next'])}"
+
+
+class SampleWriter:
+    """Appends sampled thoughts to ``samples.jsonl`` (one object per thought) and ``samples.md``."""
+
+    def __init__(self, output_dir: str | Path, resume_step: int | None = None):
+        output_dir = Path(output_dir)
+        self.jsonl, self.markdown = output_dir / SAMPLES_JSONL, output_dir / SAMPLES_MD
+        if resume_step is not None and self.jsonl.exists():
+            _truncate_after(self.jsonl, resume_step)
+            self._rewrite_markdown()
+        elif not self.markdown.exists():
+            self.markdown.write_text(self._header(), encoding="utf-8")
+
+    @staticmethod
+    def _header() -> str:
+        return ("# Thoughts sampled during training\n\n"
+                "Each line: the text up to a position, «the thought sampled there», and the true "
+                "next tokens it was trained to help predict.\n")
+
+    def _rewrite_markdown(self) -> None:
+        lines, step = [self._header()], None
+        for record in read_metrics(self.jsonl):
+            if record["step"] != step:
+                step = record["step"]
+                lines.append(f"\n## Step {step}\n\n")
+            lines.append(f"- `{format_sample(record)}`\n")
+        self.markdown.write_text("".join(lines), encoding="utf-8")
+
+    def write(self, step: int, samples: list[dict[str, Any]]) -> None:
+        with self.jsonl.open("a", encoding="utf-8") as f:
+            for sample in samples:
+                f.write(json.dumps({"step": step, **sample}) + "\n")
+        with self.markdown.open("a", encoding="utf-8") as f:
+            f.write(f"\n## Step {step}\n\n")
+            f.writelines(f"- `{format_sample(s)}`\n" for s in samples)
+
+
+# ------------------------------------------------------------------------------------- curves
+_PANELS = [  # (title, [(metric key, label)], log scale)
+    ("Next-token loss (NLL)", [("base_nll", "without thought"), ("mixed_nll_1", "with thought"),
+                               ("eval/nll_without_thought", "held-out, without"),
+                               ("eval/nll_with_thought", "held-out, with")], False),
+    ("Total loss", [("loss", "total (incl. policy term)")], False),
+    ("Thoughts", [("thought_gain", "thought gain (log-lik.)"), ("mean_reward", "mean reward")],
+     False),
+    ("Mixing weight / positive rewards", [("mean_mixing_weight", "mean mixing weight"),
+                                          ("positive_reward_fraction", "positive reward share")],
+     False),
+    ("Learning rate", [("lr", "lr")], False),
+    ("Gradient norm (before clipping)", [("grad_norm", "grad norm")], True),
+]
+
+
+def plot_training_curves(metrics_path: str | Path, png_path: str | Path) -> Path:
+    """Draws the curves of a metrics JSONL file into ``png_path`` (matplotlib, no display)."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display needed; must precede pyplot
+    import matplotlib.pyplot as plt
+
+    records = read_metrics(metrics_path)
+    fig, axes = plt.subplots(2, 3, figsize=(15, 8), constrained_layout=True)
+    for ax, (title, series, log_scale) in zip(axes.flat, _PANELS):
+        drawn = False
+        for key, label in series:
+            points = [(r["step"], r[key]) for r in records
+                      if isinstance(r.get(key), (int, float)) and not r.get("skipped")]
+            if not points:
+                continue
+            steps, values = zip(*points)
+            style = "o-" if key.startswith("eval/") else "-"
+            ax.plot(steps, values, style, label=label, markersize=4)
+            drawn = True
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        if drawn:
+            ax.legend(fontsize=8)
+            if log_scale:
+                ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+    png_path = Path(png_path)
+    fig.savefig(png_path, dpi=100)
+    plt.close(fig)
+    return png_path

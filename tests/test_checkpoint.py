@@ -1,0 +1,174 @@
+"""Checkpoints: atomic writes, exact resume after SIGKILL, a save on Ctrl-C."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_lm, make_tokenizer
+from safetensors.torch import load_file
+
+from quietstar import checkpoint
+from quietstar.metrics import read_metrics
+from quietstar.train import main as train_main
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread, and far faster when other work shares the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-llama")
+    make_lm("llama").save_pretrained(path)
+    make_tokenizer().save_pretrained(path)
+    return path
+
+
+def train_args(model_dir, out, *extra) -> list[str]:
+    return [sys.executable, "-m", "quietstar.cli", "train", "--model", str(model_dir),
+            "--output-dir", str(out), "--seq-len", "16", "--batch-size", "2",
+            "--micro-batch-size", "1", "--num-documents", "60", "--learning-rate", "1e-3",
+            "--warmup-steps", "2", "--eval-every", "0", "--sample-every", "0",
+            "--sampled-thought-tokens", "2", "--ahead-tokens", "2", *extra]
+
+
+def subprocess_env() -> dict[str, str]:
+    # One thread: bitwise-reproducible CPU math, and no fight over the two cores.
+    return {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def weights(checkpoint_dir: Path) -> dict[str, torch.Tensor]:
+    model = checkpoint_dir / "model"
+    return load_file(model / "model.safetensors") | load_file(model / "quietstar_head.safetensors")
+
+
+def wait_for_steps(out: Path, steps: int, process: subprocess.Popen, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while len(read_metrics(out / "metrics.jsonl")) < steps:
+        assert process.poll() is None, process.communicate()[1][-2000:]
+        assert time.monotonic() < deadline, "training made no progress"
+        time.sleep(0.01)
+
+
+def run_in_process(args: list[str]) -> None:
+    """The same command in this process (one thread, like the subprocesses)."""
+    assert train_main(args[4:]) == 0  # drop "python -m quietstar.cli train"
+
+
+def test_run_killed_with_sigkill_and_resumed_ends_bitwise_equal(tiny_model_dir, tmp_path):
+    steps = 12
+    run_in_process(train_args(tiny_model_dir, tmp_path / "whole", "--max-steps", str(steps),
+                              "--checkpoint-every", "2"))
+
+    kill_after = random.Random(os.getpid()).randint(3, 7)  # a "random" step, logged on failure
+    out = tmp_path / "killed"
+    process = subprocess.Popen(train_args(tiny_model_dir, out, "--max-steps", str(steps),
+                                          "--checkpoint-every", "2"),
+                               env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    wait_for_steps(out, kill_after, process)
+    process.kill()  # SIGKILL: no handler runs, nothing is flushed or saved
+    process.wait()
+    reached = len(read_metrics(out / "metrics.jsonl"))
+    assert reached < steps, f"the run finished before it could be killed (after {kill_after})"
+    latest = checkpoint.latest_checkpoint(out)
+    assert latest is not None and checkpoint.step_of(latest) <= reached
+
+    # The resumed run takes every setting from the checkpoint: only --resume is given.
+    resumed = subprocess.run([sys.executable, "-m", "quietstar.cli", "train", "--resume", str(out)],
+                             env=subprocess_env(), capture_output=True, text=True, timeout=120)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+
+    a = weights(tmp_path / "whole" / checkpoint.checkpoint_name(steps))
+    b = weights(out / checkpoint.checkpoint_name(steps))
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), f"{key} differs (killed after step {reached})"
+    # The metrics read as one run: each step once, with the uninterrupted run's numbers.
+    whole_records = read_metrics(tmp_path / "whole" / "metrics.jsonl")
+    records = read_metrics(out / "metrics.jsonl")
+    assert [r["step"] for r in records] == list(range(1, steps + 1))
+    for x, y in zip(whole_records, records):
+        assert (x["loss"], x["base_nll"], x["grad_norm"]) == (y["loss"], y["base_nll"], y["grad_norm"])
+
+
+def test_ctrl_c_saves_a_checkpoint_then_exits(tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    process = subprocess.Popen(train_args(tiny_model_dir, out, "--max-steps", "100000",
+                                          "--checkpoint-every", "100000"),
+                               env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    wait_for_steps(out, 2, process)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130, stderr[-3000:]
+    done = len(read_metrics(out / "metrics.jsonl"))
+    saved = checkpoint.latest_checkpoint(out)
+    assert saved is not None and checkpoint.step_of(saved) == done
+    assert checkpoint.load_training_state(saved)["step"] == done
+    assert "Interrupted at step" in stderr and f"--resume {out}" in stderr
+    assert "Traceback" not in stderr
+
+
+def test_crash_mid_write_leaves_the_previous_checkpoint(tmp_path):
+    def save(step: int, fail: bool = False) -> None:
+        folder = checkpoint.begin(tmp_path, step)
+        (folder / "model").mkdir()
+        (folder / "model" / "weights.bin").write_bytes(b"w" * 100)
+        if fail:
+            raise OSError("disk full")
+        checkpoint.save_training_state(folder, {"step": step})
+        checkpoint.commit(tmp_path, step, keep=2)
+
+    save(1)
+    save(2)
+    with pytest.raises(OSError, match="disk full"):
+        save(3, fail=True)
+    # The half-written folder is hidden, the finished ones are untouched.
+    assert [p.name for p in checkpoint.list_checkpoints(tmp_path)] == ["checkpoint-000001",
+                                                                       "checkpoint-000002"]
+    assert checkpoint.load_training_state(checkpoint.latest_checkpoint(tmp_path))["step"] == 2
+    assert (tmp_path / ".tmp-checkpoint-000003").exists()
+    checkpoint.remove_partial(tmp_path)
+    assert not (tmp_path / ".tmp-checkpoint-000003").exists()
+    save(3)
+    save(4)  # keep=2: the oldest go
+    assert [checkpoint.step_of(p) for p in checkpoint.list_checkpoints(tmp_path)] == [3, 4]
+    save(4)  # rewriting a step replaces it whole
+    assert [checkpoint.step_of(p) for p in checkpoint.list_checkpoints(tmp_path)] == [3, 4]
+
+
+def test_resume_argument_forms(tmp_path):
+    for step in (2, 10):
+        checkpoint.begin(tmp_path, step)
+        checkpoint.commit(tmp_path, step, keep=5)
+    latest = tmp_path / "checkpoint-000010"
+    assert checkpoint.resolve_resume("latest", tmp_path) == latest
+    assert checkpoint.resolve_resume(str(tmp_path), None) == latest
+    assert checkpoint.resolve_resume(str(tmp_path / "checkpoint-000002"), None) == \
+        tmp_path / "checkpoint-000002"
+    with pytest.raises(checkpoint.CheckpointError, match="needs --output-dir"):
+        checkpoint.resolve_resume("latest", None)
+
+
+def test_rng_states_round_trip_through_a_saved_training_state(tmp_path):
+    import numpy as np
+
+    checkpoint.save_training_state(tmp_path, {"rng": checkpoint.capture_rng()})
+    expected = (random.random(), np.random.rand(), torch.rand(1).item())
+    random.random(), np.random.rand(), torch.rand(3)  # move them on
+    checkpoint.restore_rng(checkpoint.load_training_state(tmp_path)["rng"])
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
