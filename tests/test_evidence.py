@@ -1,0 +1,119 @@
+"""The evidence experiment (experiments/evidence.py) end to end on a tiny random model."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_lm, make_tokenizer
+
+from quietstar.evaluation import load_items
+from quietstar.metrics import read_metrics
+from quietstar.train import TrainConfig, build_model
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def _load_module():
+    spec = importlib.util.spec_from_file_location("evidence", ROOT / "experiments" / "evidence.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+evidence = _load_module()
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-llama")
+    make_lm("llama").save_pretrained(path)
+    make_tokenizer().save_pretrained(path)
+    return path
+
+
+def test_pipeline_runs_all_arms_on_the_same_batches(tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    argv = ["--out", str(out), "--model", str(tiny_model_dir), "--data", "builtin:arithmetic",
+            "--num-documents", "40", "--heldout-documents", "4",
+            "--gsm8k-questions", str(FIXTURES / "gsm8k_tiny.jsonl"), "--question-limit", "2",
+            "--steps", "3", "--batch-size", "2", "--seq-len", "16", "--lr", "1e-3",
+            "--warmup-steps", "0", "--thought-tokens", "2", "--ahead-tokens", "2",
+            "--eval-max-length", "24"]
+    result = evidence.main(argv)
+
+    for name in ("results.md", "results.json", "curves.png", "difficulty.png", "nll_base.npz",
+                 "nll_control.npz", "nll_quietstar.npz"):
+        assert (out / name).is_file(), name
+    assert json.loads((out / "results.json").read_text())["n_tokens"] == result["n_tokens"]
+    assert "python experiments/evidence.py --out" in (out / "results.md").read_text()
+    hardest = result["nll"]["hardest"]["base"]["n"]
+    assert hardest == int(np.ceil(0.1 * result["n_tokens"]))
+    assert set(result["direct"]) == {"gsm8k"}
+
+    # Same data order: both arms' first step sees the same batch at the same (initial) weights,
+    # so the control's first loss is Quiet-STaR's first base NLL.
+    control = read_metrics(out / "control" / "metrics.jsonl")
+    quietstar = [r for r in read_metrics(out / "quietstar" / "metrics.jsonl") if "loss" in r]
+    assert len(control) == len(quietstar) == 3
+    assert control[0]["loss"] == pytest.approx(quietstar[0]["base_nll"], rel=1e-5)
+    assert [r["lr"] for r in control] == pytest.approx([r["lr"] for r in quietstar])
+
+    # The untrained arm is the base LM itself: its token NLLs match a plain HF forward.
+    base = np.load(out / "nll_base.npz")
+    model = build_model(TrainConfig(model=str(tiny_model_dir))).eval()
+    text = evidence.load_texts("builtin:arithmetic", num_documents=40)[0]
+    ids = torch.tensor([model.tokenizer(text).input_ids[:24]])
+    with torch.no_grad():
+        logits = model.lm(input_ids=ids).logits[0, :-1]
+    logits[:, [model.start_id, model.end_id]] = float("-inf")  # the model never predicts them
+    reference = torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="none").numpy()
+    np.testing.assert_allclose(base["nll_without"][:23], reference, rtol=1e-4, atol=1e-5)
+
+    # --reuse keeps finished arms: nothing is retrained, the numbers are the same.
+    again = evidence.main(argv + ["--reuse"])
+    assert again["difference"] == result["difference"]
+
+
+def test_plain_nll_is_the_language_model_loss_without_meta_tokens(tiny_model_dir):
+    model = build_model(TrainConfig(model=str(tiny_model_dir))).eval()
+    ids = torch.randint(2, 300, (2, 12), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        ours = evidence.plain_nll(model, ids, mask, ids)
+        logits = model.lm(input_ids=ids, attention_mask=mask).logits[:, :-1]
+    logits[..., [model.start_id, model.end_id]] = float("-inf")  # the model never predicts them
+    reference = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:])
+    assert ours.item() == pytest.approx(reference.item(), rel=1e-5)
+
+
+def test_hardest_tokens_are_ranked_by_the_untrained_model():
+    # 20 tokens in 4 documents; the base NLL ranks tokens 18 and 19 hardest (top 10%).
+    base = np.arange(20, dtype=float)
+    document = np.repeat(np.arange(4), 5)
+    with_thoughts = base - 1.0
+    with_thoughts[18:] -= 2.0  # thinking helps by 3 nats on the hardest tokens, 1 elsewhere
+    arms = {"base": {"nll_without": base, "document": document},
+            "control": {"nll_without": base - 0.5, "document": document},
+            "quietstar": {"nll_with": with_thoughts, "nll_without": base, "document": document}}
+    result = evidence.compare(arms, seed=0)
+    hard = result["difference"]["hardest"]
+    assert result["hardest_min_base_nll"] == 18.0
+    assert hard["quietstar_with - control"]["mean"] == pytest.approx(-2.5)
+    assert hard["quietstar_with - quietstar_without"]["mean"] == pytest.approx(-3.0)
+    everything = result["difference"]["all"]["quietstar_with - quietstar_without"]["mean"]
+    assert everything == pytest.approx(-(18 * 1 + 2 * 3) / 20)
+    assert evidence.verdict(hard["quietstar_with - quietstar_without"]) == "thinking better (CI < 0)"
+
+
+def test_questions_inside_the_training_text_are_refused():
+    items = {"gsm8k": load_items("gsm8k", str(FIXTURES / "gsm8k_tiny.jsonl"))}
+    training = [f"Question: {items['gsm8k'][1].question}\nAnswer: 42"]
+    with pytest.raises(ValueError, match="appears in the training data"):
+        evidence.check_disjoint(training, ["an unrelated held-out text"], items)
+    evidence.check_disjoint(["other text"], ["an unrelated held-out text"], items)  # fine
