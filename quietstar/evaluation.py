@@ -26,7 +26,6 @@ import argparse
 import json
 import math
 import re
-import sys
 import warnings
 from dataclasses import dataclass
 from functools import lru_cache

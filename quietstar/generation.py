@@ -25,7 +25,7 @@ from transformers import DynamicCache
 
 from .models import load_quietstar_model
 from .rollout import text_positions
-from .sampling import filter_logits, sample  # noqa: F401  (filter_logits is part of this module's API)
+from .sampling import sample
 
 
 @dataclass

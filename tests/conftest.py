@@ -93,6 +93,15 @@ def random_text(batch: int, length: int, seed: int = 0, vocab: int = 300) -> tor
     return torch.randint(2, vocab, (batch, length), generator=g)
 
 
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny Llama and tokenizer saved like a Hugging Face checkpoint (read-only for tests)."""
+    path = tmp_path_factory.mktemp("tiny-llama")
+    make_lm("llama").save_pretrained(path)
+    make_tokenizer().save_pretrained(path)
+    return path
+
+
 @pytest.fixture
 def tokenizer():
     return make_tokenizer()

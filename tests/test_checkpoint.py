@@ -12,29 +12,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_lm, make_tokenizer
 from safetensors.torch import load_file
 
 from quietstar import checkpoint
 from quietstar.metrics import read_metrics
 from quietstar.train import main as train_main
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread, and far faster when other work shares the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-llama")
-    make_lm("llama").save_pretrained(path)
-    make_tokenizer().save_pretrained(path)
-    return path
 
 
 def train_args(model_dir, out, *extra) -> list[str]:

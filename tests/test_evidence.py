@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import make_lm, make_tokenizer
 
 from quietstar.evaluation import load_items
 from quietstar.metrics import read_metrics
@@ -27,14 +26,6 @@ def _load_module():
 
 
 evidence = _load_module()
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-llama")
-    make_lm("llama").save_pretrained(path)
-    make_tokenizer().save_pretrained(path)
-    return path
 
 
 def test_pipeline_runs_all_arms_on_the_same_batches(tiny_model_dir, tmp_path):

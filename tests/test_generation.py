@@ -12,7 +12,8 @@ from conftest import make_model, random_text
 from torch import nn
 
 from quietstar import cli
-from quietstar.generation import filter_logits, generate, sample
+from quietstar.generation import generate
+from quietstar.sampling import filter_logits, sample
 
 K = 3  # thought length of the tiny models (make_model's default)
 

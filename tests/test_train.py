@@ -30,24 +30,6 @@ from quietstar.train import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread, and far faster when other work shares the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    """A tiny Llama and tokenizer saved like a Hugging Face checkpoint."""
-    path = tmp_path_factory.mktemp("tiny-llama")
-    make_lm("llama").save_pretrained(path)
-    make_tokenizer().save_pretrained(path)
-    return path
-
-
 @pytest.fixture(autouse=True)
 def no_plots(request, monkeypatch):
     """Drawing the curves takes seconds; only the test that checks the PNG draws them."""
