@@ -210,6 +210,23 @@ class _CausalTextAttention(torch.autograd.Function):
         return dq, dk, dv, None, None
 
 
+def _own_thought_scores(q6, key, value, layout: ThoughtLayout, scale: float):
+    """Scores of each query against its own position's thought keys, [B, Hkv, G, Qp, L, P], and
+    those keys' values [B, Hkv, P, L, D], in float32 at least (the part is small: L x P).
+
+    Masked entries get the dtype's minimum, not -inf, so rows with no own key (text queries) keep
+    a finite, differentiable log-sum-exp.
+    """
+    B, Hkv, _, _, L, D = q6.shape
+    P = key.shape[2] // L - 1
+    work = torch.promote_types(q6.dtype, torch.float32)
+    k_own = key[:, :, L:].reshape(B, Hkv, P, L, D).to(work)
+    v_own = value[:, :, L:].reshape(B, Hkv, P, L, D).to(work)
+    s_own = torch.einsum("bkgqld,bkpld->bkgqlp", q6.to(work), k_own) * scale
+    # s_own.dtype, not work: under autocast the einsum itself runs (and returns) in bf16.
+    return s_own.masked_fill(~layout.thought_mask(P, None), torch.finfo(s_own.dtype).min), v_own
+
+
 def _fused_thought_attention(query, key, value, layout: ThoughtLayout, scale: float):
     """The same pattern as the general path: the text part with a fused causal kernel (query
     passes folded into the head dimension, GQA without key copies), merged with the small
@@ -227,15 +244,10 @@ def _fused_thought_attention(query, key, value, layout: ThoughtLayout, scale: fl
     out_text = out_text.view(B, H, Qp, L, D)
     if P == 0:
         return out_text.reshape(B, H, Q, D).transpose(1, 2).contiguous(), None
-    G = H // Hkv
     # The merge runs in float32 at least: the kernel's log-sum-exp is float32 even for bfloat16.
+    s_own, v_own = _own_thought_scores(q.view(B, Hkv, H // Hkv, Qp, L, D), key, value, layout, scale)
     work = torch.promote_types(query.dtype, torch.float32)
-    q6 = q.view(B, Hkv, G, Qp, L, D).to(work)
-    k_own = key[:, :, L:].view(B, Hkv, P, L, D).to(work)
-    v_own = value[:, :, L:].view(B, Hkv, P, L, D).to(work)
-    s_own = torch.einsum("bkgqld,bkpld->bkgqlp", q6, k_own) * scale
-    # A finite fill keeps the log-sum-exp of fully masked rows (text queries) differentiable.
-    s_own = s_own.masked_fill(~layout.thought_mask(P, None), torch.finfo(s_own.dtype).min)
+    G = H // Hkv
     lse_text = lse_text.view(B, Hkv, G, Qp, L).to(work)
     lse_all = torch.logaddexp(lse_text, torch.logsumexp(s_own, -1))
     text_share = torch.exp(lse_text - lse_all).unsqueeze(-1)
@@ -269,12 +281,8 @@ def _sdpa_thought_attention(query, key, value, layout: ThoughtLayout, scale: flo
     k_text, v_text = key[:, :, :L], value[:, :, :L]
 
     if P > 0:  # the own-thought part, small: [.., L, P] scores, in float32 at least
+        s_own, v_own = _own_thought_scores(q, key, value, layout, scale)
         own_dtype = torch.promote_types(query.dtype, torch.float32)
-        k_own = key[:, :, L:].reshape(B, Hkv, P, L, D).to(own_dtype)
-        v_own = value[:, :, L:].reshape(B, Hkv, P, L, D).to(own_dtype)
-        s_own = torch.einsum("bkgqld,bkpld->bkgqlp", q.to(own_dtype), k_own) * scale
-        # A finite fill keeps the log-sum-exp of rows without own keys (text queries) finite.
-        s_own = s_own.masked_fill(~layout.thought_mask(P, None), torch.finfo(s_own.dtype).min)
         # Rows without own keys get score -1000 for k*: weight exp(-1000) = 0, finite in fp16.
         lse_own = torch.logsumexp(s_own, -1).clamp(min=-1000.0)
         own_out = torch.einsum("bkgqlp,bkpld->bkgqld", torch.softmax(s_own, -1), v_own)
