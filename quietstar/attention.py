@@ -11,6 +11,10 @@ and nothing else: never another position's thought. We score the two parts separ
 normalise them with one joint softmax, so attention costs O(L^2 + L*P) per pass and no
 L x (L*P) mask or per-position copy of the text keys is ever built.
 
+A rollout may run its passes in one call (the whole grid) or over several calls (one pass per
+sampled thought token): the layout's ``key_store`` then keeps each layer's keys/values of the
+earlier calls, one block per pass, and nothing is ever concatenated.
+
 Ordinary calls (no ``thought_layout`` keyword) fall through to standard SDPA attention with the
 usual masks, so the wrapped model still behaves as the plain base model outside thought mode.
 """
@@ -36,12 +40,63 @@ _HANDLED_KWARGS = {
 }
 
 
+class PassKeys:
+    """One attention layer's keys and values of a rollout, one [B, Hkv, L, D] block per pass.
+
+    The text's block is kept contiguous (the fused kernels want it so). The thought passes' blocks
+    are kept for autograd and also copied, once each, into a growing [B, Hkv, L, capacity, D]
+    buffer outside autograd, so the own-thought products read them batched without re-stacking
+    P blocks per call (O(P^2) copies over a rollout). Slots are written once and never change.
+    """
+
+    def __init__(self):
+        self.passes = 0
+        self.text_key = self.text_value = None
+        self.own_keys: list[torch.Tensor] = []
+        self.own_values: list[torch.Tensor] = []
+        self._buffers = None  # (keys, values), each [B, Hkv, L, capacity, D]
+
+    def add(self, key_blocks, value_blocks) -> None:
+        key_blocks, value_blocks = list(key_blocks), list(value_blocks)
+        if self.passes == 0:
+            self.text_key, self.text_value = key_blocks.pop(0).contiguous(), value_blocks.pop(0).contiguous()
+            self.passes = 1
+        if not key_blocks:
+            return
+        n = len(self.own_keys)
+        need = n + len(key_blocks)
+        if self._buffers is None or self._buffers[0].shape[3] < need:
+            shape = list(key_blocks[0].shape)
+            shape.insert(3, max(need, 2 * n, 4))
+            with torch.no_grad():
+                grown = tuple(torch.empty(shape, dtype=b.dtype, device=b.device)
+                              for b in (key_blocks[0], value_blocks[0]))
+                if n:
+                    for new, old in zip(grown, self._buffers):
+                        new[:, :, :, :n] = old[:, :, :, :n]
+            self._buffers = grown
+        with torch.no_grad():
+            for i, (k, v) in enumerate(zip(key_blocks, value_blocks)):
+                self._buffers[0][:, :, :, n + i] = k
+                self._buffers[1][:, :, :, n + i] = v
+        self.own_keys += key_blocks
+        self.own_values += value_blocks
+        self.passes += len(key_blocks)
+
+    def own_buffers(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The thought passes' keys and values so far, [B, Hkv, L, P, D] each (no autograd)."""
+        n = len(self.own_keys)
+        return self._buffers[0][:, :, :, :n], self._buffers[1][:, :, :, :n]
+
+
 @dataclass
 class ThoughtLayout:
-    """Tells the attention function how a thought-mode forward is laid out.
+    """Tells the attention function how a thought-mode call is laid out.
 
-    The key sequence is always ``[text (L) | thought pass 1 (L) | ... | thought pass P (L)]``;
-    the query sequence is one block of L tokens per entry of ``query_passes`` (0 = the text).
+    A call's queries (and its keys/values) are one block of L tokens per entry of
+    ``query_passes``: consecutive passes, 0 = the text. With a ``key_store`` the blocks of earlier
+    calls of the same rollout are kept there (per attention module, a list of key blocks and a list
+    of value blocks indexed by pass), so a call may start at any pass; without one it starts at 0.
     """
 
     text_len: int
@@ -49,6 +104,20 @@ class ThoughtLayout:
     text_key_valid: torch.Tensor  # [B, L] bool: False for padding
     text_positions: torch.Tensor  # [B, L] long: position id of each text token
     has_padding: bool = True      # False lets the text part use a plain causal kernel
+    key_store: dict | None = None
+
+    def pass_keys(self, module, key: torch.Tensor, value: torch.Tensor) -> "PassKeys":
+        """Adds this call's key/value blocks to the module's ``PassKeys`` and returns it."""
+        L, Qp = self.text_len, len(self.query_passes)
+        if key.shape[2] != Qp * L:
+            raise RuntimeError(f"thought layout mismatch: {key.shape[2]} keys for L={L} and query "
+                               f"passes {self.query_passes}")
+        store = PassKeys() if self.key_store is None else self.key_store.setdefault(module, PassKeys())
+        if self.query_passes != tuple(range(store.passes, store.passes + Qp)):
+            raise RuntimeError(f"thought passes {self.query_passes} do not continue the "
+                               f"{store.passes} passes already stored")
+        store.add(key.split(L, 2), value.split(L, 2))
+        return store
 
     def additive_text_mask(self, dtype: torch.dtype) -> torch.Tensor:
         """[B, 1, L, L] additive mask of the text part, for padded batches without a window."""
@@ -108,37 +177,116 @@ def thought_attention(
     if query.dtype != value.dtype or key.dtype != value.dtype:
         # Under autocast RoPE leaves q/k in float32 while v comes out of its projection in bf16.
         query, key = query.to(value.dtype), key.to(value.dtype)
-    Q, D = query.shape[2], query.shape[3]
-    L = layout.text_len
-    Qp = len(layout.query_passes)
-    P = key.shape[2] // L - 1
-    if Q != Qp * L or key.shape[2] != (P + 1) * L:
-        raise RuntimeError(f"thought layout mismatch: {Q} queries and {key.shape[2]} keys for "
-                           f"L={L} and query passes {layout.query_passes}")
-    scale = scaling if scaling is not None else D ** -0.5
-    window_binds = sliding_window is not None and sliding_window <= L + max(layout.query_passes)
+    if query.shape[2] != key.shape[2]:
+        raise RuntimeError(f"thought layout mismatch: {query.shape[2]} queries and {key.shape[2]} "
+                           "keys; a thought-mode call brings the keys of its own queries")
+    keys = layout.pass_keys(module, key, value)
+    scale = scaling if scaling is not None else query.shape[3] ** -0.5
+    window_binds = sliding_window is not None and sliding_window <= layout.text_len + max(layout.query_passes)
     if (query.device.type == "cpu" and softcap is None and dropout == 0 and not window_binds
             and query.dtype in (torch.float32, torch.float64, torch.bfloat16)):
-        return _fused_thought_attention(query, key, value, layout, scale)
+        return _fused_thought_attention(query, keys, layout, scale)
     if query.device.type != "cpu" and softcap is None and dropout == 0 and not window_binds:
-        return _sdpa_thought_attention(query, key, value, layout, scale)
+        return _sdpa_thought_attention(query, keys, layout, scale)
+    return _general_thought_attention(query, keys, layout, scale, softcap, sliding_window, dropout)
 
-    return _general_thought_attention(query, key, value, layout, scale, softcap, sliding_window, dropout)
+
+# The own-thought part: per query, P dot products and a P-term value sum, done as batched
+# [G*Qp, D] x [D, P] products per (batch, kv head, position) on PassKeys' buffers. The buffers sit
+# outside autograd, so these functions take the pass blocks too, only to return their gradients,
+# and keep the buffer on ctx rather than saving it: later calls write other (never these) slots.
+def _no_autocast(fn):
+    """Runs ``fn`` with autocast off: these products run in their inputs' dtype (float32 at
+    least, chosen by the caller), and forward and backward must agree on it."""
+    def wrapper(ctx, x, *args):
+        with torch.autocast(x.device.type, enabled=False):
+            return fn(ctx, x, *args)
+    return wrapper
 
 
-def _general_thought_attention(query, key, value, layout: ThoughtLayout, scale: float, softcap=None,
-                               sliding_window=None, dropout: float = 0.0):
+def _to_rows(x: torch.Tensor) -> torch.Tensor:
+    """[B, Hkv, G, Qp, L, X] -> [B, Hkv, L, G*Qp, X]: one small matrix per (batch, head, position)."""
+    B, Hkv, G, Qp, L, X = x.shape
+    return x.permute(0, 1, 4, 2, 3, 5).reshape(B, Hkv, L, G * Qp, X)
+
+
+def _from_rows(x: torch.Tensor, G: int, Qp: int) -> torch.Tensor:
+    B, Hkv, L, _, X = x.shape
+    return x.view(B, Hkv, L, G, Qp, X).permute(0, 1, 3, 4, 2, 5)
+
+
+class _OwnScores(torch.autograd.Function):
+    """Dot products [B, Hkv, G, Qp, L, P] of queries [B, Hkv, G, Qp, L, D] with their own
+    position's key of each pass, from a key buffer [B, Hkv, L, P, D] holding the P blocks."""
+
+    @staticmethod
+    @_no_autocast
+    def forward(ctx, q6, buffer, *blocks):
+        ctx.save_for_backward(q6)
+        ctx.buffer, ctx.block_dtype = buffer, blocks[0].dtype
+        G, Qp = q6.shape[2:4]
+        return _from_rows(torch.matmul(_to_rows(q6), buffer.to(q6.dtype).transpose(-1, -2)), G, Qp)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    @_no_autocast
+    def backward(ctx, grad):
+        (q6,) = ctx.saved_tensors
+        G, Qp = q6.shape[2:4]
+        grad = _to_rows(grad.to(q6.dtype))  # [.., G*Qp, P]
+        dq = _from_rows(torch.matmul(grad, ctx.buffer.to(q6.dtype)), G, Qp)
+        dk = torch.matmul(grad.transpose(-1, -2), _to_rows(q6)).to(ctx.block_dtype)  # [.., P, D]
+        return (dq, None, *dk.unbind(3))
+
+
+class _OwnValues(torch.autograd.Function):
+    """sum over passes p of probs[..., p] * value_p: [B, Hkv, G, Qp, L, D] for probabilities
+    [B, Hkv, G, Qp, L, P] and a value buffer [B, Hkv, L, P, D] holding the P blocks."""
+
+    @staticmethod
+    @_no_autocast
+    def forward(ctx, probs, buffer, *blocks):
+        ctx.save_for_backward(probs)
+        ctx.buffer, ctx.block_dtype = buffer, blocks[0].dtype
+        G, Qp = probs.shape[2:4]
+        return _from_rows(torch.matmul(_to_rows(probs), buffer.to(probs.dtype)), G, Qp)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    @_no_autocast
+    def backward(ctx, grad):
+        (probs,) = ctx.saved_tensors
+        G, Qp = probs.shape[2:4]
+        grad = _to_rows(grad.to(probs.dtype))  # [.., G*Qp, D]
+        dp = _from_rows(torch.matmul(grad, ctx.buffer.to(probs.dtype).transpose(-1, -2)), G, Qp)
+        dv = torch.matmul(_to_rows(probs).transpose(-1, -2), grad).to(ctx.block_dtype)  # [.., P, D]
+        return (dp, None, *dv.unbind(3))
+
+
+def _own_scores(q6: torch.Tensor, keys: PassKeys, scale: float, dtype: torch.dtype):
+    """Scores of queries q6 [B, Hkv, G, Qp, L, D] against their own position's key of every
+    thought pass so far: [B, Hkv, G, Qp, L, P], unmasked, in ``dtype``."""
+    return _OwnScores.apply(q6.to(dtype), keys.own_buffers()[0], *keys.own_keys) * scale
+
+
+def _own_values(probs: torch.Tensor, keys: PassKeys) -> torch.Tensor:
+    """sum over passes p of probs[..., p] * value_p: [B, Hkv, G, Qp, L, D] in probs' dtype."""
+    return _OwnValues.apply(probs, keys.own_buffers()[1], *keys.own_values)
+
+
+def _general_thought_attention(query, keys: PassKeys, layout: ThoughtLayout, scale: float,
+                               softcap=None, sliding_window=None, dropout: float = 0.0):
     """The pattern in plain tensor ops: any device and dtype, softcapping, binding windows, dropout."""
     B, H, Q, D = query.shape
-    Hkv = key.shape[1]
+    text_k, text_v = keys.text_key, keys.text_value
+    Hkv = text_k.shape[1]
     G = H // Hkv
     L = layout.text_len
     Qp = len(layout.query_passes)
-    P = key.shape[2] // L - 1
+    P = len(keys.own_keys)
     # Group query heads by their key/value head (GQA) instead of copying keys to every head.
     q = query.view(B, Hkv, G, Qp, L, D)
-    k_text, v_text = key[:, :, :L], value[:, :, :L]
-    s_text = torch.matmul(q.reshape(B, Hkv, G * Qp * L, D), k_text.transpose(-1, -2))
+    s_text = torch.matmul(q.reshape(B, Hkv, G * Qp * L, D), text_k.transpose(-1, -2))
     s_text = s_text.view(B, Hkv, G, Qp, L, L) * scale
     if softcap is not None:
         s_text = torch.tanh(s_text / softcap) * softcap
@@ -146,9 +294,7 @@ def _general_thought_attention(query, key, value, layout: ThoughtLayout, scale: 
     row_max = s_text.amax(-1)
 
     if P > 0:
-        k_own = key[:, :, L:].view(B, Hkv, P, L, D)
-        v_own = value[:, :, L:].view(B, Hkv, P, L, D)
-        s_own = torch.einsum("bkgqld,bkpld->bkgqlp", q, k_own) * scale
+        s_own = _own_scores(q, keys, scale, query.dtype)
         if softcap is not None:
             s_own = torch.tanh(s_own / softcap) * softcap
         s_own = s_own.masked_fill(~layout.thought_mask(P, sliding_window), float("-inf"))
@@ -164,12 +310,12 @@ def _general_thought_attention(query, key, value, layout: ThoughtLayout, scale: 
     p_text = e_text / norm
     if dropout > 0:
         p_text = F.dropout(p_text, p=dropout, training=True)
-    out = torch.matmul(p_text.view(B, Hkv, G * Qp * L, L), v_text).view(B, Hkv, G, Qp, L, D)
+    out = torch.matmul(p_text.view(B, Hkv, G * Qp * L, L), text_v).view(B, Hkv, G, Qp, L, D)
     if P > 0:
         p_own = e_own / norm
         if dropout > 0:
             p_own = F.dropout(p_own, p=dropout, training=True)
-        out = out + torch.einsum("bkgqlp,bkpld->bkgqld", p_own, v_own)
+        out = out + _own_values(p_own, keys)
     # (B, Hkv, G, Qp, L, D) -> (B, Qp*L, H, D), the layout models expect back.
     out = out.reshape(B, H, Q, D).transpose(1, 2).contiguous()
     return out, None
@@ -210,54 +356,41 @@ class _CausalTextAttention(torch.autograd.Function):
         return dq, dk, dv, None, None
 
 
-def _own_thought_scores(q6, key, value, layout: ThoughtLayout, scale: float):
-    """Scores of each query against its own position's thought keys, [B, Hkv, G, Qp, L, P], and
-    those keys' values [B, Hkv, P, L, D], in float32 at least (the part is small: L x P).
-
+def _masked_own_scores(q6, keys: PassKeys, layout: ThoughtLayout, scale: float):
+    """Own-thought scores [B, Hkv, G, Qp, L, P] in float32 at least (the part is small: L x P).
     Masked entries get the dtype's minimum, not -inf, so rows with no own key (text queries) keep
-    a finite, differentiable log-sum-exp.
-    """
-    B, Hkv, _, _, L, D = q6.shape
-    P = key.shape[2] // L - 1
-    work = torch.promote_types(q6.dtype, torch.float32)
-    k_own = key[:, :, L:].reshape(B, Hkv, P, L, D).to(work)
-    v_own = value[:, :, L:].reshape(B, Hkv, P, L, D).to(work)
-    s_own = torch.einsum("bkgqld,bkpld->bkgqlp", q6.to(work), k_own) * scale
-    # s_own.dtype, not work: under autocast the einsum itself runs (and returns) in bf16.
-    return s_own.masked_fill(~layout.thought_mask(P, None), torch.finfo(s_own.dtype).min), v_own
+    a finite, differentiable log-sum-exp."""
+    s_own = _own_scores(q6, keys, scale, torch.promote_types(q6.dtype, torch.float32))
+    return s_own.masked_fill(~layout.thought_mask(len(keys.own_keys), None), torch.finfo(s_own.dtype).min)
 
 
-def _fused_thought_attention(query, key, value, layout: ThoughtLayout, scale: float):
+def _fused_thought_attention(query, keys: PassKeys, layout: ThoughtLayout, scale: float):
     """The same pattern as the general path: the text part with a fused causal kernel (query
     passes folded into the head dimension, GQA without key copies), merged with the small
     own-thought part through the log-sum-exp."""
     B, H, Q, D = query.shape
-    Hkv = key.shape[1]
+    Hkv = keys.text_key.shape[1]
+    G = H // Hkv
     L = layout.text_len
     Qp = len(layout.query_passes)
-    P = key.shape[2] // L - 1
     # Heads ordered (kv head, group, pass): head h reads kv head h // (G * Qp), as the kernel's GQA.
     q = query.reshape(B, H, Qp, L, D).reshape(B, H * Qp, L, D)
     mask = layout.additive_text_mask(query.dtype) if layout.has_padding else None
-    out_text, lse_text = _CausalTextAttention.apply(
-        q, key[:, :, :L].contiguous(), value[:, :, :L].contiguous(), mask, scale)
-    out_text = out_text.view(B, H, Qp, L, D)
-    if P == 0:
-        return out_text.reshape(B, H, Q, D).transpose(1, 2).contiguous(), None
+    out_text, lse_text = _CausalTextAttention.apply(q, keys.text_key, keys.text_value, mask, scale)
+    if not keys.own_keys:
+        return out_text.view(B, H, Q, D).transpose(1, 2).contiguous(), None
     # The merge runs in float32 at least: the kernel's log-sum-exp is float32 even for bfloat16.
-    s_own, v_own = _own_thought_scores(q.view(B, Hkv, H // Hkv, Qp, L, D), key, value, layout, scale)
-    work = torch.promote_types(query.dtype, torch.float32)
-    G = H // Hkv
-    lse_text = lse_text.view(B, Hkv, G, Qp, L).to(work)
+    s_own = _masked_own_scores(q.view(B, Hkv, G, Qp, L, D), keys, layout, scale)
+    lse_text = lse_text.view(B, Hkv, G, Qp, L).to(s_own.dtype)
     lse_all = torch.logaddexp(lse_text, torch.logsumexp(s_own, -1))
     text_share = torch.exp(lse_text - lse_all).unsqueeze(-1)
     p_own = torch.exp(s_own - lse_all.unsqueeze(-1))
-    out = (text_share * out_text.view(B, Hkv, G, Qp, L, D).to(work)
-           + torch.einsum("bkgqlp,bkpld->bkgqld", p_own, v_own)).to(query.dtype)
+    out = (text_share * out_text.view(B, Hkv, G, Qp, L, D).to(s_own.dtype)
+           + _own_values(p_own, keys)).to(query.dtype)
     return out.reshape(B, H, Q, D).transpose(1, 2).contiguous(), None
 
 
-def _sdpa_thought_attention(query, key, value, layout: ThoughtLayout, scale: float):
+def _sdpa_thought_attention(query, keys: PassKeys, layout: ThoughtLayout, scale: float):
     """The same pattern in one call of torch's ``scaled_dot_product_attention``, whose fused GPU
     kernels keep memory linear in L (the general path holds L x L scores per pass and head).
 
@@ -271,21 +404,19 @@ def _sdpa_thought_attention(query, key, value, layout: ThoughtLayout, scale: flo
     k* and text keys 0..i). Exact, gradients included, under any SDPA backend.
     """
     B, H, Q, D = query.shape
-    Hkv = key.shape[1]
+    text_k, text_v = keys.text_key, keys.text_value
+    Hkv = text_k.shape[1]
     G = H // Hkv
     L = layout.text_len
     Qp = len(layout.query_passes)
-    P = key.shape[2] // L - 1
     width = -(-(D + 1) // 8) * 8  # D + 1 features, padded to a multiple of 8 for fused kernels
     q = query.reshape(B, Hkv, G, Qp, L, D)
-    k_text, v_text = key[:, :, :L], value[:, :, :L]
 
-    if P > 0:  # the own-thought part, small: [.., L, P] scores, in float32 at least
-        s_own, v_own = _own_thought_scores(q, key, value, layout, scale)
-        own_dtype = torch.promote_types(query.dtype, torch.float32)
+    if keys.own_keys:  # the own-thought part, small: [.., L, P] scores, in float32 at least
+        s_own = _masked_own_scores(q, keys, layout, scale)
         # Rows without own keys get score -1000 for k*: weight exp(-1000) = 0, finite in fp16.
         lse_own = torch.logsumexp(s_own, -1).clamp(min=-1000.0)
-        own_out = torch.einsum("bkgqlp,bkpld->bkgqld", torch.softmax(s_own, -1), v_own)
+        own_out = _own_values(torch.softmax(s_own, -1), keys)
         extra = (lse_own / scale).to(query.dtype).unsqueeze(-1)
     else:
         extra = query.new_full((B, Hkv, G, Qp, L, 1), -1000.0 / scale)
@@ -294,8 +425,8 @@ def _sdpa_thought_attention(query, key, value, layout: ThoughtLayout, scale: flo
     qx = F.pad(torch.cat([q, extra], -1), (0, width - D - 1, 1, 0)).reshape(B, H * Qp, L + 1, width)
     star = query.new_zeros(B, Hkv, 1, width)
     star[..., D] = 1
-    kx = torch.cat([star, F.pad(k_text, (0, width - D))], 2)
-    vx = torch.cat([star, F.pad(v_text, (0, width - D))], 2)
+    kx = torch.cat([star, F.pad(text_k, (0, width - D))], 2)
+    vx = torch.cat([star, F.pad(text_v, (0, width - D))], 2)
     mask = None
     if layout.has_padding:
         allowed = layout.text_mask(None)[:, 0, 0, 0]  # [B, L, L]
@@ -311,8 +442,8 @@ def _sdpa_thought_attention(query, key, value, layout: ThoughtLayout, scale: flo
                                          scale=scale, enable_gqa=gqa)
     out = out[:, :, 1:].reshape(B, Hkv, G, Qp, L, width)
     text_part = out[..., :D]
-    if P > 0:
-        text_part = text_part + (out[..., D:D + 1].to(own_dtype) * own_out).to(query.dtype)
+    if keys.own_keys:
+        text_part = text_part + (out[..., D:D + 1].to(own_out.dtype) * own_out).to(query.dtype)
     return text_part.reshape(B, H, Q, D).transpose(1, 2).contiguous(), None
 
 

@@ -13,10 +13,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from . import attention
 from .config import CONFIG_NAME, QuietStarConfig
-from .losses import LossParts, NonFiniteLossError, quietstar_loss, target_logprobs
+from .losses import LossParts, NonFiniteLossError, logits_logprobs, quietstar_loss, target_logprobs
 from .meta_tokens import MetaTokenEmbedding, add_meta_tokens
 from .mixing import MixingHead
-from .rollout import GridHidden, sample_thoughts, score_grid
+from .rollout import GridHidden, sample_and_score, sample_thoughts, score_grid
 
 HEAD_WEIGHTS_NAME = "quietstar_head.safetensors"
 
@@ -217,29 +217,51 @@ class QuietStarForCausalLM(nn.Module):
             self.lm.train(was_training)
 
     def forward(self, input_ids, attention_mask=None, labels=None, generator=None,
-                check_finite: bool = True) -> QuietStarOutput:
+                check_finite: bool = True, thought_ids=None) -> QuietStarOutput:
         """One training step's loss: sample n thoughts per position, score them, mix, REINFORCE.
 
-        ``check_finite`` raises ``NonFiniteLossError`` on a NaN/inf loss (one host sync).
+        ``thought_ids`` [B, n, L, k] replaces sampling with given thoughts (inner tokens), e.g. to
+        replay the ``thought_ids`` of an earlier output. ``check_finite`` raises
+        ``NonFiniteLossError`` on a NaN/inf loss (one host sync).
         """
         cfg = self.config
         n = cfg.thoughts_per_position
         attention_mask, targets, valid = self._inputs(input_ids, attention_mask, labels)
+        B, L = input_ids.shape
         # The n thoughts of a text are adjacent rows: [B*n, ...].
         input_ids, attention_mask = input_ids.repeat_interleave(n, 0), attention_mask.repeat_interleave(n, 0)
         targets, valid = targets.repeat_interleave(n, 0), valid.repeat_interleave(n, 0)
 
-        # 1. sample thoughts without gradients, 2. score the whole grid with gradients.
-        thoughts = self.sample_thoughts(input_ids, attention_mask, generator=generator)
-        grid = self._score(input_ids, thoughts, attention_mask)
+        # 1. sample and score the thoughts: in the same passes where each pass runs once, else
+        # (given thoughts; activation checkpointing, which recomputes one forward) sample without
+        # gradients and score the whole grid in one forward.
+        chunk = cfg.loss_chunk_tokens
+        thought_logits = []  # the sampling logits, reused for REINFORCE unless the loss is chunked
+        if thought_ids is not None:
+            if thought_ids.dim() != 4 or thought_ids.shape[:3] != (B, n, L):
+                raise ValueError(f"thought_ids must be [batch, thoughts_per_position, length, k] = "
+                                 f"[{B}, {n}, {L}, k], got {tuple(thought_ids.shape)}")
+            thoughts = thought_ids.reshape(B * n, L, -1)
+            grid = self._score(input_ids, thoughts, attention_mask)
+        elif getattr(self.lm, "is_activation_checkpointing", False):
+            thoughts = self.sample_thoughts(input_ids, attention_mask, generator=generator)
+            grid = self._score(input_ids, thoughts, attention_mask)
+        else:
+            thoughts, grid, thought_logits = sample_and_score(
+                self.decoder, self.embedding, self.logits, input_ids, attention_mask, self.start_id,
+                self.end_id, cfg.sampled_thought_tokens, cfg.ahead_tokens, cfg.thought_temperature,
+                self.tokenizer.pad_token_id, generator, keep_logits=chunk <= 0)
         mixed, w = self._mix(grid)
 
         # 3. log-likelihoods: base next token, mixed A tokens, thought tokens (REINFORCE temperature).
-        chunk = cfg.loss_chunk_tokens
         base_logp = target_logprobs(self.logits, grid.base, targets[..., 0], chunk_tokens=chunk)
         mixed_logp = target_logprobs(self.logits, mixed, targets, chunk_tokens=chunk)
-        thought_logp = target_logprobs(self.logits, grid.thought, thoughts,
-                                       cfg.policy_logprob_temperature, chunk_tokens=chunk)
+        if thought_logits:
+            thought_logp = torch.stack([logits_logprobs(logits, thoughts[..., j], cfg.policy_logprob_temperature)
+                                        for j, logits in enumerate(thought_logits)], dim=-1)
+        else:
+            thought_logp = target_logprobs(self.logits, grid.thought, thoughts,
+                                           cfg.policy_logprob_temperature, chunk_tokens=chunk)
         parts: LossParts = quietstar_loss(cfg, base_logp, mixed_logp, thought_logp, valid)
 
         if check_finite and not torch.isfinite(parts.loss):

@@ -8,10 +8,15 @@ Pass layout (position i, pass p, position id ``pos_i + p``):
     pass k+2          END                      -> post-thought prediction of x_{i+1}
     pass k+2+s        x_{i+s}  (s = 1..A-1)    -> post-thought prediction of x_{i+1+s}
 
-``sample_thoughts`` draws t_1..t_k without gradients, one cached pass per thought token.
-``score_grid`` then runs all F = k + A + 2 passes as one forward over an [F*L]-token sequence,
-with gradients; training and ``score_thoughts`` both use it, so they cannot drift apart. Running
-the grid as one ordinary forward is what makes activation checkpointing, FSDP and ZeRO-3 work.
+Two ways to run it, equal to float tolerance:
+
+- ``sample_and_score`` (training): the passes run with gradients while the thought is sampled,
+  one call per thought token (text and START share the first call, the A + 1 passes after the
+  last sampled token share the last), every layer's keys kept per pass in the layout's key
+  store. Each pass is computed once, as in F plain forward passes.
+- ``sample_thoughts`` + ``score_grid``: sample without gradients, then score all F = k + A + 2
+  passes as ONE forward over an [F*L]-token sequence. Fixed thoughts (``score_thoughts``) need
+  only the second half; activation checkpointing needs a single forward to recompute.
 """
 
 from __future__ import annotations
@@ -19,7 +24,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from transformers import DynamicCache
 
 from .attention import ThoughtLayout
 from .sampling import sample
@@ -39,13 +43,51 @@ def text_positions(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def _forward(decoder, embeds, positions, layout, cache=None) -> torch.Tensor:
-    B = embeds.shape[0]
-    # A ready 4-D mask stops transformers from building its own; the real pattern is the layout's.
-    dummy_mask = torch.ones(B, 1, 1, 1, dtype=torch.bool, device=embeds.device)
-    out = decoder(inputs_embeds=embeds, attention_mask=dummy_mask, position_ids=positions,
-                  cache=cache, use_cache=cache is not None, thought_layout=layout)
-    return out.last_hidden_state
+class _Passes:
+    """Runs the passes of one rollout, in order, one or several per call."""
+
+    def __init__(self, decoder, embed, attention_mask: torch.Tensor, keep_keys: bool):
+        self.decoder, self.embed = decoder, embed
+        self.positions = text_positions(attention_mask)
+        self.valid = attention_mask.bool()
+        self.padded = not bool(self.valid.all())
+        self.key_store = {} if keep_keys else None
+        self.done = 0
+
+    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+        """Runs the next P passes, ``ids`` [B, P, L]: returns their final hidden states [B, P, L, d]."""
+        B, P, L = ids.shape
+        passes = tuple(range(self.done, self.done + P))
+        layout = ThoughtLayout(L, passes, self.valid, self.positions, self.padded, self.key_store)
+        offsets = torch.arange(self.done, self.done + P, device=ids.device)
+        positions = (self.positions[:, None, :] + offsets[None, :, None]).reshape(B, P * L)
+        # A ready 4-D mask stops transformers from building its own; the real pattern is the layout's.
+        dummy_mask = torch.ones(B, 1, 1, 1, dtype=torch.bool, device=ids.device)
+        hidden = self.decoder(inputs_embeds=self.embed(ids.reshape(B, P * L)), attention_mask=dummy_mask,
+                              position_ids=positions, use_cache=False, thought_layout=layout).last_hidden_state
+        self.done += P
+        return hidden.view(B, P, L, -1)
+
+
+def _sample_passes(run: _Passes, logits_fn, input_ids, start_id: int, num_tokens: int,
+                   temperature: float, generator, keep_logits: bool = False):
+    """Runs passes 0..k (text, START, t_1..t_{k-1}) and samples t_j from pass j's output.
+    Returns the thoughts [B, L, k], the hidden states [B, L, d] of passes 0..k and, with
+    ``keep_logits``, the logits [B, L, V] that t_1..t_k were sampled from (with gradients)."""
+    B, L = input_ids.shape
+    if num_tokens == 0:
+        return input_ids.new_zeros(B, L, 0), list(run(input_ids[:, None]).unbind(1)), []
+    hidden = list(run(torch.stack([input_ids, torch.full_like(input_ids, start_id)], 1)).unbind(1))
+    tokens, kept = [], []
+    for j in range(1, num_tokens + 1):
+        with torch.set_grad_enabled(keep_logits and torch.is_grad_enabled()):
+            logits = logits_fn(hidden[j])
+        if keep_logits:
+            kept.append(logits)
+        tokens.append(sample(logits.detach().view(B * L, -1), temperature, generator).view(B, L))
+        if j < num_tokens:
+            hidden.append(run(tokens[-1][:, None])[:, 0])
+    return torch.stack(tokens, dim=-1), hidden, kept
 
 
 @torch.no_grad()
@@ -63,22 +105,30 @@ def sample_thoughts(
     """Samples a k-token thought after every position: returns [B, L, k] ids.
 
     ``logits_fn`` must already exclude the meta tokens, so they are never sampled inside a thought.
-    The text's keys/values are computed once and every pass adds one key per position to the cache.
+    The text's keys/values are computed once and every pass adds one key per position.
     """
-    B, L = input_ids.shape
-    positions = text_positions(attention_mask)
-    valid = attention_mask.bool()
-    padded = not bool(valid.all())
-    cache = DynamicCache()  # no config: a sliding-window cache would evict the text's keys
-    _forward(decoder, embed(input_ids), positions, ThoughtLayout(L, (0,), valid, positions, padded), cache)
-    current = torch.full_like(input_ids, start_id)
-    tokens = []
-    for p in range(1, num_tokens + 1):
-        layout = ThoughtLayout(L, (p,), valid, positions, padded)
-        hidden = _forward(decoder, embed(current), positions + p, layout, cache)
-        current = sample(logits_fn(hidden).view(B * L, -1), temperature, generator).view(B, L)
-        tokens.append(current)
-    return torch.stack(tokens, dim=-1)
+    run = _Passes(decoder, embed, attention_mask, keep_keys=True)
+    return _sample_passes(run, logits_fn, input_ids, start_id, num_tokens, temperature, generator)[0]
+
+
+def sample_and_score(decoder, embed, logits_fn, input_ids, attention_mask, start_id: int, end_id: int,
+                     num_tokens: int, ahead_tokens: int, temperature: float, pad_id: int,
+                     generator: torch.Generator | None = None, keep_logits: bool = False):
+    """Samples thoughts and scores them in the same passes, with gradients.
+
+    Returns (thoughts [B, L, k], GridHidden, the k sampling logits [B, L, V] if ``keep_logits``
+    else []): the REINFORCE log-probabilities can reuse those logits instead of recomputing them.
+    Not under activation checkpointing: recomputing a call would store its keys twice.
+    """
+    k = num_tokens
+    run = _Passes(decoder, embed, attention_mask, keep_keys=True)
+    thoughts, hidden, logits = _sample_passes(run, logits_fn, input_ids, start_id, k, temperature,
+                                              generator, keep_logits)
+    ids = grid_ids(input_ids, thoughts, start_id, end_id, ahead_tokens, pad_id)
+    rest = run(ids[:, k + 1:])  # t_k, END and the teacher-forced tokens: [B, A + 1, L, d]
+    grid = GridHidden(base=hidden[0], thought=torch.stack(hidden[1:k + 1], dim=2),
+                      after=rest[:, 1:].transpose(1, 2))
+    return thoughts, grid, logits
 
 
 def grid_ids(input_ids: torch.Tensor, thought_ids: torch.Tensor, start_id: int, end_id: int,
@@ -97,16 +147,9 @@ def grid_ids(input_ids: torch.Tensor, thought_ids: torch.Tensor, start_id: int, 
 def score_grid(decoder, embed, input_ids, thought_ids, attention_mask, start_id, end_id,
                ahead_tokens: int, pad_id: int) -> GridHidden:
     """All F passes as one forward with gradients: returns the hidden states that matter."""
-    B, L = input_ids.shape
     k = thought_ids.shape[-1]
     ids = grid_ids(input_ids, thought_ids, start_id, end_id, ahead_tokens, pad_id)  # [B, F, L]
-    F_ = ids.shape[1]
-    base_pos = text_positions(attention_mask)
-    positions = base_pos[:, None, :] + torch.arange(F_, device=ids.device)[None, :, None]
-    valid = attention_mask.bool()
-    layout = ThoughtLayout(L, tuple(range(F_)), valid, base_pos, not bool(valid.all()))
-    hidden = _forward(decoder, embed(ids.view(B, F_ * L)), positions.view(B, F_ * L), layout)
-    hidden = hidden.view(B, F_, L, -1)
+    hidden = _Passes(decoder, embed, attention_mask, keep_keys=False)(ids)
     return GridHidden(
         base=hidden[:, 0],
         thought=hidden[:, 1:k + 1].transpose(1, 2),

@@ -173,6 +173,7 @@ def test_train_flops_hand_computed():
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_sdpa_thought_attention_equals_general_with_gradients(padded, query_passes, dtype):
     from quietstar.attention import (
+        PassKeys,
         ThoughtLayout,
         _general_thought_attention,
         _sdpa_thought_attention,
@@ -193,7 +194,9 @@ def test_sdpa_thought_attention_equals_general_with_gradients(padded, query_pass
     real = valid.repeat(1, Qp)[:, :, None, None]  # padded queries' outputs are unused
     results = []
     for fn, dt in ((_general_thought_attention, torch.float64), (_sdpa_thought_attention, dtype)):
-        out, _ = fn(q.to(dt), k.to(dt), v.to(dt), layout, D ** -0.5)
+        keys = PassKeys()
+        keys.add(k.to(dt).split(L, 2), v.to(dt).split(L, 2))
+        out, _ = fn(q.to(dt), keys, layout, D ** -0.5)
         grads = torch.autograd.grad((out.double() * weights * real).sum(), (q, k, v))
         results.append((out.double() * real, *grads))
     tol = 1e-12 if dtype == torch.float64 else 1e-5

@@ -47,7 +47,7 @@ def test_meta_token_lr_multiplier_under_adam(multiplier):
     torch.testing.assert_close(meta_step, torch.tensor(lr * multiplier), rtol=1e-3, atol=0)
 
 
-def test_reinforce_raises_probability_of_the_better_thought(monkeypatch):
+def test_reinforce_raises_probability_of_the_better_thought():
     torch.manual_seed(0)
     model = make_model("llama", sampled_thought_tokens=1, ahead_tokens=2, thoughts_per_position=2,
                        base_loss_weight=0.0, mixed_loss_weight=0.0, policy_loss_weight=1.0)
@@ -63,11 +63,7 @@ def test_reinforce_raises_probability_of_the_better_thought(monkeypatch):
         gains.append(logp.sum())
     better, worse = (a, b) if gains[0] > gains[1] else (b, a)
 
-    def forced(input_ids, attention_mask=None, generator=None):
-        rows = [better, worse] * (input_ids.shape[0] // 2)
-        return torch.stack([r.expand(input_ids.shape[1], 1) for r in rows])
-
-    monkeypatch.setattr(model, "sample_thoughts", forced)
+    forced = torch.stack([better, worse]).view(1, 2, 1, 1).expand(1, 2, 6, 1)
 
     def preference():
         with torch.no_grad():
@@ -80,7 +76,7 @@ def test_reinforce_raises_probability_of_the_better_thought(monkeypatch):
     optimiser = torch.optim.SGD([p for n, p in model.named_parameters() if n.startswith("lm.")], lr=1.0)
     for _ in range(3):
         optimiser.zero_grad()
-        out = model(x)
+        out = model(x, thought_ids=forced)
         assert out.policy_loss > 0 and out.positive_reward_fraction == 0.5
         out.loss.backward()
         optimiser.step()
@@ -101,11 +97,35 @@ def test_reward_baselines():
         assert 0 < out.positive_reward_fraction < 1
 
 
+@pytest.mark.parametrize("temperature", [1.0, 3.0])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_target_logprobs_equal_cross_entropy_with_gradients(temperature, dtype):
+    from quietstar.losses import logits_logprobs
+
+    g = torch.Generator().manual_seed(0)
+    logits = (torch.randn(2, 5, 40, generator=g, dtype=torch.float64) * 4).to(dtype)
+    logits[..., 3] = float("-inf")  # a meta token
+    logits.requires_grad_(True)
+    targets = torch.randint(4, 40, (2, 5), generator=g)
+    upstream = torch.randn(2, 5, generator=g, dtype=torch.float64)
+    ours = logits_logprobs(logits, targets, temperature)
+    work = logits.to(torch.promote_types(dtype, torch.float32))
+    reference = -torch.nn.functional.cross_entropy(
+        (work / temperature).flatten(0, 1), targets.flatten(), reduction="none").view(2, 5)
+    assert ours.dtype == reference.dtype
+    grads = [torch.autograd.grad((v * upstream.to(v.dtype)).sum(), logits)[0] for v in (ours, reference)]
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(ours, reference, atol=tol, rtol=tol)
+    torch.testing.assert_close(grads[0], grads[1], atol=tol if dtype != torch.bfloat16 else 1e-2, rtol=1e-2)
+
+
 def test_chunked_loss_and_activation_checkpointing_match():
     x = random_text(2, 12)
     results = []
     for chunk, checkpointing in ((0, False), (7, False), (7, True)):
-        model = make_model("llama", loss_chunk_tokens=chunk, policy_loss_weight=0.0)
+        # Unchunked, REINFORCE reuses the sampling logits; chunked, it recomputes them.
+        model = make_model("llama", loss_chunk_tokens=chunk, policy_loss_weight=10.0,
+                           drop_negative_rewards=False)
         perturb_head(model)
         model.train()
         if checkpointing:

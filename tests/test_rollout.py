@@ -159,12 +159,50 @@ def test_training_forward_uses_score_thoughts_path(monkeypatch):
     torch.testing.assert_close(out.loss, 0.5 * base + 0.5 * torch.stack(nll).mean())
 
 
+@pytest.mark.parametrize("family", ["llama", "mistral", "gemma2", "gpt2"])
+def test_single_pass_training_equals_grid_scoring_with_gradients(family):
+    """Training samples and scores thoughts in the same passes (each pass runs once, keys kept
+    per pass); its thoughts, loss parts and every gradient equal sampling without gradients and
+    then scoring the grid in one forward, which replays and activation checkpointing use."""
+    model, _ = wrap(family, thoughts_per_position=2, policy_loss_weight=10.0,
+                    drop_negative_rewards=False, thought_temperature=2.0)
+    model.double()
+    perturb_head(model)
+    x = random_text(2, 9, seed=12)
+    mask = torch.ones_like(x)
+    mask[1, :3] = 0  # left padding
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def run(**kw):
+        out = model(x, mask, **kw)
+        return out, torch.autograd.grad(out.loss, params, allow_unused=True)
+
+    online, online_grads = run(generator=torch.Generator().manual_seed(3))
+    sampled = model.sample_thoughts(x.repeat_interleave(2, 0), mask.repeat_interleave(2, 0),
+                                    generator=torch.Generator().manual_seed(3))
+    assert torch.equal(online.thought_ids.flatten(0, 1), sampled)
+    assert len(sampled.unique()) > 10
+    model.activation_checkpointing_enable()
+    model.train()
+    for other, other_grads in (run(thought_ids=online.thought_ids),
+                               run(generator=torch.Generator().manual_seed(3))):
+        assert torch.equal(other.thought_ids, online.thought_ids)
+        for name in ("loss", "base_nll", "mixed_nll", "policy_loss", "mean_reward"):
+            torch.testing.assert_close(getattr(other, name), getattr(online, name), atol=1e-10, rtol=1e-9)
+        for a, b in zip(online_grads, other_grads):
+            assert (a is None) == (b is None)
+            if a is not None:
+                # float32 precision, not float64: Gemma's norms compute in float32 in any dtype.
+                torch.testing.assert_close(a, b, atol=1e-8, rtol=1e-5)
+    assert sum(g.abs().sum() for g in online_grads if g is not None) > 0
+
+
 @pytest.mark.parametrize("padded", [False, True])
 @pytest.mark.parametrize("query_passes", [(0, 1, 2, 3), (2,), (0,)])
 def test_fused_attention_equals_general_with_gradients(padded, query_passes):
     """The fused CPU kernel path (flash + log-sum-exp merge) matches the plain tensor-op path,
     values and gradients, including the gradient that flows through the log-sum-exp."""
-    from quietstar.attention import ThoughtLayout, _fused_thought_attention, _general_thought_attention
+    from quietstar.attention import PassKeys, ThoughtLayout, _fused_thought_attention, _general_thought_attention
 
     torch.manual_seed(0)
     B, H, Hkv, L, D = 2, 4, 2, 6, 8
@@ -179,11 +217,42 @@ def test_fused_attention_equals_general_with_gradients(padded, query_passes):
     upstream = torch.randn(B, len(query_passes) * L, H, D, dtype=torch.float64)
     results = []
     for fn in (_fused_thought_attention, _general_thought_attention):
-        out, _ = fn(q, k, v, layout, D ** -0.5)
+        keys = PassKeys()
+        keys.add(k.split(L, 2), v.split(L, 2))
+        out, _ = fn(q, keys, layout, D ** -0.5)
         grads = torch.autograd.grad((out * upstream).sum(), (q, k, v))
         results.append((out, *grads))
     for fused, general in zip(*results):
         torch.testing.assert_close(fused, general, atol=1e-10, rtol=1e-8)
+
+
+def test_own_thought_products_equal_einsum_with_gradients():
+    """The own-thought scores and value sums (batched products on PassKeys' buffer, filled over
+    several calls as in a rollout) equal the plain einsum over stacked blocks, with gradients."""
+    from quietstar.attention import PassKeys, _own_scores, _own_values
+
+    g = torch.Generator().manual_seed(0)
+    B, Hkv, G, Qp, L, D, P = 2, 2, 3, 4, 5, 8, 6
+    q = torch.randn(B, Hkv, G, Qp, L, D, dtype=torch.float64, generator=g, requires_grad=True)
+    probs = torch.rand(B, Hkv, G, Qp, L, P, dtype=torch.float64, generator=g, requires_grad=True)
+    k = torch.randn(B, Hkv, (P + 1) * L, D, dtype=torch.float64, generator=g, requires_grad=True)
+    v = torch.randn(B, Hkv, (P + 1) * L, D, dtype=torch.float64, generator=g, requires_grad=True)
+    up_s = torch.randn(B, Hkv, G, Qp, L, P, dtype=torch.float64, generator=g)
+    up_v = torch.randn(B, Hkv, G, Qp, L, D, dtype=torch.float64, generator=g)
+    inputs = (q, probs, k, v)
+    store = PassKeys()
+    for calls in ((0, 1), (2,), (3, 4, 5), (6,)):  # the buffer grows past its first capacity
+        store.add(k[:, :, calls[0] * L:(calls[-1] + 1) * L].split(L, 2),
+                  v[:, :, calls[0] * L:(calls[-1] + 1) * L].split(L, 2))
+    ours = (_own_scores(q, store, 1.0, torch.float64), _own_values(probs, store))
+    k_own, v_own = k[:, :, L:].view(B, Hkv, P, L, D), v[:, :, L:].view(B, Hkv, P, L, D)
+    reference = (torch.einsum("bkgqld,bkpld->bkgqlp", q, k_own),
+                 torch.einsum("bkgqlp,bkpld->bkgqld", probs, v_own))
+    for a, b in zip(ours, reference):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10)
+    grads = [torch.autograd.grad((s * up_s).sum() + (m * up_v).sum(), inputs) for s, m in (ours, reference)]
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10)
 
 
 def test_bfloat16_thought_scoring_runs_and_tracks_float32():
