@@ -5,7 +5,8 @@
 
 Three ways to take one optimiser step on the same tiny random Llama, batch 1, n thoughts:
 
-    ours    QuietStarForCausalLM: sample thoughts (no gradients), score the F-pass grid, backward,
+    ours    QuietStarForCausalLM: sample and score the thoughts in the same F passes (with
+            gradients; with activation checkpointing: sample, then score the grid), backward,
             AdamW step
     ideal   the base model alone: F = k + A + 2 plain forward+backward passes over the n copies
             of the text (next-token loss), one after another, then an AdamW step. Ours scores
@@ -20,6 +21,8 @@ Every (L, k) runs in a fresh subprocess on one thread; ours and ideal are built 
 their steps timed interleaved, so a busy machine slows both alike, and dense runs in a process of
 its own. Time is the median of ``--reps`` steps after one warm-up step, in process CPU time with
 one thread (robust on a shared machine; equal to wall time on an idle one), else wall time.
+Every worker first applies ``quietstar.cpu.keep_freed_memory`` (as ``quietstar train`` does on
+CPU): glibc then keeps freed memory for reuse instead of faulting it back in every step.
 Memory is the peak of live tensor bytes during one further step
 above what was live before it (weights and optimiser state excluded, gradients included): every
 tensor storage an operation creates is counted from its creation until it is freed, the CPU
@@ -180,8 +183,13 @@ def build(spec: dict):
 def worker(specs: list[dict]) -> list[dict]:
     """Times the steps of ``specs`` interleaved (so a busy machine slows them alike and their
     ratio stays fair), then measures each one's memory in one more step under the tracker."""
+    from quietstar.cpu import keep_freed_memory
+
     threads = specs[0]["threads"]
     torch.set_num_threads(threads)
+    # As `quietstar train` does on CPU, for every method alike: otherwise glibc returns the
+    # memory of a step's activations to the system and faults it back in on the next step.
+    keep_freed_memory()
     # One thread: the process's CPU time, which other processes on a shared machine barely move
     # (on an idle machine it equals wall time). More threads: wall time.
     clock = time.process_time if threads == 1 else time.perf_counter

@@ -84,6 +84,7 @@ def train_config(args: argparse.Namespace, output_dir: Path) -> TrainConfig:
     method = QuietStarConfig(
         sampled_thought_tokens=args.thought_tokens, ahead_tokens=args.ahead_tokens,
         thoughts_per_position=args.thoughts_per_position, policy_loss_weight=args.policy_loss_weight,
+        base_loss_weight=args.base_loss_weight, mixed_loss_weight=args.mixed_loss_weight,
         mixing_head_hidden_size=args.mixing_head_hidden_size)
     return TrainConfig(
         model=args.model, data=args.data, num_documents=args.num_documents, output_dir=str(output_dir),
@@ -365,6 +366,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ahead-tokens", type=int, default=4)
     p.add_argument("--thoughts-per-position", type=int, default=2)
     p.add_argument("--policy-loss-weight", type=float, default=1e6)
+    p.add_argument("--base-loss-weight", type=float, default=QuietStarConfig.base_loss_weight,
+                   help="weight of the no-thought NLL in arm 1 (the control's loss has weight 1)")
+    p.add_argument("--mixed-loss-weight", type=float, default=QuietStarConfig.mixed_loss_weight)
     p.add_argument("--mixing-head-hidden-size", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-max-length", type=int, default=128, help="tokens per held-out window")

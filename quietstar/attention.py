@@ -216,16 +216,17 @@ def _from_rows(x: torch.Tensor, G: int, Qp: int) -> torch.Tensor:
 
 
 class _OwnScores(torch.autograd.Function):
-    """Dot products [B, Hkv, G, Qp, L, P] of queries [B, Hkv, G, Qp, L, D] with their own
+    """Scaled dot products [B, Hkv, G, Qp, L, P] of queries [B, Hkv, G, Qp, L, D] with their own
     position's key of each pass, from a key buffer [B, Hkv, L, P, D] holding the P blocks."""
 
     @staticmethod
     @_no_autocast
-    def forward(ctx, q6, buffer, *blocks):
+    def forward(ctx, q6, scale, buffer, *blocks):
         ctx.save_for_backward(q6)
-        ctx.buffer, ctx.block_dtype = buffer, blocks[0].dtype
+        ctx.scale, ctx.buffer, ctx.block_dtype = scale, buffer, blocks[0].dtype
         G, Qp = q6.shape[2:4]
-        return _from_rows(torch.matmul(_to_rows(q6), buffer.to(q6.dtype).transpose(-1, -2)), G, Qp)
+        scores = torch.matmul(_to_rows(q6), buffer.to(q6.dtype).transpose(-1, -2)).mul_(scale)
+        return _from_rows(scores, G, Qp)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -233,10 +234,10 @@ class _OwnScores(torch.autograd.Function):
     def backward(ctx, grad):
         (q6,) = ctx.saved_tensors
         G, Qp = q6.shape[2:4]
-        grad = _to_rows(grad.to(q6.dtype))  # [.., G*Qp, P]
+        grad = _to_rows(grad.to(q6.dtype) * ctx.scale)  # [.., G*Qp, P]
         dq = _from_rows(torch.matmul(grad, ctx.buffer.to(q6.dtype)), G, Qp)
         dk = torch.matmul(grad.transpose(-1, -2), _to_rows(q6)).to(ctx.block_dtype)  # [.., P, D]
-        return (dq, None, *dk.unbind(3))
+        return (dq, None, None, *dk.unbind(3))
 
 
 class _OwnValues(torch.autograd.Function):
@@ -266,7 +267,7 @@ class _OwnValues(torch.autograd.Function):
 def _own_scores(q6: torch.Tensor, keys: PassKeys, scale: float, dtype: torch.dtype):
     """Scores of queries q6 [B, Hkv, G, Qp, L, D] against their own position's key of every
     thought pass so far: [B, Hkv, G, Qp, L, P], unmasked, in ``dtype``."""
-    return _OwnScores.apply(q6.to(dtype), keys.own_buffers()[0], *keys.own_keys) * scale
+    return _OwnScores.apply(q6.to(dtype), scale, keys.own_buffers()[0], *keys.own_keys)
 
 
 def _own_values(probs: torch.Tensor, keys: PassKeys) -> torch.Tensor:
@@ -361,7 +362,10 @@ def _masked_own_scores(q6, keys: PassKeys, layout: ThoughtLayout, scale: float):
     Masked entries get the dtype's minimum, not -inf, so rows with no own key (text queries) keep
     a finite, differentiable log-sum-exp."""
     s_own = _own_scores(q6, keys, scale, torch.promote_types(q6.dtype, torch.float32))
-    return s_own.masked_fill(~layout.thought_mask(len(keys.own_keys), None), torch.finfo(s_own.dtype).min)
+    P = len(keys.own_keys)
+    if layout.query_passes[0] >= P:  # every query sees all P own keys (one pass per call)
+        return s_own
+    return s_own.masked_fill(~layout.thought_mask(P, None), torch.finfo(s_own.dtype).min)
 
 
 def _fused_thought_attention(query, keys: PassKeys, layout: ThoughtLayout, scale: float):

@@ -52,6 +52,7 @@ import yaml
 
 from . import checkpoint
 from .config import QuietStarConfig
+from .cpu import tune_for_training
 from .metrics import (
     CURVES_NAME,
     METRICS_NAME,
@@ -475,6 +476,46 @@ def build_model(config: TrainConfig) -> QuietStarForCausalLM:
     return model
 
 
+def _build_model_whole(config: TrainConfig, accelerator) -> QuietStarForCausalLM:
+    """DeepSpeed: ``build_model`` with every process loading the whole base model.
+
+    accelerate's DeepSpeed plugin registers its config with transformers even when
+    zero3_init_flag is false, and under ZeRO-3 transformers then partitions the weights while
+    loading (deepspeed.zero.Init). QuietStarForCausalLM.from_base reads the embedding matrix (the
+    START/END initial vectors), which a partitioned parameter does not hold. ``accelerator.prepare``
+    partitions the finished model.
+    """
+    from transformers.integrations import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    try:
+        return build_model(config)
+    finally:
+        accelerator.state.deepspeed_plugin.set_deepspeed_weakref()
+
+
+def _shard_lm_embedding(model: QuietStarForCausalLM, accelerator) -> None:
+    """FSDP2: makes the LM's input embedding (with the output head when tied to it) one FSDP unit.
+
+    accelerate's FSDP2 preparation shards ``model.get_input_embeddings()`` as a unit of its own,
+    which here is the MetaTokenEmbedding: it holds the LM's embedding module, which is also a
+    child of the LM, so the root unit would take the already sharded weight a second time and
+    ``fully_shard`` fails. Made an FSDP unit first, the embedding is skipped by both, and the
+    MetaTokenEmbedding unit keeps only the START/END vectors. A tied head must be in the same
+    unit: sharding the embedding alone would replace its weight and silently untie the head.
+    """
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    plugin = accelerator.state.fsdp_plugin
+    mesh = accelerator.torch_device_mesh
+    embed, head = model.lm.get_input_embeddings(), model.lm.get_output_embeddings()
+    # The same settings as accelerate gives the units it makes (fsdp2_prepare_model).
+    fully_shard([embed, head] if head.weight is embed.weight else embed,
+                reshard_after_forward=plugin.reshard_after_forward, offload_policy=plugin.cpu_offload,
+                mp_policy=plugin.mixed_precision_policy or MixedPrecisionPolicy(),
+                mesh=mesh[tuple(accelerator.parallelism_config.fsdp_dim_names)] if mesh is not None else None)
+
+
 class _Remaining:
     """The documents after the first ``skip``, minus any equal to a held-out one (re-iterable)."""
 
@@ -695,7 +736,13 @@ def train(config: TrainConfig, eval_hooks: Sequence[EvalHook] | None = None) -> 
     with _run_logging(out_dir, main):
         set_seed(cfg.seed)
         logger.info(f"Loading {cfg.model} ...")
-        model = build_model(cfg)
+        if accelerator.distributed_type == DistributedType.DEEPSPEED:
+            model = _build_model_whole(cfg, accelerator)
+            # accelerate.prepare takes the per-process batch from a prepared DataLoader; there is none.
+            accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = \
+                cfg.micro_batch_size
+        else:
+            model = build_model(cfg)
         tokenizer = model.tokenizer
         batches, heldout = build_data(cfg, tokenizer)
         hooks: list[EvalHook] = ([HeldoutLoss(heldout, cfg.seed)] if heldout else []) + list(eval_hooks or [])
@@ -709,15 +756,17 @@ def train(config: TrainConfig, eval_hooks: Sequence[EvalHook] | None = None) -> 
             checkpoint.check_fingerprint(resume_from, state["fingerprint"], fingerprint)
             if not sharded:
                 checkpoint.load_model_weights(model, resume_from)
+        if accelerator.is_fsdp2:
+            _shard_lm_embedding(model, accelerator)  # before the optimiser: it holds the new params
         optimizer = build_optimizer(model, cfg)
         model, optimizer = accelerator.prepare(model, optimizer)
         unwrapped: QuietStarForCausalLM = accelerator.unwrap_model(model)
         device = accelerator.device
         bf16 = _use_bf16(cfg.precision, device)
         if device.type == "cpu":
-            # Small activations underflow to subnormal floats, which x86 CPUs process ~10x slower
-            # (measured: a SmolLM2 forward 6x faster with them flushed to zero).
-            torch.set_flush_denormal(True)
+            # Subnormal floats (SmolLM2's small activations underflow: a forward is 6x faster with
+            # them flushed to zero) and malloc returning each step's activation memory.
+            tune_for_training()
 
         start_step, nonfinite = 0, 0
         if state is not None:

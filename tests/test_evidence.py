@@ -108,3 +108,12 @@ def test_questions_inside_the_training_text_are_refused():
     with pytest.raises(ValueError, match="appears in the training data"):
         evidence.check_disjoint(training, ["an unrelated held-out text"], items)
     evidence.check_disjoint(["other text"], ["an unrelated held-out text"], items)  # fine
+
+
+def test_loss_weights_reach_the_quietstar_arm(tmp_path):
+    args = evidence.parse_args(["--out", str(tmp_path), "--base-loss-weight", "1.0",
+                                "--mixed-loss-weight", "0.25"])
+    method = evidence.train_config(args, tmp_path).quietstar
+    assert (method.base_loss_weight, method.mixed_loss_weight) == (1.0, 0.25)
+    default = evidence.train_config(evidence.parse_args(["--out", str(tmp_path)]), tmp_path).quietstar
+    assert (default.base_loss_weight, default.mixed_loss_weight) == (0.5, 0.5)

@@ -244,9 +244,9 @@ def test_own_thought_products_equal_einsum_with_gradients():
     for calls in ((0, 1), (2,), (3, 4, 5), (6,)):  # the buffer grows past its first capacity
         store.add(k[:, :, calls[0] * L:(calls[-1] + 1) * L].split(L, 2),
                   v[:, :, calls[0] * L:(calls[-1] + 1) * L].split(L, 2))
-    ours = (_own_scores(q, store, 1.0, torch.float64), _own_values(probs, store))
+    ours = (_own_scores(q, store, 0.5, torch.float64), _own_values(probs, store))
     k_own, v_own = k[:, :, L:].view(B, Hkv, P, L, D), v[:, :, L:].view(B, Hkv, P, L, D)
-    reference = (torch.einsum("bkgqld,bkpld->bkgqlp", q, k_own),
+    reference = (torch.einsum("bkgqld,bkpld->bkgqlp", q, k_own) * 0.5,
                  torch.einsum("bkgqlp,bkpld->bkgqld", probs, v_own))
     for a, b in zip(ours, reference):
         torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10)
