@@ -90,6 +90,7 @@ def train_config(args: argparse.Namespace, output_dir: Path) -> TrainConfig:
         model=args.model, data=args.data, num_documents=args.num_documents, output_dir=str(output_dir),
         seq_len=args.seq_len, batch_size=args.batch_size, micro_batch_size=1, max_steps=args.steps,
         learning_rate=args.lr, warmup_steps=args.warmup_steps, seed=args.seed,
+        mixing_head_lr_multiplier=args.mixing_head_lr_multiplier,
         # Held-out documents are the first --heldout-documents of the data; train() leaves them out
         # of training only when it evaluates, so it evaluates once (one batch) at the end.
         eval_every=args.steps, eval_batches=1, eval_documents=args.heldout_documents,
@@ -370,6 +371,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="weight of the no-thought NLL in arm 1 (the control's loss has weight 1)")
     p.add_argument("--mixed-loss-weight", type=float, default=QuietStarConfig.mixed_loss_weight)
     p.add_argument("--mixing-head-hidden-size", type=int, default=None)
+    p.add_argument("--mixing-head-lr-multiplier", type=float, default=TrainConfig.mixing_head_lr_multiplier)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-max-length", type=int, default=128, help="tokens per held-out window")
     p.add_argument("--eval-batch-size", type=int, default=4)

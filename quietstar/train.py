@@ -129,6 +129,10 @@ class TrainConfig:
     """Peak AdamW learning rate (fp32 master weights). START/END embeddings learn
     meta_token_lr_multiplier times faster through their parameterisation."""
 
+    mixing_head_lr_multiplier: float = 1.0
+    """The mixing head's learning rate is learning_rate times this. The head starts at w = 0 and
+    at the LM's small learning rate its weight grows slowly; 1.0 is the paper's setting."""
+
     weight_decay: float = 0.001
     """AdamW weight decay of matrices; biases, norms and the START/END embeddings get none."""
 
@@ -225,6 +229,8 @@ class TrainConfig:
              "thought is trained to predict that many true tokens")
         need(self.learning_rate > 0 and math.isfinite(self.learning_rate),
              f"learning_rate must be finite and > 0, got {self.learning_rate!r}")
+        need(self.mixing_head_lr_multiplier > 0 and math.isfinite(self.mixing_head_lr_multiplier),
+             f"mixing_head_lr_multiplier must be finite and > 0, got {self.mixing_head_lr_multiplier!r}")
         need(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay!r}")
         need(0 <= self.min_lr_ratio <= 1, f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio!r}")
         need(self.max_grad_norm > 0, f"max_grad_norm must be > 0 (inf: no clipping), got "
@@ -429,15 +435,21 @@ def lr_at(step: int, config: TrainConfig) -> float:
 
 def build_optimizer(model: QuietStarForCausalLM, config: TrainConfig) -> torch.optim.AdamW:
     """AdamW over the trainable parameters. Matrices are decayed; biases, norm weights and the
-    START/END embeddings (stored scaled down, where decay would act 100x too strongly) are not."""
+    START/END embeddings (stored scaled down, where decay would act 100x too strongly) are not.
+    Groups: LM decayed, LM not decayed, head decayed, head not decayed; each group's ``lr_scale``
+    multiplies the scheduled learning rate (the head's is ``mixing_head_lr_multiplier``)."""
     meta = model.embedding.scaled_vectors
-    decay, no_decay = [], []
+    head = {id(p) for p in model.mixing_head.parameters()}
+    groups = [[], [], [], []]
     for p in model.parameters():
         if p.requires_grad:
-            (decay if p.dim() >= 2 and p is not meta else no_decay).append(p)
-    return torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}],
-                             lr=config.learning_rate)
+            groups[2 * (id(p) in head) + (p.dim() < 2 or p is meta)].append(p)
+    scales = (1.0, 1.0, config.mixing_head_lr_multiplier, config.mixing_head_lr_multiplier)
+    return torch.optim.AdamW(
+        [{"params": params, "weight_decay": 0.0 if i % 2 else config.weight_decay,
+          "lr_scale": scale, "lr": config.learning_rate * scale}
+         for i, (params, scale) in enumerate(zip(groups, scales))],
+        lr=config.learning_rate)
 
 
 def _apply_lora(model: QuietStarForCausalLM, config: TrainConfig) -> None:
@@ -855,7 +867,7 @@ def train(config: TrainConfig, eval_hooks: Sequence[EvalHook] | None = None) -> 
                 t0 = time.perf_counter()
                 lr = lr_at(step, cfg)
                 for group in optimizer.param_groups:
-                    group["lr"] = lr
+                    group["lr"] = lr * group.get("lr_scale", 1.0)
                 batch = pending if pending is not None else next(batch_iter)
                 pending = None
                 sums = torch.zeros(len(names), device=device)

@@ -110,10 +110,11 @@ def test_questions_inside_the_training_text_are_refused():
     evidence.check_disjoint(["other text"], ["an unrelated held-out text"], items)  # fine
 
 
-def test_loss_weights_reach_the_quietstar_arm(tmp_path):
+def test_method_and_optimiser_settings_reach_the_quietstar_arm(tmp_path):
     args = evidence.parse_args(["--out", str(tmp_path), "--base-loss-weight", "1.0",
-                                "--mixed-loss-weight", "0.25"])
-    method = evidence.train_config(args, tmp_path).quietstar
-    assert (method.base_loss_weight, method.mixed_loss_weight) == (1.0, 0.25)
+                                "--mixed-loss-weight", "0.25", "--mixing-head-lr-multiplier", "10"])
+    config = evidence.train_config(args, tmp_path)
+    assert (config.quietstar.base_loss_weight, config.quietstar.mixed_loss_weight) == (1.0, 0.25)
+    assert config.mixing_head_lr_multiplier == 10.0
     default = evidence.train_config(evidence.parse_args(["--out", str(tmp_path)]), tmp_path).quietstar
     assert (default.base_loss_weight, default.mixed_loss_weight) == (0.5, 0.5)

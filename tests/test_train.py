@@ -130,14 +130,34 @@ def test_learning_rate_schedule_by_hand():
 def test_weight_decay_spares_meta_tokens_biases_and_norms():
     model = make_model("gpt2")  # has biases and LayerNorms
     groups = build_optimizer(model, TrainConfig(weight_decay=0.1)).param_groups
-    decayed, spared = groups[0]["params"], groups[1]["params"]
-    assert groups[0]["weight_decay"] == 0.1 and groups[1]["weight_decay"] == 0.0
+    decayed = groups[0]["params"] + groups[2]["params"]
+    spared = groups[1]["params"] + groups[3]["params"]
+    assert [g["weight_decay"] for g in groups] == [0.1, 0.0, 0.1, 0.0]
     assert any(p is model.embedding.scaled_vectors for p in spared)
     assert all(p.dim() >= 2 for p in decayed) and all(p.dim() == 1 for p in spared
                                                        if p is not model.embedding.scaled_vectors)
     everything = {id(p) for p in model.parameters()}
     assert {id(p) for p in decayed} | {id(p) for p in spared} == everything
     assert len(decayed) + len(spared) == len(everything)
+
+
+def test_mixing_head_learning_rate_multiplier(tiny_model_dir, tmp_path):
+    model = make_model("llama")
+    groups = build_optimizer(model, TrainConfig(learning_rate=1e-3, mixing_head_lr_multiplier=30.0)).param_groups
+    head = {id(p) for p in model.mixing_head.parameters()}
+    assert {id(p) for g in groups[2:] for p in g["params"]} == head
+    assert not head & {id(p) for g in groups[:2] for p in g["params"]}
+    assert [g["lr"] for g in groups] == pytest.approx([1e-3, 1e-3, 3e-2, 3e-2])
+    # In training the scheduled rate is scaled per group: the head's moves 30x the LM's.
+    run = train(TrainConfig(model=str(tiny_model_dir), output_dir=str(tmp_path / "run"), seq_len=12,
+                            max_steps=2, warmup_steps=0, lr_schedule="constant", learning_rate=1e-3,
+                            mixing_head_lr_multiplier=30.0, eval_every=0, sample_every=0,
+                            num_documents=20, checkpoint_every=2,
+                            quietstar={"sampled_thought_tokens": 1, "ahead_tokens": 2}))
+    state = torch.load(run.checkpoint / "training_state.pt", weights_only=False)
+    assert [g["lr"] for g in state["optimizer"]["param_groups"]] == pytest.approx([1e-3, 1e-3, 3e-2, 3e-2])
+    with pytest.raises(ValueError, match="mixing_head_lr_multiplier"):
+        TrainConfig(mixing_head_lr_multiplier=0.0)
 
 
 def test_thought_generator_depends_on_seed_step_and_sample_only():
