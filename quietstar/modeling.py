@@ -207,7 +207,7 @@ class QuietStarForCausalLM(nn.Module):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         was_training = self.lm.training
-        self.lm.eval()  # no dropout, and activation checkpointing must not drop the cache
+        self.lm.eval()  # sampled without dropout, as the model predicts at inference
         try:
             return sample_thoughts(
                 self.decoder, self.embedding, self.logits, input_ids, attention_mask, self.start_id,
