@@ -192,9 +192,9 @@ def thought_attention(
 
 
 # The own-thought part: per query, P dot products and a P-term value sum, done as batched
-# [G*Qp, D] x [D, P] products per (batch, kv head, position) on PassKeys' buffers. The buffers sit
-# outside autograd, so these functions take the pass blocks too, only to return their gradients,
-# and keep the buffer on ctx rather than saving it: later calls write other (never these) slots.
+# small per-(batch, kv head, position) matrix products on PassKeys' buffers. The buffers sit
+# outside autograd, so _OwnProduct takes the pass blocks too, only to return their gradients,
+# and keeps the buffer on ctx rather than saving it: later calls write other (never these) slots.
 def _no_autocast(fn):
     """Runs ``fn`` with autocast off: these products run in their inputs' dtype (float32 at
     least, chosen by the caller), and forward and backward must agree on it."""
@@ -215,64 +215,49 @@ def _from_rows(x: torch.Tensor, G: int, Qp: int) -> torch.Tensor:
     return x.view(B, Hkv, L, G, Qp, X).permute(0, 1, 3, 4, 2, 5)
 
 
-class _OwnScores(torch.autograd.Function):
-    """Scaled dot products [B, Hkv, G, Qp, L, P] of queries [B, Hkv, G, Qp, L, D] with their own
-    position's key of each pass, from a key buffer [B, Hkv, L, P, D] holding the P blocks."""
+class _OwnProduct(torch.autograd.Function):
+    """Per (batch, kv head, position), rows x [B, Hkv, G, Qp, L, X] times that position's P
+    blocks, held in a buffer [B, Hkv, L, P, D]:
+
+        scores  x = queries (X = D):       scale * x @ blocks^T  -> [B, Hkv, G, Qp, L, P]
+        values  x = probabilities (X = P): x @ blocks            -> [B, Hkv, G, Qp, L, D]
+    """
 
     @staticmethod
     @_no_autocast
-    def forward(ctx, q6, scale, buffer, *blocks):
-        ctx.save_for_backward(q6)
-        ctx.scale, ctx.buffer, ctx.block_dtype = scale, buffer, blocks[0].dtype
-        G, Qp = q6.shape[2:4]
-        scores = torch.matmul(_to_rows(q6), buffer.to(q6.dtype).transpose(-1, -2)).mul_(scale)
-        return _from_rows(scores, G, Qp)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    @_no_autocast
-    def backward(ctx, grad):
-        (q6,) = ctx.saved_tensors
-        G, Qp = q6.shape[2:4]
-        grad = _to_rows(grad.to(q6.dtype) * ctx.scale)  # [.., G*Qp, P]
-        dq = _from_rows(torch.matmul(grad, ctx.buffer.to(q6.dtype)), G, Qp)
-        dk = torch.matmul(grad.transpose(-1, -2), _to_rows(q6)).to(ctx.block_dtype)  # [.., P, D]
-        return (dq, None, None, *dk.unbind(3))
-
-
-class _OwnValues(torch.autograd.Function):
-    """sum over passes p of probs[..., p] * value_p: [B, Hkv, G, Qp, L, D] for probabilities
-    [B, Hkv, G, Qp, L, P] and a value buffer [B, Hkv, L, P, D] holding the P blocks."""
-
-    @staticmethod
-    @_no_autocast
-    def forward(ctx, probs, buffer, *blocks):
-        ctx.save_for_backward(probs)
-        ctx.buffer, ctx.block_dtype = buffer, blocks[0].dtype
-        G, Qp = probs.shape[2:4]
-        return _from_rows(torch.matmul(_to_rows(probs), buffer.to(probs.dtype)), G, Qp)
+    def forward(ctx, x6, scores: bool, scale: float, buffer, *blocks):
+        ctx.save_for_backward(x6)
+        ctx.scores, ctx.scale, ctx.buffer, ctx.block_dtype = scores, scale, buffer, blocks[0].dtype
+        right = buffer.to(x6.dtype)
+        out = torch.matmul(_to_rows(x6), right.transpose(-1, -2) if scores else right)
+        return _from_rows(out.mul_(scale) if scale != 1.0 else out, *x6.shape[2:4])
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     @_no_autocast
     def backward(ctx, grad):
-        (probs,) = ctx.saved_tensors
-        G, Qp = probs.shape[2:4]
-        grad = _to_rows(grad.to(probs.dtype))  # [.., G*Qp, D]
-        dp = _from_rows(torch.matmul(grad, ctx.buffer.to(probs.dtype).transpose(-1, -2)), G, Qp)
-        dv = torch.matmul(_to_rows(probs).transpose(-1, -2), grad).to(ctx.block_dtype)  # [.., P, D]
-        return (dp, None, *dv.unbind(3))
+        (x6,) = ctx.saved_tensors
+        right = ctx.buffer.to(x6.dtype)
+        grad = grad.to(x6.dtype)
+        grad = _to_rows(grad * ctx.scale if ctx.scale != 1.0 else grad)
+        rows = _to_rows(x6)
+        dx = torch.matmul(grad, right if ctx.scores else right.transpose(-1, -2))
+        # The blocks' gradient, [.., P, D] either way.
+        d_blocks = torch.matmul(grad.transpose(-1, -2), rows) if ctx.scores else torch.matmul(
+            rows.transpose(-1, -2), grad)
+        return (_from_rows(dx, *x6.shape[2:4]), None, None, None,
+                *d_blocks.to(ctx.block_dtype).unbind(3))
 
 
 def _own_scores(q6: torch.Tensor, keys: PassKeys, scale: float, dtype: torch.dtype):
     """Scores of queries q6 [B, Hkv, G, Qp, L, D] against their own position's key of every
     thought pass so far: [B, Hkv, G, Qp, L, P], unmasked, in ``dtype``."""
-    return _OwnScores.apply(q6.to(dtype), scale, keys.own_buffers()[0], *keys.own_keys)
+    return _OwnProduct.apply(q6.to(dtype), True, scale, keys.own_buffers()[0], *keys.own_keys)
 
 
 def _own_values(probs: torch.Tensor, keys: PassKeys) -> torch.Tensor:
     """sum over passes p of probs[..., p] * value_p: [B, Hkv, G, Qp, L, D] in probs' dtype."""
-    return _OwnValues.apply(probs, keys.own_buffers()[1], *keys.own_values)
+    return _OwnProduct.apply(probs, False, 1.0, keys.own_buffers()[1], *keys.own_values)
 
 
 def _general_thought_attention(query, keys: PassKeys, layout: ThoughtLayout, scale: float,
