@@ -229,7 +229,7 @@ class _OwnProduct(torch.autograd.Function):
         ctx.save_for_backward(x6)
         ctx.scores, ctx.scale, ctx.buffer, ctx.block_dtype = scores, scale, buffer, blocks[0].dtype
         right = buffer.to(x6.dtype)
-        out = torch.matmul(_to_rows(x6), right.transpose(-1, -2) if scores else right)
+        out = _small_matmul(_to_rows(x6), right.transpose(-1, -2) if scores else right)
         return _from_rows(out.mul_(scale) if scale != 1.0 else out, *x6.shape[2:4])
 
     @staticmethod
@@ -241,9 +241,9 @@ class _OwnProduct(torch.autograd.Function):
         grad = grad.to(x6.dtype)
         grad = _to_rows(grad * ctx.scale if ctx.scale != 1.0 else grad)
         rows = _to_rows(x6)
-        dx = torch.matmul(grad, right if ctx.scores else right.transpose(-1, -2))
+        dx = _small_matmul(grad, right if ctx.scores else right.transpose(-1, -2))
         # The blocks' gradient, [.., P, D] either way.
-        d_blocks = torch.matmul(grad.transpose(-1, -2), rows) if ctx.scores else torch.matmul(
+        d_blocks = _small_matmul(grad.transpose(-1, -2), rows) if ctx.scores else _small_matmul(
             rows.transpose(-1, -2), grad)
         return (_from_rows(dx, *x6.shape[2:4]), None, None, None,
                 *d_blocks.to(ctx.block_dtype).unbind(3))
@@ -307,41 +307,6 @@ def _general_thought_attention(query, keys: PassKeys, layout: ThoughtLayout, sca
     return out, None
 
 
-class _CausalTextAttention(torch.autograd.Function):
-    """Fused (flash) attention over the text keys that also returns the log-sum-exp, with a
-    backward that accepts a gradient for it, so the text part can be merged with the thought part.
-
-    The flash backward computes dS = P * (dP - D) with D = rowsum(dO * O). A gradient g on the
-    log-sum-exp adds P * g to dS, i.e. replaces D by D - g: we pass O - g * dO / |dO|^2 in place
-    of O (its only use), which is bounded because g is itself linear in dO.
-    """
-
-    @staticmethod
-    def forward(ctx, q, k, v, mask, scale):
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            q, k, v, 0.0, mask is None, attn_mask=mask, scale=scale)
-        ctx.save_for_backward(q, k, v, out, lse, mask)
-        ctx.scale = scale
-        return out, lse
-
-    @staticmethod
-    def backward(ctx, grad_out, grad_lse):
-        q, k, v, out, lse, mask = ctx.saved_tensors
-        if grad_out is None:
-            grad_out = torch.zeros_like(out)
-        out_arg = out
-        if grad_lse is not None:
-            work = torch.promote_types(out.dtype, torch.float32)
-            g = grad_out.to(work)
-            norm2 = (g * g).sum(-1, keepdim=True)
-            correction = grad_lse.to(work).unsqueeze(-1) * g / norm2.clamp(min=torch.finfo(work).tiny)
-            correction = torch.where(norm2 > 0, correction, torch.zeros_like(correction))
-            out_arg = (out.to(work) - correction).to(out.dtype)
-        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            grad_out.contiguous(), q, k, v, out_arg, lse, 0.0, mask is None, attn_mask=mask, scale=ctx.scale)
-        return dq, dk, dv, None, None
-
-
 def _masked_own_scores(q6, keys: PassKeys, layout: ThoughtLayout, scale: float):
     """Own-thought scores [B, Hkv, G, Qp, L, P] in float32 at least (the part is small: L x P).
     Masked entries get the dtype's minimum, not -inf, so rows with no own key (text queries) keep
@@ -353,10 +318,100 @@ def _masked_own_scores(q6, keys: PassKeys, layout: ThoughtLayout, scale: float):
     return s_own.masked_fill(~layout.thought_mask(P, None), torch.finfo(s_own.dtype).min)
 
 
+def _small_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a [..., M, C] @ b [..., C, N] for the own part's tiny per-position matrices.
+
+    Batched matrix products of tiny matrices run a slow per-matrix loop on CPU (up to 5x slower
+    than the arithmetic needs), so there a short contraction (C < 8: the own keys of an early
+    pass, the few query rows of a kv head) is unrolled into C broadcast multiply-adds instead.
+    """
+    C = a.shape[-1]
+    if C >= 8 or a.device.type != "cpu":
+        return torch.matmul(a, b)
+    out = a[..., :, :1] * b[..., :1, :]
+    for c in range(1, C):
+        out.addcmul_(a[..., :, c:c + 1], b[..., c:c + 1, :])
+    return out
+
+
+class _FusedThoughtAttention(torch.autograd.Function):
+    """The whole thought attention of one call on CPU, as one autograd node: the text part by the
+    fused (flash) kernel, the own-thought part by batched per-position products, merged through
+    the log-sum-exps. One node instead of a chain of small ones matters: at short lengths the
+    per-operation overhead, not the arithmetic, is what thinking adds to a pass.
+
+    Backward: the merged output is a softmax over {text part, own keys}. For the text keys the
+    flash backward gives the right gradient when fed the text share a times dO as the output
+    gradient and the MERGED output as "its" output: its row term rowsum(dO_text * out) is then
+    a * (dO . out), exactly the joint softmax's. The own part is the plain softmax backward:
+    ds_p = pi_p * (dO . v_p - dO . out).
+
+    Shapes: queries [B, Hkv*G*Qp, L, D] (heads ordered kv head, group, pass, as the kernel's
+    GQA reads them); the own part works on rows [B, Hkv, L, R = G*Qp, X], one small matrix per
+    (batch, kv head, position). ``own_mask`` [R, P] (None: every row sees all P own keys).
+    """
+
+    @staticmethod
+    def forward(ctx, q, text_k, text_v, text_mask, own_mask, scale, keys: PassKeys, *blocks):
+        with torch.autocast(q.device.type, enabled=False):
+            B, HQ, L, D = q.shape
+            Hkv = text_k.shape[1]
+            R = HQ // Hkv
+            work = torch.promote_types(q.dtype, torch.float32)  # the merge is float32 at least
+            out_text, lse_text = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                q, text_k, text_v, 0.0, text_mask is None, attn_mask=text_mask, scale=scale)
+            key_buf, value_buf = (b.to(work) for b in keys.own_buffers())
+            rows = q.view(B, Hkv, R, L, D).transpose(2, 3).to(work)  # [B, Hkv, L, R, D]
+            s_own = _small_matmul(rows, key_buf.transpose(-1, -2)).mul_(scale)  # [B, Hkv, L, R, P]
+            if own_mask is not None:
+                s_own.masked_fill_(~own_mask, torch.finfo(work).min)
+            # One softmax over the text part (its log-sum-exp) and the own keys.
+            lse_text_rows = lse_text.view(B, Hkv, R, L).transpose(2, 3).to(work)  # [B, Hkv, L, R]
+            row_max = torch.maximum(s_own.amax(-1), lse_text_rows)
+            probs = s_own.sub_(row_max.unsqueeze(-1)).exp_()                   # [B, Hkv, L, R, P]
+            text_share = (lse_text_rows - row_max).exp_()                      # [B, Hkv, L, R]
+            norm = probs.sum(-1).add_(text_share)
+            probs.div_(norm.unsqueeze(-1))
+            text_share.div_(norm)
+            own_out = _small_matmul(probs, value_buf)                          # [B, Hkv, L, R, D]
+            out = torch.addcmul(own_out.transpose(2, 3), text_share.transpose(2, 3).unsqueeze(-1),
+                                out_text.view(B, Hkv, R, L, D)).to(q.dtype).reshape(B, HQ, L, D).contiguous()
+        ctx.save_for_backward(q, text_k, text_v, text_mask, lse_text, out, text_share, probs)
+        ctx.scale, ctx.keys, ctx.buffers, ctx.block_dtype = scale, keys, (key_buf, value_buf), blocks[0].dtype
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        q, text_k, text_v, text_mask, lse_text, out, text_share, probs = ctx.saved_tensors
+        key_buf, value_buf = ctx.buffers
+        scale = ctx.scale
+        with torch.autocast(q.device.type, enabled=False):
+            B, HQ, L, D = q.shape
+            Hkv = text_k.shape[1]
+            R = HQ // Hkv
+            work = probs.dtype
+            g = grad_out.reshape(B, Hkv, R, L, D)
+            share = text_share.transpose(2, 3).unsqueeze(-1)  # [B, Hkv, R, L, 1]
+            grad_text = (share * g).to(q.dtype).reshape(B, HQ, L, D).contiguous()
+            dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+                grad_text, q, text_k, text_v, out, lse_text, 0.0, text_mask is None,
+                attn_mask=text_mask, scale=scale)
+            g_rows = g.transpose(2, 3).to(work)                                      # [B, Hkv, L, R, D]
+            row_dot = (g_rows * out.view(B, Hkv, R, L, D).transpose(2, 3)).sum(-1, keepdim=True)
+            d_scores = probs * (_small_matmul(g_rows, value_buf.transpose(-1, -2)) - row_dot)
+            d_rows = _small_matmul(d_scores, key_buf).mul_(scale)                    # [B, Hkv, L, R, D]
+            dq = (dq.view(B, Hkv, R, L, D) + d_rows.transpose(2, 3)).to(q.dtype).reshape(B, HQ, L, D)
+            rows = q.view(B, Hkv, R, L, D).transpose(2, 3).to(work)
+            d_keys = _small_matmul(d_scores.transpose(-1, -2), rows).mul_(scale)     # [B, Hkv, L, P, D]
+            d_values = _small_matmul(probs.transpose(-1, -2), g_rows)
+        dtype = ctx.block_dtype
+        return (dq, dk, dv, None, None, None, None,
+                *d_keys.to(dtype).unbind(3), *d_values.to(dtype).unbind(3))
+
+
 def _fused_thought_attention(query, keys: PassKeys, layout: ThoughtLayout, scale: float):
-    """The same pattern as the general path: the text part with a fused causal kernel (query
-    passes folded into the head dimension, GQA without key copies), merged with the small
-    own-thought part through the log-sum-exp."""
+    """The same pattern as the general path in one autograd node (``_FusedThoughtAttention``)."""
     B, H, Q, D = query.shape
     Hkv = keys.text_key.shape[1]
     G = H // Hkv
@@ -365,18 +420,36 @@ def _fused_thought_attention(query, keys: PassKeys, layout: ThoughtLayout, scale
     # Heads ordered (kv head, group, pass): head h reads kv head h // (G * Qp), as the kernel's GQA.
     q = query.reshape(B, H, Qp, L, D).reshape(B, H * Qp, L, D)
     mask = layout.additive_text_mask(query.dtype) if layout.has_padding else None
-    out_text, lse_text = _CausalTextAttention.apply(q, keys.text_key, keys.text_value, mask, scale)
     if not keys.own_keys:
-        return out_text.view(B, H, Q, D).transpose(1, 2).contiguous(), None
-    # The merge runs in float32 at least: the kernel's log-sum-exp is float32 even for bfloat16.
-    s_own = _masked_own_scores(q.view(B, Hkv, G, Qp, L, D), keys, layout, scale)
-    lse_text = lse_text.view(B, Hkv, G, Qp, L).to(s_own.dtype)
-    lse_all = torch.logaddexp(lse_text, torch.logsumexp(s_own, -1))
-    text_share = torch.exp(lse_text - lse_all).unsqueeze(-1)
-    p_own = torch.exp(s_own - lse_all.unsqueeze(-1))
-    out = (text_share * out_text.view(B, Hkv, G, Qp, L, D).to(s_own.dtype)
-           + _own_values(p_own, keys)).to(query.dtype)
-    return out.reshape(B, H, Q, D).transpose(1, 2).contiguous(), None
+        out = _TextAttention.apply(q, keys.text_key, keys.text_value, mask, scale)
+        return out.view(B, H, Q, D).transpose(1, 2).contiguous(), None
+    P = len(keys.own_keys)
+    own_mask = None
+    if layout.query_passes[0] < P:  # some queries do not see every own key: [R = G*Qp, P]
+        own_mask = layout.thought_mask(P, None).reshape(Qp, P).repeat(G, 1)
+    out = _FusedThoughtAttention.apply(q, keys.text_key, keys.text_value, mask, own_mask, scale, keys,
+                                       *keys.own_keys, *keys.own_values)
+    return out.view(B, H, Q, D).transpose(1, 2).contiguous(), None
+
+
+class _TextAttention(torch.autograd.Function):
+    """The flash kernel alone (a call with no thought keys yet), differentiable."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, mask, scale):
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q, k, v, 0.0, mask is None, attn_mask=mask, scale=scale)
+        ctx.save_for_backward(q, k, v, out, lse, mask)
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        q, k, v, out, lse, mask = ctx.saved_tensors
+        return (*torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            grad_out.contiguous(), q, k, v, out, lse, 0.0, mask is None, attn_mask=mask,
+            scale=ctx.scale), None, None)
 
 
 def _sdpa_thought_attention(query, keys: PassKeys, layout: ThoughtLayout, scale: float):

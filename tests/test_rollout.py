@@ -264,3 +264,15 @@ def test_bfloat16_thought_scoring_runs_and_tracks_float32():
     low = model.score_thoughts(x, thoughts).thought_logits.float()
     finite = torch.isfinite(reference)
     assert (low[finite] - reference[finite]).abs().max() < 0.1
+
+
+@pytest.mark.parametrize("contraction", [1, 3, 7, 8, 13])
+def test_small_matmul_equals_matmul(contraction):
+    """The unrolled product for short contractions (and the plain one for long) on the strided
+    operands the own-thought part passes (transposed views)."""
+    from quietstar.attention import _small_matmul
+
+    g = torch.Generator().manual_seed(contraction)
+    a = torch.randn(2, 3, 5, contraction, 4, dtype=torch.float64, generator=g).transpose(-1, -2)
+    b = torch.randn(2, 3, 5, 6, contraction, dtype=torch.float64, generator=g).transpose(-1, -2)
+    torch.testing.assert_close(_small_matmul(a, b), torch.matmul(a, b), atol=1e-12, rtol=1e-12)
