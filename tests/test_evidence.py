@@ -118,3 +118,62 @@ def test_method_and_optimiser_settings_reach_the_quietstar_arm(tmp_path):
     assert config.mixing_head_lr_multiplier == 10.0
     default = evidence.train_config(evidence.parse_args(["--out", str(tmp_path)]), tmp_path).quietstar
     assert (default.base_loss_weight, default.mixed_loss_weight) == (0.5, 0.5)
+
+
+# ---------------------------------------------------------------------------- pooling seeds
+def _load_pool():
+    spec = importlib.util.spec_from_file_location("pool_seeds", ROOT / "experiments" / "pool_seeds.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+pool_seeds = _load_pool()
+
+
+def test_seed_bootstrap_counts_seed_to_seed_variation_as_noise():
+    documents = np.repeat(np.arange(6), 5)
+    # Two seeds that disagree completely and have no document-level noise: the pooled mean is 0
+    # and every resample's mean is -1, 0 or +1, so the 95% interval is [-1, +1].
+    split = np.stack([np.full(30, -1.0), np.full(30, 1.0)])
+    assert pool_seeds.seed_document_bootstrap(split, documents) == (-1.0, 1.0)
+    # Identical seeds: only the documents vary, as in one run's own interval.
+    one = np.random.default_rng(0).normal(-0.5, 1.0, 30)
+    low, high = pool_seeds.seed_document_bootstrap(np.stack([one, one, one]), documents)
+    single = evidence.summarize(one, documents)
+    assert low < one.mean() < high
+    assert low == pytest.approx(single["ci_low"], abs=0.1) and high == pytest.approx(single["ci_high"], abs=0.1)
+
+
+def _fake_run(folder: Path, base: np.ndarray, document: np.ndarray, shift: float) -> Path:
+    folder.mkdir(parents=True)
+    np.savez(folder / "nll_base.npz", nll_without=base, document=document)
+    np.savez(folder / "nll_control.npz", nll_without=base - 1.0, document=document)
+    np.savez(folder / "nll_quietstar.npz", nll_with=base - 1.0 + shift, nll_without=base - 1.0,
+             document=document)
+    return folder
+
+
+def test_pooled_report_of_fake_runs(tmp_path):
+    base = np.arange(40, dtype=float)
+    document = np.repeat(np.arange(8), 5)
+    runs = [_fake_run(tmp_path / f"seed{i}", base, document, shift) for i, shift in enumerate((-0.2, -0.4))]
+    result = pool_seeds.main([str(r) for r in runs] + ["--out", str(tmp_path / "pooled")])
+    pooled = result["pooled"]["hardest"]["quietstar_with - control"]
+    assert pooled["mean"] == pytest.approx(-0.3)
+    assert pooled["ci_low"] == pytest.approx(-0.4) and pooled["ci_high"] == pytest.approx(-0.2)
+    per_seed = result["per_seed"]["hardest"]["quietstar_with - quietstar_without"]
+    assert [s["mean"] for s in per_seed] == pytest.approx([-0.2, -0.4])
+    text = (tmp_path / "pooled" / "results.md").read_text()
+    assert "**pooled, hardest 10%**" in text and "thinking better (CI < 0)" in text
+    assert (tmp_path / "pooled" / "seeds.png").stat().st_size > 0
+
+
+def test_pooling_refuses_runs_on_other_held_out_text(tmp_path):
+    document = np.repeat(np.arange(4), 5)
+    a = _fake_run(tmp_path / "a", np.arange(20, dtype=float), document, -0.1)
+    b = _fake_run(tmp_path / "b", np.arange(20, dtype=float) + 1, document, -0.1)
+    with pytest.raises(ValueError, match="did not score the same held-out tokens"):
+        pool_seeds.main([str(a), str(b), "--out", str(tmp_path / "out")])
+    with pytest.raises(FileNotFoundError, match="not a finished evidence run"):
+        pool_seeds.main([str(a), str(tmp_path / "missing"), "--out", str(tmp_path / "out")])

@@ -1,0 +1,172 @@
+"""Pools evidence runs that differ only in their seed: does the configuration help on average?
+
+One run of ``evidence.py`` answers for one seed (one data order, one draw of thoughts, one head
+initialisation); its intervals resample held-out documents only, so they say nothing about how
+much the result moves from seed to seed. This script takes several such runs (same model,
+configuration and held-out text; ``--seed`` different) and reports, for the primary metric
+(the hardest-10% held-out NLL differences ``quietstar_with - control`` and
+``quietstar_with - quietstar_without``, see ``evidence.py``) and the context differences:
+
+* every seed's mean difference, with its document-bootstrap CI (as in its own results.md);
+* the seed-averaged difference, with a two-level bootstrap CI: each resample draws the seeds
+  with replacement and, independently, the held-out documents with replacement (shared by all
+  seeds: every run scored the same documents), so seed-to-seed variation counts as noise.
+
+    python experiments/pool_seeds.py --out docs/results/pooled-seeds \\
+        docs/results/run6-gsm8k-pw1-seed1 docs/results/run7-gsm8k-pw1-seed2 ...
+
+writes ``results.md``, ``results.json`` and ``seeds.png`` (every seed's and the pooled difference,
+95% CIs) into ``--out``. The runs must have scored the very same held-out tokens with the same
+untrained model (checked: their ``nll_base.npz`` must be identical).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shlex
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from quietstar.evaluation import summarize
+from quietstar.plots import new_figure, save_figure
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from evidence import COMPARISONS, HARDEST_FRACTION, cell, verdict  # noqa: E402
+
+# Few seeds make the seed draw coarse (S^S combinations), so more resamples than elsewhere.
+POOLED_RESAMPLES = 10_000
+
+
+def load_run(folder: Path) -> dict[str, np.ndarray]:
+    """Per-token NLLs of the arms of one evidence run (as ``evidence.compare`` names them)."""
+    files = {name: folder / f"nll_{name}.npz" for name in ("base", "control", "quietstar")}
+    missing = [str(p) for p in files.values() if not p.exists()]
+    if missing:
+        raise FileNotFoundError(f"{folder} is not a finished evidence run: missing {missing} "
+                                "(run experiments/evidence.py to the end, or --reuse it)")
+    arms = {name: dict(np.load(path)) for name, path in files.items()}
+    return {"quietstar_with": arms["quietstar"]["nll_with"],
+            "quietstar_without": arms["quietstar"]["nll_without"],
+            "control": arms["control"]["nll_without"], "base": arms["base"]["nll_without"],
+            "document": arms["base"]["document"]}
+
+
+def seed_document_bootstrap(differences: np.ndarray, documents: np.ndarray, seed: int = 0,
+                            n_resamples: int = POOLED_RESAMPLES, confidence: float = 0.95):
+    """Percentile CI of the seed-averaged mean of ``differences`` [S seeds, T tokens].
+
+    Each resample draws S seeds and the documents (all tokens of a document together) with
+    replacement; its value is the mean over the drawn seeds of the token mean over the drawn
+    documents."""
+    S = differences.shape[0]
+    _, index = np.unique(documents, return_inverse=True)
+    sums = np.stack([np.bincount(index, weights=d) for d in differences])  # [S, documents]
+    counts = np.bincount(index).astype(np.float64)
+    rng = np.random.default_rng(seed)
+    seed_picks = rng.integers(0, S, size=(n_resamples, S))
+    doc_picks = rng.integers(0, len(counts), size=(n_resamples, len(counts)))
+    per_seed = sums[:, doc_picks].sum(-1) / counts[doc_picks].sum(-1)  # [S, resamples]
+    means = np.take_along_axis(per_seed.T, seed_picks, axis=1).mean(1)
+    alpha = (1 - confidence) / 2
+    low, high = np.quantile(means, [alpha, 1 - alpha])
+    return float(low), float(high)
+
+
+def pool(runs: dict[str, dict[str, np.ndarray]], seed: int = 0) -> dict:
+    """Per-seed and seed-averaged differences on the hardest 10% and on all tokens."""
+    names = list(runs)
+    first = runs[names[0]]
+    for name in names[1:]:
+        if (runs[name]["base"].shape != first["base"].shape
+                or not np.array_equal(runs[name]["base"], first["base"])
+                or not np.array_equal(runs[name]["document"], first["document"])):
+            raise ValueError(f"{name} did not score the same held-out tokens as {names[0]} (their "
+                             "untrained-model NLLs differ): pool only runs with the same model, "
+                             "data and --heldout-documents")
+    base, documents = first["base"], first["document"]
+    order = np.argsort(base, kind="stable")
+    subsets = {"hardest": order[-math.ceil(HARDEST_FRACTION * base.size):], "all": order}
+    result = {"runs": names, "n_tokens": int(base.size),
+              "n_documents": int(np.unique(documents).size), "per_seed": {}, "pooled": {}}
+    for subset, index in subsets.items():
+        result["per_seed"][subset], result["pooled"][subset] = {}, {}
+        for a, b in COMPARISONS:
+            key = f"{a} - {b}"
+            diffs = np.stack([runs[n][a][index] - runs[n][b][index] for n in names])
+            result["per_seed"][subset][key] = [summarize(d, documents[index], seed) for d in diffs]
+            low, high = seed_document_bootstrap(diffs, documents[index], seed)
+            result["pooled"][subset][key] = {"mean": float(diffs.mean(1).mean()), "ci_low": low,
+                                             "ci_high": high, "n": int(diffs.shape[1])}
+    return result
+
+
+def tables(result: dict) -> str:
+    names = result["runs"]
+    hardest = result["per_seed"]["hardest"]
+    lines = [f"Held-out: {result['n_documents']} documents, {result['n_tokens']} tokens; hardest 10% = "
+             f"{hardest[f'{COMPARISONS[0][0]} - {COMPARISONS[0][1]}'][0]['n']} tokens. Differences in "
+             "nats/token, mean [95% CI]; negative = the first arm predicts better.", "",
+             "Hardest 10%, every seed (CI over documents) and pooled (CI over seeds and documents):", "",
+             "| run | " + " | ".join(f"{a} - {b}" for a, b in COMPARISONS) + " |",
+             "|---|" + "---|" * len(COMPARISONS)]
+    for i, name in enumerate(names):
+        lines.append(f"| {name} | " + " | ".join(cell(hardest[f'{a} - {b}'][i], True)
+                                                for a, b in COMPARISONS) + " |")
+    for subset, label in (("hardest", "**pooled, hardest 10%**"), ("all", "pooled, all tokens")):
+        lines.append(f"| {label} | " + " | ".join(cell(result["pooled"][subset][f"{a} - {b}"], True)
+                                                 for a, b in COMPARISONS) + " |")
+    lines += ["", "Primary metric, pooled over the seeds:", ""]
+    for a, b in COMPARISONS[:2]:
+        s = result["pooled"]["hardest"][f"{a} - {b}"]
+        lines.append(f"* `{a} - {b}`: {cell(s, True)}: {verdict(s)}")
+    return "\n".join(lines)
+
+
+def plot_seeds(result: dict, path: Path) -> None:
+    """The two primary differences of every seed and pooled, with their 95% CIs."""
+    fig, ax = new_figure(8, 4.2)
+    ax.axvline(0.0, color="0.4", linewidth=1)
+    names = result["runs"] + ["pooled"]
+    for (a, b), color, shift in zip(COMPARISONS[:2], ("tab:blue", "tab:orange"), (-0.12, 0.12)):
+        key = f"{a} - {b}"
+        stats = result["per_seed"]["hardest"][key] + [result["pooled"]["hardest"][key]]
+        y = np.arange(len(names)) + shift
+        x = np.array([s["mean"] for s in stats])
+        err = [x - [s["ci_low"] for s in stats], [s["ci_high"] for s in stats] - x]
+        ax.errorbar(x, y, xerr=err, fmt="o", capsize=3, color=color, label=key)
+    ax.set_yticks(range(len(names)), names)
+    ax.invert_yaxis()
+    ax.set_xlabel("hardest-10% NLL difference (nats/token; < 0: thinking better)")
+    ax.set_title("Per seed (CI over documents) and pooled (CI over seeds and documents)")
+    ax.legend(fontsize=8)
+    save_figure(fig, path)
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("runs", nargs="+", help="evidence run folders (same configuration, other seeds)")
+    p.add_argument("--out", required=True, help="results folder")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    args = p.parse_args(argv)
+    if len(args.runs) < 2:
+        p.error("pooling needs at least two runs")
+    command = "python experiments/pool_seeds.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+    runs = {Path(r).name: load_run(Path(r)) for r in args.runs}
+    result = pool(runs, args.seed) | {"command": command}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+    plot_seeds(result, out / "seeds.png")
+    text = "\n".join([f"# Pooled evidence runs `{out.name}`", "", "Command (from the repository root):",
+                      "", f"```\n{command}\n```", "", tables(result), "", "![seeds](seeds.png)", ""])
+    (out / "results.md").write_text(text, encoding="utf-8")
+    print(tables(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
