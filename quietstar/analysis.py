@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .evaluation import _device, _pad, add_model_arguments, next_token_logits, summarize
+from .evaluation import THOUGHT_SOURCES, _device, _pad, add_model_arguments, next_token_logits, summarize
 from .models import load_quietstar_model
 from .plots import plot_difficulty
 
@@ -58,11 +58,13 @@ def _windows(texts: Sequence[str], tokenizer, max_length: int) -> list[tuple[int
 @torch.no_grad()
 def token_nlls(model, texts: Sequence[str], thought_tokens: int | None = None,
                thought_temperature: float | None = None, max_length: int = 256,
-               batch_size: int = 4, seed: int = 0, progress: bool = False) -> TokenNLLs:
+               batch_size: int = 4, seed: int = 0, progress: bool = False,
+               thought_source: str = "sampled") -> TokenNLLs:
     """Base and thinking NLL of every token of ``texts`` that has a predecessor.
 
     Thoughts have ``thought_tokens`` tokens (default the model's k) and are sampled at
-    ``thought_temperature`` (default the model's; 0 = greedy) from a generator seeded with ``seed``.
+    ``thought_temperature`` (default the model's; 0 = greedy) from a generator seeded with ``seed``
+    (``thought_source`` "random" / "shifted": the controls of ``evaluation.thoughts_for``).
     Long texts are cut into windows of ``max_length`` tokens.
     """
     K = model.config.sampled_thought_tokens if thought_tokens is None else thought_tokens
@@ -86,7 +88,8 @@ def token_nlls(model, texts: Sequence[str], thought_tokens: int | None = None,
                 extra = min_len - ids.shape[1]
                 ids = torch.cat([ids, ids.new_full((ids.shape[0], extra), tokenizer.pad_token_id)], 1)
                 mask = torch.cat([mask, mask.new_zeros((mask.shape[0], extra))], 1)
-            base_logits, mixed_logits = next_token_logits(model, ids, mask, K, thought_temperature, generator)
+            base_logits, mixed_logits = next_token_logits(model, ids, mask, K, thought_temperature,
+                                                          generator, thought_source)
             targets = ids[:, 1:]
             valid = mask[:, 1:].bool()
             for logits, out in ((base_logits, base), (mixed_logits, thinking)):
@@ -172,6 +175,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-length", type=int, default=256, help="tokens per window")
     parser.add_argument("--batch-size", type=int, default=4, help="windows per model call")
     parser.add_argument("--buckets", type=int, default=10, help="difficulty buckets (10 = deciles)")
+    parser.add_argument("--thought-source", choices=THOUGHT_SOURCES, default="sampled",
+                        help="the model's own thoughts, or a control: random tokens, or the own "
+                             "thoughts of another position (does the content matter?)")
     parser.add_argument("--out", required=True, help="folder for report.json and difficulty.png")
 
 
@@ -181,9 +187,10 @@ def run(args: argparse.Namespace) -> int:
     model = load_quietstar_model(args.model, args.device, args.dtype)
     texts = list(load_texts(args.data, num_documents=args.limit))
     nll = token_nlls(model, texts, args.thought_tokens, args.thought_temperature, args.max_length,
-                     args.batch_size, args.seed, progress=True)
+                     args.batch_size, args.seed, progress=True, thought_source=args.thought_source)
     report = difficulty_report(nll.base, nll.thinking, nll.document, args.buckets, seed=args.seed)
     report |= {"model": args.model, "data": args.data, "documents": len(texts),
+               "thought_source": args.thought_source,
                "thought_tokens": (model.config.sampled_thought_tokens if args.thought_tokens is None
                                   else args.thought_tokens),
                "thought_temperature": (model.config.thought_temperature if args.thought_temperature is None

@@ -185,15 +185,50 @@ def _batches(items: Sequence, size: int, description: str, progress: bool):
         yield items[start:start + size]
 
 
+THOUGHT_SOURCES = ("sampled", "random", "shifted")
+
+
+def thoughts_for(model, input_ids, attention_mask, thought_tokens: int, source: str = "sampled",
+                 thought_temperature: float | None = None,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+    """[B, L, k] thoughts for every position, from ``source``:
+
+    * ``"sampled"``: the model's own (``sample_thoughts``), as it predicts;
+    * ``"random"``: uniform random tokens of the vocabulary (never a meta token): thoughts with
+      no content, through the same mixing head;
+    * ``"shifted"``: the model's own thoughts, each moved to the position L // 2 further along
+      the row (cyclically): fluent thoughts about another place in the text.
+
+    The last two are controls: if the model gains as much from them as from its own thoughts, the
+    gain does not come from what the thoughts say."""
+    if source not in THOUGHT_SOURCES:
+        raise ValueError(f"thought source must be one of {THOUGHT_SOURCES}, got {source!r}")
+    if source == "random":
+        vocab = model.lm.get_output_embeddings().weight.shape[0]
+        allowed = torch.ones(vocab, dtype=torch.bool)
+        allowed[[i for i in (model.start_id, model.end_id) if i < vocab]] = False
+        candidates = allowed.nonzero().squeeze(1)
+        picks = torch.randint(0, candidates.numel(), (*input_ids.shape, thought_tokens), generator=generator,
+                              device=generator.device if generator is not None else "cpu")
+        return candidates.to(picks.device)[picks].to(input_ids.device)
+    thoughts = model.sample_thoughts(input_ids, attention_mask, num_tokens=thought_tokens,
+                                     temperature=thought_temperature, generator=generator)
+    if source == "shifted":
+        thoughts = torch.roll(thoughts, shifts=-(input_ids.shape[1] // 2), dims=1)
+    return thoughts
+
+
 @torch.no_grad()
 def next_token_logits(model, input_ids, attention_mask, thought_tokens: int,
                       thought_temperature: float | None = None,
-                      generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                      generator: torch.Generator | None = None,
+                      thought_source: str = "sampled") -> tuple[torch.Tensor, torch.Tensor]:
     """(base, predicted) logits [B, L, V]; position i predicts token i+1.
 
     ``base`` is the model without thoughts. ``predicted`` is what the model predicts: the base
     logits when ``thought_tokens`` is 0, else the mixed prediction after a ``thought_tokens``-token
-    thought at position i (sampled at ``thought_temperature``, default the model's; 0 = greedy).
+    thought at position i (sampled at ``thought_temperature``, default the model's; 0 = greedy;
+    ``thought_source`` picks a control instead, see ``thoughts_for``).
     """
     if thought_tokens == 0:
         embeds = model.embedding(input_ids)
@@ -201,8 +236,8 @@ def next_token_logits(model, input_ids, attention_mask, thought_tokens: int,
                                position_ids=text_positions(attention_mask)).last_hidden_state
         logits = model.logits(hidden)
         return logits, logits
-    thoughts = model.sample_thoughts(input_ids, attention_mask, num_tokens=thought_tokens,
-                                     temperature=thought_temperature, generator=generator)
+    thoughts = thoughts_for(model, input_ids, attention_mask, thought_tokens, thought_source,
+                            thought_temperature, generator)
     scores = model.score_thoughts(input_ids, thoughts, attention_mask)
     return scores.base_logits, scores.mixed_logits[:, :, 0]
 

@@ -118,11 +118,37 @@ def test_analyze_cli(tmp_path, capsys):
     analysis.add_arguments(parser)
     args = parser.parse_args(["--model", str(saved), "--data", str(data), "--limit", "3", "--out", str(out),
                               "--max-length", "32", "--buckets", "4", "--thought-tokens", "2",
-                              "--batch-size", "2"])
+                              "--batch-size", "2", "--thought-source", "random"])
     assert analysis.run(args) == 0
     report = json.loads((out / "report.json").read_text())
     tok = make_tokenizer()
     assert report["n_tokens"] == sum(len(tok(t).input_ids) - 1 for t in CORPUS[:3])
     assert report["documents"] == 3 and len(report["buckets"]) == 4 and report["thought_tokens"] == 2
+    assert report["thought_source"] == "random"
     assert (out / "difficulty.png").stat().st_size > 1000
     assert "hardest 10%" in capsys.readouterr().out
+
+
+def test_thought_sources_own_random_and_shifted():
+    """The controls of "does the content matter?": random tokens (never a meta token) and the
+    model's own thoughts moved L/2 positions on, from the same seeded generator."""
+    from quietstar.evaluation import thoughts_for
+
+    model = make_model()
+    x = torch.randint(2, 300, (2, 10), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(x)
+
+    def make(source, seed=0):
+        return thoughts_for(model, x, mask, 3, source, generator=torch.Generator().manual_seed(seed))
+
+    own = model.sample_thoughts(x, mask, num_tokens=3, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(make("sampled"), own)
+    assert torch.equal(make("shifted"), torch.roll(own, shifts=-5, dims=1))
+    random = make("random")
+    vocab = model.lm.get_output_embeddings().weight.shape[0]
+    assert random.shape == (2, 10, 3) and int(random.max()) < vocab and int(random.min()) >= 0
+    assert not ((random == model.start_id) | (random == model.end_id)).any()
+    assert torch.equal(random, make("random")) and not torch.equal(random, make("random", seed=1))
+    assert random.unique().numel() > 20  # spread over the vocabulary, not one token
+    with pytest.raises(ValueError, match="thought source must be one of"):
+        make("none")

@@ -177,3 +177,37 @@ def test_pooling_refuses_runs_on_other_held_out_text(tmp_path):
         pool_seeds.main([str(a), str(b), "--out", str(tmp_path / "out")])
     with pytest.raises(FileNotFoundError, match="not a finished evidence run"):
         pool_seeds.main([str(a), str(tmp_path / "missing"), "--out", str(tmp_path / "out")])
+
+
+
+# ---------------------------------------------------------------------------- thought content
+def _load_content():
+    spec = importlib.util.spec_from_file_location("thought_content", ROOT / "experiments" / "thought_content.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_thought_content_scores_own_thoughts_and_both_controls(tiny_model_dir, tmp_path):
+    from quietstar.analysis import token_nlls
+    from quietstar.data import load_texts
+    from quietstar.modeling import QuietStarForCausalLM
+
+    trained = build_model(TrainConfig(model=str(tiny_model_dir))).eval()
+    with torch.no_grad():
+        trained.mixing_head.mlp[-1].bias.fill_(0.6)  # thoughts change the prediction
+    trained.save_pretrained(tmp_path / "trained")
+    content = _load_content()
+    result = content.main(["--model", str(tmp_path / "trained"), "--base-model", str(tiny_model_dir),
+                           "--data", "builtin:arithmetic", "--heldout-documents", "3",
+                           "--eval-max-length", "24", "--out", str(tmp_path / "out")])
+    # "sampled" is what analysis.token_nlls measures with the same seed, "without" its base.
+    texts = list(load_texts("builtin:arithmetic", seed=0))[:3]
+    reference = token_nlls(QuietStarForCausalLM.from_pretrained(tmp_path / "trained").eval(), texts,
+                           max_length=24, seed=0)
+    nll = np.load(tmp_path / "out" / "nll.npz")
+    np.testing.assert_allclose(nll["sampled"], reference.thinking, rtol=1e-5)
+    np.testing.assert_allclose(nll["without"], reference.base, rtol=1e-5)
+    assert not np.allclose(nll["random"], nll["sampled"])
+    assert set(result["difference"]["hardest"]) == {f"{a} - {b}" for a, b in content.COMPARISONS}
+    assert "| random |" in (tmp_path / "out" / "results.md").read_text()

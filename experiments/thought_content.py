@@ -1,0 +1,114 @@
+"""Does the content of the thoughts matter? A trained model with its own thoughts and two controls.
+
+``evidence.py`` shows whether a Quiet-STaR model predicts better with thoughts than without. That
+gain could come from what the thoughts say, or only from the extra computation and the mixing
+head (a second prediction to blend with the first, whatever the thought). This script scores one
+trained model on the held-out text of an evidence run three ways, thoughts from the same seeded
+generator each time (``quietstar.evaluation.thoughts_for``):
+
+  sampled   its own thoughts, as in the evidence run;
+  random    uniform random tokens in place of the thought: no content, same head;
+  shifted   its own thoughts, each moved to the position L/2 further on: fluent, but about
+            another place in the text;
+
+and compares them on the evidence run's primary token set, the hardest 10% of held-out tokens by
+the untrained model's NLL (``--base-model``, default the embedded model), with paired bootstrap
+CIs over documents. If ``sampled`` beats both controls, the content matters.
+
+    python experiments/thought_content.py --model /path/to/trained/model \\
+        --data ../shared/data/gsm8k/train.jsonl --heldout-documents 24 --out docs/results/my-content
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import shlex
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from quietstar.analysis import token_nlls
+from quietstar.data import load_texts
+from quietstar.evaluation import THOUGHT_SOURCES, summarize
+from quietstar.models import EMBEDDED_MODEL, load_quietstar_model
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from evidence import HARDEST_FRACTION, cell, plain_token_nlls  # noqa: E402
+
+COMPARISONS = (("sampled", "random"), ("sampled", "shifted"), ("sampled", "without"),
+               ("random", "without"), ("shifted", "without"))
+
+
+def measure(model, base_model, texts, max_length: int, batch_size: int, seed: int) -> dict[str, np.ndarray]:
+    """Per-token NLLs: the untrained model ("untrained"), the trained one without thoughts
+    ("without") and with each thought source."""
+    nll = {}
+    nll["untrained"], nll["document"] = plain_token_nlls(base_model, texts, max_length, batch_size)
+    for source in THOUGHT_SOURCES:
+        result = token_nlls(model, texts, max_length=max_length, batch_size=batch_size, seed=seed,
+                            thought_source=source, progress=True)
+        nll[source], nll["without"] = result.thinking, result.base
+        if not np.array_equal(result.document, nll["document"]):
+            raise RuntimeError("the trained and untrained models cut the text into different tokens; "
+                               "give the untrained model the trained one was made from (--base-model)")
+    return nll
+
+
+def compare(nll: dict[str, np.ndarray], seed: int = 0) -> dict:
+    untrained, document = nll["untrained"], nll["document"]
+    order = np.argsort(untrained, kind="stable")
+    subsets = {"hardest": order[-math.ceil(HARDEST_FRACTION * untrained.size):], "all": order}
+    arms = ("without",) + THOUGHT_SOURCES
+    return {"n_tokens": int(untrained.size), "n_documents": int(np.unique(document).size),
+            "nll": {s: {a: summarize(nll[a][i], document[i], seed) for a in arms} for s, i in subsets.items()},
+            "difference": {s: {f"{a} - {b}": summarize(nll[a][i] - nll[b][i], document[i], seed)
+                               for a, b in COMPARISONS} for s, i in subsets.items()}}
+
+
+def tables(result: dict) -> str:
+    n, d = result["nll"], result["difference"]
+    lines = [f"Held-out: {result['n_documents']} documents, {result['n_tokens']} tokens; hardest 10% by the "
+             "untrained model's NLL. Mean [95% bootstrap CI over documents], nats/token.", "",
+             "| thoughts | NLL, all tokens | NLL, hardest 10% |", "|---|---|---|"]
+    lines += [f"| {a} | {cell(n['all'][a])} | {cell(n['hardest'][a])} |" for a in n["all"]]
+    lines += ["", "Paired differences (negative = the first predicts better):", "",
+              "| difference | all tokens | hardest 10% |", "|---|---|---|"]
+    lines += [f"| {a} - {b} | {cell(d['all'][f'{a} - {b}'], True)} | {cell(d['hardest'][f'{a} - {b}'], True)} |"
+              for a, b in COMPARISONS]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True, help="a trained QuietStar model folder")
+    p.add_argument("--base-model", default=EMBEDDED_MODEL, help="the untrained model it was trained from")
+    p.add_argument("--data", required=True, help="the evidence run's --data")
+    p.add_argument("--heldout-documents", type=int, default=60, help="the evidence run's --heldout-documents")
+    p.add_argument("--eval-max-length", type=int, default=128)
+    p.add_argument("--eval-batch-size", type=int, default=4)
+    p.add_argument("--seed", type=int, default=0, help="thought sampling and bootstrap seed")
+    p.add_argument("--out", required=True, help="results folder")
+    args = p.parse_args(argv)
+    command = "python experiments/thought_content.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+    texts = list(itertools.islice(load_texts(args.data, seed=args.seed), args.heldout_documents))
+    model = load_quietstar_model(args.model).eval()
+    base_model = load_quietstar_model(args.base_model).eval()
+    nll = measure(model, base_model, texts, args.eval_max_length, args.eval_batch_size, args.seed)
+    result = compare(nll, args.seed) | {"command": command}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    np.savez(out / "nll.npz", **nll)
+    (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+    text = "\n".join([f"# Thought content `{out.name}`", "", "Command (from the repository root):", "",
+                      f"```\n{command}\n```", "", tables(result), ""])
+    (out / "results.md").write_text(text, encoding="utf-8")
+    print(tables(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
