@@ -321,12 +321,12 @@ def _masked_own_scores(q6, keys: PassKeys, layout: ThoughtLayout, scale: float):
 def _small_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a [..., M, C] @ b [..., C, N] for the own part's tiny per-position matrices.
 
-    Batched matrix products of tiny matrices run a slow per-matrix loop on CPU (up to 5x slower
-    than the arithmetic needs), so there a short contraction (C < 8: the own keys of an early
-    pass, the few query rows of a kv head) is unrolled into C broadcast multiply-adds instead.
+    Batched products of matrices below ~512 multiply-adds run a slow per-matrix loop on CPU (up
+    to 5x slower than the arithmetic needs), so there a short contraction (C < 8: the own keys of
+    an early pass, the few query rows of a kv head) is unrolled into C broadcast multiply-adds.
     """
     C = a.shape[-1]
-    if C >= 8 or a.device.type != "cpu":
+    if C >= 8 or a.shape[-2] * b.shape[-1] * C >= 512 or a.device.type != "cpu":
         return torch.matmul(a, b)
     out = a[..., :, :1] * b[..., :1, :]
     for c in range(1, C):
