@@ -90,7 +90,9 @@ def main(argv=None) -> dict:
     p.add_argument("--heldout-documents", type=int, default=60, help="the evidence run's --heldout-documents")
     p.add_argument("--eval-max-length", type=int, default=128)
     p.add_argument("--eval-batch-size", type=int, default=4)
-    p.add_argument("--seed", type=int, default=0, help="thought sampling and bootstrap seed")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seeds the thoughts and the bootstrap (and, for builtin:arithmetic, the "
+                        "documents, as in evidence.py): use the evidence run's --seed")
     p.add_argument("--out", required=True, help="results folder")
     args = p.parse_args(argv)
     command = "python experiments/thought_content.py " + shlex.join(sys.argv[1:] if argv is None else argv)

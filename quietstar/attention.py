@@ -377,7 +377,7 @@ class _FusedThoughtAttention(torch.autograd.Function):
             out = torch.addcmul(own_out.transpose(2, 3), text_share.transpose(2, 3).unsqueeze(-1),
                                 out_text.view(B, Hkv, R, L, D)).to(q.dtype).reshape(B, HQ, L, D).contiguous()
         ctx.save_for_backward(q, text_k, text_v, text_mask, lse_text, out, text_share, probs)
-        ctx.scale, ctx.keys, ctx.buffers, ctx.block_dtype = scale, keys, (key_buf, value_buf), blocks[0].dtype
+        ctx.scale, ctx.buffers, ctx.block_dtype = scale, (key_buf, value_buf), blocks[0].dtype
         return out
 
     @staticmethod
@@ -420,8 +420,9 @@ def _fused_thought_attention(query, keys: PassKeys, layout: ThoughtLayout, scale
     # Heads ordered (kv head, group, pass): head h reads kv head h // (G * Qp), as the kernel's GQA.
     q = query.reshape(B, H, Qp, L, D).reshape(B, H * Qp, L, D)
     mask = layout.additive_text_mask(query.dtype) if layout.has_padding else None
-    if not keys.own_keys:
-        out = _TextAttention.apply(q, keys.text_key, keys.text_value, mask, scale)
+    if not keys.own_keys:  # the text alone: plain causal attention
+        out = F.scaled_dot_product_attention(q, keys.text_key, keys.text_value, attn_mask=mask,
+                                             is_causal=mask is None, scale=scale, enable_gqa=True)
         return out.view(B, H, Q, D).transpose(1, 2).contiguous(), None
     P = len(keys.own_keys)
     own_mask = None
@@ -430,26 +431,6 @@ def _fused_thought_attention(query, keys: PassKeys, layout: ThoughtLayout, scale
     out = _FusedThoughtAttention.apply(q, keys.text_key, keys.text_value, mask, own_mask, scale, keys,
                                        *keys.own_keys, *keys.own_values)
     return out.view(B, H, Q, D).transpose(1, 2).contiguous(), None
-
-
-class _TextAttention(torch.autograd.Function):
-    """The flash kernel alone (a call with no thought keys yet), differentiable."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, mask, scale):
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            q, k, v, 0.0, mask is None, attn_mask=mask, scale=scale)
-        ctx.save_for_backward(q, k, v, out, lse, mask)
-        ctx.scale = scale
-        return out
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out):
-        q, k, v, out, lse, mask = ctx.saved_tensors
-        return (*torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            grad_out.contiguous(), q, k, v, out, lse, 0.0, mask is None, attn_mask=mask,
-            scale=ctx.scale), None, None)
 
 
 def _sdpa_thought_attention(query, keys: PassKeys, layout: ThoughtLayout, scale: float):

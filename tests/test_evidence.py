@@ -18,14 +18,15 @@ ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).parent / "fixtures"
 
 
-def _load_module():
-    spec = importlib.util.spec_from_file_location("evidence", ROOT / "experiments" / "evidence.py")
+def _load_experiment(name: str):
+    """An experiments/ script as a module (the folder is not a package)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "experiments" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-evidence = _load_module()
+evidence = _load_experiment("evidence")
 
 
 def test_pipeline_runs_all_arms_on_the_same_batches(tiny_model_dir, tmp_path):
@@ -121,14 +122,7 @@ def test_method_and_optimiser_settings_reach_the_quietstar_arm(tmp_path):
 
 
 # ---------------------------------------------------------------------------- pooling seeds
-def _load_pool():
-    spec = importlib.util.spec_from_file_location("pool_seeds", ROOT / "experiments" / "pool_seeds.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-pool_seeds = _load_pool()
+pool_seeds = _load_experiment("pool_seeds")
 
 
 def test_seed_bootstrap_counts_seed_to_seed_variation_as_noise():
@@ -181,13 +175,6 @@ def test_pooling_refuses_runs_on_other_held_out_text(tmp_path):
 
 
 # ---------------------------------------------------------------------------- thought content
-def _load_content():
-    spec = importlib.util.spec_from_file_location("thought_content", ROOT / "experiments" / "thought_content.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_thought_content_scores_own_thoughts_and_both_controls(tiny_model_dir, tmp_path):
     from quietstar.analysis import token_nlls
     from quietstar.data import load_texts
@@ -197,7 +184,7 @@ def test_thought_content_scores_own_thoughts_and_both_controls(tiny_model_dir, t
     with torch.no_grad():
         trained.mixing_head.mlp[-1].bias.fill_(0.6)  # thoughts change the prediction
     trained.save_pretrained(tmp_path / "trained")
-    content = _load_content()
+    content = _load_experiment("thought_content")
     result = content.main(["--model", str(tmp_path / "trained"), "--base-model", str(tiny_model_dir),
                            "--data", "builtin:arithmetic", "--heldout-documents", "3",
                            "--eval-max-length", "24", "--out", str(tmp_path / "out")])
