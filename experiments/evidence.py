@@ -217,19 +217,30 @@ def run_arm(name: str, out: Path, reuse: bool, make) -> dict[str, np.ndarray]:
 
 
 # ----------------------------------------------------------------------------- report
+def arm_nlls(arms: dict[str, dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """The per-token NLLs of ``ARMS`` from the measured arms (``nll_<arm>.npz`` contents)."""
+    return {"quietstar_with": arms["quietstar"]["nll_with"],
+            "quietstar_without": arms["quietstar"]["nll_without"],
+            "control": arms["control"]["nll_without"], "base": arms["base"]["nll_without"]}
+
+
+def token_subsets(base: np.ndarray) -> dict[str, np.ndarray]:
+    """Token indices: "all" (easiest first, by the untrained model's NLL ``base``) and "hardest",
+    the top ``HARDEST_FRACTION`` of them."""
+    order = np.argsort(base, kind="stable")
+    return {"all": order, "hardest": order[-math.ceil(HARDEST_FRACTION * base.size):]}
+
+
 def compare(arms: dict[str, dict[str, np.ndarray]], seed: int) -> dict:
     """Mean and hardest-10% NLL of every arm and the paired differences, with bootstrap CIs."""
-    base = arms["base"]["nll_without"]
+    nll = arm_nlls(arms)
+    base = nll["base"]
     document = arms["base"]["document"]
-    nll = {"quietstar_with": arms["quietstar"]["nll_with"],
-           "quietstar_without": arms["quietstar"]["nll_without"],
-           "control": arms["control"]["nll_without"], "base": base}
     for name, values in nll.items():
         if values.shape != base.shape:
             raise RuntimeError(f"arm {name} scored {values.size} tokens, the base model {base.size}")
-    order = np.argsort(base, kind="stable")
-    hardest = order[-math.ceil(HARDEST_FRACTION * base.size):]
-    subsets = {"all": order, "hardest": hardest}
+    subsets = token_subsets(base)
+    order, hardest = subsets["all"], subsets["hardest"]
     result = {"n_tokens": int(base.size), "n_documents": int(np.unique(document).size),
               "hardest_min_base_nll": float(base[hardest].min()), "nll": {}, "difference": {},
               "deciles": []}

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import shlex
 import sys
 from pathlib import Path
@@ -35,7 +34,7 @@ from quietstar.evaluation import summarize
 from quietstar.plots import new_figure, save_figure
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from evidence import COMPARISONS, HARDEST_FRACTION, cell, verdict  # noqa: E402
+from evidence import COMPARISONS, arm_nlls, cell, token_subsets, verdict  # noqa: E402
 
 # Few seeds make the seed draw coarse (S^S combinations), so more resamples than elsewhere.
 POOLED_RESAMPLES = 10_000
@@ -49,10 +48,7 @@ def load_run(folder: Path) -> dict[str, np.ndarray]:
         raise FileNotFoundError(f"{folder} is not a finished evidence run: missing {missing} "
                                 "(run experiments/evidence.py to the end, or --reuse it)")
     arms = {name: dict(np.load(path)) for name, path in files.items()}
-    return {"quietstar_with": arms["quietstar"]["nll_with"],
-            "quietstar_without": arms["quietstar"]["nll_without"],
-            "control": arms["control"]["nll_without"], "base": arms["base"]["nll_without"],
-            "document": arms["base"]["document"]}
+    return arm_nlls(arms) | {"document": arms["base"]["document"]}
 
 
 def seed_document_bootstrap(differences: np.ndarray, documents: np.ndarray, seed: int = 0,
@@ -88,8 +84,7 @@ def pool(runs: dict[str, dict[str, np.ndarray]], seed: int = 0) -> dict:
                              "untrained-model NLLs differ): pool only runs with the same model, "
                              "data and --heldout-documents")
     base, documents = first["base"], first["document"]
-    order = np.argsort(base, kind="stable")
-    subsets = {"hardest": order[-math.ceil(HARDEST_FRACTION * base.size):], "all": order}
+    subsets = token_subsets(base)
     result = {"runs": names, "n_tokens": int(base.size),
               "n_documents": int(np.unique(documents).size), "per_seed": {}, "pooled": {}}
     for subset, index in subsets.items():

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import math
 import shlex
 import sys
 from pathlib import Path
@@ -37,7 +36,7 @@ from quietstar.evaluation import THOUGHT_SOURCES, summarize
 from quietstar.models import EMBEDDED_MODEL, load_quietstar_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from evidence import HARDEST_FRACTION, cell, plain_token_nlls  # noqa: E402
+from evidence import cell, plain_token_nlls, token_subsets  # noqa: E402
 
 COMPARISONS = (("sampled", "random"), ("sampled", "shifted"), ("sampled", "without"),
                ("random", "without"), ("shifted", "without"))
@@ -60,8 +59,7 @@ def measure(model, base_model, texts, max_length: int, batch_size: int, seed: in
 
 def compare(nll: dict[str, np.ndarray], seed: int = 0) -> dict:
     untrained, document = nll["untrained"], nll["document"]
-    order = np.argsort(untrained, kind="stable")
-    subsets = {"hardest": order[-math.ceil(HARDEST_FRACTION * untrained.size):], "all": order}
+    subsets = token_subsets(untrained)
     arms = ("without",) + THOUGHT_SOURCES
     return {"n_tokens": int(untrained.size), "n_documents": int(np.unique(document).size),
             "nll": {s: {a: summarize(nll[a][i], document[i], seed) for a in arms} for s, i in subsets.items()},
