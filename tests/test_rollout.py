@@ -47,11 +47,18 @@ def mix_logits(model, base, thought, w):
     return cap * torch.tanh((base + w * (thought - base)) / cap)
 
 
-def assert_close_finite(actual, expected, atol=1e-4):
-    # The wrapped model gives meta tokens -inf; the plain base model knows nothing of that.
-    finite = torch.isfinite(actual)
-    assert finite.any()
-    torch.testing.assert_close(actual[finite], expected[..., :actual.shape[-1]][finite], atol=atol, rtol=0)
+def assert_close_finite(actual, expected, model, atol=1e-4):
+    """Equal to the plain model's logits, with the meta tokens the one exception: the wrapped
+    model never predicts them (-inf where they lie inside the LM head), the plain model knows
+    nothing of that. Every other entry must be finite in both, then equal in value."""
+    V = actual.shape[-1]
+    expected = expected[..., :V]
+    meta = torch.zeros(V, dtype=torch.bool)
+    meta[[i for i in (model.start_id, model.end_id) if i < V]] = True
+    assert torch.isfinite(expected).all(), "the plain model's logits are not all finite"
+    assert (actual[..., meta] == float("-inf")).all(), "a meta token is predictable"
+    assert torch.isfinite(actual[..., ~meta]).all(), "non-finite logits outside the meta tokens"
+    torch.testing.assert_close(actual[..., ~meta], expected[..., ~meta], atol=atol, rtol=0)
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
@@ -79,17 +86,17 @@ def test_parallel_equals_sequential(family, padding):
         columns = keep.nonzero().flatten()
         with torch.no_grad():
             plain = reference(inputs_embeds=model.get_input_embeddings()(text[None])).logits[0]
-        assert_close_finite(scores.base_logits[b, columns], plain)
+        assert_close_finite(scores.base_logits[b, columns], plain, model)
         for i in range(lengths[b]):
             col = columns[i]
             logits = sequential_logits(model, reference, text, i, thoughts[b, col])
             end = i + 1 + K + 1  # index of END in the sequential sequence
             for s in range(min(A, lengths[b] - i)):
-                assert_close_finite(scores.thought_logits[b, col, s], logits[end + s])
+                assert_close_finite(scores.thought_logits[b, col, s], logits[end + s], model)
                 # mixed logits interpolate base (at i+s) and post-thought logits with weight w
                 w = mixed_scores.mixing_weight[b, col, s]
                 expected = mix_logits(model, plain[i + s], logits[end + s], w)
-                assert_close_finite(mixed_scores.mixed_logits[b, col, s], expected)
+                assert_close_finite(mixed_scores.mixed_logits[b, col, s], expected, model)
 
 
 @pytest.mark.parametrize("family", ["llama", "mistral", "gemma2"])
@@ -137,7 +144,7 @@ def test_mixed_prediction_equals_base_at_initialisation():
         torch.testing.assert_close(scores.mixed_logits[:, :10 - s, s], scores.base_logits[:, s:])
     with torch.no_grad():
         plain = reference(x).logits
-    assert_close_finite(scores.base_logits, plain, atol=1e-5)
+    assert_close_finite(scores.base_logits, plain, model, atol=1e-5)
 
 
 def test_training_forward_uses_score_thoughts_path(monkeypatch):
