@@ -27,7 +27,7 @@ def _tokenizer_json() -> str:
     tok = Tokenizer(models.BPE(unk_token=None))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<pad>", "<eos>"],
+    trainer = trainers.BpeTrainer(vocab_size=TOKENIZER_SIZE, special_tokens=["<pad>", "<eos>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(CORPUS * 4, trainer)
     return tok.to_str()
@@ -39,6 +39,7 @@ def make_tokenizer(pad: bool = True) -> PreTrainedTokenizerFast:
     return tok
 
 
+TOKENIZER_SIZE = 320  # the tiny BPE tokenizer's size (its trainer's vocab_size)
 VOCAB = 336  # >= tokenizer size + 2 meta tokens would also work; meta ids may exceed the matrix
 
 FAMILIES = {
@@ -74,18 +75,23 @@ FAMILIES = {
 }
 
 
-def make_lm(family: str = "llama", seed: int = 0):
+def make_lm(family: str = "llama", seed: int = 0, vocab_size: int | None = None):
+    """A tiny random LM. ``vocab_size=TOKENIZER_SIZE`` puts the meta tokens that ``from_base``
+    adds beyond the LM head, as in every real model (the default VOCAB leaves room for them)."""
     torch.manual_seed(seed)
     config = FAMILIES[family]()
+    if vocab_size is not None:
+        config.vocab_size = vocab_size
     config._attn_implementation = "eager"
     lm = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
     lm.eval()
     return lm
 
 
-def make_model(family: str = "llama", seed: int = 0, **config_kwargs) -> QuietStarForCausalLM:
+def make_model(family: str = "llama", seed: int = 0, vocab_size: int | None = None,
+               **config_kwargs) -> QuietStarForCausalLM:
     config = QuietStarConfig(**{"sampled_thought_tokens": 3, "ahead_tokens": 3, **config_kwargs})
-    return QuietStarForCausalLM.from_base(make_lm(family, seed), make_tokenizer(), config)
+    return QuietStarForCausalLM.from_base(make_lm(family, seed, vocab_size), make_tokenizer(), config)
 
 
 def random_text(batch: int, length: int, seed: int = 0, vocab: int = 300) -> torch.Tensor:

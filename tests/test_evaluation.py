@@ -434,6 +434,19 @@ metric_list:
   - metric: exact_match
 """
 
+ROLLING_YAML = """task: {name}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: loglikelihood_rolling
+doc_to_text: ""
+doc_to_target: "Q: {{{{question}}}} A: {{{{answer}}}}"
+metric_list:
+  - metric: word_perplexity
+"""
+
 
 @pytest.fixture
 def lm_eval_tasks(tmp_path):
@@ -441,7 +454,43 @@ def lm_eval_tasks(tmp_path):
     data = FIXTURES / "lm_eval_tiny.jsonl"
     (tmp_path / "tiny_mc.yaml").write_text(MC_YAML.format(name="tiny_mc", data=data))
     (tmp_path / "tiny_gen.yaml").write_text(GEN_YAML.format(name="tiny_gen", data=data))
+    (tmp_path / "tiny_rolling.yaml").write_text(ROLLING_YAML.format(name="tiny_rolling", data=data))
     return tmp_path
+
+
+def test_lm_eval_without_thoughts_equals_hflm_request_by_request(lm_eval_tasks):
+    """Thoughts off, every request of every kind (log-likelihood with its greedy flag, rolling
+    log-likelihood, greedy generation) gets HFLM's own answer on the same weights. The meta
+    tokens lie beyond the LM head here, as in real models, so both normalise over one vocabulary."""
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    from conftest import TOKENIZER_SIZE
+    from quietstar.lm_eval_adapter import QuietStarLM
+
+    tasks = ["tiny_mc", "tiny_rolling", "tiny_gen"]
+
+    def samples(lm):
+        out = simple_evaluate(model=lm, tasks=tasks, bootstrap_iters=0, log_samples=True,
+                              task_manager=TaskManager(include_path=str(lm_eval_tasks)))
+        return {task: sorted(out["samples"][task], key=lambda s: s["doc_id"]) for task in tasks}
+
+    ours = samples(QuietStarLM(make_model(vocab_size=TOKENIZER_SIZE), thought_tokens=0, batch_size=3))
+    plain = samples(HFLM(pretrained=make_lm(vocab_size=TOKENIZER_SIZE), tokenizer=make_tokenizer(),
+                         batch_size=2, device="cpu"))
+    for task in tasks:
+        assert len(ours[task]) == len(plain[task]) == 4
+        for a, b in zip(ours[task], plain[task]):
+            assert a["doc_id"] == b["doc_id"]
+            assert len(a["resps"]) == len(b["resps"]) >= 1
+            for (ra,), (rb,) in zip(a["resps"], b["resps"]):
+                if task == "tiny_mc":  # (log-likelihood, is the continuation greedy)
+                    assert ra[0] == pytest.approx(rb[0], abs=1e-4) and ra[1] == rb[1], (task, a["doc_id"])
+                elif task == "tiny_rolling":
+                    assert ra == pytest.approx(rb, abs=1e-4), (task, a["doc_id"])
+                else:
+                    assert ra == rb, (task, a["doc_id"])
 
 
 def test_lm_eval_loglikelihood_and_generation_think(lm_eval_tasks):
