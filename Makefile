@@ -12,4 +12,4 @@ train: setup
 
 test:
 	PYTHON=$(PYTHON) bash scripts/setup.sh browser
-	$(PYTHON) -m pytest -q
+	$(PYTHON) -m pytest -q -rs

@@ -14,6 +14,8 @@ from quietstar import QuietStarConfig, QuietStarForCausalLM
 
 torch.set_num_threads(1)  # steadier on a shared 2-core machine
 
+pytest_plugins = ["pytester", "ci_skips"]
+
 CORPUS = [
     "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May.",
     "How many clips did Natalia sell altogether in April and May? 48 + 24 = 72 --- #### 72",

@@ -262,15 +262,23 @@ def test_own_thought_products_equal_einsum_with_gradients():
         torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10)
 
 
+def bf16_error_in_spreads(model, x, thoughts) -> float:
+    """Largest |bf16 - fp32| post-thought logit, in units of the fp32 logits' standard deviation
+    (the finite patterns must be equal: the meta tokens -inf in both)."""
+    reference = model.score_thoughts(x, thoughts).thought_logits
+    low = model.to(torch.bfloat16).score_thoughts(x, thoughts).thought_logits.float()
+    model.to(torch.float32)
+    finite = torch.isfinite(reference)
+    assert torch.equal(finite, torch.isfinite(low))
+    return ((low[finite] - reference[finite]).abs().max() / reference[finite].std()).item()
+
+
 def test_bfloat16_thought_scoring_runs_and_tracks_float32():
+    # Measured 0.022 spreads (an absolute 0.0025 on logits whose spread is 0.114); bf16 keeps 8 bits.
     model, _ = wrap("llama")
     x = random_text(1, 10, seed=9)
     thoughts = random_text(10, K, seed=10).view(1, 10, K)
-    reference = model.score_thoughts(x, thoughts).thought_logits
-    model.to(torch.bfloat16)
-    low = model.score_thoughts(x, thoughts).thought_logits.float()
-    finite = torch.isfinite(reference)
-    assert (low[finite] - reference[finite]).abs().max() < 0.1
+    assert bf16_error_in_spreads(model, x, thoughts) < 0.1
 
 
 @pytest.mark.parametrize("contraction", [1, 3, 7, 8, 13])
