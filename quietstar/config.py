@@ -124,6 +124,18 @@ class QuietStarConfig:
         """F: model passes per training step = text + thought inputs + (A-1) teacher-forced."""
         return 1 + self.passes_per_thought + self.ahead_tokens - 1
 
+    def thought_settings(self, thought_tokens: int | None = None,
+                         thought_temperature: float | None = None) -> tuple[int, float]:
+        """(k, temperature) of the thoughts at inference: the values given, else this config's.
+        k = 0 means no thought (the base model); temperature 0 means greedy thoughts."""
+        k = self.sampled_thought_tokens if thought_tokens is None else thought_tokens
+        T = self.thought_temperature if thought_temperature is None else thought_temperature
+        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+            raise ValueError(f"thought_tokens must be an int >= 0 (0 = no thought), got {k!r}")
+        if not (isinstance(T, (int, float)) and math.isfinite(T) and T >= 0):
+            raise ValueError(f"thought_temperature must be a finite number >= 0 (0 = greedy), got {T!r}")
+        return k, float(T)
+
     def to_dict(self) -> dict:
         return asdict(self)
 

@@ -16,7 +16,7 @@ from .config import CONFIG_NAME, QuietStarConfig
 from .losses import LossParts, NonFiniteLossError, logits_logprobs, quietstar_loss, target_logprobs
 from .meta_tokens import MetaTokenEmbedding, add_meta_tokens
 from .mixing import MixingHead
-from .rollout import GridHidden, sample_and_score, sample_thoughts, score_grid
+from .rollout import GridHidden, sample_and_score, sample_thoughts, score_grid, text_positions
 
 HEAD_WEIGHTS_NAME = "quietstar_head.safetensors"
 
@@ -144,33 +144,40 @@ class QuietStarForCausalLM(nn.Module):
             logits = logits.index_fill(-1, self._meta_logit_ids, float("-inf"))
         return logits
 
-    def _inputs(self, input_ids, attention_mask, labels):
-        """Validates a batch and returns (attention_mask, target ids, target valid [B, L, A])."""
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be [batch, length], got shape {tuple(input_ids.shape)}")
-        B, L = input_ids.shape
-        A = self.config.ahead_tokens
-        if L < A + 1:
-            raise ValueError(f"sequence length {L} is shorter than ahead_tokens + 1 = {A + 1}: each "
-                             f"thought predicts {A} true tokens; use longer sequences or a smaller "
-                             "ahead_tokens")
+    def _check_text(self, input_ids, attention_mask):
+        """Validates token ids [B, L >= 1] and their mask; returns the mask (ones if None)."""
+        if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+            raise ValueError(f"input_ids must be [batch, length] with length >= 1, got shape "
+                             f"{tuple(input_ids.shape)}")
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        for name, t in (("attention_mask", attention_mask), ("labels", labels)):
-            if t is not None and t.shape != input_ids.shape:
-                raise ValueError(f"{name} has shape {tuple(t.shape)} but input_ids has "
-                                 f"{tuple(input_ids.shape)}; they must match")
+        if attention_mask.shape != input_ids.shape:
+            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)} but input_ids has "
+                             f"{tuple(input_ids.shape)}; they must match")
         meta = (input_ids == self.start_id) | (input_ids == self.end_id)
         if meta.any():
             raise ValueError("input_ids contain the thought meta tokens; the text must not: "
                              "thoughts are inserted by the model")
+        return attention_mask
+
+    def _targets(self, input_ids, attention_mask, labels):
+        """The training targets: (target ids, target valid), both [B, L, A]: x_{i+1+s}."""
+        B, L = input_ids.shape
+        A = self.config.ahead_tokens
+        if L < A + 1:
+            raise ValueError(f"sequence length {L} is shorter than ahead_tokens + 1 = {A + 1}: each "
+                             f"thought is trained to predict {A} true tokens; use longer sequences "
+                             "or a smaller ahead_tokens")
+        if labels is not None and labels.shape != input_ids.shape:
+            raise ValueError(f"labels has shape {tuple(labels.shape)} but input_ids has "
+                             f"{tuple(input_ids.shape)}; they must match")
         if labels is None:
             labels = input_ids.masked_fill(attention_mask == 0, -100)
         # targets[b, i, s] = x_{i+1+s}, valid where inside the text and not ignored.
         padded = torch.cat([labels, labels.new_full((B, A), -100)], dim=1)
         targets = torch.stack([padded[:, 1 + s:1 + s + L] for s in range(A)], dim=-1)
         valid = targets != -100
-        return attention_mask, targets.clamp(min=0), valid
+        return targets.clamp(min=0), valid
 
     def _mix(self, grid: GridHidden) -> tuple[torch.Tensor, torch.Tensor]:
         """Mixed hidden states [B, L, A, d] and weights [B, L, A]; step s pairs the post-thought
@@ -188,9 +195,18 @@ class QuietStarForCausalLM(nn.Module):
                           self.tokenizer.pad_token_id)
 
     # ------------------------------------------------------------------ public computations
+    def base_logits(self, input_ids, attention_mask=None) -> torch.Tensor:
+        """The base model's next-token logits [B, L, V], no thought (position i predicts x_{i+1});
+        any length >= 1, left or right padding."""
+        attention_mask = self._check_text(input_ids, attention_mask)
+        hidden = self.decoder(inputs_embeds=self.embedding(input_ids), attention_mask=attention_mask,
+                              position_ids=text_positions(attention_mask)).last_hidden_state
+        return self.logits(hidden)
+
     def score_thoughts(self, input_ids, thought_ids, attention_mask=None) -> ThoughtScores:
-        """Logits with fixed thoughts ``thought_ids`` [B, L, k] (inner tokens; START/END are added)."""
-        attention_mask, _, _ = self._inputs(input_ids, attention_mask, None)
+        """Logits with fixed thoughts ``thought_ids`` [B, L, k] (inner tokens; START/END are added),
+        for any length >= 1: steps past the end of the text are computed on padding (ignore them)."""
+        attention_mask = self._check_text(input_ids, attention_mask)
         if thought_ids.dim() != 3 or thought_ids.shape[:2] != input_ids.shape:
             raise ValueError(f"thought_ids must be [batch, length, k] matching input_ids "
                              f"{tuple(input_ids.shape)}, got {tuple(thought_ids.shape)}")
@@ -202,17 +218,15 @@ class QuietStarForCausalLM(nn.Module):
 
     def sample_thoughts(self, input_ids, attention_mask=None, num_tokens=None, temperature=None,
                         generator=None) -> torch.Tensor:
-        """Samples one thought after every position: [B, L, k] inner token ids."""
-        cfg = self.config
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
+        """Samples one thought after every position: [B, L, k] inner token ids (k = ``num_tokens``,
+        default the config's; ``temperature`` likewise, 0 = greedy)."""
+        attention_mask = self._check_text(input_ids, attention_mask)
+        k, temperature = self.config.thought_settings(num_tokens, temperature)
         was_training = self.lm.training
         self.lm.eval()  # sampled without dropout, as the model predicts at inference
         try:
-            return sample_thoughts(
-                self.decoder, self.embedding, self.logits, input_ids, attention_mask, self.start_id,
-                cfg.sampled_thought_tokens if num_tokens is None else num_tokens,
-                cfg.thought_temperature if temperature is None else temperature, generator)
+            return sample_thoughts(self.decoder, self.embedding, self.logits, input_ids, attention_mask,
+                                   self.start_id, k, temperature, generator)
         finally:
             self.lm.train(was_training)
 
@@ -226,7 +240,8 @@ class QuietStarForCausalLM(nn.Module):
         """
         cfg = self.config
         n = cfg.thoughts_per_position
-        attention_mask, targets, valid = self._inputs(input_ids, attention_mask, labels)
+        attention_mask = self._check_text(input_ids, attention_mask)
+        targets, valid = self._targets(input_ids, attention_mask, labels)
         B, L = input_ids.shape
         # The n thoughts of a text are adjacent rows: [B*n, ...].
         input_ids, attention_mask = input_ids.repeat_interleave(n, 0), attention_mask.repeat_interleave(n, 0)

@@ -259,3 +259,28 @@ def test_checkpoint_from_another_model(tmp_path):
     (tmp_path / "a" / "quietstar_head.safetensors").replace(tmp_path / "b" / "quietstar_head.safetensors")
     with pytest.raises(ValueError, match="does not fit this model"):
         QuietStarForCausalLM.from_pretrained(tmp_path / "b")
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_inference_takes_any_length_and_equals_the_longer_text(family):
+    """score_thoughts and base_logits take texts shorter than ahead_tokens + 1 (down to one token):
+    what a position predicts after its thought depends only on the text up to it, so a prefix
+    scores exactly as the same positions of the whole text."""
+    model = make_model(family)
+    with torch.no_grad():
+        model.mixing_head.mlp[-1].bias.fill_(0.4)
+    x = random_text(2, 7, seed=1)
+    thoughts = random_text(14, 3, seed=2).view(2, 7, 3)
+    with torch.no_grad():
+        whole = model.score_thoughts(x, thoughts)
+        for m in (1, 2, 3):
+            part = model.score_thoughts(x[:, :m], thoughts[:, :m])
+            for name in ("base_logits", "thought_logits", "mixed_logits"):
+                ours = getattr(part, name)
+                ours = ours if name == "base_logits" else ours[:, :, 0]
+                ref = getattr(whole, name)[:, :m]
+                ref = ref if name == "base_logits" else ref[:, :, 0]
+                torch.testing.assert_close(ours, ref, atol=1e-5, rtol=0)
+            torch.testing.assert_close(model.base_logits(x[:, :m]), whole.base_logits[:, :m], atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="length >= 1"):
+        model.base_logits(x[:, :0])
