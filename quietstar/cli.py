@@ -11,7 +11,7 @@ import importlib
 import sys
 
 COMMANDS = {
-    "train": ("quietstar.train", "train a model with Quiet-STaR"),
+    "train": ("quietstar.commands.train", "train a model with Quiet-STaR"),
     "generate": ("quietstar.generation", "generate text, thinking before every token"),
     "eval": ("quietstar.evaluation", "GSM8K / CommonsenseQA / lm-eval scores with and without thoughts"),
     "analyze": ("quietstar.analysis", "per-token NLL gains against token difficulty"),

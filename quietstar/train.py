@@ -26,31 +26,26 @@ no saved state.
 
 from __future__ import annotations
 
-import argparse
-import ast
 import contextlib
 import hashlib
-import inspect
 import itertools
 import logging
 import math
 import signal
 import sys
-import textwrap
 import threading
 import time
-import types
-import typing
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Literal, Protocol, Union
+from typing import Any, Literal, Protocol
 
 import torch
 import yaml
 
 from . import checkpoint
+from .arguments import merge, read_yaml
 from .config import QuietStarConfig
 from .cpu import tune_for_training
 from .metrics import (
@@ -287,127 +282,19 @@ class TrainingDiverged(RuntimeError):
 
 
 # ============================================================================ configuration
-def _read_yaml(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise FileNotFoundError(f"config file {path} not found") from None
-    except yaml.YAMLError as e:
-        raise ValueError(f"config file {path} is not valid YAML: {e}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ValueError(f"config file {path} must hold a mapping of settings, got {type(data).__name__}")
-    return data
-
-
-def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
-    merged = dict(base)
-    for key, value in update.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
-
-
 def load_config(config_file: str | Path | None = None,
                 overrides: dict[str, Any] | None = None) -> TrainConfig:
     """The resolved configuration: defaults < the resumed checkpoint's saved config < the YAML
     ``config_file`` < ``overrides`` (``{"seq_len": 32, "quietstar": {"ahead_tokens": 2}}``)."""
-    explicit = _merge(_read_yaml(config_file) if config_file else {}, overrides or {})
+    explicit = merge(read_yaml(config_file) if config_file else {}, overrides or {})
     base: dict[str, Any] = {}
     if explicit.get("resume"):
         found = checkpoint.resolve_resume(explicit["resume"], explicit.get("output_dir"))
         saved = found / checkpoint.CONFIG_NAME
         if saved.exists():
-            base = _read_yaml(saved)
+            base = read_yaml(saved)
             base["output_dir"] = str(found.parent)  # robust to a moved run folder / another cwd
-    return TrainConfig.from_dict(_merge(base, explicit))
-
-
-# ----------------------------------------------------------------- flags from the dataclasses
-def field_docs(cls: type) -> dict[str, str]:
-    """The docstring under each field of a dataclass (read from its source)."""
-    try:
-        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
-    except (OSError, TypeError, SyntaxError):
-        return {}
-    body = tree.body[0].body
-    docs = {}
-    for node, following in itertools.pairwise(body):
-        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
-                and isinstance(following, ast.Expr) and isinstance(following.value, ast.Constant)
-                and isinstance(following.value.value, str)):
-            docs[node.target.id] = " ".join(following.value.value.split())
-    return docs
-
-
-def _converter(hint: Any) -> tuple[Callable[[str], Any] | None, tuple | None, bool]:
-    """(string -> value, choices, is_bool) for a field's type hint."""
-    optional = False
-    if typing.get_origin(hint) in (Union, types.UnionType):
-        args = [a for a in typing.get_args(hint) if a is not type(None)]
-        optional = len(args) < len(typing.get_args(hint))
-        hint = args[0]
-    if hint is bool:
-        return None, None, True
-    choices = None
-    if typing.get_origin(hint) is Literal:
-        choices = typing.get_args(hint)
-        hint = type(choices[0])
-    base = {int: int, float: float, str: str}[hint]
-
-    def convert(text: str) -> Any:
-        if optional and text.lower() in ("none", "null"):
-            return None
-        return base(text)
-
-    convert.__name__ = hint.__name__  # argparse names the type in its error messages
-    return convert, choices, False
-
-
-def _add_fields(parser, cls: type, defaults: Any, prefix: str) -> None:
-    docs = field_docs(cls)
-    hints = typing.get_type_hints(cls)
-    for f in fields(cls):
-        if f.name == "quietstar":
-            continue
-        convert, choices, is_bool = _converter(hints[f.name])
-        default = getattr(defaults, f.name)
-        help_text = f"{docs.get(f.name, '')} (default: {default})".replace("%", "%%")
-        flag = "--" + f.name.replace("_", "-")
-        kwargs: dict[str, Any] = {"dest": prefix + f.name, "default": argparse.SUPPRESS,
-                                  "help": help_text}
-        if is_bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
-        else:
-            parser.add_argument(flag, type=convert, choices=choices,
-                                metavar=None if choices else f.name.upper(), **kwargs)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Flags for every TrainConfig and QuietStarConfig field (given flags override --config)."""
-    parser.add_argument("--config", metavar="YAML", default=None,
-                        help="YAML file of settings (the same names as the flags, with the method's "
-                             "under 'quietstar:'); flags given here override it")
-    defaults = TrainConfig()
-    _add_fields(parser.add_argument_group("training"), TrainConfig, defaults, "")
-    _add_fields(parser.add_argument_group("method (QuietStarConfig, under 'quietstar:' in YAML)"),
-                QuietStarConfig, defaults.quietstar, "quietstar.")
-
-
-def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
-    """The settings given on the command line, nested like the YAML file."""
-    names = {f.name for f in fields(TrainConfig)}
-    given: dict[str, Any] = {}
-    for key, value in vars(args).items():
-        if key.startswith("quietstar."):
-            given.setdefault("quietstar", {})[key.removeprefix("quietstar.")] = value
-        elif key in names:
-            given[key] = value
-    return given
+    return TrainConfig.from_dict(merge(base, explicit))
 
 
 # ============================================================================ pieces of the loop
@@ -979,32 +866,3 @@ def _summary(out_dir, last_checkpoint, step, total, history, first_eval, record,
     lines += [f"  {CURVES_NAME}   the training curves", f"  {SAMPLES_MD}   sampled thoughts",
               f"  {METRICS_NAME}   every step's numbers"]
     logger.info("\n".join(lines))
-
-
-# ============================================================================ command line
-def run(args: argparse.Namespace) -> int:
-    """``quietstar train``: exit code 0 done, 130 interrupted (saved), 1 diverged, 2 bad input."""
-    try:
-        config = load_config(args.config, overrides_from_args(args))
-        result = train(config)
-    except TrainingDiverged as e:
-        print(f"quietstar train: {e}", file=sys.stderr)
-        return 1
-    except (ValueError, FileNotFoundError, PermissionError, ImportError) as e:
-        print(f"quietstar train: error: {e}", file=sys.stderr)
-        return 2
-    return 130 if result.interrupted else 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m quietstar.train ...``: the same as ``quietstar train ...`` (a lighter entry point
-    for launchers: ``torchrun --nproc-per-node 2 -m quietstar.train ...``)."""
-    parser = argparse.ArgumentParser(prog="quietstar train", description="train a model with Quiet-STaR",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())
-

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from quietstar import checkpoint
 from quietstar.metrics import read_metrics
-from quietstar.train import main as train_main
+from quietstar.commands.train import main as train_main
 
 
 def train_args(model_dir, out, *extra) -> list[str]:

@@ -109,7 +109,7 @@ def run_two_processes(command: list[str]) -> None:
 def test_two_processes_match_one_process_with_accumulation(tmp_path):
     model_dir = tiny_model(tmp_path)
     run_two_processes([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                       "-m", "quietstar.train", *as_flags(settings(model_dir, tmp_path / "two"))])
+                       "-m", "quietstar", "train", *as_flags(settings(model_dir, tmp_path / "two"))])
     train_one_process(settings(model_dir, tmp_path / "one"))
     assert_same_training(tmp_path / "one", tmp_path / "two")
 

@@ -13,6 +13,7 @@ from conftest import make_lm, make_model, make_tokenizer
 
 from quietstar import QuietStarForCausalLM
 from quietstar.checkpoint import CheckpointError, list_checkpoints, load_model_weights
+from quietstar.arguments import given_settings
 from quietstar.cli import build_parser
 from quietstar.data import TokenBatches, load_texts
 from quietstar.metrics import read_metrics
@@ -24,7 +25,6 @@ from quietstar.train import (
     build_optimizer,
     load_config,
     lr_at,
-    overrides_from_args,
     thought_generator,
     train,
 )
@@ -71,7 +71,7 @@ def test_flags_override_yaml_which_overrides_defaults(tmp_path):
     args = build_parser().parse_args([
         "train", "--config", str(tmp_path / "run.yaml"), "--seq-len", "40",
         "--thought-temperature", "0.5", "--activation-checkpointing", "--text-field", "none"])
-    config = load_config(args.config, overrides_from_args(args))
+    config = load_config(args.config, given_settings(args, TrainConfig))
     assert config.seq_len == 40                     # flag beats YAML
     assert config.lr_schedule == "linear"           # YAML beats default
     assert config.quietstar.ahead_tokens == 3

@@ -1,0 +1,165 @@
+"""Typed dataclasses as the one source of command-line flags, YAML settings and ``--help``.
+
+Every command describes its settings as a dataclass whose fields carry a type, a default and a
+docstring (the string literal under the field). From it this module makes
+
+* the argparse flags (``--field-name``), with the docstring and default as help, choices from a
+  ``Literal``, ``--flag/--no-flag`` for a ``bool`` and "none" for an optional value;
+* the settings actually given on the command line, as a dict (flags that were not given are
+  absent, so a YAML file or a saved run can supply them);
+* YAML files of the same names, read and merged.
+
+A nested dataclass field (``TrainConfig.quietstar``) gets its own argument group with flags of
+its own field names and lands under its field's name in the dict (and the YAML file).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import inspect
+import itertools
+import textwrap
+import types
+import typing
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring under each field of a dataclass (read from its source)."""
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    except (OSError, TypeError, SyntaxError):
+        return {}
+    docs = {}
+    for node, following in itertools.pairwise(tree.body[0].body):
+        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+                and isinstance(following, ast.Expr) and isinstance(following.value, ast.Constant)
+                and isinstance(following.value.value, str)):
+            docs[node.target.id] = " ".join(following.value.value.split())
+    return docs
+
+
+def _converter(hint: Any) -> tuple[Callable[[str], Any] | None, tuple | None, bool]:
+    """(string -> value, choices, is_bool) for a field's type hint."""
+    optional = False
+    if typing.get_origin(hint) in (Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        optional = len(args) < len(typing.get_args(hint))
+        hint = args[0]
+    if hint is bool:
+        return None, None, True
+    choices = None
+    if typing.get_origin(hint) is Literal:
+        choices = typing.get_args(hint)
+        hint = type(choices[0])
+    base = {int: int, float: float, str: str}[hint]
+
+    def convert(text: str) -> Any:
+        if optional and text.lower() in ("none", "null"):
+            return None
+        return base(text)
+
+    convert.__name__ = hint.__name__  # argparse names the type in its error messages
+    return convert, choices, False
+
+
+def _nested(hint: Any) -> bool:
+    return isinstance(hint, type) and dataclasses.is_dataclass(hint)
+
+
+def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, defaults: Any = None,
+                            prefix: str = "", title: str | None = None) -> None:
+    """Adds a flag for every field of dataclass ``cls``, in an argument group ``title`` if given
+    (nested dataclass fields: a group each).
+
+    ``defaults`` (an instance) supplies the defaults shown in the help; fields without a default
+    become required flags. Flags not given stay out of the parsed namespace (argparse.SUPPRESS),
+    so ``given_settings`` can tell a given value from a default.
+    """
+    docs = field_docs(cls)
+    hints = typing.get_type_hints(cls)
+    group = parser.add_argument_group(title) if title else parser
+    nested = []
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        if _nested(hints[f.name]):
+            nested.append(f)
+            continue
+        convert, choices, is_bool = _converter(hints[f.name])
+        has_default = defaults is not None or f.default is not dataclasses.MISSING \
+            or f.default_factory is not dataclasses.MISSING
+        default = (getattr(defaults, f.name) if defaults is not None
+                   else f.default if f.default is not dataclasses.MISSING
+                   else f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+        doc = docs.get(f.name, "")
+        help_text = (f"{doc} (default: {default})" if has_default else doc).replace("%", "%%")
+        flag = "--" + f.name.replace("_", "-")
+        kwargs: dict[str, Any] = {"dest": prefix + f.name, "default": argparse.SUPPRESS,
+                                  "help": help_text, "required": not has_default}
+        if is_bool:
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
+        else:
+            group.add_argument(flag, type=convert, choices=choices,
+                               metavar=None if choices else f.name.upper(), **kwargs)
+    for f in nested:
+        hint = hints[f.name]
+        add_dataclass_arguments(parser, hint, getattr(defaults, f.name) if defaults is not None
+                                else hint(), prefix=f"{prefix}{f.name}.",
+                                title=f"{hint.__name__} (under '{f.name}:' in YAML)")
+
+
+def given_settings(args: argparse.Namespace, cls: type) -> dict[str, Any]:
+    """The settings of dataclass ``cls`` given on the command line, nested like the YAML file."""
+    given: dict[str, Any] = {}
+    for key, value in vars(args).items():
+        *path, name = key.split(".")
+        target, owner = given, cls
+        for part in path:
+            hints = typing.get_type_hints(owner)
+            if part not in hints:
+                break
+            owner = hints[part]
+            target = target.setdefault(part, {})
+        else:
+            if name in {f.name for f in dataclasses.fields(owner)}:
+                target[name] = value
+    return given
+
+
+def parse_dataclass(cls: type, args: argparse.Namespace):
+    """An instance of ``cls`` from the flags given (the rest: the dataclass defaults)."""
+    return cls(**given_settings(args, cls))
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """A YAML file of settings as a dict; clear errors for a missing, invalid or non-mapping file."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"config file {path} not found") from None
+    except yaml.YAMLError as e:
+        raise ValueError(f"config file {path} is not valid YAML: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {path} must hold a mapping of settings, got {type(data).__name__}")
+    return data
+
+
+def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """``base`` updated with ``update``, nested mappings merged key by key."""
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
