@@ -17,7 +17,10 @@ make its memory grow like (F L)^2 and its attention work like F^2 L^2: what quie
 attention avoids.
 
 The model is a deep copy of a ``QuietStarForCausalLM`` with its LM switched to a stock attention
-implementation, so none of quietstar's attention code runs here; the losses are the same functions.
+implementation, so none of quietstar's attention code runs here. Only the model's public parts
+are used (its embedding, decoder, LM head, mixing head and sampler); the targets, the mixing and
+the objective are written out here again, plainly, so that a mistake in quietstar's own does
+not repeat itself in the reference it is checked against.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
-from quietstar.losses import LossParts, quietstar_loss, target_logprobs
+from quietstar.losses import target_logprobs
 from quietstar.modeling import QuietStarForCausalLM, ThoughtScores
 from quietstar.rollout import GridHidden, text_positions
 from quietstar.sampling import sample
@@ -123,31 +126,79 @@ class DenseQuietStar(nn.Module):
         grid = GridHidden(base=base, thought=torch.stack(thought_hidden, 2), after=torch.stack(after, 2))
         return grid, torch.stack(tokens, -1)
 
+    def mix(self, grid: GridHidden) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mixed hidden states [B, L, A, d] and weights [B, L, A]: at step s the post-thought
+        state of position i meets the base state of position i+s (the last one past the end)."""
+        B, L, A, _ = grid.after.shape
+        partner = torch.tensor([[min(i + s, L - 1) for s in range(A)] for i in range(L)],
+                               device=grid.base.device)                                 # [L, A]
+        return self.model.mixing_head(grid.base[:, partner], grid.after)
+
     def score_thoughts(self, input_ids, thought_ids, attention_mask=None) -> ThoughtScores:
         """The same as ``QuietStarForCausalLM.score_thoughts``, computed densely."""
         m = self.model
-        attention_mask, _, _ = m._inputs(input_ids, attention_mask, None)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
         grid, _ = self.rollout(input_ids, attention_mask, thought_ids)
-        mixed, w = m._mix(grid)
+        mixed, w = self.mix(grid)
         return ThoughtScores(m.logits(grid.base), m.logits(grid.after), w, m.logits(mixed))
 
     def forward(self, input_ids, attention_mask=None, labels=None, generator=None):
-        """One training step's loss, as ``QuietStarForCausalLM.forward``: returns (LossParts,
-        thought ids [B, n, L, k])."""
+        """One training step, as ``QuietStarForCausalLM.forward``: returns (loss, metrics with
+        base_nll, mixed_nll_<s>, policy_loss and mean_reward, thought ids [B, n, L, k])."""
         m, cfg = self.model, self.model.config
-        n = cfg.thoughts_per_position
-        attention_mask, targets, valid = m._inputs(input_ids, attention_mask, labels)
-        input_ids, attention_mask, targets, valid = (
-            t.repeat_interleave(n, 0) for t in (input_ids, attention_mask, targets, valid))
+        n, A = cfg.thoughts_per_position, cfg.ahead_tokens
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if labels is None:
+            labels = input_ids.masked_fill(attention_mask == 0, -100)
+        B, L = input_ids.shape
+        # targets[b, i, s] = label of x_{i+1+s}, -100 past the end of the text
+        targets = torch.full((B, L, A), -100, dtype=torch.long, device=input_ids.device)
+        for s in range(A):
+            targets[:, :L - 1 - s, s] = labels[:, 1 + s:]
+        input_ids, attention_mask, targets = (t.repeat_interleave(n, 0) for t in (input_ids, attention_mask, targets))
+        valid = targets != -100
+        targets = targets.clamp(min=0)
         grid, thoughts = self.rollout(input_ids, attention_mask, generator=generator)
-        mixed, _ = m._mix(grid)
+        mixed, _ = self.mix(grid)
         chunk = cfg.loss_chunk_tokens
-        base_logp = target_logprobs(m.logits, grid.base, targets[..., 0], chunk_tokens=chunk)
-        mixed_logp = target_logprobs(m.logits, mixed, targets, chunk_tokens=chunk)
+        base_logp = target_logprobs(m.logits, grid.base, targets[..., 0], chunk_tokens=chunk)   # [Bn, L]
+        mixed_logp = target_logprobs(m.logits, mixed, targets, chunk_tokens=chunk)             # [Bn, L, A]
         thought_logp = target_logprobs(m.logits, grid.thought, thoughts, cfg.policy_logprob_temperature,
-                                       chunk_tokens=chunk)
-        parts: LossParts = quietstar_loss(cfg, base_logp, mixed_logp, thought_logp, valid)
-        return parts, thoughts.view(-1, n, *thoughts.shape[1:])
+                                       chunk_tokens=chunk)                                       # [Bn, L, k]
+        loss, metrics = _objective(cfg, base_logp, mixed_logp, thought_logp, valid)
+        return loss, metrics, thoughts.view(-1, n, *thoughts.shape[1:])
+
+
+def _objective(cfg, base_logp, mixed_logp, thought_logp, valid):
+    """The Quiet-STaR objective written out position by position's sums (see the paper, eq. 5-7)."""
+    n, A = cfg.thoughts_per_position, mixed_logp.shape[-1]
+    v = valid.float()
+    base_nll = -(base_logp * v[..., 0]).sum() / v[..., 0].sum()
+    mixed_nll = torch.stack([-(mixed_logp[..., s] * v[..., s]).sum() / v[..., s].sum() for s in range(A)])
+    # reward of a thought: sum over the A true tokens of log p_mix, against the mean of the n
+    # thoughts at the same position or against the base model's own log-likelihood of them
+    thought_ll = (mixed_logp.detach() * v).sum(-1)                              # [Bn, L]
+    base_of_target = torch.zeros_like(mixed_logp)
+    for s in range(A):
+        base_of_target[:, :base_logp.shape[1] - s, s] = base_logp.detach()[:, s:]
+    base_ll = (base_of_target * v).sum(-1)
+    if cfg.reward_baseline == "thought_mean":
+        per_text = thought_ll.view(-1, n, thought_ll.shape[1])
+        reward = (per_text - per_text.mean(1, keepdim=True)).view_as(thought_ll)
+    else:
+        reward = thought_ll - base_ll
+    if cfg.drop_negative_rewards:
+        reward = reward.clamp(min=0)
+    w0 = v[..., 0]
+    policy_loss = -(reward * thought_logp.mean(-1) * w0).sum() / w0.sum()
+    loss = (cfg.base_loss_weight * base_nll + cfg.mixed_loss_weight * mixed_nll.mean()
+            + cfg.policy_loss_weight * policy_loss)
+    metrics = {"base_nll": base_nll, "policy_loss": policy_loss,
+               "mean_reward": (reward * w0).sum() / w0.sum(),
+               **{f"mixed_nll_{s + 1}": mixed_nll[s] for s in range(A)}}
+    return loss, {k: t.detach() for k, t in metrics.items()}
 
 
 def _attention_dtype(decoder) -> torch.dtype:

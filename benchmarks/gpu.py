@@ -265,7 +265,7 @@ def run_model(model_name, lm_config, args, runner, device, peak_tflops) -> None:
         def dense_loss(k, L):
             ids = text(L)
             dense.model.config = with_k(qcfg, k)
-            return lambda: dense(ids)[0].loss
+            return lambda: dense(ids)[0]
         sweep(runner, "dense", dense_loss, dense, args.lengths, args.thought_tokens, rows)
         del dense
     gc.collect()

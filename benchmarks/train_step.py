@@ -165,7 +165,7 @@ def build(spec: dict):
             model = DenseQuietStar(model)
 
             def forward_backward():
-                model(ids)[0].loss.backward()
+                model(ids)[0].backward()
         else:
             def forward_backward():
                 model(ids).loss.backward()

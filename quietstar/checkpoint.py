@@ -6,12 +6,13 @@ A checkpoint is a folder ``<run>/checkpoint-<step>/``:
                          (with LoRA: the adapter merged into the base weights)
     adapter/             LoRA only: the unmerged peft adapter, what a resumed run continues from
     training_state.pt    step, optimiser state, RNG states, data position, model fingerprint
-    train_config.yaml    the resolved training configuration
+    train_config.yaml    the resolved training configuration (``TrainConfig.save``)
     accelerate_state/    FSDP / DeepSpeed only: the sharded model and optimiser (accelerate)
 
-It is written into a hidden temporary folder next to its final place, every file is fsync'ed, and
-only then is the folder renamed: a crash mid-write leaves the previous checkpoints intact and at
-worst a ``.tmp-*`` folder, which the next run removes.
+``save_checkpoint`` and ``load_checkpoint`` are the one place that writes and reads this
+protocol: the folder is written into a hidden temporary folder next to its final place, every
+file is fsync'ed, and only then is the folder renamed: a crash mid-write leaves the previous
+checkpoints intact and at worst a ``.tmp-*`` folder, which the next run removes.
 """
 
 from __future__ import annotations
@@ -27,13 +28,12 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from .modeling import HEAD_WEIGHTS_NAME, QuietStarForCausalLM
+from .modeling import QuietStarForCausalLM
 
 PREFIX = "checkpoint-"
 STATE_NAME = "training_state.pt"
-CONFIG_NAME = "train_config.yaml"
 MODEL_DIR = "model"
 ADAPTER_DIR = "adapter"
 SHARDED_DIR = "accelerate_state"
@@ -224,10 +224,7 @@ def _save_pieces(model: QuietStarForCausalLM, directory: Path,
     lm.save_pretrained(directory, state_dict=lm_state)
     model.tokenizer.save_pretrained(directory)
     model.config.save(directory)
-    source = state_dict if state_dict is not None else model.state_dict()
-    head = {"meta_embeddings.scaled_vectors": source["embedding.scaled_vectors"]}
-    head |= {k: v for k, v in source.items() if k.startswith("mixing_head.")}
-    save_file({k: v.detach().contiguous().cpu() for k, v in head.items()}, directory / HEAD_WEIGHTS_NAME)
+    model.save_head(directory, state_dict)
 
 
 def _read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
@@ -249,11 +246,17 @@ def load_model_weights(model: QuietStarForCausalLM, checkpoint: str | Path) -> N
     """Loads the trained weights of ``checkpoint`` into a freshly built ``model`` (the same base
     model, LoRA settings and method config as the run that wrote it)."""
     checkpoint = Path(checkpoint)
-    head = _read_safetensors_file(checkpoint / MODEL_DIR / HEAD_WEIGHTS_NAME)
     try:
-        model.embedding.scaled_vectors.data.copy_(head.pop("meta_embeddings.scaled_vectors"))
-        model.mixing_head.load_state_dict({k.removeprefix("mixing_head."): v for k, v in head.items()})
-    except (KeyError, RuntimeError) as e:
+        head = model.read_head_file(checkpoint / MODEL_DIR)
+    except FileNotFoundError as e:
+        raise CheckpointError(f"{e}; the checkpoint is incomplete: delete {checkpoint} to resume "
+                              "from an earlier one") from None
+    except ValueError as e:
+        raise CheckpointError(f"{e}; delete {checkpoint} to resume from an earlier checkpoint, "
+                              "or start a fresh run") from None
+    try:
+        model.load_head_state_dict(head)
+    except ValueError as e:
         raise _mismatch(checkpoint, e) from None
     if _is_peft(model.lm):
         from peft import set_peft_model_state_dict
@@ -279,17 +282,6 @@ def load_model_weights(model: QuietStarForCausalLM, checkpoint: str | Path) -> N
     missing = [k for k in missing if params[k].data_ptr() not in loaded]
     if missing or unexpected:
         raise _mismatch(checkpoint, f"missing {missing[:3]}, unexpected {unexpected[:3]}")
-
-
-def _read_safetensors_file(path: Path) -> dict[str, torch.Tensor]:
-    if not path.exists():
-        raise CheckpointError(f"{path} is missing; the checkpoint is incomplete: delete "
-                              f"{path.parent.parent} to resume from an earlier one")
-    try:
-        return load_file(path)
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"{path} is corrupt ({e}); delete {path.parent.parent} to resume "
-                              "from an earlier checkpoint, or start a fresh run") from None
 
 
 def _mismatch(checkpoint: Path, error: Any) -> CheckpointError:
@@ -353,5 +345,60 @@ def check_fingerprint(checkpoint: Path, saved: dict[str, Any], current: dict[str
         detail = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in different.items())
         raise CheckpointError(f"{checkpoint} was written for another model ({detail}); resume "
                               "with the same --model and settings as that run (see its "
-                              f"{CONFIG_NAME}), or start a fresh run without --resume")
+                              "train_config.yaml), or start a fresh run without --resume")
 
+
+
+# ------------------------------------------------------------------------------ the protocol
+def save_checkpoint(run_dir: str | Path, step: int, model: QuietStarForCausalLM, *,
+                    training_state: dict[str, Any], config, keep: int,
+                    full_state: dict[str, torch.Tensor] | None = None, lora: bool = False,
+                    save_sharded=None, is_main: bool = True, barrier=None) -> Path:
+    """Writes checkpoint ``step`` of the run in ``run_dir`` and returns its folder.
+
+    Temporary folder -> model -> adapter (LoRA) -> training state -> config (``config.save``)
+    -> fsync and atomic rename -> older checkpoints beyond ``keep`` deleted. In a distributed
+    run every process calls it: ``save_sharded(folder)`` (FSDP / DeepSpeed: accelerate's
+    ``save_state``) runs on every process, the rest on the main one, and ``barrier`` (accelerate's
+    ``wait_for_everyone``) orders the two. ``full_state`` is the gathered full state dict of a
+    sharded model (it replaces the live parameters).
+    """
+    run_dir, barrier = Path(run_dir), barrier or (lambda: None)
+    if is_main:
+        begin(run_dir, step)
+    barrier()
+    tmp = temp_folder(run_dir, step)
+    if save_sharded is not None:
+        save_sharded(tmp / SHARDED_DIR)
+    if is_main:
+        save_model(model, tmp / MODEL_DIR, full_state)
+        if lora:
+            save_adapter(model, tmp / ADAPTER_DIR)
+        save_training_state(tmp, training_state)
+        config.save(tmp)
+        commit(run_dir, step, keep)
+    barrier()
+    return run_dir / checkpoint_name(step)
+
+
+def load_checkpoint(checkpoint: str | Path, model: QuietStarForCausalLM, fingerprint: dict[str, Any],
+                    *, optimizer=None, load_sharded=None) -> dict[str, Any]:
+    """Reads checkpoint ``checkpoint`` back into ``model`` (and ``optimizer``) and returns its
+    training state (step, data position, RNG states, ...), for the caller to restore last.
+
+    The fingerprint is checked before any weight is touched. ``load_sharded(folder)``
+    (FSDP / DeepSpeed: accelerate's ``load_state``) replaces loading the model and optimiser."""
+    checkpoint = Path(checkpoint)
+    state = load_training_state(checkpoint)
+    check_fingerprint(checkpoint, state["fingerprint"], fingerprint)
+    if load_sharded is not None:
+        load_sharded(checkpoint / SHARDED_DIR)
+        return state
+    load_model_weights(model, checkpoint)
+    if optimizer is not None:
+        try:
+            optimizer.load_state_dict(state["optimizer"])
+        except (ValueError, KeyError) as e:
+            raise CheckpointError(f"the optimiser state in {checkpoint} does not fit this model ({e}); "
+                                  "resume with that run's settings, or start a fresh run") from None
+    return state

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Literal
 
-CONFIG_NAME = "quietstar_config.json"
+QUIETSTAR_CONFIG_NAME = "quietstar_config.json"
 
 
 @dataclass
@@ -148,11 +148,11 @@ class QuietStarConfig:
         return cls(**data)
 
     def save(self, directory: str | Path) -> None:
-        Path(directory, CONFIG_NAME).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        Path(directory, QUIETSTAR_CONFIG_NAME).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod
     def load(cls, directory: str | Path) -> "QuietStarConfig":
-        path = Path(directory, CONFIG_NAME)
+        path = Path(directory, QUIETSTAR_CONFIG_NAME)
         try:
             data = json.loads(path.read_text())
         except FileNotFoundError:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -85,19 +84,6 @@ def target_logprobs(
     return torch.cat(parts).view(shape)
 
 
-@dataclass
-class LossParts:
-    """The total loss and its parts; metrics are detached."""
-
-    loss: torch.Tensor
-    base_nll: torch.Tensor        # next-token NLL without a thought
-    mixed_nll: torch.Tensor       # [A]: NLL of the mixed prediction of x_{i+1+s}
-    policy_loss: torch.Tensor
-    mean_reward: torch.Tensor     # reward after the baseline (and clamping), mean over positions
-    positive_reward_fraction: torch.Tensor  # share of rewards > 0 before clamping
-    thought_gain: torch.Tensor    # mean over positions of sum_s [log p_mix - log p_base]: > 0 = thoughts help
-
-
 def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     mask = mask.to(values.dtype)
     return (values * mask).sum() / mask.sum().clamp(min=1)
@@ -109,8 +95,17 @@ def quietstar_loss(
     mixed_logp: torch.Tensor,
     thought_logp: torch.Tensor,
     target_valid: torch.Tensor,
-) -> LossParts:
-    """The objective for n = ``config.thoughts_per_position`` thoughts per position.
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The objective for n = ``config.thoughts_per_position`` thoughts per position: returns the
+    loss and a dict of detached scalar metrics (what the training log, the progress bar and the
+    held-out evaluation reduce, by key):
+
+        base_nll                  next-token NLL without a thought
+        mixed_nll, mixed_nll_<s>  NLL of the mixed prediction of x_{i+s} (s = 1..A), and its mean
+        policy_loss               the REINFORCE term (unweighted)
+        mean_reward               reward after the baseline (and clamping), mean over positions
+        positive_reward_fraction  share of rewards > 0 before clamping
+        thought_gain              mean over positions of sum_s [log p_mix - log p_base]: > 0 = thoughts help
 
     Rows are grouped as [B*n] with the n thoughts of a text adjacent. Shapes:
     base_logp [B*n, L] (log p_base(x_{i+1}) at position i), mixed_logp [B*n, L, A],
@@ -144,12 +139,10 @@ def quietstar_loss(
 
     loss = (config.base_loss_weight * base_nll + config.mixed_loss_weight * mixed_nll.mean()
             + config.policy_loss_weight * policy_loss)
-    return LossParts(
-        loss=loss,
-        base_nll=base_nll.detach(),
-        mixed_nll=mixed_nll.detach(),
-        policy_loss=policy_loss.detach(),
-        mean_reward=_masked_mean(reward, position_valid).detach(),
-        positive_reward_fraction=positive.detach(),
-        thought_gain=_masked_mean(thought_ll - base_ll, position_valid).detach(),
-    )
+    metrics = {"base_nll": base_nll, "mixed_nll": mixed_nll.mean(),
+               **{f"mixed_nll_{s + 1}": mixed_nll[s] for s in range(A)},
+               "policy_loss": policy_loss,
+               "mean_reward": _masked_mean(reward, position_valid),
+               "positive_reward_fraction": positive,
+               "thought_gain": _masked_mean(thought_ll - base_ll, position_valid)}
+    return loss, {name: value.detach() for name, value in metrics.items()}

@@ -12,8 +12,8 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from . import attention
-from .config import CONFIG_NAME, QuietStarConfig
-from .losses import LossParts, NonFiniteLossError, logits_logprobs, quietstar_loss, target_logprobs
+from .config import QUIETSTAR_CONFIG_NAME, QuietStarConfig
+from .losses import NonFiniteLossError, logits_logprobs, quietstar_loss, target_logprobs
 from .meta_tokens import MetaTokenEmbedding, add_meta_tokens
 from .mixing import MixingHead
 from .rollout import GridHidden, sample_and_score, sample_thoughts, score_grid, text_positions
@@ -36,14 +36,8 @@ class QuietStarOutput:
     """What a training-mode forward returns."""
 
     loss: torch.Tensor
-    base_nll: torch.Tensor
-    mixed_nll: torch.Tensor       # [A]
-    policy_loss: torch.Tensor
-    mean_reward: torch.Tensor
-    positive_reward_fraction: torch.Tensor
-    thought_gain: torch.Tensor
-    mean_mixing_weight: torch.Tensor
-    thought_ids: torch.Tensor     # [B, n, L, k] the sampled thoughts (inner tokens)
+    metrics: dict[str, torch.Tensor]  # detached scalars: quietstar_loss's, and mean_mixing_weight
+    thought_ids: torch.Tensor         # [B, n, L, k] the sampled thoughts (inner tokens)
 
 
 class QuietStarForCausalLM(nn.Module):
@@ -94,37 +88,73 @@ class QuietStarForCausalLM(nn.Module):
         self.lm.save_pretrained(directory)
         self.tokenizer.save_pretrained(directory)
         self.config.save(directory)
-        tensors = {"meta_embeddings.scaled_vectors": self.embedding.scaled_vectors}
-        tensors |= {f"mixing_head.{k}": v for k, v in self.mixing_head.state_dict().items()}
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()},
-                  directory / HEAD_WEIGHTS_NAME)
+        self.save_head(directory)
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, **model_kwargs) -> "QuietStarForCausalLM":
         """Loads what ``save_pretrained`` wrote; the learned meta tokens and head come back intact."""
         directory = Path(directory)
-        for name in (CONFIG_NAME, HEAD_WEIGHTS_NAME, "config.json"):
+        for name in (QUIETSTAR_CONFIG_NAME, HEAD_WEIGHTS_NAME, "config.json"):
             if not (directory / name).exists():
                 raise FileNotFoundError(f"{directory} is not a saved QuietStar model: {name} is missing "
                                         "(save one with QuietStarForCausalLM.save_pretrained)")
         config = QuietStarConfig.load(directory)
-        try:
-            head_tensors = load_file(directory / HEAD_WEIGHTS_NAME)
-        except (SafetensorError, OSError, ValueError) as e:
-            raise ValueError(f"{directory / HEAD_WEIGHTS_NAME} is corrupt ({e}); "
-                             "restore the checkpoint from a backup or an earlier save") from None
         tokenizer = AutoTokenizer.from_pretrained(directory)
         lm = AutoModelForCausalLM.from_pretrained(directory, **model_kwargs)
         lm.eval()
         model = cls.from_base(lm, tokenizer, config)
-        try:
-            model.embedding.scaled_vectors.data.copy_(head_tensors.pop("meta_embeddings.scaled_vectors"))
-            model.mixing_head.load_state_dict(
-                {k.removeprefix("mixing_head."): v for k, v in head_tensors.items()})
-        except (KeyError, RuntimeError) as e:
-            raise ValueError(f"{directory / HEAD_WEIGHTS_NAME} does not fit this model ({e}); "
-                             "it was saved from a different base model or is damaged") from None
+        model.load_head(directory)
         return model
+
+    # ------------------------------------------------------------------ the head file
+    # quietstar_head.safetensors holds what the method adds to the LM: the START/END vectors (as
+    # stored, divided by meta_token_lr_multiplier) and the mixing head. These methods are the
+    # only code that knows its name and keys.
+    def head_state_dict(self, state_dict: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """The head file's tensors, from the live parameters or from ``state_dict`` (this
+        module's full state dict, e.g. gathered from FSDP / ZeRO-3 shards)."""
+        source = self.state_dict() if state_dict is None else state_dict
+        head = {"meta_embeddings.scaled_vectors": source["embedding.scaled_vectors"]}
+        return head | {k: v for k, v in source.items() if k.startswith("mixing_head.")}
+
+    def load_head_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Loads ``head_state_dict``'s tensors; ValueError if they do not fit this model."""
+        tensors = dict(tensors)
+        try:
+            self.embedding.scaled_vectors.data.copy_(tensors.pop("meta_embeddings.scaled_vectors"))
+            self.mixing_head.load_state_dict({k.removeprefix("mixing_head."): v for k, v in tensors.items()})
+        except (KeyError, RuntimeError) as e:
+            raise ValueError(f"the head weights do not fit this model ({str(e).strip().splitlines()[0]})") from None
+
+    def save_head(self, directory: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+        """Writes ``<directory>/quietstar_head.safetensors``."""
+        path = Path(directory) / HEAD_WEIGHTS_NAME
+        save_file({k: v.detach().contiguous().cpu() for k, v in self.head_state_dict(state_dict).items()}, path)
+        return path
+
+    @staticmethod
+    def read_head_file(directory: str | Path) -> dict[str, torch.Tensor]:
+        """The tensors of ``<directory>/quietstar_head.safetensors``; FileNotFoundError if it is
+        missing, ValueError if it is damaged."""
+        path = Path(directory) / HEAD_WEIGHTS_NAME
+        if not path.exists():
+            raise FileNotFoundError(f"{path} is missing")
+        try:
+            return load_file(path)
+        except (SafetensorError, OSError, ValueError) as e:
+            raise ValueError(f"{path} is corrupt ({e})") from None
+
+    def load_head(self, directory: str | Path) -> None:
+        """Reads ``<directory>/quietstar_head.safetensors`` into this model."""
+        try:
+            tensors = self.read_head_file(directory)
+        except ValueError as e:
+            raise ValueError(f"{e}; restore it from a backup or an earlier save") from None
+        try:
+            self.load_head_state_dict(tensors)
+        except ValueError as e:
+            raise ValueError(f"{Path(directory) / HEAD_WEIGHTS_NAME} does not fit this model: {e}; it "
+                             "was saved from a different base model or is damaged") from None
 
     # ------------------------------------------------------------------ pieces
     def get_input_embeddings(self) -> MetaTokenEmbedding:
@@ -277,23 +307,18 @@ class QuietStarForCausalLM(nn.Module):
         else:
             thought_logp = target_logprobs(self.logits, grid.thought, thoughts,
                                            cfg.policy_logprob_temperature, chunk_tokens=chunk)
-        parts: LossParts = quietstar_loss(cfg, base_logp, mixed_logp, thought_logp, valid)
+        loss, metrics = quietstar_loss(cfg, base_logp, mixed_logp, thought_logp, valid)
 
-        if check_finite and not torch.isfinite(parts.loss):
+        if check_finite and not torch.isfinite(loss):
             bad = [name for name in ("base_nll", "mixed_nll", "policy_loss")
-                   if not torch.isfinite(getattr(parts, name)).all()]
+                   if not torch.isfinite(metrics[name])]
             raise NonFiniteLossError(
-                f"the QuietStar loss is {parts.loss.item()} (non-finite parts: {bad or 'the weighted sum'}); "
+                f"the QuietStar loss is {loss.item()} (non-finite parts: {bad or 'the weighted sum'}); "
                 "lower the learning rate or policy_loss_weight, check the data for empty sequences, or "
                 "train in float32 / bfloat16 instead of float16")
         mask = valid.to(w.dtype)
-        return QuietStarOutput(
-            loss=parts.loss, base_nll=parts.base_nll, mixed_nll=parts.mixed_nll,
-            policy_loss=parts.policy_loss, mean_reward=parts.mean_reward,
-            positive_reward_fraction=parts.positive_reward_fraction, thought_gain=parts.thought_gain,
-            mean_mixing_weight=((w.detach() * mask).sum() / mask.sum().clamp(min=1)),
-            thought_ids=thoughts.view(-1, n, *thoughts.shape[1:]),
-        )
+        metrics["mean_mixing_weight"] = (w.detach() * mask).sum() / mask.sum().clamp(min=1)
+        return QuietStarOutput(loss, metrics, thoughts.view(-1, n, *thoughts.shape[1:]))
 
     def generate(self, input_ids, attention_mask=None, **kwargs):
         """Thinking generation (see ``quietstar.generation.generate`` for the arguments)."""

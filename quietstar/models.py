@@ -432,10 +432,10 @@ def load_quietstar_model(name: str, device: str | None = None, dtype: str | None
     """A QuietStarForCausalLM from a saved QuietStar folder, or a plain model (folder, hub id or
     the embedded name) wrapped fresh with ``from_base`` (its mixing weight is 0, so its thoughts
     change nothing until it is trained: a note on stderr says so)."""
-    from .config import CONFIG_NAME, QuietStarConfig
+    from .config import QUIETSTAR_CONFIG_NAME, QuietStarConfig
     from .modeling import QuietStarForCausalLM
 
-    if Path(name).expanduser().is_dir() and (Path(name).expanduser() / CONFIG_NAME).is_file():
+    if Path(name).expanduser().is_dir() and (Path(name).expanduser() / QUIETSTAR_CONFIG_NAME).is_file():
         kwargs = {} if dtype is None else {"dtype": _resolve_dtype(dtype)}
         model = QuietStarForCausalLM.from_pretrained(Path(name).expanduser(), **kwargs)
     else:
@@ -443,7 +443,7 @@ def load_quietstar_model(name: str, device: str | None = None, dtype: str | None
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
         model = QuietStarForCausalLM.from_base(lm, tokenizer, QuietStarConfig())
-        print(f"note: {name} is a plain base model, not a trained QuietStar model ({CONFIG_NAME} "
+        print(f"note: {name} is a plain base model, not a trained QuietStar model ({QUIETSTAR_CONFIG_NAME} "
               "is missing); wrapped fresh with QuietStarForCausalLM.from_base and an untrained "
               "mixing head (weight 0), so thoughts on equals thoughts off until it is trained "
               "with `quietstar train`", file=sys.stderr)

@@ -55,12 +55,13 @@ def test_dense_training_step_equals_quietstar():
     dense.train()
     ids = random_text(2, 10)
     ours = model(ids, generator=torch.Generator().manual_seed(3))
-    parts, thoughts = dense(ids, generator=torch.Generator().manual_seed(3))
+    loss, metrics, thoughts = dense(ids, generator=torch.Generator().manual_seed(3))
     assert torch.equal(ours.thought_ids, thoughts)
-    torch.testing.assert_close(parts.loss, ours.loss, rtol=1e-5, atol=0)
-    torch.testing.assert_close(parts.mixed_nll, ours.mixed_nll, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(loss, ours.loss, rtol=1e-5, atol=0)
+    for name, value in metrics.items():
+        torch.testing.assert_close(value, ours.metrics[name], rtol=1e-5, atol=1e-6, msg=name)
     ours.loss.backward()
-    parts.loss.backward()
+    loss.backward()
     ref_params = dict(dense.model.named_parameters())
     checked = 0
     for name, p in model.named_parameters():

@@ -21,7 +21,7 @@ from quietstar.data import (
     arithmetic_corpus,
     load_texts,
     pack_documents,
-    train_heldout_split,
+    heldout_split,
 )
 
 
@@ -344,19 +344,17 @@ def test_token_batches_from_load_texts(tmp_path, tok):
 # --------------------------------------------------------------------------- split
 
 
-def test_train_heldout_split_disjoint_and_deterministic():
-    docs = arithmetic_corpus(200, seed=0)
-    docs = docs + docs[:10]  # duplicates must stay on one side
-    train, held = train_heldout_split(docs, 0.1, seed=0)
-    assert set(train).isdisjoint(held)
-    assert sorted(train + held) == sorted(docs)
-    assert len(set(held)) == 20
-    assert (train, held) == train_heldout_split(docs, 0.1, seed=0)
-    assert held != train_heldout_split(docs, 0.1, seed=1)[1]
-    assert train == [d for d in docs if d in set(train)]  # original order kept
-    assert train_heldout_split(docs, 0.0, seed=0) == (docs, [])
-    assert len(train_heldout_split(docs[:5], 0.01, seed=0)[1]) == 1
-    with pytest.raises(ValueError):
-        train_heldout_split(docs, 1.0, seed=0)
-    with pytest.raises(ValueError, match="distinct"):
-        train_heldout_split(["a", "a"], 0.5, seed=0)
+def test_heldout_split_first_documents_and_no_duplicate_on_both_sides():
+    docs = arithmetic_corpus(50, seed=0)
+    docs = docs[:5] + docs[1:2] + docs[5:] + docs[3:4]  # duplicates of held-out documents later
+    held, rest = heldout_split(docs, 5)
+    assert held == docs[:5]
+    rest = list(rest)
+    assert set(rest).isdisjoint(held)
+    assert rest == [d for d in docs[5:] if d not in set(held)]  # order kept, duplicates dropped
+    assert len(rest) == len(docs) - 5 - 2
+    assert list(rest) == list(heldout_split(docs, 5)[1])       # re-iterable, deterministic
+    held, rest = heldout_split(docs, 0)
+    assert held == [] and list(rest) == docs
+    with pytest.raises(ValueError, match="num_heldout"):
+        heldout_split(docs, -1)

@@ -77,7 +77,7 @@ def test_reinforce_raises_probability_of_the_better_thought():
     for _ in range(3):
         optimiser.zero_grad()
         out = model(x, thought_ids=forced)
-        assert out.policy_loss > 0 and out.positive_reward_fraction == 0.5
+        assert out.metrics["policy_loss"] > 0 and out.metrics["positive_reward_fraction"] == 0.5
         out.loss.backward()
         optimiser.step()
     assert preference() > before + 1e-3
@@ -91,10 +91,10 @@ def test_reward_baselines():
         perturb_head(model)
         out = model(x, generator=torch.Generator().manual_seed(0))
         if baseline == "thought_mean":  # rewards are centred per position
-            assert abs(out.mean_reward) < 1e-5
+            assert abs(out.metrics["mean_reward"]) < 1e-5
         else:  # reward = gain over the base model
-            torch.testing.assert_close(out.mean_reward, out.thought_gain)
-        assert 0 < out.positive_reward_fraction < 1
+            torch.testing.assert_close(out.metrics["mean_reward"], out.metrics["thought_gain"])
+        assert 0 < out.metrics["positive_reward_fraction"] < 1
 
 
 @pytest.mark.parametrize("temperature", [1.0, 3.0])

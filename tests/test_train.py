@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import types
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ import torch.nn.functional as F
 import yaml
 from conftest import make_lm, make_model, make_tokenizer
 
-from quietstar import QuietStarForCausalLM
+from quietstar import QuietStarConfig, QuietStarForCausalLM
 from quietstar.checkpoint import CheckpointError, list_checkpoints, load_model_weights
 from quietstar.arguments import given_settings
 from quietstar.cli import build_parser
@@ -76,9 +77,31 @@ def test_flags_override_yaml_which_overrides_defaults(tmp_path):
     assert config.lr_schedule == "linear"           # YAML beats default
     assert config.quietstar.ahead_tokens == 3
     assert config.quietstar.thought_temperature == 0.5
-    assert config.quietstar.sampled_thought_tokens == 4  # the training default, not the paper's 9
+    assert config.quietstar.sampled_thought_tokens == 9  # a config file starts from the paper's
     assert config.activation_checkpointing is True and config.text_field is None
     assert config.batch_size == TrainConfig().batch_size  # untouched
+
+
+def test_quietstar_train_starts_from_the_cpu_demo_preset_unless_given_a_config(monkeypatch, capsys, tmp_path):
+    """One story of defaults: the dataclasses hold the paper's method; the command starts from
+    the cpu-demo preset (and says so), a --config or a resumed run's own settings replace it."""
+    from quietstar.commands import train as command
+
+    seen = []
+    monkeypatch.setattr(command, "train", lambda config: seen.append(config) or types.SimpleNamespace(interrupted=False))
+    assert TrainConfig().quietstar == QuietStarConfig()
+    assert QuietStarConfig().sampled_thought_tokens == 9 and QuietStarConfig().policy_loss_weight == 1e6
+    assert command.main(["--max-steps", "3"]) == 0
+    demo = seen[-1]
+    assert (demo.quietstar.sampled_thought_tokens, demo.quietstar.policy_loss_weight, demo.max_steps) == (4, 100.0, 3)
+    assert "cpu-demo preset" in capsys.readouterr().err
+    assert command.main(["--config", "cpu-demo", "--policy-loss-weight", "7"]) == 0
+    assert (seen[-1].quietstar.sampled_thought_tokens, seen[-1].quietstar.policy_loss_weight) == (4, 7.0)
+    (tmp_path / "mine.yaml").write_text("seq_len: 24\n")
+    assert command.main(["--config", str(tmp_path / "mine.yaml")]) == 0
+    assert seen[-1].quietstar == QuietStarConfig() and seen[-1].seq_len == 24
+    assert command.main(["--config", "no-such-preset"]) == 2
+    assert "neither a YAML file nor a preset; presets: cpu-demo" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("settings, message", [

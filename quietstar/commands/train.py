@@ -11,6 +11,7 @@ import sys
 
 from ..arguments import add_dataclass_arguments, given_settings
 from ..train import TrainConfig, TrainingDiverged, load_config, train
+from ..train_config import DEFAULT_PRESET, config_file_path, presets
 
 HELP = "train a model with Quiet-STaR"
 
@@ -19,14 +20,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags for every TrainConfig and QuietStarConfig field (given flags override --config)."""
     parser.add_argument("--config", metavar="YAML", default=None,
                         help="YAML file of settings (the same names as the flags, with the method's "
-                             "under 'quietstar:'); flags given here override it")
+                             "under 'quietstar:'), or the name of a preset "
+                             f"({', '.join(presets())}); flags given here override it (default: "
+                             f"the {DEFAULT_PRESET} preset, unless resuming: then the run's own "
+                             "saved settings)")
     add_dataclass_arguments(parser, TrainConfig, TrainConfig(), title="training")
 
 
 def run(args: argparse.Namespace) -> int:
     try:
-        config = load_config(args.config, given_settings(args, TrainConfig))
-        result = train(config)
+        given = given_settings(args, TrainConfig)
+        config_file = args.config
+        if config_file is None and not given.get("resume"):
+            config_file = DEFAULT_PRESET
+            print(f"quietstar train: starting from the {DEFAULT_PRESET} preset "
+                  f"({config_file_path(DEFAULT_PRESET)}); --config FILE or PRESET for others",
+                  file=sys.stderr)
+        result = train(load_config(config_file, given))
     except TrainingDiverged as e:
         print(f"quietstar train: {e}", file=sys.stderr)
         return 1
