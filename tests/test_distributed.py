@@ -27,7 +27,8 @@ from conftest import make_lm, make_tokenizer
 
 from quietstar.checkpoint import SHARDED_DIR, checkpoint_name
 from quietstar.metrics import read_metrics
-from quietstar.train import TrainConfig, train
+from quietstar.train import load_config, train
+from quietstar.train_config import DEFAULT_PRESET
 
 STEPS = 4
 
@@ -74,10 +75,11 @@ def tiny_model(tmp_path) -> Path:
 
 
 def train_one_process(values: dict) -> None:
+    """What ``quietstar train`` with ``values`` as flags runs (from the cpu-demo preset), in this process."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        train(TrainConfig.from_dict(values))
+        train(load_config(DEFAULT_PRESET, values))
     finally:
         torch.set_num_threads(threads)
 
