@@ -296,6 +296,7 @@ class QuietStarForCausalLM(nn.Module):
                 self.decoder, self.embedding, self.logits, input_ids, attention_mask, self.start_id,
                 self.end_id, cfg.sampled_thought_tokens, cfg.ahead_tokens, cfg.thought_temperature,
                 self.tokenizer.pad_token_id, generator, keep_logits=chunk <= 0)
+        # 2. mix each post-thought state with the base state that predicts the same token.
         mixed, w = self._mix(grid)
 
         # 3. log-likelihoods: base next token, mixed A tokens, thought tokens (REINFORCE temperature).
@@ -307,6 +308,7 @@ class QuietStarForCausalLM(nn.Module):
         else:
             thought_logp = target_logprobs(self.logits, grid.thought, thoughts,
                                            cfg.policy_logprob_temperature, chunk_tokens=chunk)
+        # 4. the objective: NLLs and REINFORCE; detached metrics beside it.
         loss, metrics = quietstar_loss(cfg, base_logp, mixed_logp, thought_logp, valid)
 
         if check_finite and not torch.isfinite(loss):
