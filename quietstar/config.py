@@ -38,9 +38,22 @@ class QuietStarConfig:
     thought_temperature: float = 1.0
     """Sampling temperature of thought tokens; 0 means greedy thoughts."""
 
-    reward_baseline: Literal["thought_mean", "base"] = "thought_mean"
+    reward_source: Literal["mixed", "thought"] = "mixed"
+    """What a thought's reward measures: the log-likelihood of the A true tokens that follow
+    under the "mixed" prediction (the paper; at initialisation the mixing weight is 0, so every
+    thought earns the same and REINFORCE has no signal until it grows), or under the "thought"
+    prediction alone, before mixing (how well the thought itself predicts what follows: a
+    signal from the first step)."""
+
+    reward_baseline: Literal["thought_mean", "base", "ema_base"] = "thought_mean"
     """REINFORCE baseline. "thought_mean": the mean reward of the n thoughts at the same position
-    (the paper). "base": the log-likelihood the model gives without a thought (works with n=1)."""
+    (the paper). "base": the log-likelihood the model gives without a thought (works with n=1).
+    "ema_base": the information gain of RLP: the log-likelihood without a thought under a slowly
+    updated (EMA, ``ema_decay``) copy of the LM, which training keeps and checkpoints."""
+
+    ema_decay: float = 0.999
+    """With reward_baseline="ema_base": after every optimiser step the EMA copy becomes
+    ema_decay * copy + (1 - ema_decay) * LM."""
 
     drop_negative_rewards: bool = True
     """Clamp rewards below zero to zero, as in the paper (with n=2 only the better thought learns)."""
@@ -91,12 +104,16 @@ class QuietStarConfig:
              f"ahead_tokens must be an int >= 1, got {self.ahead_tokens!r}")
         need(isinstance(self.thoughts_per_position, int) and self.thoughts_per_position >= 1,
              f"thoughts_per_position must be an int >= 1, got {self.thoughts_per_position!r}")
-        need(self.reward_baseline in ("thought_mean", "base"),
-             f"reward_baseline must be 'thought_mean' or 'base', got {self.reward_baseline!r}")
+        need(self.reward_source in ("mixed", "thought"),
+             f"reward_source must be 'mixed' or 'thought', got {self.reward_source!r}")
+        need(self.reward_baseline in ("thought_mean", "base", "ema_base"),
+             f"reward_baseline must be 'thought_mean', 'base' or 'ema_base', got {self.reward_baseline!r}")
+        need(isinstance(self.ema_decay, (int, float)) and 0 <= self.ema_decay < 1,
+             f"ema_decay must be in [0, 1), got {self.ema_decay!r}")
         need(not (self.reward_baseline == "thought_mean" and self.thoughts_per_position == 1
                   and self.policy_loss_weight != 0),
              "reward_baseline='thought_mean' with thoughts_per_position=1 makes every reward 0; "
-             "use thoughts_per_position >= 2 or reward_baseline='base'")
+             "use thoughts_per_position >= 2 or reward_baseline='base' / 'ema_base'")
         need(self.thought_temperature >= 0 and math.isfinite(self.thought_temperature),
              f"thought_temperature must be >= 0 (0 = greedy), got {self.thought_temperature!r}")
         need(self.policy_logprob_temperature > 0,

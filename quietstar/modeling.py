@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from . import attention
 from .config import QUIETSTAR_CONFIG_NAME, QuietStarConfig
-from .losses import NonFiniteLossError, logits_logprobs, quietstar_loss, target_logprobs
+from .losses import NonFiniteLossError, logits_logprobs, quietstar_loss_terms, target_logprobs
 from .meta_tokens import MetaTokenEmbedding, add_meta_tokens
 from .mixing import MixingHead
 from .rollout import GridHidden, sample_and_score, sample_thoughts, score_grid, text_positions
@@ -38,6 +39,7 @@ class QuietStarOutput:
     loss: torch.Tensor
     metrics: dict[str, torch.Tensor]  # detached scalars: quietstar_loss's, and mean_mixing_weight
     thought_ids: torch.Tensor         # [B, n, L, k] the sampled thoughts (inner tokens)
+    terms: dict[str, torch.Tensor]    # "nll", "policy": the weighted terms of loss, with gradients
 
 
 class QuietStarForCausalLM(nn.Module):
@@ -60,6 +62,7 @@ class QuietStarForCausalLM(nn.Module):
         meta_in_vocab = [i for i in (self.start_id, self.end_id) if i < vocab]
         self.register_buffer("_meta_logit_ids", torch.tensor(meta_in_vocab, dtype=torch.long),
                              persistent=False)
+        self.ema_lm = None  # reward_baseline="ema_base": a frozen, slowly updated copy of lm
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -164,10 +167,12 @@ class QuietStarForCausalLM(nn.Module):
     def decoder(self):
         return self.lm.get_decoder()
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """LM logits of final hidden states; the meta tokens are never predicted."""
-        logits = self.lm.get_output_embeddings()(hidden)
-        cap = getattr(self.lm.config.get_text_config(), "final_logit_softcapping", None)
+    def logits(self, hidden: torch.Tensor, lm=None) -> torch.Tensor:
+        """LM logits of final hidden states (of ``lm``, default the model's own LM); the meta
+        tokens are never predicted."""
+        lm = self.lm if lm is None else lm
+        logits = lm.get_output_embeddings()(hidden)
+        cap = getattr(lm.config.get_text_config(), "final_logit_softcapping", None)
         if cap is not None:
             logits = torch.tanh(logits / cap) * cap
         if self._meta_logit_ids.numel():
@@ -273,6 +278,9 @@ class QuietStarForCausalLM(nn.Module):
         attention_mask = self._check_text(input_ids, attention_mask)
         targets, valid = self._targets(input_ids, attention_mask, labels)
         B, L = input_ids.shape
+        ema_base_logp = None
+        if cfg.reward_baseline == "ema_base":
+            ema_base_logp = self._ema_base_logp(input_ids, attention_mask, targets[..., 0]).repeat_interleave(n, 0)
         # The n thoughts of a text are adjacent rows: [B*n, ...].
         input_ids, attention_mask = input_ids.repeat_interleave(n, 0), attention_mask.repeat_interleave(n, 0)
         targets, valid = targets.repeat_interleave(n, 0), valid.repeat_interleave(n, 0)
@@ -308,8 +316,15 @@ class QuietStarForCausalLM(nn.Module):
         else:
             thought_logp = target_logprobs(self.logits, grid.thought, thoughts,
                                            cfg.policy_logprob_temperature, chunk_tokens=chunk)
+        after_logp = None
+        if cfg.reward_source == "thought":  # the reward only: no gradient
+            with torch.no_grad():
+                after_logp = target_logprobs(self.logits, grid.after, targets, chunk_tokens=chunk)
+
         # 4. the objective: NLLs and REINFORCE; detached metrics beside it.
-        loss, metrics = quietstar_loss(cfg, base_logp, mixed_logp, thought_logp, valid)
+        nll_term, policy_term, metrics = quietstar_loss_terms(cfg, base_logp, mixed_logp, thought_logp,
+                                                              valid, after_logp, ema_base_logp)
+        loss = nll_term + policy_term
 
         if check_finite and not torch.isfinite(loss):
             bad = [name for name in ("base_nll", "mixed_nll", "policy_loss")
@@ -320,7 +335,33 @@ class QuietStarForCausalLM(nn.Module):
                 "train in float32 / bfloat16 instead of float16")
         mask = valid.to(w.dtype)
         metrics["mean_mixing_weight"] = (w.detach() * mask).sum() / mask.sum().clamp(min=1)
-        return QuietStarOutput(loss, metrics, thoughts.view(-1, n, *thoughts.shape[1:]))
+        return QuietStarOutput(loss, metrics, thoughts.view(-1, n, *thoughts.shape[1:]),
+                               {"nll": nll_term, "policy": policy_term})
+
+    # ------------------------------------------------------------------ the EMA baseline (RLP)
+    def ema_baseline_enable(self) -> None:
+        """Makes the EMA copy of the LM that ``reward_baseline="ema_base"`` measures thoughts
+        against: a frozen deep copy, moved by ``update_ema_baseline`` after every optimiser step
+        (``quietstar train`` does both; a training forward makes the copy if it is missing)."""
+        if self.ema_lm is None:
+            ema = copy.deepcopy(self.lm).requires_grad_(False).eval()
+            self.ema_lm = ema
+
+    @torch.no_grad()
+    def update_ema_baseline(self) -> None:
+        """ema = ema_decay * ema + (1 - ema_decay) * lm, parameter by parameter."""
+        for ema, live in zip(self.ema_lm.parameters(), self.lm.parameters(), strict=True):
+            ema.lerp_(live.detach().to(ema.dtype), 1.0 - self.config.ema_decay)
+
+    @torch.no_grad()
+    def _ema_base_logp(self, input_ids, attention_mask, next_tokens) -> torch.Tensor:
+        """log p_EMA(x_{i+1} | x_0..x_i) [B, L] without a thought, from the EMA copy."""
+        self.ema_baseline_enable()
+        ema = self.ema_lm.eval()  # train() on the wrapper reaches the copy too: no dropout here
+        hidden = ema.get_decoder()(inputs_embeds=ema.get_input_embeddings()(input_ids),
+                                   attention_mask=attention_mask,
+                                   position_ids=text_positions(attention_mask)).last_hidden_state
+        return logits_logprobs(self.logits(hidden, ema), next_tokens)
 
     def generate(self, input_ids, attention_mask=None, **kwargs):
         """Thinking generation (see ``quietstar.generation.generate`` for the arguments)."""

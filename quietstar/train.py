@@ -137,6 +137,13 @@ class TrainingRecipe:
         if self.sharded and cfg.lora_rank:
             raise ValueError("LoRA with FSDP / DeepSpeed is not supported; use DDP (or one process) "
                              "for LoRA, or train all weights (--lora-rank 0)")
+        self.ema = cfg.quietstar.reward_baseline == "ema_base"
+        if self.sharded and self.ema:
+            raise ValueError("reward_baseline='ema_base' with FSDP / DeepSpeed is not supported (its "
+                             "EMA copy of the LM is not sharded); use DDP or one process")
+        if self.world > 1 and cfg.policy_max_grad_norm is not None:
+            raise ValueError("policy_max_grad_norm (two backward passes per step) runs in one process "
+                             "for now; unset it or train with one process")
 
     def setup_run_folder(self) -> None:
         """The run folder (every process must agree on its name), checked writable, with the
@@ -172,6 +179,8 @@ class TrainingRecipe:
                 cfg.micro_batch_size
         else:
             model = build_model(cfg)
+        if self.ema:
+            model.ema_baseline_enable()  # before accelerate moves and wraps the model
         self.model = self.unwrapped = model
         self.tokenizer = model.tokenizer
         self.fingerprint = _fingerprint(model, cfg)
@@ -205,6 +214,8 @@ class TrainingRecipe:
         state = {"step": step, "optimizer": None if self.sharded else self.optimizer.state_dict(),
                  "rng": checkpoint.capture_rng(), "data": self.batches.state_dict(),
                  "nonfinite_in_a_row": self.nonfinite, "fingerprint": self.fingerprint}
+        if self.ema:
+            state["ema"] = {k: v.detach().cpu() for k, v in self.unwrapped.ema_lm.state_dict().items()}
         self.last_checkpoint = checkpoint.save_checkpoint(
             self.out_dir, step, self.unwrapped, training_state=state, config=self.config,
             keep=self.config.keep_checkpoints, full_state=full_state, lora=bool(self.config.lora_rank),
@@ -218,6 +229,12 @@ class TrainingRecipe:
         load_sharded = (lambda folder: self.accelerator.load_state(str(folder))) if self.sharded else None
         self.state = checkpoint.load_checkpoint(path, self.unwrapped, self.fingerprint,
                                                 optimizer=self.optimizer, load_sharded=load_sharded)
+        if self.ema:
+            if "ema" not in self.state:
+                raise checkpoint.CheckpointError(f"{path} holds no EMA copy of the LM, which "
+                                                 "reward_baseline='ema_base' needs; resume with that "
+                                                 "run's reward_baseline, or start a fresh run")
+            self.unwrapped.ema_lm.load_state_dict(self.state["ema"])
         self.batches.load_state_dict(self.state["data"])
         self.step = self.start_step = int(self.state["step"])
         self.nonfinite = int(self.state["nonfinite_in_a_row"])
@@ -242,6 +259,7 @@ class TrainingRecipe:
         batch = self.pending if self.pending is not None else next(self.batch_iter)
         self.pending = None
         sums: dict[str, torch.Tensor] = {}
+        apart: dict[str, dict] = {"nll": {}, "policy": {}}  # policy_max_grad_norm: gradients apart
         for j in range(self.accumulation):
             lo = (j * self.world + self.rank) * cfg.micro_batch_size
             rows = {k: v[lo:lo + cfg.micro_batch_size].to(self.device) for k, v in batch.items()}
@@ -250,15 +268,34 @@ class TrainingRecipe:
                     out = self.model(rows["input_ids"], rows["attention_mask"], rows["labels"],
                                      generator=thought_generator(cfg.seed, step, lo, self.device),
                                      check_finite=False)
-                acc.backward(out.loss)
+                if cfg.policy_max_grad_norm is None:
+                    acc.backward(out.loss)
+                else:
+                    acc.backward(out.terms["nll"], retain_graph=True)
+                    _move_grads(self.model.parameters(), apart["nll"])
+                    acc.backward(out.terms["policy"])
+                    _move_grads(self.model.parameters(), apart["policy"])
             for name, value in {"loss": out.loss.detach(), **out.metrics}.items():
                 sums[name] = sums.get(name, 0) + value.float() / self.accumulation
+        extra: dict[str, float] = {}
+        if cfg.policy_max_grad_norm is not None:
+            _move_grads(apart["policy"], None)  # clip the policy gradient alone, put it aside
+            extra["policy_grad_norm"] = float(torch.nn.utils.clip_grad_norm_(
+                list(self.model.parameters()), cfg.policy_max_grad_norm))
+            apart["policy"] = {}
+            _move_grads(self.model.parameters(), apart["policy"])
+            _move_grads(apart["nll"], None)  # .grad = the NLL gradient, clipped below as usual
         grad_norm = acc.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
+        if cfg.policy_max_grad_norm is not None:
+            _add_grads(apart["policy"])
         values, self.stop_requested = self._reduce(sums)
         grad_norm = float(grad_norm) if grad_norm is not None else None
-        finite = math.isfinite(values["loss"]) and (grad_norm is None or math.isfinite(grad_norm))
+        finite = math.isfinite(values["loss"]) and (grad_norm is None or math.isfinite(grad_norm)) \
+            and all(math.isfinite(v) for v in extra.values())
         if finite:
             self.optimizer.step()
+            if self.ema:
+                self.unwrapped.update_ema_baseline()
             self.nonfinite = 0
         else:
             self.nonfinite += 1
@@ -267,7 +304,7 @@ class TrainingRecipe:
                            f"{cfg.max_nonfinite_steps})")
         self.optimizer.zero_grad(set_to_none=True)
         elapsed = time.perf_counter() - t0
-        record = {"step": step + 1, **values, "lr": lr, "grad_norm": grad_norm,
+        record = {"step": step + 1, **values, "lr": lr, "grad_norm": grad_norm, **extra,
                   "tokens_per_s": cfg.batch_size * cfg.seq_len / elapsed, "step_time_s": elapsed}
         if not finite:
             record["skipped"] = True
@@ -391,6 +428,24 @@ class TrainingRecipe:
             plot_training_curves(self.out_dir / METRICS_NAME, self.out_dir / CURVES_NAME)
             logger.info(summary(self.out_dir, self.last_checkpoint, self.step, total, self.history,
                                 self.first_eval, self.record, interrupted, self.start_step))
+
+
+def _move_grads(params, into: dict | None) -> None:
+    """Moves gradients out of ``.grad``: ``params`` (an iterable of parameters) into ``into``
+    (added to what it holds), or, with ``into=None``, back from the dict ``params`` into ``.grad``."""
+    if into is None:
+        for p, g in params.items():
+            p.grad = g
+        return
+    for p in params:
+        if p.grad is not None:
+            into[p] = into[p] + p.grad if p in into else p.grad
+            p.grad = None
+
+
+def _add_grads(extra: dict) -> None:
+    for p, g in extra.items():
+        p.grad = g if p.grad is None else p.grad + g
 
 
 def train(config: TrainConfig, eval_hooks: Sequence[EvalHook] | None = None) -> TrainResult:

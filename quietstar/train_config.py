@@ -101,6 +101,13 @@ class TrainConfig:
     """Clip the global gradient norm to this (inf: no clipping). With the paper's policy-loss
     weight (1e6) the gradient is mostly the REINFORCE term, so clipping sets the step size."""
 
+    policy_max_grad_norm: float | None = None
+    """None: one gradient for the whole loss, clipped at max_grad_norm (the paper). A number: the
+    REINFORCE term's gradient and the NLL terms' gradient are computed apart (a second backward
+    pass through the same graph, ~1.5x the step time), the first clipped at this norm and the
+    second at max_grad_norm, then summed: the policy can shape thoughts without taking over the
+    LM's step, and a large policy weight no longer shrinks the NLL's update. One process only."""
+
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     """Compute precision; weights and optimiser state stay fp32. "auto": bf16 autocast on CUDA
     GPUs that support it, fp32 elsewhere."""
@@ -187,6 +194,12 @@ class TrainConfig:
         need(0 <= self.min_lr_ratio <= 1, f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio!r}")
         need(self.max_grad_norm > 0, f"max_grad_norm must be > 0 (inf: no clipping), got "
              f"{self.max_grad_norm!r}")
+        need(self.policy_max_grad_norm is None or self.policy_max_grad_norm > 0,
+             f"policy_max_grad_norm must be None or > 0 (inf: separate, unclipped), got "
+             f"{self.policy_max_grad_norm!r}")
+        need(not (self.lora_rank and self.quietstar.reward_baseline == "ema_base"),
+             "reward_baseline='ema_base' with LoRA is not supported (the EMA copy would follow the "
+             "frozen base weights); train all weights (--lora-rank 0) or use another baseline")
         need(self.lora_alpha > 0, f"lora_alpha must be > 0, got {self.lora_alpha!r}")
         need(bool(self.lora_target_modules.strip()), "lora_target_modules must not be empty")
         for name, allowed in (("data_mode", ("pack", "crop")),

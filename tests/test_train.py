@@ -14,6 +14,7 @@ from conftest import make_lm, make_model, make_tokenizer
 
 from quietstar import QuietStarConfig, QuietStarForCausalLM
 from quietstar.checkpoint import CheckpointError, list_checkpoints, load_model_weights
+from quietstar.checkpoint import load_training_state as checkpoint_state
 from quietstar.arguments import given_settings
 from quietstar.cli import build_parser
 from quietstar.data import TokenBatches, load_texts
@@ -228,6 +229,82 @@ def test_train_equals_a_plain_reference_loop(tiny_model_dir, tmp_path):
     records = read_metrics(result.output_dir / "metrics.jsonl")
     assert [r["step"] for r in records] == [1, 2]
     assert [r["lr"] for r in records] == [1e-3 / 2, 1e-3]
+
+
+def test_policy_and_nll_gradients_clipped_apart_equal_a_plain_reference_loop(tiny_model_dir, tmp_path):
+    """policy_max_grad_norm: each micro-batch's NLL and REINFORCE gradients are accumulated apart,
+    the policy's clipped at its norm, the NLL's at max_grad_norm, then summed, as written here."""
+    config = tiny_config(tiny_model_dir, tmp_path / "run", max_steps=2, warmup_steps=0,
+                         lr_schedule="constant", max_grad_norm=0.5, policy_max_grad_norm=0.05,
+                         quietstar={"sampled_thought_tokens": 2, "ahead_tokens": 2,
+                                    "policy_loss_weight": 100.0, "reward_source": "thought"})
+    result = train(config)
+
+    from accelerate.utils import set_seed
+
+    set_seed(0)
+    model = build_model(config)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = build_optimizer(model, config)
+    batches = iter(TokenBatches(load_texts("builtin:arithmetic", num_documents=40, seed=0),
+                                model.tokenizer, 16, 2, seed=0))
+    norms = []
+    for step in range(2):
+        batch = next(batches)
+        nll, policy = [torch.zeros_like(p) for p in params], [torch.zeros_like(p) for p in params]
+        for j in range(2):
+            out = model(batch["input_ids"][j:j + 1], batch["attention_mask"][j:j + 1],
+                        batch["labels"][j:j + 1], generator=thought_generator(0, step, j))
+            for total, term in ((nll, "nll"), (policy, "policy")):
+                grads = torch.autograd.grad(out.terms[term] / 2, params, retain_graph=True, allow_unused=True)
+                for t, g in zip(total, grads):
+                    if g is not None:
+                        t += g
+        for total, limit in ((policy, 0.05), (nll, 0.5)):
+            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t) for t in total]))
+            norms.append(norm.item())
+            for t in total:
+                t.mul_(min(1.0, limit / (norm.item() + 1e-6)))
+        for p, a, b in zip(params, nll, policy):
+            p.grad = a + b
+        optimizer.step()
+        optimizer.zero_grad()
+    trained = final_weights(result)
+    for key, value in model.state_dict().items():
+        # summation order differs (autograd.grad vs .backward): float32 noise, not lr-sized steps
+        torch.testing.assert_close(trained[key], value, rtol=1e-4, atol=1e-6, msg=lambda m: f"{key}: {m}")
+    records = read_metrics(result.output_dir / "metrics.jsonl")
+    assert [r["policy_grad_norm"] for r in records] == pytest.approx(norms[0::2], rel=1e-4)
+    assert [r["grad_norm"] for r in records] == pytest.approx(norms[1::2], rel=1e-4)
+    assert norms[0] > 0.05 and norms[1] > 0.5  # both clips really acted
+
+
+def test_ema_baseline_resumes_exactly(tiny_model_dir, tmp_path):
+    """reward_baseline="ema_base": the EMA copy of the LM is checkpointed with the run, so a
+    run stopped after 2 steps and resumed to 4 trains exactly what 4 steps in one go do."""
+    method = {"sampled_thought_tokens": 2, "ahead_tokens": 2, "reward_baseline": "ema_base",
+              "reward_source": "thought", "ema_decay": 0.5, "policy_loss_weight": 10.0}
+    same = {"quietstar": method, "lr_schedule": "constant"}  # steps 1-2 alike in a 2- and a 4-step run
+    whole = train(tiny_config(tiny_model_dir, tmp_path / "whole", max_steps=4, **same))
+    train(tiny_config(tiny_model_dir, tmp_path / "parts", max_steps=2, **same))
+    resumed = train(tiny_config(tiny_model_dir, tmp_path / "parts", max_steps=4, resume="latest", **same))
+    a, b = final_weights(whole), final_weights(resumed)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    ema_a = checkpoint_state(whole.checkpoint)["ema"]
+    ema_b = checkpoint_state(resumed.checkpoint)["ema"]
+    for key in ema_a:
+        assert torch.equal(ema_a[key], ema_b[key]), key
+    lagging = [k for k in ema_a if f"lm.{k}" in a and not torch.equal(ema_a[k], a[f"lm.{k}"])]
+    assert len(lagging) > 10  # the EMA copy lags the trained LM, it does not equal it
+
+
+def test_reward_options_refused_where_they_cannot_run(tiny_model_dir, tmp_path):
+    with pytest.raises(ValueError, match="ema_base' with LoRA is not supported"):
+        tiny_config(tiny_model_dir, tmp_path / "a", lora_rank=2,
+                    quietstar={"reward_baseline": "ema_base", "ahead_tokens": 2})
+    with pytest.raises(ValueError, match="policy_max_grad_norm must be None or > 0"):
+        tiny_config(tiny_model_dir, tmp_path / "b", policy_max_grad_norm=0.0)
 
 
 def test_run_folder_holds_checkpoints_curves_samples_and_config(tiny_model_dir, tmp_path):

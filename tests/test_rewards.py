@@ -1,0 +1,142 @@
+"""Reward options of the method: where the reward comes from (mixed or the thought alone), the
+information-gain baseline against an EMA copy of the LM (RLP), and policy and NLL gradients
+clipped apart. Each against a hand computation."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from conftest import make_model, random_text
+from quietstar import QuietStarConfig
+from quietstar.losses import quietstar_loss, quietstar_loss_terms
+
+
+def toy(seed=0):
+    """One text, n = 2 thoughts, L = 3, A = 2, k = 2; the last position has no target."""
+    g = torch.Generator().manual_seed(seed)
+    base = -torch.rand(2, 3, generator=g) * 3
+    mixed = -torch.rand(2, 3, 2, generator=g) * 3
+    after = -torch.rand(2, 3, 2, generator=g) * 3
+    ema = -torch.rand(2, 3, generator=g) * 3
+    thought = (-torch.rand(2, 3, 2, generator=g) * 3).requires_grad_()
+    valid = torch.tensor([[True, True], [True, False], [False, False]]).expand(2, 3, 2)
+    return base, mixed, after, ema, thought, valid
+
+
+def hand_rewards(cfg, base, mixed, after, ema, valid):
+    """Rewards [n, L] written out position by position."""
+    source = after if cfg.reward_source == "thought" else mixed
+    rewards = [[0.0] * 3 for _ in range(2)]
+    for r in range(2):
+        for i in range(3):
+            ll = sum(source[r, i, s].item() for s in range(2) if valid[r, i, s])
+            if cfg.reward_baseline == "thought_mean":
+                other = sum(source[1 - r, i, s].item() for s in range(2) if valid[1 - r, i, s])
+                rewards[r][i] = ll - (ll + other) / 2
+            else:
+                ref = base if cfg.reward_baseline == "base" else ema
+                rewards[r][i] = ll - sum(ref[r, i + s].item() for s in range(2) if valid[r, i, s])
+    if cfg.drop_negative_rewards:
+        rewards = [[max(0.0, x) for x in row] for row in rewards]
+    return rewards
+
+
+@pytest.mark.parametrize("source", ["mixed", "thought"])
+@pytest.mark.parametrize("baseline", ["thought_mean", "base", "ema_base"])
+@pytest.mark.parametrize("clamp", [True, False])
+def test_rewards_and_policy_loss_by_hand(source, baseline, clamp):
+    cfg = QuietStarConfig(reward_source=source, reward_baseline=baseline, drop_negative_rewards=clamp,
+                          policy_loss_weight=3.0, ahead_tokens=2, sampled_thought_tokens=2)
+    base, mixed, after, ema, thought, valid = toy()
+    loss, metrics = quietstar_loss(cfg, base, mixed, thought, valid, after_logp=after, ema_base_logp=ema)
+    rewards = hand_rewards(cfg, base, mixed, after, ema, valid)
+    positions = [(r, i) for r in range(2) for i in range(3) if valid[r, i, 0]]
+    policy = sum(-rewards[r][i] * thought[r, i].mean().item() for r, i in positions) / len(positions)
+    assert metrics["policy_loss"].item() == pytest.approx(policy, abs=1e-6)
+    assert metrics["mean_reward"].item() == pytest.approx(
+        sum(rewards[r][i] for r, i in positions) / len(positions), abs=1e-6)
+    nll = 0.5 * (-base[valid[..., 0]].mean()) + 0.5 * torch.stack(
+        [-mixed[..., s][valid[..., s]].mean() for s in range(2)]).mean()
+    assert loss.item() == pytest.approx(nll.item() + 3.0 * policy, abs=1e-5)
+    # The gradient reaches the thought tokens' log-probabilities only, scaled by their reward.
+    (grad,) = torch.autograd.grad(loss, thought)
+    for r in range(2):
+        for i in range(3):
+            expected = -3.0 * rewards[r][i] / 2 / len(positions) if (r, i) in positions else 0.0
+            assert grad[r, i].tolist() == pytest.approx([expected] * 2, abs=1e-6)
+
+
+def test_terms_add_up_to_the_loss_and_sources_need_their_inputs():
+    cfg = QuietStarConfig(reward_source="thought", ahead_tokens=2)
+    base, mixed, after, ema, thought, valid = toy()
+    nll, policy, _ = quietstar_loss_terms(cfg, base, mixed, thought, valid, after_logp=after)
+    loss, _ = quietstar_loss(cfg, base, mixed, thought, valid, after_logp=after)
+    assert torch.equal(nll + policy, loss)
+    with pytest.raises(ValueError, match="needs after_logp"):
+        quietstar_loss(cfg, base, mixed, thought, valid)
+    with pytest.raises(ValueError, match="needs ema_base_logp"):
+        quietstar_loss(QuietStarConfig(reward_baseline="ema_base"), base, mixed, thought, valid)
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"reward_source": "base"}, "reward_source must be 'mixed' or 'thought'"),
+    ({"reward_baseline": "ema"}, "reward_baseline must be 'thought_mean', 'base' or 'ema_base'"),
+    ({"ema_decay": 1.0}, "ema_decay must be in"),
+    ({"ema_decay": -0.1}, "ema_decay must be in"),
+])
+def test_reward_settings_are_validated(bad, message):
+    with pytest.raises(ValueError, match=message):
+        QuietStarConfig(**bad)
+
+
+def test_thought_reward_gives_a_signal_at_initialisation():
+    """With the mixing weight 0 every thought earns the same mixed reward (0 after the mean
+    baseline); the thought-alone reward differs between thoughts from the first step, and it is
+    the post-thought log-likelihood of the A true tokens that score_thoughts gives."""
+    x = random_text(1, 8, seed=3)
+    mixed = make_model("llama", thoughts_per_position=2, drop_negative_rewards=False)
+    out = mixed(x, generator=torch.Generator().manual_seed(0))
+    assert out.metrics["mean_reward"].item() == 0.0 and out.metrics["positive_reward_fraction"].item() == 0.0
+    alone = make_model("llama", thoughts_per_position=2, drop_negative_rewards=False,
+                       reward_source="thought", policy_loss_weight=1.0)
+    out = alone(x, generator=torch.Generator().manual_seed(0))
+    assert 0.2 < out.metrics["positive_reward_fraction"].item() < 0.8
+    # by hand from score_thoughts: reward = ll(thought) - mean over the two thoughts
+    thoughts = out.thought_ids[0]
+    with torch.no_grad():
+        logp = alone.score_thoughts(x.repeat(2, 1), thoughts).thought_logits.log_softmax(-1)
+    L, A = 8, alone.config.ahead_tokens
+    ll = torch.zeros(2, L)
+    for i in range(L):
+        for s in range(A):
+            if i + 1 + s < L:
+                ll[:, i] += logp[:, i, s, x[0, i + 1 + s]]
+    reward = ll - ll.mean(0, keepdim=True)
+    assert out.metrics["positive_reward_fraction"].item() == pytest.approx(
+        (reward[:, :L - 1] > 0).float().mean().item())
+    assert out.metrics["mean_reward"].item() == pytest.approx(reward[:, :L - 1].mean().item(), abs=1e-6)
+
+
+def test_ema_baseline_starts_as_the_base_and_follows_the_lm():
+    x = random_text(1, 8, seed=4)
+    common = dict(thoughts_per_position=2, reward_source="thought", drop_negative_rewards=False)
+    base = make_model("llama", reward_baseline="base", **common)
+    ema = make_model("llama", reward_baseline="ema_base", ema_decay=0.75, **common)
+    a = base(x, generator=torch.Generator().manual_seed(1))
+    b = ema(x, generator=torch.Generator().manual_seed(1))
+    # a fresh EMA copy is the LM itself: the information gain equals the base baseline's reward
+    for name in ("mean_reward", "positive_reward_fraction", "policy_loss"):
+        torch.testing.assert_close(b.metrics[name], a.metrics[name], atol=1e-6, rtol=1e-6)
+    assert not any(p.requires_grad for p in ema.ema_lm.parameters())
+    before = {k: v.clone() for k, v in ema.ema_lm.state_dict().items()}
+    with torch.no_grad():
+        for p in ema.lm.parameters():
+            p.add_(1.0)
+    ema.update_ema_baseline()
+    live = ema.lm.state_dict()
+    for key, old in before.items():
+        torch.testing.assert_close(ema.ema_lm.state_dict()[key], 0.75 * old + 0.25 * live[key])
+    assert math.isfinite(ema(x, generator=torch.Generator().manual_seed(1)).loss.item())
