@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from transformers import DynamicCache
@@ -70,7 +70,8 @@ class _CachedDecoder:
 
 
 def _check_inputs(model, input_ids, attention_mask, max_new_tokens, do_sample, temperature, top_k,
-                  top_p, thought_temperature, thought_tokens):
+                  top_p):
+    """Refuses inputs generation cannot honour (the thought settings: ``thought_settings``)."""
     if input_ids.dim() != 2 or input_ids.shape[1] == 0:
         raise ValueError(f"input_ids must be [batch, length] with length >= 1, got shape "
                          f"{tuple(input_ids.shape)}")
@@ -85,10 +86,6 @@ def _check_inputs(model, input_ids, attention_mask, max_new_tokens, do_sample, t
                          "inserted by the model")
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    if thought_tokens < 0:
-        raise ValueError(f"thought_tokens must be >= 0 (0 = the base model), got {thought_tokens}")
-    if thought_temperature < 0:
-        raise ValueError(f"thought_temperature must be >= 0 (0 = greedy), got {thought_temperature}")
     if do_sample and not temperature > 0:
         raise ValueError(f"temperature must be > 0 when sampling, got {temperature}; use "
                          "do_sample=False for greedy decoding")
@@ -159,72 +156,100 @@ def generate(
     Returns:
         [B, L + N] token ids, or a ``GenerateOutput`` if ``return_thoughts`` or ``output_logits``.
     """
-    cfg = model.config
-    k = cfg.sampled_thought_tokens if thought_tokens is None else thought_tokens
-    thought_t = cfg.thought_temperature if thought_temperature is None else thought_temperature
     _check_inputs(model, input_ids, attention_mask, max_new_tokens, do_sample, temperature, top_k,
-                  top_p, thought_t, k)
-    B, device = input_ids.shape[0], input_ids.device
+                  top_p)
+    k, thought_t = model.config.thought_settings(thought_tokens, thought_temperature)
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     show_thoughts = hasattr(streamer, "put_thought") and k > 0
-    if show_thoughts and B > 1:
-        raise ValueError(f"a streamer that shows thoughts takes one prompt at a time, got {B}")
+    if show_thoughts and input_ids.shape[0] > 1:
+        raise ValueError(f"a streamer that shows thoughts takes one prompt at a time, got "
+                         f"{input_ids.shape[0]}")
     eos, pad = _special_ids(model, eos_token_id)
-    eos = torch.tensor(eos, device=device) if eos else None
-    token_t = temperature if do_sample else 0.0
+
+    def choose(logits: torch.Tensor) -> torch.Tensor:
+        return sample(logits, temperature if do_sample else 0.0, generator, top_k, top_p)
 
     was_training = model.training
     model.eval()  # no dropout
     try:
         decoder = _CachedDecoder(model, attention_mask, max_new_tokens + k + 2)
-        thinker = _Thinker(model, decoder, k, thought_t, generator, device) if k > 0 else None
-        # Prompts are checked and meta tokens never sampled, so every id fed to the LM except
-        # START/END (which the thinker adds) is an ordinary token of the base embedding.
-        embed = model.embedding.base
-        unfinished = torch.ones(B, dtype=torch.bool, device=device)
-        new, thoughts, weights, step_logits = [], [], [], []
-        if streamer is not None:
-            streamer.put(input_ids.cpu())
-
-        ids, positions = input_ids, text_positions(attention_mask)
-        for _ in range(max_new_tokens):
-            if thinker is None:
-                logits = model.logits(decoder(embed(ids), positions)[:, -1])
-            else:
-                logits, thought, w = thinker(embed(ids), positions)
-            logits = logits.float()
-            token = sample(logits, token_t, generator, top_k, top_p)
-            if eos is not None:
-                token = token.masked_fill(~unfinished, pad)
-            new.append(token)
-            if output_logits:
-                step_logits.append(logits)
-            if thinker is not None and return_thoughts:
-                thoughts.append(thought.masked_fill(~unfinished[:, None], pad))
-                weights.append(w.float().masked_fill(~unfinished, 0.0))
-            if show_thoughts:
-                streamer.put_thought(thought[0].cpu())
-            if streamer is not None:
-                streamer.put(token.cpu())
-            if eos is not None:
-                unfinished = unfinished & ~torch.isin(token, eos)
-                if not unfinished.any():
-                    break
-            ids, positions = token[:, None], positions[:, -1:] + 1
-        if streamer is not None:
-            streamer.end()
+        thinker = _Thinker(model, decoder, k, thought_t, generator, input_ids.device) if k > 0 else None
+        steps = _Steps(keep_thoughts=thinker is not None and return_thoughts, keep_logits=output_logits)
+        _run_steps(model, decoder, thinker, input_ids, attention_mask, max_new_tokens, choose, eos, pad,
+                   streamer, show_thoughts, steps)
     finally:
         model.train(was_training)
+    return _outputs(model, input_ids, steps, k, return_thoughts, output_logits)
 
-    sequences = torch.cat([input_ids, *[t[:, None] for t in new]], dim=1)
+
+@dataclass
+class _Steps:
+    """What the step loop collects, one entry per new token: [B] tokens, and where asked for,
+    [B, k] thoughts, [B] mixing weights (both blanked after eos) and [B, V] mixed logits."""
+
+    keep_thoughts: bool
+    keep_logits: bool
+    tokens: list = field(default_factory=list)
+    thoughts: list = field(default_factory=list)
+    weights: list = field(default_factory=list)
+    logits: list = field(default_factory=list)
+
+
+def _run_steps(model, decoder, thinker, input_ids, attention_mask, max_new_tokens, choose, eos, pad,
+               streamer, show_thoughts, steps: _Steps) -> None:
+    """The generation loop: one new token per step for every row, until ``max_new_tokens`` or
+    every row has ended; rows that ended get the pad id."""
+    B, device = input_ids.shape[0], input_ids.device
+    eos = torch.tensor(eos, device=device) if eos else None
+    # Prompts are checked and meta tokens never sampled, so every id fed to the LM except
+    # START/END (which the thinker adds) is an ordinary token of the base embedding.
+    embed = model.embedding.base
+    unfinished = torch.ones(B, dtype=torch.bool, device=device)
+    if streamer is not None:
+        streamer.put(input_ids.cpu())
+
+    ids, positions = input_ids, text_positions(attention_mask)
+    for _ in range(max_new_tokens):
+        if thinker is None:
+            logits = model.logits(decoder(embed(ids), positions)[:, -1])
+        else:
+            logits, thought, w = thinker(embed(ids), positions)
+        logits = logits.float()
+        token = choose(logits)
+        if eos is not None:
+            token = token.masked_fill(~unfinished, pad)
+        steps.tokens.append(token)
+        if steps.keep_logits:
+            steps.logits.append(logits)
+        if steps.keep_thoughts:
+            steps.thoughts.append(thought.masked_fill(~unfinished[:, None], pad))
+            steps.weights.append(w.float().masked_fill(~unfinished, 0.0))
+        if show_thoughts:
+            streamer.put_thought(thought[0].cpu())
+        if streamer is not None:
+            streamer.put(token.cpu())
+        if eos is not None:
+            unfinished = unfinished & ~torch.isin(token, eos)
+            if not unfinished.any():
+                break
+        ids, positions = token[:, None], positions[:, -1:] + 1
+    if streamer is not None:
+        streamer.end()
+
+
+def _outputs(model, input_ids, steps: _Steps, k: int, return_thoughts: bool, output_logits: bool):
+    """``generate``'s result: the token ids, or a ``GenerateOutput`` with what was asked for."""
+    sequences = torch.cat([input_ids, *[t[:, None] for t in steps.tokens]], dim=1)
     if not (return_thoughts or output_logits):
         return sequences
-    out = GenerateOutput(sequences, None, None, None, tuple(step_logits) if output_logits else None)
+    out = GenerateOutput(sequences, None, None, None, tuple(steps.logits) if output_logits else None)
     if return_thoughts:
-        N = len(new)
-        out.thought_ids = torch.stack(thoughts, 1) if thoughts else input_ids.new_zeros(B, N, k)
-        out.mixing_weight = torch.stack(weights, 1) if weights else torch.zeros(B, N, device=device)
+        B, N = input_ids.shape[0], len(steps.tokens)
+        out.thought_ids = (torch.stack(steps.thoughts, 1) if steps.thoughts
+                           else input_ids.new_zeros(B, N, k))
+        out.mixing_weight = (torch.stack(steps.weights, 1) if steps.weights
+                             else torch.zeros(B, N, device=input_ids.device))
         out.thoughts = [[model.tokenizer.decode(t) for t in row] for row in out.thought_ids.tolist()]
     return out
 
