@@ -13,7 +13,7 @@ from matplotlib.image import imread
 
 from conftest import CORPUS, make_lm, make_model, make_tokenizer
 from quietstar import analysis
-from quietstar.analysis import difficulty_report, format_difficulty_table, token_nlls
+from quietstar.analysis import difficulty_report, format_difficulty_table, token_nlls, token_windows
 from quietstar.plots import plot_difficulty
 
 
@@ -152,3 +152,25 @@ def test_thought_sources_own_random_and_shifted():
     assert random.unique().numel() > 20  # spread over the vocabulary, not one token
     with pytest.raises(ValueError, match="thought source must be one of"):
         make("none")
+
+
+def test_short_windows_need_no_padding():
+    """score_thoughts takes any length, so windows shorter than ahead_tokens + 1 are scored as
+    they are: the same NLLs as each window alone."""
+    model = make_model(ahead_tokens=4)
+    with torch.no_grad():
+        model.mixing_head.mlp[-1].bias.fill_(0.6)
+    tok = model.tokenizer
+    texts = ["Hi", "Natalia"]                 # 2 and 3 tokens < ahead_tokens + 1
+    assert [len(tok(t).input_ids) for t in texts] == [2, 3]
+    assert [len(w) for _, w in token_windows(texts, tok, 8)] == [2, 3]
+    nll = token_nlls(model, texts, thought_tokens=2, thought_temperature=0.0, batch_size=2)
+    expected = []
+    for text in texts:
+        ids = torch.tensor([tok(text).input_ids])
+        with torch.no_grad():
+            thoughts = model.sample_thoughts(ids, num_tokens=2, temperature=0.0)
+            mixed = model.score_thoughts(ids, thoughts).mixed_logits[0, :-1, 0]
+        expected += F.cross_entropy(mixed, ids[0, 1:], reduction="none").tolist()
+    np.testing.assert_allclose(nll.thinking, expected, rtol=1e-4)
+    assert nll.document.tolist() == [0, 1, 1]

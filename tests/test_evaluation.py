@@ -11,14 +11,15 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import make_lm, make_model, make_tokenizer
+from conftest import make_lm, make_model, make_tokenizer, random_text
 from quietstar import evaluation
 from quietstar.models import load_quietstar_model
 from quietstar.answers import (first_integer, first_number, majority_vote, normalize_number,
                                parse_choice, parse_gsm8k_gold)
 from quietstar.evaluation import (COT_ANSWER_TRIGGER, COT_TRIGGER, Item, accuracy_predictions,
-                                  answer_vocabulary, bootstrap_ci, cot_predictions, direct_scores,
-                                  evaluate, format_table, load_items)
+                                  answer_vocabulary, cot_predictions, direct_scores, evaluate,
+                                  format_table, load_items)
+from quietstar.statistics import bootstrap_ci, format_cell
 
 FIXTURES = Path(__file__).parent / "fixtures"
 GSM8K = FIXTURES / "gsm8k_tiny.jsonl"
@@ -258,6 +259,22 @@ def test_direct_score_with_thoughts_matches_score_thoughts_item_by_item():
     assert not np.allclose(batched, direct_scores(model, items, "gsm8k", thought_tokens=0))
 
 
+def test_next_token_logits_without_thoughts_is_one_base_logits_call(monkeypatch):
+    from quietstar.evaluation import next_token_logits
+
+    model = make_model()
+    x = random_text(2, 3)
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    reference = model.base_logits(x, mask)
+    calls = []
+    monkeypatch.setattr(model, "base_logits", lambda *args: calls.append(args) or reference)
+    monkeypatch.setattr(model, "score_thoughts", None)  # never reached
+    base, predicted = next_token_logits(model, x, mask, 0)
+    assert len(calls) == 1 and base is predicted is reference
+    with pytest.raises(ValueError, match="thought_tokens must be an int >= 0"):
+        next_token_logits(model, x, mask, -1)
+
+
 # ------------------------------------------------------------------------------------- generation metrics
 class FakeGenerate:
     """Stands in for model.generate: answers each prompt with a scripted continuation."""
@@ -368,6 +385,12 @@ def test_bootstrap_ci():
     token_level = bootstrap_ci(np.repeat(group_values, 10), seed=4)
     assert token_level[1] - token_level[0] < grouped[1] - grouped[0]
     assert all(math.isnan(v) for v in bootstrap_ci([]))
+
+
+def test_format_cell():
+    summary = {"mean": 0.5, "ci_low": 0.25, "ci_high": 0.75, "n": 4}
+    assert format_cell(summary) == "0.500 [0.250, 0.750]"
+    assert format_cell({**summary, "ci_low": -0.25}, signed=True) == "+0.500 [-0.250, +0.750]"
 
 
 # ------------------------------------------------------------------------------------- CLI
@@ -491,6 +514,29 @@ def test_lm_eval_without_thoughts_equals_hflm_request_by_request(lm_eval_tasks):
                     assert ra == pytest.approx(rb, abs=1e-4), (task, a["doc_id"])
                 else:
                     assert ra == rb, (task, a["doc_id"])
+
+
+def test_lm_eval_model_call_takes_any_length():
+    """No padding to ahead_tokens + 1: inputs of 1 and 2 tokens are scored as they are."""
+    pytest.importorskip("lm_eval")
+    from quietstar.evaluation import next_token_logits
+    from quietstar.lm_eval_adapter import QuietStarLM
+
+    model = make_model(ahead_tokens=4)
+    with torch.no_grad():
+        model.mixing_head.mlp[-1].bias.fill_(0.6)
+    for k in (0, 2):
+        lm = QuietStarLM(model, thought_tokens=k, thought_temperature=0.0, batch_size=2)
+        assert (lm.thought_tokens, lm.thought_temperature) == (k, 0.0)
+        for L in (1, 2):
+            x = random_text(2, L, seed=L)
+            with torch.no_grad():
+                logits = lm._model_call(x)
+                _, expected = next_token_logits(model, x, torch.ones_like(x), k, 0.0)
+            assert logits.shape == (2, L, model.lm.get_output_embeddings().weight.shape[0])
+            assert torch.equal(logits, expected)
+    with pytest.raises(ValueError, match="thought_tokens must be an int >= 0"):
+        QuietStarLM(model, thought_tokens=-1)
 
 
 def test_lm_eval_loglikelihood_and_generation_think(lm_eval_tasks):

@@ -51,7 +51,27 @@ def test_untrained_model_gains_nothing():
     assert all(abs(r.gain) < 1e-4 and r.weight == 0 for r in records[:-1])
     assert math.isnan(records[-1].gain)
     with pytest.raises(ValueError, match="at least"):
-        token_thoughts(make_model(), "Hi", thought_tokens=2)
+        token_thoughts(make_model(), "H", thought_tokens=2)   # one token: nothing to predict
+
+
+def test_texts_shorter_than_the_ahead_window():
+    """Any text of 2 tokens or more, however short against ahead_tokens: each gain sums over the
+    true next tokens there are, and equals score_thoughts on the text itself."""
+    model = make_model(ahead_tokens=4)
+    with torch.no_grad():
+        model.mixing_head.mlp[-1].bias.fill_(0.4)
+    ids = model.tokenizer("Hi").input_ids
+    assert len(ids) == 2 < model.config.ahead_tokens + 1
+    records = token_thoughts(model, "Hi", thought_tokens=2, thought_temperature=0.0)
+    assert [r.steps for r in records] == [1, 0] and math.isnan(records[1].gain)
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        thoughts = model.sample_thoughts(x, num_tokens=2, temperature=0.0)
+        scores = model.score_thoughts(x, thoughts)
+    expected = (scores.mixed_logits[0, 0, 0].log_softmax(-1)[ids[1]]
+                - scores.base_logits[0, 0].log_softmax(-1)[ids[1]])
+    assert records[0].gain == pytest.approx(float(expected), abs=1e-5) and records[0].gain != 0
+    assert [r.steps for r in token_thoughts(model, "Natalia", thought_tokens=2)] == [2, 1, 0]  # 3 tokens
 
 
 def test_render_html_escapes_and_colours():
