@@ -15,11 +15,8 @@ Library use (the evidence experiments reuse this)::
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -27,9 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .batching import model_device, pad_sequences
-from .evaluation import THOUGHT_SOURCES, add_model_arguments, next_token_logits
-from .models import load_quietstar_model
-from .plots import plot_difficulty
+from .evaluation import next_token_logits
 from .statistics import format_cell, summarize
 
 
@@ -156,42 +151,3 @@ def format_difficulty_table(report: dict, labels: tuple[str, str] = ("base", "th
     for b in report["buckets"]:
         lines.append(row(f"[{b['min_base_nll']:.2f}, {b['max_base_nll']:.2f}]", b))
     return "\n".join(lines)
-
-
-# --------------------------------------------------------------------------------------- CLI
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_model_arguments(parser)
-    parser.add_argument("--data", required=True,
-                        help="held-out text the model was not trained on: a .txt/.jsonl/.json/.parquet "
-                             "file or folder, builtin:arithmetic, or a Hugging Face dataset")
-    parser.add_argument("--limit", type=int, default=None, help="use the first N documents only")
-    parser.add_argument("--max-length", type=int, default=256, help="tokens per window")
-    parser.add_argument("--batch-size", type=int, default=4, help="windows per model call")
-    parser.add_argument("--buckets", type=int, default=10, help="difficulty buckets (10 = deciles)")
-    parser.add_argument("--thought-source", choices=THOUGHT_SOURCES, default="sampled",
-                        help="the model's own thoughts, or a control: random tokens, or the own "
-                             "thoughts of another position (does the content matter?)")
-    parser.add_argument("--out", required=True, help="folder for report.json and difficulty.png")
-
-
-def run(args: argparse.Namespace) -> int:
-    from .data import load_texts
-
-    model = load_quietstar_model(args.model, args.device, args.dtype)
-    texts = list(load_texts(args.data, num_documents=args.limit))
-    nll = token_nlls(model, texts, args.thought_tokens, args.thought_temperature, args.max_length,
-                     args.batch_size, args.seed, progress=True, thought_source=args.thought_source)
-    report = difficulty_report(nll.base, nll.thinking, nll.document, args.buckets, seed=args.seed)
-    report |= {"model": args.model, "data": args.data, "documents": len(texts),
-               "thought_source": args.thought_source,
-               "thought_tokens": (model.config.sampled_thought_tokens if args.thought_tokens is None
-                                  else args.thought_tokens),
-               "thought_temperature": (model.config.thought_temperature if args.thought_temperature is None
-                                       else args.thought_temperature)}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    plot_difficulty(report, out / "difficulty.png")
-    print(format_difficulty_table(report))
-    print(f"report and plot written to {out / 'report.json'} and {out / 'difficulty.png'}")
-    return 0

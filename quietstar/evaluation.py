@@ -22,7 +22,6 @@ tokens after every token), each reported as a mean with a bootstrap 95% interval
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import warnings
@@ -37,7 +36,6 @@ from tqdm.auto import tqdm
 
 from .answers import first_integer, first_number, majority_vote, parse_choice, parse_gsm8k_gold
 from .batching import model_device, pad_sequences
-from .models import load_quietstar_model
 from .statistics import format_cell, summarize
 
 TASKS = ("gsm8k", "csqa")
@@ -404,66 +402,3 @@ def format_table(results: dict) -> str:
         lines.append(f"{metric:<10}{format_cell(r['off']):<26}{format_cell(r['on']):<26}"
                      f"{format_cell(r['difference'], True):<26}")
     return "\n".join(lines)
-
-
-# --------------------------------------------------------------------------------------- CLI
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """--model/--device/--dtype, shared by eval, analyze and inspect."""
-    from .models import EMBEDDED_MODEL
-
-    parser.add_argument("--model", default=EMBEDDED_MODEL,
-                        help="a saved QuietStar folder, or a plain model (folder, hub id or "
-                             f"{EMBEDDED_MODEL!r}) which is wrapped fresh, untrained")
-    parser.add_argument("--device", default=None, help="cpu, cuda or auto; unset keeps the model on the CPU")
-    parser.add_argument("--dtype", default=None, help="float32, bfloat16 or float16; unset keeps the checkpoint's")
-    parser.add_argument("--thought-tokens", type=int, default=None,
-                        help="thought length K with thoughts on; unset: the model's sampled_thought_tokens")
-    parser.add_argument("--thought-temperature", type=float, default=None,
-                        help="thought sampling temperature, 0 = greedy; unset: the model's")
-    parser.add_argument("--seed", type=int, default=0, help="seed of thought and answer sampling")
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_model_arguments(parser)
-    parser.add_argument("--task", choices=TASKS, default="gsm8k")
-    parser.add_argument("--data", default=None,
-                        help="local JSONL in the dataset's own format; unset: the Hugging Face Hub copy")
-    parser.add_argument("--limit", type=int, default=None, help="evaluate the first N items only")
-    parser.add_argument("--metrics", default="direct",
-                        help=f"comma-separated, from {','.join(METRICS)}")
-    parser.add_argument("--batch-size", type=int, default=8, help="sequences per model call")
-    parser.add_argument("--cot-samples", type=int, default=8, help="chain-of-thought samples per question")
-    parser.add_argument("--cot-temperature", type=float, default=0.7,
-                        help="sampling temperature of the chain-of-thought reasonings")
-    parser.add_argument("--cot-max-tokens", type=int, default=128, help="reasoning length limit")
-    parser.add_argument("--lm-eval", default=None, metavar="TASK",
-                        help="run an lm-evaluation-harness task (comma-separated) instead, thoughts off and on")
-    parser.add_argument("--lm-eval-include", default=None, metavar="DIR",
-                        help="folder of extra lm-eval task YAMLs (e.g. local task data)")
-    parser.add_argument("--out", default=None, help="write the results as JSON here")
-
-
-def run(args: argparse.Namespace) -> int:
-    model = load_quietstar_model(args.model, args.device, args.dtype)
-    if args.lm_eval:
-        from .lm_eval_adapter import evaluate_lm_eval, format_lm_eval_table
-
-        results = evaluate_lm_eval(model, args.lm_eval.split(","), thought_tokens=args.thought_tokens,
-                                   thought_temperature=args.thought_temperature, limit=args.limit,
-                                   batch_size=args.batch_size, include_path=args.lm_eval_include,
-                                   seed=args.seed)
-        table = format_lm_eval_table(results)
-    else:
-        items = load_items(args.task, args.data, args.limit)
-        metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
-        results = evaluate(model, args.task, items, metrics, args.thought_tokens,
-                           args.thought_temperature, args.batch_size, args.seed, args.cot_samples,
-                           args.cot_temperature, args.cot_max_tokens)
-        table = format_table(results)
-    results["model"] = args.model
-    print(table)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
-        print(f"results written to {args.out}")
-    return 0

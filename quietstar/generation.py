@@ -16,14 +16,11 @@ memory-bound on the weights, so two tokens cost about as much as one.
 
 from __future__ import annotations
 
-import argparse
-import sys
 from dataclasses import dataclass, field
 
 import torch
 from transformers import DynamicCache
 
-from .models import load_quietstar_model
 from .rollout import text_positions
 from .sampling import sample
 
@@ -287,105 +284,3 @@ class _Thinker:
         mixed, w = model.mixing_head(h_base, hidden[:, -1])
         decoder.drop_last(k + 2)
         return model.logits(mixed), torch.stack(thought, 1), w
-
-
-# ---------------------------------------------------------------------------------------- CLI
-DIM, RESET = "\x1b[2m", "\x1b[0m"
-
-
-class TextStreamer:
-    """Prints the continuation as it is generated (the prompt is not echoed)."""
-
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
-        self.tokens: list[int] = []
-        self.printed = 0  # characters of the decoded continuation already written
-        self.prompt_seen = False
-
-    @staticmethod
-    def _write(text: str) -> None:
-        sys.stdout.write(text)
-        sys.stdout.flush()
-
-    def put(self, token_ids: torch.Tensor) -> None:
-        if not self.prompt_seen:  # the first call carries the prompt
-            self.prompt_seen = True
-            return
-        self.tokens.extend(token_ids.view(-1).tolist())
-        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
-        if text.endswith("\ufffd"):
-            return  # an incomplete multi-byte character: wait for the rest
-        self._write(text[self.printed:])
-        self.printed = len(text)
-
-    def end(self) -> None:
-        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
-        self._write(text[self.printed:] + "\n")
-
-
-class ThoughtStreamer(TextStreamer):
-    """Prints the continuation with each token's thought just before the token: dimmed (ANSI)
-    when ``color`` is true, else between « and »."""
-
-    def __init__(self, tokenizer, color: bool):
-        super().__init__(tokenizer)
-        self.color = color
-
-    def put_thought(self, thought_ids: torch.Tensor) -> None:
-        text = self.tokenizer.decode(thought_ids.tolist()).replace("\n", "\\n")
-        self._write(f"{DIM}{text}{RESET}" if self.color else f"«{text}»")
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    # Options whose default depends on the model or machine are declared with default=SUPPRESS
-    # and get their value from set_defaults, so the help shows the real rule, not "None".
-    parser.set_defaults(thought_tokens=None, thought_temperature=None, sample=False, device=None)
-    parser.add_argument("--model", required=True, default=argparse.SUPPRESS,
-                        help="a saved QuietStar model folder, or a base model (folder, hub id or "
-                             "embedded:smollm2-135m-instruct), wrapped untrained")
-    parser.add_argument("--prompt", required=True, default=argparse.SUPPRESS,
-                        help="the text to continue")
-    parser.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most")
-    parser.add_argument("--thought-tokens", type=int, default=argparse.SUPPRESS,
-                        help="tokens per thought, 0 = no thinking (default: the model's "
-                             "sampled_thought_tokens)")
-    parser.add_argument("--thought-temperature", type=float, default=argparse.SUPPRESS,
-                        help="temperature of thought tokens, 0 = greedy (default: the model's "
-                             "thought_temperature)")
-    parser.add_argument("--show-thoughts", action="store_true",
-                        help="print each token's thought before it")
-    parser.add_argument("--color", choices=("auto", "always", "never"), default="auto",
-                        help="show thoughts dimmed (ANSI) or between « »; auto: dimmed on a terminal")
-    mode = parser.add_mutually_exclusive_group()
-    mode.add_argument("--greedy", dest="sample", action="store_false", default=argparse.SUPPRESS,
-                      help="pick the most likely token (the default)")
-    mode.add_argument("--sample", dest="sample", action="store_true", default=argparse.SUPPRESS,
-                      help="sample the next token")
-    parser.add_argument("--temperature", type=float, default=1.0, help="with --sample")
-    parser.add_argument("--top-k", type=int, default=None, help="with --sample")
-    parser.add_argument("--top-p", type=float, default=None, help="with --sample")
-    parser.add_argument("--seed", type=int, default=None, help="random seed for sampling")
-    parser.add_argument("--device", default=argparse.SUPPRESS,
-                        help="e.g. cpu, cuda (default: cuda when available, else cpu)")
-
-
-def run(args: argparse.Namespace) -> int:
-    if not args.sample and (args.top_k is not None or args.top_p is not None or args.temperature != 1.0):
-        print("quietstar generate: --temperature/--top-k/--top-p need --sample", file=sys.stderr)
-        return 2
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = load_quietstar_model(args.model, device)
-    if args.show_thoughts:
-        color = args.color == "always" or (args.color == "auto" and sys.stdout.isatty())
-        streamer = ThoughtStreamer(model.tokenizer, color)
-    else:
-        streamer = TextStreamer(model.tokenizer)
-    input_ids = model.tokenizer(args.prompt, return_tensors="pt").input_ids.to(device)
-    generator = None
-    if args.seed is not None:
-        generator = torch.Generator(device=device).manual_seed(args.seed)
-    generate(model, input_ids, max_new_tokens=args.max_new_tokens, do_sample=args.sample,
-             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, streamer=streamer,
-             thought_temperature=args.thought_temperature, thought_tokens=args.thought_tokens,
-             generator=generator)
-    return 0

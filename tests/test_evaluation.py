@@ -1,10 +1,12 @@
-"""quietstar.evaluation, quietstar.answers and quietstar.lm_eval_adapter on tiny models."""
+"""quietstar.evaluation, quietstar.answers, quietstar.statistics, quietstar.lm_eval_adapter and the
+`quietstar eval` command (quietstar.commands.eval) on tiny models."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import math
+import typing
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +14,7 @@ import pytest
 import torch
 
 from conftest import make_lm, make_model, make_tokenizer, random_text
-from quietstar import evaluation
+from quietstar import cli
 from quietstar.models import load_quietstar_model
 from quietstar.answers import (first_integer, first_number, majority_vote, normalize_number,
                                parse_choice, parse_gsm8k_gold)
@@ -394,18 +396,16 @@ def test_format_cell():
 
 
 # ------------------------------------------------------------------------------------- CLI
-def run_command(module, argv: list[str]) -> int:
-    """Runs one `quietstar` subcommand the way quietstar.cli does."""
-    parser = argparse.ArgumentParser()
-    module.add_arguments(parser)
-    return module.run(parser.parse_args(argv))
+def run_command(argv: list[str]) -> int:
+    """Runs `quietstar eval` with these flags."""
+    return cli.main(["eval", *argv])
 
 
 def test_eval_cli_on_saved_and_plain_models(tmp_path, capsys):
     saved = tmp_path / "saved"
     make_model().save_pretrained(saved)
     out = tmp_path / "results.json"
-    code = run_command(evaluation, ["--model", str(saved), "--task", "csqa", "--data", str(CSQA), "--limit", "2",
+    code = run_command(["--model", str(saved), "--task", "csqa", "--data", str(CSQA), "--limit", "2",
                      "--metrics", "direct", "--thought-tokens", "2", "--out", str(out)])
     assert code == 0
     results = json.loads(out.read_text())
@@ -417,9 +417,42 @@ def test_eval_cli_on_saved_and_plain_models(tmp_path, capsys):
     plain = tmp_path / "plain"
     make_lm().save_pretrained(plain)
     make_tokenizer().save_pretrained(plain)
-    assert run_command(evaluation, ["--model", str(plain), "--task", "gsm8k", "--data", str(GSM8K), "--limit", "1",
+    assert run_command(["--model", str(plain), "--task", "gsm8k", "--data", str(GSM8K), "--limit", "1",
                      "--thought-tokens", "1"]) == 0
     assert "wrapped fresh" in capsys.readouterr().err
+
+
+def test_eval_cli_refuses_bad_input_in_one_line(tmp_path, capsys):
+    saved = tmp_path / "saved"
+    make_model().save_pretrained(saved)
+    base = ["--model", str(saved), "--task", "gsm8k", "--data", str(GSM8K), "--limit", "1"]
+    capsys.readouterr()
+    for flags, message in [
+        (["--metrics", "direct,bleu"], "--metrics: unknown metric(s) ['bleu']; choose from direct,accuracy,cot"),
+        (["--lm-eval-include", str(tmp_path)], "--lm-eval-include adds lm-eval tasks: it needs --lm-eval TASK"),
+        (["--thought-tokens", "0"], "thought_tokens must be >= 1 (thoughts off is always measured too)"),
+        (["--data", str(tmp_path / "missing.jsonl")], "does not exist"),
+    ]:
+        assert run_command(base + flags) == 2
+        last = capsys.readouterr().err.splitlines()[-1]  # after the weights' loading bar, if any
+        assert last.startswith("quietstar eval: error: ") and message in last
+    with pytest.raises(SystemExit):
+        run_command(base + ["--task", "mmlu"])
+    assert "invalid choice: 'mmlu'" in capsys.readouterr().err
+
+
+def test_eval_arguments_parse_comma_separated_lists():
+    from quietstar.arguments import add_dataclass_arguments, parse_dataclass
+    from quietstar.commands.eval import EvalArguments
+    from quietstar.evaluation import TASKS
+
+    parser = argparse.ArgumentParser()
+    add_dataclass_arguments(parser, EvalArguments)
+    settings = parse_dataclass(EvalArguments, parser.parse_args(
+        ["--metrics", "direct, accuracy,", "--lm-eval", "arc_easy,hellaswag"]))
+    assert settings.metrics == ("direct", "accuracy") and settings.lm_eval == ("arc_easy", "hellaswag")
+    assert EvalArguments().metrics == ("direct",) and EvalArguments().lm_eval is None
+    assert typing.get_args(typing.get_type_hints(EvalArguments)["task"]) == TASKS
 
 
 def test_load_model_dtype(tmp_path):
@@ -598,7 +631,7 @@ def test_lm_eval_without_thoughts_equals_hflm_and_cli(lm_eval_tasks, tmp_path, c
     saved = tmp_path / "saved"
     model.save_pretrained(saved)
     out = tmp_path / "lm_eval.json"
-    assert run_command(evaluation, ["--model", str(saved), "--lm-eval", "tiny_gen", "--lm-eval-include",
+    assert run_command(["--model", str(saved), "--lm-eval", "tiny_gen", "--lm-eval-include",
                      str(lm_eval_tasks), "--thought-tokens", "1", "--limit", "2", "--out", str(out)]) == 0
     written = json.loads(out.read_text())
     assert written["metrics"]["tiny_gen/exact_match,none"]["on"]["n"] == 2

@@ -6,12 +6,12 @@ tokens, sum over the ahead steps s of [log p_mixed(x_{i+1+s}) - log p_base(x_{i+
 thought, gain and mixing weight; a table beside the text lists them all. The page is one
 self-contained file (inline CSS, no scripts, no network).
 
+The ``quietstar inspect`` command (``quietstar/commands/inspect_thoughts.py``) writes it:
 ``quietstar inspect --model DIR --text "..." --out page.html``
 """
 
 from __future__ import annotations
 
-import argparse
 import html
 import math
 from dataclasses import dataclass
@@ -20,8 +20,6 @@ from pathlib import Path
 import torch
 
 from .batching import model_device
-from .evaluation import add_model_arguments
-from .models import load_quietstar_model
 
 
 @dataclass
@@ -158,20 +156,3 @@ def write_page(model, text: str, path: str | Path, thought_tokens: int | None = 
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(render_html(records, title or "Quiet-STaR thoughts", subtitle), encoding="utf-8")
     return path
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_model_arguments(parser)
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--text", help="the text to think about")
-    source.add_argument("--text-file", help="read the text from this file")
-    parser.add_argument("--out", default="thoughts.html", help="the HTML page to write")
-
-
-def run(args: argparse.Namespace) -> int:
-    model = load_quietstar_model(args.model, args.device, args.dtype)
-    text = args.text if args.text is not None else Path(args.text_file).read_text(encoding="utf-8")
-    path = write_page(model, text, args.out, args.thought_tokens, args.thought_temperature, args.seed,
-                      title=f"Quiet-STaR thoughts of {args.model}")
-    print(f"wrote {path}")
-    return 0
