@@ -58,9 +58,9 @@ def tiny_model() -> QuietStarForCausalLM:
 def load(name: str) -> QuietStarForCausalLM:
     if name == "tiny":
         return tiny_model()
-    from quietstar.generation import load_model
+    from quietstar.models import load_quietstar_model
 
-    return load_model(name, "cpu")
+    return load_quietstar_model(name, "cpu")
 
 
 def best_rate(fn, prompt_len: int, new_tokens: int, repeats: int) -> float:

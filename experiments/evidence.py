@@ -43,12 +43,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from quietstar.analysis import _windows, token_nlls
+from quietstar.analysis import token_nlls, token_windows
+from quietstar.batching import pad_sequences
 from quietstar.checkpoint import MODEL_DIR, latest_checkpoint, step_of
 from quietstar.config import QuietStarConfig
 from quietstar.data import load_texts
 from quietstar.evaluation import (
-    _pad,
     direct_scores,
     load_items,
     next_token_logits,
@@ -141,11 +141,11 @@ def plain_token_nlls(model: QuietStarForCausalLM, texts, max_length: int,
                      batch_size: int) -> tuple[np.ndarray, np.ndarray]:
     """(NLL, document) of every token, in the order ``analysis.token_nlls`` uses, no thoughts."""
     tokenizer = model.tokenizer
-    windows = _windows(texts, tokenizer, max_length)
+    windows = token_windows(texts, tokenizer, max_length)
     nlls, docs = [], []
     for start in range(0, len(windows), batch_size):
         batch = windows[start:start + batch_size]
-        ids, mask = _pad([w for _, w in batch], tokenizer.pad_token_id, "right", "cpu")
+        ids, mask = pad_sequences([w for _, w in batch], tokenizer.pad_token_id, "right", "cpu")
         logits, _ = next_token_logits(model, ids, mask, 0)
         nll = torch.nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), ids[:, 1:],
                                                 reduction="none")

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from quietstar.evaluation import summarize
+from quietstar.statistics import summarize
 from quietstar.plots import new_figure, save_figure
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

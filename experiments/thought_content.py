@@ -32,8 +32,9 @@ import numpy as np
 
 from quietstar.analysis import token_nlls
 from quietstar.data import load_texts
-from quietstar.evaluation import THOUGHT_SOURCES, summarize
+from quietstar.evaluation import THOUGHT_SOURCES
 from quietstar.models import EMBEDDED_MODEL, load_quietstar_model
+from quietstar.statistics import summarize
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from evidence import cell, plain_token_nlls, token_subsets  # noqa: E402

@@ -10,25 +10,22 @@ Library use (the evidence experiments reuse this)::
 
     nll = token_nlls(model, texts, thought_tokens=8)
     report = difficulty_report(nll.base, nll.thinking, groups=nll.document)
-    print(format_difficulty_table(report)); plot_difficulty(report, "difficulty.png")
+    print(format_difficulty_table(report)); quietstar.plots.plot_difficulty(report, "difficulty.png")
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .evaluation import THOUGHT_SOURCES, _device, _pad, add_model_arguments, next_token_logits, summarize
-from .models import load_quietstar_model
-from .plots import plot_difficulty
+from .batching import model_device, pad_sequences
+from .evaluation import next_token_logits
+from .statistics import format_cell, summarize
 
 
 @dataclass
@@ -40,7 +37,7 @@ class TokenNLLs:
     document: np.ndarray  # [N] index of the text the token belongs to
 
 
-def _windows(texts: Sequence[str], tokenizer, max_length: int) -> list[tuple[int, list[int]]]:
+def token_windows(texts: Sequence[str], tokenizer, max_length: int) -> list[tuple[int, list[int]]]:
     """(document, token ids) windows of at most ``max_length`` tokens. Consecutive windows of a
     text share one token, so every token after a text's first is predicted exactly once."""
     if max_length < 2:
@@ -67,15 +64,14 @@ def token_nlls(model, texts: Sequence[str], thought_tokens: int | None = None,
     (``thought_source`` "random" / "shifted": the controls of ``evaluation.thoughts_for``).
     Long texts are cut into windows of ``max_length`` tokens.
     """
-    K = model.config.sampled_thought_tokens if thought_tokens is None else thought_tokens
+    K, T = model.config.thought_settings(thought_tokens, thought_temperature)
     if K < 1:
         raise ValueError(f"thought_tokens must be >= 1, got {K}")
-    tokenizer, device = model.tokenizer, _device(model)
-    windows = _windows(texts, tokenizer, max_length)
+    tokenizer, device = model.tokenizer, model_device(model)
+    windows = token_windows(texts, tokenizer, max_length)
     if not windows:
         raise ValueError("the texts hold no token with a predecessor; give longer texts")
     generator = torch.Generator(device).manual_seed(seed)
-    min_len = model.config.ahead_tokens + 1  # what score_thoughts needs
     base, thinking, document = [], [], []
     was_training = model.training
     model.eval()
@@ -83,13 +79,9 @@ def token_nlls(model, texts: Sequence[str], thought_tokens: int | None = None,
         starts = range(0, len(windows), batch_size)
         for start in tqdm(starts, desc="token NLLs", disable=not progress, leave=False):
             batch = windows[start:start + batch_size]
-            ids, mask = _pad([w for _, w in batch], tokenizer.pad_token_id, "right", device)
-            if ids.shape[1] < min_len:
-                extra = min_len - ids.shape[1]
-                ids = torch.cat([ids, ids.new_full((ids.shape[0], extra), tokenizer.pad_token_id)], 1)
-                mask = torch.cat([mask, mask.new_zeros((mask.shape[0], extra))], 1)
-            base_logits, mixed_logits = next_token_logits(model, ids, mask, K, thought_temperature,
-                                                          generator, thought_source)
+            ids, mask = pad_sequences([w for _, w in batch], tokenizer.pad_token_id, "right", device)
+            base_logits, mixed_logits = next_token_logits(model, ids, mask, K, T, generator,
+                                                          thought_source)
             targets = ids[:, 1:]
             valid = mask[:, 1:].bool()
             for logits, out in ((base_logits, base), (mixed_logits, thinking)):
@@ -144,18 +136,14 @@ def difficulty_report(base, other, groups=None, buckets: int = 10, hardest_fract
 
 def format_difficulty_table(report: dict, labels: tuple[str, str] = ("base", "thinking")) -> str:
     """A one-screen table of ``difficulty_report``'s result."""
-    def cell(s: dict, signed: bool = False) -> str:
-        f = "{:+.3f}" if signed else "{:.3f}"
-        return f"{f.format(s['mean'])} [{f.format(s['ci_low'])}, {f.format(s['ci_high'])}]"
-
     head = (f"{'tokens':<22}{'n':>7}  {labels[0] + ' NLL':<24}{labels[1] + ' NLL':<24}"
             f"{'improvement':<24}")
     lines = [f"NLL (nats/token) by {labels[0]} difficulty; mean [95% bootstrap CI], "
              f"improvement = {labels[0]} - {labels[1]}", head]
 
     def row(name: str, r: dict) -> str:
-        return (f"{name:<22}{r['base']['n']:>7}  {cell(r['base']):<24}{cell(r['other']):<24}"
-                f"{cell(r['improvement'], True):<24}")
+        return (f"{name:<22}{r['base']['n']:>7}  {format_cell(r['base']):<24}"
+                f"{format_cell(r['other']):<24}{format_cell(r['improvement'], True):<24}")
 
     lines.append(row("all", report["mean"]))
     hardest = report["hardest"]
@@ -163,42 +151,3 @@ def format_difficulty_table(report: dict, labels: tuple[str, str] = ("base", "th
     for b in report["buckets"]:
         lines.append(row(f"[{b['min_base_nll']:.2f}, {b['max_base_nll']:.2f}]", b))
     return "\n".join(lines)
-
-
-# --------------------------------------------------------------------------------------- CLI
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_model_arguments(parser)
-    parser.add_argument("--data", required=True,
-                        help="held-out text the model was not trained on: a .txt/.jsonl/.json/.parquet "
-                             "file or folder, builtin:arithmetic, or a Hugging Face dataset")
-    parser.add_argument("--limit", type=int, default=None, help="use the first N documents only")
-    parser.add_argument("--max-length", type=int, default=256, help="tokens per window")
-    parser.add_argument("--batch-size", type=int, default=4, help="windows per model call")
-    parser.add_argument("--buckets", type=int, default=10, help="difficulty buckets (10 = deciles)")
-    parser.add_argument("--thought-source", choices=THOUGHT_SOURCES, default="sampled",
-                        help="the model's own thoughts, or a control: random tokens, or the own "
-                             "thoughts of another position (does the content matter?)")
-    parser.add_argument("--out", required=True, help="folder for report.json and difficulty.png")
-
-
-def run(args: argparse.Namespace) -> int:
-    from .data import load_texts
-
-    model = load_quietstar_model(args.model, args.device, args.dtype)
-    texts = list(load_texts(args.data, num_documents=args.limit))
-    nll = token_nlls(model, texts, args.thought_tokens, args.thought_temperature, args.max_length,
-                     args.batch_size, args.seed, progress=True, thought_source=args.thought_source)
-    report = difficulty_report(nll.base, nll.thinking, nll.document, args.buckets, seed=args.seed)
-    report |= {"model": args.model, "data": args.data, "documents": len(texts),
-               "thought_source": args.thought_source,
-               "thought_tokens": (model.config.sampled_thought_tokens if args.thought_tokens is None
-                                  else args.thought_tokens),
-               "thought_temperature": (model.config.thought_temperature if args.thought_temperature is None
-                                       else args.thought_temperature)}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    plot_difficulty(report, out / "difficulty.png")
-    print(format_difficulty_table(report))
-    print(f"report and plot written to {out / 'report.json'} and {out / 'difficulty.png'}")
-    return 0

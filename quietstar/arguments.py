@@ -4,7 +4,9 @@ Every command describes its settings as a dataclass whose fields carry a type, a
 docstring (the string literal under the field). From it this module makes
 
 * the argparse flags (``--field-name``), with the docstring and default as help, choices from a
-  ``Literal``, ``--flag/--no-flag`` for a ``bool`` and "none" for an optional value;
+  ``Literal``, ``--flag/--no-flag`` for a ``bool``, "none" for an optional value and a
+  comma-separated list for a ``tuple[str, ...]`` (``option`` adds what the help shows as the
+  default, where the real default is decided later, and the value's name);
 * the settings actually given on the command line, as a dict (flags that were not given are
   absent, so a YAML file or a saved run can supply them);
 * YAML files of the same names, read and merged.
@@ -23,7 +25,7 @@ import itertools
 import textwrap
 import types
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any, Literal, Union
 
@@ -45,6 +47,40 @@ def field_docs(cls: type) -> dict[str, str]:
     return docs
 
 
+SHOWN_DEFAULT = "shown_default"
+METAVAR = "metavar"
+
+
+def option(default: Any = dataclasses.MISSING, *, shown_default: str | None = None,
+           metavar: str | None = None) -> Any:
+    """A dataclass field with command-line details: ``shown_default`` is what the help gives as
+    the default (e.g. "the model's sampled_thought_tokens" for a None that the model resolves),
+    ``metavar`` names the value in the usage line."""
+    metadata = {}
+    if shown_default is not None:
+        metadata[SHOWN_DEFAULT] = shown_default
+    if metavar is not None:
+        metadata[METAVAR] = metavar
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def _show(default: Any) -> str:
+    """A default as the help shows it (a tuple as its comma-separated items)."""
+    if isinstance(default, tuple):
+        return ",".join(map(str, default))
+    return f"{default}"
+
+
+def _comma_separated(optional: bool) -> Callable[[str], Any]:
+    def convert(text: str) -> Any:
+        if optional and text.lower() in ("none", "null"):
+            return None
+        return tuple(item.strip() for item in text.split(",") if item.strip())
+
+    convert.__name__ = "comma-separated list"
+    return convert
+
+
 def _converter(hint: Any) -> tuple[Callable[[str], Any] | None, tuple | None, bool]:
     """(string -> value, choices, is_bool) for a field's type hint."""
     optional = False
@@ -54,6 +90,10 @@ def _converter(hint: Any) -> tuple[Callable[[str], Any] | None, tuple | None, bo
         hint = args[0]
     if hint is bool:
         return None, None, True
+    if typing.get_origin(hint) is tuple and typing.get_args(hint)[1:] == (Ellipsis,):
+        if typing.get_args(hint)[0] is not str:
+            raise TypeError(f"only tuple[str, ...] is supported as a list flag, got {hint}")
+        return _comma_separated(optional), None, False
     choices = None
     if typing.get_origin(hint) is Literal:
         choices = typing.get_args(hint)
@@ -74,9 +114,11 @@ def _nested(hint: Any) -> bool:
 
 
 def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, defaults: Any = None,
-                            prefix: str = "", title: str | None = None) -> None:
+                            prefix: str = "", title: str | None = None,
+                            exclude: Collection[str] = ()) -> None:
     """Adds a flag for every field of dataclass ``cls``, in an argument group ``title`` if given
-    (nested dataclass fields: a group each).
+    (nested dataclass fields: a group each), except the fields named in ``exclude`` (whose flags
+    the caller adds by hand, e.g. two opposite flags for one bool).
 
     ``defaults`` (an instance) supplies the defaults shown in the help; fields without a default
     become required flags. Flags not given stay out of the parsed namespace (argparse.SUPPRESS),
@@ -87,7 +129,7 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, defaults
     group = parser.add_argument_group(title) if title else parser
     nested = []
     for f in dataclasses.fields(cls):
-        if not f.init:
+        if not f.init or f.name in exclude:
             continue
         if _nested(hints[f.name]):
             nested.append(f)
@@ -99,15 +141,16 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, defaults
                    else f.default if f.default is not dataclasses.MISSING
                    else f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
         doc = docs.get(f.name, "")
-        help_text = (f"{doc} (default: {default})" if has_default else doc).replace("%", "%%")
+        shown = f.metadata.get(SHOWN_DEFAULT, _show(default))
+        help_text = (f"{doc} (default: {shown})" if has_default else doc).replace("%", "%%")
         flag = "--" + f.name.replace("_", "-")
         kwargs: dict[str, Any] = {"dest": prefix + f.name, "default": argparse.SUPPRESS,
                                   "help": help_text, "required": not has_default}
         if is_bool:
             group.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
         else:
-            group.add_argument(flag, type=convert, choices=choices,
-                               metavar=None if choices else f.name.upper(), **kwargs)
+            metavar = f.metadata.get(METAVAR, None if choices else f.name.upper())
+            group.add_argument(flag, type=convert, choices=choices, metavar=metavar, **kwargs)
     for f in nested:
         hint = hints[f.name]
         add_dataclass_arguments(parser, hint, getattr(defaults, f.name) if defaults is not None

@@ -22,9 +22,7 @@ tokens after every token), each reported as a mean with a bootstrap 95% interval
 
 from __future__ import annotations
 
-import argparse
 import json
-import math
 import re
 import warnings
 from dataclasses import dataclass
@@ -37,8 +35,8 @@ import torch
 from tqdm.auto import tqdm
 
 from .answers import first_integer, first_number, majority_vote, parse_choice, parse_gsm8k_gold
-from .models import load_quietstar_model
-from .rollout import text_positions
+from .batching import model_device, pad_sequences
+from .statistics import format_cell, summarize
 
 TASKS = ("gsm8k", "csqa")
 METRICS = ("direct", "accuracy", "cot")
@@ -50,7 +48,6 @@ COT_TRIGGER = " Let's think step by step."
 COT_ANSWER_TRIGGER = "\nTherefore, the answer (arabic numerals) is"
 ANSWER_MAX_TOKENS = 16     # a GSM8K number or a choice letter fits easily
 COT_ANSWER_MAX_TOKENS = 16
-BOOTSTRAP_RESAMPLES = 1000
 
 
 # --------------------------------------------------------------------------------------- data
@@ -127,56 +124,7 @@ def load_items(task: str, data: str | None = None, limit: int | None = None) -> 
     return [make(record, i) for i, record in enumerate(records)]
 
 
-# --------------------------------------------------------------------------------------- statistics
-def bootstrap_ci(values, groups=None, confidence: float = 0.95, n_resamples: int = BOOTSTRAP_RESAMPLES,
-                 seed: int = 0) -> tuple[float, float]:
-    """Percentile bootstrap interval of the mean of ``values``.
-
-    With ``groups`` (one label per value, e.g. the document of each token), whole groups are
-    resampled, so values that move together (tokens of one text) are not counted as independent.
-    """
-    values = np.asarray(values, dtype=np.float64)
-    if values.size == 0:
-        return (math.nan, math.nan)
-    rng = np.random.default_rng(seed)
-    if groups is None:
-        sums, counts = values, np.ones_like(values)
-    else:
-        _, index = np.unique(np.asarray(groups), return_inverse=True)
-        sums = np.bincount(index, weights=values)
-        counts = np.bincount(index).astype(np.float64)
-    picks = rng.integers(0, len(sums), size=(n_resamples, len(sums)))
-    means = sums[picks].sum(1) / counts[picks].sum(1)
-    alpha = (1 - confidence) / 2
-    low, high = np.quantile(means, [alpha, 1 - alpha])
-    return float(low), float(high)
-
-
-def summarize(values, groups=None, seed: int = 0) -> dict:
-    """{"mean", "ci_low", "ci_high", "n"} of ``values`` (95% bootstrap interval)."""
-    values = np.asarray(values, dtype=np.float64)
-    low, high = bootstrap_ci(values, groups, seed=seed)
-    return {"mean": float(values.mean()) if values.size else math.nan,
-            "ci_low": low, "ci_high": high, "n": int(values.size)}
-
-
 # --------------------------------------------------------------------------------------- model helpers
-def _device(model) -> torch.device:
-    return next(model.parameters()).device
-
-
-def _pad(sequences: Sequence[Sequence[int]], pad_id: int, side: str, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pads token lists to [B, T] ids and attention mask, on the ``side`` given."""
-    T = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), T), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), T), dtype=torch.long)
-    for b, s in enumerate(sequences):
-        span = slice(0, len(s)) if side == "right" else slice(T - len(s), T)
-        ids[b, span] = torch.tensor(s, dtype=torch.long)
-        mask[b, span] = 1
-    return ids.to(device), mask.to(device)
-
-
 def _batches(items: Sequence, size: int, description: str, progress: bool):
     if size < 1:
         raise ValueError(f"batch_size must be >= 1, got {size}")
@@ -230,14 +178,11 @@ def next_token_logits(model, input_ids, attention_mask, thought_tokens: int,
     thought at position i (sampled at ``thought_temperature``, default the model's; 0 = greedy;
     ``thought_source`` picks a control instead, see ``thoughts_for``).
     """
-    if thought_tokens == 0:
-        embeds = model.embedding(input_ids)
-        hidden = model.decoder(inputs_embeds=embeds, attention_mask=attention_mask,
-                               position_ids=text_positions(attention_mask)).last_hidden_state
-        logits = model.logits(hidden)
+    k, temperature = model.config.thought_settings(thought_tokens, thought_temperature)
+    if k == 0:
+        logits = model.base_logits(input_ids, attention_mask)
         return logits, logits
-    thoughts = thoughts_for(model, input_ids, attention_mask, thought_tokens, thought_source,
-                            thought_temperature, generator)
+    thoughts = thoughts_for(model, input_ids, attention_mask, k, thought_source, temperature, generator)
     scores = model.score_thoughts(input_ids, thoughts, attention_mask)
     return scores.base_logits, scores.mixed_logits[:, :, 0]
 
@@ -304,13 +249,13 @@ def direct_scores(model, items: Sequence[Item], task: str, thought_tokens: int =
 
     ``thought_tokens = 0`` scores the base model; K > 0 the mixed prediction after K-token thoughts.
     """
-    tokenizer, device = model.tokenizer, _device(model)
+    tokenizer, device = model.tokenizer, model_device(model)
     scores = []
     unscorable = 0
     label = f"direct ({'thoughts off' if thought_tokens == 0 else f'{thought_tokens}-token thoughts'})"
     for batch in _batches(items, batch_size, label, progress):
         encoded = [answer_token_span(tokenizer, item.prompt, item.answer) for item in batch]
-        ids, mask = _pad([e[0] for e in encoded], tokenizer.pad_token_id, "right", device)
+        ids, mask = pad_sequences([e[0] for e in encoded], tokenizer.pad_token_id, "right", device)
         _, logits = next_token_logits(model, ids, mask, thought_tokens, thought_temperature, generator)
         for b, (item, (tokens, first)) in enumerate(zip(batch, encoded)):
             vocab = answer_vocabulary(tokenizer, task, item.labels, logits.shape[-1]).to(device)
@@ -331,7 +276,8 @@ def _generate_texts(model, prompts: Sequence[str], thought_tokens: int, max_new_
                     temperature: float = 0.0) -> list[str]:
     """Continuations of ``prompts`` (greedy when ``temperature`` is 0), thinking K tokens per step."""
     tokenizer = model.tokenizer
-    ids, mask = _pad([tokenizer(p).input_ids for p in prompts], tokenizer.pad_token_id, "left", _device(model))
+    ids, mask = pad_sequences([tokenizer(p).input_ids for p in prompts], tokenizer.pad_token_id, "left",
+                              model_device(model))
     sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
     out = model.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens,
                          thought_tokens=thought_tokens, thought_temperature=thought_temperature,
@@ -408,10 +354,9 @@ def evaluate(model, task: str, items: Sequence[Item], metrics: Sequence[str] = (
         raise ValueError("the chain-of-thought metric reads an arabic-numeral answer: GSM8K only")
     if not items:
         raise ValueError("no items to evaluate")
-    K = model.config.sampled_thought_tokens if thought_tokens is None else thought_tokens
+    K, T = model.config.thought_settings(thought_tokens, thought_temperature)
     if K < 1:
         raise ValueError(f"thought_tokens must be >= 1 (thoughts off is always measured too), got {K}")
-    T = model.config.thought_temperature if thought_temperature is None else thought_temperature
     was_training = model.training
     model.eval()
     per_item = [{"id": item.id, "answer": item.answer} for item in items]
@@ -421,7 +366,7 @@ def evaluate(model, task: str, items: Sequence[Item], metrics: Sequence[str] = (
             values = {}
             for mode, k in (("off", 0), ("on", K)):
                 # The same thoughts and samples for every run with this seed.
-                generator = torch.Generator(_device(model)).manual_seed(seed)
+                generator = torch.Generator(model_device(model)).manual_seed(seed)
                 if metric == "direct":
                     scores = direct_scores(model, items, task, k, T, batch_size, generator, progress)
                     for row, s in zip(per_item, scores):
@@ -448,79 +393,12 @@ def evaluate(model, task: str, items: Sequence[Item], metrics: Sequence[str] = (
             "seed": seed, "metrics": results, "items": per_item}
 
 
-def _cell(summary: dict, signed: bool = False) -> str:
-    fmt = "{:+.3f}" if signed else "{:.3f}"
-    return f"{fmt.format(summary['mean'])} [{fmt.format(summary['ci_low'])}, {fmt.format(summary['ci_high'])}]"
-
-
 def format_table(results: dict) -> str:
     """A one-screen table of ``evaluate``'s results."""
     lines = [f"{results['task']}: {results['n_items']} items, thoughts of {results['thought_tokens']} "
              f"tokens at temperature {results['thought_temperature']:g}; mean [95% bootstrap CI]",
              f"{'metric':<10}{'thoughts off':<26}{'thoughts on':<26}{'on - off':<26}"]
     for metric, r in results["metrics"].items():
-        lines.append(f"{metric:<10}{_cell(r['off']):<26}{_cell(r['on']):<26}{_cell(r['difference'], True):<26}")
+        lines.append(f"{metric:<10}{format_cell(r['off']):<26}{format_cell(r['on']):<26}"
+                     f"{format_cell(r['difference'], True):<26}")
     return "\n".join(lines)
-
-
-# --------------------------------------------------------------------------------------- CLI
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """--model/--device/--dtype, shared by eval, analyze and inspect."""
-    from .models import EMBEDDED_MODEL
-
-    parser.add_argument("--model", default=EMBEDDED_MODEL,
-                        help="a saved QuietStar folder, or a plain model (folder, hub id or "
-                             f"{EMBEDDED_MODEL!r}) which is wrapped fresh, untrained")
-    parser.add_argument("--device", default=None, help="cpu, cuda or auto; unset keeps the model on the CPU")
-    parser.add_argument("--dtype", default=None, help="float32, bfloat16 or float16; unset keeps the checkpoint's")
-    parser.add_argument("--thought-tokens", type=int, default=None,
-                        help="thought length K with thoughts on; unset: the model's sampled_thought_tokens")
-    parser.add_argument("--thought-temperature", type=float, default=None,
-                        help="thought sampling temperature, 0 = greedy; unset: the model's")
-    parser.add_argument("--seed", type=int, default=0, help="seed of thought and answer sampling")
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_model_arguments(parser)
-    parser.add_argument("--task", choices=TASKS, default="gsm8k")
-    parser.add_argument("--data", default=None,
-                        help="local JSONL in the dataset's own format; unset: the Hugging Face Hub copy")
-    parser.add_argument("--limit", type=int, default=None, help="evaluate the first N items only")
-    parser.add_argument("--metrics", default="direct",
-                        help=f"comma-separated, from {','.join(METRICS)}")
-    parser.add_argument("--batch-size", type=int, default=8, help="sequences per model call")
-    parser.add_argument("--cot-samples", type=int, default=8, help="chain-of-thought samples per question")
-    parser.add_argument("--cot-temperature", type=float, default=0.7,
-                        help="sampling temperature of the chain-of-thought reasonings")
-    parser.add_argument("--cot-max-tokens", type=int, default=128, help="reasoning length limit")
-    parser.add_argument("--lm-eval", default=None, metavar="TASK",
-                        help="run an lm-evaluation-harness task (comma-separated) instead, thoughts off and on")
-    parser.add_argument("--lm-eval-include", default=None, metavar="DIR",
-                        help="folder of extra lm-eval task YAMLs (e.g. local task data)")
-    parser.add_argument("--out", default=None, help="write the results as JSON here")
-
-
-def run(args: argparse.Namespace) -> int:
-    model = load_quietstar_model(args.model, args.device, args.dtype)
-    if args.lm_eval:
-        from .lm_eval_adapter import evaluate_lm_eval, format_lm_eval_table
-
-        results = evaluate_lm_eval(model, args.lm_eval.split(","), thought_tokens=args.thought_tokens,
-                                   thought_temperature=args.thought_temperature, limit=args.limit,
-                                   batch_size=args.batch_size, include_path=args.lm_eval_include,
-                                   seed=args.seed)
-        table = format_lm_eval_table(results)
-    else:
-        items = load_items(args.task, args.data, args.limit)
-        metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
-        results = evaluate(model, args.task, items, metrics, args.thought_tokens,
-                           args.thought_temperature, args.batch_size, args.seed, args.cot_samples,
-                           args.cot_temperature, args.cot_max_tokens)
-        table = format_table(results)
-    results["model"] = args.model
-    print(table)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
-        print(f"results written to {args.out}")
-    return 0

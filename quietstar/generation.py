@@ -16,14 +16,11 @@ memory-bound on the weights, so two tokens cost about as much as one.
 
 from __future__ import annotations
 
-import argparse
-import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from transformers import DynamicCache
 
-from .models import load_quietstar_model
 from .rollout import text_positions
 from .sampling import sample
 
@@ -70,7 +67,8 @@ class _CachedDecoder:
 
 
 def _check_inputs(model, input_ids, attention_mask, max_new_tokens, do_sample, temperature, top_k,
-                  top_p, thought_temperature, thought_tokens):
+                  top_p):
+    """Refuses inputs generation cannot honour (the thought settings: ``thought_settings``)."""
     if input_ids.dim() != 2 or input_ids.shape[1] == 0:
         raise ValueError(f"input_ids must be [batch, length] with length >= 1, got shape "
                          f"{tuple(input_ids.shape)}")
@@ -85,10 +83,6 @@ def _check_inputs(model, input_ids, attention_mask, max_new_tokens, do_sample, t
                          "inserted by the model")
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    if thought_tokens < 0:
-        raise ValueError(f"thought_tokens must be >= 0 (0 = the base model), got {thought_tokens}")
-    if thought_temperature < 0:
-        raise ValueError(f"thought_temperature must be >= 0 (0 = greedy), got {thought_temperature}")
     if do_sample and not temperature > 0:
         raise ValueError(f"temperature must be > 0 when sampling, got {temperature}; use "
                          "do_sample=False for greedy decoding")
@@ -159,72 +153,100 @@ def generate(
     Returns:
         [B, L + N] token ids, or a ``GenerateOutput`` if ``return_thoughts`` or ``output_logits``.
     """
-    cfg = model.config
-    k = cfg.sampled_thought_tokens if thought_tokens is None else thought_tokens
-    thought_t = cfg.thought_temperature if thought_temperature is None else thought_temperature
     _check_inputs(model, input_ids, attention_mask, max_new_tokens, do_sample, temperature, top_k,
-                  top_p, thought_t, k)
-    B, device = input_ids.shape[0], input_ids.device
+                  top_p)
+    k, thought_t = model.config.thought_settings(thought_tokens, thought_temperature)
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     show_thoughts = hasattr(streamer, "put_thought") and k > 0
-    if show_thoughts and B > 1:
-        raise ValueError(f"a streamer that shows thoughts takes one prompt at a time, got {B}")
+    if show_thoughts and input_ids.shape[0] > 1:
+        raise ValueError(f"a streamer that shows thoughts takes one prompt at a time, got "
+                         f"{input_ids.shape[0]}")
     eos, pad = _special_ids(model, eos_token_id)
-    eos = torch.tensor(eos, device=device) if eos else None
-    token_t = temperature if do_sample else 0.0
+
+    def choose(logits: torch.Tensor) -> torch.Tensor:
+        return sample(logits, temperature if do_sample else 0.0, generator, top_k, top_p)
 
     was_training = model.training
     model.eval()  # no dropout
     try:
         decoder = _CachedDecoder(model, attention_mask, max_new_tokens + k + 2)
-        thinker = _Thinker(model, decoder, k, thought_t, generator, device) if k > 0 else None
-        # Prompts are checked and meta tokens never sampled, so every id fed to the LM except
-        # START/END (which the thinker adds) is an ordinary token of the base embedding.
-        embed = model.embedding.base
-        unfinished = torch.ones(B, dtype=torch.bool, device=device)
-        new, thoughts, weights, step_logits = [], [], [], []
-        if streamer is not None:
-            streamer.put(input_ids.cpu())
-
-        ids, positions = input_ids, text_positions(attention_mask)
-        for _ in range(max_new_tokens):
-            if thinker is None:
-                logits = model.logits(decoder(embed(ids), positions)[:, -1])
-            else:
-                logits, thought, w = thinker(embed(ids), positions)
-            logits = logits.float()
-            token = sample(logits, token_t, generator, top_k, top_p)
-            if eos is not None:
-                token = token.masked_fill(~unfinished, pad)
-            new.append(token)
-            if output_logits:
-                step_logits.append(logits)
-            if thinker is not None and return_thoughts:
-                thoughts.append(thought.masked_fill(~unfinished[:, None], pad))
-                weights.append(w.float().masked_fill(~unfinished, 0.0))
-            if show_thoughts:
-                streamer.put_thought(thought[0].cpu())
-            if streamer is not None:
-                streamer.put(token.cpu())
-            if eos is not None:
-                unfinished = unfinished & ~torch.isin(token, eos)
-                if not unfinished.any():
-                    break
-            ids, positions = token[:, None], positions[:, -1:] + 1
-        if streamer is not None:
-            streamer.end()
+        thinker = _Thinker(model, decoder, k, thought_t, generator, input_ids.device) if k > 0 else None
+        steps = _Steps(keep_thoughts=thinker is not None and return_thoughts, keep_logits=output_logits)
+        _run_steps(model, decoder, thinker, input_ids, attention_mask, max_new_tokens, choose, eos, pad,
+                   streamer, show_thoughts, steps)
     finally:
         model.train(was_training)
+    return _outputs(model, input_ids, steps, k, return_thoughts, output_logits)
 
-    sequences = torch.cat([input_ids, *[t[:, None] for t in new]], dim=1)
+
+@dataclass
+class _Steps:
+    """What the step loop collects, one entry per new token: [B] tokens, and where asked for,
+    [B, k] thoughts, [B] mixing weights (both blanked after eos) and [B, V] mixed logits."""
+
+    keep_thoughts: bool
+    keep_logits: bool
+    tokens: list = field(default_factory=list)
+    thoughts: list = field(default_factory=list)
+    weights: list = field(default_factory=list)
+    logits: list = field(default_factory=list)
+
+
+def _run_steps(model, decoder, thinker, input_ids, attention_mask, max_new_tokens, choose, eos, pad,
+               streamer, show_thoughts, steps: _Steps) -> None:
+    """The generation loop: one new token per step for every row, until ``max_new_tokens`` or
+    every row has ended; rows that ended get the pad id."""
+    B, device = input_ids.shape[0], input_ids.device
+    eos = torch.tensor(eos, device=device) if eos else None
+    # Prompts are checked and meta tokens never sampled, so every id fed to the LM except
+    # START/END (which the thinker adds) is an ordinary token of the base embedding.
+    embed = model.embedding.base
+    unfinished = torch.ones(B, dtype=torch.bool, device=device)
+    if streamer is not None:
+        streamer.put(input_ids.cpu())
+
+    ids, positions = input_ids, text_positions(attention_mask)
+    for _ in range(max_new_tokens):
+        if thinker is None:
+            logits = model.logits(decoder(embed(ids), positions)[:, -1])
+        else:
+            logits, thought, w = thinker(embed(ids), positions)
+        logits = logits.float()
+        token = choose(logits)
+        if eos is not None:
+            token = token.masked_fill(~unfinished, pad)
+        steps.tokens.append(token)
+        if steps.keep_logits:
+            steps.logits.append(logits)
+        if steps.keep_thoughts:
+            steps.thoughts.append(thought.masked_fill(~unfinished[:, None], pad))
+            steps.weights.append(w.float().masked_fill(~unfinished, 0.0))
+        if show_thoughts:
+            streamer.put_thought(thought[0].cpu())
+        if streamer is not None:
+            streamer.put(token.cpu())
+        if eos is not None:
+            unfinished = unfinished & ~torch.isin(token, eos)
+            if not unfinished.any():
+                break
+        ids, positions = token[:, None], positions[:, -1:] + 1
+    if streamer is not None:
+        streamer.end()
+
+
+def _outputs(model, input_ids, steps: _Steps, k: int, return_thoughts: bool, output_logits: bool):
+    """``generate``'s result: the token ids, or a ``GenerateOutput`` with what was asked for."""
+    sequences = torch.cat([input_ids, *[t[:, None] for t in steps.tokens]], dim=1)
     if not (return_thoughts or output_logits):
         return sequences
-    out = GenerateOutput(sequences, None, None, None, tuple(step_logits) if output_logits else None)
+    out = GenerateOutput(sequences, None, None, None, tuple(steps.logits) if output_logits else None)
     if return_thoughts:
-        N = len(new)
-        out.thought_ids = torch.stack(thoughts, 1) if thoughts else input_ids.new_zeros(B, N, k)
-        out.mixing_weight = torch.stack(weights, 1) if weights else torch.zeros(B, N, device=device)
+        B, N = input_ids.shape[0], len(steps.tokens)
+        out.thought_ids = (torch.stack(steps.thoughts, 1) if steps.thoughts
+                           else input_ids.new_zeros(B, N, k))
+        out.mixing_weight = (torch.stack(steps.weights, 1) if steps.weights
+                             else torch.zeros(B, N, device=input_ids.device))
         out.thoughts = [[model.tokenizer.decode(t) for t in row] for row in out.thought_ids.tolist()]
     return out
 
@@ -262,105 +284,3 @@ class _Thinker:
         mixed, w = model.mixing_head(h_base, hidden[:, -1])
         decoder.drop_last(k + 2)
         return model.logits(mixed), torch.stack(thought, 1), w
-
-
-# ---------------------------------------------------------------------------------------- CLI
-DIM, RESET = "\x1b[2m", "\x1b[0m"
-
-
-class TextStreamer:
-    """Prints the continuation as it is generated (the prompt is not echoed)."""
-
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
-        self.tokens: list[int] = []
-        self.printed = 0  # characters of the decoded continuation already written
-        self.prompt_seen = False
-
-    @staticmethod
-    def _write(text: str) -> None:
-        sys.stdout.write(text)
-        sys.stdout.flush()
-
-    def put(self, token_ids: torch.Tensor) -> None:
-        if not self.prompt_seen:  # the first call carries the prompt
-            self.prompt_seen = True
-            return
-        self.tokens.extend(token_ids.view(-1).tolist())
-        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
-        if text.endswith("\ufffd"):
-            return  # an incomplete multi-byte character: wait for the rest
-        self._write(text[self.printed:])
-        self.printed = len(text)
-
-    def end(self) -> None:
-        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
-        self._write(text[self.printed:] + "\n")
-
-
-class ThoughtStreamer(TextStreamer):
-    """Prints the continuation with each token's thought just before the token: dimmed (ANSI)
-    when ``color`` is true, else between « and »."""
-
-    def __init__(self, tokenizer, color: bool):
-        super().__init__(tokenizer)
-        self.color = color
-
-    def put_thought(self, thought_ids: torch.Tensor) -> None:
-        text = self.tokenizer.decode(thought_ids.tolist()).replace("\n", "\\n")
-        self._write(f"{DIM}{text}{RESET}" if self.color else f"«{text}»")
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    # Options whose default depends on the model or machine are declared with default=SUPPRESS
-    # and get their value from set_defaults, so the help shows the real rule, not "None".
-    parser.set_defaults(thought_tokens=None, thought_temperature=None, sample=False, device=None)
-    parser.add_argument("--model", required=True, default=argparse.SUPPRESS,
-                        help="a saved QuietStar model folder, or a base model (folder, hub id or "
-                             "embedded:smollm2-135m-instruct), wrapped untrained")
-    parser.add_argument("--prompt", required=True, default=argparse.SUPPRESS,
-                        help="the text to continue")
-    parser.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most")
-    parser.add_argument("--thought-tokens", type=int, default=argparse.SUPPRESS,
-                        help="tokens per thought, 0 = no thinking (default: the model's "
-                             "sampled_thought_tokens)")
-    parser.add_argument("--thought-temperature", type=float, default=argparse.SUPPRESS,
-                        help="temperature of thought tokens, 0 = greedy (default: the model's "
-                             "thought_temperature)")
-    parser.add_argument("--show-thoughts", action="store_true",
-                        help="print each token's thought before it")
-    parser.add_argument("--color", choices=("auto", "always", "never"), default="auto",
-                        help="show thoughts dimmed (ANSI) or between « »; auto: dimmed on a terminal")
-    mode = parser.add_mutually_exclusive_group()
-    mode.add_argument("--greedy", dest="sample", action="store_false", default=argparse.SUPPRESS,
-                      help="pick the most likely token (the default)")
-    mode.add_argument("--sample", dest="sample", action="store_true", default=argparse.SUPPRESS,
-                      help="sample the next token")
-    parser.add_argument("--temperature", type=float, default=1.0, help="with --sample")
-    parser.add_argument("--top-k", type=int, default=None, help="with --sample")
-    parser.add_argument("--top-p", type=float, default=None, help="with --sample")
-    parser.add_argument("--seed", type=int, default=None, help="random seed for sampling")
-    parser.add_argument("--device", default=argparse.SUPPRESS,
-                        help="e.g. cpu, cuda (default: cuda when available, else cpu)")
-
-
-def run(args: argparse.Namespace) -> int:
-    if not args.sample and (args.top_k is not None or args.top_p is not None or args.temperature != 1.0):
-        print("quietstar generate: --temperature/--top-k/--top-p need --sample", file=sys.stderr)
-        return 2
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = load_quietstar_model(args.model, device)
-    if args.show_thoughts:
-        color = args.color == "always" or (args.color == "auto" and sys.stdout.isatty())
-        streamer = ThoughtStreamer(model.tokenizer, color)
-    else:
-        streamer = TextStreamer(model.tokenizer)
-    input_ids = model.tokenizer(args.prompt, return_tensors="pt").input_ids.to(device)
-    generator = None
-    if args.seed is not None:
-        generator = torch.Generator(device=device).manual_seed(args.seed)
-    generate(model, input_ids, max_new_tokens=args.max_new_tokens, do_sample=args.sample,
-             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, streamer=streamer,
-             thought_temperature=args.thought_temperature, thought_tokens=args.thought_tokens,
-             generator=generator)
-    return 0

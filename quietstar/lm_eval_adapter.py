@@ -22,7 +22,8 @@ except ImportError as e:  # pragma: no cover - depends on the environment
     raise ImportError("quietstar's lm-eval support needs lm-evaluation-harness: "
                       "pip install 'lm-eval>=0.4.5' (or pip install 'quietstar[eval]')") from e
 
-from .evaluation import _cell, next_token_logits, summarize
+from .evaluation import next_token_logits
+from .statistics import format_cell, summarize
 
 
 class QuietStarLM(HFLM):
@@ -36,25 +37,18 @@ class QuietStarLM(HFLM):
                  batch_size: int = 8, seed: int = 0, max_length: int | None = None):
         super().__init__(pretrained=model.lm, tokenizer=model.tokenizer, batch_size=batch_size,
                          max_length=max_length)
-        if thought_tokens < 0:
-            raise ValueError(f"thought_tokens must be >= 0 (0 = no thoughts), got {thought_tokens}")
         self.quietstar = model.eval()
-        self.thought_tokens = thought_tokens
-        self.thought_temperature = thought_temperature
+        self.thought_tokens, self.thought_temperature = model.config.thought_settings(
+            thought_tokens, thought_temperature)
         self.generator = torch.Generator(self.device).manual_seed(seed)
 
     def _model_call(self, inps: torch.Tensor, attn_mask=None, labels=None) -> torch.Tensor:
-        """Next-token logits [B, L, V] of right-padded ``inps``. A thought at position i sees only
-        tokens 0..i, so the padding after a sequence changes none of its logits."""
-        B, L = inps.shape
-        # score_thoughts needs ahead_tokens + 1 positions; pad short inputs and cut back.
-        short = max(0, self.quietstar.config.ahead_tokens + 1 - L)
-        if short:
-            inps = torch.cat([inps, inps.new_full((B, short), self.tokenizer.pad_token_id)], 1)
-        mask = torch.ones_like(inps)
-        _, logits = next_token_logits(self.quietstar, inps, mask, self.thought_tokens,
+        """Next-token logits [B, L, V] of right-padded ``inps`` (any length >= 1). A thought at
+        position i sees only tokens 0..i, so the padding after a sequence changes none of its
+        logits."""
+        _, logits = next_token_logits(self.quietstar, inps, torch.ones_like(inps), self.thought_tokens,
                                       self.thought_temperature, self.generator)
-        return logits[:, :L]
+        return logits
 
     def _model_generate(self, context: torch.Tensor, max_length: int, stop: list[str],
                         **generation_kwargs) -> torch.Tensor:
@@ -96,8 +90,7 @@ def evaluate_lm_eval(model, tasks: Sequence[str], thought_tokens: int | None = N
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
-    K = model.config.sampled_thought_tokens if thought_tokens is None else thought_tokens
-    T = model.config.thought_temperature if thought_temperature is None else thought_temperature
+    K, T = model.config.thought_settings(thought_tokens, thought_temperature)
     manager = TaskManager(include_path=include_path)
     raw, per_doc = {}, {}
     for mode, k in (("off", 0), ("on", K)):
@@ -135,6 +128,6 @@ def format_lm_eval_table(results: dict) -> str:
              f"temperature {results['thought_temperature']:g}; mean [95% bootstrap CI]",
              f"{'metric':<{width}}{'n':>6}  {'thoughts off':<26}{'thoughts on':<26}{'on - off':<26}"]
     for name, r in results["metrics"].items():
-        lines.append(f"{name:<{width}}{r['off']['n']:>6}  {_cell(r['off']):<26}{_cell(r['on']):<26}"
-                     f"{_cell(r['difference'], True):<26}")
+        lines.append(f"{name:<{width}}{r['off']['n']:>6}  {format_cell(r['off']):<26}"
+                     f"{format_cell(r['on']):<26}{format_cell(r['difference'], True):<26}")
     return "\n".join(lines)

@@ -1,8 +1,8 @@
-"""quietstar.analysis and quietstar.plots: per-token NLLs and the difficulty report."""
+"""quietstar.analysis and quietstar.plots: per-token NLLs and the difficulty report; the
+`quietstar analyze` command (quietstar.commands.analyze)."""
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import numpy as np
@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from matplotlib.image import imread
 
 from conftest import CORPUS, make_lm, make_model, make_tokenizer
-from quietstar import analysis
-from quietstar.analysis import difficulty_report, format_difficulty_table, token_nlls
+from quietstar import cli
+from quietstar.analysis import difficulty_report, format_difficulty_table, token_nlls, token_windows
 from quietstar.plots import plot_difficulty
 
 
@@ -114,12 +114,9 @@ def test_analyze_cli(tmp_path, capsys):
     data = tmp_path / "heldout.txt"
     data.write_text("\n\n".join(CORPUS) + "\n")
     out = tmp_path / "out"
-    parser = argparse.ArgumentParser()
-    analysis.add_arguments(parser)
-    args = parser.parse_args(["--model", str(saved), "--data", str(data), "--limit", "3", "--out", str(out),
-                              "--max-length", "32", "--buckets", "4", "--thought-tokens", "2",
-                              "--batch-size", "2", "--thought-source", "random"])
-    assert analysis.run(args) == 0
+    assert cli.main(["analyze", "--model", str(saved), "--data", str(data), "--limit", "3", "--out", str(out),
+                     "--max-length", "32", "--buckets", "4", "--thought-tokens", "2",
+                     "--batch-size", "2", "--thought-source", "random"]) == 0
     report = json.loads((out / "report.json").read_text())
     tok = make_tokenizer()
     assert report["n_tokens"] == sum(len(tok(t).input_ids) - 1 for t in CORPUS[:3])
@@ -127,6 +124,14 @@ def test_analyze_cli(tmp_path, capsys):
     assert report["thought_source"] == "random"
     assert (out / "difficulty.png").stat().st_size > 1000
     assert "hardest 10%" in capsys.readouterr().out
+    assert report["thought_temperature"] == 1.0  # the model's, as resolved by thought_settings
+    with pytest.raises(SystemExit):  # --data and --out are required
+        cli.main(["analyze", "--model", str(saved), "--data", str(data)])
+    assert "the following arguments are required: --out" in capsys.readouterr().err
+    assert cli.main(["analyze", "--model", str(saved), "--data", str(data), "--out", str(out),
+                     "--thought-tokens", "0"]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "quietstar analyze: error: thought_tokens must be >= 1, got 0")
 
 
 def test_thought_sources_own_random_and_shifted():
@@ -152,3 +157,25 @@ def test_thought_sources_own_random_and_shifted():
     assert random.unique().numel() > 20  # spread over the vocabulary, not one token
     with pytest.raises(ValueError, match="thought source must be one of"):
         make("none")
+
+
+def test_short_windows_need_no_padding():
+    """score_thoughts takes any length, so windows shorter than ahead_tokens + 1 are scored as
+    they are: the same NLLs as each window alone."""
+    model = make_model(ahead_tokens=4)
+    with torch.no_grad():
+        model.mixing_head.mlp[-1].bias.fill_(0.6)
+    tok = model.tokenizer
+    texts = ["Hi", "Natalia"]                 # 2 and 3 tokens < ahead_tokens + 1
+    assert [len(tok(t).input_ids) for t in texts] == [2, 3]
+    assert [len(w) for _, w in token_windows(texts, tok, 8)] == [2, 3]
+    nll = token_nlls(model, texts, thought_tokens=2, thought_temperature=0.0, batch_size=2)
+    expected = []
+    for text in texts:
+        ids = torch.tensor([tok(text).input_ids])
+        with torch.no_grad():
+            thoughts = model.sample_thoughts(ids, num_tokens=2, temperature=0.0)
+            mixed = model.score_thoughts(ids, thoughts).mixed_logits[0, :-1, 0]
+        expected += F.cross_entropy(mixed, ids[0, 1:], reduction="none").tolist()
+    np.testing.assert_allclose(nll.thinking, expected, rtol=1e-4)
+    assert nll.document.tolist() == [0, 1, 1]

@@ -1,24 +1,27 @@
-"""quietstar.evaluation, quietstar.answers and quietstar.lm_eval_adapter on tiny models."""
+"""quietstar.evaluation, quietstar.answers, quietstar.statistics, quietstar.lm_eval_adapter and the
+`quietstar eval` command (quietstar.commands.eval) on tiny models."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import math
+import typing
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import make_lm, make_model, make_tokenizer
-from quietstar import evaluation
+from conftest import make_lm, make_model, make_tokenizer, random_text
+from quietstar import cli
 from quietstar.models import load_quietstar_model
 from quietstar.answers import (first_integer, first_number, majority_vote, normalize_number,
                                parse_choice, parse_gsm8k_gold)
 from quietstar.evaluation import (COT_ANSWER_TRIGGER, COT_TRIGGER, Item, accuracy_predictions,
-                                  answer_vocabulary, bootstrap_ci, cot_predictions, direct_scores,
-                                  evaluate, format_table, load_items)
+                                  answer_vocabulary, cot_predictions, direct_scores, evaluate,
+                                  format_table, load_items)
+from quietstar.statistics import bootstrap_ci, format_cell
 
 FIXTURES = Path(__file__).parent / "fixtures"
 GSM8K = FIXTURES / "gsm8k_tiny.jsonl"
@@ -258,6 +261,22 @@ def test_direct_score_with_thoughts_matches_score_thoughts_item_by_item():
     assert not np.allclose(batched, direct_scores(model, items, "gsm8k", thought_tokens=0))
 
 
+def test_next_token_logits_without_thoughts_is_one_base_logits_call(monkeypatch):
+    from quietstar.evaluation import next_token_logits
+
+    model = make_model()
+    x = random_text(2, 3)
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    reference = model.base_logits(x, mask)
+    calls = []
+    monkeypatch.setattr(model, "base_logits", lambda *args: calls.append(args) or reference)
+    monkeypatch.setattr(model, "score_thoughts", None)  # never reached
+    base, predicted = next_token_logits(model, x, mask, 0)
+    assert len(calls) == 1 and base is predicted is reference
+    with pytest.raises(ValueError, match="thought_tokens must be an int >= 0"):
+        next_token_logits(model, x, mask, -1)
+
+
 # ------------------------------------------------------------------------------------- generation metrics
 class FakeGenerate:
     """Stands in for model.generate: answers each prompt with a scripted continuation."""
@@ -370,19 +389,23 @@ def test_bootstrap_ci():
     assert all(math.isnan(v) for v in bootstrap_ci([]))
 
 
+def test_format_cell():
+    summary = {"mean": 0.5, "ci_low": 0.25, "ci_high": 0.75, "n": 4}
+    assert format_cell(summary) == "0.500 [0.250, 0.750]"
+    assert format_cell({**summary, "ci_low": -0.25}, signed=True) == "+0.500 [-0.250, +0.750]"
+
+
 # ------------------------------------------------------------------------------------- CLI
-def run_command(module, argv: list[str]) -> int:
-    """Runs one `quietstar` subcommand the way quietstar.cli does."""
-    parser = argparse.ArgumentParser()
-    module.add_arguments(parser)
-    return module.run(parser.parse_args(argv))
+def run_command(argv: list[str]) -> int:
+    """Runs `quietstar eval` with these flags."""
+    return cli.main(["eval", *argv])
 
 
 def test_eval_cli_on_saved_and_plain_models(tmp_path, capsys):
     saved = tmp_path / "saved"
     make_model().save_pretrained(saved)
     out = tmp_path / "results.json"
-    code = run_command(evaluation, ["--model", str(saved), "--task", "csqa", "--data", str(CSQA), "--limit", "2",
+    code = run_command(["--model", str(saved), "--task", "csqa", "--data", str(CSQA), "--limit", "2",
                      "--metrics", "direct", "--thought-tokens", "2", "--out", str(out)])
     assert code == 0
     results = json.loads(out.read_text())
@@ -394,9 +417,42 @@ def test_eval_cli_on_saved_and_plain_models(tmp_path, capsys):
     plain = tmp_path / "plain"
     make_lm().save_pretrained(plain)
     make_tokenizer().save_pretrained(plain)
-    assert run_command(evaluation, ["--model", str(plain), "--task", "gsm8k", "--data", str(GSM8K), "--limit", "1",
+    assert run_command(["--model", str(plain), "--task", "gsm8k", "--data", str(GSM8K), "--limit", "1",
                      "--thought-tokens", "1"]) == 0
     assert "wrapped fresh" in capsys.readouterr().err
+
+
+def test_eval_cli_refuses_bad_input_in_one_line(tmp_path, capsys):
+    saved = tmp_path / "saved"
+    make_model().save_pretrained(saved)
+    base = ["--model", str(saved), "--task", "gsm8k", "--data", str(GSM8K), "--limit", "1"]
+    capsys.readouterr()
+    for flags, message in [
+        (["--metrics", "direct,bleu"], "--metrics: unknown metric(s) ['bleu']; choose from direct,accuracy,cot"),
+        (["--lm-eval-include", str(tmp_path)], "--lm-eval-include adds lm-eval tasks: it needs --lm-eval TASK"),
+        (["--thought-tokens", "0"], "thought_tokens must be >= 1 (thoughts off is always measured too)"),
+        (["--data", str(tmp_path / "missing.jsonl")], "does not exist"),
+    ]:
+        assert run_command(base + flags) == 2
+        last = capsys.readouterr().err.splitlines()[-1]  # after the weights' loading bar, if any
+        assert last.startswith("quietstar eval: error: ") and message in last
+    with pytest.raises(SystemExit):
+        run_command(base + ["--task", "mmlu"])
+    assert "invalid choice: 'mmlu'" in capsys.readouterr().err
+
+
+def test_eval_arguments_parse_comma_separated_lists():
+    from quietstar.arguments import add_dataclass_arguments, parse_dataclass
+    from quietstar.commands.eval import EvalArguments
+    from quietstar.evaluation import TASKS
+
+    parser = argparse.ArgumentParser()
+    add_dataclass_arguments(parser, EvalArguments)
+    settings = parse_dataclass(EvalArguments, parser.parse_args(
+        ["--metrics", "direct, accuracy,", "--lm-eval", "arc_easy,hellaswag"]))
+    assert settings.metrics == ("direct", "accuracy") and settings.lm_eval == ("arc_easy", "hellaswag")
+    assert EvalArguments().metrics == ("direct",) and EvalArguments().lm_eval is None
+    assert typing.get_args(typing.get_type_hints(EvalArguments)["task"]) == TASKS
 
 
 def test_load_model_dtype(tmp_path):
@@ -493,6 +549,29 @@ def test_lm_eval_without_thoughts_equals_hflm_request_by_request(lm_eval_tasks):
                     assert ra == rb, (task, a["doc_id"])
 
 
+def test_lm_eval_model_call_takes_any_length():
+    """No padding to ahead_tokens + 1: inputs of 1 and 2 tokens are scored as they are."""
+    pytest.importorskip("lm_eval")
+    from quietstar.evaluation import next_token_logits
+    from quietstar.lm_eval_adapter import QuietStarLM
+
+    model = make_model(ahead_tokens=4)
+    with torch.no_grad():
+        model.mixing_head.mlp[-1].bias.fill_(0.6)
+    for k in (0, 2):
+        lm = QuietStarLM(model, thought_tokens=k, thought_temperature=0.0, batch_size=2)
+        assert (lm.thought_tokens, lm.thought_temperature) == (k, 0.0)
+        for L in (1, 2):
+            x = random_text(2, L, seed=L)
+            with torch.no_grad():
+                logits = lm._model_call(x)
+                _, expected = next_token_logits(model, x, torch.ones_like(x), k, 0.0)
+            assert logits.shape == (2, L, model.lm.get_output_embeddings().weight.shape[0])
+            assert torch.equal(logits, expected)
+    with pytest.raises(ValueError, match="thought_tokens must be an int >= 0"):
+        QuietStarLM(model, thought_tokens=-1)
+
+
 def test_lm_eval_loglikelihood_and_generation_think(lm_eval_tasks):
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
@@ -552,7 +631,7 @@ def test_lm_eval_without_thoughts_equals_hflm_and_cli(lm_eval_tasks, tmp_path, c
     saved = tmp_path / "saved"
     model.save_pretrained(saved)
     out = tmp_path / "lm_eval.json"
-    assert run_command(evaluation, ["--model", str(saved), "--lm-eval", "tiny_gen", "--lm-eval-include",
+    assert run_command(["--model", str(saved), "--lm-eval", "tiny_gen", "--lm-eval-include",
                      str(lm_eval_tasks), "--thought-tokens", "1", "--limit", "2", "--out", str(out)]) == 0
     written = json.loads(out.read_text())
     assert written["metrics"]["tiny_gen/exact_match,none"]["on"]["n"] == 2

@@ -1,4 +1,5 @@
-"""Tests for quietstar.generation: cached thinking generation and the `quietstar generate` command.
+"""Tests for quietstar.generation (cached thinking generation) and the `quietstar generate` command
+(quietstar.commands.generate).
 
 The reference for every number is ``score_thoughts``, the uncached rollout that training uses:
 a generation step must give the same next-token distribution for the same text and thought.
@@ -312,10 +313,10 @@ def test_cli_shows_thoughts_bracketed_or_dimmed(saved_model, capsys):
 
 def test_cli_sampling_options(saved_model, capsys, monkeypatch):
     model, directory = saved_model
-    import quietstar.generation
+    import quietstar.commands.generate
 
     # Loading is tested above; here the options' effect is, on the model already in memory.
-    monkeypatch.setattr(quietstar.generation, "load_quietstar_model", lambda name, device: model)
+    monkeypatch.setattr(quietstar.commands.generate, "load_quietstar_model", lambda name, device: model)
     base = ["--model", directory, "--prompt", "Weng earns", "--max-new-tokens", 8]
     greedy = _cli(capsys, *base, "--greedy", "--thought-temperature", 0).out
     top1 = _cli(capsys, *base, "--sample", "--top-k", 1, "--thought-temperature", 0).out
@@ -325,7 +326,48 @@ def test_cli_sampling_options(saved_model, capsys, monkeypatch):
     assert sampled[0] == sampled[1] != sampled[2]
     with pytest.raises(SystemExit):
         cli.main(["generate", *map(str, base), "--greedy", "--sample"])
+    assert "not allowed with argument" in capsys.readouterr().err
     assert cli.main(["generate", *map(str, base), "--top-k", "3"]) == 2  # needs --sample
+    assert capsys.readouterr().err == ("quietstar generate: error: --temperature/--top-k/--top-p "
+                                       "need --sample\n")
+    for flags in (["--temperature", "0.5"], ["--greedy", "--top-p", "0.9"]):
+        assert cli.main(["generate", *map(str, base), *flags]) == 2
+        assert "need --sample" in capsys.readouterr().err
+    # Bad values the library refuses: one line on stderr, exit 2.
+    assert cli.main(["generate", *map(str, base), "--sample", "--top-p", "1.5"]) == 2
+    assert capsys.readouterr().err == "quietstar generate: error: top_p must be in (0, 1], got 1.5\n"
+    assert cli.main(["generate", *map(str, base), "--thought-tokens", "-1"]) == 2
+    assert "--thought-tokens must be >= 0" in capsys.readouterr().err
+
+
+def test_generate_arguments_rules():
+    from quietstar.commands.generate import GenerateArguments
+
+    assert GenerateArguments("m", "p").sample is False  # greedy by default
+    assert GenerateArguments("m", "p", sample=True, temperature=0.5, top_k=3).top_k == 3
+    with pytest.raises(ValueError, match="need --sample"):
+        GenerateArguments("m", "p", top_k=3)
+    with pytest.raises(ValueError, match="--thought-temperature must be a finite number >= 0"):
+        GenerateArguments("m", "p", thought_temperature=-1.0)
+
+
+def test_streamers_print_the_continuation_and_thoughts(capsys):
+    from quietstar.commands.generate import TextStreamer, ThoughtStreamer
+
+    tok = make_model("llama").tokenizer
+    ids = tok("The quick brown fox jumps", return_tensors="pt").input_ids[0]
+    plain = TextStreamer(tok)
+    plain.put(ids[:2][None])  # the prompt: not echoed
+    for token in ids[2:]:
+        plain.put(token[None])
+    plain.end()
+    assert capsys.readouterr().out == tok.decode(ids[2:]) + "\n"
+    shown = ThoughtStreamer(tok, color=False)
+    shown.put(ids[:1][None])
+    shown.put_thought(ids[1:3])
+    shown.put(ids[3:4])
+    shown.end()
+    assert capsys.readouterr().out == f"«{tok.decode(ids[1:3])}»{tok.decode(ids[3:4])}\n"
 
 
 def test_cli_wraps_a_plain_base_model(saved_model, tmp_path, capsys):

@@ -1,8 +1,8 @@
-"""quietstar.inspect: thoughts, their gains, and the HTML page (checked in headless Chromium)."""
+"""quietstar.viewer: thoughts, their gains, and the HTML page (checked in headless Chromium); the
+`quietstar inspect` command (quietstar.commands.inspect_thoughts)."""
 
 from __future__ import annotations
 
-import argparse
 import math
 import shutil
 import subprocess
@@ -12,8 +12,8 @@ import torch
 from matplotlib.image import imread
 
 from conftest import CORPUS, make_model
-from quietstar import inspect as thought_inspect
-from quietstar.inspect import TokenThought, render_html, token_thoughts, write_page
+from quietstar import cli
+from quietstar.viewer import TokenThought, render_html, token_thoughts, write_page
 
 TEXT = CORPUS[1]
 
@@ -51,7 +51,27 @@ def test_untrained_model_gains_nothing():
     assert all(abs(r.gain) < 1e-4 and r.weight == 0 for r in records[:-1])
     assert math.isnan(records[-1].gain)
     with pytest.raises(ValueError, match="at least"):
-        token_thoughts(make_model(), "Hi", thought_tokens=2)
+        token_thoughts(make_model(), "H", thought_tokens=2)   # one token: nothing to predict
+
+
+def test_texts_shorter_than_the_ahead_window():
+    """Any text of 2 tokens or more, however short against ahead_tokens: each gain sums over the
+    true next tokens there are, and equals score_thoughts on the text itself."""
+    model = make_model(ahead_tokens=4)
+    with torch.no_grad():
+        model.mixing_head.mlp[-1].bias.fill_(0.4)
+    ids = model.tokenizer("Hi").input_ids
+    assert len(ids) == 2 < model.config.ahead_tokens + 1
+    records = token_thoughts(model, "Hi", thought_tokens=2, thought_temperature=0.0)
+    assert [r.steps for r in records] == [1, 0] and math.isnan(records[1].gain)
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        thoughts = model.sample_thoughts(x, num_tokens=2, temperature=0.0)
+        scores = model.score_thoughts(x, thoughts)
+    expected = (scores.mixed_logits[0, 0, 0].log_softmax(-1)[ids[1]]
+                - scores.base_logits[0, 0].log_softmax(-1)[ids[1]])
+    assert records[0].gain == pytest.approx(float(expected), abs=1e-5) and records[0].gain != 0
+    assert [r.steps for r in token_thoughts(model, "Natalia", thought_tokens=2)] == [2, 1, 0]  # 3 tokens
 
 
 def test_render_html_escapes_and_colours():
@@ -69,19 +89,36 @@ def test_render_html_escapes_and_colours():
 def test_inspect_cli(tmp_path, capsys):
     saved = tmp_path / "model"
     make_model().save_pretrained(saved)
-    parser = argparse.ArgumentParser()
-    thought_inspect.add_arguments(parser)
     out = tmp_path / "page.html"
-    args = parser.parse_args(["--model", str(saved), "--text", TEXT, "--out", str(out), "--thought-tokens", "2"])
-    assert thought_inspect.run(args) == 0
+    assert cli.main(["inspect", "--model", str(saved), "--text", TEXT, "--out", str(out),
+                     "--thought-tokens", "2"]) == 0
     page = out.read_text()
     n_tokens = len(make_model().tokenizer(TEXT).input_ids)
     assert "thoughts of 2 tokens" in page and page.count('<tr><td class="num">') == n_tokens
     text_file = tmp_path / "text.txt"
     text_file.write_text(CORPUS[0])
-    args = parser.parse_args(["--model", str(saved), "--text-file", str(text_file), "--out", str(out)])
-    assert thought_inspect.run(args) == 0 and "thoughts of 3 tokens" in out.read_text()  # the model's k
+    assert cli.main(["inspect", "--model", str(saved), "--text-file", str(text_file), "--out", str(out)]) == 0
+    assert "thoughts of 3 tokens" in out.read_text()  # the model's k
     assert "wrote" in capsys.readouterr().out
+
+
+def test_inspect_cli_needs_exactly_one_text(tmp_path, capsys):
+    from quietstar.commands.inspect_thoughts import InspectArguments
+
+    with pytest.raises(ValueError, match="--text TEXT or --text-file FILE"):
+        InspectArguments()
+    with pytest.raises(ValueError, match="not both"):
+        InspectArguments(text="a b", text_file="t.txt")
+    assert InspectArguments(text="a b").out == "thoughts.html"
+    # The command checks before it loads any model (this one does not exist).
+    missing = str(tmp_path / "no-model")
+    assert cli.main(["inspect", "--model", missing]) == 2
+    assert capsys.readouterr().err == ("quietstar inspect: error: give the text to inspect: "
+                                       "--text TEXT or --text-file FILE\n")
+    assert cli.main(["inspect", "--model", missing, "--text", "a b", "--text-file", "t.txt"]) == 2
+    assert capsys.readouterr().err == "quietstar inspect: error: give --text or --text-file, not both\n"
+    assert cli.main(["inspect", "--model", missing, "--text-file", str(tmp_path / "none.txt")]) == 2
+    assert "No such file" in capsys.readouterr().err
 
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")

@@ -6,12 +6,12 @@ tokens, sum over the ahead steps s of [log p_mixed(x_{i+1+s}) - log p_base(x_{i+
 thought, gain and mixing weight; a table beside the text lists them all. The page is one
 self-contained file (inline CSS, no scripts, no network).
 
+The ``quietstar inspect`` command (``quietstar/commands/inspect_thoughts.py``) writes it:
 ``quietstar inspect --model DIR --text "..." --out page.html``
 """
 
 from __future__ import annotations
 
-import argparse
 import html
 import math
 from dataclasses import dataclass
@@ -19,8 +19,7 @@ from pathlib import Path
 
 import torch
 
-from .evaluation import _device, add_model_arguments
-from .models import load_quietstar_model
+from .batching import model_device
 
 
 @dataclass
@@ -40,20 +39,21 @@ def token_thoughts(model, text: str, thought_tokens: int | None = None,
     """Samples a thought after every token of ``text`` and measures what it did.
 
     The gain of the thought at i sums, over the ahead steps s whose target x_{i+1+s} is in the
-    text, log p_mixed(x_{i+1+s} | thought at i) - log p_base(x_{i+1+s} | x_0..x_{i+s}).
+    text, log p_mixed(x_{i+1+s} | thought at i) - log p_base(x_{i+1+s} | x_0..x_{i+s}). Any text
+    of at least 2 tokens (a token and the next one, which its thought helps to predict or not).
     """
-    tokenizer, device = model.tokenizer, _device(model)
+    k, temperature = model.config.thought_settings(thought_tokens, thought_temperature)
+    tokenizer, device = model.tokenizer, model_device(model)
     ids = tokenizer(text, return_tensors="pt").input_ids.to(device)
     L, A = ids.shape[1], model.config.ahead_tokens
-    if L < A + 1:
-        raise ValueError(f"the text has {L} tokens; inspecting thoughts needs at least "
-                         f"ahead_tokens + 1 = {A + 1}")
+    if L < 2:
+        raise ValueError(f"the text has {L} token{'' if L == 1 else 's'}; inspecting thoughts needs "
+                         "at least 2 (a token and the next one, which its thought predicts)")
     was_training = model.training
     model.eval()
     try:
         generator = torch.Generator(device).manual_seed(seed)
-        thoughts = model.sample_thoughts(ids, num_tokens=thought_tokens, temperature=thought_temperature,
-                                         generator=generator)
+        thoughts = model.sample_thoughts(ids, num_tokens=k, temperature=temperature, generator=generator)
         scores = model.score_thoughts(ids, thoughts)
     finally:
         model.train(was_training)
@@ -148,29 +148,11 @@ Mean gain {mean_gain:+.4f} nats per token.</p>
 def write_page(model, text: str, path: str | Path, thought_tokens: int | None = None,
                thought_temperature: float | None = None, seed: int = 0, title: str | None = None) -> Path:
     """Samples the thoughts of ``text`` and writes the HTML page to ``path``."""
-    records = token_thoughts(model, text, thought_tokens, thought_temperature, seed)
-    K = model.config.sampled_thought_tokens if thought_tokens is None else thought_tokens
-    T = model.config.thought_temperature if thought_temperature is None else thought_temperature
+    K, T = model.config.thought_settings(thought_tokens, thought_temperature)
+    records = token_thoughts(model, text, K, T, seed)
     subtitle = (f"{len(records)} tokens; thoughts of {K} tokens sampled at temperature {T:g} "
                 f"(seed {seed}); gains sum over up to {model.config.ahead_tokens} next tokens")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(render_html(records, title or "Quiet-STaR thoughts", subtitle), encoding="utf-8")
     return path
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_model_arguments(parser)
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--text", help="the text to think about")
-    source.add_argument("--text-file", help="read the text from this file")
-    parser.add_argument("--out", default="thoughts.html", help="the HTML page to write")
-
-
-def run(args: argparse.Namespace) -> int:
-    model = load_quietstar_model(args.model, args.device, args.dtype)
-    text = args.text if args.text is not None else Path(args.text_file).read_text(encoding="utf-8")
-    path = write_page(model, text, args.out, args.thought_tokens, args.thought_temperature, args.seed,
-                      title=f"Quiet-STaR thoughts of {args.model}")
-    print(f"wrote {path}")
-    return 0

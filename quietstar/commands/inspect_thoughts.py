@@ -1,0 +1,71 @@
+"""``quietstar inspect``: an HTML page of a text with the thought after each of its tokens,
+coloured by how much the thought helped (``quietstar.viewer``).
+
+Named ``inspect_thoughts`` so that running it as a script does not shadow the standard library's
+``inspect``. Exit codes: 0 done, 2 bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..arguments import add_dataclass_arguments, option, parse_dataclass
+from ..viewer import write_page
+from .common import ModelArguments, fail
+
+HELP = "write an HTML page showing each token's thought"
+
+
+@dataclass
+class InspectArguments:
+    """The settings of ``quietstar inspect`` (the model's: ``ModelArguments``); exactly one of
+    ``text`` and ``text_file``."""
+
+    text: str | None = option(None, shown_default="none")
+    """the text to think about; give this or --text-file"""
+    text_file: str | None = option(None, shown_default="none")
+    """read the text from this file; give this or --text"""
+    out: str = "thoughts.html"
+    """the HTML page to write"""
+
+    def __post_init__(self):
+        if self.text is None and self.text_file is None:
+            raise ValueError("give the text to inspect: --text TEXT or --text-file FILE")
+        if self.text is not None and self.text_file is not None:
+            raise ValueError("give --text or --text-file, not both")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags for every ModelArguments and InspectArguments field."""
+    add_dataclass_arguments(parser, ModelArguments, title="model")
+    add_dataclass_arguments(parser, InspectArguments, title="text and page")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        model_args = parse_dataclass(ModelArguments, args)
+        settings = parse_dataclass(InspectArguments, args)
+        text = (settings.text if settings.text is not None
+                else Path(settings.text_file).read_text(encoding="utf-8"))
+        model = model_args.load()
+        path = write_page(model, text, settings.out, model_args.thought_tokens,
+                          model_args.thought_temperature, model_args.seed,
+                          title=f"Quiet-STaR thoughts of {model_args.model}")
+    except (ValueError, FileNotFoundError) as e:
+        return fail("inspect", e)
+    print(f"wrote {path}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="quietstar inspect", description=HELP,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,166 @@
+"""quietstar.cli and quietstar.commands: the command table, lazy imports, flags from dataclasses."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Literal
+
+import pytest
+
+from conftest import make_model
+from quietstar import cli
+from quietstar.arguments import add_dataclass_arguments, field_docs, option, parse_dataclass
+from quietstar.commands.analyze import AnalyzeArguments
+from quietstar.commands.common import ModelArguments
+from quietstar.commands.eval import EvalArguments
+from quietstar.commands.generate import GenerateArguments
+from quietstar.commands.inspect_thoughts import InspectArguments
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+NAMES = ["train", "generate", "eval", "analyze", "inspect"]
+# command -> the dataclasses its flags come from
+DATACLASSES = {"generate": [GenerateArguments], "eval": [ModelArguments, EvalArguments],
+               "analyze": [ModelArguments, AnalyzeArguments], "inspect": [ModelArguments, InspectArguments]}
+
+
+def python(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=ENV, capture_output=True,
+                          text=True, timeout=300)
+
+
+def help_text(capsys, *argv: str) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([*argv, "--help"])
+    assert exit_info.value.code == 0
+    return capsys.readouterr().out
+
+
+# ------------------------------------------------------------------ the table
+def test_help_lists_every_command_and_imports_none():
+    done = python("import sys\n"
+                  "from quietstar import cli\n"
+                  "try:\n    cli.main(['--help'])\nexcept SystemExit as e:\n    assert e.code == 0\n"
+                  "print(sorted(m for m in sys.modules if m.startswith('quietstar.commands')))")
+    assert done.returncode == 0, done.stderr
+    help_out, imported = done.stdout.rsplit("\n", 2)[:2]
+    for name, (_, help_line) in cli.COMMANDS.items():
+        assert f"{name}  " in help_out and help_line in help_out
+    assert list(cli.COMMANDS) == NAMES
+    assert imported == "[]"
+
+
+def test_table_help_is_each_modules_help():
+    for name, (module_name, help_line) in cli.COMMANDS.items():
+        module = importlib.import_module(module_name)
+        assert module.HELP == help_line, name
+        assert all(callable(getattr(module, f)) for f in ("add_arguments", "run", "main"))
+
+
+def test_generate_imports_neither_training_nor_lm_eval(tmp_path):
+    model = make_model()
+    model.save_pretrained(tmp_path / "model")
+    done = python("import sys\n"
+                  "from quietstar.cli import main\n"
+                  f"code = main(['generate', '--model', {str(tmp_path / 'model')!r}, '--prompt', 'Natalia sold',"
+                  " '--max-new-tokens', '2', '--device', 'cpu'])\n"
+                  "loaded = [m for m in ('quietstar.train', 'quietstar.commands.train', 'quietstar.checkpoint',"
+                  " 'quietstar.evaluation', 'quietstar.lm_eval_adapter', 'lm_eval') if m in sys.modules]\n"
+                  "print(loaded)\n"
+                  "sys.exit(code)")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[-1] == "[]"
+
+
+def test_a_command_module_that_fails_to_import_fails_loudly(tmp_path, monkeypatch, capsys):
+    (tmp_path / "broken_command.py").write_text("import quietstar_no_such_package\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setitem(cli.COMMANDS, "broken", ("broken_command", "a command whose import fails"))
+    monkeypatch.setitem(cli.COMMANDS, "missing", ("quietstar.commands.not_there", "a missing module"))
+    assert "a command whose import fails" in help_text(capsys)  # listing imports nothing
+    with pytest.raises(ModuleNotFoundError, match="quietstar_no_such_package"):
+        cli.main(["broken"])
+    with pytest.raises(ModuleNotFoundError, match="quietstar.commands.not_there"):
+        cli.main(["missing", "--help"])
+    assert cli.main(["generate", "--model", "m", "--prompt", "p", "--top-k", "2"]) == 2  # others work
+
+
+def test_python_m_quietstar_and_the_command_modules_run(tmp_path):
+    for argv in (["-m", "quietstar", "generate", "--help"], ["-m", "quietstar.commands.inspect_thoughts", "--help"]):
+        done = subprocess.run([sys.executable, *argv], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                              timeout=300)
+        assert done.returncode == 0, done.stderr
+        assert "--thought-tokens" in done.stdout
+
+
+# ------------------------------------------------------------------ flags from dataclasses
+@pytest.mark.parametrize("command", list(DATACLASSES))
+def test_every_field_is_a_flag_with_its_docstring(command, capsys):
+    text = "".join(help_text(capsys, command).split())  # the help wraps lines (and hyphenated words)
+    for cls in DATACLASSES[command]:
+        docs = field_docs(cls)
+        for f in dataclasses.fields(cls):
+            assert "--" + f.name.replace("_", "-") in text, (command, f.name)
+            assert docs.get(f.name), f"{cls.__name__}.{f.name} has no docstring"
+            assert "".join(docs[f.name].split()) in text, (command, f.name)
+
+
+def test_help_shows_the_real_default_rules(capsys):
+    for command in ("generate", "eval", "analyze", "inspect"):
+        text = " ".join(help_text(capsys, command).split())
+        assert "(default: the model's sampled_thought_tokens)" in text
+        assert "(default: the model's thought_temperature)" in text
+        assert "(default: None)" not in text, command
+    text = " ".join(help_text(capsys, "generate").split())
+    assert "(default: cuda when available, else cpu)" in text and "--greedy | --sample" in text
+    text = " ".join(help_text(capsys, "eval").split())
+    assert "--metrics METRICS comma-separated, from direct,accuracy,cot (default: direct)" in text
+    assert "--lm-eval TASK" in text and "--lm-eval-include DIR" in text
+    assert "(default: embedded:smollm2-135m-instruct)" in text
+
+
+def test_required_fields_are_required_flags(capsys):
+    for argv, missing in [(["generate", "--prompt", "p"], "--model"), (["generate", "--model", "m"], "--prompt"),
+                          (["analyze", "--out", "o"], "--data")]:
+        with pytest.raises(SystemExit):
+            cli.main(argv)
+        assert f"the following arguments are required: {missing}" in capsys.readouterr().err
+
+
+def test_model_arguments_refuse_negative_thought_settings():
+    assert ModelArguments().thought_tokens is None and ModelArguments().seed == 0
+    with pytest.raises(ValueError, match="--thought-tokens must be >= 0"):
+        ModelArguments(thought_tokens=-2)
+    with pytest.raises(ValueError, match="--thought-temperature must be a finite number >= 0"):
+        ModelArguments(thought_temperature=float("nan"))
+
+
+def test_option_lists_and_excluded_fields():
+    @dataclasses.dataclass
+    class Settings:
+        names: tuple[str, ...] = ("a", "b")
+        """some names"""
+        extra: tuple[str, ...] | None = option(None, metavar="NAME", shown_default="no extra names")
+        """more names"""
+        mode: Literal["x", "y"] = "x"
+        """a mode"""
+        hidden: int = 3
+        """added by hand"""
+
+    parser = argparse.ArgumentParser()
+    add_dataclass_arguments(parser, Settings, exclude=("hidden",))
+    help_out = " ".join(parser.format_help().split())
+    assert "some names (default: a,b)" in help_out and "--extra NAME more names (default: no extra names)" in help_out
+    assert "--hidden" not in help_out
+    settings = parse_dataclass(Settings, parser.parse_args(["--names", " c, d ,,", "--extra", "none"]))
+    assert settings == Settings(names=("c", "d"), extra=None)
+    assert parse_dataclass(Settings, parser.parse_args(["--extra", "e"])).extra == ("e",)
+    assert json.dumps(dataclasses.asdict(parse_dataclass(Settings, parser.parse_args([])))) == (
+        '{"names": ["a", "b"], "extra": null, "mode": "x", "hidden": 3}')
