@@ -32,9 +32,7 @@ from __future__ import annotations
 
 import argparse
 import gc
-import itertools
 import json
-import math
 import shlex
 import sys
 import time
@@ -43,39 +41,23 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from quietstar.analysis import token_nlls, token_windows
-from quietstar.batching import pad_sequences
+from quietstar.analysis import token_nlls
 from quietstar.checkpoint import MODEL_DIR, latest_checkpoint, step_of
 from quietstar.config import QuietStarConfig
-from quietstar.data import load_texts
-from quietstar.evaluation import (
-    direct_scores,
-    load_items,
-    next_token_logits,
-    summarize,
-)
+from quietstar.data import heldout_split, load_texts
+from quietstar.evaluation import direct_scores, load_items
+from quietstar.evidence import (ARMS, COMPARISONS, LABELS, arm_nlls, token_nlls_without_thought,
+                                token_subsets, verdict)
 from quietstar.metrics import read_metrics
 from quietstar.modeling import QuietStarForCausalLM
 from quietstar.models import EMBEDDED_MODEL
+from quietstar.optim import build_optimizer, lr_at, set_learning_rate
 from quietstar.plots import new_figure, save_figure
-from quietstar.train import (
-    TrainConfig,
-    build_data,
-    build_model,
-    build_optimizer,
-    lr_at,
-    train,
-)
+from quietstar.statistics import format_cell, summarize
+from quietstar.train import train
+from quietstar.train_config import TrainConfig
+from quietstar.train_setup import build_data, build_model
 
-ARMS = ("quietstar_with", "quietstar_without", "control", "base")
-LABELS = {"quietstar_with": "1. Quiet-STaR, with thoughts",
-          "quietstar_without": "1. Quiet-STaR, without thoughts",
-          "control": "2. continued pretraining (no thoughts)",
-          "base": "3. untrained base model"}
-# The two comparisons the experiment is about (primary), then context.
-COMPARISONS = (("quietstar_with", "control"), ("quietstar_with", "quietstar_without"),
-               ("quietstar_with", "base"), ("control", "base"), ("quietstar_without", "base"))
-HARDEST_FRACTION = 0.1
 
 
 # ----------------------------------------------------------------------------- configuration
@@ -101,9 +83,7 @@ def train_config(args: argparse.Namespace, output_dir: Path) -> TrainConfig:
 # ----------------------------------------------------------------------------- the control arm
 def plain_nll(model: QuietStarForCausalLM, input_ids, attention_mask, labels) -> torch.Tensor:
     """Mean next-token NLL of the base LM (no thoughts), the loss of plain pretraining."""
-    embeds = model.embedding(input_ids)
-    hidden = model.decoder(inputs_embeds=embeds, attention_mask=attention_mask).last_hidden_state
-    logits = model.logits(hidden)[:, :-1].float()
+    logits = model.base_logits(input_ids, attention_mask)[:, :-1].float()
     return torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels[:, 1:], ignore_index=-100)
 
 
@@ -111,7 +91,7 @@ def train_control(config: TrainConfig) -> QuietStarForCausalLM:
     """Continued pretraining with train()'s optimiser, schedule, clipping and batches."""
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "train_config.yaml").write_text(config.to_yaml(), encoding="utf-8")
+    config.save(out)
     torch.manual_seed(config.seed)
     model = build_model(config).eval()
     batches, _ = build_data(config, model.tokenizer)  # the same held-out cut and order as train()
@@ -120,8 +100,7 @@ def train_control(config: TrainConfig) -> QuietStarForCausalLM:
         for step, batch in zip(range(config.max_steps), batches):
             t0 = time.perf_counter()
             lr = lr_at(step, config)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+            set_learning_rate(optimizer, lr)
             loss = plain_nll(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
@@ -136,25 +115,6 @@ def train_control(config: TrainConfig) -> QuietStarForCausalLM:
 
 
 # ----------------------------------------------------------------------------- measurements
-@torch.no_grad()
-def plain_token_nlls(model: QuietStarForCausalLM, texts, max_length: int,
-                     batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """(NLL, document) of every token, in the order ``analysis.token_nlls`` uses, no thoughts."""
-    tokenizer = model.tokenizer
-    windows = token_windows(texts, tokenizer, max_length)
-    nlls, docs = [], []
-    for start in range(0, len(windows), batch_size):
-        batch = windows[start:start + batch_size]
-        ids, mask = pad_sequences([w for _, w in batch], tokenizer.pad_token_id, "right", "cpu")
-        logits, _ = next_token_logits(model, ids, mask, 0)
-        nll = torch.nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), ids[:, 1:],
-                                                reduction="none")
-        valid = mask[:, 1:].bool()
-        nlls.append(nll[valid].numpy())
-        docs.append(np.repeat([d for d, _ in batch], valid.sum(1).numpy()))
-    return np.concatenate(nlls), np.concatenate(docs)
-
-
 def question_sets(args: argparse.Namespace) -> dict[str, list]:
     sets = {}
     for task, path in (("gsm8k", args.gsm8k_questions), ("csqa", args.csqa_questions)):
@@ -186,7 +146,7 @@ def measure(model: QuietStarForCausalLM, args, texts, questions, thoughts: bool,
                          seed=args.seed)
         out |= {"nll_with": nll.thinking, "nll_without": nll.base, "document": nll.document}
     else:
-        out["nll_without"], out["document"] = plain_token_nlls(model, texts, args.eval_max_length,
+        out["nll_without"], out["document"] = token_nlls_without_thought(model, texts, args.eval_max_length,
                                                                args.eval_batch_size)
     np.savez(path, **out)
     for task, items in questions.items():
@@ -217,20 +177,6 @@ def run_arm(name: str, out: Path, reuse: bool, make) -> dict[str, np.ndarray]:
 
 
 # ----------------------------------------------------------------------------- report
-def arm_nlls(arms: dict[str, dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    """The per-token NLLs of ``ARMS`` from the measured arms (``nll_<arm>.npz`` contents)."""
-    return {"quietstar_with": arms["quietstar"]["nll_with"],
-            "quietstar_without": arms["quietstar"]["nll_without"],
-            "control": arms["control"]["nll_without"], "base": arms["base"]["nll_without"]}
-
-
-def token_subsets(base: np.ndarray) -> dict[str, np.ndarray]:
-    """Token indices: "all" (easiest first, by the untrained model's NLL ``base``) and "hardest",
-    the top ``HARDEST_FRACTION`` of them."""
-    order = np.argsort(base, kind="stable")
-    return {"all": order, "hardest": order[-math.ceil(HARDEST_FRACTION * base.size):]}
-
-
 def compare(arms: dict[str, dict[str, np.ndarray]], seed: int) -> dict:
     """Mean and hardest-10% NLL of every arm and the paired differences, with bootstrap CIs."""
     nll = arm_nlls(arms)
@@ -267,19 +213,6 @@ def compare(arms: dict[str, dict[str, np.ndarray]], seed: int) -> dict:
     return result
 
 
-def cell(s: dict, signed: bool = False, digits: int = 3) -> str:
-    f = f"{{:{'+' if signed else ''}.{digits}f}}"
-    return f"{f.format(s['mean'])} [{f.format(s['ci_low'])}, {f.format(s['ci_high'])}]"
-
-
-def verdict(s: dict) -> str:
-    if s["ci_high"] < 0:
-        return "thinking better (CI < 0)"
-    if s["ci_low"] > 0:
-        return "thinking worse (CI > 0)"
-    return "no difference shown (CI spans 0)"
-
-
 def tables(result: dict) -> str:
     n = result["nll"]
     lines = [(f"Held-out: {result['n_documents']} documents, {result['n_tokens']} tokens; hardest "
@@ -287,14 +220,14 @@ def tables(result: dict) -> str:
               f"{result['hardest_min_base_nll']:.2f}. Mean [95% bootstrap CI over documents], "
               "nats/token."),
              "", "| arm | NLL, all tokens | NLL, hardest 10% |", "|---|---|---|"]
-    lines += [f"| {LABELS[a]} | {cell(n['all'][a])} | {cell(n['hardest'][a])} |" for a in ARMS]
+    lines += [f"| {LABELS[a]} | {format_cell(n['all'][a])} | {format_cell(n['hardest'][a])} |" for a in ARMS]
     lines += ["", "Paired differences (first minus second; negative = first predicts better):", "",
               "| difference | all tokens | hardest 10% | hardest 10%: verdict |", "|---|---|---|---|"]
     for i, (a, b) in enumerate(COMPARISONS):
         key = f"{a} - {b}"
         d = result["difference"]
         name = f"{'**' if i < 2 else ''}{a} - {b}{'** (primary)' if i < 2 else ''}"
-        lines.append(f"| {name} | {cell(d['all'][key], True)} | {cell(d['hardest'][key], True)} | "
+        lines.append(f"| {name} | {format_cell(d['all'][key], True)} | {format_cell(d['hardest'][key], True)} | "
                      f"{verdict(d['hardest'][key]) if i < 3 else ''} |")
     for task, direct in result["direct"].items():
         count = direct["score"]["base"]["n"]
@@ -303,8 +236,8 @@ def tables(result: dict) -> str:
                   "| arm | score | | difference | value |", "|---|---|---|---|---|"]
         diffs = list(direct["difference"].items())
         for i, a in enumerate(ARMS):
-            diff = f"| {diffs[i][0]} | {cell(diffs[i][1], True, 4)} |" if i < len(diffs) else "| | |"
-            lines.append(f"| {LABELS[a]} | {cell(direct['score'][a], digits=4)} | {diff}")
+            diff = f"| {diffs[i][0]} | {format_cell(diffs[i][1], True, 4)} |" if i < len(diffs) else "| | |"
+            lines.append(f"| {LABELS[a]} | {format_cell(direct['score'][a], digits=4)} | {diff}")
     return "\n".join(lines)
 
 
@@ -401,8 +334,8 @@ def main(argv=None) -> dict:
     # Held-out text and questions, checked disjoint from everything trained on.
     model = build_model(config).eval()
     batches, _ = build_data(config, model.tokenizer)
-    heldout = list(itertools.islice(load_texts(args.data, seed=args.seed, num_documents=args.num_documents),
-                                    args.heldout_documents))  # what build_data holds out
+    heldout, _ = heldout_split(load_texts(args.data, seed=args.seed, num_documents=args.num_documents),
+                               args.heldout_documents)  # the cut build_data makes
     questions = question_sets(args)
     check_disjoint(batches.texts, heldout, questions)
 

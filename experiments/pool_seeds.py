@@ -30,11 +30,10 @@ from pathlib import Path
 
 import numpy as np
 
-from quietstar.statistics import summarize
+from quietstar.statistics import format_cell, summarize
 from quietstar.plots import new_figure, save_figure
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from evidence import COMPARISONS, arm_nlls, cell, token_subsets, verdict  # noqa: E402
+from quietstar.evidence import COMPARISONS, arm_nlls, token_subsets, verdict
 
 # Few seeds make the seed draw coarse (S^S combinations), so more resamples than elsewhere.
 POOLED_RESAMPLES = 10_000
@@ -109,15 +108,15 @@ def tables(result: dict) -> str:
              "| run | " + " | ".join(f"{a} - {b}" for a, b in COMPARISONS) + " |",
              "|---|" + "---|" * len(COMPARISONS)]
     for i, name in enumerate(names):
-        lines.append(f"| {name} | " + " | ".join(cell(hardest[f'{a} - {b}'][i], True)
+        lines.append(f"| {name} | " + " | ".join(format_cell(hardest[f'{a} - {b}'][i], True)
                                                 for a, b in COMPARISONS) + " |")
     for subset, label in (("hardest", "**pooled, hardest 10%**"), ("all", "pooled, all tokens")):
-        lines.append(f"| {label} | " + " | ".join(cell(result["pooled"][subset][f"{a} - {b}"], True)
+        lines.append(f"| {label} | " + " | ".join(format_cell(result["pooled"][subset][f"{a} - {b}"], True)
                                                  for a, b in COMPARISONS) + " |")
     lines += ["", "Primary metric, pooled over the seeds:", ""]
     for a, b in COMPARISONS[:2]:
         s = result["pooled"]["hardest"][f"{a} - {b}"]
-        lines.append(f"* `{a} - {b}`: {cell(s, True)}: {verdict(s)}")
+        lines.append(f"* `{a} - {b}`: {format_cell(s, True)}: {verdict(s)}")
     return "\n".join(lines)
 
 

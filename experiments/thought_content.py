@@ -22,7 +22,6 @@ CIs over documents. If ``sampled`` beats both controls, the content matters.
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import shlex
 import sys
@@ -31,13 +30,12 @@ from pathlib import Path
 import numpy as np
 
 from quietstar.analysis import token_nlls
-from quietstar.data import load_texts
+from quietstar.data import heldout_split, load_texts
 from quietstar.evaluation import THOUGHT_SOURCES
 from quietstar.models import EMBEDDED_MODEL, load_quietstar_model
-from quietstar.statistics import summarize
+from quietstar.statistics import format_cell, summarize
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from evidence import cell, plain_token_nlls, token_subsets  # noqa: E402
+from quietstar.evidence import token_nlls_without_thought, token_subsets
 
 COMPARISONS = (("sampled", "random"), ("sampled", "shifted"), ("sampled", "without"),
                ("random", "without"), ("shifted", "without"))
@@ -47,7 +45,7 @@ def measure(model, base_model, texts, max_length: int, batch_size: int, seed: in
     """Per-token NLLs: the untrained model ("untrained"), the trained one without thoughts
     ("without") and with each thought source."""
     nll = {}
-    nll["untrained"], nll["document"] = plain_token_nlls(base_model, texts, max_length, batch_size)
+    nll["untrained"], nll["document"] = token_nlls_without_thought(base_model, texts, max_length, batch_size)
     for source in THOUGHT_SOURCES:
         result = token_nlls(model, texts, max_length=max_length, batch_size=batch_size, seed=seed,
                             thought_source=source, progress=True)
@@ -73,10 +71,10 @@ def tables(result: dict) -> str:
     lines = [f"Held-out: {result['n_documents']} documents, {result['n_tokens']} tokens; hardest 10% by the "
              "untrained model's NLL. Mean [95% bootstrap CI over documents], nats/token.", "",
              "| thoughts | NLL, all tokens | NLL, hardest 10% |", "|---|---|---|"]
-    lines += [f"| {a} | {cell(n['all'][a])} | {cell(n['hardest'][a])} |" for a in n["all"]]
+    lines += [f"| {a} | {format_cell(n['all'][a])} | {format_cell(n['hardest'][a])} |" for a in n["all"]]
     lines += ["", "Paired differences (negative = the first predicts better):", "",
               "| difference | all tokens | hardest 10% |", "|---|---|---|"]
-    lines += [f"| {a} - {b} | {cell(d['all'][f'{a} - {b}'], True)} | {cell(d['hardest'][f'{a} - {b}'], True)} |"
+    lines += [f"| {a} - {b} | {format_cell(d['all'][f'{a} - {b}'], True)} | {format_cell(d['hardest'][f'{a} - {b}'], True)} |"
               for a, b in COMPARISONS]
     return "\n".join(lines)
 
@@ -95,7 +93,7 @@ def main(argv=None) -> dict:
     p.add_argument("--out", required=True, help="results folder")
     args = p.parse_args(argv)
     command = "python experiments/thought_content.py " + shlex.join(sys.argv[1:] if argv is None else argv)
-    texts = list(itertools.islice(load_texts(args.data, seed=args.seed), args.heldout_documents))
+    texts, _ = heldout_split(load_texts(args.data, seed=args.seed), args.heldout_documents)  # evidence.py's cut
     model = load_quietstar_model(args.model).eval()
     base_model = load_quietstar_model(args.base_model).eval()
     nll = measure(model, base_model, texts, args.eval_max_length, args.eval_batch_size, args.seed)

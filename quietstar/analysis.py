@@ -62,11 +62,10 @@ def token_nlls(model, texts: Sequence[str], thought_tokens: int | None = None,
     Thoughts have ``thought_tokens`` tokens (default the model's k) and are sampled at
     ``thought_temperature`` (default the model's; 0 = greedy) from a generator seeded with ``seed``
     (``thought_source`` "random" / "shifted": the controls of ``evaluation.thoughts_for``).
+    ``thought_tokens=0`` measures the base model alone (``thinking`` is then ``base``).
     Long texts are cut into windows of ``max_length`` tokens.
     """
     K, T = model.config.thought_settings(thought_tokens, thought_temperature)
-    if K < 1:
-        raise ValueError(f"thought_tokens must be >= 1, got {K}")
     tokenizer, device = model.tokenizer, model_device(model)
     windows = token_windows(texts, tokenizer, max_length)
     if not windows:
@@ -84,14 +83,15 @@ def token_nlls(model, texts: Sequence[str], thought_tokens: int | None = None,
                                                           thought_source)
             targets = ids[:, 1:]
             valid = mask[:, 1:].bool()
-            for logits, out in ((base_logits, base), (mixed_logits, thinking)):
+            for logits, out in ((base_logits, base), (mixed_logits, thinking))[:2 if K else 1]:
                 nll = torch.nn.functional.cross_entropy(
                     logits[:, :-1].float().transpose(1, 2), targets, reduction="none")
                 out.append(nll[valid].cpu().numpy())
             document.append(np.repeat([d for d, _ in batch], valid.sum(1).cpu().numpy()))
     finally:
         model.train(was_training)
-    return TokenNLLs(np.concatenate(base), np.concatenate(thinking), np.concatenate(document))
+    base = np.concatenate(base)
+    return TokenNLLs(base, np.concatenate(thinking) if K else base, np.concatenate(document))
 
 
 def difficulty_report(base, other, groups=None, buckets: int = 10, hardest_fraction: float = 0.1,

@@ -9,6 +9,7 @@ can be parsed back exactly as for GSM8K.
 from __future__ import annotations
 
 import random
+from typing import Callable
 
 _NAMES = [
     "Ava", "Ben", "Carlos", "Dana", "Elif", "Farah", "George", "Hana", "Ivan", "Jamal", "Keiko",

@@ -41,8 +41,8 @@ def summarize(values, groups=None, seed: int = 0) -> dict:
             "ci_low": low, "ci_high": high, "n": int(values.size)}
 
 
-def format_cell(summary: dict, signed: bool = False) -> str:
-    """A ``summarize`` dict as a table cell: "mean [ci_low, ci_high]", 3 decimals (with a sign
-    when ``signed``, for differences)."""
-    fmt = "{:+.3f}" if signed else "{:.3f}"
+def format_cell(summary: dict, signed: bool = False, digits: int = 3) -> str:
+    """A ``summarize`` dict as a table cell: "mean [ci_low, ci_high]", ``digits`` decimals (with
+    a sign when ``signed``, for differences)."""
+    fmt = f"{{:{'+' if signed else ''}.{digits}f}}"
     return f"{fmt.format(summary['mean'])} [{fmt.format(summary['ci_low'])}, {fmt.format(summary['ci_high'])}]"

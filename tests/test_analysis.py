@@ -53,8 +53,11 @@ def test_token_nlls_match_window_by_window_references():
 def test_token_nlls_of_an_untrained_model_are_equal():
     nll = token_nlls(make_model(), CORPUS[2:], thought_tokens=1, max_length=64)
     np.testing.assert_allclose(nll.thinking, nll.base, rtol=1e-5)
+    plain = token_nlls(make_model(), CORPUS[2:], thought_tokens=0, max_length=64)  # the base model alone
+    assert plain.thinking is plain.base and np.array_equal(plain.document, nll.document)
+    np.testing.assert_allclose(plain.base, nll.base, rtol=1e-6)
     with pytest.raises(ValueError, match="thought_tokens"):
-        token_nlls(make_model(), CORPUS, thought_tokens=0)
+        token_nlls(make_model(), CORPUS, thought_tokens=-1)
 
 
 def test_difficulty_report_hand_computed():

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from conftest import make_lm, make_model, make_tokenizer, random_text
-from quietstar import cli
+from quietstar import cli, evaluation
 from quietstar.models import load_quietstar_model
 from quietstar.answers import (first_integer, first_number, majority_vote, normalize_number,
                                parse_choice, parse_gsm8k_gold)
@@ -358,17 +358,23 @@ def test_cot_majority_vote_hand_computed():
         evaluate(model, "csqa", load_items("csqa", str(CSQA)), ["cot"])
 
 
-def test_greedy_accuracy_with_real_generation_is_batch_invariant():
+def test_greedy_accuracy_with_real_generation_is_batch_invariant(monkeypatch):
+    """Left-padded batches generate what each prompt generates alone. Compared on the whole
+    completions (the parsed answers of a random model are mostly alike or None, which would
+    hide a difference), and the completions must differ between items."""
     model = make_model()
     with torch.no_grad():
         model.mixing_head.mlp[-1].bias.fill_(0.5)
+    monkeypatch.setattr(evaluation, "parse_answer", lambda task, item, completion: completion)
     items = load_items("gsm8k", str(GSM8K))
+    assert len({len(model.tokenizer(item.prompt).input_ids) for item in items}) > 1  # padding happens
     for k in (0, 2):
         batched = accuracy_predictions(model, items, "gsm8k", thought_tokens=k, thought_temperature=0.0,
                                        batch_size=3)
         single = [accuracy_predictions(model, [item], "gsm8k", thought_tokens=k, thought_temperature=0.0,
                                        batch_size=1)[0] for item in items]
         assert batched == single
+        assert len(set(single)) > 1 and all(single)
 
 
 # ------------------------------------------------------------------------------------- statistics

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import shutil
 import subprocess
@@ -11,8 +12,8 @@ import pytest
 import torch
 from matplotlib.image import imread
 
-from conftest import CORPUS, make_model
-from quietstar import cli
+from conftest import CORPUS, make_lm, make_model, make_tokenizer
+from quietstar import QuietStarConfig, QuietStarForCausalLM, cli
 from quietstar.viewer import TokenThought, render_html, token_thoughts, write_page
 
 TEXT = CORPUS[1]
@@ -44,6 +45,52 @@ def test_gains_hand_computed():
             assert math.isnan(r.gain)
         assert r.weight == pytest.approx(0.3)
         assert len(model.tokenizer(r.thought, add_special_tokens=False).input_ids) >= 1
+
+
+def test_gains_equal_the_plain_model_run_position_by_position():
+    """Every token's greedy thought and gain from an untouched copy of the LM (eager attention),
+    run on x_0..x_i START thought END x_{i+1}..x_{i+s} for each position and step, mixed by the
+    model's own head: an off-by-one in positions or steps changes these numbers."""
+    lm = make_lm("llama")
+    reference = copy.deepcopy(lm).get_decoder()
+    model = QuietStarForCausalLM.from_base(lm, make_tokenizer(), QuietStarConfig(
+        sampled_thought_tokens=2, ahead_tokens=3))
+    with torch.no_grad():
+        model.mixing_head.mlp[-1].weight.normal_(0, 0.3, generator=torch.Generator().manual_seed(0))
+        model.mixing_head.mlp[-1].bias.fill_(0.3)
+    records = token_thoughts(model, TEXT, thought_tokens=2, thought_temperature=0.0)
+    x = model.tokenizer(TEXT, return_tensors="pt").input_ids[0]
+    emb = model.get_input_embeddings()
+    start, end = torch.tensor([model.start_id]), torch.tensor([model.end_id])
+
+    def last_hidden(seq):
+        with torch.no_grad():
+            return reference(inputs_embeds=emb(seq[None])).last_hidden_state[0, -1]
+
+    checked = 0
+    for i, record in enumerate(records):
+        thought = torch.cat([x[:i + 1], start])
+        for _ in range(2):  # greedy, the meta tokens never chosen
+            logits = model.logits(last_hidden(thought))
+            thought = torch.cat([thought, logits.argmax()[None]])
+        assert record.thought == model.tokenizer.decode(thought[i + 2:])
+        gain = 0.0
+        for s in range(3):
+            if i + 1 + s >= len(x):
+                break
+            after = last_hidden(torch.cat([thought, end, x[i + 1:i + 1 + s]]))
+            base = last_hidden(x[:i + 1 + s])
+            with torch.no_grad():
+                mixed, w = model.mixing_head(base, after)
+                target = x[i + 1 + s]
+                gain += float(model.logits(mixed).log_softmax(-1)[target]
+                              - model.logits(base).log_softmax(-1)[target])
+            if s == 0:
+                assert record.weight == pytest.approx(float(w), abs=1e-5)
+        if i + 1 < len(x):
+            assert record.gain == pytest.approx(gain, abs=1e-4)
+            checked += abs(gain) > 1e-3
+    assert checked > len(records) // 2  # the head really changes the predictions
 
 
 def test_untrained_model_gains_nothing():

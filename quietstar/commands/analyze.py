@@ -54,16 +54,19 @@ def run(args: argparse.Namespace) -> int:
     try:
         model_args = parse_dataclass(ModelArguments, args)
         settings = parse_dataclass(AnalyzeArguments, args)
+        if model_args.thought_tokens == 0:  # the analysis compares a thought with none
+            raise ValueError("thought_tokens must be >= 1, got 0")
         model = model_args.load()
         texts = list(load_texts(settings.data, num_documents=settings.limit))
-        nll = token_nlls(model, texts, model_args.thought_tokens, model_args.thought_temperature,
-                         settings.max_length, settings.batch_size, model_args.seed, progress=True,
-                         thought_source=settings.thought_source)
+        K, T = model.config.thought_settings(model_args.thought_tokens, model_args.thought_temperature)
+        if K < 1:
+            raise ValueError(f"thought_tokens must be >= 1, got {K}")
+        nll = token_nlls(model, texts, K, T, settings.max_length, settings.batch_size, model_args.seed,
+                         progress=True, thought_source=settings.thought_source)
         report = difficulty_report(nll.base, nll.thinking, nll.document, settings.buckets,
                                    seed=model_args.seed)
     except (ValueError, FileNotFoundError) as e:
         return fail("analyze", e)
-    K, T = model.config.thought_settings(model_args.thought_tokens, model_args.thought_temperature)
     report |= {"model": model_args.model, "data": settings.data, "documents": len(texts),
                "thought_source": settings.thought_source, "thought_tokens": K, "thought_temperature": T}
     out = Path(settings.out)

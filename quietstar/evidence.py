@@ -1,0 +1,55 @@
+"""The evidence experiment's shared definitions (``experiments/evidence.py`` runs it;
+``pool_seeds.py`` and ``thought_content.py`` read its runs): the arms, the comparisons fixed in
+advance, the hardest-token subset, per-token NLLs without thoughts, and how a difference reads.
+
+Arms: 1. Quiet-STaR training, measured with its thoughts and without (its own base prediction);
+2. continued pretraining of the same model on the same batches (the control); 3. the untrained
+base model. docs/results/README.md reports them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .analysis import token_nlls
+
+ARMS = ("quietstar_with", "quietstar_without", "control", "base")
+LABELS = {"quietstar_with": "1. Quiet-STaR, with thoughts",
+          "quietstar_without": "1. Quiet-STaR, without thoughts",
+          "control": "2. continued pretraining (no thoughts)",
+          "base": "3. untrained base model"}
+# The two comparisons the experiment is about (primary), then context.
+COMPARISONS = (("quietstar_with", "control"), ("quietstar_with", "quietstar_without"),
+               ("quietstar_with", "base"), ("control", "base"), ("quietstar_without", "base"))
+HARDEST_FRACTION = 0.1
+
+
+def arm_nlls(arms: dict[str, dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """The per-token NLLs of ``ARMS`` from the measured arms (``nll_<arm>.npz`` contents)."""
+    return {"quietstar_with": arms["quietstar"]["nll_with"],
+            "quietstar_without": arms["quietstar"]["nll_without"],
+            "control": arms["control"]["nll_without"], "base": arms["base"]["nll_without"]}
+
+
+def token_subsets(base: np.ndarray) -> dict[str, np.ndarray]:
+    """Token indices: "all" (easiest first, by the untrained model's NLL ``base``) and "hardest",
+    the top ``HARDEST_FRACTION`` of them."""
+    order = np.argsort(base, kind="stable")
+    return {"all": order, "hardest": order[-math.ceil(HARDEST_FRACTION * base.size):]}
+
+
+def verdict(s: dict) -> str:
+    """How a difference "thinking - other" reads from its 95% interval."""
+    if s["ci_high"] < 0:
+        return "thinking better (CI < 0)"
+    if s["ci_low"] > 0:
+        return "thinking worse (CI > 0)"
+    return "no difference shown (CI spans 0)"
+
+
+def token_nlls_without_thought(model, texts, max_length: int, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(NLL, document) of every token of ``texts``, no thoughts, in ``analysis.token_nlls``' order."""
+    nll = token_nlls(model, texts, thought_tokens=0, max_length=max_length, batch_size=batch_size)
+    return nll.base, nll.document
