@@ -97,6 +97,44 @@ def test_reward_baselines():
         assert 0 < out.metrics["positive_reward_fraction"] < 1
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2"])  # rotary and learned absolute positions
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_padding_contributes_nothing_to_the_loss(family, side):
+    """A padded row's loss, metrics and gradients equal those of the same row unpadded: the
+    padding tokens (arbitrary ids here, so that their content would show) and the targets that
+    fall on them count nowhere: not in the NLLs, the rewards, nor the means' denominators."""
+    model = make_model(family, thoughts_per_position=2, policy_loss_weight=10.0, drop_negative_rewards=False)
+    perturb_head(model)
+    model.double()  # float64: "nothing" is checked to 1e-10, not to float32's rounding
+    L, pad = 8, 3
+    x = random_text(1, L, seed=21)
+    thoughts = random_text(2 * L, 3, seed=22).view(1, 2, L, 3)
+    junk, junk_thoughts = random_text(1, pad, seed=23), random_text(2 * pad, 3, seed=24).view(1, 2, pad, 3)
+    parts = [(junk, junk_thoughts, 0), (x, thoughts, 1)]
+    if side == "right":
+        parts.reverse()
+    padded = torch.cat([p[0] for p in parts], 1)
+    padded_thoughts = torch.cat([p[1] for p in parts], 2)
+    mask = torch.cat([torch.full_like(p[0], p[2]) for p in parts], 1)
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def run(*args, **kwargs):
+        out = model(*args, **kwargs)
+        return out, torch.autograd.grad(out.loss, params, allow_unused=True)
+
+    alone, alone_grads = run(x, thought_ids=thoughts)
+    with_pad, pad_grads = run(padded, mask, thought_ids=padded_thoughts)
+    assert alone.metrics["policy_loss"] != 0  # every term takes part
+    torch.testing.assert_close(with_pad.loss, alone.loss, atol=1e-10, rtol=1e-10)
+    assert with_pad.metrics.keys() == alone.metrics.keys()
+    for name, value in alone.metrics.items():
+        torch.testing.assert_close(with_pad.metrics[name].double(), value.double(), atol=1e-10, rtol=1e-7, msg=name)
+    for a, b in zip(alone_grads, pad_grads):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(b, a, atol=1e-10, rtol=1e-7)
+
+
 @pytest.mark.parametrize("temperature", [1.0, 3.0])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 def test_target_logprobs_equal_cross_entropy_with_gradients(temperature, dtype):
