@@ -97,6 +97,48 @@ def test_reward_baselines():
         assert 0 < out.metrics["positive_reward_fraction"] < 1
 
 
+def test_bounded_mixing_weight_is_tanh_of_the_raw_output():
+    """mixing_weight_bounded=True: w = tanh(the MLP's raw output), so |w| < 1 however large the
+    raw output; 0 at initialisation (the base model); the gradient flows through the tanh."""
+    free = make_model("llama")
+    bounded = make_model("llama", mixing_weight_bounded=True)
+    x = random_text(2, 9, seed=1)
+    thoughts = random_text(18, 3, seed=2).view(2, 9, 3)
+    at_init = bounded.score_thoughts(x, thoughts)
+    assert torch.equal(at_init.mixing_weight, torch.zeros_like(at_init.mixing_weight))
+    for s in range(3):  # w = 0: the mixed prediction of x_{i+1+s} is the base one at i+s
+        torch.testing.assert_close(at_init.mixed_logits[:, :9 - s, s], at_init.base_logits[:, s:], atol=0, rtol=0)
+
+    perturb_head(free)
+    with torch.no_grad():
+        free.mixing_head.mlp[-1].bias.fill_(1.5)  # raw outputs well beyond the bound
+    bounded.mixing_head.load_state_dict(free.mixing_head.state_dict())
+    raw, ours = free.score_thoughts(x, thoughts), bounded.score_thoughts(x, thoughts)
+    assert raw.mixing_weight.abs().max() > 1.2
+    torch.testing.assert_close(ours.mixing_weight, torch.tanh(raw.mixing_weight), atol=1e-6, rtol=0)
+    assert ours.mixing_weight.abs().max() < 1
+    # the mixed logits interpolate with the bounded w (Llama: no softcap, the head is linear)
+    L = 9
+    for s in range(3):
+        w = ours.mixing_weight[:, :L - s, s, None]
+        base = ours.base_logits[:, s:]
+        expected = base + w * (ours.thought_logits[:, :L - s, s] - base)
+        finite = torch.isfinite(expected)
+        torch.testing.assert_close(ours.mixed_logits[:, :L - s, s][finite], expected[finite], atol=1e-5, rtol=0)
+
+    # d w / d (last bias) = 1 - w^2, the tanh's derivative
+    head = bounded.mixing_head
+    g = torch.Generator().manual_seed(3)
+    features = [torch.randn(5, 32, generator=g) for _ in range(2)]
+    w = head.weight(*features)
+    w.sum().backward()
+    torch.testing.assert_close(head.mlp[-1].bias.grad, (1 - w.detach() ** 2).sum()[None], atol=1e-6, rtol=1e-6)
+    head.zero_grad()
+    bounded(x, generator=torch.Generator().manual_seed(0)).loss.backward()
+    for name, p in head.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
 @pytest.mark.parametrize("family", ["llama", "gpt2"])  # rotary and learned absolute positions
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_padding_contributes_nothing_to_the_loss(family, side):
