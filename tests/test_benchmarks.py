@@ -129,8 +129,10 @@ def test_dense_scores_equal_the_plain_model_position_by_position(family, padding
     B, L = 2, 10
     x = random_text(B, L, seed=3)
     mask = torch.ones_like(x)
-    mask[1, :3] = 0 if padding == "left" else 1
-    mask[1, L - 3:] = 0 if padding == "right" else 1
+    if padding == "left":
+        mask[1, :3] = 0
+    else:
+        mask[1, L - 3:] = 0
     thoughts = random_text(B * L, K, seed=4).view(B, L, K)
     with torch.no_grad():
         scores = dense.score_thoughts(x, thoughts, mask)
