@@ -65,8 +65,13 @@ def weights(out, step: int = STEPS) -> dict[str, torch.Tensor]:
 needs_gloo = pytest.mark.skipif(
     not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
     reason="needs torch.distributed with gloo")
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples"
+# The processes must import the quietstar under test: a script (tests/sharded_on_cpu.py) puts
+# its own folder first on sys.path, not the working directory, and would otherwise import
+# whichever quietstar is installed (e.g. another checkout's, installed in editable mode).
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+       "PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
 
 
 def tiny_model(tmp_path) -> Path:
@@ -124,6 +129,13 @@ def run_two_processes(command: list[str]) -> str:
     assert done.returncode == 0, done.stderr[-4000:]
     assert "on 2 x cpu" in done.stderr  # it really ran as two processes
     return done.stderr
+
+
+def test_processes_import_the_quietstar_under_test(tmp_path):
+    script = tmp_path / "which.py"  # run as a script, like tests/sharded_on_cpu.py
+    script.write_text("import importlib.util; print(importlib.util.find_spec('quietstar').origin)")
+    done = subprocess.run([sys.executable, str(script)], env=ENV, capture_output=True, text=True, check=True)
+    assert Path(done.stdout.strip()) == ROOT / "quietstar" / "__init__.py"
 
 
 @needs_gloo
