@@ -16,6 +16,7 @@ checkpoint (model and Adam state in shards) ends bit for bit where the uninterru
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shutil
 import subprocess
@@ -151,7 +152,10 @@ def launch_sharded(config: dict, values: dict, tmp_path) -> str:
     """Two processes under accelerate launch with ``config``, FSDP / DeepSpeed made to apply on
     CPUs by tests/sharded_on_cpu.py (accelerate itself falls back to DDP there)."""
     config_file = tmp_path / "accelerate.yaml"
-    config_file.write_text(yaml.safe_dump({**config, "num_processes": 2, "mixed_precision": "no"}))
+    config = {**config, "num_processes": 2, "mixed_precision": "no"}
+    if "deepspeed_config_file" in config.get("deepspeed_config", {}):
+        del config["mixed_precision"]  # the DeepSpeed file holds it (accelerate refuses both)
+    config_file.write_text(yaml.safe_dump(config))
     return run_two_processes([sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch",
                               "--config_file", str(config_file),
                               str(Path(__file__).with_name("sharded_on_cpu.py")), *as_flags(values)])
@@ -213,8 +217,20 @@ def test_deepspeed_zero3_two_processes_match_one_process(tmp_path):
     values = {**settings(model_dir, tmp_path / "two"), "max_grad_norm": float("inf"),
               "checkpoint_every": RESUME_AT}
     config = yaml.safe_load((EXAMPLES / "deepspeed_zero3.yaml").read_text())
-    # DeepSpeed clips by its own setting; accelerate turns 0 ("off" to DeepSpeed) into 1.0.
-    config["deepspeed_config"]["gradient_clipping"] = float("inf")
+    # The example's settings as a DeepSpeed config file, plus one: DeepSpeed keeps parameters of
+    # fewer than stage3_param_persistence_threshold elements (default 1e5) whole on every process,
+    # which in this tiny model is every parameter; 0 partitions them all, as in a large model.
+    # DeepSpeed clips by its own setting (accelerate would turn 0, "off" to DeepSpeed, into 1.0).
+    ds = config.pop("deepspeed_config")
+    ds_file = tmp_path / "deepspeed.json"
+    ds_file.write_text(json.dumps({
+        "train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto",
+        "gradient_accumulation_steps": "auto", "gradient_clipping": float("inf"),
+        "zero_optimization": {"stage": ds["zero_stage"], "stage3_param_persistence_threshold": 0,
+                              "stage3_gather_16bit_weights_on_model_save": ds["zero3_save_16bit_model"],
+                              "offload_optimizer": {"device": ds["offload_optimizer_device"]},
+                              "offload_param": {"device": ds["offload_param_device"]}}}))
+    config["deepspeed_config"] = {"deepspeed_config_file": str(ds_file), "zero3_init_flag": ds["zero3_init_flag"]}
     launch_sharded(config, values, tmp_path)
     shards = tmp_path / "two" / checkpoint_name(STEPS) / SHARDED_DIR / "pytorch_model"
     assert sorted(p.name for p in shards.glob("*optim_states.pt")) == [
