@@ -153,10 +153,12 @@ class DenseQuietStar(nn.Module):
         if labels is None:
             labels = input_ids.masked_fill(attention_mask == 0, -100)
         B, L = input_ids.shape
-        # targets[b, i, s] = label of x_{i+1+s}, -100 past the end of the text
+        # targets[b, i, s] = label of x_{i+1+s}, -100 past the end of the text; a padding
+        # position predicts nothing (with left padding the last one precedes the first real token)
         targets = torch.full((B, L, A), -100, dtype=torch.long, device=input_ids.device)
         for s in range(A):
             targets[:, :L - 1 - s, s] = labels[:, 1 + s:]
+        targets[attention_mask == 0] = -100
         input_ids, attention_mask, targets = (t.repeat_interleave(n, 0) for t in (input_ids, attention_mask, targets))
         valid = targets != -100
         targets = targets.clamp(min=0)

@@ -208,10 +208,12 @@ class QuietStarForCausalLM(nn.Module):
                              f"{tuple(input_ids.shape)}; they must match")
         if labels is None:
             labels = input_ids.masked_fill(attention_mask == 0, -100)
-        # targets[b, i, s] = x_{i+1+s}, valid where inside the text and not ignored.
+        # targets[b, i, s] = x_{i+1+s}, valid where inside the text and not ignored, and only at
+        # real positions: with left padding the last padding position would otherwise "predict"
+        # the first real token.
         padded = torch.cat([labels, labels.new_full((B, A), -100)], dim=1)
         targets = torch.stack([padded[:, 1 + s:1 + s + L] for s in range(A)], dim=-1)
-        valid = targets != -100
+        valid = (targets != -100) & attention_mask.bool()[:, :, None]
         return targets.clamp(min=0), valid
 
     def _mix(self, grid: GridHidden) -> tuple[torch.Tensor, torch.Tensor]:

@@ -3,15 +3,22 @@ quietstar, the memory tracker counts bytes correctly, and the scripts run end to
 
 from __future__ import annotations
 
+import copy
 import os
+import re
 import sys
 
 import pytest
 import torch
-from conftest import make_model, random_text
+from conftest import FAMILIES, make_lm, make_model, make_tokenizer, random_text
+from test_losses import reference as hand_objective
+from test_losses import valid_from_labels
+
+from quietstar import QuietStarConfig, QuietStarForCausalLM
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
 
+import dense_reference
 import gpu
 import train_step
 from dense_reference import DenseQuietStar
@@ -72,6 +79,155 @@ def test_dense_training_step_equals_quietstar():
                                    msg=name)
         checked += 1
     assert checked >= 10
+
+
+# ------------------------------------------------------------------ the dense reference on its own
+# The tests above check the dense reference against quietstar: a mistake both share would pass
+# them. These check it against the plain base model, run position by position on
+# x_0..x_i START t_1..t_k END x_{i+1}..x_{i+A-1} (an untouched deep copy of the LM, eager
+# attention, no padding), and its objective against the hand-written one of tests/test_losses.py.
+def dense_and_plain(family, seed=0, **config):
+    lm = make_lm(family, seed)
+    plain = copy.deepcopy(lm)  # before from_base routes the attention to quietstar's
+    config = QuietStarConfig(**{"sampled_thought_tokens": 3, "ahead_tokens": 3, **config})
+    dense = DenseQuietStar(QuietStarForCausalLM.from_base(lm, make_tokenizer(), config))
+    with torch.no_grad():  # a live mixing head, so the mixed logits differ from the base ones
+        dense.model.mixing_head.mlp[-1].weight.normal_(0, 0.5, generator=torch.Generator().manual_seed(seed))
+        dense.model.mixing_head.mlp[-1].bias.fill_(0.3)
+    return dense, plain
+
+
+def run_plain(dense, plain, ids):
+    """(final hidden states [T, d], logits [T, V]) of the plain LM on one unpadded sequence,
+    meta tokens embedded as the dense model embeds them, and the meta tokens' logits -inf (the
+    wrapped model never predicts them; they may lie beyond the LM head)."""
+    with torch.no_grad():
+        out = plain(inputs_embeds=dense.model.get_input_embeddings()(ids[None]), output_hidden_states=True)
+    logits = out.logits[0].clone()
+    V = logits.shape[-1]
+    logits[:, [i for i in (dense.model.start_id, dense.model.end_id) if i < V]] = float("-inf")
+    return out.hidden_states[-1][0], logits
+
+
+def thought_sequence(dense, text, i, thought, A):
+    m = dense.model
+    return torch.cat([text[:i + 1], torch.tensor([m.start_id]), thought, torch.tensor([m.end_id]),
+                      text[i + 1:i + A]])
+
+
+def assert_equal_logits(got, want):
+    finite = torch.isfinite(want)
+    assert torch.equal(torch.isfinite(got), finite)  # -inf exactly at the meta tokens
+    torch.testing.assert_close(got[finite], want[finite], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("family", sorted(f for f in FAMILIES if f != "gemma2"))  # gemma2: refused
+@pytest.mark.parametrize("padding", ["left", "right"])
+def test_dense_scores_equal_the_plain_model_position_by_position(family, padding):
+    dense, plain = dense_and_plain(family)
+    m, K, A = dense.model, 3, 3
+    B, L = 2, 10
+    x = random_text(B, L, seed=3)
+    mask = torch.ones_like(x)
+    if padding == "left":
+        mask[1, :3] = 0
+    else:
+        mask[1, L - 3:] = 0
+    thoughts = random_text(B * L, K, seed=4).view(B, L, K)
+    with torch.no_grad():
+        scores = dense.score_thoughts(x, thoughts, mask)
+    head = m.mixing_head
+    w_all = scores.mixing_weight[mask.bool()]
+    assert w_all.abs().mean() > 0.1 and w_all.std() > 0.1  # the mixing is exercised, w varies
+    for b in range(B):
+        columns = mask[b].nonzero().flatten()
+        text = x[b, columns]  # the row as it would be without padding
+        base_hidden, base_logits = run_plain(dense, plain, text)
+        assert_equal_logits(scores.base_logits[b, columns], base_logits)
+        for i, col in enumerate(columns):
+            hidden, logits = run_plain(dense, plain, thought_sequence(dense, text, i, thoughts[b, col], A))
+            end = i + 1 + K + 1  # END's index in the sequence
+            for s in range(min(A, len(text) - i)):
+                assert_equal_logits(scores.thought_logits[b, col, s], logits[end + s])
+                # w from the base state of position i+s and the post-thought state; the mixed
+                # hidden state through the LM head
+                with torch.no_grad():
+                    w = head.weight(base_hidden[i + s], hidden[end + s])
+                    mixed = m.logits(base_hidden[i + s] + w * (hidden[end + s] - base_hidden[i + s]))
+                torch.testing.assert_close(scores.mixing_weight[b, col, s], w, atol=1e-5, rtol=0)
+                assert_equal_logits(scores.mixed_logits[b, col, s], mixed)
+
+
+@pytest.mark.parametrize("baseline, drop", [("thought_mean", True), ("base", False)])
+def test_dense_training_forward_equals_the_hand_written_objective(monkeypatch, baseline, drop):
+    """The dense training forward: its log-probabilities are those of the plain model position
+    by position (its own targets, thoughts and REINFORCE temperature), and its loss and metrics
+    are tests/test_losses.py's hand-written objective of them."""
+    K, A, n, T = 3, 3, 2, 3.0
+    dense, plain = dense_and_plain(
+        "llama", thoughts_per_position=n, reward_baseline=baseline, drop_negative_rewards=drop,
+        policy_logprob_temperature=T, base_loss_weight=0.25, mixed_loss_weight=0.75,
+        policy_loss_weight=2.0)
+    # float64 (Llama's RMSNorm still rounds to float32: log-probabilities agree to ~1e-8); the
+    # objective is then checked to 1e-10 on the very log-probabilities the dense forward used
+    dense.double()
+    plain.double()
+    cfg = dense.config
+    seen = {}
+
+    def objective(config, *tensors):
+        seen["inputs"] = tensors
+        return real_objective(config, *tensors)
+
+    real_objective = dense_reference._objective
+    monkeypatch.setattr(dense_reference, "_objective", objective)
+    L, pad = 9, 2
+    x = random_text(1, L, seed=5)
+    mask = torch.ones_like(x)
+    mask[0, :pad] = 0  # left padding
+    labels = x.masked_fill(mask == 0, -100)
+    labels[0, 5] = -100  # an ignored token inside the text
+    dense.train()
+    loss, metrics, thoughts = dense(x, mask, labels, generator=torch.Generator().manual_seed(0))
+    base_logp, mixed_logp, thought_logp, valid = seen["inputs"]
+    text = x[0, pad:]
+    kept = (labels[0, pad:] != -100).tolist()
+    # its own targets: x_{i+1+s} inside the text and not ignored, from real positions only (the
+    # last padding position does not predict the first token), the n thoughts' rows adjacent
+    expected = valid_from_labels([(labels[0] != -100).tolist()], A)[0]
+    expected = [[ok and bool(mask[0, i]) for ok in row] for i, row in enumerate(expected)]
+    assert valid.tolist() == [expected] * n
+    # position by position: the base prediction, the thought tokens at temperature T, the mixed ones
+    for r in range(n):
+        base_hidden, base_logits = run_plain(dense, plain, text)
+        for i in range(len(text) - 1):
+            col = pad + i
+            if kept[i + 1]:
+                want = torch.log_softmax(base_logits[i], -1)[text[i + 1]]
+                torch.testing.assert_close(base_logp[r, col], want, atol=1e-6, rtol=0)
+            thought = thoughts[0, r, col]
+            hidden, logits = run_plain(dense, plain, thought_sequence(dense, text, i, thought, A))
+            for j in range(K):  # the query at START + j predicts t_{j+1}
+                want = torch.log_softmax(logits[i + 1 + j] / T, -1)[thought[j]]
+                torch.testing.assert_close(thought_logp[r, col, j], want, atol=1e-6, rtol=0)
+            end = i + 1 + K + 1
+            for s in range(A):
+                if i + 1 + s >= len(text) or not kept[i + 1 + s]:
+                    continue
+                with torch.no_grad():
+                    h = base_hidden[i + s]
+                    w = dense.model.mixing_head.weight(h, hidden[end + s])
+                    mixed = dense.model.logits(h + w * (hidden[end + s] - h))
+                want = torch.log_softmax(mixed, -1)[text[i + 1 + s]]
+                torch.testing.assert_close(mixed_logp[r, col, s], want, atol=1e-6, rtol=0)
+    ref_loss, ref_metrics, _, _ = hand_objective(
+        n, baseline, drop, base_logp.tolist(), mixed_logp.tolist(), thought_logp.tolist(), valid.tolist(),
+        cfg.base_loss_weight, cfg.mixed_loss_weight, cfg.policy_loss_weight)
+    torch.testing.assert_close(loss.item(), ref_loss, atol=1e-10, rtol=1e-10)
+    assert metrics.keys() <= ref_metrics.keys() and {"base_nll", "policy_loss", "mean_reward"} <= metrics.keys()
+    for name, value in metrics.items():
+        torch.testing.assert_close(value.item(), ref_metrics[name], atol=1e-10, rtol=1e-10, msg=lambda m: f"{name}: {m}")
+    assert ref_metrics["policy_loss"] != 0 and 0 < ref_metrics["positive_reward_fraction"] < 1
 
 
 def test_dense_reference_has_its_own_weights():
@@ -146,14 +302,44 @@ def test_train_step_worker_measures_each_method():
     assert all_passes["peak_bytes"] > 3 * ideal["peak_bytes"]
 
 
+def test_memory_linear_in_length_and_below_the_dense_masks():
+    """Deterministic memory (live tensor bytes, not timings) of one training step, k = 4, A = 4,
+    n = 2 (F = 10 passes), batch 1, a 1-layer Llama (hidden 16, vocab 64), at L = 64 and 128.
+
+    Theory: quietstar keeps nothing of size L x L per pass (the text part's scores are never
+    materialised, the own-thought part is L x P), so its peak is linear in L at fixed F. The
+    dense reference keeps, on top of the activations both need, every pass's additive mask
+    [n, L, (p+1) L] in float32 for the SDPA backward: M = 4 n L^2 F (F + 1) / 2 bytes (1.8 MB at
+    L = 64, 7.2 MB at 128). Asserted with margin: ours(128) <= 2.02 ours(64) (measured 2.000),
+    dense - ours >= M / 2 at both lengths (measured 0.91 M), hence dense / ours >= 1.5 at
+    L = 128 (measured 2.12; 1.56 at L = 64)."""
+    k, A, n = 4, 4, 2
+    F = k + A + 2
+    base = dict(k=k, ahead=A, n=n, batch=1, hidden=16, layers=1, heads=2, kv_heads=1, vocab=64,
+                reps=0, threads=1)
+    lengths = (64, 128)
+    specs = [dict(base, method=m, L=L) for L in lengths for m in ("ours", "dense")]
+    peaks = [r["peak_bytes"] for r in train_step.worker(specs)]
+    ours, dense = dict(zip(lengths, peaks[0::2])), dict(zip(lengths, peaks[1::2]))
+    assert ours[128] <= 2.02 * ours[64], "quietstar's memory is no longer linear in L"
+    for L in lengths:
+        masks = 4 * n * L * L * F * (F + 1) // 2
+        assert dense[L] - ours[L] >= masks / 2, (L, dense[L], ours[L], masks)
+    assert dense[128] >= 1.5 * ours[128]
+
+
 def test_gpu_script_runs_tiny_on_cpu(capsys):
     assert gpu.main(["--tiny", "--device", "cpu", "--models", "llama"]) == 0
     out = capsys.readouterr().out
     for method in ("ours", "ideal", "dense"):
         for L in (16, 32):
             assert f"| {method} | 2 | {L} |" in out
-    assert "Longest L that fitted" in out
-    assert "Generation (" in out or "generation skipped" in out
+    assert "Longest L that fitted (of those tried):\n" + "".join(
+        f"  {method} k=2: 32 (every length tried fitted)\n" for method in ("ours", "ideal", "dense")) in out
+    # The thinking generation really ran (not "generation skipped"), with both speeds measured.
+    assert "generation skipped" not in out
+    assert re.search(r"^Generation \(batch 1, prompt 16, 4 new tokens, greedy\): thinking k=2: "
+                     r"\d+\.\d tokens/s; base generate: \d+\.\d tokens/s \(\d+\.\dx; ", out, re.M)
 
 
 def test_train_flops_hand_computed():

@@ -97,6 +97,86 @@ def test_reward_baselines():
         assert 0 < out.metrics["positive_reward_fraction"] < 1
 
 
+def test_bounded_mixing_weight_is_tanh_of_the_raw_output():
+    """mixing_weight_bounded=True: w = tanh(the MLP's raw output), so |w| < 1 however large the
+    raw output; 0 at initialisation (the base model); the gradient flows through the tanh."""
+    free = make_model("llama")
+    bounded = make_model("llama", mixing_weight_bounded=True)
+    x = random_text(2, 9, seed=1)
+    thoughts = random_text(18, 3, seed=2).view(2, 9, 3)
+    at_init = bounded.score_thoughts(x, thoughts)
+    assert torch.equal(at_init.mixing_weight, torch.zeros_like(at_init.mixing_weight))
+    for s in range(3):  # w = 0: the mixed prediction of x_{i+1+s} is the base one at i+s
+        torch.testing.assert_close(at_init.mixed_logits[:, :9 - s, s], at_init.base_logits[:, s:], atol=0, rtol=0)
+
+    perturb_head(free)
+    with torch.no_grad():
+        free.mixing_head.mlp[-1].bias.fill_(1.5)  # raw outputs well beyond the bound
+    bounded.mixing_head.load_state_dict(free.mixing_head.state_dict())
+    raw, ours = free.score_thoughts(x, thoughts), bounded.score_thoughts(x, thoughts)
+    assert raw.mixing_weight.abs().max() > 1.2
+    torch.testing.assert_close(ours.mixing_weight, torch.tanh(raw.mixing_weight), atol=1e-6, rtol=0)
+    assert ours.mixing_weight.abs().max() < 1
+    # the mixed logits interpolate with the bounded w (Llama: no softcap, the head is linear)
+    L = 9
+    for s in range(3):
+        w = ours.mixing_weight[:, :L - s, s, None]
+        base = ours.base_logits[:, s:]
+        expected = base + w * (ours.thought_logits[:, :L - s, s] - base)
+        finite = torch.isfinite(expected)
+        torch.testing.assert_close(ours.mixed_logits[:, :L - s, s][finite], expected[finite], atol=1e-5, rtol=0)
+
+    # d w / d (last bias) = 1 - w^2, the tanh's derivative
+    head = bounded.mixing_head
+    g = torch.Generator().manual_seed(3)
+    features = [torch.randn(5, 32, generator=g) for _ in range(2)]
+    w = head.weight(*features)
+    w.sum().backward()
+    torch.testing.assert_close(head.mlp[-1].bias.grad, (1 - w.detach() ** 2).sum()[None], atol=1e-6, rtol=1e-6)
+    head.zero_grad()
+    bounded(x, generator=torch.Generator().manual_seed(0)).loss.backward()
+    for name, p in head.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])  # rotary and learned absolute positions
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_padding_contributes_nothing_to_the_loss(family, side):
+    """A padded row's loss, metrics and gradients equal those of the same row unpadded: the
+    padding tokens (arbitrary ids here, so that their content would show) and the targets that
+    fall on them count nowhere: not in the NLLs, the rewards, nor the means' denominators."""
+    model = make_model(family, thoughts_per_position=2, policy_loss_weight=10.0, drop_negative_rewards=False)
+    perturb_head(model)
+    model.double()  # float64: "nothing" is checked to 1e-10, not to float32's rounding
+    L, pad = 8, 3
+    x = random_text(1, L, seed=21)
+    thoughts = random_text(2 * L, 3, seed=22).view(1, 2, L, 3)
+    junk, junk_thoughts = random_text(1, pad, seed=23), random_text(2 * pad, 3, seed=24).view(1, 2, pad, 3)
+    parts = [(junk, junk_thoughts, 0), (x, thoughts, 1)]
+    if side == "right":
+        parts.reverse()
+    padded = torch.cat([p[0] for p in parts], 1)
+    padded_thoughts = torch.cat([p[1] for p in parts], 2)
+    mask = torch.cat([torch.full_like(p[0], p[2]) for p in parts], 1)
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def run(*args, **kwargs):
+        out = model(*args, **kwargs)
+        return out, torch.autograd.grad(out.loss, params, allow_unused=True)
+
+    alone, alone_grads = run(x, thought_ids=thoughts)
+    with_pad, pad_grads = run(padded, mask, thought_ids=padded_thoughts)
+    assert alone.metrics["policy_loss"] != 0  # every term takes part
+    torch.testing.assert_close(with_pad.loss, alone.loss, atol=1e-10, rtol=1e-10)
+    assert with_pad.metrics.keys() == alone.metrics.keys()
+    for name, value in alone.metrics.items():
+        torch.testing.assert_close(with_pad.metrics[name].double(), value.double(), atol=1e-10, rtol=1e-7, msg=name)
+    for a, b in zip(alone_grads, pad_grads):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(b, a, atol=1e-10, rtol=1e-7)
+
+
 @pytest.mark.parametrize("temperature", [1.0, 3.0])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 def test_target_logprobs_equal_cross_entropy_with_gradients(temperature, dtype):

@@ -7,16 +7,16 @@ import copy
 import pytest
 import torch
 
-from conftest import FAMILIES, make_lm, make_tokenizer, random_text
+from conftest import FAMILIES, TOKENIZER_SIZE, make_lm, make_tokenizer, random_text
 from quietstar import QuietStarConfig, QuietStarForCausalLM
 
 K, A = 3, 3
 
 
-def wrap(family, **kw):
-    lm = make_lm(family)
+def wrap(family, vocab_size=None, **kw):
+    lm = make_lm(family, vocab_size=vocab_size)
     reference = copy.deepcopy(lm)  # untouched base model with ordinary eager attention
-    config = QuietStarConfig(sampled_thought_tokens=K, ahead_tokens=A, **kw)
+    config = QuietStarConfig(**{"sampled_thought_tokens": K, "ahead_tokens": A, **kw})
     return QuietStarForCausalLM.from_base(lm, make_tokenizer(), config), reference
 
 
@@ -63,8 +63,13 @@ def assert_close_finite(actual, expected, model, atol=1e-4):
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 @pytest.mark.parametrize("padding", ["none", "right", "left"])
-def test_parallel_equals_sequential(family, padding):
-    model, reference = wrap(family)
+@pytest.mark.parametrize("head", ["meta-in-head", "meta-beyond-head"])
+def test_parallel_equals_sequential(family, padding, head):
+    # meta-beyond-head: the LM head has exactly the tokenizer's rows and the meta tokens' ids lie
+    # beyond it, as in every real model (the tiny default leaves room for them inside the head).
+    model, reference = wrap(family, vocab_size=TOKENIZER_SIZE if head == "meta-beyond-head" else None)
+    V = model.lm.get_output_embeddings().weight.shape[0]
+    assert (min(model.start_id, model.end_id) >= V) == (head == "meta-beyond-head")
     B, L = 2, 11
     x = random_text(B, L, seed=3)
     mask = torch.ones_like(x)
@@ -166,7 +171,7 @@ def test_training_forward_uses_score_thoughts_path(monkeypatch):
     torch.testing.assert_close(out.loss, 0.5 * base + 0.5 * torch.stack(nll).mean())
 
 
-@pytest.mark.parametrize("family", ["llama", "mistral", "gemma2", "gpt2"])
+@pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_single_pass_training_equals_grid_scoring_with_gradients(family):
     """Training samples and scores thoughts in the same passes (each pass runs once, keys kept
     per pass); its thoughts, loss parts and every gradient equal sampling without gradients and
@@ -204,6 +209,65 @@ def test_single_pass_training_equals_grid_scoring_with_gradients(family):
                 # float32 precision, not float64: Gemma's norms compute in float32 in any dtype.
                 torch.testing.assert_close(a, b, atol=1e-8, rtol=1e-5)
     assert sum(g.abs().sum() for g in online_grads if g is not None) > 0
+
+
+def count_calls(model, monkeypatch):
+    """Records every decoder call (batch rows, query rows, gradients on?) and every attention
+    call of every layer (query rows), forward and backward recomputation alike."""
+    decoder_calls, attention_calls = [], []
+    decoder = model.decoder
+    decoder_forward = decoder.forward
+
+    def counting_decoder(*args, **kwargs):
+        embeds = kwargs["inputs_embeds"]
+        decoder_calls.append((embeds.shape[0], embeds.shape[1], torch.is_grad_enabled()))
+        return decoder_forward(*args, **kwargs)
+
+    monkeypatch.setattr(decoder, "forward", counting_decoder)
+    for index, layer in enumerate(decoder.layers):
+        def counting_attention(*args, _forward=layer.self_attn.forward, _index=index, **kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            attention_calls.append((_index, hidden.shape[1]))
+            return _forward(*args, **kwargs)
+
+        monkeypatch.setattr(layer.self_attn, "forward", counting_attention)
+    return decoder_calls, attention_calls
+
+
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["passes", "checkpointed"])
+def test_training_step_runs_each_pass_once(monkeypatch, checkpointing):
+    """The efficiency claim as a count: a training forward runs each of the F = k + A + 2 passes
+    once, in k + 1 decoder calls whose query rows add up to F*L per sequence row (text and START
+    share the first, the A + 1 passes after the last sampled token the last), all with gradients,
+    and the backward recomputes nothing. With activation checkpointing (documented in
+    quietstar.rollout): k calls sampling the thoughts without gradients (passes 0..k-1), then the
+    F-pass grid in ONE call with gradients, which the backward recomputes once per layer."""
+    k, A, n, B, L = 4, 2, 2, 2, 7
+    model, _ = wrap("llama", sampled_thought_tokens=k, ahead_tokens=A, thoughts_per_position=n)
+    F = model.config.passes_per_step
+    assert F == k + A + 2
+    model.train()
+    if checkpointing:
+        model.activation_checkpointing_enable()
+    decoder_calls, attention_calls = count_calls(model, monkeypatch)
+    out = model(random_text(B, L, seed=13), generator=torch.Generator().manual_seed(0))
+    layers = len(model.decoder.layers)
+    forward_attention = list(attention_calls)
+    attention_calls.clear()
+    out.loss.backward()
+    assert len(decoder_calls) == k + 1
+    assert all(rows == B * n for rows, _, _ in decoder_calls)
+    if not checkpointing:
+        assert [(q, grad) for _, q, grad in decoder_calls] == [(2 * L, True)] + [(L, True)] * (k - 1) + [
+            ((A + 1) * L, True)]
+        assert sum(q for _, q, _ in decoder_calls) == F * L
+        assert attention_calls == []  # nothing recomputed in the backward
+    else:
+        assert [(q, grad) for _, q, grad in decoder_calls] == [(2 * L, False)] + [(L, False)] * (k - 1) + [
+            (F * L, True)]
+        assert sorted(attention_calls) == [(i, F * L) for i in range(layers)]  # the grid, recomputed once
+    # every layer's attention saw exactly the decoder calls' queries
+    assert sorted(forward_attention) == sorted((i, q) for i in range(layers) for _, q, _ in decoder_calls)
 
 
 @pytest.mark.parametrize("padded", [False, True])
