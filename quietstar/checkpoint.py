@@ -222,9 +222,7 @@ def _save_pieces(model: QuietStarForCausalLM, directory: Path,
         lm = model.lm
         lm_state = {k.removeprefix("lm."): v for k, v in state_dict.items() if k.startswith("lm.")}
     lm.save_pretrained(directory, state_dict=lm_state)
-    model.tokenizer.save_pretrained(directory)
-    model.config.save(directory)
-    model.save_head(directory, state_dict)
+    model.save_method_files(directory, state_dict)
 
 
 def _read_safetensors(folder: Path) -> dict[str, torch.Tensor]:

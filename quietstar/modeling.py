@@ -10,7 +10,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
 from . import attention
 from .config import QUIETSTAR_CONFIG_NAME, QuietStarConfig
@@ -18,6 +18,7 @@ from .losses import NonFiniteLossError, logits_logprobs, quietstar_loss_terms, t
 from .meta_tokens import MetaTokenEmbedding, add_meta_tokens
 from .mixing import MixingHead
 from .rollout import GridHidden, sample_and_score, sample_thoughts, score_grid, text_positions
+from .tokenizer_files import load_tokenizer, save_tokenization_check, verify_tokenization
 
 HEAD_WEIGHTS_NAME = "quietstar_head.safetensors"
 
@@ -89,9 +90,16 @@ class QuietStarForCausalLM(nn.Module):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self.lm.save_pretrained(directory)
+        self.save_method_files(directory)
+
+    def save_method_files(self, directory: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+        """Everything of a saved model but the LM's weights: the tokenizer (with the meta tokens)
+        and its tokenization check, ``quietstar_config.json`` and the head file (from
+        ``state_dict`` if given, see ``head_state_dict``)."""
         self.tokenizer.save_pretrained(directory)
+        save_tokenization_check(self.tokenizer, directory)
         self.config.save(directory)
-        self.save_head(directory)
+        self.save_head(directory, state_dict)
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, **model_kwargs) -> "QuietStarForCausalLM":
@@ -102,7 +110,8 @@ class QuietStarForCausalLM(nn.Module):
                 raise FileNotFoundError(f"{directory} is not a saved QuietStar model: {name} is missing "
                                         "(save one with QuietStarForCausalLM.save_pretrained)")
         config = QuietStarConfig.load(directory)
-        tokenizer = AutoTokenizer.from_pretrained(directory)
+        tokenizer = load_tokenizer(directory)
+        verify_tokenization(tokenizer, directory)
         lm = AutoModelForCausalLM.from_pretrained(directory, **model_kwargs)
         lm.eval()
         model = cls.from_base(lm, tokenizer, config)

@@ -410,7 +410,9 @@ def load_base_model(
 
 
 def _load_local_folder(folder: Path, dtype: Any) -> tuple[Any, Any]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
+
+    from .tokenizer_files import load_tokenizer, verify_tokenization
 
     if not (folder / "config.json").is_file():
         raise ValueError(
@@ -421,9 +423,10 @@ def _load_local_folder(folder: Path, dtype: Any) -> tuple[Any, Any]:
         kwargs["dtype"] = dtype
     with _quiet_loading():
         try:
-            tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+            tokenizer = load_tokenizer(folder, local_files_only=True)
         except (OSError, ValueError, TypeError) as error:
             raise ValueError(f"Model folder {str(folder)!r} has no loadable tokenizer: {error}") from error
+        verify_tokenization(tokenizer, folder)
         model = AutoModelForCausalLM.from_pretrained(str(folder), **kwargs)
     return model, tokenizer
 
