@@ -1,7 +1,11 @@
 """quietstar: Quiet-STaR for any Hugging Face causal LM."""
 
-from .config import QuietStarConfig
-from .modeling import NonFiniteLossError, QuietStarForCausalLM, QuietStarOutput, ThoughtScores
+from .quiet import drop_deepspeed_cpu_notice
+
+drop_deepspeed_cpu_notice()  # before anything imports DeepSpeed (see quietstar/quiet.py)
+
+from .config import QuietStarConfig  # noqa: E402
+from .modeling import NonFiniteLossError, QuietStarForCausalLM, QuietStarOutput, ThoughtScores  # noqa: E402
 
 __all__ = ["QuietStarConfig", "QuietStarForCausalLM", "QuietStarOutput", "ThoughtScores",
            "NonFiniteLossError"]

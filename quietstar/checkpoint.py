@@ -17,7 +17,6 @@ checkpoints intact and at worst a ``.tmp-*`` folder, which the next run removes.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import random
 import re
@@ -31,6 +30,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from .modeling import QuietStarForCausalLM
+from .quiet import quiet_transformers
 
 PREFIX = "checkpoint-"
 STATE_NAME = "training_state.pt"
@@ -176,22 +176,6 @@ def merged_lora_state_dict(peft_lm) -> dict[str, torch.Tensor]:
     return merged
 
 
-@contextlib.contextmanager
-def _quiet_saving():
-    """No "Writing model shards" progress bars or info logs from transformers while saving."""
-    from transformers.utils import logging as hf_logging
-
-    bars, verbosity = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
-    try:
-        yield
-    finally:
-        if bars:
-            hf_logging.enable_progress_bar()
-        hf_logging.set_verbosity(verbosity)
-
-
 def save_model(model: QuietStarForCausalLM, directory: str | Path,
                state_dict: dict[str, torch.Tensor] | None = None) -> None:
     """Writes ``model`` in the ``QuietStarForCausalLM.save_pretrained`` format.
@@ -200,7 +184,7 @@ def save_model(model: QuietStarForCausalLM, directory: str | Path,
     replaces the live parameters. A LoRA model is written with the adapter merged in, so
     ``QuietStarForCausalLM.from_pretrained`` loads it like any other.
     """
-    with _quiet_saving():
+    with quiet_transformers():
         if state_dict is None and not _is_peft(model.lm):
             model.save_pretrained(directory)
         else:
@@ -209,7 +193,7 @@ def save_model(model: QuietStarForCausalLM, directory: str | Path,
 
 def save_adapter(model: QuietStarForCausalLM, directory: str | Path) -> None:
     """LoRA only: the unmerged peft adapter (what a resumed run continues from)."""
-    with _quiet_saving():
+    with quiet_transformers():
         model.lm.save_pretrained(directory)
 
 

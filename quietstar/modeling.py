@@ -17,6 +17,7 @@ from .config import QUIETSTAR_CONFIG_NAME, QuietStarConfig
 from .losses import NonFiniteLossError, logits_logprobs, quietstar_loss_terms, target_logprobs
 from .meta_tokens import MetaTokenEmbedding, add_meta_tokens
 from .mixing import MixingHead
+from .quiet import quiet_transformers
 from .rollout import GridHidden, sample_and_score, sample_thoughts, score_grid, text_positions
 from .tokenizer_files import load_tokenizer, save_tokenization_check, verify_tokenization
 
@@ -89,8 +90,9 @@ class QuietStarForCausalLM(nn.Module):
         """Writes the base LM (safetensors), tokenizer, QuietStar config and learned head."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        self.lm.save_pretrained(directory)
-        self.save_method_files(directory)
+        with quiet_transformers():
+            self.lm.save_pretrained(directory)
+            self.save_method_files(directory)
 
     def save_method_files(self, directory: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
         """Everything of a saved model but the LM's weights: the tokenizer (with the meta tokens)
@@ -110,9 +112,10 @@ class QuietStarForCausalLM(nn.Module):
                 raise FileNotFoundError(f"{directory} is not a saved QuietStar model: {name} is missing "
                                         "(save one with QuietStarForCausalLM.save_pretrained)")
         config = QuietStarConfig.load(directory)
-        tokenizer = load_tokenizer(directory)
-        verify_tokenization(tokenizer, directory)
-        lm = AutoModelForCausalLM.from_pretrained(directory, **model_kwargs)
+        with quiet_transformers():
+            tokenizer = load_tokenizer(directory)
+            verify_tokenization(tokenizer, directory)
+            lm = AutoModelForCausalLM.from_pretrained(directory, **model_kwargs)
         lm.eval()
         model = cls.from_base(lm, tokenizer, config)
         model.load_head(directory)

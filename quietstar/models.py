@@ -14,7 +14,6 @@ Three kinds of names are understood by :func:`load_base_model`:
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import json
 import os
@@ -22,7 +21,9 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
+
+from .quiet import quiet_transformers
 
 __all__ = [
     "EMBEDDED_MODEL",
@@ -159,7 +160,7 @@ def embedded_model_dir(cache_dir: str | os.PathLike | None = None) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{EMBEDDED_DIRNAME}.tmp-", dir=root))
     try:
         model, tokenizer = load_gguf_model(gguf)
-        with _quiet_loading():
+        with quiet_transformers():
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
         del model
@@ -208,40 +209,6 @@ def _require_gguf_dependencies() -> None:
 # ---------------------------------------------------------------------------------------------------
 # Loading
 # ---------------------------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def _quiet_loading() -> Iterator[None]:
-    """Silence transformers' info/warning logs and progress bars while loading local files, then
-    restore the previous settings.  Python warnings are left alone."""
-    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
-    from transformers.utils import logging as hf_logging
-
-    verbosity = hf_logging.get_verbosity()
-    bars_on = hf_logging.is_progress_bar_enabled()
-    hub_bars_off = are_progress_bars_disabled()
-    # The legacy GGUF reader uses tqdm directly; route it through transformers' switchable tqdm.
-    try:
-        import transformers.modeling_gguf_pytorch_utils as gguf_utils
-    except Exception:  # pragma: no cover - module layout differs between versions
-        gguf_utils = None
-    gguf_tqdm = getattr(gguf_utils, "tqdm", None)
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    if gguf_tqdm is not None:
-        gguf_utils.tqdm = hf_logging.tqdm
-    try:
-        yield
-    finally:
-        if gguf_tqdm is not None:
-            gguf_utils.tqdm = gguf_tqdm
-        if bars_on:
-            hf_logging.enable_progress_bar()
-        if hub_bars_off:
-            disable_progress_bars()
-        elif are_progress_bars_disabled():
-            enable_progress_bars()
-        hf_logging.set_verbosity(verbosity)
 
 
 def _resolve_dtype(dtype: Any) -> Any:
@@ -306,7 +273,7 @@ def load_gguf_model(gguf_file: str | os.PathLike, *, dtype: Any = None) -> tuple
         raise FileNotFoundError(f"No GGUF file at {path}")
     _require_gguf_dependencies()
     resolved = _resolve_dtype(dtype)
-    with _quiet_loading():
+    with quiet_transformers():
         tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
         model = AutoModelForCausalLM.from_pretrained(
             str(path.parent),
@@ -421,7 +388,7 @@ def _load_local_folder(folder: Path, dtype: Any) -> tuple[Any, Any]:
     kwargs: dict[str, Any] = {"local_files_only": True}
     if dtype is not None:
         kwargs["dtype"] = dtype
-    with _quiet_loading():
+    with quiet_transformers():
         try:
             tokenizer = load_tokenizer(folder, local_files_only=True)
         except (OSError, ValueError, TypeError) as error:
