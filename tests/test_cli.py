@@ -164,3 +164,46 @@ def test_option_lists_and_excluded_fields():
     assert parse_dataclass(Settings, parser.parse_args(["--extra", "e"])).extra == ("e",)
     assert json.dumps(dataclasses.asdict(parse_dataclass(Settings, parser.parse_args([])))) == (
         '{"names": ["a", "b"], "extra": null, "mode": "x", "hidden": 3}')
+
+
+GSM8K_FIXTURE = Path(__file__).parent / "fixtures" / "gsm8k_tiny.jsonl"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["eval", "--data", "{gsm8k}", "--out", "{file}/x.json"], "--out {file}/x.json lies inside {file}, which is a file"),
+    (["eval", "--data", "{gsm8k}", "--out", "{dir}"], "--out {dir} is a folder; give a file name"),
+    (["analyze", "--data", "{gsm8k}", "--out", "{file}"], "--out {file} is a file; give a folder"),
+    (["analyze", "--data", "{gsm8k}", "--out", "{file}/sub"], "lies inside {file}, which is a file"),
+    (["inspect", "--text", "hi there", "--out", "{file}/page.html"], "lies inside {file}, which is a file"),
+    (["inspect", "--text-file", "{dir}"], "--text-file {dir} is a folder"),
+    (["inspect", "--text-file", "{dir}/missing.txt"], "--text-file {dir}/missing.txt does not exist"),
+    (["inspect", "--text-file", "{binary}"], "is not UTF-8 text"),
+])
+def test_bad_paths_are_refused_before_the_model_loads(tmp_path, monkeypatch, capsys, argv, message):
+    """Output paths and input files are checked before any work: exit 2, one line naming the
+    problem, no traceback, the model never loaded, nothing written."""
+    import quietstar.commands.common as common
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the bad path was refused")
+
+    monkeypatch.setattr(common, "load_quietstar_model", no_load)
+    (tmp_path / "a-file").write_text("x")
+    (tmp_path / "bytes.txt").write_bytes(b"\xff\xfe not utf-8")
+    names = {"file": str(tmp_path / "a-file"), "dir": str(tmp_path), "gsm8k": str(GSM8K_FIXTURE),
+             "binary": str(tmp_path / "bytes.txt")}
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    assert cli.main([a.format(**names) for a in argv] + ["--model", "unused"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"quietstar {argv[0]}: error: ") and message.format(**names) in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before
+
+
+def test_empty_prompt_is_refused(tmp_path, monkeypatch, capsys):
+    import quietstar.commands.generate as command
+
+    monkeypatch.setattr(command, "load_quietstar_model", lambda name, device: make_model())
+    assert cli.main(["generate", "--model", "m", "--prompt", ""]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "quietstar generate: error: --prompt is empty (it encodes to no token); give a text to continue")

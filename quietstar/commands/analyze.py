@@ -17,7 +17,7 @@ from ..analysis import difficulty_report, format_difficulty_table, token_nlls
 from ..arguments import add_dataclass_arguments, option, parse_dataclass
 from ..data import load_texts
 from ..plots import plot_difficulty
-from .common import ModelArguments, fail
+from .common import ModelArguments, check_output, fail
 
 HELP = "per-token NLL gains against token difficulty"
 
@@ -54,6 +54,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         model_args = parse_dataclass(ModelArguments, args)
         settings = parse_dataclass(AnalyzeArguments, args)
+        check_output(settings.out, "--out", folder=True)
         if model_args.thought_tokens == 0:  # the analysis compares a thought with none
             raise ValueError("thought_tokens must be >= 1, got 0")
         model = model_args.load()

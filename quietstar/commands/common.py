@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import math
+import os
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 from ..arguments import option
 from ..models import EMBEDDED_MODEL, load_quietstar_model
@@ -44,6 +46,26 @@ def check_thought_settings(thought_tokens: int | None, thought_temperature: floa
                                                 and thought_temperature >= 0):
         raise ValueError(f"--thought-temperature must be a finite number >= 0 (0 = greedy), got "
                          f"{thought_temperature}")
+
+
+def check_output(path: str | Path, flag: str, folder: bool = False) -> Path:
+    """``path`` where a command will write its results (a file, or a ``folder`` of files), checked
+    before any work: it must not be a folder where a file goes (or a file where a folder goes),
+    and its nearest existing parent must be a writable folder. Nothing is created here."""
+    path = Path(path).expanduser()
+    if folder and path.exists() and not path.is_dir():
+        raise ValueError(f"{flag} {path} is a file; give a folder (it is created if missing)")
+    if not folder and path.is_dir():
+        raise ValueError(f"{flag} {path} is a folder; give a file name")
+    parent = path if folder else path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ValueError(f"{flag} {path} lies inside {parent}, which is a file, not a folder; "
+                         f"choose another {flag}")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag} {path}: {parent} is not writable; choose another {flag}")
+    return path
 
 
 def fail(command: str, error: BaseException) -> int:

@@ -15,7 +15,7 @@ from typing import Literal
 
 from ..arguments import add_dataclass_arguments, option, parse_dataclass
 from ..evaluation import METRICS, evaluate, format_table, load_items
-from .common import ModelArguments, fail
+from .common import ModelArguments, check_output, fail
 
 HELP = "GSM8K / CommonsenseQA / lm-eval scores with and without thoughts"
 
@@ -67,6 +67,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         model_args = parse_dataclass(ModelArguments, args)
         settings = parse_dataclass(EvalArguments, args)
+        if settings.out:
+            check_output(settings.out, "--out")
         model = model_args.load()
         if settings.lm_eval:
             from ..lm_eval_adapter import evaluate_lm_eval, format_lm_eval_table

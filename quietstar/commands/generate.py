@@ -127,6 +127,8 @@ def run(args: argparse.Namespace) -> int:
         else:
             streamer = TextStreamer(model.tokenizer)
         input_ids = model.tokenizer(settings.prompt, return_tensors="pt").input_ids.to(device)
+        if input_ids.shape[1] == 0:
+            raise ValueError("--prompt is empty (it encodes to no token); give a text to continue")
         generator = None
         if settings.seed is not None:
             generator = torch.Generator(device=device).manual_seed(settings.seed)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ..arguments import add_dataclass_arguments, option, parse_dataclass
 from ..viewer import write_page
-from .common import ModelArguments, fail
+from .common import ModelArguments, check_output, fail
 
 HELP = "write an HTML page showing each token's thought"
 
@@ -38,6 +38,18 @@ class InspectArguments:
             raise ValueError("give --text or --text-file, not both")
 
 
+def read_text_file(path: str) -> str:
+    """The text of --text-file, with errors that name the file."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"--text-file {path} does not exist") from None
+    except IsADirectoryError:
+        raise ValueError(f"--text-file {path} is a folder; give a text file") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"--text-file {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags for every ModelArguments and InspectArguments field."""
     add_dataclass_arguments(parser, ModelArguments, title="model")
@@ -48,8 +60,9 @@ def run(args: argparse.Namespace) -> int:
     try:
         model_args = parse_dataclass(ModelArguments, args)
         settings = parse_dataclass(InspectArguments, args)
+        check_output(settings.out, "--out")
         text = (settings.text if settings.text is not None
-                else Path(settings.text_file).read_text(encoding="utf-8"))
+                else read_text_file(settings.text_file))
         model = model_args.load()
         path = write_page(model, text, settings.out, model_args.thought_tokens,
                           model_args.thought_temperature, model_args.seed,
