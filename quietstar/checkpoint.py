@@ -224,12 +224,13 @@ def _read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def load_model_weights(model: QuietStarForCausalLM, checkpoint: str | Path) -> None:
+def load_model_weights(model: QuietStarForCausalLM, checkpoint: str | Path, model_dir: str = MODEL_DIR) -> None:
     """Loads the trained weights of ``checkpoint`` into a freshly built ``model`` (the same base
-    model, LoRA settings and method config as the run that wrote it)."""
+    model, LoRA settings and method config as the run that wrote it); the saved model is in
+    ``checkpoint / model_dir`` ("." for a folder that is itself a saved model)."""
     checkpoint = Path(checkpoint)
     try:
-        head = model.read_head_file(checkpoint / MODEL_DIR)
+        head = model.read_head_file(checkpoint / model_dir)
     except FileNotFoundError as e:
         raise CheckpointError(f"{e}; the checkpoint is incomplete: delete {checkpoint} to resume "
                               "from an earlier one") from None
@@ -251,7 +252,7 @@ def load_model_weights(model: QuietStarForCausalLM, checkpoint: str | Path) -> N
         if getattr(result, "unexpected_keys", None):
             raise _mismatch(checkpoint, f"unexpected adapter weights {result.unexpected_keys[:3]}")
         return
-    weights = _read_safetensors(checkpoint / MODEL_DIR)
+    weights = _read_safetensors(checkpoint / model_dir)
     weights = {k: v for k, v in weights.items()
                if not k.startswith(("meta_embeddings.", "mixing_head."))}
     try:

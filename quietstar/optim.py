@@ -30,20 +30,27 @@ def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr * group.get("lr_scale", 1.0)
 
 
-def build_optimizer(model: QuietStarForCausalLM, config: TrainConfig) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters. Matrices are decayed; biases, norm weights and the
-    START/END embeddings (stored scaled down, where decay would act 100x too strongly) are not.
-    Groups: LM decayed, LM not decayed, head decayed, head not decayed; each group's ``lr_scale``
-    multiplies the scheduled learning rate (the head's is ``mixing_head_lr_multiplier``)."""
+def parameter_groups(model: QuietStarForCausalLM, learning_rate: float, weight_decay: float,
+                     mixing_head_lr_multiplier: float = 1.0) -> list[dict]:
+    """AdamW parameter groups over the trainable parameters. Matrices are decayed; biases, norm
+    weights and the START/END embeddings (stored scaled down, where decay would act 100x too
+    strongly) are not. Groups: LM decayed, LM not decayed, head decayed, head not decayed; each
+    group's ``lr_scale`` multiplies the scheduled learning rate (the head's is
+    ``mixing_head_lr_multiplier``)."""
     meta = model.embedding.scaled_vectors
     head = {id(p) for p in model.mixing_head.parameters()}
     groups = [[], [], [], []]
     for p in model.parameters():
         if p.requires_grad:
             groups[2 * (id(p) in head) + (p.dim() < 2 or p is meta)].append(p)
-    scales = (1.0, 1.0, config.mixing_head_lr_multiplier, config.mixing_head_lr_multiplier)
-    return torch.optim.AdamW(
-        [{"params": params, "weight_decay": 0.0 if i % 2 else config.weight_decay,
-          "lr_scale": scale, "lr": config.learning_rate * scale}
-         for i, (params, scale) in enumerate(zip(groups, scales))],
-        lr=config.learning_rate)
+    scales = (1.0, 1.0, mixing_head_lr_multiplier, mixing_head_lr_multiplier)
+    return [{"params": params, "weight_decay": 0.0 if i % 2 else weight_decay,
+             "lr_scale": scale, "lr": learning_rate * scale}
+            for i, (params, scale) in enumerate(zip(groups, scales))]
+
+
+def build_optimizer(model: QuietStarForCausalLM, config: TrainConfig) -> torch.optim.AdamW:
+    """AdamW over ``parameter_groups`` with the run's learning rate, decay and head multiplier."""
+    return torch.optim.AdamW(parameter_groups(model, config.learning_rate, config.weight_decay,
+                                              config.mixing_head_lr_multiplier),
+                             lr=config.learning_rate)
