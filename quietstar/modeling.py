@@ -17,6 +17,7 @@ from .config import QUIETSTAR_CONFIG_NAME, QuietStarConfig
 from .losses import NonFiniteLossError, logits_logprobs, quietstar_loss_terms, target_logprobs
 from .meta_tokens import MetaTokenEmbedding, add_meta_tokens
 from .mixing import MixingHead
+from .model_card import CARD_NAME, TrainingFacts, render_card
 from .quiet import quiet_transformers
 from .rollout import GridHidden, sample_and_score, sample_thoughts, score_grid, text_positions
 from .tokenizer_files import load_tokenizer, save_tokenization_check, verify_tokenization
@@ -94,14 +95,35 @@ class QuietStarForCausalLM(nn.Module):
             self.lm.save_pretrained(directory)
             self.save_method_files(directory)
 
-    def save_method_files(self, directory: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+    def save_method_files(self, directory: str | Path, state_dict: dict[str, torch.Tensor] | None = None,
+                          training: TrainingFacts | None = None) -> None:
         """Everything of a saved model but the LM's weights: the tokenizer (with the meta tokens)
-        and its tokenization check, ``quietstar_config.json`` and the head file (from
-        ``state_dict`` if given, see ``head_state_dict``)."""
+        and its tokenization check, ``quietstar_config.json``, the head file (from ``state_dict``
+        if given, see ``head_state_dict``) and the model card (with ``training``'s facts)."""
         self.tokenizer.save_pretrained(directory)
         save_tokenization_check(self.tokenizer, directory)
         self.config.save(directory)
         self.save_head(directory, state_dict)
+        Path(directory, CARD_NAME).write_text(render_card(self, training), encoding="utf-8")
+
+    def push_to_hub(self, repo_id: str, *, private: bool | None = None, token: str | None = None,
+                    commit_message: str = "Upload Quiet-STaR model", folder: str | Path | None = None) -> str:
+        """Uploads the model to the Hugging Face Hub repo ``repo_id`` (created if missing): a saved
+        ``folder`` as it is (e.g. a training checkpoint's model, with its card), else this model
+        saved afresh. Returns the repo's URL."""
+        import tempfile
+
+        from huggingface_hub import HfApi
+
+        api = HfApi(token=token)
+        url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        with tempfile.TemporaryDirectory() as tmp:
+            if folder is None:
+                self.save_pretrained(tmp)
+                folder = tmp
+            api.upload_folder(repo_id=repo_id, folder_path=str(folder), repo_type="model",
+                              commit_message=commit_message)
+        return str(url)
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, **model_kwargs) -> "QuietStarForCausalLM":

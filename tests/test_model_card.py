@@ -1,0 +1,69 @@
+"""The model card save_pretrained writes, and push_to_hub up to the network boundary."""
+
+from __future__ import annotations
+
+import yaml
+from transformers import AutoModelForCausalLM
+
+from conftest import make_model
+from quietstar import QuietStarForCausalLM
+from quietstar.model_card import TrainingFacts, render_card
+
+
+def header(card: str) -> dict:
+    assert card.startswith("---\n")
+    return yaml.safe_load(card.split("---\n")[1])
+
+
+def test_save_pretrained_writes_a_card_the_hub_reads(tmp_path):
+    model = make_model()
+    model.lm.config._name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    model.save_pretrained(tmp_path)
+    card = (tmp_path / "README.md").read_text(encoding="utf-8")
+    meta = header(card)
+    assert meta["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct" and meta["library_name"] == "quietstar"
+    assert "not trained yet" in card and "| `sampled_thought_tokens` | 3 |" in card
+    assert "QuietStarForCausalLM.from_pretrained" in card and "AutoModelForCausalLM" in card
+    # What the card says about a plain load: the base LM, with the two extra tokens in the tokenizer.
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert type(plain).__name__ == type(model.lm).__name__
+    assert QuietStarForCausalLM.from_pretrained(tmp_path).config == model.config
+
+
+def test_card_with_training_facts():
+    facts = TrainingFacts(data="openai/gsm8k", steps=200, tokens_per_step=256,
+                          heldout={"eval/nll_without_thought": 3.9, "eval/nll_with_thought": 3.8},
+                          samples=["…Natalia sold «48 clips» 24"])
+    card = render_card(make_model(), facts)
+    assert header(card)["datasets"] == ["openai/gsm8k"]
+    assert "- optimiser steps: 200 of 256 tokens" in card and "| nll_with_thought | 3.8000 |" in card
+    assert "- …Natalia sold «48 clips» 24" in card and "not trained yet" not in card
+    assert "datasets" not in header(render_card(make_model(), TrainingFacts("builtin:arithmetic", 1, 32)))
+
+
+def test_push_to_hub_creates_the_repo_and_uploads_a_saved_model(monkeypatch):
+    calls = []
+
+    class FakeApi:
+        def __init__(self, token=None):
+            calls.append(("token", token))
+
+        def create_repo(self, repo_id, private=None, exist_ok=False, repo_type=None):
+            calls.append(("create", repo_id, private, exist_ok, repo_type))
+            return f"https://huggingface.co/{repo_id}"
+
+        def upload_folder(self, repo_id, folder_path, repo_type=None, commit_message=None):
+            from pathlib import Path
+            files = sorted(p.name for p in Path(folder_path).iterdir())
+            calls.append(("upload", repo_id, files, commit_message))
+
+    import huggingface_hub
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    url = make_model().push_to_hub("me/thinking-llama", private=True, token="t")
+    assert url == "https://huggingface.co/me/thinking-llama"
+    assert calls[0] == ("token", "t") and calls[1] == ("create", "me/thinking-llama", True, True, "model")
+    _, repo, files, message = calls[2]
+    assert repo == "me/thinking-llama" and message == "Upload Quiet-STaR model"
+    for name in ("README.md", "config.json", "model.safetensors", "quietstar_config.json",
+                 "quietstar_head.safetensors", "tokenizer.json", "quietstar_tokenizer_check.json"):
+        assert name in files, name
