@@ -126,13 +126,22 @@ class QuietStarForCausalLM(nn.Module):
         return str(url)
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, **model_kwargs) -> "QuietStarForCausalLM":
-        """Loads what ``save_pretrained`` wrote; the learned meta tokens and head come back intact."""
-        directory = Path(directory)
+    def from_pretrained(cls, name_or_path: str | Path, *, revision: str | None = None,
+                        cache_dir: str | Path | None = None, local_files_only: bool | None = None,
+                        token: str | bool | None = None, **model_kwargs) -> "QuietStarForCausalLM":
+        """Loads what ``save_pretrained`` (or ``push_to_hub``) wrote: a local folder, or a Hub repo
+        id (``revision``, ``cache_dir``, ``token``; offline — ``local_files_only`` or
+        HF_HUB_OFFLINE=1 — a repo already in the local cache loads without the network). The
+        learned meta tokens and head come back intact. ``model_kwargs`` go to transformers'
+        ``from_pretrained`` of the LM (``dtype`` — or the older name ``torch_dtype`` —,
+        ``device_map``, ...)."""
+        directory = _local_folder(name_or_path, revision, cache_dir, local_files_only, token)
         for name in (QUIETSTAR_CONFIG_NAME, HEAD_WEIGHTS_NAME, "config.json"):
             if not (directory / name).exists():
                 raise FileNotFoundError(f"{directory} is not a saved QuietStar model: {name} is missing "
                                         "(save one with QuietStarForCausalLM.save_pretrained)")
+        if "torch_dtype" in model_kwargs:  # the name transformers 4 used for dtype
+            model_kwargs.setdefault("dtype", model_kwargs.pop("torch_dtype"))
         config = QuietStarConfig.load(directory)
         with quiet_transformers():
             tokenizer = load_tokenizer(directory)
@@ -417,3 +426,32 @@ def _check_model(model) -> None:
     if model.get_output_embeddings() is None or not hasattr(model, "get_decoder"):
         raise NotImplementedError(f"{type(model).__name__} is not a causal LM with an output head; "
                                   "load it with AutoModelForCausalLM")
+
+
+def _local_folder(name_or_path, revision, cache_dir, local_files_only, token) -> Path:
+    """``name_or_path`` as a local folder: itself, or the Hub repo's snapshot (downloaded, or
+    from the local cache when offline)."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path
+    name = str(name_or_path)
+    if path.exists() or name.startswith((".", "/", "~")) or name.count("/") != 1:
+        raise FileNotFoundError(f"{name} is neither a saved QuietStar model folder nor a Hub repo id "
+                                "('owner/name')")
+    import os
+
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
+
+    offline = local_files_only if local_files_only is not None else \
+        os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+    try:
+        return Path(snapshot_download(name, revision=revision, cache_dir=cache_dir, token=token,
+                                      local_files_only=offline))
+    except LocalEntryNotFoundError:
+        raise FileNotFoundError(f"{name} is not in the local Hugging Face cache"
+                                f"{f' ({cache_dir})' if cache_dir else ''} and the Hub is not to be "
+                                "reached (offline); download it once with network, or pass a folder") from None
+    except RepositoryNotFoundError:
+        raise FileNotFoundError(f"{name}: no such repo on the Hugging Face Hub (or no access: "
+                                "pass token=...)") from None

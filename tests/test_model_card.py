@@ -67,3 +67,35 @@ def test_push_to_hub_creates_the_repo_and_uploads_a_saved_model(monkeypatch):
     for name in ("README.md", "config.json", "model.safetensors", "quietstar_config.json",
                  "quietstar_head.safetensors", "tokenizer.json", "quietstar_tokenizer_check.json"):
         assert name in files, name
+
+
+def fake_hub_cache(cache, repo_id, saved_folder, commit="0123456789abcdef0123456789abcdef01234567"):
+    """The layout huggingface_hub keeps in its cache: refs/main -> snapshots/<commit>/files."""
+    import shutil
+
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    shutil.copytree(saved_folder, repo / "snapshots" / commit)
+
+
+def test_a_cached_hub_model_loads_offline_with_the_usual_arguments(tmp_path, monkeypatch):
+    import torch
+
+    model = make_model()
+    model.save_pretrained(tmp_path / "saved")
+    fake_hub_cache(tmp_path / "cache", "me/thinking-llama", tmp_path / "saved")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    loaded = QuietStarForCausalLM.from_pretrained("me/thinking-llama", cache_dir=tmp_path / "cache",
+                                                  torch_dtype=torch.bfloat16)
+    assert loaded.lm.dtype == torch.bfloat16
+    for key, value in model.state_dict().items():  # the LM in bf16; the head keeps its fp32
+        head = key == "embedding.scaled_vectors" or key.startswith("mixing_head.")
+        expected = value if head else value.to(torch.bfloat16).float()
+        assert torch.equal(loaded.state_dict()[key].float(), expected), key
+    import pytest
+
+    with pytest.raises(FileNotFoundError, match="not in the local Hugging Face cache"):
+        QuietStarForCausalLM.from_pretrained("me/not-there", cache_dir=tmp_path / "cache")
+    with pytest.raises(FileNotFoundError, match="neither a saved QuietStar model folder nor a Hub repo id"):
+        QuietStarForCausalLM.from_pretrained(tmp_path / "missing")
