@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 import yaml
 
-from .arguments import merge, read_yaml
+from .arguments import check_field_types, merge, read_yaml
 from .checkpoint import resolve_resume
 from .config import QuietStarConfig
 from .metrics import REPORT_TO
@@ -29,6 +29,7 @@ from .models import EMBEDDED_MODEL
 TRAIN_CONFIG_NAME = "train_config.yaml"
 PRESETS_DIR = Path(__file__).parent / "presets"
 DEFAULT_PRESET = "cpu-demo"
+INFINITE_OK = ("max_grad_norm", "policy_max_grad_norm")  # inf: no clipping
 
 
 @dataclass
@@ -163,8 +164,9 @@ class TrainConfig:
     """The method's settings (thought length, ahead tokens, loss weights, ...)."""
 
     def __post_init__(self) -> None:
-        if isinstance(self.quietstar, dict):
-            self.quietstar = QuietStarConfig.from_dict(self.quietstar)
+        # Types first (a "quietstar" mapping becomes a QuietStarConfig); every float must be
+        # finite but the two clipping norms, where inf means "no clipping".
+        check_field_types(self, infinite_ok=INFINITE_OK)
 
         def need(ok: bool, message: str) -> None:
             if not ok:
