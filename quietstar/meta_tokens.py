@@ -12,13 +12,37 @@ import torch
 from torch import nn
 
 
-def add_meta_tokens(tokenizer, start: str, end: str) -> tuple[int, int]:
-    """Adds START/END as special tokens (if absent) and returns their ids."""
+def add_meta_tokens(tokenizer, start: str, end: str, *, saved: bool = False) -> tuple[int, int]:
+    """Adds START/END as new special tokens and returns their ids.
+
+    A string the tokenizer already knows (its EOS, any vocabulary or added token) is refused:
+    the meta tokens get embeddings of their own, and a token the text already uses would be
+    taken for a thought boundary. ``saved=True`` (a tokenizer read back from a saved QuietStar
+    folder) accepts what an earlier call added: an added special token of exactly that string.
+    """
     if tokenizer.pad_token_id is None:
         raise ValueError(
             "the tokenizer has no pad token; set one before wrapping, e.g. "
             "`tokenizer.pad_token = tokenizer.eos_token` (padding is masked out of the loss)")
-    missing = [t for t in (start, end) if t not in tokenizer.get_vocab()]
+    vocab = tokenizer.get_vocab()
+    missing = []
+    for field, token in (("start_thought_token", start), ("end_thought_token", end)):
+        if token not in vocab:
+            missing.append(token)
+            continue
+        added = tokenizer.added_tokens_decoder.get(vocab[token])
+        if saved and added is not None and added.content == token and added.special:
+            continue  # the meta token this library added before saving
+        raise ValueError(
+            f"{field} {token!r} is already a token of the tokenizer (id {vocab[token]}"
+            + (", its EOS token" if token == tokenizer.eos_token else "")
+            + "); the thought tokens must be new strings, not in its vocabulary: choose another "
+              "start_thought_token / end_thought_token (defaults '<|startofthought|>' and "
+              "'<|endofthought|>')"
+            + ("; or, if this tokenizer was wrapped before, load that model with "
+               "QuietStarForCausalLM.from_pretrained / wrap a fresh tokenizer"
+               if added is not None and added.special and not saved
+               and token not in _named_special(tokenizer) else ""))
     if missing:
         tokenizer.add_special_tokens({"extra_special_tokens": missing},
                                      replace_extra_special_tokens=False)
@@ -29,6 +53,12 @@ def add_meta_tokens(tokenizer, start: str, end: str) -> tuple[int, int]:
             raise ValueError(f"the tokenizer does not encode {token!r} as one token (got {encoded}); "
                              "it cannot hold quietstar's meta tokens")
     return ids[0], ids[1]
+
+
+def _named_special(tokenizer) -> list[str]:
+    """The tokenizer's named special tokens (EOS, BOS, PAD, UNK, ...)."""
+    return [t for t in (getattr(tokenizer, f"{n}_token", None) for n in
+                        ("eos", "bos", "pad", "unk", "sep", "cls", "mask")) if t]
 
 
 class MetaTokenEmbedding(nn.Module):
