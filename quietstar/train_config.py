@@ -21,7 +21,7 @@ from typing import Any, Literal
 import yaml
 
 from .arguments import check_field_types, merge, read_yaml
-from .checkpoint import resolve_resume
+from .checkpoint import CheckpointError, resolve_resume
 from .config import QuietStarConfig
 from .metrics import REPORT_TO
 from .models import EMBEDDED_MODEL
@@ -267,7 +267,10 @@ def load_config(config_file: str | Path | None = None,
     base: dict[str, Any] = {}
     if explicit.get("resume"):
         found = resolve_resume(explicit["resume"], explicit.get("output_dir"))
-        if (found / TRAIN_CONFIG_NAME).exists():
-            base = TrainConfig.saved_settings(found)
-            base["output_dir"] = str(found.parent)  # robust to a moved run folder / another cwd
+        if not (found / TRAIN_CONFIG_NAME).is_file():
+            raise CheckpointError(f"{found / TRAIN_CONFIG_NAME} is missing: {found} is not a complete "
+                                  "checkpoint (every checkpoint holds the settings it was trained "
+                                  "with); resume from another checkpoint, or start a fresh run")
+        base = TrainConfig.saved_settings(found)
+        base["output_dir"] = str(found.parent)  # robust to a moved run folder / another cwd
     return TrainConfig.from_dict(merge(base, explicit))
