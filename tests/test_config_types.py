@@ -210,14 +210,19 @@ def test_eos_as_thought_token_is_named_as_the_eos():
         QuietStarForCausalLM.from_base(make_lm(), make_tokenizer(), QuietStarConfig(start_thought_token="<eos>"))
 
 
-def test_a_tokenizer_wrapped_before_is_refused_but_a_saved_model_reloads(tmp_path):
+def test_meta_tokens_added_before_are_reused_but_a_pre_existing_special_token_is_not(tmp_path):
     model = make_model()
-    with pytest.raises(ValueError, match="already a token.*wrapped before.*from_pretrained"):
-        QuietStarForCausalLM.from_base(make_lm(), model.tokenizer, QuietStarConfig())
-    model.save_pretrained(tmp_path / "m")
-    again = QuietStarForCausalLM.from_pretrained(tmp_path / "m")
+    again = QuietStarForCausalLM.from_base(make_lm(), model.tokenizer, model.config)  # rewrapped
     assert (again.start_id, again.end_id) == (model.start_id, model.end_id)
-    assert len(again.tokenizer) == len(model.tokenizer)
+    model.save_pretrained(tmp_path / "m")
+    loaded = QuietStarForCausalLM.from_pretrained(tmp_path / "m")
+    assert (loaded.start_id, loaded.end_id) == (model.start_id, model.end_id)
+    assert len(loaded.tokenizer) == len(model.tokenizer)
+    # An added special token of the base tokenizer (not added by quietstar) is refused.
+    tokenizer = make_tokenizer()
+    tokenizer.add_special_tokens({"extra_special_tokens": ["<|im_start|>"]})
+    with pytest.raises(ValueError, match="start_thought_token '<\\|im_start\\|>' is already a token"):
+        QuietStarForCausalLM.from_base(make_lm(), tokenizer, QuietStarConfig(start_thought_token="<|im_start|>"))
 
 
 def test_a_saved_model_whose_tokenizer_has_the_string_as_a_plain_token_is_refused(tmp_path):
