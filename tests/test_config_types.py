@@ -81,7 +81,7 @@ def test_yaml_booleans_optional_nulls_and_literals_that_fit_are_kept(tmp_path):
     ({"learning_rate": "fast"}, "learning_rate must be a number \\(float\\), got 'fast'"),
     ({"learning_rate": None}, "learning_rate must be float, not null"),
     ({"lr_schedule": "step"}, "lr_schedule must be one of cosine, linear, constant; got 'step'"),
-    ({"quietstar": {"reward_source": "other"}}, "reward_source must be one of mixed, thought; got 'other'"),
+    ({"quietstar": {"reward_source": "other"}}, "reward_source must be 'mixed' or 'thought', got 'other'"),
     ({"quietstar": 5}, "TrainConfig: quietstar must be a mapping of QuietStarConfig settings.*got 5"),
     ({"quietstar": "fast"}, "quietstar must be a mapping"),
     ({"model": 5}, "TrainConfig: model must be a string, got 5"),
@@ -90,6 +90,16 @@ def test_yaml_booleans_optional_nulls_and_literals_that_fit_are_kept(tmp_path):
 def test_values_of_the_wrong_type_are_refused_naming_field_and_value(settings, message):
     with pytest.raises(ValueError, match=message):
         TrainConfig.from_dict(settings)
+
+
+@pytest.mark.parametrize("cls", [TrainConfig, QuietStarConfig])
+def test_every_literal_field_refuses_other_values(cls):
+    literal = [f.name for f in fields(cls) if f.type.startswith("Literal[")]
+    assert literal
+    for name in literal:
+        for bad in ("no-such-choice", 5):
+            with pytest.raises(ValueError, match=f"{name} must be"):
+                cls.from_dict({name: bad})
 
 
 def test_quietstar_config_from_dict_checks_types_too():
