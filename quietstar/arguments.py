@@ -22,6 +22,8 @@ import ast
 import dataclasses
 import inspect
 import itertools
+import math
+import os
 import textwrap
 import types
 import typing
@@ -206,3 +208,96 @@ def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
         else:
             merged[key] = value
     return merged
+
+
+# ------------------------------------------------------------------------------ typed values
+BOOL_SPELLINGS = "true or false (YAML's booleans, unquoted)"
+
+
+def _type_name(hint: Any) -> str:
+    if typing.get_origin(hint) is Literal:
+        return "one of " + ", ".join(repr(c) for c in typing.get_args(hint))
+    return getattr(hint, "__name__", str(hint))
+
+
+def _typed(hint: Any, value: Any, name: str, finite: bool) -> Any:
+    """``value`` as a value of type ``hint`` (converted where that is unambiguous), or a
+    ValueError naming the field ``name``, the value and what it accepts."""
+    if typing.get_origin(hint) in (Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if value is None and len(args) < len(typing.get_args(hint)):
+            return None
+        if len(args) != 1:
+            raise TypeError(f"unsupported type {hint} of {name}")
+        hint = args[0]
+    if value is None:
+        raise ValueError(f"{name} must be {_type_name(hint)}, not null")
+    if _nested(hint):
+        if isinstance(value, hint):
+            return value
+        if not isinstance(value, dict):
+            raise ValueError(f"{name} must be a mapping of {hint.__name__} settings (a section "
+                             f"'{name}:' with settings under it), got {value!r}")
+        return value  # check_field_types builds it (its own errors name its class)
+    if typing.get_origin(hint) is Literal:
+        choices = typing.get_args(hint)
+        if not any(type(value) is type(c) for c in choices):
+            raise ValueError(f"{name} must be one of {', '.join(map(str, choices))}; got {value!r}")
+        return value  # which of the choices: the class's own checks say, in its words
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"{name} must be {BOOL_SPELLINGS}, got {value!r}"
+                             + (" (a string: write it unquoted as true or false)"
+                                if isinstance(value, str) else ""))
+        return value
+    if hint in (int, float):
+        number = value
+        if isinstance(value, str):  # PyYAML reads 3e-5 (no dot) as the string "3e-5"
+            try:
+                number = float(value.strip())
+            except ValueError:
+                raise ValueError(f"{name} must be a number ({hint.__name__}), got {value!r}") from None
+        if isinstance(number, bool) or not isinstance(number, (int, float)):
+            raise ValueError(f"{name} must be a number ({hint.__name__}), got {value!r}")
+        if math.isnan(number):
+            raise ValueError(f"{name} must be a number, got NaN")
+        if hint is int:
+            if isinstance(number, float) and not (math.isfinite(number) and number.is_integer()):
+                raise ValueError(f"{name} must be a whole number (int), got {value!r}")
+            return int(number)
+        if finite and not math.isfinite(number):
+            raise ValueError(f"{name} must be a finite number, got {value!r}")
+        return float(number)
+    if hint is str:
+        if isinstance(value, os.PathLike):
+            return os.fspath(value)
+        if not isinstance(value, str):
+            raise ValueError(f"{name} must be a string, got {value!r} ({type(value).__name__}); "
+                             "quote it in YAML")
+        return value
+    if typing.get_origin(hint) is tuple and typing.get_args(hint)[1:] == (Ellipsis,):
+        if isinstance(value, str) or not isinstance(value, (list, tuple)):
+            raise ValueError(f"{name} must be a list, got {value!r}")
+        item = typing.get_args(hint)[0]
+        return tuple(_typed(item, v, f"{name}[{i}]", finite) for i, v in enumerate(value))
+    return value
+
+
+def check_field_types(obj: Any, infinite_ok: Collection[str] = ()) -> None:
+    """Checks every field of the dataclass instance ``obj`` against its type, in place: a number
+    given as a string ("3e-5") or an int for a float field becomes a float, an integral float
+    for an int field an int, a mapping for a nested dataclass field its instance; anything else
+    that does not fit (a string for a bool, 2.5 for an int, a number for a Literal, a scalar
+    where a section belongs) is a ValueError "<Class>: <field> must be ...". NaN is refused for
+    every number; inf too, except for the fields named in ``infinite_ok``."""
+    hints = typing.get_type_hints(type(obj))
+    label = type(obj).__name__
+    for f in dataclasses.fields(obj):
+        try:
+            value = _typed(hints[f.name], getattr(obj, f.name), f.name, finite=f.name not in infinite_ok)
+        except ValueError as e:
+            raise ValueError(f"{label}: {e}") from None
+        hint = hints[f.name]
+        if _nested(hint) and isinstance(value, dict):
+            value = hint.from_dict(value) if hasattr(hint, "from_dict") else hint(**value)
+        setattr(obj, f.name, value)

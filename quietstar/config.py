@@ -17,12 +17,15 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Literal
 
+from .arguments import check_field_types
+
 QUIETSTAR_CONFIG_NAME = "quietstar_config.json"
 
 
 @dataclass
 class QuietStarConfig:
-    """Method settings. Every field is validated in ``__post_init__``."""
+    """Method settings. Every field is validated in ``__post_init__`` (its type, then its range;
+    every float must be finite)."""
 
     sampled_thought_tokens: int = 9
     """k: tokens sampled between START and END (START/END not counted). Passes spent on one
@@ -93,6 +96,8 @@ class QuietStarConfig:
     0 computes them all at once (faster, more memory)."""
 
     def __post_init__(self) -> None:
+        check_field_types(self)  # types; every float finite (NaN / inf refused)
+
         def need(ok: bool, message: str) -> None:
             if not ok:
                 raise ValueError(f"QuietStarConfig: {message}")

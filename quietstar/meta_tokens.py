@@ -12,16 +12,45 @@ import torch
 from torch import nn
 
 
-def add_meta_tokens(tokenizer, start: str, end: str) -> tuple[int, int]:
-    """Adds START/END as special tokens (if absent) and returns their ids."""
+# Where a tokenizer records the meta tokens this library added to it (saved with it, in
+# tokenizer_config.json), so that wrapping it again, saved or not, reuses them.
+META_TOKENS_KEY = "quietstar_meta_tokens"
+
+
+def add_meta_tokens(tokenizer, start: str, end: str, *, saved: bool = False) -> tuple[int, int]:
+    """Adds START/END as new special tokens and returns their ids.
+
+    A string the tokenizer already knows (its EOS, any vocabulary or added token) is refused:
+    the meta tokens get embeddings of their own, and a token the text already uses would be
+    taken for a thought boundary. Accepted again are the tokens an earlier call added: an added
+    special token of exactly that string that the tokenizer records as added by quietstar
+    (``META_TOKENS_KEY``), or, with ``saved=True`` (a tokenizer of a saved QuietStar folder,
+    also one saved before that record existed), any added special token of exactly that string.
+    """
     if tokenizer.pad_token_id is None:
         raise ValueError(
             "the tokenizer has no pad token; set one before wrapping, e.g. "
             "`tokenizer.pad_token = tokenizer.eos_token` (padding is masked out of the loss)")
-    missing = [t for t in (start, end) if t not in tokenizer.get_vocab()]
+    vocab = tokenizer.get_vocab()
+    ours = list(tokenizer.init_kwargs.get(META_TOKENS_KEY) or [])
+    missing = []
+    for field, token in (("start_thought_token", start), ("end_thought_token", end)):
+        if token not in vocab:
+            missing.append(token)
+            continue
+        added = tokenizer.added_tokens_decoder.get(vocab[token])
+        if added is not None and added.content == token and added.special and (saved or token in ours):
+            continue  # the meta token this library added before
+        raise ValueError(
+            f"{field} {token!r} is already a token of the tokenizer (id {vocab[token]}"
+            + (", its EOS token" if token == tokenizer.eos_token else "")
+            + "); the thought tokens must be new strings, not in its vocabulary: choose another "
+              "start_thought_token / end_thought_token (defaults '<|startofthought|>' and "
+              "'<|endofthought|>')")
     if missing:
         tokenizer.add_special_tokens({"extra_special_tokens": missing},
                                      replace_extra_special_tokens=False)
+    tokenizer.init_kwargs[META_TOKENS_KEY] = ours + [t for t in (start, end) if t not in ours]
     ids = tokenizer.convert_tokens_to_ids([start, end])
     for token, idx in zip((start, end), ids):
         encoded = tokenizer(token, add_special_tokens=False).input_ids

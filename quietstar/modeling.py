@@ -69,12 +69,17 @@ class QuietStarForCausalLM(nn.Module):
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_base(cls, model, tokenizer, config: QuietStarConfig | None = None) -> "QuietStarForCausalLM":
+    def from_base(cls, model, tokenizer, config: QuietStarConfig | None = None, *,
+                  saved_tokenizer: bool = False) -> "QuietStarForCausalLM":
         """Wraps a transformers causal LM: adds the meta tokens, initialises them from
-        ``config.meta_token_init`` and attaches a mixing head that starts at w = 0."""
+        ``config.meta_token_init`` and attaches a mixing head that starts at w = 0.
+
+        The thought token strings must be new to ``tokenizer``; ``saved_tokenizer=True`` (a
+        tokenizer of a saved QuietStar folder) accepts the meta tokens it already holds."""
         config = config or QuietStarConfig()
         _check_model(model)
-        start_id, end_id = add_meta_tokens(tokenizer, config.start_thought_token, config.end_thought_token)
+        start_id, end_id = add_meta_tokens(tokenizer, config.start_thought_token, config.end_thought_token,
+                                           saved=saved_tokenizer)
         init_ids = tokenizer(config.meta_token_init, add_special_tokens=False).input_ids
         if not init_ids:
             raise ValueError(f"meta_token_init {config.meta_token_init!r} encodes to no token")
@@ -148,7 +153,7 @@ class QuietStarForCausalLM(nn.Module):
             verify_tokenization(tokenizer, directory)
             lm = AutoModelForCausalLM.from_pretrained(directory, **model_kwargs)
         lm.eval()
-        model = cls.from_base(lm, tokenizer, config)
+        model = cls.from_base(lm, tokenizer, config, saved_tokenizer=True)
         model.load_head(directory)
         return model
 

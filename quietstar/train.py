@@ -150,6 +150,10 @@ class TrainingRecipe:
         resolved configuration written into it."""
         cfg = self.config
         self.resume_from = checkpoint.resolve_resume(cfg.resume, cfg.output_dir) if cfg.resume else None
+        if self.resume_from is not None and cfg.max_steps < checkpoint.step_of(self.resume_from):
+            raise ValueError(f"max_steps {cfg.max_steps} is below the step of the resumed checkpoint "
+                             f"{self.resume_from} ({checkpoint.step_of(self.resume_from)}): a resumed "
+                             "run continues up to max_steps; give a larger --max-steps")
         if cfg.output_dir:
             out_dir = Path(cfg.output_dir)
         elif self.resume_from is not None:

@@ -20,8 +20,8 @@ from typing import Any, Literal
 
 import yaml
 
-from .arguments import merge, read_yaml
-from .checkpoint import resolve_resume
+from .arguments import check_field_types, merge, read_yaml
+from .checkpoint import CheckpointError, resolve_resume
 from .config import QuietStarConfig
 from .metrics import REPORT_TO
 from .models import EMBEDDED_MODEL
@@ -29,6 +29,7 @@ from .models import EMBEDDED_MODEL
 TRAIN_CONFIG_NAME = "train_config.yaml"
 PRESETS_DIR = Path(__file__).parent / "presets"
 DEFAULT_PRESET = "cpu-demo"
+INFINITE_OK = ("max_grad_norm", "policy_max_grad_norm")  # inf: no clipping
 
 
 @dataclass
@@ -163,8 +164,9 @@ class TrainConfig:
     """The method's settings (thought length, ahead tokens, loss weights, ...)."""
 
     def __post_init__(self) -> None:
-        if isinstance(self.quietstar, dict):
-            self.quietstar = QuietStarConfig.from_dict(self.quietstar)
+        # Types first (a "quietstar" mapping becomes a QuietStarConfig); every float must be
+        # finite but the two clipping norms, where inf means "no clipping".
+        check_field_types(self, infinite_ok=INFINITE_OK)
 
         def need(ok: bool, message: str) -> None:
             if not ok:
@@ -265,7 +267,10 @@ def load_config(config_file: str | Path | None = None,
     base: dict[str, Any] = {}
     if explicit.get("resume"):
         found = resolve_resume(explicit["resume"], explicit.get("output_dir"))
-        if (found / TRAIN_CONFIG_NAME).exists():
-            base = TrainConfig.saved_settings(found)
-            base["output_dir"] = str(found.parent)  # robust to a moved run folder / another cwd
+        if not (found / TRAIN_CONFIG_NAME).is_file():
+            raise CheckpointError(f"{found / TRAIN_CONFIG_NAME} is missing: {found} is not a complete "
+                                  "checkpoint (every checkpoint holds the settings it was trained "
+                                  "with); resume from another checkpoint, or start a fresh run")
+        base = TrainConfig.saved_settings(found)
+        base["output_dir"] = str(found.parent)  # robust to a moved run folder / another cwd
     return TrainConfig.from_dict(merge(base, explicit))

@@ -8,10 +8,12 @@ import hashlib
 import itertools
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Protocol
 
 import torch
 
+from .config import QUIETSTAR_CONFIG_NAME
 from .data import TokenBatches, heldout_split, load_texts
 from .modeling import QuietStarForCausalLM
 from .train_config import TrainConfig
@@ -51,7 +53,9 @@ def build_model(config: TrainConfig) -> QuietStarForCausalLM:
     lm, tokenizer = load_base_model(config.model, dtype=torch.float32)
     if tokenizer.pad_token is None:  # padding is masked out of the loss; any token will do
         tokenizer.pad_token = tokenizer.eos_token
-    model = QuietStarForCausalLM.from_base(lm, tokenizer, config.quietstar)
+    # A saved QuietStar model as the base: its tokenizer holds the meta tokens already.
+    saved = (Path(config.model).expanduser() / QUIETSTAR_CONFIG_NAME).is_file()
+    model = QuietStarForCausalLM.from_base(lm, tokenizer, config.quietstar, saved_tokenizer=saved)
     model._no_split_modules = getattr(lm, "_no_split_modules", None)  # FSDP auto-wrap reads it
     if config.lora_rank:
         _apply_lora(model, config)
