@@ -177,8 +177,9 @@ def merged_lora_state_dict(peft_lm) -> dict[str, torch.Tensor]:
 
 
 def save_model(model: QuietStarForCausalLM, directory: str | Path,
-               state_dict: dict[str, torch.Tensor] | None = None) -> None:
-    """Writes ``model`` in the ``QuietStarForCausalLM.save_pretrained`` format.
+               state_dict: dict[str, torch.Tensor] | None = None, training=None) -> None:
+    """Writes ``model`` in the ``QuietStarForCausalLM.save_pretrained`` format (its model card
+    with ``training``, a ``model_card.TrainingFacts``, if given).
 
     ``state_dict`` (the full state dict of ``model``, e.g. gathered from FSDP / ZeRO-3 shards)
     replaces the live parameters. A LoRA model is written with the adapter merged in, so
@@ -186,9 +187,9 @@ def save_model(model: QuietStarForCausalLM, directory: str | Path,
     """
     with quiet_transformers():
         if state_dict is None and not _is_peft(model.lm):
-            model.save_pretrained(directory)
+            model.save_pretrained(directory, training=training)
         else:
-            _save_pieces(model, Path(directory), state_dict)
+            _save_pieces(model, Path(directory), state_dict, training)
 
 
 def save_adapter(model: QuietStarForCausalLM, directory: str | Path) -> None:
@@ -198,7 +199,7 @@ def save_adapter(model: QuietStarForCausalLM, directory: str | Path) -> None:
 
 
 def _save_pieces(model: QuietStarForCausalLM, directory: Path,
-                 state_dict: dict[str, torch.Tensor] | None) -> None:
+                 state_dict: dict[str, torch.Tensor] | None, training=None) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     if _is_peft(model.lm):
         lm, lm_state = model.lm.get_base_model(), merged_lora_state_dict(model.lm)
@@ -206,7 +207,7 @@ def _save_pieces(model: QuietStarForCausalLM, directory: Path,
         lm = model.lm
         lm_state = {k.removeprefix("lm."): v for k, v in state_dict.items() if k.startswith("lm.")}
     lm.save_pretrained(directory, state_dict=lm_state)
-    model.save_method_files(directory, state_dict)
+    model.save_method_files(directory, state_dict, training)
 
 
 def _read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
@@ -336,7 +337,7 @@ def check_fingerprint(checkpoint: Path, saved: dict[str, Any], current: dict[str
 def save_checkpoint(run_dir: str | Path, step: int, model: QuietStarForCausalLM, *,
                     training_state: dict[str, Any], config, keep: int,
                     full_state: dict[str, torch.Tensor] | None = None, lora: bool = False,
-                    save_sharded=None, is_main: bool = True, barrier=None) -> Path:
+                    save_sharded=None, is_main: bool = True, barrier=None, training=None) -> Path:
     """Writes checkpoint ``step`` of the run in ``run_dir`` and returns its folder.
 
     Temporary folder -> model -> adapter (LoRA) -> training state -> config (``config.save``)
@@ -354,7 +355,7 @@ def save_checkpoint(run_dir: str | Path, step: int, model: QuietStarForCausalLM,
     if save_sharded is not None:
         save_sharded(tmp / SHARDED_DIR)
     if is_main:
-        save_model(model, tmp / MODEL_DIR, full_state)
+        save_model(model, tmp / MODEL_DIR, full_state, training)
         if lora:
             save_adapter(model, tmp / ADAPTER_DIR)
         save_training_state(tmp, training_state)

@@ -92,13 +92,14 @@ class QuietStarForCausalLM(nn.Module):
         attention.install(model)
         return cls(model, tokenizer, config, embedding, head.to(base_embed.weight.device))
 
-    def save_pretrained(self, directory: str | Path) -> None:
-        """Writes the base LM (safetensors), tokenizer, QuietStar config and learned head."""
+    def save_pretrained(self, directory: str | Path, training: TrainingFacts | None = None) -> None:
+        """Writes the base LM (safetensors), tokenizer, QuietStar config, learned head and the
+        model card (with ``training``'s facts if given)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         with quiet_transformers():
             self.lm.save_pretrained(directory)
-            self.save_method_files(directory)
+            self.save_method_files(directory, training=training)
 
     def save_method_files(self, directory: str | Path, state_dict: dict[str, torch.Tensor] | None = None,
                           training: TrainingFacts | None = None) -> None:

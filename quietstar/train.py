@@ -45,6 +45,7 @@ from .cpu import tune_for_training
 from .distributed import build_model_whole, shard_lm_embedding
 from .metrics import CURVES_NAME, METRICS_NAME, MetricsLogger, SampleWriter, format_sample, \
     plot_training_curves, thought_samples
+from .model_card import TrainingFacts
 from .modeling import QuietStarForCausalLM
 from .optim import build_optimizer, lr_at, set_learning_rate
 from .run_folder import StopRequests, prepare_output_dir, run_logging, running_mean, summary
@@ -109,6 +110,8 @@ class TrainingRecipe:
         self.first_eval: dict[str, float] = {}
         self.record: dict[str, Any] = {}
         self.last_checkpoint: Path | None = None
+        self.last_eval: dict[str, float] = {}    # the latest held-out figures, for the model card
+        self.last_samples: list[str] = []        # the latest sampled thoughts, likewise
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
@@ -220,11 +223,14 @@ class TrainingRecipe:
                  "nonfinite_in_a_row": self.nonfinite, "fingerprint": self.fingerprint}
         if self.ema:
             state["ema"] = {k: v.detach().cpu() for k, v in self.unwrapped.ema_lm.state_dict().items()}
+        facts = TrainingFacts(data=self.config.data, steps=step,
+                              tokens_per_step=self.config.batch_size * self.config.seq_len,
+                              heldout=dict(self.last_eval), samples=list(self.last_samples))
         self.last_checkpoint = checkpoint.save_checkpoint(
             self.out_dir, step, self.unwrapped, training_state=state, config=self.config,
             keep=self.config.keep_checkpoints, full_state=full_state, lora=bool(self.config.lora_rank),
             save_sharded=(lambda folder: acc.save_state(str(folder))) if self.sharded else None,
-            is_main=self.main, barrier=acc.wait_for_everyone)
+            is_main=self.main, barrier=acc.wait_for_everyone, training=facts)
         return self.last_checkpoint
 
     def load_checkpoint(self, path: Path) -> None:
@@ -331,6 +337,7 @@ class TrainingRecipe:
                 results |= hook(self.unwrapped, step)
         self.unwrapped.train()
         self.first_eval.update({k: v for k, v in results.items() if k not in self.first_eval})
+        self.last_eval = results
         logger.info(f"step {step} held-out: " + ", ".join(
             f"{k.removeprefix('eval/')} {v:.4f}" for k, v in results.items()))
         return results
@@ -355,7 +362,8 @@ class TrainingRecipe:
             shown = thought_samples(self.tokenizer, rows["input_ids"][0].cpu(), out.thought_ids[0, 0].cpu(),
                                     positions, self.config.quietstar.ahead_tokens)
             self.samples.write(step, shown)
-            logger.info(f"step {step} thoughts:\n" + "\n".join(f"  {format_sample(s)}" for s in shown))
+            self.last_samples = [format_sample(s) for s in shown]
+            logger.info(f"step {step} thoughts:\n" + "\n".join(f"  {s}" for s in self.last_samples))
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> TrainResult:
@@ -432,6 +440,10 @@ class TrainingRecipe:
             plot_training_curves(self.out_dir / METRICS_NAME, self.out_dir / CURVES_NAME)
             logger.info(summary(self.out_dir, self.last_checkpoint, self.step, total, self.history,
                                 self.first_eval, self.record, interrupted, self.start_step))
+            if self.config.push_to_hub and self.last_checkpoint is not None and not interrupted:
+                url = self.unwrapped.push_to_hub(self.config.push_to_hub,
+                                                 folder=self.last_checkpoint / checkpoint.MODEL_DIR)
+                logger.info(f"Pushed {self.last_checkpoint.name}/model to {url}")
 
 
 def _move_grads(params, into: dict | None) -> None:

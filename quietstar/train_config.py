@@ -14,6 +14,7 @@ run's saved settings take its place).
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
@@ -156,6 +157,10 @@ class TrainConfig:
     """Also send the metrics to TensorBoard (<output_dir>/tensorboard) or Weights & Biases;
     metrics.jsonl is always written."""
 
+    push_to_hub: str | None = None
+    """At the end, upload the last checkpoint's model (with its model card) to this Hugging Face
+    Hub repo ("owner/name", created if missing; needs a token: huggingface-cli login)."""
+
     max_nonfinite_steps: int = 3
     """Stop (after saving) when this many steps in a row have a NaN/inf loss or gradient; such
     steps are skipped."""
@@ -203,6 +208,8 @@ class TrainConfig:
              "reward_baseline='ema_base' with LoRA is not supported (the EMA copy would follow the "
              "frozen base weights); train all weights (--lora-rank 0) or use another baseline")
         need(self.lora_alpha > 0, f"lora_alpha must be > 0, got {self.lora_alpha!r}")
+        need(self.push_to_hub is None or re.fullmatch(r"[\w.-]+/[\w.-]+", self.push_to_hub) is not None,
+             f"push_to_hub must be a Hub repo id 'owner/name', got {self.push_to_hub!r}")
         need(bool(self.lora_target_modules.strip()), "lora_target_modules must not be empty")
         for name, allowed in (("data_mode", ("pack", "crop")),
                               ("lr_schedule", ("cosine", "linear", "constant")),

@@ -99,3 +99,38 @@ def test_a_cached_hub_model_loads_offline_with_the_usual_arguments(tmp_path, mon
         QuietStarForCausalLM.from_pretrained("me/not-there", cache_dir=tmp_path / "cache")
     with pytest.raises(FileNotFoundError, match="neither a saved QuietStar model folder nor a Hub repo id"):
         QuietStarForCausalLM.from_pretrained(tmp_path / "missing")
+
+
+def test_training_writes_its_facts_into_the_card_and_pushes_the_last_model(tiny_model_dir, tmp_path, monkeypatch):
+    import huggingface_hub
+
+    from quietstar.train import TrainConfig, train
+
+    uploads = []
+
+    class FakeApi:
+        def __init__(self, token=None):
+            pass
+
+        def create_repo(self, repo_id, **kwargs):
+            return f"https://huggingface.co/{repo_id}"
+
+        def upload_folder(self, repo_id, folder_path, **kwargs):
+            from pathlib import Path
+            uploads.append((repo_id, Path(folder_path), (Path(folder_path) / "README.md").read_text()))
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    monkeypatch.setattr("quietstar.train.plot_training_curves", lambda *args: None)
+    config = TrainConfig.from_dict(dict(
+        model=str(tiny_model_dir), output_dir=str(tmp_path / "run"), seq_len=16, max_steps=2,
+        eval_every=2, eval_batches=1, eval_documents=5, sample_every=1, num_documents=40,
+        push_to_hub="me/tiny-thinker", quietstar={"sampled_thought_tokens": 2, "ahead_tokens": 2}))
+    result = train(config)
+    card = (result.checkpoint / "model" / "README.md").read_text()
+    assert "- data: `builtin:arithmetic`" in card and "- optimiser steps: 2 of 16 tokens" in card
+    assert "| nll_with_thought |" in card and "«" in card
+    assert uploads == [("me/tiny-thinker", result.checkpoint / "model", card)]
+    import pytest
+
+    with pytest.raises(ValueError, match="push_to_hub must be a Hub repo id 'owner/name'"):
+        TrainConfig(push_to_hub="not a repo")
