@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -17,7 +16,7 @@ from ..analysis import difficulty_report, format_difficulty_table, token_nlls
 from ..arguments import add_dataclass_arguments, option, parse_dataclass
 from ..data import load_texts
 from ..plots import plot_difficulty
-from .common import ModelArguments, check_output, fail
+from .common import ModelArguments, check_output, command_main, fail
 
 HELP = "per-token NLL gains against token difficulty"
 
@@ -80,11 +79,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="quietstar analyze", description=HELP,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
+    """``quietstar analyze ...`` from Python (``argv`` without the command name)."""
+    return command_main("analyze", argv)
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -68,6 +68,14 @@ def check_output(path: str | Path, flag: str, folder: bool = False) -> Path:
     return path
 
 
+def command_main(command: str, argv: list[str] | None) -> int:
+    """Runs ``quietstar <command> <argv>`` (``argv`` None: the process's arguments) through the one
+    parser, so a command's module needs no parser of its own."""
+    from ..cli import main
+
+    return main([command, *(sys.argv[1:] if argv is None else argv)])
+
+
 def fail(command: str, error: BaseException) -> int:
     """Reports bad input on one stderr line, as ``quietstar <command>: error: ...``; returns 2."""
     print(f"quietstar {command}: error: {error}", file=sys.stderr)

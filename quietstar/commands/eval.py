@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 from ..arguments import add_dataclass_arguments, option, parse_dataclass
 from ..evaluation import METRICS, evaluate, format_table, load_items
-from .common import ModelArguments, check_output, fail
+from .common import ModelArguments, check_output, command_main, fail
 
 HELP = "GSM8K / CommonsenseQA / lm-eval scores with and without thoughts"
 
@@ -96,11 +95,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="quietstar eval", description=HELP,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
+    """``quietstar eval ...`` from Python (``argv`` without the command name)."""
+    return command_main("eval", argv)
 
-
-if __name__ == "__main__":
-    sys.exit(main())

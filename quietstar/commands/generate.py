@@ -15,7 +15,7 @@ import torch
 from ..arguments import add_dataclass_arguments, field_docs, option, parse_dataclass
 from ..generation import generate
 from ..models import load_quietstar_model
-from .common import check_thought_settings, fail
+from .common import check_thought_settings, command_main, fail
 
 HELP = "generate text, thinking before every token"
 
@@ -142,11 +142,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="quietstar generate", description=HELP,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
+    """``quietstar generate ...`` from Python (``argv`` without the command name)."""
+    return command_main("generate", argv)
 
-
-if __name__ == "__main__":
-    sys.exit(main())

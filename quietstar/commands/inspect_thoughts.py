@@ -8,13 +8,12 @@ Named ``inspect_thoughts`` so that running it as a script does not shadow the st
 from __future__ import annotations
 
 import argparse
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..arguments import add_dataclass_arguments, option, parse_dataclass
 from ..viewer import write_page
-from .common import ModelArguments, check_output, fail
+from .common import ModelArguments, check_output, command_main, fail
 
 HELP = "write an HTML page showing each token's thought"
 
@@ -74,11 +73,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="quietstar inspect", description=HELP,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
+    """``quietstar inspect ...`` from Python (``argv`` without the command name)."""
+    return command_main("inspect", argv)
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -12,6 +12,7 @@ import sys
 from ..arguments import add_dataclass_arguments, given_settings
 from ..train import TrainConfig, TrainingDiverged, load_config, train
 from ..train_config import DEFAULT_PRESET, config_file_path, presets
+from .common import command_main
 
 HELP = "train a model with Quiet-STaR"
 
@@ -47,11 +48,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="quietstar train", description=HELP,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
+    """``quietstar train ...`` from Python (``argv`` without the command name)."""
+    return command_main("train", argv)
 
-
-if __name__ == "__main__":
-    sys.exit(main())
