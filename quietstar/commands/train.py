@@ -44,7 +44,19 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError, PermissionError, ImportError) as e:
         print(f"quietstar train: error: {e}", file=sys.stderr)
         return 2
+    finally:
+        _end_process_group()
     return 130 if result.interrupted else 0
+
+
+def _end_process_group() -> None:
+    """Tears down the process group accelerate opened (DDP / FSDP / DeepSpeed runs): left to the
+    interpreter's exit, gloo's threads can abort a process that already finished its work
+    ("terminate called without an active exception"), failing the whole launch."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def main(argv: list[str] | None = None) -> int:
