@@ -287,19 +287,8 @@ class TrainingRecipe:
                     _move_grads(self.model.parameters(), apart["policy"])
             for name, value in {"loss": out.loss.detach(), **out.metrics}.items():
                 sums[name] = sums.get(name, 0) + value.float() / self.accumulation
-        extra: dict[str, float] = {}
-        if cfg.policy_max_grad_norm is not None:
-            _move_grads(apart["policy"], None)  # clip the policy gradient alone, put it aside
-            extra["policy_grad_norm"] = float(torch.nn.utils.clip_grad_norm_(
-                list(self.model.parameters()), cfg.policy_max_grad_norm))
-            apart["policy"] = {}
-            _move_grads(self.model.parameters(), apart["policy"])
-            _move_grads(apart["nll"], None)  # .grad = the NLL gradient, clipped below as usual
-        grad_norm = acc.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
-        if cfg.policy_max_grad_norm is not None:
-            _add_grads(apart["policy"])
+        grad_norm, extra = self._clip_gradients(apart if cfg.policy_max_grad_norm is not None else None)
         values, self.stop_requested = self._reduce(sums)
-        grad_norm = float(grad_norm) if grad_norm is not None else None
         finite = math.isfinite(values["loss"]) and (grad_norm is None or math.isfinite(grad_norm)) \
             and all(math.isfinite(v) for v in extra.values())
         if finite:
@@ -319,6 +308,24 @@ class TrainingRecipe:
         if not finite:
             record["skipped"] = True
         return record, rows, out
+
+    def _clip_gradients(self, apart: dict[str, dict] | None) -> tuple[float | None, dict[str, float]]:
+        """Clips the step's gradient; returns its norm and extra metrics. With ``apart`` (the NLL
+        and policy gradients kept apart, policy_max_grad_norm) each is clipped at its own norm and
+        the two are summed into ``.grad``."""
+        cfg, params = self.config, self.model.parameters
+        extra: dict[str, float] = {}
+        if apart is not None:
+            _move_grads(apart["policy"], None)  # clip the policy gradient alone, put it aside
+            extra["policy_grad_norm"] = float(torch.nn.utils.clip_grad_norm_(list(params()),
+                                                                             cfg.policy_max_grad_norm))
+            apart["policy"] = {}
+            _move_grads(params(), apart["policy"])
+            _move_grads(apart["nll"], None)  # .grad = the NLL gradient, clipped below as usual
+        grad_norm = self.accelerator.clip_grad_norm_(params(), cfg.max_grad_norm)
+        if apart is not None:
+            _add_grads(apart["policy"])
+        return (float(grad_norm) if grad_norm is not None else None), extra
 
     def _reduce(self, sums: dict[str, torch.Tensor]) -> tuple[dict[str, float], bool]:
         """One reduction gives every process the same numbers and the same stop decision."""

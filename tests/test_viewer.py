@@ -165,7 +165,7 @@ def test_inspect_cli_needs_exactly_one_text(tmp_path, capsys):
     assert cli.main(["inspect", "--model", missing, "--text", "a b", "--text-file", "t.txt"]) == 2
     assert capsys.readouterr().err == "quietstar inspect: error: give --text or --text-file, not both\n"
     assert cli.main(["inspect", "--model", missing, "--text-file", str(tmp_path / "none.txt")]) == 2
-    assert "No such file" in capsys.readouterr().err
+    assert capsys.readouterr().err == f"quietstar inspect: error: --text-file {tmp_path / 'none.txt'} does not exist\n"
 
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
