@@ -6,6 +6,7 @@ A checkpoint is a folder ``<run>/checkpoint-<step>/``:
                          (with LoRA: the adapter merged into the base weights)
     adapter/             LoRA only: the unmerged peft adapter, what a resumed run continues from
     training_state.pt    step, optimiser state, RNG states, data position, model fingerprint
+    checksums.json       the SHA-256 of every other file, verified before anything is loaded
     train_config.yaml    the resolved training configuration (``TrainConfig.save``)
     accelerate_state/    FSDP / DeepSpeed only: the sharded model and optimiser (accelerate)
 
@@ -17,6 +18,8 @@ checkpoints intact and at worst a ``.tmp-*`` folder, which the next run removes.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import random
 import re
@@ -34,6 +37,7 @@ from .quiet import quiet_transformers
 
 PREFIX = "checkpoint-"
 STATE_NAME = "training_state.pt"
+CHECKSUMS_NAME = "checksums.json"
 MODEL_DIR = "model"
 ADAPTER_DIR = "adapter"
 SHARDED_DIR = "accelerate_state"
@@ -210,11 +214,11 @@ def _save_pieces(model: QuietStarForCausalLM, directory: Path,
     model.save_method_files(directory, state_dict, training)
 
 
-def _read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
-    files = sorted(folder.glob("*.safetensors"))
+def _read_safetensors(folder: Path, pattern: str) -> dict[str, torch.Tensor]:
+    files = sorted(folder.glob(pattern))
     if not files:
-        raise CheckpointError(f"{folder} holds no .safetensors weights; the checkpoint is "
-                              "incomplete: delete it to resume from an earlier one")
+        raise CheckpointError(f"{folder} holds no {pattern} weights: they are missing, the checkpoint "
+                              f"is incomplete; delete {folder.parent} to resume from an earlier one")
     tensors = {}
     for file in files:
         try:
@@ -245,7 +249,7 @@ def load_model_weights(model: QuietStarForCausalLM, checkpoint: str | Path, mode
     if _is_peft(model.lm):
         from peft import set_peft_model_state_dict
 
-        adapter = _read_safetensors(checkpoint / ADAPTER_DIR)
+        adapter = _read_safetensors(checkpoint / ADAPTER_DIR, "adapter_model*.safetensors")
         try:
             result = set_peft_model_state_dict(model.lm, adapter)
         except RuntimeError as e:
@@ -253,7 +257,7 @@ def load_model_weights(model: QuietStarForCausalLM, checkpoint: str | Path, mode
         if getattr(result, "unexpected_keys", None):
             raise _mismatch(checkpoint, f"unexpected adapter weights {result.unexpected_keys[:3]}")
         return
-    weights = _read_safetensors(checkpoint / model_dir)
+    weights = _read_safetensors(checkpoint / model_dir, "model*.safetensors")  # not the head file
     weights = {k: v for k, v in weights.items()
                if not k.startswith(("meta_embeddings.", "mixing_head."))}
     try:
@@ -333,6 +337,43 @@ def check_fingerprint(checkpoint: Path, saved: dict[str, Any], current: dict[str
 
 
 
+# ------------------------------------------------------------------------------ checksums
+def _sha256(path: Path) -> str:
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def write_checksums(folder: Path) -> Path:
+    """``<folder>/checksums.json``: the SHA-256 of every file under ``folder``, by relative path."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != CHECKSUMS_NAME)
+    sums = {p.relative_to(folder).as_posix(): _sha256(p) for p in files}
+    path = folder / CHECKSUMS_NAME
+    path.write_text(json.dumps(sums, indent=1) + "\n", encoding="utf-8")
+    return path
+
+
+def verify_checksums(checkpoint: Path) -> None:
+    """CheckpointError naming the first file of ``checkpoint`` that is missing or whose bytes
+    changed since it was written (a checkpoint from before checksums existed is not checked)."""
+    path = checkpoint / CHECKSUMS_NAME
+    if not path.exists():
+        return
+    try:
+        sums = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is corrupt ({e}); delete {checkpoint} to resume from an "
+                              "earlier checkpoint") from None
+    for name, digest in sums.items():
+        file = checkpoint / name
+        if not file.is_file():
+            raise CheckpointError(f"{file} is missing; the checkpoint is incomplete: delete {checkpoint} "
+                                  "to resume from an earlier one")
+        if _sha256(file) != digest:
+            raise CheckpointError(f"{file} has changed since it was written (its SHA-256 does not "
+                                  f"match {CHECKSUMS_NAME}): the file is damaged; delete {checkpoint} "
+                                  "to resume from an earlier checkpoint")
+
+
 # ------------------------------------------------------------------------------ the protocol
 def save_checkpoint(run_dir: str | Path, step: int, model: QuietStarForCausalLM, *,
                     training_state: dict[str, Any], config, keep: int,
@@ -360,6 +401,7 @@ def save_checkpoint(run_dir: str | Path, step: int, model: QuietStarForCausalLM,
             save_adapter(model, tmp / ADAPTER_DIR)
         save_training_state(tmp, training_state)
         config.save(tmp)
+        write_checksums(tmp)
         commit(run_dir, step, keep)
     barrier()
     return run_dir / checkpoint_name(step)
@@ -373,6 +415,7 @@ def load_checkpoint(checkpoint: str | Path, model: QuietStarForCausalLM, fingerp
     The fingerprint is checked before any weight is touched. ``load_sharded(folder)``
     (FSDP / DeepSpeed: accelerate's ``load_state``) replaces loading the model and optimiser."""
     checkpoint = Path(checkpoint)
+    verify_checksums(checkpoint)  # before any file is read (the sharded state is unpickled)
     state = load_training_state(checkpoint)
     check_fingerprint(checkpoint, state["fingerprint"], fingerprint)
     if load_sharded is not None:

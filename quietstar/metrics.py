@@ -47,7 +47,8 @@ class MetricsLogger:
     """Per-step metrics to ``<output_dir>/metrics.jsonl`` and, optionally, TensorBoard or W&B.
 
     ``resume_step`` (when continuing a run) first removes the records of later steps, which the
-    interrupted run logged but the checkpoint does not contain, so the file reads as one run.
+    interrupted run logged but the checkpoint does not contain, so the file reads as one run
+    (-1: a fresh run in this folder, no record kept).
     """
 
     def __init__(self, output_dir: str | Path, report_to: str = "none",

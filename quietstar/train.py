@@ -395,7 +395,9 @@ class TrainingRecipe:
         if self.resume_from is not None:
             self.load_checkpoint(self.resume_from)
         self.start_data()
-        resumed = self.start_step if self.state is not None else None
+        # A fresh run starts its logs afresh (-1: keep no record), also in a folder that a run
+        # killed before its first checkpoint left: its records would otherwise be repeated.
+        resumed = self.start_step if self.state is not None else -1
         self.metrics = MetricsLogger(self.out_dir, cfg.report_to, cfg.to_dict(), resume_step=resumed) \
             if self.main else None
         self.samples = SampleWriter(self.out_dir, resume_step=resumed) if self.main and cfg.sample_every else None

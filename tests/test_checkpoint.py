@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -14,6 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import make_model
 from quietstar import checkpoint
 from quietstar.metrics import read_metrics
 from quietstar.commands.train import main as train_main
@@ -154,3 +156,40 @@ def test_rng_states_round_trip_through_a_saved_training_state(tmp_path):
     random.random(), np.random.rand(), torch.rand(3)  # move them on
     checkpoint.restore_rng(checkpoint.load_training_state(tmp_path)["rng"])
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
+
+
+def test_flipped_bytes_and_missing_files_are_named_before_anything_loads(tiny_model_dir, tmp_path):
+    """Every file a checkpoint writes has its SHA-256 in checksums.json, verified on resume before
+    any file is read: bytes flipped inside the tensor data (which safetensors loads silently) and a
+    missing weights file are named."""
+    args = train_args(tiny_model_dir, tmp_path / "run", "--max-steps", "1")
+    run_in_process(args)
+    ckpt = checkpoint.latest_checkpoint(tmp_path / "run")
+    sums = json.loads((ckpt / checkpoint.CHECKSUMS_NAME).read_text())
+    assert {"model/model.safetensors", "model/quietstar_head.safetensors", "training_state.pt",
+            "train_config.yaml"} <= sums.keys()
+    weights_file = ckpt / "model" / "model.safetensors"
+    original = weights_file.read_bytes()
+    flipped = bytearray(original)
+    flipped[len(flipped) - 100] ^= 0xFF  # inside the last tensor's data, past the header
+    weights_file.write_bytes(bytes(flipped))
+    load_file(weights_file)  # safetensors itself does not notice
+    resume = train_args(tiny_model_dir, tmp_path / "run", "--max-steps", "2", "--resume", "latest")
+    with pytest.raises(checkpoint.CheckpointError, match=r"model\.safetensors has changed since it was written"):
+        checkpoint.verify_checksums(ckpt)
+    assert train_main(resume[4:]) == 2
+    weights_file.unlink()
+    with pytest.raises(checkpoint.CheckpointError, match=r"model\.safetensors is missing"):
+        checkpoint.verify_checksums(ckpt)
+    (ckpt / checkpoint.CHECKSUMS_NAME).unlink()  # no checksums (an older checkpoint): the glob must
+    with pytest.raises(checkpoint.CheckpointError, match=r"holds no model\*\.safetensors weights"):
+        checkpoint.load_model_weights(make_model(), ckpt)  # not take the head file
+
+
+def test_a_fresh_start_after_a_kill_before_the_first_checkpoint_logs_each_step_once(tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"step": 1, "loss": 9.0}\n{"step": 2, "loss": 9.0}\n')  # the killed run's
+    run_in_process(train_args(tiny_model_dir, out, "--max-steps", "3"))
+    assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [1, 2, 3]
+    assert all(r["loss"] != 9.0 for r in read_metrics(out / "metrics.jsonl"))
