@@ -156,6 +156,10 @@ def generate(
     _check_inputs(model, input_ids, attention_mask, max_new_tokens, do_sample, temperature, top_k,
                   top_p)
     k, thought_t = model.config.thought_settings(thought_tokens, thought_temperature)
+    # The last token fed is the last-but-one new one, at L + N - 2; its thought ends at + k + 2.
+    L, N = input_ids.shape[1], max_new_tokens
+    model.check_positions(L + max(N - 1, 0) + (k + 2 if k and N else 0),
+                          f"generating {N} tokens after a {L}-token prompt")
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     show_thoughts = hasattr(streamer, "put_thought") and k > 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -228,6 +229,24 @@ class QuietStarForCausalLM(nn.Module):
             logits = logits.index_fill(-1, self._meta_logit_ids, float("-inf"))
         return logits
 
+    def check_positions(self, positions: int, what: str) -> None:
+        """``what`` needs position ids 0..positions-1 (a thought after position p continues the
+        text's positions: p+1 .. p+k+2, then the teacher-forced tokens). Beyond the LM's
+        ``max_position_embeddings``: a model with learned absolute positions (GPT-2) has no
+        embedding there, so ValueError before any work; a rotary model computes but was not
+        trained there, so a warning."""
+        text = self.lm.config.get_text_config()
+        limit = getattr(text, "max_position_embeddings", None) or getattr(text, "n_positions", None)
+        if limit is None or positions <= limit:
+            return
+        rotary = getattr(text, "rope_parameters", None) is not None or getattr(text, "rope_theta", None) is not None
+        message = (f"{what} needs position ids up to {positions - 1}, but {type(self.lm).__name__} has "
+                   f"{limit} positions (max_position_embeddings)")
+        if not rotary:
+            raise ValueError(f"{message}; shorten the text, or use fewer thought or ahead tokens")
+        warnings.warn(f"{message}: its rotary embeddings go beyond the range it was trained on, "
+                      "and predictions there degrade", stacklevel=3)
+
     def _check_text(self, input_ids, attention_mask):
         """Validates token ids [B, L >= 1] and their mask; returns the mask (ones if None)."""
         if input_ids.dim() != 2 or input_ids.shape[1] == 0:
@@ -298,6 +317,8 @@ class QuietStarForCausalLM(nn.Module):
                              f"{tuple(input_ids.shape)}, got {tuple(thought_ids.shape)}")
         if ((thought_ids == self.start_id) | (thought_ids == self.end_id)).any():
             raise ValueError("thought_ids contain START/END; pass only the inner thought tokens")
+        L, k = input_ids.shape[1], thought_ids.shape[-1]
+        self.check_positions(L + k + self.config.ahead_tokens + 1, f"scoring thoughts on {L} tokens")
         grid = self._score(input_ids, thought_ids, attention_mask)
         mixed, w = self._mix(grid)
         return ThoughtScores(self.logits(grid.base), self.logits(grid.after), w, self.logits(mixed))
@@ -308,6 +329,7 @@ class QuietStarForCausalLM(nn.Module):
         default the config's; ``temperature`` likewise, 0 = greedy)."""
         attention_mask = self._check_text(input_ids, attention_mask)
         k, temperature = self.config.thought_settings(num_tokens, temperature)
+        self.check_positions(input_ids.shape[1] + k, f"sampling thoughts on {input_ids.shape[1]} tokens")
         was_training = self.lm.training
         self.lm.eval()  # sampled without dropout, as the model predicts at inference
         try:
@@ -329,6 +351,8 @@ class QuietStarForCausalLM(nn.Module):
         attention_mask = self._check_text(input_ids, attention_mask)
         targets, valid = self._targets(input_ids, attention_mask, labels)
         B, L = input_ids.shape
+        k = cfg.sampled_thought_tokens if thought_ids is None else thought_ids.shape[-1]
+        self.check_positions(L + k + cfg.ahead_tokens + 1, f"a training step on {L} tokens")
         ema_base_logp = None
         if cfg.reward_baseline == "ema_base":
             ema_base_logp = self._ema_base_logp(input_ids, attention_mask, targets[..., 0]).repeat_interleave(n, 0)
