@@ -38,10 +38,8 @@ def render_card(model, facts: TrainingFacts | None = None) -> str:
                             "tags": ["quiet-star", "thinking", "causal-lm"]}
     if base and not base.startswith(("/", ".")):
         meta["base_model"] = base
-    if facts is not None:
-        meta["datasets"] = [facts.data] if not facts.data.startswith(("/", ".", "builtin:")) else []
-        if not meta["datasets"]:
-            del meta["datasets"]
+    if facts is not None and not facts.data.startswith(("/", ".", "builtin:")):  # a Hub dataset
+        meta["datasets"] = [facts.data]
     lines = ["---", yaml.safe_dump(meta, sort_keys=False).strip(), "---", "",
              f"# Quiet-STaR model{f' from {base}' if base else ''}", "",
              "A causal LM that thinks before it speaks, by the method of \"Quiet-STaR: Language Models "

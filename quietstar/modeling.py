@@ -247,6 +247,13 @@ class QuietStarForCausalLM(nn.Module):
         warnings.warn(f"{message}: its rotary embeddings go beyond the range it was trained on, "
                       "and predictions there degrade", stacklevel=3)
 
+    def check_rollout_positions(self, length: int, what: str, thought_tokens: int | None = None) -> None:
+        """``check_positions`` for a rollout over ``length`` text tokens: its last pass (the last
+        teacher-forced token after a ``thought_tokens``-token thought, default the config's k)
+        sits at position length - 1 + k + A + 1."""
+        k = self.config.sampled_thought_tokens if thought_tokens is None else thought_tokens
+        self.check_positions(length + k + self.config.ahead_tokens + 1, what)
+
     def _check_text(self, input_ids, attention_mask):
         """Validates token ids [B, L >= 1] and their mask; returns the mask (ones if None)."""
         if input_ids.dim() != 2 or input_ids.shape[1] == 0:
@@ -317,8 +324,8 @@ class QuietStarForCausalLM(nn.Module):
                              f"{tuple(input_ids.shape)}, got {tuple(thought_ids.shape)}")
         if ((thought_ids == self.start_id) | (thought_ids == self.end_id)).any():
             raise ValueError("thought_ids contain START/END; pass only the inner thought tokens")
-        L, k = input_ids.shape[1], thought_ids.shape[-1]
-        self.check_positions(L + k + self.config.ahead_tokens + 1, f"scoring thoughts on {L} tokens")
+        L = input_ids.shape[1]
+        self.check_rollout_positions(L, f"scoring thoughts on {L} tokens", thought_ids.shape[-1])
         grid = self._score(input_ids, thought_ids, attention_mask)
         mixed, w = self._mix(grid)
         return ThoughtScores(self.logits(grid.base), self.logits(grid.after), w, self.logits(mixed))
@@ -351,8 +358,8 @@ class QuietStarForCausalLM(nn.Module):
         attention_mask = self._check_text(input_ids, attention_mask)
         targets, valid = self._targets(input_ids, attention_mask, labels)
         B, L = input_ids.shape
-        k = cfg.sampled_thought_tokens if thought_ids is None else thought_ids.shape[-1]
-        self.check_positions(L + k + cfg.ahead_tokens + 1, f"a training step on {L} tokens")
+        self.check_rollout_positions(L, f"a training step on {L} tokens",
+                                     None if thought_ids is None else thought_ids.shape[-1])
         ema_base_logp = None
         if cfg.reward_baseline == "ema_base":
             ema_base_logp = self._ema_base_logp(input_ids, attention_mask, targets[..., 0]).repeat_interleave(n, 0)

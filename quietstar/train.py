@@ -187,9 +187,8 @@ class TrainingRecipe:
         else:
             model = build_model(cfg)
         q = cfg.quietstar
-        model.check_positions(cfg.seq_len + q.sampled_thought_tokens + q.ahead_tokens + 1,
-                              f"training on seq_len {cfg.seq_len} with k={q.sampled_thought_tokens}, "
-                              f"A={q.ahead_tokens}")  # before any data is read
+        model.check_rollout_positions(cfg.seq_len, f"training on seq_len {cfg.seq_len} with "
+                                      f"k={q.sampled_thought_tokens}, A={q.ahead_tokens}")  # before any data is read
         if self.ema:
             model.ema_baseline_enable()  # before accelerate moves and wraps the model
         self.model = self.unwrapped = model
