@@ -73,6 +73,12 @@ class QuietStarConfig:
     mixed_loss_weight: float = 0.5
     """Weight of the mean over the A ahead steps of the mixed (post-thought) NLL."""
 
+    thought_loss_weight: float = 0.0
+    """Weight of the mean over the A ahead steps of the NLL of the post-thought prediction
+    *before mixing* (0 = the paper). The mixed NLL trains that prediction only in proportion to
+    the mixing weight, which starts at 0: this term teaches the LM to read its own thoughts from
+    the first step, as ``reward_source="thought"`` teaches it to write useful ones."""
+
     meta_token_lr_multiplier: float = 100.0
     """Learning-rate multiplier of the START/END embeddings under Adam-family optimisers. They are
     stored divided by this factor and multiplied back when used, so any Adam optimiser moves them
@@ -123,7 +129,7 @@ class QuietStarConfig:
              f"thought_temperature must be >= 0 (0 = greedy), got {self.thought_temperature!r}")
         need(self.policy_logprob_temperature > 0,
              f"policy_logprob_temperature must be > 0, got {self.policy_logprob_temperature!r}")
-        for name in ("policy_loss_weight", "base_loss_weight", "mixed_loss_weight"):
+        for name in ("policy_loss_weight", "base_loss_weight", "mixed_loss_weight", "thought_loss_weight"):
             value = getattr(self, name)
             need(value >= 0 and math.isfinite(value), f"{name} must be finite and >= 0, got {value!r}")
         need(self.meta_token_lr_multiplier > 0,

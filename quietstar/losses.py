@@ -104,6 +104,7 @@ def quietstar_loss(
 
         base_nll                  next-token NLL without a thought
         mixed_nll, mixed_nll_<s>  NLL of the mixed prediction of x_{i+s} (s = 1..A), and its mean
+        thought_nll               (thought_loss_weight > 0) mean NLL of the post-thought prediction
         policy_loss               the REINFORCE term (unweighted)
         mean_reward               reward after the baseline (and clamping), mean over positions
         positive_reward_fraction  share of rewards > 0 before clamping
@@ -113,8 +114,8 @@ def quietstar_loss(
     base_logp [B*n, L] (log p_base(x_{i+1}) at position i), mixed_logp [B*n, L, A],
     thought_logp [B*n, L, k] (thought tokens at the REINFORCE temperature),
     target_valid [B*n, L, A] (x_{i+1+s} exists and is not ignored); with
-    ``reward_source="thought"`` after_logp [B*n, L, A] (the post-thought prediction before
-    mixing), with ``reward_baseline="ema_base"`` ema_base_logp [B*n, L] (as base_logp, from the
+    ``reward_source="thought"`` or ``thought_loss_weight > 0`` after_logp [B*n, L, A] (the
+    post-thought prediction before mixing), with ``reward_baseline="ema_base"`` ema_base_logp [B*n, L] (as base_logp, from the
     EMA copy of the LM).
     """
     nll_term, policy_term, metrics = quietstar_loss_terms(config, base_logp, mixed_logp, thought_logp,
@@ -165,7 +166,14 @@ def quietstar_loss_terms(config, base_logp, mixed_logp, thought_logp, target_val
     policy_loss = _masked_mean(-reward * thought_logp.mean(-1), position_valid)
 
     nll_term = config.base_loss_weight * base_nll + config.mixed_loss_weight * mixed_nll.mean()
-    metrics = {"base_nll": base_nll, "mixed_nll": mixed_nll.mean(),
+    extra = {}
+    if config.thought_loss_weight > 0:
+        if after_logp is None:
+            raise ValueError("thought_loss_weight > 0 needs after_logp, the post-thought log-likelihoods")
+        thought_nll = torch.stack([_masked_mean(-after_logp[..., s], target_valid[..., s]) for s in range(A)]).mean()
+        nll_term = nll_term + config.thought_loss_weight * thought_nll
+        extra["thought_nll"] = thought_nll
+    metrics = {"base_nll": base_nll, "mixed_nll": mixed_nll.mean(), **extra,
                **{f"mixed_nll_{s + 1}": mixed_nll[s] for s in range(A)},
                "policy_loss": policy_loss,
                "mean_reward": _masked_mean(reward, position_valid),

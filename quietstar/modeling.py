@@ -399,7 +399,9 @@ class QuietStarForCausalLM(nn.Module):
             thought_logp = target_logprobs(self.logits, grid.thought, thoughts,
                                            cfg.policy_logprob_temperature, chunk_tokens=chunk)
         after_logp = None
-        if cfg.reward_source == "thought":  # the reward only: no gradient
+        if cfg.thought_loss_weight > 0:  # a loss term: with gradient
+            after_logp = target_logprobs(self.logits, grid.after, targets, chunk_tokens=chunk)
+        elif cfg.reward_source == "thought":  # the reward only: no gradient
             with torch.no_grad():
                 after_logp = target_logprobs(self.logits, grid.after, targets, chunk_tokens=chunk)
 
