@@ -30,8 +30,11 @@ from typing import Any, Callable, Iterable, Iterator
 import torch
 
 from .arithmetic_corpus import arithmetic_corpus
+from .scratchpad_corpus import scratchpad_corpus
 
 BUILTIN_ARITHMETIC = "builtin:arithmetic"
+BUILTIN_SCRATCHPAD = "builtin:scratchpad"
+BUILTIN_CORPORA = {BUILTIN_ARITHMETIC: arithmetic_corpus, BUILTIN_SCRATCHPAD: scratchpad_corpus}
 LOCAL_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
 
 # ---------------------------------------------------------------------------------------------
@@ -149,6 +152,7 @@ def load_texts(source: str, *, split: str = "train", text_field: str | None = No
 
     ``source`` is one of
       * ``"builtin:arithmetic"``: ``arithmetic_corpus(num_documents or 2000, seed)``;
+      * ``"builtin:scratchpad"``: ``scratchpad_corpus(num_documents or 2000, seed)``;
       * a local ``.txt`` (documents separated by blank lines), ``.jsonl``/``.json`` or
         ``.parquet`` file, or a directory searched recursively for such files (sorted by path).
         Records give their ``text_field`` (default ``"text"``; GSM8K-style question/answer
@@ -159,10 +163,10 @@ def load_texts(source: str, *, split: str = "train", text_field: str | None = No
     ``num_documents`` keeps only the first that many documents. ``split`` only applies to Hub
     datasets and ``seed`` only to the built-in corpus.
     """
-    if source == BUILTIN_ARITHMETIC:
-        return arithmetic_corpus(2000 if num_documents is None else num_documents, seed)
+    if source in BUILTIN_CORPORA:
+        return BUILTIN_CORPORA[source](2000 if num_documents is None else num_documents, seed)
     if source.startswith("builtin:"):
-        raise ValueError(f"unknown built-in corpus {source!r}; available: {BUILTIN_ARITHMETIC!r}")
+        raise ValueError(f"unknown built-in corpus {source!r}; available: {sorted(BUILTIN_CORPORA)}")
     if _looks_local(source):
         path = Path(source).expanduser()
         if not path.exists():
