@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 import yaml
 
-from .arguments import check_field_types, merge, read_yaml
+from .arguments import check_field_types, merge, option, read_yaml
 from .checkpoint import CheckpointError, resolve_resume
 from .config import QuietStarConfig
 from .metrics import REPORT_TO
@@ -63,7 +63,7 @@ class TrainConfig:
     """"pack": documents joined with EOS and cut into seq_len windows. "crop": one document per
     sequence, cut or padded to seq_len (padding is masked out of the loss)."""
 
-    output_dir: str | None = None
+    output_dir: str | None = option(None, output="folder")
     """Run folder for checkpoints, metrics, curves and samples (None: runs/quietstar-<time>)."""
 
     seq_len: int = 32

@@ -201,9 +201,9 @@ def test_bad_paths_are_refused_before_the_model_loads(tmp_path, monkeypatch, cap
 
 
 def test_empty_prompt_is_refused(tmp_path, monkeypatch, capsys):
-    import quietstar.commands.generate as command
+    import quietstar.commands.common as common
 
-    monkeypatch.setattr(command, "load_quietstar_model", lambda name, device: make_model())
+    monkeypatch.setattr(common, "load_quietstar_model", lambda name, device, *args, **kwargs: make_model())
     assert cli.main(["generate", "--model", "m", "--prompt", ""]) == 2
     assert capsys.readouterr().err.strip() == (
         "quietstar generate: error: --prompt is empty (it encodes to no token); give a text to continue")

@@ -496,7 +496,7 @@ def test_bad_input_gives_a_clear_error(tiny_model_dir, tmp_path, case):
     short = tmp_path / "short.txt"
     short.write_text("just a few words")
     settings, message = {
-        "empty": ({"data": str(empty)}, "no complete sequence of 16 tokens"),
+        "empty": ({"data": str(empty)}, "has no documents: it holds no text"),
         "too_short": ({"data": str(short), "seq_len": 3, "batch_size": 8}, "fewer than one batch of 8"),
         "missing_file": ({"data": str(tmp_path / "nope.jsonl")}, "does not exist"),
         "no_model": ({"model": str(tmp_path / "no-such-model")}, "not found: no such local folder"),
