@@ -316,7 +316,7 @@ def test_run_folder_holds_checkpoints_curves_samples_and_config(tiny_model_dir, 
     assert result.checkpoint == out / "checkpoint-000004" and result.step == 4
     record = read_metrics(out / "metrics.jsonl")[-1]
     for key in ("loss", "base_nll", "mixed_nll_1", "mixed_nll_2", "policy_loss", "mean_reward",
-                "positive_reward_fraction", "thought_gain", "mean_mixing_weight", "lr",
+                "positive_reward_fraction", "reward_spread", "thought_gain", "mean_mixing_weight", "lr",
                 "grad_norm", "tokens_per_s"):
         assert math.isfinite(record[key]), key
     assert (out / "training_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
