@@ -46,6 +46,13 @@ class TrainConfig:
     """Base model: a Hugging Face model id, a local model folder, or the embedded
     "embedded:smollm2-135m-instruct" (converted once to a cached safetensors folder)."""
 
+    revision: str | None = None
+    """For a Hub id as model: the branch, tag or commit to load (None: the default branch)."""
+
+    cache_dir: str | None = None
+    """Hugging Face hub cache folder to read a Hub id from (None: the default cache; offline,
+    HF_HUB_OFFLINE=1, only from the cache)."""
+
     data: str = "builtin:arithmetic"
     """Training text: "builtin:arithmetic" (offline), a local .txt/.jsonl/.json/.parquet file or
     folder, or a Hugging Face dataset "name" or "name:config" (streamed)."""

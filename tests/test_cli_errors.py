@@ -274,3 +274,15 @@ def test_a_multi_line_message_is_joined_into_one(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(command.LoadingArguments, "load", fails)
     assert cli.main(["inspect", "--model", "m", "--text", "hi", "--out", str(tmp_path / "page.html")]) == 2
     assert capsys.readouterr().err == "quietstar inspect: error: first line; second line\n"
+
+
+def test_ctrl_c_outside_training_exits_130_without_a_traceback(tmp_path, monkeypatch, capsys):
+    import quietstar.commands.inspect_thoughts as command
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(command.LoadingArguments, "load", interrupted)
+    assert cli.main(["inspect", "--model", "m", "--text", "hi", "--out", str(tmp_path / "page.html")]) == 130
+    assert capsys.readouterr().err == "quietstar inspect: interrupted\n"
+    assert not (tmp_path / "page.html").exists()

@@ -4,6 +4,7 @@ id in a local cache loads offline."""
 
 from __future__ import annotations
 
+import argparse
 import shutil
 from pathlib import Path
 
@@ -142,3 +143,27 @@ def test_the_page_title_names_the_model_not_its_path(loaded, saved, tmp_path):
     assert model_display_name(str(checkpoint)) == "quietstar-20260101-120000/checkpoint-20"
     assert model_display_name("embedded:smollm2-135m-instruct") == "embedded:smollm2-135m-instruct"
     assert model_display_name("HuggingFaceTB/SmolLM2-135M") == "HuggingFaceTB/SmolLM2-135M"
+
+
+def test_train_reads_a_hub_id_at_its_revision_from_the_cache_dir(tmp_path, monkeypatch):
+    """quietstar train's --revision and --cache-dir reach its loader (TrainConfig -> build_model)."""
+    from quietstar.arguments import given_settings
+    from quietstar.commands.train import add_arguments
+    from quietstar.train_config import TrainConfig
+    from quietstar.train_setup import build_model
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for name, seed in (("a", 0), ("b", 1)):
+        make_lm(seed=seed).save_pretrained(tmp_path / name)
+        make_tokenizer().save_pretrained(tmp_path / name)
+    cache = fake_hub_cache(tmp_path / "hub", "someone/lm", {COMMIT_A: tmp_path / "a", COMMIT_B: tmp_path / "b"},
+                           {"main": COMMIT_A})
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--model", "someone/lm", "--cache-dir", str(cache), "--revision", COMMIT_B])
+    config = TrainConfig.from_dict(given_settings(args, TrainConfig))
+    weight = build_model(config).lm.get_input_embeddings().weight
+    torch.testing.assert_close(weight[:300], make_lm(seed=1).get_input_embeddings().weight[:300])
+    config = TrainConfig.from_dict({**config.to_dict(), "revision": None})  # main: the first snapshot
+    weight = build_model(config).lm.get_input_embeddings().weight
+    torch.testing.assert_close(weight[:300], make_lm(seed=0).get_input_embeddings().weight[:300])
