@@ -43,8 +43,9 @@ class ModelArguments:
 
 @dataclass
 class LoadingArguments:
-    """How ``--model`` is loaded, with transformers' usual meaning (every command that takes
-    ``--model`` but ``train``, whose ``--precision`` sets the dtype)."""
+    """How ``--model`` is loaded, with transformers' usual meaning: ``generate``, ``eval``,
+    ``analyze``, ``inspect`` (``train`` has ``--revision`` and ``--cache-dir`` in ``TrainConfig``,
+    and its ``--precision`` for the dtype)."""
 
     dtype: str | None = option(None, shown_default="the checkpoint's")
     """parameter dtype: float32, bfloat16 (bf16), float16 (fp16) or auto"""
