@@ -51,18 +51,22 @@ def field_docs(cls: type) -> dict[str, str]:
 
 SHOWN_DEFAULT = "shown_default"
 METAVAR = "metavar"
+OUTPUT = "output"
 
 
 def option(default: Any = dataclasses.MISSING, *, shown_default: str | None = None,
-           metavar: str | None = None) -> Any:
+           metavar: str | None = None, output: Literal["file", "folder"] | None = None) -> Any:
     """A dataclass field with command-line details: ``shown_default`` is what the help gives as
     the default (e.g. "the model's sampled_thought_tokens" for a None that the model resolves),
-    ``metavar`` names the value in the usage line."""
-    metadata = {}
+    ``metavar`` names the value in the usage line, ``output`` marks a path the command writes
+    (a file or a folder), which the commands check before any work."""
+    metadata: dict[str, Any] = {}
     if shown_default is not None:
         metadata[SHOWN_DEFAULT] = shown_default
     if metavar is not None:
         metadata[METAVAR] = metavar
+    if output is not None:
+        metadata[OUTPUT] = output
     return dataclasses.field(default=default, metadata=metadata)
 
 
@@ -190,8 +194,13 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise FileNotFoundError(f"config file {path} not found") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"config file {path} is not UTF-8 text; give a YAML file") from None
     except yaml.YAMLError as e:
-        raise ValueError(f"config file {path} is not valid YAML: {e}") from None
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        what = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ValueError(f"config file {path} is not valid YAML: {what}{where}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

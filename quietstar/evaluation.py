@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 
 from .answers import first_integer, first_number, majority_vote, parse_choice, parse_gsm8k_gold
 from .batching import model_device, pad_sequences
+from .data import read_jsonl
 from .statistics import format_cell, summarize
 
 TASKS = ("gsm8k", "csqa")
@@ -98,17 +99,20 @@ def load_items(task: str, data: str | None = None, limit: int | None = None) -> 
         raise ValueError(f"unknown task {task!r}; choose one of {TASKS}")
     if data is not None:
         path = Path(data).expanduser()
+        if path.is_dir():
+            raise ValueError(f"--data {path} is a folder; give a JSONL file in {HUB_SOURCES[task][0]}'s format")
         if not path.is_file():
             raise FileNotFoundError(f"data file {str(path)!r} does not exist")
-        records = []
-        with path.open(encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        records.append(json.loads(line))
-                    except json.JSONDecodeError as e:
-                        raise ValueError(f"{path}:{n} is not valid JSON ({e}); the file must be "
-                                         "JSONL, one record per line") from None
+        records, lines = [], []
+        for line_no, record in read_jsonl(path):
+            lines.append(line_no)
+            if not isinstance(record, dict):
+                raise ValueError(f"{path}:{line_no} holds a JSON {type(record).__name__}, not a record "
+                                 "(an object {...} per line)")
+            records.append(record)
+        if not records:
+            raise ValueError(f"--data {path} holds no records; give a JSONL file in {HUB_SOURCES[task][0]}'s "
+                             "format, one record per line")
     else:
         import datasets
 
@@ -121,7 +125,13 @@ def load_items(task: str, data: str | None = None, limit: int | None = None) -> 
     if limit is not None:
         records = [records[i] for i in range(min(limit, len(records)))]
     make = gsm8k_item if task == "gsm8k" else csqa_item
-    return [make(record, i) for i, record in enumerate(records)]
+    items = []
+    for i, record in enumerate(records):
+        try:
+            items.append(make(record, i))
+        except ValueError as e:
+            raise ValueError(f"{path}:{lines[i]}: {e}" if data is not None else str(e)) from None
+    return items
 
 
 # --------------------------------------------------------------------------------------- model helpers

@@ -11,6 +11,7 @@ is local, e.g. a task YAML with ``dataset_path: json`` in a folder given as ``in
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -92,6 +93,11 @@ def evaluate_lm_eval(model, tasks: Sequence[str], thought_tokens: int | None = N
 
     K, T = model.config.thought_settings(thought_tokens, thought_temperature)
     manager = TaskManager(include_path=include_path)
+    known = set(manager.match_tasks(list(tasks)))
+    unknown = [t for t in tasks if t not in known and not Path(t).is_file()]
+    if unknown:
+        raise ValueError(f"--lm-eval: unknown lm-eval task(s) {', '.join(unknown)}; `lm-eval ls tasks` "
+                         "lists them (local task YAMLs: --lm-eval-include DIR)")
     raw, per_doc = {}, {}
     for mode, k in (("off", 0), ("on", K)):
         lm = QuietStarLM(model, k, T, batch_size=batch_size, seed=seed)

@@ -107,7 +107,12 @@ def quietstar_loss(
         thought_nll               (thought_loss_weight > 0) mean NLL of the post-thought prediction
         policy_loss               the REINFORCE term (unweighted)
         mean_reward               reward after the baseline (and clamping), mean over positions
-        positive_reward_fraction  share of rewards > 0 before clamping
+        positive_reward_fraction  share of rewards > 0 before clamping (with reward_baseline="base" /
+                                  "ema_base": of thoughts that beat no thought; with "thought_mean"
+                                  and two thoughts 0.5 by construction)
+        reward_spread             std of the rewards (before clamping) over a position's n thoughts,
+                                  mean over positions: how much the thoughts differ, what REINFORCE
+                                  learns from (0 when they all score alike)
         thought_gain              mean over positions of sum_s [log p_mix - log p_base]: > 0 = thoughts help
 
     Rows are grouped as [B*n] with the n thoughts of a text adjacent. Shapes:
@@ -161,6 +166,7 @@ def quietstar_loss_terms(config, base_logp, mixed_logp, thought_logp, target_val
             raise ValueError("reward_baseline='ema_base' needs ema_base_logp, the EMA copy's log-likelihoods")
         reward = reward_ll - (_ahead(ema_base_logp.detach(), A) * valid).sum(-1)
     positive = _masked_mean((reward > 0).float(), position_valid)
+    spread = _masked_mean(reward.view(-1, n, L).std(1, correction=0), position_valid.view(-1, n, L)[:, 0])
     if config.drop_negative_rewards:
         reward = reward.clamp(min=0)
     policy_loss = _masked_mean(-reward * thought_logp.mean(-1), position_valid)
@@ -178,5 +184,6 @@ def quietstar_loss_terms(config, base_logp, mixed_logp, thought_logp, target_val
                "policy_loss": policy_loss,
                "mean_reward": _masked_mean(reward, position_valid),
                "positive_reward_fraction": positive,
+               "reward_spread": spread,
                "thought_gain": _masked_mean(thought_ll - base_ll, position_valid)}
     return nll_term, config.policy_loss_weight * policy_loss, {k: v.detach() for k, v in metrics.items()}

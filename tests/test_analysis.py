@@ -134,7 +134,8 @@ def test_analyze_cli(tmp_path, capsys):
     assert cli.main(["analyze", "--model", str(saved), "--data", str(data), "--out", str(out),
                      "--thought-tokens", "0"]) == 2
     assert capsys.readouterr().err.splitlines()[-1] == (
-        "quietstar analyze: error: thought_tokens must be >= 1, got 0")
+        "quietstar analyze: error: --thought-tokens must be >= 1 (the analysis compares a thought with "
+        "none), got 0")
 
 
 def test_thought_sources_own_random_and_shifted():

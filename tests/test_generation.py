@@ -313,10 +313,10 @@ def test_cli_shows_thoughts_bracketed_or_dimmed(saved_model, capsys):
 
 def test_cli_sampling_options(saved_model, capsys, monkeypatch):
     model, directory = saved_model
-    import quietstar.commands.generate
+    import quietstar.commands.common
 
     # Loading is tested above; here the options' effect is, on the model already in memory.
-    monkeypatch.setattr(quietstar.commands.generate, "load_quietstar_model", lambda name, device: model)
+    monkeypatch.setattr(quietstar.commands.common, "load_quietstar_model", lambda name, device, *a, **k: model)
     base = ["--model", directory, "--prompt", "Weng earns", "--max-new-tokens", 8]
     greedy = _cli(capsys, *base, "--greedy", "--thought-temperature", 0).out
     top1 = _cli(capsys, *base, "--sample", "--top-k", 1, "--thought-temperature", 0).out

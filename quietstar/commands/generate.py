@@ -12,10 +12,11 @@ from typing import Literal
 
 import torch
 
-from ..arguments import add_dataclass_arguments, field_docs, option, parse_dataclass
+from ..arguments import add_dataclass_arguments, field_docs, option
+from ..batching import model_device
 from ..generation import generate
-from ..models import load_quietstar_model
-from .common import check_thought_settings, command_main, fail
+from .common import (LoadingArguments, check_at_least, check_device, check_thought_settings,
+                     command_main, parse_settings)
 
 HELP = "generate text, thinking before every token"
 
@@ -25,7 +26,7 @@ class GenerateArguments:
     """The settings of ``quietstar generate``."""
 
     model: str
-    """a saved QuietStar model folder, or a base model (folder, hub id or
+    """a saved QuietStar model folder or Hub repo, or a base model (folder, hub id or
     embedded:smollm2-135m-instruct), wrapped untrained"""
     prompt: str
     """the text to continue"""
@@ -54,6 +55,8 @@ class GenerateArguments:
 
     def __post_init__(self):
         check_thought_settings(self.thought_tokens, self.thought_temperature)
+        check_device(self.device)
+        check_at_least(1, max_new_tokens=self.max_new_tokens)
         if not self.sample and (self.top_k is not None or self.top_p is not None
                                 or self.temperature != 1.0):
             raise ValueError("--temperature/--top-k/--top-p need --sample")
@@ -108,6 +111,7 @@ class ThoughtStreamer(TextStreamer):
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags for every GenerateArguments field."""
     add_dataclass_arguments(parser, GenerateArguments, exclude=("sample",))
+    add_dataclass_arguments(parser, LoadingArguments, title="model loading")
     # By hand: one bool, two opposite flags that exclude each other (--greedy is --no-sample).
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--greedy", dest="sample", action="store_false", default=argparse.SUPPRESS,
@@ -117,27 +121,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        settings = parse_dataclass(GenerateArguments, args)
-        device = settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        model = load_quietstar_model(settings.model, device)
-        if settings.show_thoughts:
-            color = settings.color == "always" or (settings.color == "auto" and sys.stdout.isatty())
-            streamer = ThoughtStreamer(model.tokenizer, color)
-        else:
-            streamer = TextStreamer(model.tokenizer)
-        input_ids = model.tokenizer(settings.prompt, return_tensors="pt").input_ids.to(device)
-        if input_ids.shape[1] == 0:
-            raise ValueError("--prompt is empty (it encodes to no token); give a text to continue")
-        generator = None
-        if settings.seed is not None:
-            generator = torch.Generator(device=device).manual_seed(settings.seed)
-        generate(model, input_ids, max_new_tokens=settings.max_new_tokens, do_sample=settings.sample,
-                 temperature=settings.temperature, top_k=settings.top_k, top_p=settings.top_p,
-                 streamer=streamer, thought_temperature=settings.thought_temperature,
-                 thought_tokens=settings.thought_tokens, generator=generator)
-    except (ValueError, FileNotFoundError) as e:
-        return fail("generate", e)
+    settings = parse_settings(GenerateArguments, args)
+    loading = parse_settings(LoadingArguments, args)
+    device = settings.device
+    if device is None and loading.device_map is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = loading.load(settings.model, device)
+    device = model_device(model)  # where --device or --device-map put it
+    if settings.show_thoughts:
+        color = settings.color == "always" or (settings.color == "auto" and sys.stdout.isatty())
+        streamer = ThoughtStreamer(model.tokenizer, color)
+    else:
+        streamer = TextStreamer(model.tokenizer)
+    input_ids = model.tokenizer(settings.prompt, return_tensors="pt").input_ids.to(device)
+    if input_ids.shape[1] == 0:
+        raise ValueError("--prompt is empty (it encodes to no token); give a text to continue")
+    generator = None
+    if settings.seed is not None:
+        generator = torch.Generator(device=device).manual_seed(settings.seed)
+    generate(model, input_ids, max_new_tokens=settings.max_new_tokens, do_sample=settings.sample,
+             temperature=settings.temperature, top_k=settings.top_k, top_p=settings.top_p,
+             streamer=streamer, thought_temperature=settings.thought_temperature,
+             thought_tokens=settings.thought_tokens, generator=generator)
     return 0
 
 
