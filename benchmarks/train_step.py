@@ -259,8 +259,8 @@ def main(argv=None) -> int:
     parser.add_argument("--lengths", type=int, nargs="+", default=[64, 128, 256, 512, 1024])
     parser.add_argument("--thought-tokens", type=int, nargs="+", default=[4, 8, 16],
                         help="k, sampled thought tokens")
-    parser.add_argument("--methods", nargs="+", default=["ours", "ideal", "dense"],
-                        choices=["ours", "ideal", "dense"])
+    parser.add_argument("--methods", nargs="*", default=["ours", "ideal", "dense"],
+                        choices=["ours", "ideal", "dense"], help="of the main table (none: no main table)")
     parser.add_argument("--ahead", type=int, default=4, help="A, ahead tokens")
     parser.add_argument("--thoughts-per-position", type=int, default=2, help="n")
     parser.add_argument("--batch", type=int, default=1)
@@ -308,6 +308,18 @@ def main(argv=None) -> int:
           "time), memory = peak live tensor MiB of one step.\n",
           flush=True)
 
+    if args.methods:
+        main_table(args, base)
+    L, k = args.memory_modes_at
+    if L:
+        memory_modes_table(args, base)
+    if args.fractions_at[0]:
+        fraction_table(args, base)
+    return 0
+
+
+def main_table(args, base: dict) -> None:
+    """ours, ideal and dense for every (L, k)."""
     header = ("| L | k | F | ours ms | ideal ms | time ours/ideal | ours MiB | ideal MiB "
               "| mem ours/ideal | dense ms | dense MiB | time dense/ours | mem dense/ours |")
     rows = [header, "|" + "---|" * (header.count("|") - 1)]
@@ -340,25 +352,24 @@ def main(argv=None) -> int:
             print(rows[-1], file=sys.stderr, flush=True)
     print("\n".join(rows), flush=True)
 
+
+def memory_modes_table(args, base: dict) -> None:
+    """Loss chunking and activation checkpointing at one size, ours against ideal and all passes."""
     L, k = args.memory_modes_at
-    if L:
-        print(f"\nMemory modes at L={L}, k={k} (loss chunk: loss_chunk_tokens={args.chunk}; "
-              "checkpointing: every decoder layer recomputed in the backward):\n")
-        modes = [("none", {}), ("loss chunk", {"chunk": args.chunk}),
-                 ("checkpointing", {"checkpointing": True}),
-                 ("loss chunk + checkpointing", {"chunk": args.chunk, "checkpointing": True})]
-        specs = [dict(base, method=m, L=L, k=k, **extra, **({"reps": 0} if m == "all-passes" else {}))
-                 for _, extra in modes for m in ("ours", "ideal", "all-passes")]
-        results = measure([specs], args.timeout)
-        print("| memory mode | ours ms | ideal ms | time ours/ideal | ours MiB | ideal MiB "
-              "| all passes MiB | mem ours/all passes |\n|---|---|---|---|---|---|---|---|")
-        for i, (name, _) in enumerate(modes):
-            o, d, a = results[3 * i:3 * i + 3]
-            print(f"| {name} | {ms(o)} | {ms(d)} | {ratio(o, d, 'time_s')} | {mib(o)} | {mib(d)} "
-                  f"| {mib(a)} | {ratio(o, a, 'peak_bytes')} |", flush=True)
-    if args.fractions_at[0]:
-        fraction_table(args, base)
-    return 0
+    print(f"\nMemory modes at L={L}, k={k} (loss chunk: loss_chunk_tokens={args.chunk}; "
+          "checkpointing: every decoder layer recomputed in the backward):\n")
+    modes = [("none", {}), ("loss chunk", {"chunk": args.chunk}),
+             ("checkpointing", {"checkpointing": True}),
+             ("loss chunk + checkpointing", {"chunk": args.chunk, "checkpointing": True})]
+    specs = [dict(base, method=m, L=L, k=k, **extra, **({"reps": 0} if m == "all-passes" else {}))
+             for _, extra in modes for m in ("ours", "ideal", "all-passes")]
+    results = measure([specs], args.timeout)
+    print("| memory mode | ours ms | ideal ms | time ours/ideal | ours MiB | ideal MiB "
+          "| all passes MiB | mem ours/all passes |\n|---|---|---|---|---|---|---|---|")
+    for i, (name, _) in enumerate(modes):
+        o, d, a = results[3 * i:3 * i + 3]
+        print(f"| {name} | {ms(o)} | {ms(d)} | {ratio(o, d, 'time_s')} | {mib(o)} | {mib(d)} "
+              f"| {mib(a)} | {ratio(o, a, 'peak_bytes')} |", flush=True)
 
 
 def fraction_table(args, base: dict) -> None:

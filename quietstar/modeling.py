@@ -324,16 +324,20 @@ class QuietStarForCausalLM(nn.Module):
                               position_ids=text_positions(attention_mask)).last_hidden_state
         return self.logits(hidden)
 
-    def score_thoughts(self, input_ids, thought_ids, attention_mask=None, thought_positions=None) -> ThoughtScores:
+    def score_thoughts(self, input_ids, thought_ids, attention_mask=None, thought_positions=None,
+                       steps: int | None = None) -> ThoughtScores:
         """Logits with fixed thoughts ``thought_ids`` [B, L, k] (inner tokens; START/END are added),
         for any length >= 1: steps past the end of the text are computed on padding (ignore them).
 
         ``thought_positions`` [B, L] bool thinks only there (the thoughts elsewhere are not read),
         at the cost of the text pass plus the chosen rows' passes; every other position predicts
         with the base: its thought and mixed logits of x_{i+1+s} are the base logits of position
-        i+s, its mixing weight 0."""
+        i+s, its mixing weight 0. ``steps`` (1..A, default A) returns the first ``steps`` ahead
+        predictions only ([B, L, steps, ...]): the next token's alone is ``steps=1``, which skips
+        most of the vocabulary-sized logits."""
         attention_mask = self._check_text(input_ids, attention_mask)
         check_thought_positions(thought_positions, input_ids)
+        steps = self._check_steps(steps)
         if thought_ids.dim() != 3 or thought_ids.shape[:2] != input_ids.shape:
             raise ValueError(f"thought_ids must be [batch, length, k] matching input_ids "
                              f"{tuple(input_ids.shape)}, got {tuple(thought_ids.shape)}")
@@ -345,15 +349,63 @@ class QuietStarForCausalLM(nn.Module):
         if thought_positions is not None:
             rows = ThoughtRows.from_mask(thought_positions & attention_mask.bool())
             thought_ids = rows.gather(thought_ids)
-        grid = self._score(input_ids, thought_ids, attention_mask, rows)
-        mixed, w = self._mix(grid)
-        base_logits, thought_logits, mixed_logits = self.logits(grid.base), self.logits(grid.after), self.logits(mixed)
-        if rows is None:
-            return ThoughtScores(base_logits, thought_logits, w, mixed_logits)
+        return self._thought_scores(self._score(input_ids, thought_ids, attention_mask, rows), steps)
+
+    @torch.no_grad()
+    def think(self, input_ids, attention_mask=None, num_tokens=None, temperature=None, generator=None,
+              thought_positions=None, steps: int | None = None) -> tuple[torch.Tensor, ThoughtScores]:
+        """``sample_thoughts`` and ``score_thoughts`` of those thoughts in one rollout, without
+        gradients or dropout: the text pass runs once and the scoring passes continue the sampling
+        passes. Returns (thoughts [B, L, k], ThoughtScores), equal to the two calls' with the same
+        generator; the arguments are theirs (k = ``num_tokens`` >= 1)."""
+        attention_mask = self._check_text(input_ids, attention_mask)
+        check_thought_positions(thought_positions, input_ids)
+        steps = self._check_steps(steps)
+        k, temperature = self.config.thought_settings(num_tokens, temperature)
+        if k < 1:
+            raise ValueError(f"think needs a thought of num_tokens >= 1, got {k}; k = 0 is base_logits")
+        L = input_ids.shape[1]
+        self.check_rollout_positions(L, f"thinking on {L} tokens", k)
+        select = None
+        if thought_positions is not None:
+            rows = ThoughtRows.from_mask(thought_positions & attention_mask.bool())
+            select = lambda hidden: rows  # noqa: E731
+        was_training = self.lm.training
+        self.lm.eval()
+        try:
+            thoughts, grid, _ = sample_and_score(
+                self.decoder, self.embedding, self.logits, input_ids, attention_mask, self.start_id,
+                self.end_id, k, self.config.ahead_tokens, temperature, self.tokenizer.pad_token_id,
+                generator, select=select)
+        finally:
+            self.lm.train(was_training)
+        if grid.rows is not None:
+            thoughts = grid.rows.scatter(thoughts, L, self.tokenizer.pad_token_id)
+        return thoughts, self._thought_scores(grid, steps)
+
+    def _check_steps(self, steps: int | None) -> int:
         A = self.config.ahead_tokens
-        idx = (torch.arange(L, device=input_ids.device)[:, None]
-               + torch.arange(A, device=input_ids.device)[None, :]).clamp(max=L - 1)
-        ahead = base_logits[:, idx]  # [B, L, A, V]: the base's prediction of x_{i+1+s}
+        if steps is None:
+            return A
+        if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= A:
+            raise ValueError(f"steps must be an int in 1..ahead_tokens = 1..{A} (the ahead predictions "
+                             f"returned), got {steps!r}")
+        return steps
+
+    def _thought_scores(self, grid: GridHidden, steps: int) -> ThoughtScores:
+        """The ThoughtScores of a scored rollout, its first ``steps`` ahead predictions, at every
+        position (the base's where the rollout's rows did not think)."""
+        mixed, w = self._mix(grid)
+        base_logits = self.logits(grid.base)
+        thought_logits, mixed_logits = self.logits(grid.after[:, :, :steps]), self.logits(mixed[:, :, :steps])
+        w = w[:, :, :steps]
+        if grid.rows is None:
+            return ThoughtScores(base_logits, thought_logits, w, mixed_logits)
+        L = base_logits.shape[1]
+        idx = (torch.arange(L, device=w.device)[:, None]
+               + torch.arange(steps, device=w.device)[None, :]).clamp(max=L - 1)
+        ahead = base_logits[:, idx]  # [B, L, steps, V]: the base's prediction of x_{i+1+s}
+        rows = grid.rows
         return ThoughtScores(base_logits, rows.put(thought_logits, ahead), rows.scatter(w, L),
                              rows.put(mixed_logits, ahead), rows.mask(L))
 

@@ -17,13 +17,19 @@ ENTROPY_CHUNK_TOKENS = 1024  # rows of vocabulary-sized probabilities alive at o
 
 
 @torch.no_grad()
+def logits_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy (nats) of softmax(logits) [..., V] -> [...]; -inf logits (the meta tokens) have
+    probability 0 and add nothing."""
+    return torch.special.entr(logits.float().softmax(-1)).sum(-1)
+
+
+@torch.no_grad()
 def prediction_entropy(logits_fn, hidden: torch.Tensor) -> torch.Tensor:
-    """Entropy (nats) of softmax(logits_fn(hidden)) per position: hidden [B, L, d] -> [B, L].
-    Computed in chunks of tokens, so no [B*L, V] float32 copy is made at once; -inf logits (the
-    meta tokens) have probability 0 and add nothing."""
+    """Entropy of softmax(logits_fn(hidden)) per position: hidden [B, L, d] -> [B, L], computed
+    in chunks of tokens, so no [B*L, V] float32 copy is made at once."""
     B, L, d = hidden.shape
     flat = hidden.reshape(B * L, d)
-    parts = [torch.special.entr(logits_fn(flat[i:i + ENTROPY_CHUNK_TOKENS]).float().softmax(-1)).sum(-1)
+    parts = [logits_entropy(logits_fn(flat[i:i + ENTROPY_CHUNK_TOKENS]))
              for i in range(0, B * L, ENTROPY_CHUNK_TOKENS)]
     return torch.cat(parts).view(B, L)
 

@@ -378,3 +378,34 @@ def test_rows_attention_in_blocks_of_keys_equals_general_with_gradients(padded):
         results.append([out, *torch.autograd.grad((out * up).sum(), (q, k, v))])
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-8)
+
+
+@pytest.mark.parametrize("chosen", [False, True], ids=["every-position", "chosen-positions"])
+def test_think_equals_sample_then_score(chosen):
+    """One rollout (text pass once) gives the thoughts and scores of sample_thoughts followed by
+    score_thoughts with the same generator; ``steps`` keeps the first ahead predictions."""
+    model, _ = wrap("llama", thought_temperature=1.5)
+    perturb_head(model)
+    x = random_text(2, 10, seed=5)
+    mask = torch.ones_like(x)
+    mask[1, 7:] = 0
+    positions = some_positions(2, 10, seed=7) if chosen else None
+    thoughts, scores = model.think(x, mask, generator=torch.Generator().manual_seed(4),
+                                   thought_positions=positions)
+    sampled = model.sample_thoughts(x, mask, generator=torch.Generator().manual_seed(4),
+                                    thought_positions=positions)
+    assert torch.equal(thoughts, sampled)
+    reference = model.score_thoughts(x, sampled, mask, positions)
+    first = model.score_thoughts(x, sampled, mask, positions, steps=1)
+    real = mask.bool()
+    for name in ("base_logits", "thought_logits", "mixed_logits", "mixing_weight"):
+        ours, theirs = getattr(scores, name)[real], getattr(reference, name)[real]
+        finite = torch.isfinite(theirs)
+        assert torch.equal(finite, torch.isfinite(ours))
+        torch.testing.assert_close(ours[finite], theirs[finite], atol=1e-5, rtol=0)
+        if name != "base_logits":
+            assert torch.equal(getattr(first, name), getattr(reference, name)[:, :, :1])
+    with pytest.raises(ValueError, match=r"steps must be an int in 1..ahead_tokens = 1..3"):
+        model.score_thoughts(x, sampled, mask, steps=4)
+    with pytest.raises(ValueError, match="think needs a thought of num_tokens >= 1"):
+        model.think(x, num_tokens=0)
