@@ -701,3 +701,21 @@ def test_lm_eval_scored_positions_think_everywhere_when_unsure():
     rows = torch.tensor([[5, 6, 7, 0, 0], [9, 0, 0, 0, 0], [4, 4, 0, 0, 0]])
     assert lm._scored_positions(rows).tolist() == [[True] * 5, [True, False, False, False, False],
                                                    [True] * 5]
+
+
+def test_evaluation_benchmark_script_runs(tiny_model_dir, capsys):
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "evaluation.py"
+    spec = importlib.util.spec_from_file_location("evaluation_benchmark", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    threads = torch.get_num_threads()
+    try:
+        bench.main(["--model", str(tiny_model_dir), "--data", str(GSM8K), "--limit", "3", "--thought-tokens", "2"])
+    finally:
+        torch.set_num_threads(threads)
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    assert [r.split("|")[1].strip() for r in rows] == ["thoughts", "off", "k = 2"]
+    off, on = (float(r.split("|")[2]) for r in rows[1:])
+    assert float(rows[2].split("|")[3]) == pytest.approx(on / off, rel=0.05) and on > 0
