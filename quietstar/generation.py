@@ -76,7 +76,7 @@ class _CachedDecoder:
 
 
 def _check_inputs(model, input_ids, attention_mask, max_new_tokens, do_sample, temperature, top_k,
-                  top_p):
+                  top_p, thought_threshold):
     """Refuses inputs generation cannot honour (the thought settings: ``thought_settings``)."""
     if input_ids.dim() != 2 or input_ids.shape[1] == 0:
         raise ValueError(f"input_ids must be [batch, length] with length >= 1, got shape "
@@ -101,6 +101,10 @@ def _check_inputs(model, input_ids, attention_mask, max_new_tokens, do_sample, t
         raise ValueError(f"top_k must be >= 1, got {top_k}")
     if top_p is not None and not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if isinstance(thought_threshold, bool) or not isinstance(thought_threshold, (int, float)) or not (
+            math.isfinite(thought_threshold) and thought_threshold >= 0):
+        raise ValueError(f"thought_threshold must be a finite number >= 0 (nats of the base prediction's "
+                         f"entropy; 0 = think before every token), got {thought_threshold!r}")
 
 
 def _special_ids(model, eos_token_id):
@@ -168,12 +172,8 @@ def generate(
         [B, L + N] token ids, or a ``GenerateOutput`` if ``return_thoughts`` or ``output_logits``.
     """
     _check_inputs(model, input_ids, attention_mask, max_new_tokens, do_sample, temperature, top_k,
-                  top_p)
+                  top_p, thought_threshold)
     k, thought_t = model.config.thought_settings(thought_tokens, thought_temperature)
-    if isinstance(thought_threshold, bool) or not isinstance(thought_threshold, (int, float)) or not (
-            math.isfinite(thought_threshold) and thought_threshold >= 0):
-        raise ValueError(f"thought_threshold must be a finite number >= 0 (nats of the base prediction's "
-                         f"entropy; 0 = think before every token), got {thought_threshold!r}")
     # The last token fed is the last-but-one new one, at L + N - 2; its thought ends at + k + 2.
     L, N = input_ids.shape[1], max_new_tokens
     model.check_positions(L + max(N - 1, 0) + (k + 2 if k and N else 0),
