@@ -5,8 +5,8 @@ docstring (the string literal under the field). From it this module makes
 
 * the argparse flags (``--field-name``), with the docstring and default as help, choices from a
   ``Literal``, ``--flag/--no-flag`` for a ``bool``, "none" for an optional value and a
-  comma-separated list for a ``tuple[str, ...]`` (``option`` adds what the help shows as the
-  default, where the real default is decided later, and the value's name);
+  comma-separated list for a ``tuple[str, ...]`` or ``tuple[float, ...]`` (``option`` adds what
+  the help shows as the default, where the real default is decided later, and the value's name);
 * the settings actually given on the command line, as a dict (flags that were not given are
   absent, so a YAML file or a saved run can supply them);
 * YAML files of the same names, read and merged.
@@ -77,11 +77,11 @@ def _show(default: Any) -> str:
     return f"{default}"
 
 
-def _comma_separated(optional: bool) -> Callable[[str], Any]:
+def _comma_separated(optional: bool, item_type: type = str) -> Callable[[str], Any]:
     def convert(text: str) -> Any:
         if optional and text.lower() in ("none", "null"):
             return None
-        return tuple(item.strip() for item in text.split(",") if item.strip())
+        return tuple(item_type(item.strip()) for item in text.split(",") if item.strip())
 
     convert.__name__ = "comma-separated list"
     return convert
@@ -97,9 +97,10 @@ def _converter(hint: Any) -> tuple[Callable[[str], Any] | None, tuple | None, bo
     if hint is bool:
         return None, None, True
     if typing.get_origin(hint) is tuple and typing.get_args(hint)[1:] == (Ellipsis,):
-        if typing.get_args(hint)[0] is not str:
-            raise TypeError(f"only tuple[str, ...] is supported as a list flag, got {hint}")
-        return _comma_separated(optional), None, False
+        item_type = typing.get_args(hint)[0]
+        if item_type not in (str, float):
+            raise TypeError(f"only tuple[str, ...] and tuple[float, ...] are supported as list flags, got {hint}")
+        return _comma_separated(optional, item_type), None, False
     choices = None
     if typing.get_origin(hint) is Literal:
         choices = typing.get_args(hint)

@@ -96,6 +96,18 @@ class QuietStarConfig:
     meta_token_init: str = "---"
     """START/END embeddings start as the embedding of this string's first token."""
 
+    thought_fraction: float = 1.0
+    """Share of the positions that think in a training step: 1.0 = every position (the paper).
+    Below 1 each sequence thinks at round(fraction x its positions that have a target), at least
+    one, chosen by ``thought_selection``; the text pass still runs over every token, each later
+    pass over the chosen positions only (a step costs about 1 + fraction (F - 1) passes). REINFORCE
+    and the mixed NLL count at those positions, the base NLL everywhere."""
+
+    thought_selection: Literal["entropy", "random"] = "entropy"
+    """How ``thought_fraction`` < 1 chooses: "entropy", the positions whose base prediction (the
+    text pass, no thought) has the highest entropy, where the paper finds thoughts help; "random",
+    a uniform share from the forward's generator (the unbiased control)."""
+
     loss_chunk_tokens: int = 0
     """Memory mode: if > 0, vocabulary-sized logits are computed this many tokens at a time and
     recomputed in the backward pass, so no [tokens x vocab] tensor is kept for the loss.
@@ -139,6 +151,10 @@ class QuietStarConfig:
         need(self.start_thought_token != self.end_thought_token and self.start_thought_token
              and self.end_thought_token, "start and end thought tokens must be distinct, non-empty strings")
         need(bool(self.meta_token_init), "meta_token_init must be a non-empty string")
+        need(0 < self.thought_fraction <= 1,
+             f"thought_fraction must be in (0, 1] (1 = every position thinks), got {self.thought_fraction!r}")
+        need(self.thought_selection in ("entropy", "random"),
+             f"thought_selection must be 'entropy' or 'random', got {self.thought_selection!r}")
         need(isinstance(self.loss_chunk_tokens, int) and self.loss_chunk_tokens >= 0,
              f"loss_chunk_tokens must be an int >= 0, got {self.loss_chunk_tokens!r}")
 

@@ -97,6 +97,7 @@ def quietstar_loss(
     target_valid: torch.Tensor,
     after_logp: torch.Tensor | None = None,
     ema_base_logp: torch.Tensor | None = None,
+    thought_valid: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The objective for n = ``config.thoughts_per_position`` thoughts per position: returns the
     loss and a dict of detached scalar metrics (what the training log, the progress bar and the
@@ -120,11 +121,15 @@ def quietstar_loss(
     thought_logp [B*n, L, k] (thought tokens at the REINFORCE temperature),
     target_valid [B*n, L, A] (x_{i+1+s} exists and is not ignored); with
     ``reward_source="thought"`` or ``thought_loss_weight > 0`` after_logp [B*n, L, A] (the
-    post-thought prediction before mixing), with ``reward_baseline="ema_base"`` ema_base_logp [B*n, L] (as base_logp, from the
-    EMA copy of the LM).
+    post-thought prediction before mixing), with ``reward_baseline="ema_base"`` ema_base_logp
+    [B*n, L] (as base_logp, from the EMA copy of the LM). ``thought_valid`` [B*n, L, A] (default
+    ``target_valid``): where the mixed NLL, the thought NLL, the rewards and REINFORCE count, i.e.
+    at the positions that thought (``thought_fraction``); the other entries of mixed, thought and
+    after log-probs are ignored.
     """
     nll_term, policy_term, metrics = quietstar_loss_terms(config, base_logp, mixed_logp, thought_logp,
-                                                          target_valid, after_logp, ema_base_logp)
+                                                          target_valid, after_logp, ema_base_logp,
+                                                          thought_valid)
     return nll_term + policy_term, metrics
 
 
@@ -134,7 +139,7 @@ def _ahead(logp: torch.Tensor, A: int) -> torch.Tensor:
 
 
 def quietstar_loss_terms(config, base_logp, mixed_logp, thought_logp, target_valid,
-                         after_logp=None, ema_base_logp=None):
+                         after_logp=None, ema_base_logp=None, thought_valid=None):
     """``quietstar_loss`` as (weighted NLL terms, weighted REINFORCE term, metrics), for a
     caller that treats the two gradients apart (``TrainConfig.policy_max_grad_norm``)."""
     n = config.thoughts_per_position
@@ -142,11 +147,12 @@ def quietstar_loss_terms(config, base_logp, mixed_logp, thought_logp, target_val
     L = base_logp.shape[1]
 
     base_nll = _masked_mean(-base_logp, target_valid[..., 0])
-    mixed_nll = torch.stack([_masked_mean(-mixed_logp[..., s], target_valid[..., s]) for s in range(A)])
+    thought_valid = target_valid if thought_valid is None else thought_valid  # where thoughts count
+    mixed_nll = torch.stack([_masked_mean(-mixed_logp[..., s], thought_valid[..., s]) for s in range(A)])
 
     # Rewards are log-likelihoods of the same A true tokens, summed, with no gradient.
-    valid = target_valid.to(mixed_logp.dtype)
-    position_valid = target_valid[..., 0]
+    valid = thought_valid.to(mixed_logp.dtype)
+    position_valid = thought_valid[..., 0]
     thought_ll = (mixed_logp.detach() * valid).sum(-1)                 # [B*n, L] mixed prediction
     base_ll = (_ahead(base_logp.detach(), A) * valid).sum(-1)          # [B*n, L] no thought
     if config.reward_source == "thought":
@@ -176,7 +182,7 @@ def quietstar_loss_terms(config, base_logp, mixed_logp, thought_logp, target_val
     if config.thought_loss_weight > 0:
         if after_logp is None:
             raise ValueError("thought_loss_weight > 0 needs after_logp, the post-thought log-likelihoods")
-        thought_nll = torch.stack([_masked_mean(-after_logp[..., s], target_valid[..., s]) for s in range(A)]).mean()
+        thought_nll = torch.stack([_masked_mean(-after_logp[..., s], thought_valid[..., s]) for s in range(A)]).mean()
         nll_term = nll_term + config.thought_loss_weight * thought_nll
         extra["thought_nll"] = thought_nll
     metrics = {"base_nll": base_nll, "mixed_nll": mixed_nll.mean(), **extra,

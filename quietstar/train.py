@@ -376,6 +376,9 @@ class TrainingRecipe:
         if self.samples is not None and (step % self.config.sample_every == 0 or step == 1):
             length = int(rows["attention_mask"][0].sum())
             positions = sorted({max(0, min(length - 2, int(length * f))) for f in (0.3, 0.6, 0.9)})
+            if out.thought_positions is not None:  # thought_fraction < 1: among those that thought
+                thought = out.thought_positions[0].nonzero().flatten().tolist() or [0]
+                positions = sorted({thought[int(len(thought) * f)] for f in (0.3, 0.6, 0.9)})
             shown = thought_samples(self.tokenizer, rows["input_ids"][0].cpu(), out.thought_ids[0, 0].cpu(),
                                     positions, self.config.quietstar.ahead_tokens)
             self.samples.write(step, shown)

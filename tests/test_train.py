@@ -566,3 +566,13 @@ def test_cli_reports_bad_input_in_one_line(tiny_model_dir, tmp_path, capsys):
     assert code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("quietstar train: error: Model") and "Traceback" not in "".join(err)
+
+
+def test_training_at_a_thought_fraction_samples_thoughts_that_were_taken(tiny_model_dir, tmp_path):
+    config = tiny_config(tiny_model_dir, tmp_path / "run", max_steps=2, sample_every=1,
+                         quietstar={"sampled_thought_tokens": 2, "ahead_tokens": 2, "thought_fraction": 0.25})
+    result = train(config)
+    record = read_metrics(result.output_dir / "metrics.jsonl")[-1]
+    assert all(math.isfinite(record[key]) for key in ("loss", "base_nll", "mixed_nll_1", "policy_loss"))
+    samples = [json.loads(line) for line in (result.output_dir / "samples.jsonl").read_text().splitlines()]
+    assert samples and not any("<pad>" in s["thought"] for s in samples)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from ..analysis import difficulty_report, format_difficulty_table, token_nlls
+from ..analysis import difficulty_report, format_difficulty_table, format_fraction_table, fraction_report, token_nlls
 from ..arguments import add_dataclass_arguments, option
 from ..data import load_texts
 from ..plots import plot_difficulty
@@ -41,8 +41,17 @@ class AnalyzeArguments:
     thought_source: Literal["sampled", "random", "shifted"] = "sampled"
     """the model's own thoughts, or a control: random tokens, or the own thoughts of another
     position (does the content matter?)"""
+    thought_fractions: tuple[float, ...] = (1.0,)
+    """shares of the positions that think, each in (0, 1] (1 = every position), compared in a
+    table: the difficulty report is the first's"""
+    thought_selection: Literal["entropy", "random"] = "entropy"
+    """which positions think at a share < 1: the highest base-prediction entropy, or random"""
 
     def __post_init__(self):
+        bad = [f for f in self.thought_fractions if not 0 < f <= 1]
+        if bad or not self.thought_fractions:
+            raise ValueError(f"--thought-fractions must be shares in (0, 1] (1 = every position), got "
+                             f"{','.join(map(str, self.thought_fractions)) or 'none'}")
         check_at_least(1, limit=self.limit, batch_size=self.batch_size, buckets=self.buckets)
         check_at_least(2, max_length=self.max_length)  # a token and its successor
 
@@ -67,17 +76,26 @@ def run(args: argparse.Namespace) -> int:
     K, T = model.config.thought_settings(model_args.thought_tokens, model_args.thought_temperature)
     if K < 1:
         raise ValueError(f"--thought-tokens must be >= 1, got {K} (the model's own)")
-    nll = token_nlls(model, texts, K, T, settings.max_length, settings.batch_size, model_args.seed,
-                     progress=True, thought_source=settings.thought_source)
+    runs = [(f, token_nlls(model, texts, K, T, settings.max_length, settings.batch_size, model_args.seed,
+                           progress=True, thought_source=settings.thought_source, thought_fraction=f,
+                           thought_selection=settings.thought_selection))
+            for f in settings.thought_fractions]
+    nll = runs[0][1]
     report = difficulty_report(nll.base, nll.thinking, nll.document, settings.buckets,
                                seed=model_args.seed)
+    fractions = fraction_report(runs, seed=model_args.seed) if len(runs) > 1 else None
     report |= {"model": model_args.model, "data": settings.data, "documents": len(texts),
-               "thought_source": settings.thought_source, "thought_tokens": K, "thought_temperature": T}
+               "thought_source": settings.thought_source, "thought_tokens": K, "thought_temperature": T,
+               "thought_fraction": settings.thought_fractions[0], "thought_selection": settings.thought_selection}
+    if fractions is not None:
+        report["fractions"] = fractions
     out = Path(settings.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     plot_difficulty(report, out / "difficulty.png")
     print(format_difficulty_table(report))
+    if fractions is not None:
+        print(format_fraction_table(fractions))
     print(f"report and plot written to {out / 'report.json'} and {out / 'difficulty.png'}")
     return 0
 

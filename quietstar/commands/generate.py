@@ -6,6 +6,7 @@ Exit codes: 0 done, 2 bad input.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from dataclasses import dataclass
 from typing import Literal
@@ -36,8 +37,11 @@ class GenerateArguments:
     """tokens per thought, 0 = no thinking"""
     thought_temperature: float | None = option(None, shown_default="the model's thought_temperature")
     """temperature of thought tokens, 0 = greedy"""
+    thought_threshold: float = 0.0
+    """think only before tokens whose base prediction has an entropy above this (nats); 0 = before
+    every token"""
     show_thoughts: bool = False
-    """print each token's thought before it"""
+    """print each token's thought before it (tokens that did not think are printed plain)"""
     color: Literal["auto", "always", "never"] = "auto"
     """show thoughts dimmed (ANSI) or between « »; auto: dimmed on a terminal"""
     sample: bool = False
@@ -57,6 +61,9 @@ class GenerateArguments:
         check_thought_settings(self.thought_tokens, self.thought_temperature)
         check_device(self.device)
         check_at_least(1, max_new_tokens=self.max_new_tokens)
+        if not (math.isfinite(self.thought_threshold) and self.thought_threshold >= 0):
+            raise ValueError(f"--thought-threshold must be a finite number >= 0 (0 = think before every "
+                             f"token), got {self.thought_threshold}")
         if not self.sample and (self.top_k is not None or self.top_p is not None
                                 or self.temperature != 1.0):
             raise ValueError("--temperature/--top-k/--top-p need --sample")
@@ -142,7 +149,8 @@ def run(args: argparse.Namespace) -> int:
     generate(model, input_ids, max_new_tokens=settings.max_new_tokens, do_sample=settings.sample,
              temperature=settings.temperature, top_k=settings.top_k, top_p=settings.top_p,
              streamer=streamer, thought_temperature=settings.thought_temperature,
-             thought_tokens=settings.thought_tokens, generator=generator)
+             thought_tokens=settings.thought_tokens, thought_threshold=settings.thought_threshold,
+             generator=generator)
     return 0
 
 
