@@ -414,3 +414,25 @@ def test_blank_documents_after_the_split_are_no_text(tok):
     _, rest = heldout_split(["held out", "   ", "\n"], 1)
     with pytest.raises(ValueError, match=r"has no documents: it holds no text \(empty files or blank"):
         next(iter(TokenBatches(rest, tok, seq_len=4, batch_size=1)))
+
+
+def test_scratchpad_corpus_writes_true_partial_products():
+    from quietstar.scratchpad_corpus import partial_products, scratchpad_corpus, scratchpad_tokenizer
+    docs = scratchpad_corpus(40, seed=2)
+    assert docs == scratchpad_corpus(40, seed=2) and docs != scratchpad_corpus(40, seed=3)
+    assert load_texts("builtin:scratchpad", num_documents=40, seed=2) == docs
+    tok, kinds = scratchpad_tokenizer(), set()
+    for doc in docs:
+        assert len(tok(doc).input_ids) == len(doc.split())  # one token per word
+        for problem in doc.rstrip(" ;").split(" ; "):
+            w = problem.split()
+            a, b, c, e = int(w[0]), int(w[2]), int(w[4]), int(w[6])
+            p, q, d = partial_products(a, b, c, e)
+            assert d == (a * b + c * e) % 10 and int(w[-1]) == d
+            if w[8] == "---":
+                assert w[8:12] == ["---", str(p), str(q), "---"]
+            kinds.add(w[8] == "---")
+    assert kinds == {True, False}  # both worked and terse documents
+    assert all("---" not in d for d in scratchpad_corpus(10, seed=1, worked_fraction=0.0))
+    with pytest.raises(ValueError, match="worked_fraction must be in"):
+        scratchpad_corpus(1, seed=0, worked_fraction=1.5)
