@@ -198,3 +198,22 @@ def test_thought_content_scores_own_thoughts_and_both_controls(tiny_model_dir, t
     assert not np.allclose(nll["random"], nll["sampled"])
     assert set(result["difference"]["hardest"]) == {f"{a} - {b}" for a, b in content.COMPARISONS}
     assert "| random |" in (tmp_path / "out" / "results.md").read_text()
+
+
+def test_results_summary_matches_the_recorded_runs():
+    """docs/results/summary.json is read by people and tools: its main-job figures must be the
+    ones the recorded runs logged, and its real-text cells the thought-content results."""
+    import json
+    import re
+
+    results = ROOT / "docs" / "results"
+    summary = json.loads((results / "summary.json").read_text())
+    for seed, figures in summary["main_job"]["heldout_nll"].items():
+        log = (results / "main-job-preset" / f"attempt2-B-{seed.replace('_', '')}" / "train.log").read_text()
+        without, with_ = map(float, re.findall(r"step 20 held-out: nll_without_thought ([\d.]+), nll_with_thought ([\d.]+)", log)[-1])
+        assert (figures["without_thought"], figures["with_thought"]) == (without, with_)
+        assert figures["with_thought"] < figures["without_thought"]
+    content = json.loads((results / "run8-gsm8k-pw1-seed3" / "thought-content" / "results.json").read_text())
+    cell = summary["single_model_real_text"]["own_minus_shifted_hardest10"]
+    assert cell["mean"] == round(content["difference"]["hardest"]["sampled - shifted"]["mean"], 4)
+    assert summary["pooled_real_text"]["own_minus_shifted_hardest10"] is None  # not run: said, not invented
