@@ -100,7 +100,12 @@ g = torch.Generator().manual_seed(0)
 model.train()
 for step in range(QS + 1):
     x = batch(rng, 16)
-    out = model(x, generator=g)
+    if args.get("mask") == "1":
+        tp = torch.zeros_like(x, dtype=torch.bool)
+        tp[:, :-1] = (x[:, :-1] == EQ)
+        out = model(x, generator=g, thought_positions=tp)
+    else:
+        out = model(x, generator=g)
     opt.zero_grad(); out.loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0); opt.step()
     if step % 50 == 0:
