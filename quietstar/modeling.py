@@ -15,13 +15,14 @@ from transformers import AutoModelForCausalLM
 
 from . import attention
 from .config import QUIETSTAR_CONFIG_NAME, QuietStarConfig
-from .losses import NonFiniteLossError, logits_logprobs, quietstar_loss_terms, target_logprobs
+from .losses import NonFiniteLossError, quietstar_loss_terms
 from .meta_tokens import MetaTokenEmbedding, add_meta_tokens
 from .mixing import MixingHead
 from .model_card import CARD_NAME, TrainingFacts, render_card
 from .quiet import quiet_transformers
 from .rollout import GridHidden, sample_and_score, sample_thoughts, score_grid, text_positions
 from .tokenizer_files import load_tokenizer, save_tokenization_check, verify_tokenization
+from .vocab import VocabHead
 
 HEAD_WEIGHTS_NAME = "quietstar_head.safetensors"
 
@@ -217,17 +218,19 @@ class QuietStarForCausalLM(nn.Module):
     def decoder(self):
         return self.lm.get_decoder()
 
-    def logits(self, hidden: torch.Tensor, lm=None) -> torch.Tensor:
-        """LM logits of final hidden states (of ``lm``, default the model's own LM); the meta
-        tokens are never predicted."""
+    def vocab_head(self, lm=None) -> VocabHead:
+        """The LM head of ``lm`` (default the model's own LM) as the loss and the sampler use it:
+        the meta tokens are never predicted; ``config.loss_chunk_tokens`` rows at a time."""
         lm = self.lm if lm is None else lm
-        logits = lm.get_output_embeddings()(hidden)
+        out = lm.get_output_embeddings()
         cap = getattr(lm.config.get_text_config(), "final_logit_softcapping", None)
-        if cap is not None:
-            logits = torch.tanh(logits / cap) * cap
-        if self._meta_logit_ids.numel():
-            logits = logits.index_fill(-1, self._meta_logit_ids, float("-inf"))
-        return logits
+        return VocabHead(out.weight, getattr(out, "bias", None), cap, self._meta_logit_ids,
+                         self.config.loss_chunk_tokens)
+
+    def logits(self, hidden: torch.Tensor, lm=None) -> torch.Tensor:
+        """LM logits [..., V] of final hidden states (of ``lm``, default the model's own LM); the
+        meta tokens are never predicted."""
+        return self.vocab_head(lm).logits(hidden)
 
     def check_positions(self, positions: int, what: str) -> None:
         """``what`` needs position ids 0..positions-1 (a thought after position p continues the
@@ -340,8 +343,8 @@ class QuietStarForCausalLM(nn.Module):
         was_training = self.lm.training
         self.lm.eval()  # sampled without dropout, as the model predicts at inference
         try:
-            return sample_thoughts(self.decoder, self.embedding, self.logits, input_ids, attention_mask,
-                                   self.start_id, k, temperature, generator)
+            return sample_thoughts(self.decoder, self.embedding, self.vocab_head(), input_ids,
+                                   attention_mask, self.start_id, k, temperature, generator)
         finally:
             self.lm.train(was_training)
 
@@ -370,8 +373,8 @@ class QuietStarForCausalLM(nn.Module):
         # 1. sample and score the thoughts: in the same passes where each pass runs once, else
         # (given thoughts; activation checkpointing, which recomputes one forward) sample without
         # gradients and score the whole grid in one forward.
-        chunk = cfg.loss_chunk_tokens
-        thought_logits = []  # the sampling logits, reused for REINFORCE unless the loss is chunked
+        head = self.vocab_head()  # every vocabulary-sized product, chunked (see vocab.py)
+        thought_logp = None  # log p of the thought tokens at the REINFORCE temperature, [B*n, L, k]
         if thought_ids is not None:
             if thought_ids.dim() != 4 or thought_ids.shape[:3] != (B, n, L):
                 raise ValueError(f"thought_ids must be [batch, thoughts_per_position, length, k] = "
@@ -382,26 +385,22 @@ class QuietStarForCausalLM(nn.Module):
             thoughts = self.sample_thoughts(input_ids, attention_mask, generator=generator)
             grid = self._score(input_ids, thoughts, attention_mask)
         else:
-            thoughts, grid, thought_logits = sample_and_score(
-                self.decoder, self.embedding, self.logits, input_ids, attention_mask, self.start_id,
+            thoughts, grid, thought_logp = sample_and_score(
+                self.decoder, self.embedding, head, input_ids, attention_mask, self.start_id,
                 self.end_id, cfg.sampled_thought_tokens, cfg.ahead_tokens, cfg.thought_temperature,
-                self.tokenizer.pad_token_id, generator, keep_logits=chunk <= 0)
+                self.tokenizer.pad_token_id, generator, cfg.policy_logprob_temperature)
         # 2. mix each post-thought state with the base state that predicts the same token.
         mixed, w = self._mix(grid)
 
         # 3. log-likelihoods: base next token, mixed A tokens, thought tokens (REINFORCE temperature).
-        base_logp = target_logprobs(self.logits, grid.base, targets[..., 0], chunk_tokens=chunk)
-        mixed_logp = target_logprobs(self.logits, mixed, targets, chunk_tokens=chunk)
-        if thought_logits:
-            thought_logp = torch.stack([logits_logprobs(logits, thoughts[..., j], cfg.policy_logprob_temperature)
-                                        for j, logits in enumerate(thought_logits)], dim=-1)
-        else:
-            thought_logp = target_logprobs(self.logits, grid.thought, thoughts,
-                                           cfg.policy_logprob_temperature, chunk_tokens=chunk)
+        base_logp = head.logprobs(grid.base, targets[..., 0])                     # [B*n, L]
+        mixed_logp = head.logprobs(mixed, targets)                                # [B*n, L, A]
+        if thought_logp is None:  # not sampled in the scored passes: from their hidden states
+            thought_logp = head.logprobs(grid.thought, thoughts, cfg.policy_logprob_temperature)
         after_logp = None
         if cfg.reward_source == "thought":  # the reward only: no gradient
             with torch.no_grad():
-                after_logp = target_logprobs(self.logits, grid.after, targets, chunk_tokens=chunk)
+                after_logp = head.logprobs(grid.after, targets)
 
         # 4. the objective: NLLs and REINFORCE; detached metrics beside it.
         nll_term, policy_term, metrics = quietstar_loss_terms(cfg, base_logp, mixed_logp, thought_logp,
@@ -443,7 +442,7 @@ class QuietStarForCausalLM(nn.Module):
         hidden = ema.get_decoder()(inputs_embeds=ema.get_input_embeddings()(input_ids),
                                    attention_mask=attention_mask,
                                    position_ids=text_positions(attention_mask)).last_hidden_state
-        return logits_logprobs(self.logits(hidden, ema), next_tokens)
+        return self.vocab_head(ema).logprobs(hidden, next_tokens)
 
     def generate(self, input_ids, attention_mask=None, **kwargs):
         """Thinking generation (see ``quietstar.generation.generate`` for the arguments)."""

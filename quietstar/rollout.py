@@ -26,7 +26,6 @@ from dataclasses import dataclass
 import torch
 
 from .attention import ThoughtLayout
-from .sampling import sample
 
 
 @dataclass
@@ -69,32 +68,32 @@ class _Passes:
         return hidden.view(B, P, L, -1)
 
 
-def _sample_passes(run: _Passes, logits_fn, input_ids, start_id: int, num_tokens: int,
-                   temperature: float, generator, keep_logits: bool = False):
-    """Runs passes 0..k (text, START, t_1..t_{k-1}) and samples t_j from pass j's output.
-    Returns the thoughts [B, L, k], the hidden states [B, L, d] of passes 0..k and, with
-    ``keep_logits``, the logits [B, L, V] that t_1..t_k were sampled from (with gradients)."""
+def _sample_passes(run: _Passes, head, input_ids, start_id: int, num_tokens: int, temperature: float,
+                   generator, logprob_temperature: float | None = None):
+    """Runs passes 0..k (text, START, t_1..t_{k-1}) and samples t_j from pass j's output with
+    ``head`` (a ``vocab.VocabHead``). Returns the thoughts [B, L, k], the hidden states [B, L, d]
+    of passes 0..k and, with ``logprob_temperature``, the thought tokens' log-probabilities at
+    that temperature [B, L, k] (with gradients; from the logits they were sampled from)."""
     B, L = input_ids.shape
     if num_tokens == 0:
-        return input_ids.new_zeros(B, L, 0), list(run(input_ids[:, None]).unbind(1)), []
+        return input_ids.new_zeros(B, L, 0), list(run(input_ids[:, None]).unbind(1)), None
     hidden = list(run(torch.stack([input_ids, torch.full_like(input_ids, start_id)], 1)).unbind(1))
-    tokens, kept = [], []
+    tokens, logps = [], []
     for j in range(1, num_tokens + 1):
-        with torch.set_grad_enabled(keep_logits and torch.is_grad_enabled()):
-            logits = logits_fn(hidden[j])
-        if keep_logits:
-            kept.append(logits)
-        tokens.append(sample(logits.detach().view(B * L, -1), temperature, generator).view(B, L))
+        token, logp = head.sample(hidden[j], temperature, generator, logprob_temperature)  # [B, L]
+        tokens.append(token)
+        logps.append(logp)
         if j < num_tokens:
-            hidden.append(run(tokens[-1][:, None])[:, 0])
-    return torch.stack(tokens, dim=-1), hidden, kept
+            hidden.append(run(token[:, None])[:, 0])
+    thought_logp = torch.stack(logps, dim=-1) if logprob_temperature is not None else None
+    return torch.stack(tokens, dim=-1), hidden, thought_logp
 
 
 @torch.no_grad()
 def sample_thoughts(
     decoder,
     embed,
-    logits_fn,
+    head,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
     start_id: int,
@@ -104,31 +103,32 @@ def sample_thoughts(
 ) -> torch.Tensor:
     """Samples a k-token thought after every position: returns [B, L, k] ids.
 
-    ``logits_fn`` must already exclude the meta tokens, so they are never sampled inside a thought.
-    The text's keys/values are computed once and every pass adds one key per position.
+    ``head`` (a ``vocab.VocabHead``) must mask the meta tokens, so they are never sampled inside
+    a thought. The text's keys/values are computed once and every pass adds one key per position.
     """
     run = _Passes(decoder, embed, attention_mask, keep_keys=True)
-    return _sample_passes(run, logits_fn, input_ids, start_id, num_tokens, temperature, generator)[0]
+    return _sample_passes(run, head, input_ids, start_id, num_tokens, temperature, generator)[0]
 
 
-def sample_and_score(decoder, embed, logits_fn, input_ids, attention_mask, start_id: int, end_id: int,
+def sample_and_score(decoder, embed, head, input_ids, attention_mask, start_id: int, end_id: int,
                      num_tokens: int, ahead_tokens: int, temperature: float, pad_id: int,
-                     generator: torch.Generator | None = None, keep_logits: bool = False):
+                     generator: torch.Generator | None = None, logprob_temperature: float = 1.0):
     """Samples thoughts and scores them in the same passes, with gradients.
 
-    Returns (thoughts [B, L, k], GridHidden, the k sampling logits [B, L, V] if ``keep_logits``
-    else []): the REINFORCE log-probabilities can reuse those logits instead of recomputing them.
+    Returns (thoughts [B, L, k], GridHidden, the thought tokens' log-probabilities at
+    ``logprob_temperature`` [B, L, k]): the REINFORCE log-probabilities come from the chunks
+    of logits the tokens were sampled from, so no [tokens x V] tensor is kept for them.
     Not under activation checkpointing: recomputing a call would store its keys twice.
     """
     k = num_tokens
     run = _Passes(decoder, embed, attention_mask, keep_keys=True)
-    thoughts, hidden, logits = _sample_passes(run, logits_fn, input_ids, start_id, k, temperature,
-                                              generator, keep_logits)
+    thoughts, hidden, thought_logp = _sample_passes(run, head, input_ids, start_id, k, temperature,
+                                                    generator, logprob_temperature)
     ids = grid_ids(input_ids, thoughts, start_id, end_id, ahead_tokens, pad_id)
     rest = run(ids[:, k + 1:])  # t_k, END and the teacher-forced tokens: [B, A + 1, L, d]
     grid = GridHidden(base=hidden[0], thought=torch.stack(hidden[1:k + 1], dim=2),
                       after=rest[:, 1:].transpose(1, 2))
-    return thoughts, grid, logits
+    return thoughts, grid, thought_logp
 
 
 def grid_ids(input_ids: torch.Tensor, thought_ids: torch.Tensor, start_id: int, end_id: int,
