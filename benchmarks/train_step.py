@@ -265,39 +265,64 @@ def ratio(a: dict, b: dict, key: str) -> str:
     return f"{a[key] / b[key]:.2f}"
 
 
+def _median_rss(results: list[dict]) -> dict:
+    """One result whose peak RSS is the median of ``results``' (and "rss_range" their span, MiB)."""
+    good = sorted((r for r in results if "error" not in r), key=lambda r: r["peak_rss_bytes"])
+    if len(good) < len(results):
+        return next(r for r in results if "error" in r)
+    low, high = good[0]["peak_rss_bytes"] / MIB, good[-1]["peak_rss_bytes"] / MIB
+    return dict(good[len(good) // 2], rss_range=f"{low:.0f}-{high:.0f}")
+
+
 def cost_table(args, base: dict) -> int:
-    """Time and peak RSS at one size (the first of ``--lengths`` and ``--thought-tokens``): ours
-    and the ideal with the vocabulary chunked (``--chunk``) and with all logits kept (chunk 0),
-    timed interleaved in one process; dense and the plain model's step timed on their own; the
-    peak RSS of every method in a fresh process of its own (build, warm-up, one step)."""
+    """Time and peak RSS at one size (the first of ``--lengths`` and ``--thought-tokens``).
+
+    Ours and the ideal in three modes (the vocabulary chunked, ``--chunk``; chunked with
+    activation checkpointing; all logits kept, chunk 0) are timed interleaved in one process;
+    dense and the plain model's step on their own. Every row's peak RSS comes from a fresh
+    process of its own (build, warm-up, one step), "all passes" (the ideal's F passes as one
+    batch: the memory floor of an exact method) included."""
     L, k = args.lengths[0], args.thought_tokens[0]
-    rows = [("ours", {}), ("ideal", {}), ("ours", {"chunk": 0}), ("ideal", {"chunk": 0}),
-            ("dense", {}), ("plain", {})]
-    specs = [dict(base, method=m, L=L, k=k, **extra) for m, extra in rows]
-    timed = measure([specs[:4]], args.timeout) + measure([[specs[4]]], args.timeout) \
-        + measure([[specs[5]]], args.timeout)
-    rss = [r if spec["method"] in ("dense", "plain") else measure([[dict(spec, reps=1)]], args.timeout)[0]
-           for spec, r in zip(specs, timed)]
+    modes = [{}, {"checkpointing": True}, {"chunk": 0}]
+    specs = [dict(base, method=m, L=L, k=k, **extra) for extra in modes for m in ("ours", "ideal")]
+    specs += [dict(base, method=m, L=L, k=k, reps=0 if m == "all-passes" else base["reps"])
+              for m in ("all-passes", "dense", "plain")]
+    timed = measure([specs[:6]], args.timeout)
+    timed += [measure([[spec]], args.timeout)[0] for spec in specs[6:]]
+    # Peak RSS moves by up to ~10% between identical processes (the C heap's layout): the
+    # median of --rss-runs processes, one spec each (the timing process counts where it had one spec).
+    runs = [[] if i < 6 else [t] for i, t in enumerate(timed)]
+    for i, spec in enumerate(specs):
+        while len(runs[i]) < args.rss_runs:
+            runs[i].append(measure([[dict(spec, reps=min(spec["reps"], 1))]], args.timeout)[0])
+    rss = [_median_rss(r) for r in runs]
     F = 1 + (k + 2) + args.ahead - 1
     print(f"Tiny {args.model.capitalize()}: hidden {args.hidden}, {args.layers} layers, {args.heads} heads "
           f"({args.kv_heads} kv), vocab {args.vocab}, fp32; L={L}, k={k}, A={args.ahead}, "
           f"n={args.thoughts_per_position}, F={F}, batch {args.batch}; {args.threads} thread(s), torch "
           f"{torch.__version__}; time = median of {args.reps} step(s); peak RSS = ru_maxrss of a process "
-          "of its own (weights, optimiser state, interpreter and libraries included); live = peak "
-          "live tensor MiB of one step above weights and optimiser state.\n")
-    print("| method | loss_chunk_tokens | ms | time / ideal | peak RSS MiB | RSS / plain | RSS / dense "
-          "| live MiB |\n|---|---|---|---|---|---|---|---|")
-    ideal = {spec.get("chunk"): r for spec, r in zip(specs, timed) if spec["method"] == "ideal"}
-    plain, dense = rss[5], rss[4]
-    for spec, t, r in zip(specs, timed, rss):
-        same = ideal.get(spec["chunk"]) if spec["method"] == "ours" else None
-        rss_ratio = (lambda other: "-" if "error" in r or "error" in other
-                     else f"{r['peak_rss_bytes'] / other['peak_rss_bytes']:.2f}")
-        chunk = {"dense": 0, "plain": "- (its own loss)"}.get(spec["method"], spec["chunk"])
-        print(f"| {spec['method']} | {chunk} | {ms(t)} "
-              f"| {ratio(t, same, 'time_s') if same else '-'} "
-              f"| {r.get('error') or round(r['peak_rss_bytes'] / MIB)} | {rss_ratio(plain)} "
-              f"| {rss_ratio(dense)} | {mib(t)} |", flush=True)
+          f"of its own (weights, optimiser state, interpreter and libraries included), median of "
+          f"{args.rss_runs} processes [min-max]; live = peak "
+          "live tensor MiB of one step above weights and optimiser state. Dense keeps all logits, as "
+          "the paper's code; plain is the base model's own step (its loss) on the batch.\n")
+    print("| method | loss_chunk_tokens | checkpointing | ms | time / ideal | peak RSS MiB | RSS / plain "
+          "| RSS / dense | live MiB |\n|---|---|---|---|---|---|---|---|---|")
+    plain, dense = rss[-1], rss[-2]
+
+    def rss_cell(r):
+        return r.get("error") or f"{r['peak_rss_bytes'] / MIB:.0f} [{r['rss_range']}]"
+
+    def rss_ratio(r, other):
+        return "-" if "error" in r or "error" in other else f"{r['peak_rss_bytes'] / other['peak_rss_bytes']:.2f}"
+
+    for i, (spec, t, r) in enumerate(zip(specs, timed, rss)):
+        ideal = timed[i + 1] if spec["method"] == "ours" else None  # the same mode's ideal
+        chunk = {"dense": 0, "plain": "- (its own loss)"}.get(spec["method"], spec.get("chunk", base["chunk"]))
+        print(f"| {spec['method']} | {chunk} | {'yes' if spec.get('checkpointing') else 'no'} | {ms(t)} "
+              f"| {ratio(t, ideal, 'time_s') if ideal else '-'} "
+              f"| {rss_cell(r)} "
+              f"| {rss_ratio(r, plain)} "
+              f"| {rss_ratio(r, dense)} | {mib(t)} |", flush=True)
     return 0
 
 
@@ -308,6 +333,8 @@ def main(argv=None) -> int:
                         help="the Cost issue's comparison: a Mistral (hidden 256, 4 layers, 8 heads, 2 kv, "
                              "vocab 32000) at L 256, k 9; time and peak RSS of ours, the ideal, dense "
                              "and the plain model's step, each method's RSS in a process of its own")
+    parser.add_argument("--rss-runs", type=int, default=3,
+                        help="with --cost: processes whose peak RSS is taken, per row (median)")
     parser.add_argument("--quick", action="store_true",
                         help="defaults L 64,128,256, k 4,8, one timed rep, memory modes at 256 8 "
                              "(about a minute)")

@@ -90,7 +90,7 @@ class QuietStarConfig:
     meta_token_init: str = "---"
     """START/END embeddings start as the embedding of this string's first token."""
 
-    loss_chunk_tokens: int = 1024
+    loss_chunk_tokens: int = 256
     """Rows of vocabulary-sized logits computed at a time, everywhere the method needs them
     (base and mixed NLL, the REINFORCE log-probabilities, the thought sampling): each chunk's
     logits are recomputed in the backward pass, so the vocabulary costs O(chunk x V) memory at

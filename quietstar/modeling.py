@@ -224,8 +224,9 @@ class QuietStarForCausalLM(nn.Module):
         lm = self.lm if lm is None else lm
         out = lm.get_output_embeddings()
         cap = getattr(lm.config.get_text_config(), "final_logit_softcapping", None)
+        partitioned = hasattr(out.weight, "ds_id")  # DeepSpeed ZeRO-3: gathered only inside out()
         return VocabHead(out.weight, getattr(out, "bias", None), cap, self._meta_logit_ids,
-                         self.config.loss_chunk_tokens)
+                         self.config.loss_chunk_tokens, out if partitioned else None)
 
     def logits(self, hidden: torch.Tensor, lm=None) -> torch.Tensor:
         """LM logits [..., V] of final hidden states (of ``lm``, default the model's own LM); the

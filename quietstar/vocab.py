@@ -17,11 +17,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from .sampling import inverse_cdf
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # holds tensors: no field-wise ==
 class VocabHead:
     """The LM head as the loss and the sampler see it (see the module docstring)."""
 
@@ -30,10 +32,14 @@ class VocabHead:
     softcap: float | None        # final_logit_softcapping (Gemma-2): z = cap * tanh(z / cap)
     masked_ids: torch.Tensor     # ids never predicted (the meta tokens inside the vocabulary)
     chunk_rows: int
+    # The head module, where its weight exists only inside its own forward (DeepSpeed ZeRO-3
+    # partitions it): then each chunk calls it under torch.utils.checkpoint instead (slower:
+    # autograd's log-softmax, the sampling logits computed once more with gradients).
+    module: torch.nn.Module | None = None
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """All logits [..., V] of ``hidden`` [..., d], with gradients (the public scoring APIs)."""
-        z = torch.nn.functional.linear(hidden, self.weight, self.bias)
+        z = self.module(hidden) if self.module is not None else F.linear(hidden, self.weight, self.bias)
         if self.softcap is not None:
             z = torch.tanh(z / self.softcap) * self.softcap
         if self.masked_ids.numel():
@@ -44,6 +50,8 @@ class VocabHead:
         """log softmax(z / temperature)[target] in float32 (at least), for hidden [..., d] and
         targets [...]."""
         flat = hidden.reshape(-1, hidden.shape[-1])
+        if self.module is not None:
+            return self._checkpointed_logprobs(flat, targets.reshape(-1), temperature).view(targets.shape)
         out, _ = _HeadLogprob.apply(flat, self.weight, self.bias, targets.reshape(-1), self, temperature, None)
         return out.view(targets.shape)
 
@@ -58,6 +66,12 @@ class VocabHead:
         if temperature != 0:  # one number per row, drawn at once as sampling.sample does
             uniforms = torch.rand(flat.shape[0], 1, generator=generator, device=flat.device)
         draw = (temperature, uniforms)
+        if self.module is not None:
+            with torch.no_grad():
+                tokens = torch.cat([_draw(self.logits(flat[rows]), temperature, uniforms, rows)
+                                    for rows in self.chunks(flat.shape[0])])
+            logp = None if logprob_temperature is None else self.logprobs(flat, tokens, logprob_temperature)
+            return tokens.view(hidden.shape[:-1]), None if logp is None else logp.view(hidden.shape[:-1])
         if logprob_temperature is None:
             with torch.no_grad():
                 _, tokens = _HeadLogprob.apply(flat.detach(), self.weight, self.bias, None, self, 1.0, draw)
@@ -65,19 +79,38 @@ class VocabHead:
         out, tokens = _HeadLogprob.apply(flat, self.weight, self.bias, None, self, logprob_temperature, draw)
         return tokens.view(hidden.shape[:-1]), out.view(hidden.shape[:-1])
 
+    def _checkpointed_logprobs(self, h: torch.Tensor, t: torch.Tensor, temperature: float) -> torch.Tensor:
+        """``logprobs`` through the head module, a chunk at a time, recomputed in the backward."""
+        def piece(h_part, t_part):
+            z = self.logits(h_part)
+            z = z.to(torch.promote_types(z.dtype, torch.float32)) / temperature
+            return torch.log_softmax(z, -1).gather(-1, t_part[:, None]).squeeze(-1)
+
+        recompute = torch.is_grad_enabled() and self.chunk_rows > 0
+        return torch.cat([checkpoint(piece, h[rows], t[rows], use_reentrant=False) if recompute
+                          else piece(h[rows], t[rows]) for rows in self.chunks(h.shape[0])])
+
     def chunks(self, rows: int) -> list[slice]:
         step = self.chunk_rows if self.chunk_rows > 0 else max(rows, 1)
         return [slice(i, min(i + step, rows)) for i in range(0, rows, step)]
 
     def chunk_logits(self, h: torch.Tensor, weight: torch.Tensor, bias) -> torch.Tensor:
         """Logits [c, V] of rows ``h`` [c, d] in float32 (at least), softcapped and masked."""
-        z = torch.nn.functional.linear(h, weight, bias)
+        z = F.linear(h, weight, bias)
         z = z.to(torch.promote_types(z.dtype, torch.float32))
         if self.softcap is not None:
             z = torch.tanh(z.div_(self.softcap)).mul_(self.softcap)
         if self.masked_ids.numel():
             z.index_fill_(-1, self.masked_ids, float("-inf"))
         return z
+
+
+def _draw(z: torch.Tensor, temperature: float, uniforms: torch.Tensor | None, rows: slice) -> torch.Tensor:
+    """Token ids [c] of a chunk's logits z [c, V]: greedy at temperature 0, else inverse CDF at
+    the chunk's own uniform numbers."""
+    if temperature == 0:
+        return z.argmax(-1)
+    return inverse_cdf(z.float() / temperature if temperature != 1 else z.float(), uniforms[rows])
 
 
 class _HeadLogprob(torch.autograd.Function):
@@ -97,12 +130,7 @@ class _HeadLogprob(torch.autograd.Function):
         for rows in head.chunks(N):
             z = head.chunk_logits(hidden[rows], weight, bias)                # [c, V]
             if draw is not None:
-                sample_temperature, uniforms = draw
-                if sample_temperature == 0:
-                    tokens[rows] = z.argmax(-1)
-                else:
-                    tokens[rows] = inverse_cdf(z / sample_temperature if sample_temperature != 1 else z,
-                                               uniforms[rows])
+                tokens[rows] = _draw(z, *draw, rows)
             if temperature != 1:
                 z = z.div_(temperature)
             picked = z.gather(-1, tokens[rows, None]).squeeze(-1)

@@ -41,13 +41,25 @@ def grads(value, upstream, inputs):
     return torch.autograd.grad((value * upstream.to(value.dtype)).sum(), inputs)
 
 
+class Project(torch.nn.Module):
+    """A head module computing h W^T + b from given tensors (VocabHead's ZeRO-3 path)."""
+
+    def __init__(self, weight, bias):
+        super().__init__()
+        self.w, self.b = weight, bias
+
+    def forward(self, h):
+        return F.linear(h, self.w, self.b)
+
+
+@pytest.mark.parametrize("through_module", [False, True])
 @pytest.mark.parametrize("chunk", [0, 1, 3, 7, 100])
 @pytest.mark.parametrize("temperature,softcap", [(1.0, None), (3.0, None), (1.0, 4.0), (3.0, 4.0)])
-def test_logprobs_equal_full_logits_with_gradients(chunk, temperature, softcap):
+def test_logprobs_equal_full_logits_with_gradients(chunk, temperature, softcap, through_module):
     hidden, weight, bias, targets, g = toy()
     upstream = torch.randn(targets.shape, generator=g, dtype=torch.float64)
     upstream[1, :2] = 0  # padding rows: no gradient flows back from them
-    head = VocabHead(weight, bias, softcap, MASKED, chunk)
+    head = VocabHead(weight, bias, softcap, MASKED, chunk, Project(weight, bias) if through_module else None)
     ours = head.logprobs(hidden, targets, temperature)
     reference = reference_logprobs(hidden, weight, bias, targets, temperature, softcap)
     torch.testing.assert_close(ours, reference, atol=1e-12, rtol=1e-12)
@@ -93,13 +105,14 @@ def test_gradients_flow_through_the_mixing_weight():
         torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10)
 
 
+@pytest.mark.parametrize("through_module", [False, True])
 @pytest.mark.parametrize("chunk", [0, 3, 7])
 @pytest.mark.parametrize("temperature", [0.0, 1.0, 0.7])
-def test_sample_equals_sampling_sample_on_full_logits(chunk, temperature):
+def test_sample_equals_sampling_sample_on_full_logits(chunk, temperature, through_module):
     """Same generator, same tokens as ``sampling.sample`` on all logits; the log-probabilities
     returned beside them equal the full logits' at their own temperature, gradients included."""
     hidden, weight, bias, _, g = toy(torch.float32, rows=(4, 9))
-    head = VocabHead(weight, bias, None, MASKED, chunk)
+    head = VocabHead(weight, bias, None, MASKED, chunk, Project(weight, bias) if through_module else None)
     tokens, logp = head.sample(hidden, temperature, torch.Generator().manual_seed(5), logprob_temperature=3.0)
     with torch.no_grad():
         full = head.logits(hidden).view(-1, V)
