@@ -145,7 +145,9 @@ def build(spec: dict):
     # The paper's code (dense) keeps all logits; ours and the ideal chunk them as the library does.
     chunk = 0 if spec["method"] == "dense" else spec.get("chunk", QuietStarConfig().loss_chunk_tokens)
     qcfg = QuietStarConfig(sampled_thought_tokens=k, ahead_tokens=A, thoughts_per_position=n,
-                           loss_chunk_tokens=chunk)
+                           loss_chunk_tokens=chunk,
+                           thought_fraction=spec.get("fraction", 1.0),
+                           thought_selection=spec.get("selection", "entropy"))
     F = qcfg.passes_per_step
     shape = lm_config(spec.get("model", "llama"), spec["hidden"], spec["layers"], spec["heads"],
                           spec["kv_heads"], spec["vocab"], max_length=L + F + 8)
@@ -341,8 +343,8 @@ def main(argv=None) -> int:
     parser.add_argument("--lengths", type=int, nargs="+", default=[64, 128, 256, 512, 1024])
     parser.add_argument("--thought-tokens", type=int, nargs="+", default=[4, 8, 16],
                         help="k, sampled thought tokens")
-    parser.add_argument("--methods", nargs="+", default=["ours", "ideal", "dense"],
-                        choices=["ours", "ideal", "dense"])
+    parser.add_argument("--methods", nargs="*", default=["ours", "ideal", "dense"],
+                        choices=["ours", "ideal", "dense"], help="of the main table (none: no main table)")
     parser.add_argument("--model", default="llama", choices=["llama", "mistral"])
     parser.add_argument("--ahead", type=int, default=4, help="A, ahead tokens")
     parser.add_argument("--thoughts-per-position", type=int, default=2, help="n")
@@ -362,6 +364,12 @@ def main(argv=None) -> int:
     parser.add_argument("--chunk", type=int, default=QuietStarConfig().loss_chunk_tokens,
                         help="loss_chunk_tokens of ours and the ideal (0: all logits kept; dense "
                              "always keeps them, as the paper's code)")
+    parser.add_argument("--fractions-at", type=int, nargs=2, default=[512, 9], metavar=("L", "K"),
+                        help="length and k of the thought-fraction table (0 0: none)")
+    parser.add_argument("--fractions", type=float, nargs="+", default=[0.5, 0.25, 0.1],
+                        help="thought_fraction values of that table, each against 1.0")
+    parser.add_argument("--selection", choices=["entropy", "random"], default="entropy",
+                        help="thought_selection in that table")
     parser.add_argument("--timeout", type=float, default=600, help="seconds per configuration")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -371,7 +379,7 @@ def main(argv=None) -> int:
                 print(json.dumps(result), flush=True)
         return 0
     presets = {"quick": {"lengths": [64, 128, 256], "thought_tokens": [4, 8], "reps": 1,
-                         "memory_modes_at": [256, 8]},
+                         "memory_modes_at": [256, 8], "fractions_at": [256, 9]},
                "cost": {"model": "mistral", "hidden": 256, "layers": 4, "heads": 8, "kv_heads": 2,
                         "vocab": 32000, "lengths": [256], "thought_tokens": [9]}}
     for preset, values in presets.items():  # smaller defaults; options given explicitly still win
@@ -392,6 +400,18 @@ def main(argv=None) -> int:
           "time), memory = peak live tensor MiB of one step.\n",
           flush=True)
 
+    if args.methods:
+        main_table(args, base)
+    L, k = args.memory_modes_at
+    if L:
+        memory_modes_table(args, base)
+    if args.fractions_at[0]:
+        fraction_table(args, base)
+    return 0
+
+
+def main_table(args, base: dict) -> None:
+    """ours, ideal and dense for every (L, k)."""
     header = ("| L | k | F | ours ms | ideal ms | time ours/ideal | ours MiB | ideal MiB "
               "| mem ours/ideal | dense ms | dense MiB | time dense/ours | mem dense/ours |")
     rows = [header, "|" + "---|" * (header.count("|") - 1)]
@@ -424,24 +444,49 @@ def main(argv=None) -> int:
             print(rows[-1], file=sys.stderr, flush=True)
     print("\n".join(rows), flush=True)
 
+
+def memory_modes_table(args, base: dict) -> None:
+    """Loss chunking and activation checkpointing at one size, ours against ideal and all passes."""
     L, k = args.memory_modes_at
-    if L:
-        print(f"\nMemory modes at L={L}, k={k} (none: loss_chunk_tokens=0, all logits kept; loss chunk: "
-              f"loss_chunk_tokens={args.chunk}; checkpointing: every decoder layer recomputed in the "
-              "backward):\n")
-        modes = [("none", {"chunk": 0}), ("loss chunk", {"chunk": args.chunk}),
-                 ("checkpointing", {"chunk": 0, "checkpointing": True}),
-                 ("loss chunk + checkpointing", {"chunk": args.chunk, "checkpointing": True})]
-        specs = [dict(base, method=m, L=L, k=k, **extra, **({"reps": 0} if m == "all-passes" else {}))
-                 for _, extra in modes for m in ("ours", "ideal", "all-passes")]
-        results = measure([specs], args.timeout)
-        print("| memory mode | ours ms | ideal ms | time ours/ideal | ours MiB | ideal MiB "
-              "| all passes MiB | mem ours/all passes |\n|---|---|---|---|---|---|---|---|")
-        for i, (name, _) in enumerate(modes):
-            o, d, a = results[3 * i:3 * i + 3]
-            print(f"| {name} | {ms(o)} | {ms(d)} | {ratio(o, d, 'time_s')} | {mib(o)} | {mib(d)} "
-                  f"| {mib(a)} | {ratio(o, a, 'peak_bytes')} |", flush=True)
-    return 0
+    print(f"\nMemory modes at L={L}, k={k} (none: loss_chunk_tokens=0, all logits kept; loss chunk: "
+          f"loss_chunk_tokens={args.chunk}; checkpointing: every decoder layer recomputed in the "
+          "backward):\n")
+    modes = [("none", {"chunk": 0}), ("loss chunk", {"chunk": args.chunk}),
+             ("checkpointing", {"chunk": 0, "checkpointing": True}),
+             ("loss chunk + checkpointing", {"chunk": args.chunk, "checkpointing": True})]
+    specs = [dict(base, method=m, L=L, k=k, **extra, **({"reps": 0} if m == "all-passes" else {}))
+             for _, extra in modes for m in ("ours", "ideal", "all-passes")]
+    results = measure([specs], args.timeout)
+    print("| memory mode | ours ms | ideal ms | time ours/ideal | ours MiB | ideal MiB "
+          "| all passes MiB | mem ours/all passes |\n|---|---|---|---|---|---|---|---|")
+    for i, (name, _) in enumerate(modes):
+        o, d, a = results[3 * i:3 * i + 3]
+        print(f"| {name} | {ms(o)} | {ms(d)} | {ratio(o, d, 'time_s')} | {mib(o)} | {mib(d)} "
+              f"| {mib(a)} | {ratio(o, a, 'peak_bytes')} |", flush=True)
+
+
+def fraction_table(args, base: dict) -> None:
+    """Ours at thought_fraction < 1 against ours at 1.0 (every position thinks), timed together.
+    A step at fraction f runs the text pass over L tokens and F - 1 passes over f L rows, so its
+    ideal share of the all-position step is (1 + f (F - 1)) / F; the target allows 15% more."""
+    L, k = args.fractions_at
+    F = 1 + (k + 2) + args.ahead - 1
+    fractions = [1.0] + [f for f in args.fractions if f != 1.0]
+    specs = [dict(base, method="ours", L=L, k=k, fraction=f, selection=args.selection) for f in fractions]
+    results = measure([specs], args.timeout)
+    print(f"\nThought fraction at L={L}, k={k}, F={F} (selection: {args.selection}); ideal = "
+          "(1 + f (F - 1)) / F of the all-position step, target <= 1.15 x ideal:\n")
+    print("| fraction | ours ms | ours MiB | time / all | mem / all | ideal | time / ideal | mem / ideal |\n"
+          "|---|---|---|---|---|---|---|---|")
+    everywhere = results[0]
+    for f, r in zip(fractions, results):
+        ideal = (1 + f * (F - 1)) / F
+        cells = ["-"] * 4
+        if "error" not in r and "error" not in everywhere:
+            t, m = r["time_s"] / everywhere["time_s"], r["peak_bytes"] / everywhere["peak_bytes"]
+            cells = [f"{t:.2f}", f"{m:.2f}", f"{t / ideal:.2f}", f"{m / ideal:.2f}"]
+        print(f"| {f:g} | {ms(r)} | {mib(r)} | {cells[0]} | {cells[1]} | {ideal:.2f} | {cells[2]} "
+              f"| {cells[3]} |", flush=True)
 
 
 if __name__ == "__main__":

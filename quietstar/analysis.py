@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from .batching import model_device, pad_sequences
 from .evaluation import next_token_logits
+from .selection import logits_entropy, select_positions
 from .statistics import format_cell, summarize
 
 
@@ -35,6 +36,7 @@ class TokenNLLs:
     base: np.ndarray      # [N] without thoughts
     thinking: np.ndarray  # [N] mixed prediction after a thought at the previous position
     document: np.ndarray  # [N] index of the text the token belongs to
+    thought: np.ndarray | None = None  # [N] bool: the previous position thought (thought_fraction < 1)
 
 
 def token_windows(texts: Sequence[str], tokenizer, max_length: int) -> list[tuple[int, list[int]]]:
@@ -56,22 +58,27 @@ def token_windows(texts: Sequence[str], tokenizer, max_length: int) -> list[tupl
 def token_nlls(model, texts: Sequence[str], thought_tokens: int | None = None,
                thought_temperature: float | None = None, max_length: int = 256,
                batch_size: int = 4, seed: int = 0, progress: bool = False,
-               thought_source: str = "sampled") -> TokenNLLs:
+               thought_source: str = "sampled", thought_fraction: float = 1.0,
+               thought_selection: str = "entropy") -> TokenNLLs:
     """Base and thinking NLL of every token of ``texts`` that has a predecessor.
 
     Thoughts have ``thought_tokens`` tokens (default the model's k) and are sampled at
     ``thought_temperature`` (default the model's; 0 = greedy) from a generator seeded with ``seed``
     (``thought_source`` "random" / "shifted": the controls of ``evaluation.thoughts_for``).
-    ``thought_tokens=0`` measures the base model alone (``thinking`` is then ``base``).
-    Long texts are cut into windows of ``max_length`` tokens.
+    ``thought_tokens=0`` measures the base model alone (``thinking`` is then ``base``). With
+    ``thought_fraction`` < 1 only that share of each window's positions thinks, chosen as in
+    training (``thought_selection``: "entropy" of the base prediction, or "random"); the other
+    tokens' thinking NLL is their base NLL. Long texts are cut into windows of ``max_length`` tokens.
     """
+    if not 0 < thought_fraction <= 1:
+        raise ValueError(f"thought_fraction must be in (0, 1] (1 = every position thinks), got {thought_fraction}")
     K, T = model.config.thought_settings(thought_tokens, thought_temperature)
     tokenizer, device = model.tokenizer, model_device(model)
     windows = token_windows(texts, tokenizer, max_length)
     if not windows:
         raise ValueError("the texts hold no token with a predecessor; give longer texts")
     generator = torch.Generator(device).manual_seed(seed)
-    base, thinking, document = [], [], []
+    base, thinking, document, thought = [], [], [], []
     was_training = model.training
     model.eval()
     try:
@@ -79,10 +86,16 @@ def token_nlls(model, texts: Sequence[str], thought_tokens: int | None = None,
         for start in tqdm(starts, desc="token NLLs", disable=not progress, leave=False):
             batch = windows[start:start + batch_size]
             ids, mask = pad_sequences([w for _, w in batch], tokenizer.pad_token_id, "right", device)
-            base_logits, mixed_logits = next_token_logits(model, ids, mask, K, T, generator,
-                                                          thought_source)
             targets = ids[:, 1:]
             valid = mask[:, 1:].bool()
+            chosen = None
+            if thought_fraction < 1 and K:  # positions with a next token; the entropy of their base prediction
+                candidates = torch.cat([valid, valid.new_zeros(len(batch), 1)], 1)
+                entropy = logits_entropy(model.base_logits(ids, mask)) if thought_selection == "entropy" else None
+                chosen = select_positions(candidates, thought_fraction, thought_selection, entropy, generator)
+                thought.append(chosen[:, :-1][valid].cpu().numpy())
+            base_logits, mixed_logits = next_token_logits(model, ids, mask, K, T, generator,
+                                                          thought_source, chosen)
             for logits, out in ((base_logits, base), (mixed_logits, thinking))[:2 if K else 1]:
                 nll = torch.nn.functional.cross_entropy(
                     logits[:, :-1].float().transpose(1, 2), targets, reduction="none")
@@ -91,7 +104,8 @@ def token_nlls(model, texts: Sequence[str], thought_tokens: int | None = None,
     finally:
         model.train(was_training)
     base = np.concatenate(base)
-    return TokenNLLs(base, np.concatenate(thinking) if K else base, np.concatenate(document))
+    return TokenNLLs(base, np.concatenate(thinking) if K else base, np.concatenate(document),
+                     np.concatenate(thought) if thought else None)
 
 
 def difficulty_report(base, other, groups=None, buckets: int = 10, hardest_fraction: float = 0.1,
@@ -150,4 +164,40 @@ def format_difficulty_table(report: dict, labels: tuple[str, str] = ("base", "th
     lines.append(row(f"hardest {hardest['fraction']:.0%}", hardest))
     for b in report["buckets"]:
         lines.append(row(f"[{b['min_base_nll']:.2f}, {b['max_base_nll']:.2f}]", b))
+    return "\n".join(lines)
+
+
+def fraction_report(runs: Sequence[tuple[float, TokenNLLs]], hardest_fraction: float = 0.1,
+                    seed: int = 0) -> list[dict]:
+    """Thinking at a share of the positions, compared: for each (thought_fraction, its TokenNLLs)
+    of the same tokens, the share of tokens whose position thought, and the NLL improvement
+    (base - thinking) over all tokens and over the hardest ``hardest_fraction``, with bootstrap
+    intervals over documents; "kept" is the mean improvement relative to the first run's.
+
+    Returns [{"thought_fraction", "hardest_fraction", "thought_share", "improvement",
+    "hardest_improvement", "kept"}]."""
+    rows, first = [], None
+    for fraction, nll in runs:
+        report = difficulty_report(nll.base, nll.thinking, nll.document, buckets=1,
+                                   hardest_fraction=hardest_fraction, seed=seed)
+        gain = report["mean"]["improvement"]["mean"]
+        first = gain if first is None else first
+        rows.append({"thought_fraction": fraction, "hardest_fraction": hardest_fraction,
+                     "thought_share": 1.0 if nll.thought is None else float(nll.thought.mean()),
+                     "improvement": report["mean"]["improvement"],
+                     "hardest_improvement": report["hardest"]["improvement"],
+                     "kept": gain / first if first else float("nan")})
+    return rows
+
+
+def format_fraction_table(rows: list[dict]) -> str:
+    """A one-screen table of ``fraction_report``'s result."""
+    lines = ["NLL improvement (base - thinking, nats/token) by the share of positions that think; "
+             "mean [95% bootstrap CI]",
+             f"{'fraction':<10}{'thought':>8}  {'all tokens':<24}"
+             f"{'hardest ' + format(rows[0]['hardest_fraction'], '.0%'):<24}{'kept':>6}"]
+    for r in rows:
+        lines.append(f"{r['thought_fraction']:<10g}{r['thought_share']:>8.1%}  "
+                     f"{format_cell(r['improvement'], True):<24}{format_cell(r['hardest_improvement'], True):<24}"
+                     f"{r['kept']:>6.0%}")
     return "\n".join(lines)

@@ -5,8 +5,8 @@ docstring (the string literal under the field). From it this module makes
 
 * the argparse flags (``--field-name``), with the docstring and default as help, choices from a
   ``Literal``, ``--flag/--no-flag`` for a ``bool``, "none" for an optional value and a
-  comma-separated list for a ``tuple[str, ...]`` (``option`` adds what the help shows as the
-  default, where the real default is decided later, and the value's name);
+  comma-separated list for a ``tuple[str, ...]`` or ``tuple[float, ...]`` (``option`` adds what
+  the help shows as the default, where the real default is decided later, and the value's name);
 * the settings actually given on the command line, as a dict (flags that were not given are
   absent, so a YAML file or a saved run can supply them);
 * YAML files of the same names, read and merged.
@@ -51,18 +51,22 @@ def field_docs(cls: type) -> dict[str, str]:
 
 SHOWN_DEFAULT = "shown_default"
 METAVAR = "metavar"
+OUTPUT = "output"
 
 
 def option(default: Any = dataclasses.MISSING, *, shown_default: str | None = None,
-           metavar: str | None = None) -> Any:
+           metavar: str | None = None, output: Literal["file", "folder"] | None = None) -> Any:
     """A dataclass field with command-line details: ``shown_default`` is what the help gives as
     the default (e.g. "the model's sampled_thought_tokens" for a None that the model resolves),
-    ``metavar`` names the value in the usage line."""
-    metadata = {}
+    ``metavar`` names the value in the usage line, ``output`` marks a path the command writes
+    (a file or a folder), which the commands check before any work."""
+    metadata: dict[str, Any] = {}
     if shown_default is not None:
         metadata[SHOWN_DEFAULT] = shown_default
     if metavar is not None:
         metadata[METAVAR] = metavar
+    if output is not None:
+        metadata[OUTPUT] = output
     return dataclasses.field(default=default, metadata=metadata)
 
 
@@ -73,11 +77,11 @@ def _show(default: Any) -> str:
     return f"{default}"
 
 
-def _comma_separated(optional: bool) -> Callable[[str], Any]:
+def _comma_separated(optional: bool, item_type: type = str) -> Callable[[str], Any]:
     def convert(text: str) -> Any:
         if optional and text.lower() in ("none", "null"):
             return None
-        return tuple(item.strip() for item in text.split(",") if item.strip())
+        return tuple(item_type(item.strip()) for item in text.split(",") if item.strip())
 
     convert.__name__ = "comma-separated list"
     return convert
@@ -93,9 +97,10 @@ def _converter(hint: Any) -> tuple[Callable[[str], Any] | None, tuple | None, bo
     if hint is bool:
         return None, None, True
     if typing.get_origin(hint) is tuple and typing.get_args(hint)[1:] == (Ellipsis,):
-        if typing.get_args(hint)[0] is not str:
-            raise TypeError(f"only tuple[str, ...] is supported as a list flag, got {hint}")
-        return _comma_separated(optional), None, False
+        item_type = typing.get_args(hint)[0]
+        if item_type not in (str, float):
+            raise TypeError(f"only tuple[str, ...] and tuple[float, ...] are supported as list flags, got {hint}")
+        return _comma_separated(optional, item_type), None, False
     choices = None
     if typing.get_origin(hint) is Literal:
         choices = typing.get_args(hint)
@@ -190,8 +195,13 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise FileNotFoundError(f"config file {path} not found") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"config file {path} is not UTF-8 text; give a YAML file") from None
     except yaml.YAMLError as e:
-        raise ValueError(f"config file {path} is not valid YAML: {e}") from None
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        what = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ValueError(f"config file {path} is not valid YAML: {what}{where}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

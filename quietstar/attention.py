@@ -15,19 +15,25 @@ A rollout may run its passes in one call (the whole grid) or over several calls 
 sampled thought token): the layout's ``key_store`` then keeps each layer's keys/values of the
 earlier calls, one block per pass, and nothing is ever concatenated.
 
+With position selection (``ThoughtLayout.rows``) the thought passes have one query row per
+*selected* position only: S rows per sequence, each attending to the text keys 0..i of its own
+position (computed once, by the text pass) and to its own thought's keys.
+
 Ordinary calls (no ``thought_layout`` keyword) fall through to standard SDPA attention with the
 usual masks, so the wrapped model still behaves as the plain base model outside thought mode.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from .thought_layout import PassKeys, ThoughtLayout
 
 ATTENTION_NAME = "quietstar"
 
@@ -38,117 +44,6 @@ _HANDLED_KWARGS = {
     "max_length_q", "max_length_k", "output_attentions", "use_cache", "cache_position", "is_causal",
     "return_dict", "output_hidden_states", "layer_idx", "head_mask", "position_bias",
 }
-
-
-class PassKeys:
-    """One attention layer's keys and values of a rollout, one [B, Hkv, L, D] block per pass.
-
-    The text's block is kept contiguous (the fused kernels want it so). The thought passes' blocks
-    are kept for autograd and also copied, once each, into a growing [B, Hkv, L, capacity, D]
-    buffer outside autograd, so the own-thought products read them batched without re-stacking
-    P blocks per call (O(P^2) copies over a rollout). Slots are written once and never change.
-    """
-
-    def __init__(self):
-        self.passes = 0
-        self.text_key = self.text_value = None
-        self.own_keys: list[torch.Tensor] = []
-        self.own_values: list[torch.Tensor] = []
-        self._buffers = None  # (keys, values), each [B, Hkv, L, capacity, D]
-
-    def add(self, key_blocks, value_blocks) -> None:
-        key_blocks, value_blocks = list(key_blocks), list(value_blocks)
-        if self.passes == 0:
-            self.text_key, self.text_value = key_blocks.pop(0).contiguous(), value_blocks.pop(0).contiguous()
-            self.passes = 1
-        if not key_blocks:
-            return
-        n = len(self.own_keys)
-        need = n + len(key_blocks)
-        if self._buffers is None or self._buffers[0].shape[3] < need:
-            shape = list(key_blocks[0].shape)
-            shape.insert(3, max(need, 2 * n, 4))
-            with torch.no_grad():
-                grown = tuple(torch.empty(shape, dtype=b.dtype, device=b.device)
-                              for b in (key_blocks[0], value_blocks[0]))
-                if n:
-                    for new, old in zip(grown, self._buffers):
-                        new[:, :, :, :n] = old[:, :, :, :n]
-            self._buffers = grown
-        with torch.no_grad():
-            for i, (k, v) in enumerate(zip(key_blocks, value_blocks)):
-                self._buffers[0][:, :, :, n + i] = k
-                self._buffers[1][:, :, :, n + i] = v
-        self.own_keys += key_blocks
-        self.own_values += value_blocks
-        self.passes += len(key_blocks)
-
-    def own_buffers(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The thought passes' keys and values so far, [B, Hkv, L, P, D] each (no autograd)."""
-        n = len(self.own_keys)
-        return self._buffers[0][:, :, :, :n], self._buffers[1][:, :, :, :n]
-
-
-@dataclass
-class ThoughtLayout:
-    """Tells the attention function how a thought-mode call is laid out.
-
-    A call's queries (and its keys/values) are one block of L tokens per entry of
-    ``query_passes``: consecutive passes, 0 = the text. With a ``key_store`` the blocks of earlier
-    calls of the same rollout are kept there (per attention module, a list of key blocks and a list
-    of value blocks indexed by pass), so a call may start at any pass; without one it starts at 0.
-    """
-
-    text_len: int
-    query_passes: tuple[int, ...]
-    text_key_valid: torch.Tensor  # [B, L] bool: False for padding
-    text_positions: torch.Tensor  # [B, L] long: position id of each text token
-    has_padding: bool = True      # False lets the text part use a plain causal kernel
-    key_store: dict | None = None
-
-    def pass_keys(self, module, key: torch.Tensor, value: torch.Tensor) -> "PassKeys":
-        """Adds this call's key/value blocks to the module's ``PassKeys`` and returns it."""
-        L, Qp = self.text_len, len(self.query_passes)
-        if key.shape[2] != Qp * L:
-            raise RuntimeError(f"thought layout mismatch: {key.shape[2]} keys for L={L} and query "
-                               f"passes {self.query_passes}")
-        store = PassKeys() if self.key_store is None else self.key_store.setdefault(module, PassKeys())
-        if self.query_passes != tuple(range(store.passes, store.passes + Qp)):
-            raise RuntimeError(f"thought passes {self.query_passes} do not continue the "
-                               f"{store.passes} passes already stored")
-        store.add(key.split(L, 2), value.split(L, 2))
-        return store
-
-    def additive_text_mask(self, dtype: torch.dtype) -> torch.Tensor:
-        """[B, 1, L, L] additive mask of the text part, for padded batches without a window."""
-        allowed = self.text_mask(None)[:, 0, 0, 0].unsqueeze(1)
-        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
-            ~allowed, float("-inf"))
-
-    def text_mask(self, sliding_window: int | None) -> torch.Tensor:
-        """Allowed text keys, [B, 1, 1, Qp or 1, L, L] bool (query i, key j)."""
-        L = self.text_len
-        idx = torch.arange(L, device=self.text_key_valid.device)
-        causal = idx[None, :] <= idx[:, None]  # [L(query), L(key)]
-        allowed = causal[None] & self.text_key_valid[:, None, :]  # [B, L, L]
-        # A padded query with no valid key would give NaN; let it see itself (its output is unused).
-        allowed = allowed | torch.eye(L, dtype=torch.bool, device=allowed.device)[None]
-        if sliding_window is None:
-            return allowed[:, None, None, None]
-        passes = torch.tensor(self.query_passes, device=allowed.device)
-        pos = self.text_positions
-        # Query of pass p at position i sits at position pos_i + p; key j at pos_j.
-        distance = (pos[:, None, :, None] + passes[None, :, None, None]) - pos[:, None, None, :]
-        return (allowed[:, None] & (distance < sliding_window))[:, None, None]
-
-    def thought_mask(self, num_key_passes: int, sliding_window: int | None) -> torch.Tensor:
-        """Allowed own-thought keys, [1, 1, 1, Qp, 1, P] bool: pass p sees passes 1..p."""
-        q = torch.tensor(self.query_passes, device=self.text_key_valid.device)[:, None]
-        k = torch.arange(1, num_key_passes + 1, device=q.device)[None, :]
-        allowed = k <= q
-        if sliding_window is not None:
-            allowed = allowed & (q - k < sliding_window)
-        return allowed[None, None, None, :, None, :]
 
 
 def thought_attention(
@@ -180,15 +75,32 @@ def thought_attention(
     if query.shape[2] != key.shape[2]:
         raise RuntimeError(f"thought layout mismatch: {query.shape[2]} queries and {key.shape[2]} "
                            "keys; a thought-mode call brings the keys of its own queries")
+    if layout.rows is not None and layout.query_passes[0] == 0 and len(layout.query_passes) > 1:
+        # The text pass (L rows) and selected rows' passes (S each) in one call: the text first,
+        # then the rest, which reads the text's keys from the store (a temporary one if need be).
+        L = layout.text_len
+        store = {} if layout.key_store is None else layout.key_store
+        text = replace(layout, query_passes=(0,), key_store=store)
+        rest = replace(layout, query_passes=layout.query_passes[1:], key_store=store)
+        parts = [_thought_call(module, query[:, :, s], key[:, :, s], value[:, :, s], part, scaling,
+                               dropout, softcap, sliding_window)
+                 for s, part in ((slice(0, L), text), (slice(L, None), rest))]
+        return torch.cat(parts, 1), None
+    return _thought_call(module, query, key, value, layout, scaling, dropout, softcap, sliding_window), None
+
+
+def _thought_call(module, query, key, value, layout: ThoughtLayout, scaling, dropout, softcap,
+                  sliding_window) -> torch.Tensor:
+    """One homogeneous thought-mode call (every pass block of one width): [B, Q, H, D]."""
     keys = layout.pass_keys(module, key, value)
     scale = scaling if scaling is not None else query.shape[3] ** -0.5
     window_binds = sliding_window is not None and sliding_window <= layout.text_len + max(layout.query_passes)
     if (query.device.type == "cpu" and softcap is None and dropout == 0 and not window_binds
             and query.dtype in (torch.float32, torch.float64, torch.bfloat16)):
-        return _fused_thought_attention(query, keys, layout, scale)
+        return _fused_thought_attention(query, keys, layout, scale)[0]
     if query.device.type != "cpu" and softcap is None and dropout == 0 and not window_binds:
-        return _sdpa_thought_attention(query, keys, layout, scale)
-    return _general_thought_attention(query, keys, layout, scale, softcap, sliding_window, dropout)
+        return _sdpa_thought_attention(query, keys, layout, scale)[0]
+    return _general_thought_attention(query, keys, layout, scale, softcap, sliding_window, dropout)[0]
 
 
 # The own-thought part: per query, P dot products and a P-term value sum, done as batched
@@ -267,13 +179,13 @@ def _general_thought_attention(query, keys: PassKeys, layout: ThoughtLayout, sca
     text_k, text_v = keys.text_key, keys.text_value
     Hkv = text_k.shape[1]
     G = H // Hkv
-    L = layout.text_len
+    L, Lq = layout.text_len, layout.query_width
     Qp = len(layout.query_passes)
     P = len(keys.own_keys)
     # Group query heads by their key/value head (GQA) instead of copying keys to every head.
-    q = query.view(B, Hkv, G, Qp, L, D)
-    s_text = torch.matmul(q.reshape(B, Hkv, G * Qp * L, D), text_k.transpose(-1, -2))
-    s_text = s_text.view(B, Hkv, G, Qp, L, L) * scale
+    q = query.view(B, Hkv, G, Qp, Lq, D)
+    s_text = torch.matmul(q.reshape(B, Hkv, G * Qp * Lq, D), text_k.transpose(-1, -2))
+    s_text = s_text.view(B, Hkv, G, Qp, Lq, L) * scale
     if softcap is not None:
         s_text = torch.tanh(s_text / softcap) * softcap
     s_text = s_text.masked_fill(~layout.text_mask(sliding_window), float("-inf"))
@@ -296,7 +208,7 @@ def _general_thought_attention(query, keys: PassKeys, layout: ThoughtLayout, sca
     p_text = e_text / norm
     if dropout > 0:
         p_text = F.dropout(p_text, p=dropout, training=True)
-    out = torch.matmul(p_text.view(B, Hkv, G * Qp * L, L), text_v).view(B, Hkv, G, Qp, L, D)
+    out = torch.matmul(p_text.view(B, Hkv, G * Qp * Lq, L), text_v).view(B, Hkv, G, Qp, Lq, D)
     if P > 0:
         p_own = e_own / norm
         if dropout > 0:
@@ -348,18 +260,18 @@ class _FusedThoughtAttention(torch.autograd.Function):
 
     Shapes: queries [B, Hkv*G*Qp, L, D] (heads ordered kv head, group, pass, as the kernel's
     GQA reads them); the own part works on rows [B, Hkv, L, R = G*Qp, X], one small matrix per
-    (batch, kv head, position). ``own_mask`` [R, P] (None: every row sees all P own keys).
+    (batch, kv head, position). ``own_mask`` [R, P] (None: every row sees all P own keys). Here L
+    counts query rows: with selected rows it is S, and the text keys (any length) come with a mask.
     """
 
     @staticmethod
-    def forward(ctx, q, text_k, text_v, text_mask, own_mask, scale, keys: PassKeys, *blocks):
+    def forward(ctx, q, text_k, text_v, text_mask, own_mask, scale, chunks, keys: PassKeys, *blocks):
         with torch.autocast(q.device.type, enabled=False):
             B, HQ, L, D = q.shape
             Hkv = text_k.shape[1]
             R = HQ // Hkv
             work = torch.promote_types(q.dtype, torch.float32)  # the merge is float32 at least
-            out_text, lse_text = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-                q, text_k, text_v, 0.0, text_mask is None, attn_mask=text_mask, scale=scale)
+            out_text, lse_text = _text_flash(q, text_k, text_v, text_mask, scale, chunks)
             key_buf, value_buf = (b.to(work) for b in keys.own_buffers())
             rows = q.view(B, Hkv, R, L, D).transpose(2, 3).to(work)  # [B, Hkv, L, R, D]
             s_own = _small_matmul(rows, key_buf.transpose(-1, -2)).mul_(scale)  # [B, Hkv, L, R, P]
@@ -377,7 +289,7 @@ class _FusedThoughtAttention(torch.autograd.Function):
             out = torch.addcmul(own_out.transpose(2, 3), text_share.transpose(2, 3).unsqueeze(-1),
                                 out_text.view(B, Hkv, R, L, D)).to(q.dtype).reshape(B, HQ, L, D).contiguous()
         ctx.save_for_backward(q, text_k, text_v, text_mask, lse_text, out, text_share, probs)
-        ctx.scale, ctx.buffers, ctx.block_dtype = scale, (key_buf, value_buf), blocks[0].dtype
+        ctx.scale, ctx.buffers, ctx.block_dtype, ctx.chunks = scale, (key_buf, value_buf), blocks[0].dtype, chunks
         return out
 
     @staticmethod
@@ -394,9 +306,8 @@ class _FusedThoughtAttention(torch.autograd.Function):
             g = grad_out.reshape(B, Hkv, R, L, D)
             share = text_share.transpose(2, 3).unsqueeze(-1)  # [B, Hkv, R, L, 1]
             grad_text = (share * g).to(q.dtype).reshape(B, HQ, L, D).contiguous()
-            dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-                grad_text, q, text_k, text_v, out, lse_text, 0.0, text_mask is None,
-                attn_mask=text_mask, scale=scale)
+            dq, dk, dv = _text_flash_backward(grad_text, q, text_k, text_v, out, lse_text, text_mask, scale,
+                                              ctx.chunks)
             g_rows = g.transpose(2, 3).to(work)                                      # [B, Hkv, L, R, D]
             row_dot = (g_rows * out.view(B, Hkv, R, L, D).transpose(2, 3)).sum(-1, keepdim=True)
             d_scores = probs * (_small_matmul(g_rows, value_buf.transpose(-1, -2)) - row_dot)
@@ -406,8 +317,37 @@ class _FusedThoughtAttention(torch.autograd.Function):
             d_keys = _small_matmul(d_scores.transpose(-1, -2), rows).mul_(scale)     # [B, Hkv, L, P, D]
             d_values = _small_matmul(probs.transpose(-1, -2), g_rows)
         dtype = ctx.block_dtype
-        return (dq, dk, dv, None, None, None, None,
+        return (dq, dk, dv, None, None, None, None, None,
                 *d_keys.to(dtype).unbind(3), *d_values.to(dtype).unbind(3))
+
+
+def _text_flash(q, k, v, mask, scale, chunks):
+    """The text part by the CPU flash kernel: (out, log-sum-exp); causal without a mask, else
+    masked, one call per block of rows over the keys it needs (``ThoughtLayout.row_chunks``)."""
+    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    if chunks is None:
+        return flash(q, k, v, 0.0, mask is None, attn_mask=mask, scale=scale)
+    parts = [flash(q[:, :, r0:r1].contiguous(), k[:, :, :end], v[:, :, :end], 0.0, False,
+                   attn_mask=mask[:, :, r0:r1, :end].contiguous(), scale=scale) for r0, r1, end in chunks]
+    return torch.cat([o for o, _ in parts], 2), torch.cat([lse for _, lse in parts], 2)
+
+
+def _text_flash_backward(grad, q, k, v, out, lse, mask, scale, chunks):
+    """(dq, dk, dv) of ``_text_flash``, block by block as its forward."""
+    backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+    if chunks is None:
+        return backward(grad, q, k, v, out, lse, 0.0, mask is None, attn_mask=mask, scale=scale)
+    dq, dk, dv = [], torch.zeros_like(k), torch.zeros_like(v)
+    for r0, r1, end in chunks:
+        rows = slice(r0, r1)
+        dq_part, dk_part, dv_part = backward(
+            grad[:, :, rows].contiguous(), q[:, :, rows].contiguous(), k[:, :, :end], v[:, :, :end],
+            out[:, :, rows].contiguous(), lse[:, :, rows].contiguous(), 0.0, False,
+            attn_mask=mask[:, :, rows, :end].contiguous(), scale=scale)
+        dq.append(dq_part)
+        dk[:, :, :end] += dk_part
+        dv[:, :, :end] += dv_part
+    return torch.cat(dq, 2), dk, dv
 
 
 def _fused_thought_attention(query, keys: PassKeys, layout: ThoughtLayout, scale: float):
@@ -415,11 +355,11 @@ def _fused_thought_attention(query, keys: PassKeys, layout: ThoughtLayout, scale
     B, H, Q, D = query.shape
     Hkv = keys.text_key.shape[1]
     G = H // Hkv
-    L = layout.text_len
+    Lq = layout.query_width
     Qp = len(layout.query_passes)
     # Heads ordered (kv head, group, pass): head h reads kv head h // (G * Qp), as the kernel's GQA.
-    q = query.reshape(B, H, Qp, L, D).reshape(B, H * Qp, L, D)
-    mask = layout.additive_text_mask(query.dtype) if layout.has_padding else None
+    q = query.reshape(B, H, Qp, Lq, D).reshape(B, H * Qp, Lq, D)
+    mask = layout.additive_text_mask(query.dtype) if layout.needs_text_mask else None
     if not keys.own_keys:  # the text alone: plain causal attention
         out = F.scaled_dot_product_attention(q, keys.text_key, keys.text_value, attn_mask=mask,
                                              is_causal=mask is None, scale=scale, enable_gqa=True)
@@ -428,7 +368,8 @@ def _fused_thought_attention(query, keys: PassKeys, layout: ThoughtLayout, scale
     own_mask = None
     if layout.query_passes[0] < P:  # some queries do not see every own key: [R = G*Qp, P]
         own_mask = layout.thought_mask(P, None).reshape(Qp, P).repeat(G, 1)
-    out = _FusedThoughtAttention.apply(q, keys.text_key, keys.text_value, mask, own_mask, scale, keys,
+    out = _FusedThoughtAttention.apply(q, keys.text_key, keys.text_value, mask, own_mask, scale,
+                                       layout.row_chunks(), keys,
                                        *keys.own_keys, *keys.own_values)
     return out.view(B, H, Q, D).transpose(1, 2).contiguous(), None
 
@@ -450,10 +391,10 @@ def _sdpa_thought_attention(query, keys: PassKeys, layout: ThoughtLayout, scale:
     text_k, text_v = keys.text_key, keys.text_value
     Hkv = text_k.shape[1]
     G = H // Hkv
-    L = layout.text_len
+    L, Lq = layout.text_len, layout.query_width
     Qp = len(layout.query_passes)
     width = -(-(D + 1) // 8) * 8  # D + 1 features, padded to a multiple of 8 for fused kernels
-    q = query.reshape(B, Hkv, G, Qp, L, D)
+    q = query.reshape(B, Hkv, G, Qp, Lq, D)
 
     if keys.own_keys:  # the own-thought part, small: [.., L, P] scores, in float32 at least
         s_own = _masked_own_scores(q, keys, layout, scale)
@@ -462,18 +403,18 @@ def _sdpa_thought_attention(query, keys: PassKeys, layout: ThoughtLayout, scale:
         own_out = _own_values(torch.softmax(s_own, -1), keys)
         extra = (lse_own / scale).to(query.dtype).unsqueeze(-1)
     else:
-        extra = query.new_full((B, Hkv, G, Qp, L, 1), -1000.0 / scale)
+        extra = query.new_full((B, Hkv, G, Qp, Lq, 1), -1000.0 / scale)
 
     # Queries: a dummy row, then [q, extra, 0...]. Keys/values: k* = v* = e_D, then [k or v, 0...].
-    qx = F.pad(torch.cat([q, extra], -1), (0, width - D - 1, 1, 0)).reshape(B, H * Qp, L + 1, width)
+    qx = F.pad(torch.cat([q, extra], -1), (0, width - D - 1, 1, 0)).reshape(B, H * Qp, Lq + 1, width)
     star = query.new_zeros(B, Hkv, 1, width)
     star[..., D] = 1
     kx = torch.cat([star, F.pad(text_k, (0, width - D))], 2)
     vx = torch.cat([star, F.pad(text_v, (0, width - D))], 2)
     mask = None
-    if layout.has_padding:
-        allowed = layout.text_mask(None)[:, 0, 0, 0]  # [B, L, L]
-        mask = torch.ones(B, 1, L + 1, L + 1, dtype=torch.bool, device=query.device)
+    if layout.needs_text_mask:
+        allowed = layout.text_mask(None)[:, 0, 0, 0]  # [B, Lq, L]
+        mask = torch.ones(B, 1, Lq + 1, L + 1, dtype=torch.bool, device=query.device)
         mask[:, 0, 0, 1:] = False
         mask[:, 0, 1:, 1:] = allowed
     # Grouped heads without key copies where the fused kernels allow it (no mask), as transformers'
@@ -483,7 +424,7 @@ def _sdpa_thought_attention(query, keys: PassKeys, layout: ThoughtLayout, scale:
         kx, vx = kx.repeat_interleave(G * Qp, 1), vx.repeat_interleave(G * Qp, 1)
     out = F.scaled_dot_product_attention(qx, kx, vx, attn_mask=mask, is_causal=mask is None,
                                          scale=scale, enable_gqa=gqa)
-    out = out[:, :, 1:].reshape(B, Hkv, G, Qp, L, width)
+    out = out[:, :, 1:].reshape(B, Hkv, G, Qp, Lq, width)
     text_part = out[..., :D]
     if keys.own_keys:
         text_part = text_part + (out[..., D:D + 1].to(own_out.dtype) * own_out).to(query.dtype)

@@ -73,6 +73,12 @@ class QuietStarConfig:
     mixed_loss_weight: float = 0.5
     """Weight of the mean over the A ahead steps of the mixed (post-thought) NLL."""
 
+    thought_loss_weight: float = 0.0
+    """Weight of the mean over the A ahead steps of the NLL of the post-thought prediction
+    *before mixing* (0 = the paper). The mixed NLL trains that prediction only in proportion to
+    the mixing weight, which starts at 0: this term teaches the LM to read its own thoughts from
+    the first step, as ``reward_source="thought"`` teaches it to write useful ones."""
+
     meta_token_lr_multiplier: float = 100.0
     """Learning-rate multiplier of the START/END embeddings under Adam-family optimisers. They are
     stored divided by this factor and multiplied back when used, so any Adam optimiser moves them
@@ -89,6 +95,18 @@ class QuietStarConfig:
     end_thought_token: str = "<|endofthought|>"
     meta_token_init: str = "---"
     """START/END embeddings start as the embedding of this string's first token."""
+
+    thought_fraction: float = 1.0
+    """Share of the positions that think in a training step: 1.0 = every position (the paper).
+    Below 1 each sequence thinks at round(fraction x its positions that have a target), at least
+    one, chosen by ``thought_selection``; the text pass still runs over every token, each later
+    pass over the chosen positions only (a step costs about 1 + fraction (F - 1) passes). REINFORCE
+    and the mixed NLL count at those positions, the base NLL everywhere."""
+
+    thought_selection: Literal["entropy", "random"] = "entropy"
+    """How ``thought_fraction`` < 1 chooses: "entropy", the positions whose base prediction (the
+    text pass, no thought) has the highest entropy, where the paper finds thoughts help; "random",
+    a uniform share from the forward's generator (the unbiased control)."""
 
     loss_chunk_tokens: int = 256
     """Rows of vocabulary-sized logits computed at a time, everywhere the method needs them
@@ -125,7 +143,7 @@ class QuietStarConfig:
              f"thought_temperature must be >= 0 (0 = greedy), got {self.thought_temperature!r}")
         need(self.policy_logprob_temperature > 0,
              f"policy_logprob_temperature must be > 0, got {self.policy_logprob_temperature!r}")
-        for name in ("policy_loss_weight", "base_loss_weight", "mixed_loss_weight"):
+        for name in ("policy_loss_weight", "base_loss_weight", "mixed_loss_weight", "thought_loss_weight"):
             value = getattr(self, name)
             need(value >= 0 and math.isfinite(value), f"{name} must be finite and >= 0, got {value!r}")
         need(self.meta_token_lr_multiplier > 0,
@@ -135,6 +153,10 @@ class QuietStarConfig:
         need(self.start_thought_token != self.end_thought_token and self.start_thought_token
              and self.end_thought_token, "start and end thought tokens must be distinct, non-empty strings")
         need(bool(self.meta_token_init), "meta_token_init must be a non-empty string")
+        need(0 < self.thought_fraction <= 1,
+             f"thought_fraction must be in (0, 1] (1 = every position thinks), got {self.thought_fraction!r}")
+        need(self.thought_selection in ("entropy", "random"),
+             f"thought_selection must be 'entropy' or 'random', got {self.thought_selection!r}")
         need(isinstance(self.loss_chunk_tokens, int) and self.loss_chunk_tokens >= 0,
              f"loss_chunk_tokens must be an int >= 0, got {self.loss_chunk_tokens!r}")
 

@@ -30,8 +30,11 @@ from typing import Any, Callable, Iterable, Iterator
 import torch
 
 from .arithmetic_corpus import arithmetic_corpus
+from .scratchpad_corpus import scratchpad_corpus
 
 BUILTIN_ARITHMETIC = "builtin:arithmetic"
+BUILTIN_SCRATCHPAD = "builtin:scratchpad"
+BUILTIN_CORPORA = {BUILTIN_ARITHMETIC: arithmetic_corpus, BUILTIN_SCRATCHPAD: scratchpad_corpus}
 LOCAL_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
 
 # ---------------------------------------------------------------------------------------------
@@ -57,6 +60,9 @@ def _record_text(record: Any, text_field: str | None, where: str) -> str:
     """One record (dict row or plain string) -> document text."""
     if isinstance(record, str):
         return record
+    if not isinstance(record, dict):
+        raise ValueError(f"{where}: a record must be a JSON object (or a string), got "
+                         f"{type(record).__name__} {str(record)[:40]}")
     if text_field is not None:
         if text_field not in record:
             raise ValueError(f"{where}: record has no field {text_field!r} "
@@ -70,11 +76,43 @@ def _record_text(record: Any, text_field: str | None, where: str) -> str:
                      f"(fields: {sorted(record)}); pass text_field=...")
 
 
+def _not_utf8(path: Path, line_no: int, error: UnicodeDecodeError) -> ValueError:
+    return ValueError(f"{path}:{line_no} is not UTF-8 text ({error.reason}, byte "
+                      f"{error.object[error.start:error.start + 1]!r}); save the file as UTF-8")
+
+
+def read_utf8(path: Path) -> str:
+    """The text of ``path``; ValueError naming the file and line of a byte that is not UTF-8."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise _not_utf8(path, data.count(b"\n", 0, e.start) + 1, e) from None
+
+
+def read_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
+    """(line number, record) for every non-blank line of a JSON-lines file; ValueError naming
+    the file and line of a line that is not UTF-8 or not JSON."""
+    with path.open("rb") as f:
+        for line_no, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8-sig" if line_no == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                raise _not_utf8(path, line_no, e) from None
+            if not line.strip():
+                continue
+            try:
+                yield line_no, json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{line_no} is not valid JSON ({e.msg}, column {e.colno}); the "
+                                 "file must be JSON lines: one JSON record per line") from None
+
+
 def _read_txt(path: Path) -> Iterator[str]:
     # A .txt file holds documents separated by one or more blank lines. That is how plain-text
     # corpora are usually laid out (and what arithmetic_corpus joined with "\n\n" gives); a file
     # without blank lines is a single document.
-    text = path.read_text(encoding="utf-8")
+    text = read_utf8(path)
     for doc in re.split(r"\n[ \t]*\n", text):
         if doc.strip():
             yield doc.strip("\n")
@@ -84,7 +122,7 @@ def _read_json(path: Path, text_field: str | None) -> Iterator[str]:
     if path.suffix == ".json":
         # A .json file is either one JSON array/object of records or, often, JSON lines anyway.
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = json.loads(read_utf8(path))
         except json.JSONDecodeError:
             data = None
         if isinstance(data, dict):  # {"data": [...]} style: take the first list of records
@@ -93,10 +131,8 @@ def _read_json(path: Path, text_field: str | None) -> Iterator[str]:
             for i, record in enumerate(data):
                 yield _record_text(record, text_field, f"{path} record {i}")
             return
-    with path.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if line.strip():
-                yield _record_text(json.loads(line), text_field, f"{path} line {line_no}")
+    for line_no, record in read_jsonl(path):
+        yield _record_text(record, text_field, f"{path}:{line_no}")
 
 
 def _read_parquet(path: Path, text_field: str | None) -> Iterator[str]:
@@ -149,6 +185,7 @@ def load_texts(source: str, *, split: str = "train", text_field: str | None = No
 
     ``source`` is one of
       * ``"builtin:arithmetic"``: ``arithmetic_corpus(num_documents or 2000, seed)``;
+      * ``"builtin:scratchpad"``: ``scratchpad_corpus(num_documents or 2000, seed)``;
       * a local ``.txt`` (documents separated by blank lines), ``.jsonl``/``.json`` or
         ``.parquet`` file, or a directory searched recursively for such files (sorted by path).
         Records give their ``text_field`` (default ``"text"``; GSM8K-style question/answer
@@ -159,10 +196,10 @@ def load_texts(source: str, *, split: str = "train", text_field: str | None = No
     ``num_documents`` keeps only the first that many documents. ``split`` only applies to Hub
     datasets and ``seed`` only to the built-in corpus.
     """
-    if source == BUILTIN_ARITHMETIC:
-        return arithmetic_corpus(2000 if num_documents is None else num_documents, seed)
+    if source in BUILTIN_CORPORA:
+        return BUILTIN_CORPORA[source](2000 if num_documents is None else num_documents, seed)
     if source.startswith("builtin:"):
-        raise ValueError(f"unknown built-in corpus {source!r}; available: {BUILTIN_ARITHMETIC!r}")
+        raise ValueError(f"unknown built-in corpus {source!r}; available: {sorted(BUILTIN_CORPORA)}")
     if _looks_local(source):
         path = Path(source).expanduser()
         if not path.exists():
@@ -180,13 +217,34 @@ def load_texts(source: str, *, split: str = "train", text_field: str | None = No
 
 
 class _Remaining:
-    """The documents after the first ``skip``, minus any equal to a held-out one (re-iterable)."""
+    """The documents after the first ``skip``, minus any equal to a held-out one (re-iterable);
+    counts what its last pass read and left out, to say why it was empty."""
 
     def __init__(self, texts: Iterable[str], skip: int, exclude: set[str]):
         self.texts, self.skip, self.exclude = texts, skip, exclude
+        self.read = self.excluded = 0
 
     def __iter__(self) -> Iterator[str]:
-        return (t for t in itertools.islice(self.texts, self.skip, None) if t not in self.exclude)
+        self.read = self.excluded = 0
+        for text in itertools.islice(self.texts, self.skip, None):
+            self.read += 1
+            if text in self.exclude:
+                self.excluded += 1
+                continue
+            yield text
+
+    def why_empty(self) -> str:
+        if self.read == 0:
+            return (f"all its documents are among the {self.skip} held out for evaluation; use more "
+                    "data or a smaller --eval-documents")
+        if self.excluded == self.read:
+            return (f"each of its {self.read} documents after the {self.skip} held out for evaluation "
+                    "repeats a held-out one, and the held-out split keeps such duplicates out of "
+                    "training; use data with more distinct documents or a smaller --eval-documents")
+        return _NO_TEXT
+
+
+_NO_TEXT = "it holds no text (empty files or blank documents only); check the data and --text-field"
 
 
 def heldout_split(texts: Iterable[str], num_heldout: int) -> tuple[list[str], Iterable[str]]:
@@ -343,8 +401,14 @@ class TokenBatches:
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         while self.epochs is None or self.epoch < self.epochs:
             skip = self.batch_in_epoch * self.batch_size  # examples consumed before a resume
-            n_examples, pending = 0, []
-            examples = pack_documents(self._documents(self.epoch), self.tokenizer, self.seq_len,
+            n_examples, pending, n_documents = 0, [], [0]
+
+            def counted(documents: Iterable[str]) -> Iterator[str]:
+                for document in documents:
+                    n_documents[0] += bool(document.strip())
+                    yield document
+
+            examples = pack_documents(counted(self._documents(self.epoch)), self.tokenizer, self.seq_len,
                                       mode=self.mode, add_eos=self.add_eos)
             for example in examples:
                 n_examples += 1
@@ -356,6 +420,9 @@ class TokenBatches:
                     pending = []
             if pending and not self.drop_last:
                 yield self._advance(pending)
+            if n_documents[0] == 0:
+                why = self.texts.why_empty() if isinstance(self.texts, _Remaining) else _NO_TEXT
+                raise ValueError(f"{self.name} has no documents: {why}")
             if n_examples == 0:
                 raise ValueError(
                     f"{self.name} produced no complete sequence of {self.seq_len} tokens; use a "

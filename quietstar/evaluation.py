@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 
 from .answers import first_integer, first_number, majority_vote, parse_choice, parse_gsm8k_gold
 from .batching import model_device, pad_sequences
+from .data import read_jsonl
 from .statistics import format_cell, summarize
 
 TASKS = ("gsm8k", "csqa")
@@ -98,17 +99,20 @@ def load_items(task: str, data: str | None = None, limit: int | None = None) -> 
         raise ValueError(f"unknown task {task!r}; choose one of {TASKS}")
     if data is not None:
         path = Path(data).expanduser()
+        if path.is_dir():
+            raise ValueError(f"--data {path} is a folder; give a JSONL file in {HUB_SOURCES[task][0]}'s format")
         if not path.is_file():
             raise FileNotFoundError(f"data file {str(path)!r} does not exist")
-        records = []
-        with path.open(encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        records.append(json.loads(line))
-                    except json.JSONDecodeError as e:
-                        raise ValueError(f"{path}:{n} is not valid JSON ({e}); the file must be "
-                                         "JSONL, one record per line") from None
+        records, lines = [], []
+        for line_no, record in read_jsonl(path):
+            lines.append(line_no)
+            if not isinstance(record, dict):
+                raise ValueError(f"{path}:{line_no} holds a JSON {type(record).__name__}, not a record "
+                                 "(an object {...} per line)")
+            records.append(record)
+        if not records:
+            raise ValueError(f"--data {path} holds no records; give a JSONL file in {HUB_SOURCES[task][0]}'s "
+                             "format, one record per line")
     else:
         import datasets
 
@@ -121,7 +125,13 @@ def load_items(task: str, data: str | None = None, limit: int | None = None) -> 
     if limit is not None:
         records = [records[i] for i in range(min(limit, len(records)))]
     make = gsm8k_item if task == "gsm8k" else csqa_item
-    return [make(record, i) for i, record in enumerate(records)]
+    items = []
+    for i, record in enumerate(records):
+        try:
+            items.append(make(record, i))
+        except ValueError as e:
+            raise ValueError(f"{path}:{lines[i]}: {e}" if data is not None else str(e)) from None
+    return items
 
 
 # --------------------------------------------------------------------------------------- model helpers
@@ -138,8 +148,10 @@ THOUGHT_SOURCES = ("sampled", "random", "shifted")
 
 def thoughts_for(model, input_ids, attention_mask, thought_tokens: int, source: str = "sampled",
                  thought_temperature: float | None = None,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
-    """[B, L, k] thoughts for every position, from ``source``:
+                 generator: torch.Generator | None = None,
+                 thought_positions: torch.Tensor | None = None) -> torch.Tensor:
+    """[B, L, k] thoughts for every position (or those of ``thought_positions`` [B, L] bool, the
+    only ones sampled: the others hold the pad id), from ``source``:
 
     * ``"sampled"``: the model's own (``sample_thoughts``), as it predicts;
     * ``"random"``: uniform random tokens of the vocabulary (never a meta token): thoughts with
@@ -159,10 +171,14 @@ def thoughts_for(model, input_ids, attention_mask, thought_tokens: int, source: 
         picks = torch.randint(0, candidates.numel(), (*input_ids.shape, thought_tokens), generator=generator,
                               device=generator.device if generator is not None else "cpu")
         return candidates.to(picks.device)[picks].to(input_ids.device)
+    shift = input_ids.shape[1] // 2
+    if source == "shifted" and thought_positions is not None:  # sample where they come from
+        thought_positions = torch.roll(thought_positions, shifts=shift, dims=1)
     thoughts = model.sample_thoughts(input_ids, attention_mask, num_tokens=thought_tokens,
-                                     temperature=thought_temperature, generator=generator)
+                                     temperature=thought_temperature, generator=generator,
+                                     thought_positions=thought_positions)
     if source == "shifted":
-        thoughts = torch.roll(thoughts, shifts=-(input_ids.shape[1] // 2), dims=1)
+        thoughts = torch.roll(thoughts, shifts=-shift, dims=1)
     return thoughts
 
 
@@ -170,20 +186,27 @@ def thoughts_for(model, input_ids, attention_mask, thought_tokens: int, source: 
 def next_token_logits(model, input_ids, attention_mask, thought_tokens: int,
                       thought_temperature: float | None = None,
                       generator: torch.Generator | None = None,
-                      thought_source: str = "sampled") -> tuple[torch.Tensor, torch.Tensor]:
+                      thought_source: str = "sampled",
+                      thought_positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(base, predicted) logits [B, L, V]; position i predicts token i+1.
 
     ``base`` is the model without thoughts. ``predicted`` is what the model predicts: the base
     logits when ``thought_tokens`` is 0, else the mixed prediction after a ``thought_tokens``-token
     thought at position i (sampled at ``thought_temperature``, default the model's; 0 = greedy;
-    ``thought_source`` picks a control instead, see ``thoughts_for``).
+    ``thought_source`` picks a control instead, see ``thoughts_for``). With ``thought_positions``
+    [B, L] bool only those positions think (the cost of the text pass plus theirs), the others
+    predict with the base.
     """
     k, temperature = model.config.thought_settings(thought_tokens, thought_temperature)
     if k == 0:
         logits = model.base_logits(input_ids, attention_mask)
         return logits, logits
-    thoughts = thoughts_for(model, input_ids, attention_mask, k, thought_source, temperature, generator)
-    scores = model.score_thoughts(input_ids, thoughts, attention_mask)
+    if thought_source == "sampled":  # sampled and scored in one rollout: the text pass runs once
+        _, scores = model.think(input_ids, attention_mask, k, temperature, generator, thought_positions, steps=1)
+    else:
+        thoughts = thoughts_for(model, input_ids, attention_mask, k, thought_source, temperature, generator,
+                                thought_positions)
+        scores = model.score_thoughts(input_ids, thoughts, attention_mask, thought_positions, steps=1)
     return scores.base_logits, scores.mixed_logits[:, :, 0]
 
 
@@ -247,7 +270,8 @@ def direct_scores(model, items: Sequence[Item], task: str, thought_tokens: int =
     """The paper's direct score of every item: the product over the answer tokens (and the closing
     newline) of their probability under the softmax restricted to ``answer_vocabulary``.
 
-    ``thought_tokens = 0`` scores the base model; K > 0 the mixed prediction after K-token thoughts.
+    ``thought_tokens = 0`` scores the base model; K > 0 the mixed prediction after K-token thoughts,
+    thought at the positions that predict the answer tokens only (no other position is scored).
     """
     tokenizer, device = model.tokenizer, model_device(model)
     scores = []
@@ -256,7 +280,11 @@ def direct_scores(model, items: Sequence[Item], task: str, thought_tokens: int =
     for batch in _batches(items, batch_size, label, progress):
         encoded = [answer_token_span(tokenizer, item.prompt, item.answer) for item in batch]
         ids, mask = pad_sequences([e[0] for e in encoded], tokenizer.pad_token_id, "right", device)
-        _, logits = next_token_logits(model, ids, mask, thought_tokens, thought_temperature, generator)
+        scored = torch.zeros_like(mask, dtype=torch.bool)  # the positions that predict answer tokens
+        for b, (tokens, first) in enumerate(encoded):
+            scored[b, first - 1:len(tokens) - 1] = True
+        _, logits = next_token_logits(model, ids, mask, thought_tokens, thought_temperature, generator,
+                                      thought_positions=scored)
         for b, (item, (tokens, first)) in enumerate(zip(batch, encoded)):
             vocab = answer_vocabulary(tokenizer, task, item.labels, logits.shape[-1]).to(device)
             rows = logits[b, first - 1:len(tokens) - 1].float()     # predict tokens first..end

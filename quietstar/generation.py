@@ -12,10 +12,17 @@ START ([x, START]: x's output is h_base, START's predicts t_1), and the last tho
 END ([t_k, END]: t_k's output is not needed, END always comes next). A new token thus costs k + 1
 cached forward calls instead of k + 3 (x, START, t_1..t_k, END one by one); the calls are
 memory-bound on the weights, so two tokens cost about as much as one.
+
+With ``thought_threshold`` > 0 a token is thought about only where the base prediction (from
+``h_base``, before any thought) has an entropy above the threshold: the paper finds thoughts help
+the difficult tokens. Otherwise START's cache entry is dropped again and the base prediction picks
+the token, at the cost of one call. A batch thinks when any of its rows needs to; the rows below
+the threshold then still take the base prediction.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -23,6 +30,7 @@ from transformers import DynamicCache
 
 from .rollout import text_positions
 from .sampling import sample
+from .selection import logits_entropy
 
 
 @dataclass
@@ -30,10 +38,11 @@ class GenerateOutput:
     """What ``generate`` returns when asked for more than the token ids."""
 
     sequences: torch.Tensor                 # [B, L + N] prompt and new tokens (pad after eos)
-    thought_ids: torch.Tensor | None        # [B, N, k] the thought behind each new token
-    thoughts: list[list[str]] | None        # [B][N] those thoughts decoded
-    mixing_weight: torch.Tensor | None      # [B, N] w of each new token (0 after eos)
+    thought_ids: torch.Tensor | None        # [B, N, k] the thought behind each new token (pad: none)
+    thoughts: list[list[str]] | None        # [B][N] those thoughts decoded ("" where none)
+    mixing_weight: torch.Tensor | None      # [B, N] w of each new token (0 after eos or without a thought)
     logits: tuple[torch.Tensor, ...] | None  # N x [B, V] mixed logits each token was chosen from
+    thought_taken: torch.Tensor | None = None  # [B, N] bool: a thought preceded the token
 
 
 class _CachedDecoder:
@@ -67,7 +76,7 @@ class _CachedDecoder:
 
 
 def _check_inputs(model, input_ids, attention_mask, max_new_tokens, do_sample, temperature, top_k,
-                  top_p):
+                  top_p, thought_threshold):
     """Refuses inputs generation cannot honour (the thought settings: ``thought_settings``)."""
     if input_ids.dim() != 2 or input_ids.shape[1] == 0:
         raise ValueError(f"input_ids must be [batch, length] with length >= 1, got shape "
@@ -92,6 +101,10 @@ def _check_inputs(model, input_ids, attention_mask, max_new_tokens, do_sample, t
         raise ValueError(f"top_k must be >= 1, got {top_k}")
     if top_p is not None and not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if isinstance(thought_threshold, bool) or not isinstance(thought_threshold, (int, float)) or not (
+            math.isfinite(thought_threshold) and thought_threshold >= 0):
+        raise ValueError(f"thought_threshold must be a finite number >= 0 (nats of the base prediction's "
+                         f"entropy; 0 = think before every token), got {thought_threshold!r}")
 
 
 def _special_ids(model, eos_token_id):
@@ -124,6 +137,7 @@ def generate(
     streamer=None,
     thought_temperature: float | None = None,
     thought_tokens: int | None = None,
+    thought_threshold: float = 0.0,
     return_thoughts: bool = False,
     output_logits: bool = False,
     generator: torch.Generator | None = None,
@@ -146,7 +160,11 @@ def generate(
             ``model.config.thought_temperature``.
         thought_tokens: k, tokens sampled per thought; default
             ``model.config.sampled_thought_tokens``. 0 runs the plain base model.
-        return_thoughts: also return each token's thought ids, text and mixing weight.
+        thought_threshold: think only before tokens whose base prediction (no thought) has an
+            entropy above this many nats; the others are chosen from the base prediction. 0
+            (the default) thinks before every token.
+        return_thoughts: also return each token's thought ids, text and mixing weight, and which
+            tokens thought.
         output_logits: also return the mixed logits of every step (before temperature/top-k/p).
         generator: random generator for thought and token sampling.
 
@@ -154,7 +172,7 @@ def generate(
         [B, L + N] token ids, or a ``GenerateOutput`` if ``return_thoughts`` or ``output_logits``.
     """
     _check_inputs(model, input_ids, attention_mask, max_new_tokens, do_sample, temperature, top_k,
-                  top_p)
+                  top_p, thought_threshold)
     k, thought_t = model.config.thought_settings(thought_tokens, thought_temperature)
     # The last token fed is the last-but-one new one, at L + N - 2; its thought ends at + k + 2.
     L, N = input_ids.shape[1], max_new_tokens
@@ -175,7 +193,8 @@ def generate(
     model.eval()  # no dropout
     try:
         decoder = _CachedDecoder(model, attention_mask, max_new_tokens + k + 2)
-        thinker = _Thinker(model, decoder, k, thought_t, generator, input_ids.device) if k > 0 else None
+        thinker = (_Thinker(model, decoder, k, thought_t, generator, input_ids.device, thought_threshold)
+                   if k > 0 else None)
         steps = _Steps(keep_thoughts=thinker is not None and return_thoughts, keep_logits=output_logits)
         _run_steps(model, decoder, thinker, input_ids, attention_mask, max_new_tokens, choose, eos, pad,
                    streamer, show_thoughts, steps)
@@ -187,13 +206,15 @@ def generate(
 @dataclass
 class _Steps:
     """What the step loop collects, one entry per new token: [B] tokens, and where asked for,
-    [B, k] thoughts, [B] mixing weights (both blanked after eos) and [B, V] mixed logits."""
+    [B, k] thoughts, [B] mixing weights, [B] whether a thought was taken (all blanked after eos)
+    and [B, V] mixed logits."""
 
     keep_thoughts: bool
     keep_logits: bool
     tokens: list = field(default_factory=list)
     thoughts: list = field(default_factory=list)
     weights: list = field(default_factory=list)
+    taken: list = field(default_factory=list)
     logits: list = field(default_factory=list)
 
 
@@ -215,7 +236,7 @@ def _run_steps(model, decoder, thinker, input_ids, attention_mask, max_new_token
         if thinker is None:
             logits = model.logits(decoder(embed(ids), positions)[:, -1])
         else:
-            logits, thought, w = thinker(embed(ids), positions)
+            logits, thought, w, taken = thinker(embed(ids), positions)
         logits = logits.float()
         token = choose(logits)
         if eos is not None:
@@ -224,9 +245,10 @@ def _run_steps(model, decoder, thinker, input_ids, attention_mask, max_new_token
         if steps.keep_logits:
             steps.logits.append(logits)
         if steps.keep_thoughts:
-            steps.thoughts.append(thought.masked_fill(~unfinished[:, None], pad))
+            steps.thoughts.append(thought.masked_fill(~(unfinished & taken)[:, None], pad))
             steps.weights.append(w.float().masked_fill(~unfinished, 0.0))
-        if show_thoughts:
+            steps.taken.append(taken & unfinished)
+        if show_thoughts and taken[0]:
             streamer.put_thought(thought[0].cpu())
         if streamer is not None:
             streamer.put(token.cpu())
@@ -251,7 +273,10 @@ def _outputs(model, input_ids, steps: _Steps, k: int, return_thoughts: bool, out
                            else input_ids.new_zeros(B, N, k))
         out.mixing_weight = (torch.stack(steps.weights, 1) if steps.weights
                              else torch.zeros(B, N, device=input_ids.device))
-        out.thoughts = [[model.tokenizer.decode(t) for t in row] for row in out.thought_ids.tolist()]
+        out.thought_taken = (torch.stack(steps.taken, 1) if steps.taken
+                             else torch.zeros(B, N, dtype=torch.bool, device=input_ids.device))
+        out.thoughts = [[model.tokenizer.decode(t) if took else "" for t, took in zip(row, taken)]
+                        for row, taken in zip(out.thought_ids.tolist(), out.thought_taken.tolist())]
     return out
 
 
@@ -260,13 +285,16 @@ class _Thinker:
 
     Called with the embeddings and positions of the newest text tokens (the whole prompt at the
     first step, then the chosen token), it feeds them together with START, samples t_1..t_k,
-    feeds [t_k, END], and returns the mixed logits [B, V], the thought [B, k] and the mixing
-    weight [B]. The thought's k + 2 cache entries are dropped again before it returns.
+    feeds [t_k, END], and returns the mixed logits [B, V], the thought [B, k], the mixing
+    weight [B] and which rows thought [B] (with a ``threshold``, see the module docstring; rows
+    that did not predict with the base, weight 0). The thought's cache entries are dropped again
+    before it returns.
     """
 
-    def __init__(self, model, decoder: _CachedDecoder, k: int, temperature: float, generator, device):
+    def __init__(self, model, decoder: _CachedDecoder, k: int, temperature: float, generator, device,
+                 threshold: float = 0.0):
         self.model, self.decoder, self.k = model, decoder, k
-        self.temperature, self.generator = temperature, generator
+        self.temperature, self.generator, self.threshold = temperature, generator, threshold
         self.meta = model.embedding(torch.tensor([model.start_id, model.end_id], device=device))
         self.offsets = torch.arange(k + 3, device=device)  # x, START, t_1..t_k, END
 
@@ -277,6 +305,13 @@ class _Thinker:
         pos = text_positions[:, -1:] + self.offsets  # [B, k + 3], the last text token's first
         hidden = decoder(torch.cat([text_embeds, start], 1), torch.cat([text_positions, pos[:, 1:2]], 1))
         h_base = hidden[:, -2]
+        think = torch.ones(B, dtype=torch.bool, device=h_base.device)
+        if self.threshold > 0:  # think only where the base prediction is unsure enough
+            base_logits = model.logits(h_base)
+            think = logits_entropy(base_logits) > self.threshold
+            if not think.any():
+                decoder.drop_last(1)  # START's entry
+                return (base_logits, text_positions.new_zeros(B, k), h_base.new_zeros(B), think)
         thought = []
         for j in range(1, k + 1):  # hidden[:, -1] is the state of START, then of t_{j-1}
             token = sample(model.logits(hidden[:, -1]).float(), self.temperature, self.generator)
@@ -287,4 +322,8 @@ class _Thinker:
         hidden = decoder(torch.cat([model.embedding.base(token[:, None]), end], 1), pos[:, k + 1:])
         mixed, w = model.mixing_head(h_base, hidden[:, -1])
         decoder.drop_last(k + 2)
-        return model.logits(mixed), torch.stack(thought, 1), w
+        logits = model.logits(mixed)
+        if self.threshold > 0:  # the rows below the threshold predict with the base
+            logits = torch.where(think[:, None], logits, base_logits)
+            w = w.masked_fill(~think, 0.0)
+        return logits, torch.stack(thought, 1), w, think

@@ -1,8 +1,9 @@
 """Any lm-evaluation-harness task, with thoughts.
 
 ``QuietStarLM`` is lm-eval's ``HFLM`` with its two model calls replaced: log-likelihoods come from
-the mixed prediction after a thought at every position (``model.score_thoughts``), generation from
-thinking generation (``model.generate``). With ``thought_tokens=0`` it is the base model. All of
+the mixed prediction after a thought at each position lm-eval scores (``model.score_thoughts``;
+the context's other positions do not think), generation from thinking generation
+(``model.generate``). With ``thought_tokens=0`` it is the base model. All of
 ``HFLM``'s batching, tokenization and request handling is kept.
 
 lm-eval must be installed (``pip install 'quietstar[eval]'``). Tasks run offline when their data
@@ -11,6 +12,7 @@ is local, e.g. a task YAML with ``dataset_path: json`` in a folder given as ``in
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -41,13 +43,41 @@ class QuietStarLM(HFLM):
         self.thought_tokens, self.thought_temperature = model.config.thought_settings(
             thought_tokens, thought_temperature)
         self.generator = torch.Generator(self.device).manual_seed(seed)
+        self._scored: dict[tuple[int, ...], int] = {}  # model input -> positions lm-eval reads
+
+    def _loglikelihood_tokens(self, requests, *args, **kwargs):
+        """HFLM's, remembering for every model input how many of its last positions lm-eval reads
+        (the continuation's), so that ``_model_call`` thinks there only."""
+        for _, context, continuation in requests:
+            inp = tuple((context + continuation)[-(self.max_length + 1):][:-1])  # as HFLM builds it
+            self._scored[inp] = max(self._scored.get(inp, 0), len(continuation))
+        try:
+            return super()._loglikelihood_tokens(requests, *args, **kwargs)
+        finally:
+            self._scored = {}
+
+    def _scored_positions(self, inps: torch.Tensor) -> torch.Tensor:
+        """[B, L] bool: the positions of right-padded ``inps`` that lm-eval reads. A row whose
+        input is not known for certain (HFLM pads with token 0, which may also end an input) thinks
+        at every position: slower, the same numbers."""
+        scored = torch.zeros_like(inps, dtype=torch.bool)
+        for b, row in enumerate(inps.tolist()):
+            last = max((i for i, t in enumerate(row) if t != 0), default=0) + 1
+            matches = [n for n in range(last, len(row) + 1) if tuple(row[:n]) in self._scored]
+            if len(matches) == 1:
+                n = matches[0]
+                scored[b, n - self._scored[tuple(row[:n])]:n] = True
+            else:
+                scored[b] = True
+        return scored
 
     def _model_call(self, inps: torch.Tensor, attn_mask=None, labels=None) -> torch.Tensor:
         """Next-token logits [B, L, V] of right-padded ``inps`` (any length >= 1). A thought at
         position i sees only tokens 0..i, so the padding after a sequence changes none of its
-        logits."""
+        logits; within a log-likelihood request only the positions lm-eval reads think."""
+        positions = self._scored_positions(inps) if self._scored and self.thought_tokens else None
         _, logits = next_token_logits(self.quietstar, inps, torch.ones_like(inps), self.thought_tokens,
-                                      self.thought_temperature, self.generator)
+                                      self.thought_temperature, self.generator, thought_positions=positions)
         return logits
 
     def _model_generate(self, context: torch.Tensor, max_length: int, stop: list[str],
@@ -92,6 +122,11 @@ def evaluate_lm_eval(model, tasks: Sequence[str], thought_tokens: int | None = N
 
     K, T = model.config.thought_settings(thought_tokens, thought_temperature)
     manager = TaskManager(include_path=include_path)
+    known = set(manager.match_tasks(list(tasks)))
+    unknown = [t for t in tasks if t not in known and not Path(t).is_file()]
+    if unknown:
+        raise ValueError(f"--lm-eval: unknown lm-eval task(s) {', '.join(unknown)}; `lm-eval ls tasks` "
+                         "lists them (local task YAMLs: --lm-eval-include DIR)")
     raw, per_doc = {}, {}
     for mode, k in (("off", 0), ("on", K)):
         lm = QuietStarLM(model, k, T, batch_size=batch_size, seed=seed)

@@ -174,41 +174,85 @@ _PANELS = [  # (title, [(metric key, label)], log scale)
     ("Total loss", [("loss", "total (incl. policy term)")], False),
     ("Thoughts", [("thought_gain", "thought gain (log-lik.)"), ("mean_reward", "mean reward")],
      False),
-    ("Mixing weight / positive rewards", [("mean_mixing_weight", "mean mixing weight"),
-                                          ("positive_reward_fraction", "positive reward share")],
+    ("Mixing weight / reward spread", [("mean_mixing_weight", "mean mixing weight"),
+                                       ("reward_spread", "reward spread (std over thoughts)")],
      False),
     ("Learning rate", [("lr", "lr")], False),
     ("Gradient norm (before clipping)", [("grad_norm", "grad norm")], True),
 ]
+_NOT_SMOOTHED = ("lr",)  # a schedule, not a measurement; held-out points ("eval/...") neither
 
 
-def plot_training_curves(metrics_path: str | Path, png_path: str | Path) -> Path:
-    """Draws the curves of a metrics JSONL file into ``png_path`` (matplotlib, no display)."""
-    import matplotlib
+def smoothing_span(points: int) -> int:
+    """The EMA span for a curve of ``points`` steps: a fifth of the run, at least 5."""
+    return max(5, points // 5)
 
-    matplotlib.use("Agg")  # no display needed; must precede pyplot
-    import matplotlib.pyplot as plt
 
-    records = read_metrics(metrics_path)
-    fig, axes = plt.subplots(2, 3, figsize=(15, 8), constrained_layout=True)
-    for ax, (title, series, log_scale) in zip(axes.flat, _PANELS):
-        drawn = False
+def smoothed(values: Iterable[float], span: int) -> list[float]:
+    """The exponential moving average of ``values`` with weight 2 / (span + 1) for the newest
+    point, bias-corrected (the first point is itself, not pulled towards 0)."""
+    alpha, average, out = 2 / (span + 1), 0.0, []
+    for t, value in enumerate(values, 1):
+        average = (1 - alpha) * average + alpha * value
+        out.append(average / (1 - (1 - alpha) ** t))
+    return out
+
+
+def curve_panels(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """What ``plot_training_curves`` draws, panel by panel: {"title", "log_scale", "lines": [{"key",
+    "label", "steps", "values", "smoothed" (None where not smoothed), "span"}]}. A per-step curve
+    of 3 or more points gets its EMA (``smoothed``), drawn over the faded raw one: with batches
+    of a few tokens the raw steps are mostly noise."""
+    panels = []
+    for title, series, log_scale in _PANELS:
+        lines = []
         for key, label in series:
             points = [(r["step"], r[key]) for r in records
                       if isinstance(r.get(key), (int, float)) and not r.get("skipped")]
             if not points:
                 continue
-            steps, values = zip(*points)
-            style = "o-" if key.startswith("eval/") else "-"
-            ax.plot(steps, values, style, label=label, markersize=4)
-            drawn = True
-        ax.set_title(title)
+            steps, values = (list(v) for v in zip(*points))
+            smooth = len(values) >= 3 and not key.startswith("eval/") and key not in _NOT_SMOOTHED
+            span = smoothing_span(len(values))
+            lines.append({"key": key, "label": label, "steps": steps, "values": values, "span": span,
+                          "smoothed": smoothed(values, span) if smooth else None})
+        panels.append({"title": title, "log_scale": log_scale, "lines": lines})
+    return panels
+
+
+def draw_training_curves(records: list[dict[str, Any]]):
+    """A matplotlib figure of ``curve_panels(records)``: raw curves faded under their EMA."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display needed; must precede pyplot
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 3, figsize=(15, 8), constrained_layout=True)
+    for ax, panel in zip(axes.flat, curve_panels(records)):
+        for line in panel["lines"]:
+            if line["key"].startswith("eval/"):
+                ax.plot(line["steps"], line["values"], "o-", label=line["label"], markersize=4)
+            elif line["smoothed"] is None:
+                ax.plot(line["steps"], line["values"], "-", label=line["label"])
+            else:
+                raw, = ax.plot(line["steps"], line["values"], "-", alpha=0.3, linewidth=1)
+                ax.plot(line["steps"], line["smoothed"], "-", color=raw.get_color(), linewidth=2,
+                        label=f"{line['label']}, EMA over {line['span']} steps")
+        ax.set_title(panel["title"])
         ax.set_xlabel("step")
-        if drawn:
+        if panel["lines"]:
             ax.legend(fontsize=8)
-            if log_scale:
+            if panel["log_scale"]:
                 ax.set_yscale("log")
         ax.grid(alpha=0.3)
+    return fig
+
+
+def plot_training_curves(metrics_path: str | Path, png_path: str | Path) -> Path:
+    """Draws the curves of a metrics JSONL file into ``png_path`` (matplotlib, no display)."""
+    fig = draw_training_curves(read_metrics(metrics_path))
+    import matplotlib.pyplot as plt
+
     png_path = Path(png_path)
     fig.savefig(png_path, dpi=100)
     plt.close(fig)

@@ -21,6 +21,7 @@ from .mixing import MixingHead
 from .model_card import CARD_NAME, TrainingFacts, render_card
 from .quiet import quiet_transformers
 from .rollout import GridHidden, sample_and_score, sample_thoughts, score_grid, text_positions
+from .selection import ThoughtRows, check_thought_positions, thought_rows_chooser
 from .tokenizer_files import load_tokenizer, save_tokenization_check, verify_tokenization
 from .vocab import VocabHead
 
@@ -35,6 +36,7 @@ class ThoughtScores:
     thought_logits: torch.Tensor  # [B, L, A, V]  after the thought and s true tokens: x_{i+1+s}
     mixing_weight: torch.Tensor   # [B, L, A]
     mixed_logits: torch.Tensor    # [B, L, A, V]
+    thought_positions: torch.Tensor | None = None  # [B, L] bool: where a thought was scored; None: all
 
 
 @dataclass
@@ -43,8 +45,10 @@ class QuietStarOutput:
 
     loss: torch.Tensor
     metrics: dict[str, torch.Tensor]  # detached scalars: quietstar_loss's, and mean_mixing_weight
-    thought_ids: torch.Tensor         # [B, n, L, k] the sampled thoughts (inner tokens)
+    thought_ids: torch.Tensor         # [B, n, L, k] the sampled thoughts (inner tokens; pad id
+                                      # where no thought)
     terms: dict[str, torch.Tensor]    # "nll", "policy": the weighted terms of loss, with gradients
+    thought_positions: torch.Tensor | None = None  # [B, L] bool: the positions that thought; None: all
 
 
 class QuietStarForCausalLM(nn.Module):
@@ -296,19 +300,24 @@ class QuietStarForCausalLM(nn.Module):
         return targets.clamp(min=0), valid
 
     def _mix(self, grid: GridHidden) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mixed hidden states [B, L, A, d] and weights [B, L, A]; step s pairs the post-thought
-        state of position i with the base state of position i+s (both predict x_{i+1+s})."""
-        A = grid.after.shape[2]
+        """Mixed hidden states [B, W, A, d] and weights [B, W, A] of the W thought rows; step s
+        pairs the post-thought state of position i with the base state of position i+s (both
+        predict x_{i+1+s})."""
+        B, W, A = grid.after.shape[:3]
         L = grid.base.shape[1]
-        idx = (torch.arange(L, device=grid.base.device)[:, None]
-               + torch.arange(A, device=grid.base.device)[None, :]).clamp(max=L - 1)
-        base = grid.base[:, idx]  # [B, L, A, d]
+        ahead = torch.arange(A, device=grid.base.device)
+        if grid.rows is None:
+            idx = (torch.arange(L, device=grid.base.device)[:, None] + ahead[None, :]).clamp(max=L - 1)
+            base = grid.base[:, idx]  # [B, L, A, d]
+        else:
+            idx = (grid.rows.index[:, :, None] + ahead).clamp(max=L - 1)  # [B, S, A]
+            base = grid.base[torch.arange(B, device=idx.device)[:, None, None], idx]  # [B, S, A, d]
         return self.mixing_head(base, grid.after)
 
-    def _score(self, input_ids, thought_ids, attention_mask) -> GridHidden:
+    def _score(self, input_ids, thought_ids, attention_mask, rows: ThoughtRows | None = None) -> GridHidden:
         return score_grid(self.decoder, self.embedding, input_ids, thought_ids, attention_mask,
                           self.start_id, self.end_id, self.config.ahead_tokens,
-                          self.tokenizer.pad_token_id)
+                          self.tokenizer.pad_token_id, rows)
 
     # ------------------------------------------------------------------ public computations
     def base_logits(self, input_ids, attention_mask=None) -> torch.Tensor:
@@ -319,10 +328,20 @@ class QuietStarForCausalLM(nn.Module):
                               position_ids=text_positions(attention_mask)).last_hidden_state
         return self.logits(hidden)
 
-    def score_thoughts(self, input_ids, thought_ids, attention_mask=None) -> ThoughtScores:
+    def score_thoughts(self, input_ids, thought_ids, attention_mask=None, thought_positions=None,
+                       steps: int | None = None) -> ThoughtScores:
         """Logits with fixed thoughts ``thought_ids`` [B, L, k] (inner tokens; START/END are added),
-        for any length >= 1: steps past the end of the text are computed on padding (ignore them)."""
+        for any length >= 1: steps past the end of the text are computed on padding (ignore them).
+
+        ``thought_positions`` [B, L] bool thinks only there (the thoughts elsewhere are not read),
+        at the cost of the text pass plus the chosen rows' passes; every other position predicts
+        with the base: its thought and mixed logits of x_{i+1+s} are the base logits of position
+        i+s, its mixing weight 0. ``steps`` (1..A, default A) returns the first ``steps`` ahead
+        predictions only ([B, L, steps, ...]): the next token's alone is ``steps=1``, which skips
+        most of the vocabulary-sized logits."""
         attention_mask = self._check_text(input_ids, attention_mask)
+        check_thought_positions(thought_positions, input_ids)
+        steps = self._check_steps(steps)
         if thought_ids.dim() != 3 or thought_ids.shape[:2] != input_ids.shape:
             raise ValueError(f"thought_ids must be [batch, length, k] matching input_ids "
                              f"{tuple(input_ids.shape)}, got {tuple(thought_ids.shape)}")
@@ -330,36 +349,112 @@ class QuietStarForCausalLM(nn.Module):
             raise ValueError("thought_ids contain START/END; pass only the inner thought tokens")
         L = input_ids.shape[1]
         self.check_rollout_positions(L, f"scoring thoughts on {L} tokens", thought_ids.shape[-1])
-        grid = self._score(input_ids, thought_ids, attention_mask)
+        rows = None
+        if thought_positions is not None:
+            rows = ThoughtRows.from_mask(thought_positions & attention_mask.bool())
+            thought_ids = rows.gather(thought_ids)
+        return self._thought_scores(self._score(input_ids, thought_ids, attention_mask, rows), steps)
+
+    @torch.no_grad()
+    def think(self, input_ids, attention_mask=None, num_tokens=None, temperature=None, generator=None,
+              thought_positions=None, steps: int | None = None) -> tuple[torch.Tensor, ThoughtScores]:
+        """``sample_thoughts`` and ``score_thoughts`` of those thoughts in one rollout, without
+        gradients or dropout: the text pass runs once and the scoring passes continue the sampling
+        passes. Returns (thoughts [B, L, k], ThoughtScores), equal to the two calls' with the same
+        generator; the arguments are theirs (k = ``num_tokens`` >= 1)."""
+        attention_mask = self._check_text(input_ids, attention_mask)
+        check_thought_positions(thought_positions, input_ids)
+        steps = self._check_steps(steps)
+        k, temperature = self.config.thought_settings(num_tokens, temperature)
+        if k < 1:
+            raise ValueError(f"think needs a thought of num_tokens >= 1, got {k}; k = 0 is base_logits")
+        L = input_ids.shape[1]
+        self.check_rollout_positions(L, f"thinking on {L} tokens", k)
+        select = None
+        if thought_positions is not None:
+            rows = ThoughtRows.from_mask(thought_positions & attention_mask.bool())
+            select = lambda hidden: rows  # noqa: E731
+        was_training = self.lm.training
+        self.lm.eval()
+        try:
+            thoughts, grid, _ = sample_and_score(
+                self.decoder, self.embedding, self.vocab_head(), input_ids, attention_mask, self.start_id,
+                self.end_id, k, self.config.ahead_tokens, temperature, self.tokenizer.pad_token_id,
+                generator, logprob_temperature=None, select=select)
+        finally:
+            self.lm.train(was_training)
+        if grid.rows is not None:
+            thoughts = grid.rows.scatter(thoughts, L, self.tokenizer.pad_token_id)
+        return thoughts, self._thought_scores(grid, steps)
+
+    def _check_steps(self, steps: int | None) -> int:
+        A = self.config.ahead_tokens
+        if steps is None:
+            return A
+        if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= A:
+            raise ValueError(f"steps must be an int in 1..ahead_tokens = 1..{A} (the ahead predictions "
+                             f"returned), got {steps!r}")
+        return steps
+
+    def _thought_scores(self, grid: GridHidden, steps: int) -> ThoughtScores:
+        """The ThoughtScores of a scored rollout, its first ``steps`` ahead predictions, at every
+        position (the base's where the rollout's rows did not think)."""
         mixed, w = self._mix(grid)
-        return ThoughtScores(self.logits(grid.base), self.logits(grid.after), w, self.logits(mixed))
+        base_logits = self.logits(grid.base)
+        thought_logits, mixed_logits = self.logits(grid.after[:, :, :steps]), self.logits(mixed[:, :, :steps])
+        w = w[:, :, :steps]
+        if grid.rows is None:
+            return ThoughtScores(base_logits, thought_logits, w, mixed_logits)
+        L = base_logits.shape[1]
+        idx = (torch.arange(L, device=w.device)[:, None]
+               + torch.arange(steps, device=w.device)[None, :]).clamp(max=L - 1)
+        ahead = base_logits[:, idx]  # [B, L, steps, V]: the base's prediction of x_{i+1+s}
+        rows = grid.rows
+        return ThoughtScores(base_logits, rows.put(thought_logits, ahead), rows.scatter(w, L),
+                             rows.put(mixed_logits, ahead), rows.mask(L))
 
     def sample_thoughts(self, input_ids, attention_mask=None, num_tokens=None, temperature=None,
-                        generator=None) -> torch.Tensor:
-        """Samples one thought after every position: [B, L, k] inner token ids (k = ``num_tokens``,
-        default the config's; ``temperature`` likewise, 0 = greedy)."""
+                        generator=None, thought_positions=None) -> torch.Tensor:
+        """Samples one thought after every position, or only at ``thought_positions`` [B, L] bool
+        (the pad id elsewhere): [B, L, k] inner token ids (k = ``num_tokens``, default the
+        config's; ``temperature`` likewise, 0 = greedy)."""
         attention_mask = self._check_text(input_ids, attention_mask)
+        check_thought_positions(thought_positions, input_ids)
+        select = None
+        if thought_positions is not None:
+            rows = ThoughtRows.from_mask(thought_positions & attention_mask.bool())
+            select = lambda hidden: rows  # noqa: E731
+        thoughts, rows = self._sample(input_ids, attention_mask, num_tokens, temperature, generator, select)
+        return thoughts if rows is None else rows.scatter(thoughts, input_ids.shape[1], self.tokenizer.pad_token_id)
+
+    def _sample(self, input_ids, attention_mask, num_tokens=None, temperature=None, generator=None,
+                select=None) -> tuple[torch.Tensor, ThoughtRows | None]:
+        """``rollout.sample_thoughts`` without dropout: (thoughts [B, W, k], their rows or None)."""
         k, temperature = self.config.thought_settings(num_tokens, temperature)
         self.check_positions(input_ids.shape[1] + k, f"sampling thoughts on {input_ids.shape[1]} tokens")
         was_training = self.lm.training
         self.lm.eval()  # sampled without dropout, as the model predicts at inference
         try:
             return sample_thoughts(self.decoder, self.embedding, self.vocab_head(), input_ids,
-                                   attention_mask, self.start_id, k, temperature, generator)
+                                   attention_mask, self.start_id, k, temperature, generator, select)
         finally:
             self.lm.train(was_training)
 
     def forward(self, input_ids, attention_mask=None, labels=None, generator=None,
-                check_finite: bool = True, thought_ids=None) -> QuietStarOutput:
+                check_finite: bool = True, thought_ids=None, thought_positions=None) -> QuietStarOutput:
         """One training step's loss: sample n thoughts per position, score them, mix, REINFORCE.
 
         ``thought_ids`` [B, n, L, k] replaces sampling with given thoughts (inner tokens), e.g. to
-        replay the ``thought_ids`` of an earlier output. ``check_finite`` raises
-        ``NonFiniteLossError`` on a NaN/inf loss (one host sync).
+        replay the ``thought_ids`` of an earlier output. ``thought_positions`` [B, L] bool thinks
+        only there (and only where a target exists), instead of ``config.thought_fraction``'s
+        choice; replaying thoughts under a fraction < 1 needs the earlier output's
+        ``thought_positions``. ``check_finite`` raises ``NonFiniteLossError`` on a NaN/inf loss
+        (one host sync).
         """
         cfg = self.config
         n = cfg.thoughts_per_position
         attention_mask = self._check_text(input_ids, attention_mask)
+        check_thought_positions(thought_positions, input_ids)
         targets, valid = self._targets(input_ids, attention_mask, labels)
         B, L = input_ids.shape
         self.check_rollout_positions(L, f"a training step on {L} tokens",
@@ -367,45 +462,45 @@ class QuietStarForCausalLM(nn.Module):
         ema_base_logp = None
         if cfg.reward_baseline == "ema_base":
             ema_base_logp = self._ema_base_logp(input_ids, attention_mask, targets[..., 0]).repeat_interleave(n, 0)
+        if thought_ids is not None and thought_positions is None and cfg.thought_fraction < 1:
+            raise ValueError("replaying thought_ids with thought_fraction < 1 needs the positions they "
+                             "were sampled at: pass the earlier output's thought_positions too")
+        head = self.vocab_head()  # every vocabulary-sized product, chunked (see vocab.py)
+        select = thought_rows_chooser(head.entropy, valid[..., 0], thought_positions, n, cfg.thought_fraction,
+                                      cfg.thought_selection, generator)
         # The n thoughts of a text are adjacent rows: [B*n, ...].
         input_ids, attention_mask = input_ids.repeat_interleave(n, 0), attention_mask.repeat_interleave(n, 0)
         targets, valid = targets.repeat_interleave(n, 0), valid.repeat_interleave(n, 0)
 
-        # 1. sample and score the thoughts: in the same passes where each pass runs once, else
-        # (given thoughts; activation checkpointing, which recomputes one forward) sample without
-        # gradients and score the whole grid in one forward.
-        head = self.vocab_head()  # every vocabulary-sized product, chunked (see vocab.py)
-        thought_logp = None  # log p of the thought tokens at the REINFORCE temperature, [B*n, L, k]
-        if thought_ids is not None:
-            if thought_ids.dim() != 4 or thought_ids.shape[:3] != (B, n, L):
-                raise ValueError(f"thought_ids must be [batch, thoughts_per_position, length, k] = "
-                                 f"[{B}, {n}, {L}, k], got {tuple(thought_ids.shape)}")
-            thoughts = thought_ids.reshape(B * n, L, -1)
-            grid = self._score(input_ids, thoughts, attention_mask)
-        elif getattr(self.lm, "is_activation_checkpointing", False):
-            thoughts = self.sample_thoughts(input_ids, attention_mask, generator=generator)
-            grid = self._score(input_ids, thoughts, attention_mask)
-        else:
-            thoughts, grid, thought_logp = sample_and_score(
-                self.decoder, self.embedding, head, input_ids, attention_mask, self.start_id,
-                self.end_id, cfg.sampled_thought_tokens, cfg.ahead_tokens, cfg.thought_temperature,
-                self.tokenizer.pad_token_id, generator, cfg.policy_logprob_temperature)
+        # 1. sample and score the thoughts (at the W rows that think: every position, or S chosen).
+        thoughts, grid, thought_logp = self._rollout(input_ids, attention_mask, generator, thought_ids,
+                                                     select, head)
+        rows = grid.rows
+        row_targets = targets if rows is None else rows.gather(targets)  # [B*n, W, A]
         # 2. mix each post-thought state with the base state that predicts the same token.
         mixed, w = self._mix(grid)
 
         # 3. log-likelihoods: base next token, mixed A tokens, thought tokens (REINFORCE temperature).
         base_logp = head.logprobs(grid.base, targets[..., 0])                     # [B*n, L]
-        mixed_logp = head.logprobs(mixed, targets)                                # [B*n, L, A]
+        mixed_logp = head.logprobs(mixed, row_targets)                            # [B*n, W, A]
         if thought_logp is None:  # not sampled in the scored passes: from their hidden states
             thought_logp = head.logprobs(grid.thought, thoughts, cfg.policy_logprob_temperature)
         after_logp = None
-        if cfg.reward_source == "thought":  # the reward only: no gradient
+        if cfg.thought_loss_weight > 0:  # a loss term: with gradient
+            after_logp = head.logprobs(grid.after, row_targets)
+        elif cfg.reward_source == "thought":  # the reward only: no gradient
             with torch.no_grad():
-                after_logp = head.logprobs(grid.after, targets)
+                after_logp = head.logprobs(grid.after, row_targets)
+        thought_valid, row_valid = None, valid
+        if rows is not None:  # back to [B*n, L, ...]; positions without a thought count in the base NLL only
+            mixed_logp, thought_logp = rows.scatter(mixed_logp, L), rows.scatter(thought_logp, L)
+            after_logp = None if after_logp is None else rows.scatter(after_logp, L)
+            thought_valid = valid & rows.mask(L)[..., None]
+            row_valid = rows.gather(valid) & rows.valid[..., None]
 
         # 4. the objective: NLLs and REINFORCE; detached metrics beside it.
         nll_term, policy_term, metrics = quietstar_loss_terms(cfg, base_logp, mixed_logp, thought_logp,
-                                                              valid, after_logp, ema_base_logp)
+                                                              valid, after_logp, ema_base_logp, thought_valid)
         loss = nll_term + policy_term
 
         if check_finite and not torch.isfinite(loss):
@@ -415,10 +510,40 @@ class QuietStarForCausalLM(nn.Module):
                 f"the QuietStar loss is {loss.item()} (non-finite parts: {bad or 'the weighted sum'}); "
                 "lower the learning rate or policy_loss_weight, check the data for empty sequences, or "
                 "train in float32 / bfloat16 instead of float16")
-        mask = valid.to(w.dtype)
+        mask = row_valid.to(w.dtype)
         metrics["mean_mixing_weight"] = (w.detach() * mask).sum() / mask.sum().clamp(min=1)
+        positions = None
+        if rows is not None:
+            thoughts = rows.scatter(thoughts, L, self.tokenizer.pad_token_id)
+            positions = rows.mask(L)[::n]
         return QuietStarOutput(loss, metrics, thoughts.view(-1, n, *thoughts.shape[1:]),
-                               {"nll": nll_term, "policy": policy_term})
+                               {"nll": nll_term, "policy": policy_term}, positions)
+
+    def _rollout(self, input_ids, attention_mask, generator, thought_ids, select, head: VocabHead):
+        """Step 1 of ``forward`` on its [B*n] rows: (thoughts [B*n, W, k], GridHidden, the thought
+        tokens' log-probabilities at the REINFORCE temperature [B*n, W, k] where they were sampled
+        in the scored passes, else None). Sampled and scored in the same passes where each pass runs once,
+        else (given thoughts; activation checkpointing, which recomputes one forward) sampled
+        without gradients and scored as the whole grid in one forward."""
+        cfg = self.config
+        Bn, L = input_ids.shape
+        n = cfg.thoughts_per_position
+        if thought_ids is not None:
+            if thought_ids.dim() != 4 or thought_ids.shape[:3] != (Bn // n, n, L):
+                raise ValueError(f"thought_ids must be [batch, thoughts_per_position, length, k] = "
+                                 f"[{Bn // n}, {n}, {L}, k], got {tuple(thought_ids.shape)}")
+            thoughts, rows = thought_ids.reshape(Bn, L, -1), None
+            if select is not None:  # given thought_positions (forward checked): no text pass needed
+                rows = select(None)
+                thoughts = rows.gather(thoughts)
+            return thoughts, self._score(input_ids, thoughts, attention_mask, rows), None
+        if getattr(self.lm, "is_activation_checkpointing", False):
+            thoughts, rows = self._sample(input_ids, attention_mask, generator=generator, select=select)
+            return thoughts, self._score(input_ids, thoughts, attention_mask, rows), None
+        return sample_and_score(
+            self.decoder, self.embedding, head, input_ids, attention_mask, self.start_id,
+            self.end_id, cfg.sampled_thought_tokens, cfg.ahead_tokens, cfg.thought_temperature,
+            self.tokenizer.pad_token_id, generator, cfg.policy_logprob_temperature, select)
 
     # ------------------------------------------------------------------ the EMA baseline (RLP)
     def ema_baseline_enable(self) -> None:

@@ -35,6 +35,9 @@ __all__ = [
     "is_embedded_name",
     "load_base_model",
     "load_gguf_model",
+    "load_quietstar_model",
+    "resolve_device",
+    "resolve_dtype",
 ]
 
 EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
@@ -211,7 +214,7 @@ def _require_gguf_dependencies() -> None:
 # ---------------------------------------------------------------------------------------------------
 
 
-def _resolve_dtype(dtype: Any) -> Any:
+def resolve_dtype(dtype: Any) -> Any:
     import torch
 
     if dtype is None or isinstance(dtype, torch.dtype):
@@ -229,15 +232,27 @@ def _resolve_dtype(dtype: Any) -> Any:
     raise ValueError(f"Unknown dtype {dtype!r}: use a torch floating dtype, 'float32', 'bfloat16', 'float16' or 'auto'")
 
 
-def _resolve_device(device: Any) -> Any:
-    if isinstance(device, str) and device.strip().lower() == "auto":
-        import torch
+def resolve_device(device: Any) -> Any:
+    """``device`` as torch takes it (``"auto"``: cuda, else mps, else cpu; None stays None);
+    ValueError for a name torch does not know or a device this machine does not have."""
+    import torch
 
-        if torch.cuda.is_available():
-            return "cuda"
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return "mps"
-        return "cpu"
+    available = {"cuda": torch.cuda.is_available(),
+                 "mps": getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()}
+    if device is None:
+        return None
+    if isinstance(device, str) and device.strip().lower() == "auto":
+        return next((kind for kind, present in available.items() if present), "cpu")
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"unknown device {device!r}; use cpu, cuda, cuda:N, mps or auto") from None
+    if not available.get(parsed.type, True):
+        raise ValueError(f"device {device!r}: {parsed.type.upper()} is not available here (torch "
+                         f"{torch.__version__}); use --device cpu or auto")
+    if parsed.type == "cuda" and parsed.index is not None and parsed.index >= torch.cuda.device_count():
+        raise ValueError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA "
+                         "device(s); use another index, or auto")
     return device
 
 
@@ -272,7 +287,7 @@ def load_gguf_model(gguf_file: str | os.PathLike, *, dtype: Any = None) -> tuple
     if not path.is_file():
         raise FileNotFoundError(f"No GGUF file at {path}")
     _require_gguf_dependencies()
-    resolved = _resolve_dtype(dtype)
+    resolved = resolve_dtype(dtype)
     with quiet_transformers():
         tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
         model = AutoModelForCausalLM.from_pretrained(
@@ -305,11 +320,23 @@ def _looks_like_path(name: str) -> bool:
     )
 
 
+def _loading_kwargs(dtype: Any, revision: str | None, cache_dir: str | os.PathLike | None,
+                    device_map: Any) -> dict[str, Any]:
+    """transformers' ``from_pretrained`` keywords for the given loading settings (None: left out)."""
+    if device_map is not None and importlib.util.find_spec("accelerate") is None:
+        raise ImportError(f"device_map={device_map!r} needs the package accelerate: pip install accelerate")
+    given = {"dtype": dtype, "revision": revision, "cache_dir": cache_dir, "device_map": device_map}
+    return {key: value for key, value in given.items() if value is not None}
+
+
 def load_base_model(
     name_or_path: str | os.PathLike,
     *,
     dtype: Any = None,
     device: Any = None,
+    revision: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    device_map: Any = None,
 ) -> tuple[Any, Any]:
     """Load a causal LM and its tokenizer; the model is returned in eval mode.
 
@@ -320,55 +347,60 @@ def load_base_model(
             keeps transformers' default (the checkpoint's own dtype; float32 for the embedded model).
         device: where to move the model (``"cpu"``, ``"cuda"``, ``torch.device``, or ``"auto"`` for the
             best available); ``None`` leaves it on the CPU.
+        revision, cache_dir: for a Hub id, the branch / tag / commit and the Hugging Face cache
+            (offline, HF_HUB_OFFLINE=1, a model in that cache loads without the network).
+        device_map: transformers' placement (``"auto"``, ``"cpu"``; needs accelerate), not with ``device``.
 
     Raises:
         ValueError: the name is neither a local folder/file nor loadable from the Hub (or its cache
-            when offline), or an unknown ``embedded:`` name.
+            when offline), or an unknown ``embedded:`` name, or ``revision`` for a local model.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    resolved_dtype = _resolve_dtype(dtype)
-    resolved_device = _resolve_device(device)
+    resolved_dtype = resolve_dtype(dtype)
+    resolved_device = resolve_device(device)
+    if device is not None and device_map is not None:
+        raise ValueError("give device or device_map, not both")
     name = os.fspath(name_or_path)
     if not isinstance(name, str):
         raise TypeError(f"name_or_path must be a str or path, got {type(name_or_path).__name__}")
     stripped = name.strip()
+    path = Path(stripped).expanduser()
+    _check_revision(stripped, revision)  # a local model has no revisions
+    load_kwargs = _loading_kwargs(resolved_dtype, revision, cache_dir, device_map)
+    folder_kwargs = {k: v for k, v in load_kwargs.items() if k in ("dtype", "device_map")}
 
     if is_embedded_name(stripped):
-        folder = embedded_model_dir()
-        model, tokenizer = _load_local_folder(folder, resolved_dtype)
+        model, tokenizer = _load_local_folder(embedded_model_dir(), folder_kwargs)
     elif stripped.lower().startswith("embedded:"):
-        raise ValueError(
-            f"Unknown embedded model {stripped!r}: the only embedded model is {EMBEDDED_MODEL!r} (alias 'embedded')"
-        )
+        raise ValueError(f"Unknown embedded model {stripped!r}: the only embedded model is {EMBEDDED_MODEL!r} "
+                         "(alias 'embedded')")
+    elif path.is_dir():
+        model, tokenizer = _load_local_folder(path, folder_kwargs)
+    elif path.is_file() and path.suffix.lower() == ".gguf":
+        model, tokenizer = load_gguf_model(path, dtype=resolved_dtype)
+    elif path.exists():
+        raise ValueError(f"Model {name!r} is a file, not a model folder: {_FIX_HINT}")
+    elif _looks_like_path(stripped):
+        raise ValueError(f"Model {name!r} not found: no such local folder ({path.resolve()}); {_FIX_HINT}")
     else:
-        path = Path(stripped).expanduser()
-        if path.is_dir():
-            model, tokenizer = _load_local_folder(path, resolved_dtype)
-        elif path.is_file() and path.suffix.lower() == ".gguf":
-            model, tokenizer = load_gguf_model(path, dtype=resolved_dtype)
-        elif path.exists():
-            raise ValueError(f"Model {name!r} is a file, not a model folder: {_FIX_HINT}")
-        elif _looks_like_path(stripped):
-            raise ValueError(f"Model {name!r} not found: no such local folder ({path.resolve()}); {_FIX_HINT}")
-        else:
-            local_only = _offline_env()
-            try:
-                config = AutoConfig.from_pretrained(stripped, local_files_only=local_only)
-            except (OSError, ValueError) as error:
-                where = "in the local Hugging Face cache (offline mode)" if local_only else "on the Hugging Face Hub"
-                raise ValueError(
-                    f"Model {name!r} is not a local folder and could not be loaded {where}: {_FIX_HINT}. "
-                    f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})"
-                ) from error
-            kwargs: dict[str, Any] = {"local_files_only": local_only}
-            if resolved_dtype is not None:
-                kwargs["dtype"] = resolved_dtype
-            try:
-                tokenizer = AutoTokenizer.from_pretrained(stripped, local_files_only=local_only)
-            except OSError as error:
-                raise ValueError(f"Model {name!r} has no loadable tokenizer: {error}") from error
-            model = AutoModelForCausalLM.from_pretrained(stripped, config=config, **kwargs)
+        local_only = _offline_env()
+        hub = {k: v for k, v in load_kwargs.items() if k in ("revision", "cache_dir")}
+        try:
+            config = AutoConfig.from_pretrained(stripped, local_files_only=local_only, **hub)
+        except (OSError, ValueError) as error:
+            where = "in the local Hugging Face cache (offline mode)" if local_only else "on the Hugging Face Hub"
+            raise ValueError(
+                f"Model {name!r}{f' (revision {revision!r})' if revision else ''} is not a local folder and "
+                f"could not be loaded {where}: {_FIX_HINT}. "
+                f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})"
+            ) from error
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(stripped, local_files_only=local_only, **hub)
+        except OSError as error:
+            raise ValueError(f"Model {name!r} has no loadable tokenizer: {error}") from error
+        model = AutoModelForCausalLM.from_pretrained(stripped, config=config, local_files_only=local_only,
+                                                     **load_kwargs)
 
     if resolved_device is not None:
         model.to(resolved_device)
@@ -376,7 +408,8 @@ def load_base_model(
     return model, tokenizer
 
 
-def _load_local_folder(folder: Path, dtype: Any) -> tuple[Any, Any]:
+def _load_local_folder(folder: Path, kwargs: dict[str, Any]) -> tuple[Any, Any]:
+    """(model, tokenizer) of a local Hugging Face folder; ``kwargs``: dtype / device_map."""
     from transformers import AutoModelForCausalLM
 
     from .tokenizer_files import load_tokenizer, verify_tokenization
@@ -385,31 +418,75 @@ def _load_local_folder(folder: Path, dtype: Any) -> tuple[Any, Any]:
         raise ValueError(
             f"Model folder {str(folder)!r} has no config.json, so it is not a Hugging Face checkpoint: {_FIX_HINT}"
         )
-    kwargs: dict[str, Any] = {"local_files_only": True}
-    if dtype is not None:
-        kwargs["dtype"] = dtype
+    try:
+        json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as error:
+        raise ValueError(f"Model folder {str(folder)!r}: config.json is not valid JSON ({error}); "
+                         "restore the file or save the model again") from None
     with quiet_transformers():
         try:
             tokenizer = load_tokenizer(folder, local_files_only=True)
         except (OSError, ValueError, TypeError) as error:
             raise ValueError(f"Model folder {str(folder)!r} has no loadable tokenizer: {error}") from error
         verify_tokenization(tokenizer, folder)
-        model = AutoModelForCausalLM.from_pretrained(str(folder), **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(str(folder), local_files_only=True, **kwargs)
     return model, tokenizer
 
 
-def load_quietstar_model(name: str, device: str | None = None, dtype: str | None = None):
-    """A QuietStarForCausalLM from a saved QuietStar folder, or a plain model (folder, hub id or
-    the embedded name) wrapped fresh with ``from_base`` (its mixing weight is 0, so its thoughts
-    change nothing until it is trained: a note on stderr says so)."""
+def _is_local(name: str) -> bool:
+    """Whether a model name means a local model (the embedded one, or a path) rather than a Hub id."""
+    return is_embedded_name(name) or Path(name).expanduser().exists() or _looks_like_path(name)
+
+
+def _check_revision(name: str, revision: str | None) -> None:
+    if revision is not None and _is_local(name):
+        raise ValueError(f"a revision applies to Hub ids; {name!r} is a local model: drop the revision "
+                         "(or pass the Hub id)")
+
+
+def _quietstar_folder(name: str, revision: str | None, cache_dir: str | os.PathLike | None) -> bool:
+    """Whether ``name`` is a saved QuietStar model: a local folder with its config file, or a Hub
+    repo holding one (offline: in the local cache)."""
+    from .config import QUIETSTAR_CONFIG_NAME
+
+    if _is_local(name):
+        return (Path(name).expanduser() / QUIETSTAR_CONFIG_NAME).is_file()
+    if name.count("/") != 1:
+        return False
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    try:
+        hf_hub_download(name, QUIETSTAR_CONFIG_NAME, revision=revision, cache_dir=cache_dir,
+                        local_files_only=_offline_env())
+    except (EntryNotFoundError, OSError, ValueError):  # not there, not cached, no such repo or
+        return False  # no network: loading it as a plain model says what is wrong
+    return True
+
+
+def load_quietstar_model(name: str, device: str | None = None, dtype: str | None = None, *,
+                         revision: str | None = None, cache_dir: str | os.PathLike | None = None,
+                         device_map: Any = None):
+    """A QuietStarForCausalLM from a saved QuietStar model (a folder, or a Hub repo: ``revision``,
+    ``cache_dir``, offline from the cache), or a plain model (folder, hub id or the embedded name)
+    wrapped fresh with ``from_base`` (its mixing weight is 0, so its thoughts change nothing until
+    it is trained: a note on stderr says so). ``dtype`` and ``device_map`` (needs accelerate) go
+    to transformers; ``device`` moves the whole model afterwards."""
     from .config import QUIETSTAR_CONFIG_NAME, QuietStarConfig
     from .modeling import QuietStarForCausalLM
 
-    if Path(name).expanduser().is_dir() and (Path(name).expanduser() / QUIETSTAR_CONFIG_NAME).is_file():
-        kwargs = {} if dtype is None else {"dtype": _resolve_dtype(dtype)}
-        model = QuietStarForCausalLM.from_pretrained(Path(name).expanduser(), **kwargs)
+    resolve_device(device)  # an unknown or absent device fails before anything loads
+    if device is not None and device_map is not None:
+        raise ValueError("give device or device_map, not both")
+    _check_revision(name, revision)
+    if _quietstar_folder(name, revision, cache_dir):
+        kwargs = _loading_kwargs(resolve_dtype(dtype), None, None, device_map)
+        local = Path(name).expanduser()
+        model = QuietStarForCausalLM.from_pretrained(local if local.is_dir() else name, revision=revision,
+                                                     cache_dir=cache_dir, **kwargs)
     else:
-        lm, tokenizer = load_base_model(name, dtype=dtype)
+        lm, tokenizer = load_base_model(name, dtype=dtype, revision=revision, cache_dir=cache_dir,
+                                        device_map=device_map)
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
         model = QuietStarForCausalLM.from_base(lm, tokenizer, QuietStarConfig())
@@ -418,5 +495,6 @@ def load_quietstar_model(name: str, device: str | None = None, dtype: str | None
               "mixing head (weight 0), so thoughts on equals thoughts off until it is trained "
               "with `quietstar train`", file=sys.stderr)
     if device is not None:
-        model.to(_resolve_device(device))
+        model.to(resolve_device(device))
     return model.eval()
+

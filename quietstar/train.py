@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import logging
 import math
+import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -168,6 +169,12 @@ class TrainingRecipe:
             if self.world > 1:
                 broadcast_object_list(name)
             out_dir = Path("runs") / name[0]
+        # The folders this run creates, removed again if it fails before its first step.
+        self.new_folder: Path | None = None
+        if not out_dir.exists():
+            self.new_folder = out_dir
+            while not self.new_folder.parent.exists():
+                self.new_folder = self.new_folder.parent
         prepare_output_dir(out_dir, self.resume_from is not None, self.rank)
         self.out_dir = out_dir
         self.config = TrainConfig.from_dict({**cfg.to_dict(), "output_dir": str(out_dir)})
@@ -369,6 +376,9 @@ class TrainingRecipe:
         if self.samples is not None and (step % self.config.sample_every == 0 or step == 1):
             length = int(rows["attention_mask"][0].sum())
             positions = sorted({max(0, min(length - 2, int(length * f))) for f in (0.3, 0.6, 0.9)})
+            if out.thought_positions is not None:  # thought_fraction < 1: among those that thought
+                thought = out.thought_positions[0].nonzero().flatten().tolist() or [0]
+                positions = sorted({thought[int(len(thought) * f)] for f in (0.3, 0.6, 0.9)})
             shown = thought_samples(self.tokenizer, rows["input_ids"][0].cpu(), out.thought_ids[0, 0].cpu(),
                                     positions, self.config.quietstar.ahead_tokens)
             self.samples.write(step, shown)
@@ -379,11 +389,17 @@ class TrainingRecipe:
     def run(self) -> TrainResult:
         started = time.perf_counter()
         self.setup()
-        with run_logging(logger, self.out_dir, self.main):
-            self._setup_training()
-            interrupted = self._loop()
-            total = time.perf_counter() - started
-            self.finish(total, interrupted)
+        try:
+            with run_logging(logger, self.out_dir, self.main):
+                self._setup_training()
+                self.new_folder = None  # from here on the folder holds a run
+                interrupted = self._loop()
+                total = time.perf_counter() - started
+                self.finish(total, interrupted)
+        except BaseException:
+            if self.new_folder is not None and self.main:  # bad model or data: leave nothing behind
+                shutil.rmtree(self.new_folder, ignore_errors=True)
+            raise
         self.accelerator.wait_for_everyone()
         return TrainResult(self.out_dir, self.last_checkpoint, self.step, self.record, interrupted, total)
 

@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 import yaml
 
-from .arguments import check_field_types, merge, read_yaml
+from .arguments import check_field_types, merge, option, read_yaml
 from .checkpoint import CheckpointError, resolve_resume
 from .config import QuietStarConfig
 from .metrics import REPORT_TO
@@ -46,6 +46,13 @@ class TrainConfig:
     """Base model: a Hugging Face model id, a local model folder, or the embedded
     "embedded:smollm2-135m-instruct" (converted once to a cached safetensors folder)."""
 
+    revision: str | None = None
+    """For a Hub id as model: the branch, tag or commit to load (None: the default branch)."""
+
+    cache_dir: str | None = None
+    """Hugging Face hub cache folder to read a Hub id from (None: the default cache; offline,
+    HF_HUB_OFFLINE=1, only from the cache)."""
+
     data: str = "builtin:arithmetic"
     """Training text: "builtin:arithmetic" (offline), a local .txt/.jsonl/.json/.parquet file or
     folder, or a Hugging Face dataset "name" or "name:config" (streamed)."""
@@ -63,7 +70,7 @@ class TrainConfig:
     """"pack": documents joined with EOS and cut into seq_len windows. "crop": one document per
     sequence, cut or padded to seq_len (padding is masked out of the loss)."""
 
-    output_dir: str | None = None
+    output_dir: str | None = option(None, output="folder")
     """Run folder for checkpoints, metrics, curves and samples (None: runs/quietstar-<time>)."""
 
     seq_len: int = 32

@@ -50,7 +50,8 @@ def build_model(config: TrainConfig) -> QuietStarForCausalLM:
     """The base model in fp32 (the master weights), wrapped, with LoRA / checkpointing if asked."""
     from .models import load_base_model
 
-    lm, tokenizer = load_base_model(config.model, dtype=torch.float32)
+    lm, tokenizer = load_base_model(config.model, dtype=torch.float32, revision=config.revision,
+                                    cache_dir=config.cache_dir)
     if tokenizer.pad_token is None:  # padding is masked out of the loss; any token will do
         tokenizer.pad_token = tokenizer.eos_token
     # A saved QuietStar model as the base: its tokenizer holds the meta tokens already.

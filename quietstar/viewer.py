@@ -156,3 +156,15 @@ def write_page(model, text: str, path: str | Path, thought_tokens: int | None = 
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(render_html(records, title or "Quiet-STaR thoughts", subtitle), encoding="utf-8")
     return path
+
+
+def model_display_name(name: str) -> str:
+    """A model's name for people: a Hub id or the embedded name as given, a local folder by its
+    own name (a checkpoint's ``model`` folder as ``<run>/checkpoint-<step>``), never its full path."""
+    path = Path(name).expanduser()
+    if not path.exists():
+        return name
+    path = path.resolve()
+    if path.name == "model" and path.parent.name.startswith("checkpoint-"):
+        return f"{path.parent.parent.name}/{path.parent.name}"
+    return path.stem if path.is_file() else path.name

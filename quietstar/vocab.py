@@ -1,7 +1,9 @@
 """The LM head's vocabulary-sized work, a chunk of rows at a time.
 
 Every log-probability the method needs (base and mixed NLL, the REINFORCE log-probabilities of
-the sampled thought tokens) and the thought sampling itself go through ``VocabHead``. Its logits
+the sampled thought tokens, the unmixed post-thought NLL of ``thought_loss_weight`` /
+``reward_source="thought"``), the thought sampling and the base prediction's entropy that
+chooses where to think (``thought_selection="entropy"``) go through ``VocabHead``. Its logits
 z = softcap(h @ W^T + b), the meta tokens at -inf, exist for ``chunk_rows`` rows at a time; the
 backward recomputes a chunk's logits from the hidden states it saved (the fused linear
 cross-entropy idea), so the vocabulary costs O(chunk x V) memory at any length. The mixed
@@ -21,6 +23,8 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .sampling import inverse_cdf
+
+ENTROPY_CHUNK_ROWS = 1024  # the entropy's rows at a time with chunk_rows = 0 (nothing to keep)
 
 
 @dataclass(frozen=True, eq=False)  # holds tensors: no field-wise ==
@@ -78,6 +82,19 @@ class VocabHead:
             return tokens.view(hidden.shape[:-1]), None
         out, tokens = _HeadLogprob.apply(flat, self.weight, self.bias, None, self, logprob_temperature, draw)
         return tokens.view(hidden.shape[:-1]), out.view(hidden.shape[:-1])
+
+    @torch.no_grad()
+    def entropy(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Entropy (nats) of softmax(z) per row, hidden [..., d] -> [...] in float32 at least, a chunk
+        of rows at a time (the meta tokens, at -inf, add nothing); no gradient."""
+        flat = hidden.reshape(-1, hidden.shape[-1])
+        step = self.chunk_rows if self.chunk_rows > 0 else ENTROPY_CHUNK_ROWS  # never all [N, V] at once
+        parts = []
+        for i in range(0, flat.shape[0], step):
+            h = flat[i:i + step]
+            z = self.logits(h).float() if self.module is not None else self.chunk_logits(h, self.weight, self.bias)
+            parts.append(torch.special.entr(z.softmax(-1)).sum(-1))
+        return torch.cat(parts).view(hidden.shape[:-1]) if parts else flat.new_zeros(hidden.shape[:-1]).float()
 
     def _checkpointed_logprobs(self, h: torch.Tensor, t: torch.Tensor, temperature: float) -> torch.Tensor:
         """``logprobs`` through the head module, a chunk at a time, recomputed in the backward."""

@@ -134,7 +134,8 @@ def test_analyze_cli(tmp_path, capsys):
     assert cli.main(["analyze", "--model", str(saved), "--data", str(data), "--out", str(out),
                      "--thought-tokens", "0"]) == 2
     assert capsys.readouterr().err.splitlines()[-1] == (
-        "quietstar analyze: error: thought_tokens must be >= 1, got 0")
+        "quietstar analyze: error: --thought-tokens must be >= 1 (the analysis compares a thought with "
+        "none), got 0")
 
 
 def test_thought_sources_own_random_and_shifted():
@@ -182,3 +183,49 @@ def test_short_windows_need_no_padding():
         expected += F.cross_entropy(mixed, ids[0, 1:], reduction="none").tolist()
     np.testing.assert_allclose(nll.thinking, expected, rtol=1e-4)
     assert nll.document.tolist() == [0, 1, 1]
+
+
+@pytest.mark.parametrize("selection", ["entropy", "random"])
+def test_token_nlls_at_a_fraction_think_at_the_chosen_share_only(selection):
+    """A token whose position did not think keeps its base NLL; one whose position thought gets
+    the all-position thinking NLL (greedy thoughts). Entropy picks the least sure predictions."""
+    model = make_model()
+    with torch.no_grad():
+        model.mixing_head.mlp[-1].bias.fill_(0.6)
+    texts = CORPUS[:3]
+    everywhere = token_nlls(model, texts, thought_tokens=2, thought_temperature=0.0, max_length=24)
+    some = token_nlls(model, texts, thought_tokens=2, thought_temperature=0.0, max_length=24,
+                      thought_fraction=0.3, thought_selection=selection)
+    assert everywhere.thought is None and some.thought.dtype == bool
+    assert 0.25 < some.thought.mean() < 0.35
+    np.testing.assert_allclose(some.base, everywhere.base, rtol=1e-5)
+    np.testing.assert_allclose(some.thinking[~some.thought], some.base[~some.thought], rtol=1e-6)
+    np.testing.assert_allclose(some.thinking[some.thought], everywhere.thinking[some.thought], rtol=1e-4)
+    if selection == "entropy":  # per window the chosen have the highest base entropy; overall higher NLL
+        assert some.base[some.thought].mean() > some.base[~some.thought].mean()
+    with pytest.raises(ValueError, match=r"thought_fraction must be in \(0, 1\]"):
+        token_nlls(model, texts, thought_fraction=0.0)
+
+
+def test_analyze_compares_thought_fractions(tmp_path, capsys):
+    saved = tmp_path / "model"
+    model = make_model()
+    with torch.no_grad():
+        model.mixing_head.mlp[-1].bias.fill_(0.6)
+    model.save_pretrained(saved)
+    data = tmp_path / "heldout.txt"
+    data.write_text("\n\n".join(CORPUS) + "\n")
+    out = tmp_path / "out"
+    assert cli.main(["analyze", "--model", str(saved), "--data", str(data), "--out", str(out),
+                     "--max-length", "32", "--thought-tokens", "2", "--thought-temperature", "0",
+                     "--thought-fractions", "1,0.25", "--buckets", "4"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert [r["thought_fraction"] for r in report["fractions"]] == [1.0, 0.25]
+    assert report["fractions"][0]["thought_share"] == 1.0 and report["fractions"][0]["kept"] == 1.0
+    assert 0.2 < report["fractions"][1]["thought_share"] < 0.3
+    assert report["fractions"][0]["improvement"]["mean"] == pytest.approx(report["mean"]["improvement"]["mean"])
+    printed = capsys.readouterr().out
+    assert "by the share of positions that think" in printed and "25.0%" not in printed.split("kept")[0]
+    assert cli.main(["analyze", "--model", str(saved), "--data", str(data), "--out", str(out),
+                     "--thought-fractions", "0.5,2"]) == 2
+    assert "--thought-fractions must be shares in (0, 1]" in capsys.readouterr().err

@@ -18,7 +18,7 @@ from conftest import make_model
 from quietstar import cli
 from quietstar.arguments import add_dataclass_arguments, field_docs, option, parse_dataclass
 from quietstar.commands.analyze import AnalyzeArguments
-from quietstar.commands.common import ModelArguments
+from quietstar.commands.common import LoadingArguments, ModelArguments
 from quietstar.commands.eval import EvalArguments
 from quietstar.commands.generate import GenerateArguments
 from quietstar.commands.inspect_thoughts import InspectArguments
@@ -27,8 +27,10 @@ ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 NAMES = ["train", "generate", "eval", "analyze", "inspect"]
 # command -> the dataclasses its flags come from
-DATACLASSES = {"generate": [GenerateArguments], "eval": [ModelArguments, EvalArguments],
-               "analyze": [ModelArguments, AnalyzeArguments], "inspect": [ModelArguments, InspectArguments]}
+DATACLASSES = {"generate": [GenerateArguments, LoadingArguments],
+               "eval": [ModelArguments, LoadingArguments, EvalArguments],
+               "analyze": [ModelArguments, LoadingArguments, AnalyzeArguments],
+               "inspect": [ModelArguments, LoadingArguments, InspectArguments]}
 
 
 def python(code: str) -> subprocess.CompletedProcess:
@@ -201,9 +203,9 @@ def test_bad_paths_are_refused_before_the_model_loads(tmp_path, monkeypatch, cap
 
 
 def test_empty_prompt_is_refused(tmp_path, monkeypatch, capsys):
-    import quietstar.commands.generate as command
+    import quietstar.commands.common as common
 
-    monkeypatch.setattr(command, "load_quietstar_model", lambda name, device: make_model())
+    monkeypatch.setattr(common, "load_quietstar_model", lambda name, device, *args, **kwargs: make_model())
     assert cli.main(["generate", "--model", "m", "--prompt", ""]) == 2
     assert capsys.readouterr().err.strip() == (
         "quietstar generate: error: --prompt is empty (it encodes to no token); give a text to continue")

@@ -319,9 +319,11 @@ def test_token_batches_resume_gives_identical_next_batch(tok, consumed):
 
 
 def test_token_batches_errors(tok):
+    with pytest.raises(ValueError, match=r"mydata has no documents: it holds no text \(empty files"):
+        next(iter(TokenBatches([], tok, 64, 2, name="mydata")))
     with pytest.raises(ValueError, match=r"mydata produced no complete sequence of 64 tokens; "
                                          r"use a shorter --seq-len, mode crop, or more data"):
-        next(iter(TokenBatches([], tok, 64, 2, name="mydata")))
+        next(iter(TokenBatches(["a few words"], tok, 64, 2, name="mydata")))
     with pytest.raises(ValueError, match="no complete sequence of 4096 tokens"):
         next(iter(TokenBatches(["tiny document"], tok, 4096, 1)))
     with pytest.raises(ValueError, match="fewer than one batch of 8"):
@@ -358,3 +360,79 @@ def test_heldout_split_first_documents_and_no_duplicate_on_both_sides():
     assert held == [] and list(rest) == docs
     with pytest.raises(ValueError, match="num_heldout"):
         heldout_split(docs, -1)
+
+
+# ------------------------------------------------------------------ errors that name the file and line
+def test_malformed_jsonl_names_the_file_and_line(tmp_path):
+    path = tmp_path / "corpus.jsonl"
+    path.write_text('{"text": "first"}\n\n{"text": "third", oops}\n')
+    with pytest.raises(ValueError, match=re.escape(f"{path}:3 is not valid JSON (") + ".*one JSON record per line"):
+        list(load_texts(str(path)))
+
+
+@pytest.mark.parametrize("suffix, content, line", [
+    (".jsonl", b'{"text": "ok"}\n{"text": "caf\xe9"}\n', 2),
+    (".txt", b"one\n\ntwo\nthree \xff\n", 4),
+    (".json", b'[{"text": "a"},\n {"text": "\xfe"}]', 2),
+])
+def test_bytes_that_are_not_utf8_name_the_file_and_line(tmp_path, suffix, content, line):
+    path = tmp_path / f"corpus{suffix}"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=re.escape(f"{path}:{line} is not UTF-8 text (") + ".*save the file as UTF-8"):
+        list(load_texts(str(path)))
+
+
+def test_a_utf8_byte_order_mark_is_not_an_error(tmp_path):
+    (tmp_path / "bom.jsonl").write_bytes('\ufeff{"text": "with a BOM"}\n'.encode())
+    (tmp_path / "bom.txt").write_bytes("\ufeffplain text".encode())
+    assert list(load_texts(str(tmp_path / "bom.jsonl"))) == ["with a BOM"]
+    assert list(load_texts(str(tmp_path / "bom.txt"))) == ["plain text"]
+
+
+def test_a_corpus_emptied_by_the_heldout_deduplication_says_so(tok):
+    """Every training document repeats a held-out one: the message names the de-duplication
+    (not a shorter sequence, which would not help)."""
+    heldout, rest = heldout_split(["the same document"] * 5, 1)
+    batches = TokenBatches(rest, tok, seq_len=4, batch_size=1, name="training data 'dups.txt'")
+    with pytest.raises(ValueError) as error:
+        next(iter(batches))
+    assert str(error.value) == (
+        "training data 'dups.txt' has no documents: each of its 4 documents after the 1 held out for "
+        "evaluation repeats a held-out one, and the held-out split keeps such duplicates out of "
+        "training; use data with more distinct documents or a smaller --eval-documents")
+    assert "shorter" not in str(error.value)
+
+
+def test_a_corpus_wholly_held_out_says_so(tok):
+    _, rest = heldout_split(["one document", "another one"], 2)
+    with pytest.raises(ValueError, match=r"has no documents: all its documents are among the 2 held out "
+                                         r"for evaluation; use more data or a smaller --eval-documents"):
+        next(iter(TokenBatches(rest, tok, seq_len=4, batch_size=1)))
+
+
+def test_blank_documents_after_the_split_are_no_text(tok):
+    _, rest = heldout_split(["held out", "   ", "\n"], 1)
+    with pytest.raises(ValueError, match=r"has no documents: it holds no text \(empty files or blank"):
+        next(iter(TokenBatches(rest, tok, seq_len=4, batch_size=1)))
+
+
+def test_scratchpad_corpus_writes_true_partial_products():
+    from quietstar.scratchpad_corpus import partial_products, scratchpad_corpus, scratchpad_tokenizer
+    docs = scratchpad_corpus(40, seed=2)
+    assert docs == scratchpad_corpus(40, seed=2) and docs != scratchpad_corpus(40, seed=3)
+    assert load_texts("builtin:scratchpad", num_documents=40, seed=2) == docs
+    tok, kinds = scratchpad_tokenizer(), set()
+    for doc in docs:
+        assert len(tok(doc).input_ids) == len(doc.split())  # one token per word
+        for problem in doc.rstrip(" ;").split(" ; "):
+            w = problem.split()
+            a, b, c, e = int(w[0]), int(w[2]), int(w[4]), int(w[6])
+            p, q, d = partial_products(a, b, c, e)
+            assert d == (a * b + c * e) % 10 and int(w[-1]) == d
+            if w[8] == "---":
+                assert w[8:12] == ["---", str(p), str(q), "---"]
+            kinds.add(w[8] == "---")
+    assert kinds == {True, False}  # both worked and terse documents
+    assert all("---" not in d for d in scratchpad_corpus(10, seed=1, worked_fraction=0.0))
+    with pytest.raises(ValueError, match="worked_fraction must be in"):
+        scratchpad_corpus(1, seed=0, worked_fraction=1.5)

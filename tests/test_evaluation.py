@@ -642,3 +642,80 @@ def test_lm_eval_without_thoughts_equals_hflm_and_cli(lm_eval_tasks, tmp_path, c
     written = json.loads(out.read_text())
     assert written["metrics"]["tiny_gen/exact_match,none"]["on"]["n"] == 2
     assert "lm-eval tiny_gen" in capsys.readouterr().out
+
+
+def test_direct_score_thinks_only_at_the_positions_it_scores(monkeypatch):
+    model = make_model()
+    items = load_items("gsm8k", str(GSM8K))
+    seen = []
+    think = model.think
+    monkeypatch.setattr(model, "think", lambda ids, mask, k, t, g, thought_positions, steps: seen.append(
+        thought_positions) or think(ids, mask, k, t, g, thought_positions, steps))
+    direct_scores(model, items, "gsm8k", thought_tokens=2, batch_size=len(items))
+    (positions,) = seen
+    for b, item in enumerate(items):
+        tokens, first = evaluation.answer_token_span(model.tokenizer, item.prompt, item.answer)
+        assert positions[b].nonzero().flatten().tolist() == list(range(first - 1, len(tokens) - 1))
+
+
+def test_lm_eval_loglikelihood_thinks_only_where_lm_eval_reads(lm_eval_tasks, monkeypatch):
+    """Each model input thinks at the positions that predict its continuation; the numbers are
+    those of thinking everywhere (test_lm_eval_loglikelihood_and_generation_think)."""
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    from quietstar.lm_eval_adapter import QuietStarLM
+
+    model = make_model()
+    lm = QuietStarLM(model, thought_tokens=2, thought_temperature=0.0, batch_size=2)
+    seen = []
+    think = model.think
+    monkeypatch.setattr(model, "think", lambda ids, mask, k, t, g, thought_positions, steps: seen.append(
+        (ids, thought_positions)) or think(ids, mask, k, t, g, thought_positions, steps))
+    out = simple_evaluate(model=lm, tasks=["tiny_mc"], bootstrap_iters=0,
+                          task_manager=TaskManager(include_path=str(lm_eval_tasks)))
+    tok = model.tokenizer
+    expected = set()
+    for sample in out["samples"]["tiny_mc"]:
+        context = tok(f"Q: {sample['doc']['question']}\nA:").input_ids
+        for choice in sample["doc"]["choices"]:
+            whole = tok(f"Q: {sample['doc']['question']}\nA: {choice}").input_ids
+            expected.add((tuple(whole[:-1]), len(context) - 1, len(whole) - 1))
+    got = set()
+    for ids, positions in seen:
+        for row, chosen in zip(ids.tolist(), positions):
+            where = chosen.nonzero().flatten().tolist()
+            end = where[-1] + 1
+            got.add((tuple(row[:end]), where[0], end))
+            assert where == list(range(where[0], end))
+    assert got == expected
+    assert not lm._scored  # forgotten after the requests
+
+
+def test_lm_eval_scored_positions_think_everywhere_when_unsure():
+    pytest.importorskip("lm_eval")
+    from quietstar.lm_eval_adapter import QuietStarLM
+
+    lm = QuietStarLM(make_model(), thought_tokens=1)
+    lm._scored = {(5, 6, 7): 2, (5, 6, 7, 0): 1, (9,): 1}
+    rows = torch.tensor([[5, 6, 7, 0, 0], [9, 0, 0, 0, 0], [4, 4, 0, 0, 0]])
+    assert lm._scored_positions(rows).tolist() == [[True] * 5, [True, False, False, False, False],
+                                                   [True] * 5]
+
+
+def test_evaluation_benchmark_script_runs(tiny_model_dir, capsys):
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "evaluation.py"
+    spec = importlib.util.spec_from_file_location("evaluation_benchmark", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    threads = torch.get_num_threads()
+    try:
+        bench.main(["--model", str(tiny_model_dir), "--data", str(GSM8K), "--limit", "3", "--thought-tokens", "2"])
+    finally:
+        torch.set_num_threads(threads)
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    assert [r.split("|")[1].strip() for r in rows] == ["thoughts", "off", "k = 2"]
+    off, on = (float(r.split("|")[2]) for r in rows[1:])
+    assert float(rows[2].split("|")[3]) == pytest.approx(on / off, rel=0.05) and on > 0

@@ -313,10 +313,10 @@ def test_cli_shows_thoughts_bracketed_or_dimmed(saved_model, capsys):
 
 def test_cli_sampling_options(saved_model, capsys, monkeypatch):
     model, directory = saved_model
-    import quietstar.commands.generate
+    import quietstar.commands.common
 
     # Loading is tested above; here the options' effect is, on the model already in memory.
-    monkeypatch.setattr(quietstar.commands.generate, "load_quietstar_model", lambda name, device: model)
+    monkeypatch.setattr(quietstar.commands.common, "load_quietstar_model", lambda name, device, *a, **k: model)
     base = ["--model", directory, "--prompt", "Weng earns", "--max-new-tokens", 8]
     greedy = _cli(capsys, *base, "--greedy", "--thought-temperature", 0).out
     top1 = _cli(capsys, *base, "--sample", "--top-k", 1, "--thought-temperature", 0).out
@@ -393,15 +393,17 @@ def test_benchmark_script_runs(capsys):
     spec.loader.exec_module(bench)
     threads = torch.get_num_threads()
     try:
-        bench.main(["--new-tokens", "4", "--thought-tokens", "1", "2", "--repeats", "1"])
+        bench.main(["--new-tokens", "4", "--thought-tokens", "1", "2", "--repeats", "1", "--thresholds", "1e9"])
     finally:
         torch.set_num_threads(threads)
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("|")]
-    assert len(rows) == 2 + 2  # header, rule, one row per thought length
-    new_tokens, k, base, think, target, ratio = (float(c) for c in rows[-1].strip("|").split("|"))
-    assert (new_tokens, k) == (4, 2)
-    assert target == pytest.approx(0.8 * base / (k + 3), rel=1e-2)
-    assert ratio == pytest.approx(think / target, rel=2e-2)
+    assert len(rows) == 2 + 4  # header, rule, one row per thought length and threshold
+    cells = [[c.strip().rstrip("%") for c in row.strip("|").split("|")] for row in rows[-2:]]
+    for (new_tokens, k, threshold, share, base, think, target, ratio), expected_share in zip(
+            [[float(c) for c in row] for row in cells], (100, 0)):
+        assert (new_tokens, k, share) == (4, 2, expected_share)
+        assert target == pytest.approx(0.8 * base / (1 + share / 100 * (k + 2)), rel=1e-2)
+        assert ratio == pytest.approx(think / target, rel=2e-2)
 
 
 # ------------------------------------------------------------------ the real model
@@ -429,3 +431,102 @@ def test_smollm2_thinking_generation():
         with torch.no_grad():
             expected = model.score_thoughts(text, thoughts).mixed_logits[0, -1, 0].softmax(-1)
         assert (out.logits[s][0].softmax(-1) - expected).abs().max() < 1e-4
+
+
+# ------------------------------------------------------------------ thinking where unsure
+def _base_entropy(model, text):
+    from quietstar.selection import logits_entropy
+
+    with torch.no_grad():
+        return logits_entropy(model.base_logits(text)[0, -1]).item()
+
+
+def _median_entropy(model, prompt, steps):
+    """The median base entropy of the steps of a generation that thinks everywhere."""
+    out = generate(model, prompt, max_new_tokens=steps, thought_temperature=0, eos_token_id=[])
+    return torch.tensor([_base_entropy(model, out[:, :prompt.shape[1] + s]) for s in range(steps)]).median().item()
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_threshold_thinks_only_where_the_base_prediction_is_unsure(family):
+    """A step thinks exactly when its base prediction's entropy exceeds the threshold: then its
+    distribution is score_thoughts' after that thought, else the base model's, weight 0."""
+    model = _perturb_mixing_head(make_model(family))
+    prompt = random_text(1, 8, seed=1)
+    steps = 8
+    threshold = _median_entropy(model, prompt, steps)
+    out = generate(model, prompt, max_new_tokens=steps, thought_temperature=1.0, eos_token_id=[],
+                   thought_threshold=threshold, return_thoughts=True, output_logits=True,
+                   generator=torch.Generator().manual_seed(0))
+    taken = out.thought_taken[0].tolist()
+    assert 0 < sum(taken) < steps
+    pad = model.tokenizer.pad_token_id
+    for s in range(steps):
+        text = out.sequences[:, :8 + s]
+        assert taken[s] == (_base_entropy(model, text) > threshold)
+        thoughts = torch.full((1, text.shape[1], K), 5)
+        thoughts[0, -1] = out.thought_ids[0, s]
+        scores = model.score_thoughts(text, thoughts)
+        expected = (scores.mixed_logits[0, -1, 0] if taken[s] else scores.base_logits[0, -1]).log_softmax(-1)
+        got = out.logits[s][0].log_softmax(-1)
+        real = torch.isfinite(expected)
+        assert torch.equal(real, torch.isfinite(got))
+        assert (got[real] - expected[real]).abs().max() < 1e-4
+        if taken[s]:
+            assert out.mixing_weight[0, s] == pytest.approx(scores.mixing_weight[0, -1, 0].item(), abs=1e-4)
+        else:
+            assert out.mixing_weight[0, s] == 0 and (out.thought_ids[0, s] == pad).all()
+            assert out.thoughts[0][s] == ""
+
+
+def test_threshold_in_a_batch_and_at_the_extremes():
+    model = _perturb_mixing_head(make_model("llama"))
+    prompts = [random_text(1, n, seed=i)[0] for i, n in enumerate([5, 9, 3])]
+    ids, mask = _left_pad(prompts, model.tokenizer.pad_token_id)
+    threshold = _median_entropy(model, prompts[1][None], 10)
+    run = dict(max_new_tokens=10, thought_temperature=0, eos_token_id=[], return_thoughts=True)
+    batched = generate(model, ids, mask, thought_threshold=threshold, **run)
+    for i, p in enumerate(prompts):  # a row below the threshold predicts with the base, whatever the others do
+        single = generate(model, p[None], thought_threshold=threshold, **run)
+        assert torch.equal(batched.sequences[i, ids.shape[1]:], single.sequences[0, len(p):])
+        assert torch.equal(batched.thought_taken[i], single.thought_taken[0])
+        assert torch.equal(batched.thought_ids[i], single.thought_ids[0])
+    assert 0 < batched.thought_taken.float().mean() < 1
+    always = generate(model, ids, mask, **run)
+    assert always.thought_taken.all()
+    assert torch.equal(generate(model, ids, mask, thought_threshold=0.0, **run).sequences, always.sequences)
+    never = generate(model, ids, mask, thought_threshold=1e9, **run)
+    assert not never.thought_taken.any() and (never.mixing_weight == 0).all()
+    assert torch.equal(never.sequences, generate(model, ids, mask, max_new_tokens=10, thought_tokens=0,
+                                                 eos_token_id=[]))
+    for bad in (-0.5, float("nan"), True):
+        with pytest.raises(ValueError, match="thought_threshold must be a finite number >= 0"):
+            generate(model, ids, mask, max_new_tokens=1, thought_threshold=bad)
+
+
+def test_streamer_shows_only_the_thoughts_taken():
+    model = _perturb_mixing_head(make_model("llama"))
+    ids = random_text(1, 6, seed=7)
+    threshold = _median_entropy(model, ids, 6)
+    streamer = RecordingStreamer()
+    out = generate(model, ids, max_new_tokens=6, thought_temperature=0, eos_token_id=[], streamer=streamer,
+                   return_thoughts=True, thought_threshold=threshold)
+    expected = [("put", ids.tolist())]
+    for s in range(6):
+        if out.thought_taken[0, s]:
+            expected.append(("thought", out.thought_ids[0, s].tolist()))
+        expected.append(("put", [int(out.sequences[0, 6 + s])]))
+    assert streamer.events == expected + [("end",)]
+    assert 0 < out.thought_taken.sum() < 6
+
+
+def test_cli_thought_threshold(saved_model, capsys):
+    from quietstar.commands.generate import GenerateArguments
+
+    with pytest.raises(ValueError, match="--thought-threshold must be a finite number >= 0"):
+        GenerateArguments("m", "p", thought_threshold=-1.0)
+    _, directory = saved_model
+    args = ["--model", directory, "--prompt", "Natalia sold", "--max-new-tokens", 4, "--show-thoughts",
+            "--color", "never", "--device", "cpu"]
+    assert "«" in _cli(capsys, *args).out
+    assert "«" not in _cli(capsys, *args, "--thought-threshold", 1e9).out  # no token unsure enough

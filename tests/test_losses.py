@@ -46,6 +46,11 @@ def reference(n, baseline, drop, base, mixed, thought, valid, base_w, mixed_w, p
     def over_positions(f):
         return sum(f(r, i) for r in range(R) for i in range(L) if valid[r][i][0]) / count0
 
+    def spread(r, i):  # the standard deviation of the n rewards at this text's position i
+        values = [reward[r - r % n + j][i] for j in range(n)]
+        mean = sum(values) / n
+        return (sum((v - mean) ** 2 for v in values) / n) ** 0.5
+
     base_nll = over_positions(lambda r, i: -base[r][i])
     mixed_nll = [sum(-mixed[r][i][s] for r in range(R) for i in range(L) if valid[r][i][s]) / count[s]
                  for s in range(A)]
@@ -56,6 +61,7 @@ def reference(n, baseline, drop, base, mixed, thought, valid, base_w, mixed_w, p
                "policy_loss": policy,
                "mean_reward": over_positions(lambda r, i: used[r][i]),
                "positive_reward_fraction": over_positions(lambda r, i: float(reward[r][i] > 0)),
+               "reward_spread": over_positions(spread),
                "thought_gain": over_positions(lambda r, i: thought_ll[r][i] - base_ll[r][i])}
     # Rewards are constants to the gradient: mixed and base get only their NLL terms' gradient.
     d_base = [[-base_w / count0 if valid[r][i][0] else 0.0 for i in range(L)] for r in range(R)]
@@ -151,6 +157,19 @@ def test_hand_example_rewards_by_value():
     assert reward[0][0] == 1.5
     # text 1, position 0: only x_1 is valid: -1.0 against -1.5
     assert reward[2][0] == 0.5
+
+
+@pytest.mark.parametrize("baseline", ["thought_mean", "base"])
+def test_reward_spread_of_the_hand_example_by_value(baseline):
+    """The spread of the two thoughts' rewards, worked out on paper: text 0, positions 0-2:
+    rewards +-1 (std 1), a tie (0), -0.5 vs -0.25 (0.125); text 1, positions 0 and 2: 0.5 and
+    0.25 (position 1 has no valid next token). Mean 1.875 / 5; the baseline shifts both rewards
+    of a position alike, so it does not change the spread, and clamping (after it) neither."""
+    config = QuietStarConfig(thoughts_per_position=N, reward_baseline=baseline, ahead_tokens=2,
+                             sampled_thought_tokens=2, drop_negative_rewards=True)
+    tensors = [torch.tensor(x, dtype=torch.float64) for x in (BASE, MIXED, THOUGHT)]
+    _, metrics = quietstar_loss(config, *tensors, torch.tensor(VALID))
+    assert metrics["reward_spread"].item() == pytest.approx(0.375, abs=1e-12)
 
 
 @pytest.mark.parametrize("drop", [True, False], ids=["clamped", "signed"])

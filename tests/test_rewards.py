@@ -140,3 +140,51 @@ def test_ema_baseline_starts_as_the_base_and_follows_the_lm():
     for key, old in before.items():
         torch.testing.assert_close(ema.ema_lm.state_dict()[key], 0.75 * old + 0.25 * live[key])
     assert math.isfinite(ema(x, generator=torch.Generator().manual_seed(1)).loss.item())
+
+
+def test_thought_loss_adds_the_post_thought_nll_by_hand():
+    """thought_loss_weight adds the mean over the A steps of the unmixed post-thought NLL, with
+    a gradient to after_logp (the mixed NLL alone gives it none while the mixing weight is 0)."""
+    cfg = QuietStarConfig(thought_loss_weight=2.0, ahead_tokens=2, sampled_thought_tokens=2, policy_loss_weight=1.0)
+    base, mixed, after, ema, thought, valid = toy()
+    after = after.clone().requires_grad_()
+    loss, metrics = quietstar_loss(cfg, base, mixed, thought, valid, after_logp=after)
+    without, _ = quietstar_loss(QuietStarConfig(ahead_tokens=2, sampled_thought_tokens=2, policy_loss_weight=1.0),
+                                base, mixed, thought, valid)
+    per_step = [-sum(after[r, i, s].item() for r in range(2) for i in range(3) if valid[r, i, s])
+                / sum(1 for r in range(2) for i in range(3) if valid[r, i, s]) for s in range(2)]
+    hand = sum(per_step) / 2
+    assert metrics["thought_nll"].item() == pytest.approx(hand, abs=1e-6)
+    assert loss.item() == pytest.approx(without.item() + 2.0 * hand, abs=1e-5)
+    (grad,) = torch.autograd.grad(loss, after)
+    counts = [valid[..., s].sum().item() for s in range(2)]
+    for r in range(2):
+        for i in range(3):
+            expected = [-2.0 / 2 / counts[s] if valid[r, i, s] else 0.0 for s in range(2)]
+            assert grad[r, i].tolist() == pytest.approx(expected, abs=1e-6)
+    with pytest.raises(ValueError, match="thought_loss_weight > 0 needs after_logp"):
+        quietstar_loss(cfg, base, mixed, thought, valid)
+    with pytest.raises(ValueError, match="thought_loss_weight must be finite and >= 0"):
+        QuietStarConfig(thought_loss_weight=-1.0)
+
+
+def test_thought_loss_trains_the_post_thought_prediction_at_initialisation():
+    """At w = 0 the paper's objective sends no gradient through the post-thought prediction to
+    the END embedding; with thought_loss_weight it does, and the metric equals score_thoughts'."""
+    x = random_text(1, 8, seed=5)
+    for weight in (0.0, 1.0):
+        model = make_model("llama", thoughts_per_position=2, thought_loss_weight=weight,
+                           policy_loss_weight=0.0)
+        out = model(x, generator=torch.Generator().manual_seed(0))
+        out.loss.backward()
+        end_grad = model.embedding.scaled_vectors.grad[1].abs().sum().item()
+        if weight == 0.0:
+            assert end_grad == 0.0 and "thought_nll" not in out.metrics
+            continue
+        assert end_grad > 0.0
+        with torch.no_grad():
+            logp = model.score_thoughts(x.repeat(2, 1), out.thought_ids[0]).thought_logits.log_softmax(-1)
+        L, A = 8, model.config.ahead_tokens
+        steps = [torch.stack([-logp[r, i, s, x[0, i + 1 + s]] for r in range(2) for i in range(L) if i + 1 + s < L]).mean()
+                 for s in range(A)]
+        assert out.metrics["thought_nll"].item() == pytest.approx(torch.stack(steps).mean().item(), abs=1e-5)

@@ -316,7 +316,7 @@ def test_run_folder_holds_checkpoints_curves_samples_and_config(tiny_model_dir, 
     assert result.checkpoint == out / "checkpoint-000004" and result.step == 4
     record = read_metrics(out / "metrics.jsonl")[-1]
     for key in ("loss", "base_nll", "mixed_nll_1", "mixed_nll_2", "policy_loss", "mean_reward",
-                "positive_reward_fraction", "thought_gain", "mean_mixing_weight", "lr",
+                "positive_reward_fraction", "reward_spread", "thought_gain", "mean_mixing_weight", "lr",
                 "grad_norm", "tokens_per_s"):
         assert math.isfinite(record[key]), key
     assert (out / "training_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -496,7 +496,7 @@ def test_bad_input_gives_a_clear_error(tiny_model_dir, tmp_path, case):
     short = tmp_path / "short.txt"
     short.write_text("just a few words")
     settings, message = {
-        "empty": ({"data": str(empty)}, "no complete sequence of 16 tokens"),
+        "empty": ({"data": str(empty)}, "has no documents: it holds no text"),
         "too_short": ({"data": str(short), "seq_len": 3, "batch_size": 8}, "fewer than one batch of 8"),
         "missing_file": ({"data": str(tmp_path / "nope.jsonl")}, "does not exist"),
         "no_model": ({"model": str(tmp_path / "no-such-model")}, "not found: no such local folder"),
@@ -566,3 +566,13 @@ def test_cli_reports_bad_input_in_one_line(tiny_model_dir, tmp_path, capsys):
     assert code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("quietstar train: error: Model") and "Traceback" not in "".join(err)
+
+
+def test_training_at_a_thought_fraction_samples_thoughts_that_were_taken(tiny_model_dir, tmp_path):
+    config = tiny_config(tiny_model_dir, tmp_path / "run", max_steps=2, sample_every=1,
+                         quietstar={"sampled_thought_tokens": 2, "ahead_tokens": 2, "thought_fraction": 0.25})
+    result = train(config)
+    record = read_metrics(result.output_dir / "metrics.jsonl")[-1]
+    assert all(math.isfinite(record[key]) for key in ("loss", "base_nll", "mixed_nll_1", "policy_loss"))
+    samples = [json.loads(line) for line in (result.output_dir / "samples.jsonl").read_text().splitlines()]
+    assert samples and not any("<pad>" in s["thought"] for s in samples)

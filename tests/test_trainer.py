@@ -34,7 +34,7 @@ def test_trainer_logs_the_quietstar_metrics_and_keeps_the_optimiser_groups(tmp_p
     assert len(logged) == 3
     for record in logged:
         for name in ("base_nll", "mixed_nll", "mixed_nll_1", "policy_loss", "mean_reward",
-                     "positive_reward_fraction", "thought_gain", "mean_mixing_weight"):
+                     "positive_reward_fraction", "reward_spread", "thought_gain", "mean_mixing_weight"):
             assert name in record and record[name] == record[name], name
     head = {id(p) for p in trainer.model.mixing_head.parameters()}
     meta = trainer.model.embedding.scaled_vectors

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from quietstar.sampling import sample
+from quietstar.selection import logits_entropy
 from quietstar.vocab import VocabHead
 
 V, D = 50, 6
@@ -148,3 +149,17 @@ def test_no_vocabulary_sized_tensor_outlives_a_chunk():
     one_chunk = chunk * V_big * 4
     assert peaks[chunk] <= 3 * one_chunk
     assert peaks[0] >= rows * V_big * 4
+
+
+@pytest.mark.parametrize("through_module", [False, True])
+@pytest.mark.parametrize("chunk", [0, 1, 3, 100])
+@pytest.mark.parametrize("softcap", [None, 4.0])
+def test_entropy_equals_full_logits(chunk, softcap, through_module):
+    """VocabHead.entropy (thought_selection="entropy"), a chunk of rows at a time, equals the
+    entropy of the full masked logits; the masked ids add nothing; no gradient."""
+    hidden, weight, bias, _, _ = toy()
+    head = VocabHead(weight, bias, softcap, MASKED, chunk, Project(weight, bias) if through_module else None)
+    expected = logits_entropy(head.logits(hidden))
+    got = head.entropy(hidden)
+    assert got.shape == hidden.shape[:-1] and not got.requires_grad
+    torch.testing.assert_close(got, expected, check_dtype=False)

@@ -12,9 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from ..arguments import add_dataclass_arguments, option, parse_dataclass
+from ..arguments import add_dataclass_arguments, option
 from ..evaluation import METRICS, evaluate, format_table, load_items
-from .common import ModelArguments, check_output, command_main, fail
+from .common import LoadingArguments, ModelArguments, check_at_least, command_main, parse_settings
 
 HELP = "GSM8K / CommonsenseQA / lm-eval scores with and without thoughts"
 
@@ -43,7 +43,7 @@ class EvalArguments:
     """run lm-evaluation-harness tasks (comma-separated) instead, thoughts off and on"""
     lm_eval_include: str | None = option(None, metavar="DIR", shown_default="lm-eval's own tasks only")
     """folder of extra lm-eval task YAMLs (e.g. local task data)"""
-    out: str | None = option(None, shown_default="not written")
+    out: str | None = option(None, shown_default="not written", output="file")
     """write the results as JSON here"""
 
     def __post_init__(self):
@@ -54,37 +54,37 @@ class EvalArguments:
             raise ValueError(f"--metrics is empty; choose from {','.join(METRICS)}")
         if self.lm_eval_include is not None and not self.lm_eval:
             raise ValueError("--lm-eval-include adds lm-eval tasks: it needs --lm-eval TASK")
+        check_at_least(1, limit=self.limit, batch_size=self.batch_size, cot_samples=self.cot_samples,
+                       cot_max_tokens=self.cot_max_tokens)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags for every ModelArguments and EvalArguments field."""
     add_dataclass_arguments(parser, ModelArguments, title="model")
+    add_dataclass_arguments(parser, LoadingArguments, title="model loading")
     add_dataclass_arguments(parser, EvalArguments, title="evaluation")
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        model_args = parse_dataclass(ModelArguments, args)
-        settings = parse_dataclass(EvalArguments, args)
-        if settings.out:
-            check_output(settings.out, "--out")
-        model = model_args.load()
-        if settings.lm_eval:
-            from ..lm_eval_adapter import evaluate_lm_eval, format_lm_eval_table
+    model_args = parse_settings(ModelArguments, args)
+    loading = parse_settings(LoadingArguments, args)
+    settings = parse_settings(EvalArguments, args)
+    if settings.lm_eval:
+        from ..lm_eval_adapter import evaluate_lm_eval, format_lm_eval_table  # ImportError: not installed
 
-            results = evaluate_lm_eval(model, list(settings.lm_eval), model_args.thought_tokens,
-                                       model_args.thought_temperature, settings.limit,
-                                       settings.batch_size, settings.lm_eval_include, model_args.seed)
-            table = format_lm_eval_table(results)
-        else:
-            items = load_items(settings.task, settings.data, settings.limit)
-            results = evaluate(model, settings.task, items, list(settings.metrics),
-                               model_args.thought_tokens, model_args.thought_temperature,
-                               settings.batch_size, model_args.seed, settings.cot_samples,
-                               settings.cot_temperature, settings.cot_max_tokens)
-            table = format_table(results)
-    except (ValueError, FileNotFoundError, ImportError) as e:  # ImportError: lm-eval not installed
-        return fail("eval", e)
+        model = loading.load(model_args.model, model_args.device)
+        results = evaluate_lm_eval(model, list(settings.lm_eval), model_args.thought_tokens,
+                                   model_args.thought_temperature, settings.limit,
+                                   settings.batch_size, settings.lm_eval_include, model_args.seed)
+        table = format_lm_eval_table(results)
+    else:
+        items = load_items(settings.task, settings.data, settings.limit)  # before the model: bad data fails fast
+        model = loading.load(model_args.model, model_args.device)
+        results = evaluate(model, settings.task, items, list(settings.metrics),
+                           model_args.thought_tokens, model_args.thought_temperature,
+                           settings.batch_size, model_args.seed, settings.cot_samples,
+                           settings.cot_temperature, settings.cot_max_tokens)
+        table = format_table(results)
     results["model"] = model_args.model
     print(table)
     if settings.out:

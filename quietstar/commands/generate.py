@@ -6,16 +6,18 @@ Exit codes: 0 done, 2 bad input.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 
-from ..arguments import add_dataclass_arguments, field_docs, option, parse_dataclass
+from ..arguments import add_dataclass_arguments, field_docs, option
+from ..batching import model_device
 from ..generation import generate
-from ..models import load_quietstar_model
-from .common import check_thought_settings, command_main, fail
+from .common import (LoadingArguments, check_at_least, check_device, check_thought_settings,
+                     command_main, parse_settings)
 
 HELP = "generate text, thinking before every token"
 
@@ -25,7 +27,7 @@ class GenerateArguments:
     """The settings of ``quietstar generate``."""
 
     model: str
-    """a saved QuietStar model folder, or a base model (folder, hub id or
+    """a saved QuietStar model folder or Hub repo, or a base model (folder, hub id or
     embedded:smollm2-135m-instruct), wrapped untrained"""
     prompt: str
     """the text to continue"""
@@ -35,8 +37,11 @@ class GenerateArguments:
     """tokens per thought, 0 = no thinking"""
     thought_temperature: float | None = option(None, shown_default="the model's thought_temperature")
     """temperature of thought tokens, 0 = greedy"""
+    thought_threshold: float = 0.0
+    """think only before tokens whose base prediction has an entropy above this (nats); 0 = before
+    every token"""
     show_thoughts: bool = False
-    """print each token's thought before it"""
+    """print each token's thought before it (tokens that did not think are printed plain)"""
     color: Literal["auto", "always", "never"] = "auto"
     """show thoughts dimmed (ANSI) or between « »; auto: dimmed on a terminal"""
     sample: bool = False
@@ -54,6 +59,11 @@ class GenerateArguments:
 
     def __post_init__(self):
         check_thought_settings(self.thought_tokens, self.thought_temperature)
+        check_device(self.device)
+        check_at_least(1, max_new_tokens=self.max_new_tokens)
+        if not (math.isfinite(self.thought_threshold) and self.thought_threshold >= 0):
+            raise ValueError(f"--thought-threshold must be a finite number >= 0 (0 = think before every "
+                             f"token), got {self.thought_threshold}")
         if not self.sample and (self.top_k is not None or self.top_p is not None
                                 or self.temperature != 1.0):
             raise ValueError("--temperature/--top-k/--top-p need --sample")
@@ -108,6 +118,7 @@ class ThoughtStreamer(TextStreamer):
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags for every GenerateArguments field."""
     add_dataclass_arguments(parser, GenerateArguments, exclude=("sample",))
+    add_dataclass_arguments(parser, LoadingArguments, title="model loading")
     # By hand: one bool, two opposite flags that exclude each other (--greedy is --no-sample).
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--greedy", dest="sample", action="store_false", default=argparse.SUPPRESS,
@@ -117,27 +128,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        settings = parse_dataclass(GenerateArguments, args)
-        device = settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        model = load_quietstar_model(settings.model, device)
-        if settings.show_thoughts:
-            color = settings.color == "always" or (settings.color == "auto" and sys.stdout.isatty())
-            streamer = ThoughtStreamer(model.tokenizer, color)
-        else:
-            streamer = TextStreamer(model.tokenizer)
-        input_ids = model.tokenizer(settings.prompt, return_tensors="pt").input_ids.to(device)
-        if input_ids.shape[1] == 0:
-            raise ValueError("--prompt is empty (it encodes to no token); give a text to continue")
-        generator = None
-        if settings.seed is not None:
-            generator = torch.Generator(device=device).manual_seed(settings.seed)
-        generate(model, input_ids, max_new_tokens=settings.max_new_tokens, do_sample=settings.sample,
-                 temperature=settings.temperature, top_k=settings.top_k, top_p=settings.top_p,
-                 streamer=streamer, thought_temperature=settings.thought_temperature,
-                 thought_tokens=settings.thought_tokens, generator=generator)
-    except (ValueError, FileNotFoundError) as e:
-        return fail("generate", e)
+    settings = parse_settings(GenerateArguments, args)
+    loading = parse_settings(LoadingArguments, args)
+    device = settings.device
+    if device is None and loading.device_map is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = loading.load(settings.model, device)
+    device = model_device(model)  # where --device or --device-map put it
+    if settings.show_thoughts:
+        color = settings.color == "always" or (settings.color == "auto" and sys.stdout.isatty())
+        streamer = ThoughtStreamer(model.tokenizer, color)
+    else:
+        streamer = TextStreamer(model.tokenizer)
+    input_ids = model.tokenizer(settings.prompt, return_tensors="pt").input_ids.to(device)
+    if input_ids.shape[1] == 0:
+        raise ValueError("--prompt is empty (it encodes to no token); give a text to continue")
+    generator = None
+    if settings.seed is not None:
+        generator = torch.Generator(device=device).manual_seed(settings.seed)
+    generate(model, input_ids, max_new_tokens=settings.max_new_tokens, do_sample=settings.sample,
+             temperature=settings.temperature, top_k=settings.top_k, top_p=settings.top_p,
+             streamer=streamer, thought_temperature=settings.thought_temperature,
+             thought_tokens=settings.thought_tokens, thought_threshold=settings.thought_threshold,
+             generator=generator)
     return 0
 
 

@@ -11,9 +11,9 @@ import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..arguments import add_dataclass_arguments, option, parse_dataclass
-from ..viewer import write_page
-from .common import ModelArguments, check_output, command_main, fail
+from ..arguments import add_dataclass_arguments, option
+from ..viewer import model_display_name, write_page
+from .common import LoadingArguments, ModelArguments, command_main, parse_settings
 
 HELP = "write an HTML page showing each token's thought"
 
@@ -27,7 +27,7 @@ class InspectArguments:
     """the text to think about; give this or --text-file"""
     text_file: str | None = option(None, shown_default="none")
     """read the text from this file; give this or --text"""
-    out: str = "thoughts.html"
+    out: str = option("thoughts.html", output="file")
     """the HTML page to write"""
 
     def __post_init__(self):
@@ -52,22 +52,19 @@ def read_text_file(path: str) -> str:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags for every ModelArguments and InspectArguments field."""
     add_dataclass_arguments(parser, ModelArguments, title="model")
+    add_dataclass_arguments(parser, LoadingArguments, title="model loading")
     add_dataclass_arguments(parser, InspectArguments, title="text and page")
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        model_args = parse_dataclass(ModelArguments, args)
-        settings = parse_dataclass(InspectArguments, args)
-        check_output(settings.out, "--out")
-        text = (settings.text if settings.text is not None
-                else read_text_file(settings.text_file))
-        model = model_args.load()
-        path = write_page(model, text, settings.out, model_args.thought_tokens,
-                          model_args.thought_temperature, model_args.seed,
-                          title=f"Quiet-STaR thoughts of {model_args.model}")
-    except (ValueError, FileNotFoundError) as e:
-        return fail("inspect", e)
+    model_args = parse_settings(ModelArguments, args)
+    loading = parse_settings(LoadingArguments, args)
+    settings = parse_settings(InspectArguments, args)
+    text = settings.text if settings.text is not None else read_text_file(settings.text_file)
+    model = loading.load(model_args.model, model_args.device)
+    path = write_page(model, text, settings.out, model_args.thought_tokens,
+                      model_args.thought_temperature, model_args.seed,
+                      title=f"Quiet-STaR thoughts of {model_display_name(model_args.model)}")
     print(f"wrote {path}")
     return 0
 

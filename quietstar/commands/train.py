@@ -1,7 +1,7 @@
 """``quietstar train``: every TrainConfig and QuietStarConfig field as a flag, then the recipe.
 
 ``python -m quietstar train ...`` and ``accelerate launch -m quietstar train ...`` run it too.
-Exit codes: 0 done, 130 interrupted (saved), 1 diverged (saved), 2 bad input.
+Exit codes: 0 done, 130 interrupted (saved), 1 diverged (saved), 2 bad input (``quietstar.cli``).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import sys
 from ..arguments import add_dataclass_arguments, given_settings
 from ..train import TrainConfig, TrainingDiverged, load_config, train
 from ..train_config import DEFAULT_PRESET, config_file_path, presets
-from .common import command_main
+from .common import check_outputs, command_main
 
 HELP = "train a model with Quiet-STaR"
 
@@ -37,14 +37,13 @@ def run(args: argparse.Namespace) -> int:
             print(f"quietstar train: starting from the {DEFAULT_PRESET} preset "
                   f"({config_file_path(DEFAULT_PRESET)}); --config FILE or PRESET for others",
                   file=sys.stderr)
-        result = train(load_config(config_file, given))
+        config = load_config(config_file, given)
+        check_outputs(config)
+        result = train(config)
     except TrainingDiverged as e:
         print(f"quietstar train: {e}", file=sys.stderr)
         return 1
-    except (ValueError, FileNotFoundError, PermissionError, ImportError) as e:
-        print(f"quietstar train: error: {e}", file=sys.stderr)
-        return 2
-    finally:
+    finally:  # bad input propagates to quietstar.cli.main: one line, exit code 2
         _end_process_group()
     return 130 if result.interrupted else 0
 

@@ -1,0 +1,134 @@
+"""Which positions think: a share of them, chosen by the base prediction's entropy or at random.
+
+The paper's finding is that thoughts help the difficult tokens most, so a rollout may think at a
+chosen share of the positions only (``QuietStarConfig.thought_fraction``). The text pass still
+runs over all L tokens; every later pass runs over the S selected positions' rows alone, each
+row attending to its own text prefix and its own thought (``ThoughtRows`` is the bookkeeping).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+SELECTIONS = ("entropy", "random")
+ENTROPY_CHUNK_TOKENS = 1024  # rows of vocabulary-sized probabilities alive at once
+
+
+@torch.no_grad()
+def logits_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy (nats) of softmax(logits) [..., V] -> [...]; -inf logits (the meta tokens) have
+    probability 0 and add nothing."""
+    return torch.special.entr(logits.float().softmax(-1)).sum(-1)
+
+
+@torch.no_grad()
+def prediction_entropy(logits_fn, hidden: torch.Tensor) -> torch.Tensor:
+    """Entropy of softmax(logits_fn(hidden)) per position: hidden [B, L, d] -> [B, L], computed
+    in chunks of tokens, so no [B*L, V] float32 copy is made at once."""
+    B, L, d = hidden.shape
+    flat = hidden.reshape(B * L, d)
+    parts = [logits_entropy(logits_fn(flat[i:i + ENTROPY_CHUNK_TOKENS]))
+             for i in range(0, B * L, ENTROPY_CHUNK_TOKENS)]
+    return torch.cat(parts).view(B, L)
+
+
+def select_positions(candidates: torch.Tensor, fraction: float, how: str,
+                     entropy: torch.Tensor | None = None,
+                     generator: torch.Generator | None = None) -> torch.Tensor:
+    """The positions that think, [B, L] bool: in each row b, the round(fraction * c_b) (at least
+    one) of its c_b ``candidates`` [B, L] with the highest score, where the score is ``entropy``
+    [B, L] (how="entropy": the base prediction is least sure there) or a uniform random number
+    drawn from ``generator`` (how="random": the unbiased control). Ties go to the earlier position."""
+    if how not in SELECTIONS:
+        raise ValueError(f"thought selection must be one of {SELECTIONS}, got {how!r}")
+    B, L = candidates.shape
+    if how == "entropy":
+        if entropy is None:
+            raise ValueError("entropy selection needs the base prediction's entropy [B, L]")
+        score = entropy.float()
+    else:
+        score = torch.rand(B, L, generator=generator, device=candidates.device)
+    score = score.masked_fill(~candidates, float("-inf"))
+    available = candidates.sum(1)                                             # [B]
+    count = torch.round(available * fraction).clamp(min=1).minimum(available)  # [B]
+    order = torch.sort(score, dim=1, descending=True, stable=True).indices     # [B, L]
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(L, device=order.device).expand(B, L))
+    return (rank < count[:, None]) & candidates
+
+
+@dataclass
+class ThoughtRows:
+    """The thinking positions of a batch as rows: S per sequence, S the batch's largest count,
+    shorter rows padded (``valid`` False, ``index`` 0: computed like any row, never read)."""
+
+    index: torch.Tensor  # [B, S] long: the text position of each row, in text order
+    valid: torch.Tensor  # [B, S] bool: False on padding rows
+
+    @classmethod
+    def from_mask(cls, mask: torch.Tensor) -> "ThoughtRows":
+        """Rows of the True entries of ``mask`` [B, L] bool (S >= 1 even if none is True)."""
+        count = mask.sum(1)                                                    # [B]
+        S = max(int(count.max()), 1) if mask.numel() else 1
+        # A stable sort on "not selected" puts the selected positions first, in text order.
+        order = torch.sort((~mask).to(torch.uint8), dim=1, stable=True).indices[:, :S]  # [B, S]
+        valid = torch.arange(S, device=mask.device)[None, :] < count[:, None]
+        return cls(order.masked_fill(~valid, 0), valid)
+
+    def gather(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B, L, ...] -> [B, S, ...] at the rows' positions."""
+        return x[torch.arange(x.shape[0], device=x.device)[:, None], self.index]
+
+    def scatter(self, x: torch.Tensor, length: int, fill=0) -> torch.Tensor:
+        """x [B, S, ...] -> [B, length, ...]: each valid row at its position, ``fill`` elsewhere
+        (differentiable in x)."""
+        return self.put(x, x.new_full((x.shape[0], length, *x.shape[2:]), fill))
+
+    def put(self, x: torch.Tensor, into: torch.Tensor) -> torch.Tensor:
+        """A copy of ``into`` [B, L, ...] with each valid row of x [B, S, ...] at its position
+        (differentiable in both)."""
+        batch = torch.arange(x.shape[0], device=x.device)[:, None].expand_as(self.index)
+        return into.index_put((batch[self.valid], self.index[self.valid]), x[self.valid])
+
+    def mask(self, length: int) -> torch.Tensor:
+        """The thinking positions as [B, length] bool."""
+        return self.scatter(self.valid, length, False)
+
+    def repeat_interleave(self, n: int) -> "ThoughtRows":
+        """The rows of a batch whose sequences are each repeated n times (adjacent)."""
+        return ThoughtRows(self.index.repeat_interleave(n, 0), self.valid.repeat_interleave(n, 0))
+
+
+def check_thought_positions(thought_positions, input_ids: torch.Tensor) -> None:
+    """Refuses a ``thought_positions`` argument that is not None or a [B, L] bool tensor."""
+    if thought_positions is None:
+        return
+    if (not isinstance(thought_positions, torch.Tensor) or thought_positions.dtype != torch.bool
+            or thought_positions.shape != input_ids.shape):
+        got = (f"{thought_positions.dtype} {tuple(thought_positions.shape)}"
+               if isinstance(thought_positions, torch.Tensor) else type(thought_positions).__name__)
+        raise ValueError(f"thought_positions must be a bool tensor [batch, length] = "
+                         f"{list(input_ids.shape)} (True = think there), got {got}")
+
+
+def thought_rows_chooser(entropy_fn, candidates: torch.Tensor, thought_positions: torch.Tensor | None,
+                         n: int, fraction: float, how: str, generator: torch.Generator | None):
+    """How a training forward picks the positions that think: None when all do (fraction 1, no
+    ``thought_positions``: the paper), else a function of the text pass's final hidden states
+    [B*n, L, d] (the n copies of a text adjacent) -> ThoughtRows. ``entropy_fn`` maps final
+    hidden states [B, L, d] to the base prediction's entropy [B, L] (``vocab.VocabHead.entropy``,
+    chunked; or ``lambda h: prediction_entropy(logits_fn, h)``). Only ``candidates`` [B, L]
+    (positions with a target) are chosen, and the n copies of a text think at the same positions:
+    ``thought_positions`` [B, L] if given, else ``fraction`` of them by ``how``."""
+    if thought_positions is not None:
+        rows = ThoughtRows.from_mask(thought_positions & candidates).repeat_interleave(n)
+        return lambda hidden: rows
+    if fraction == 1.0:
+        return None
+
+    def choose(hidden: torch.Tensor) -> ThoughtRows:
+        entropy = entropy_fn(hidden[::n]) if how == "entropy" else None
+        chosen = select_positions(candidates, fraction, how, entropy, generator)
+        return ThoughtRows.from_mask(chosen).repeat_interleave(n)
+    return choose
