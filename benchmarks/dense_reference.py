@@ -31,7 +31,6 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
-from quietstar.losses import target_logprobs
 from quietstar.modeling import QuietStarForCausalLM, ThoughtScores
 from quietstar.rollout import GridHidden, text_positions
 from quietstar.sampling import sample
@@ -164,11 +163,10 @@ class DenseQuietStar(nn.Module):
         targets = targets.clamp(min=0)
         grid, thoughts = self.rollout(input_ids, attention_mask, generator=generator)
         mixed, _ = self.mix(grid)
-        chunk = cfg.loss_chunk_tokens
-        base_logp = target_logprobs(m.logits, grid.base, targets[..., 0], chunk_tokens=chunk)   # [Bn, L]
-        mixed_logp = target_logprobs(m.logits, mixed, targets, chunk_tokens=chunk)             # [Bn, L, A]
-        thought_logp = target_logprobs(m.logits, grid.thought, thoughts, cfg.policy_logprob_temperature,
-                                       chunk_tokens=chunk)                                       # [Bn, L, k]
+        head = m.vocab_head()  # the model's log-likelihoods, chunked as its config says
+        base_logp = head.logprobs(grid.base, targets[..., 0])                                   # [Bn, L]
+        mixed_logp = head.logprobs(mixed, targets)                                              # [Bn, L, A]
+        thought_logp = head.logprobs(grid.thought, thoughts, cfg.policy_logprob_temperature)    # [Bn, L, k]
         loss, metrics = _objective(cfg, base_logp, mixed_logp, thought_logp, valid)
         return loss, metrics, thoughts.view(-1, n, *thoughts.shape[1:])
 

@@ -42,6 +42,8 @@ import torch
 from dense_reference import DenseQuietStar
 from train_step import LiveTensorBytes, ideal_loss, tensors_of, tiny_tokenizer
 
+from quietstar import QuietStarConfig
+
 GIB = 2 ** 30
 AHEAD, THOUGHTS_PER_POSITION, BATCH = 4, 2, 1
 
@@ -179,7 +181,8 @@ def main(argv=None) -> int:
                         help="which configs to run (default: all), by name prefix, e.g. llama")
     parser.add_argument("--mistral-layers", type=int, default=8,
                         help="layers of the Mistral-7B-like config (of 32; see the module docstring)")
-    parser.add_argument("--loss-chunk", type=int, default=4096, help="loss_chunk_tokens")
+    parser.add_argument("--loss-chunk", type=int, default=QuietStarConfig().loss_chunk_tokens,
+                        help="loss_chunk_tokens (default: the library's)")
     parser.add_argument("--reps", type=int, default=2, help="timed steps after one warm-up (median)")
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help="dense bf16 peak of the device for MFU (default: by device name)")
@@ -217,7 +220,7 @@ def run_model(model_name, lm_config, args, runner, device, peak_tflops) -> None:
     """Generation line, then ours / ideal / dense over k x L, then the table for one config."""
     from transformers import AutoModelForCausalLM
 
-    from quietstar import QuietStarConfig, QuietStarForCausalLM
+    from quietstar import QuietStarForCausalLM
 
     torch.manual_seed(0)
     lm = AutoModelForCausalLM.from_config(lm_config, attn_implementation="sdpa").to(device)

@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -48,6 +49,8 @@ import torch
 from dense_reference import DenseQuietStar
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
+
+from quietstar import QuietStarConfig
 
 MIB = 2 ** 20
 
@@ -109,45 +112,54 @@ def tiny_tokenizer(vocab_size: int):
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>")
 
 
-def llama_config(hidden: int, layers: int, heads: int, kv_heads: int, vocab: int, max_length: int):
-    from transformers import LlamaConfig
+def lm_config(family: str, hidden: int, layers: int, heads: int, kv_heads: int, vocab: int, max_length: int):
+    """A Llama (MLP 2.75 x hidden) or a Mistral (Mistral-7B's 3.5 x hidden, no sliding window)."""
+    from transformers import LlamaConfig, MistralConfig
 
-    return LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=int(hidden * 2.75),
-                       num_hidden_layers=layers, num_attention_heads=heads,
-                       num_key_value_heads=kv_heads, max_position_embeddings=max_length,
-                       tie_word_embeddings=False)
+    shape = dict(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                 num_key_value_heads=kv_heads, max_position_embeddings=max_length, tie_word_embeddings=False)
+    if family == "mistral":
+        return MistralConfig(intermediate_size=int(hidden * 3.5), sliding_window=None, **shape)
+    return LlamaConfig(intermediate_size=int(hidden * 2.75), **shape)
 
 
-def ideal_loss(lm, rows: torch.Tensor, chunk_tokens: int = 0) -> torch.Tensor:
+def ideal_loss(lm, rows: torch.Tensor, chunk_tokens: int) -> torch.Tensor:
     """The plain training pass: next-token NLL of the base model over ``rows`` [R, L], with the
-    same log-likelihood function (and loss chunking) as quietstar's losses."""
-    from quietstar.losses import target_logprobs
+    same log-likelihood function (and vocabulary chunking) as quietstar's losses."""
+    from quietstar.vocab import VocabHead
 
     hidden = lm.get_decoder()(input_ids=rows, use_cache=False).last_hidden_state
-    logp = target_logprobs(lm.get_output_embeddings(), hidden[:, :-1], rows[:, 1:],
-                           chunk_tokens=chunk_tokens)
-    return -logp.mean()
+    head = lm.get_output_embeddings()
+    vocab = VocabHead(head.weight, head.bias, None, torch.zeros(0, dtype=torch.long), chunk_tokens)
+    return -vocab.logprobs(hidden[:, :-1], rows[:, 1:]).mean()
 
 
 def build(spec: dict):
     """(step function, modules and optimiser) for one configuration ``spec``."""
     from transformers import AutoModelForCausalLM
 
-    from quietstar import QuietStarConfig, QuietStarForCausalLM
+    from quietstar import QuietStarForCausalLM
 
     torch.manual_seed(0)
     k, A, n, L = spec["k"], spec["ahead"], spec["n"], spec["L"]
+    # The paper's code (dense) keeps all logits; ours and the ideal chunk them as the library does.
+    chunk = 0 if spec["method"] == "dense" else spec.get("chunk", QuietStarConfig().loss_chunk_tokens)
     qcfg = QuietStarConfig(sampled_thought_tokens=k, ahead_tokens=A, thoughts_per_position=n,
-                           loss_chunk_tokens=spec.get("chunk", 0),
+                           loss_chunk_tokens=chunk,
                            thought_fraction=spec.get("fraction", 1.0),
                            thought_selection=spec.get("selection", "entropy"))
     F = qcfg.passes_per_step
-    lm_config = llama_config(spec["hidden"], spec["layers"], spec["heads"], spec["kv_heads"],
-                             spec["vocab"], max_length=L + F + 8)
-    lm = AutoModelForCausalLM.from_config(lm_config, attn_implementation="sdpa")
+    shape = lm_config(spec.get("model", "llama"), spec["hidden"], spec["layers"], spec["heads"],
+                          spec["kv_heads"], spec["vocab"], max_length=L + F + 8)
+    lm = AutoModelForCausalLM.from_config(shape, attn_implementation="sdpa")
     ids = torch.randint(3, spec["vocab"], (spec["batch"], L))
     method = spec["method"]
-    if method in ("ideal", "all-passes"):
+    if method == "plain":  # the base model's own training step on the text: one pass
+        model = lm
+
+        def forward_backward():
+            model(input_ids=ids, labels=ids).loss.backward()
+    elif method in ("ideal", "all-passes"):
         model = lm
         if spec.get("checkpointing"):
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -158,7 +170,7 @@ def build(spec: dict):
 
         def forward_backward():
             for _ in range(repeats):
-                ideal_loss(model, rows, spec.get("chunk", 0)).backward()
+                ideal_loss(model, rows, chunk).backward()
     else:
         model = QuietStarForCausalLM.from_base(lm, tiny_tokenizer(spec["vocab"]), qcfg)
         if spec.get("checkpointing"):
@@ -205,12 +217,17 @@ def worker(specs: list[dict]) -> list[dict]:
                 start = clock()
                 step()
                 t.append(clock() - start)
+    # The process's peak resident set so far (weights, optimiser state, the interpreter and its
+    # libraries included), before the tracked step's bookkeeping: one spec's own only in a
+    # process of its own (``rss_table``).
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     results = []
     for (step, model, optimizer), t in zip(built, times):
         optimizer.zero_grad(set_to_none=True)
         with LiveTensorBytes(tensors_of(model, optimizer)) as tracker:
             step()
-        results.append({"time_s": statistics.median(t) if t else None, "peak_bytes": tracker.peak})
+        results.append({"time_s": statistics.median(t) if t else None, "peak_bytes": tracker.peak,
+                        "peak_rss_bytes": rss})
     return results
 
 
@@ -250,9 +267,76 @@ def ratio(a: dict, b: dict, key: str) -> str:
     return f"{a[key] / b[key]:.2f}"
 
 
+def _median_rss(results: list[dict]) -> dict:
+    """One result whose peak RSS is the median of ``results``' (and "rss_range" their span, MiB)."""
+    good = sorted((r for r in results if "error" not in r), key=lambda r: r["peak_rss_bytes"])
+    if len(good) < len(results):
+        return next(r for r in results if "error" in r)
+    low, high = good[0]["peak_rss_bytes"] / MIB, good[-1]["peak_rss_bytes"] / MIB
+    return dict(good[len(good) // 2], rss_range=f"{low:.0f}-{high:.0f}")
+
+
+def cost_table(args, base: dict) -> int:
+    """Time and peak RSS at one size (the first of ``--lengths`` and ``--thought-tokens``).
+
+    Ours and the ideal in three modes (the vocabulary chunked, ``--chunk``; chunked with
+    activation checkpointing; all logits kept, chunk 0) are timed interleaved in one process;
+    dense and the plain model's step on their own. Every row's peak RSS comes from a fresh
+    process of its own (build, warm-up, one step), "all passes" (the ideal's F passes as one
+    batch: the memory floor of an exact method) included."""
+    L, k = args.lengths[0], args.thought_tokens[0]
+    modes = [{}, {"checkpointing": True}, {"chunk": 0}]
+    specs = [dict(base, method=m, L=L, k=k, **extra) for extra in modes for m in ("ours", "ideal")]
+    specs += [dict(base, method=m, L=L, k=k, reps=0 if m == "all-passes" else base["reps"])
+              for m in ("all-passes", "dense", "plain")]
+    timed = measure([specs[:6]], args.timeout)
+    timed += [measure([[spec]], args.timeout)[0] for spec in specs[6:]]
+    # Peak RSS moves by up to ~10% between identical processes (the C heap's layout): the
+    # median of --rss-runs processes, one spec each (the timing process counts where it had one spec).
+    runs = [[] if i < 6 else [t] for i, t in enumerate(timed)]
+    for i, spec in enumerate(specs):
+        while len(runs[i]) < args.rss_runs:
+            runs[i].append(measure([[dict(spec, reps=min(spec["reps"], 1))]], args.timeout)[0])
+    rss = [_median_rss(r) for r in runs]
+    F = 1 + (k + 2) + args.ahead - 1
+    print(f"Tiny {args.model.capitalize()}: hidden {args.hidden}, {args.layers} layers, {args.heads} heads "
+          f"({args.kv_heads} kv), vocab {args.vocab}, fp32; L={L}, k={k}, A={args.ahead}, "
+          f"n={args.thoughts_per_position}, F={F}, batch {args.batch}; {args.threads} thread(s), torch "
+          f"{torch.__version__}; time = median of {args.reps} step(s); peak RSS = ru_maxrss of a process "
+          f"of its own (weights, optimiser state, interpreter and libraries included), median of "
+          f"{args.rss_runs} processes [min-max]; live = peak "
+          "live tensor MiB of one step above weights and optimiser state. Dense keeps all logits, as "
+          "the paper's code; plain is the base model's own step (its loss) on the batch.\n")
+    print("| method | loss_chunk_tokens | checkpointing | ms | time / ideal | peak RSS MiB | RSS / plain "
+          "| RSS / dense | live MiB |\n|---|---|---|---|---|---|---|---|---|")
+    plain, dense = rss[-1], rss[-2]
+
+    def rss_cell(r):
+        return r.get("error") or f"{r['peak_rss_bytes'] / MIB:.0f} [{r['rss_range']}]"
+
+    def rss_ratio(r, other):
+        return "-" if "error" in r or "error" in other else f"{r['peak_rss_bytes'] / other['peak_rss_bytes']:.2f}"
+
+    for i, (spec, t, r) in enumerate(zip(specs, timed, rss)):
+        ideal = timed[i + 1] if spec["method"] == "ours" else None  # the same mode's ideal
+        chunk = {"dense": 0, "plain": "- (its own loss)"}.get(spec["method"], spec.get("chunk", base["chunk"]))
+        print(f"| {spec['method']} | {chunk} | {'yes' if spec.get('checkpointing') else 'no'} | {ms(t)} "
+              f"| {ratio(t, ideal, 'time_s') if ideal else '-'} "
+              f"| {rss_cell(r)} "
+              f"| {rss_ratio(r, plain)} "
+              f"| {rss_ratio(r, dense)} | {mib(t)} |", flush=True)
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cost", action="store_true",
+                        help="the Cost issue's comparison: a Mistral (hidden 256, 4 layers, 8 heads, 2 kv, "
+                             "vocab 32000) at L 256, k 9; time and peak RSS of ours, the ideal, dense "
+                             "and the plain model's step, each method's RSS in a process of its own")
+    parser.add_argument("--rss-runs", type=int, default=3,
+                        help="with --cost: processes whose peak RSS is taken, per row (median)")
     parser.add_argument("--quick", action="store_true",
                         help="defaults L 64,128,256, k 4,8, one timed rep, memory modes at 256 8 "
                              "(about a minute)")
@@ -261,6 +345,7 @@ def main(argv=None) -> int:
                         help="k, sampled thought tokens")
     parser.add_argument("--methods", nargs="*", default=["ours", "ideal", "dense"],
                         choices=["ours", "ideal", "dense"], help="of the main table (none: no main table)")
+    parser.add_argument("--model", default="llama", choices=["llama", "mistral"])
     parser.add_argument("--ahead", type=int, default=4, help="A, ahead tokens")
     parser.add_argument("--thoughts-per-position", type=int, default=2, help="n")
     parser.add_argument("--batch", type=int, default=1)
@@ -276,7 +361,9 @@ def main(argv=None) -> int:
                              "length, would exceed this (OOM-skip)")
     parser.add_argument("--memory-modes-at", type=int, nargs=2, default=[512, 8], metavar=("L", "K"),
                         help="length and k of the loss-chunking / checkpointing table (0 0: none)")
-    parser.add_argument("--chunk", type=int, default=1024, help="loss_chunk_tokens in that table")
+    parser.add_argument("--chunk", type=int, default=QuietStarConfig().loss_chunk_tokens,
+                        help="loss_chunk_tokens of ours and the ideal (0: all logits kept; dense "
+                             "always keeps them, as the paper's code)")
     parser.add_argument("--fractions-at", type=int, nargs=2, default=[512, 9], metavar=("L", "K"),
                         help="length and k of the thought-fraction table (0 0: none)")
     parser.add_argument("--fractions", type=float, nargs="+", default=[0.5, 0.25, 0.1],
@@ -291,17 +378,22 @@ def main(argv=None) -> int:
             for result in worker(group):
                 print(json.dumps(result), flush=True)
         return 0
-    if args.quick:  # smaller defaults; options given explicitly still win
-        quick = {"lengths": [64, 128, 256], "thought_tokens": [4, 8], "reps": 1, "memory_modes_at": [256, 8],
-                 "fractions_at": [256, 9]}
-        for name, value in quick.items():
-            if getattr(args, name) == parser.get_default(name):
-                setattr(args, name, value)
+    presets = {"quick": {"lengths": [64, 128, 256], "thought_tokens": [4, 8], "reps": 1,
+                         "memory_modes_at": [256, 8], "fractions_at": [256, 9]},
+               "cost": {"model": "mistral", "hidden": 256, "layers": 4, "heads": 8, "kv_heads": 2,
+                        "vocab": 32000, "lengths": [256], "thought_tokens": [9]}}
+    for preset, values in presets.items():  # smaller defaults; options given explicitly still win
+        if getattr(args, preset):
+            for name, value in values.items():
+                if getattr(args, name) == parser.get_default(name):
+                    setattr(args, name, value)
 
     base = dict(ahead=args.ahead, n=args.thoughts_per_position, batch=args.batch, hidden=args.hidden,
                 layers=args.layers, heads=args.heads, kv_heads=args.kv_heads, vocab=args.vocab,
-                reps=args.reps, threads=args.threads)
-    print(f"Tiny Llama: hidden {args.hidden}, {args.layers} layers, {args.heads} heads "
+                reps=args.reps, threads=args.threads, model=args.model, chunk=args.chunk)
+    if args.cost:
+        return cost_table(args, base)
+    print(f"Tiny {args.model.capitalize()}: hidden {args.hidden}, {args.layers} layers, {args.heads} heads "
           f"({args.kv_heads} kv), vocab {args.vocab}; batch {args.batch}, A={args.ahead}, "
           f"n={args.thoughts_per_position}; {args.threads} thread(s), torch {torch.__version__}; "
           f"time = median of {args.reps} step(s) ({'process CPU' if args.threads == 1 else 'wall'} "
@@ -356,10 +448,11 @@ def main_table(args, base: dict) -> None:
 def memory_modes_table(args, base: dict) -> None:
     """Loss chunking and activation checkpointing at one size, ours against ideal and all passes."""
     L, k = args.memory_modes_at
-    print(f"\nMemory modes at L={L}, k={k} (loss chunk: loss_chunk_tokens={args.chunk}; "
-          "checkpointing: every decoder layer recomputed in the backward):\n")
-    modes = [("none", {}), ("loss chunk", {"chunk": args.chunk}),
-             ("checkpointing", {"checkpointing": True}),
+    print(f"\nMemory modes at L={L}, k={k} (none: loss_chunk_tokens=0, all logits kept; loss chunk: "
+          f"loss_chunk_tokens={args.chunk}; checkpointing: every decoder layer recomputed in the "
+          "backward):\n")
+    modes = [("none", {"chunk": 0}), ("loss chunk", {"chunk": args.chunk}),
+             ("checkpointing", {"chunk": 0, "checkpointing": True}),
              ("loss chunk + checkpointing", {"chunk": args.chunk, "checkpointing": True})]
     specs = [dict(base, method=m, L=L, k=k, **extra, **({"reps": 0} if m == "all-passes" else {}))
              for _, extra in modes for m in ("ours", "ideal", "all-passes")]

@@ -108,10 +108,12 @@ class QuietStarConfig:
     text pass, no thought) has the highest entropy, where the paper finds thoughts help; "random",
     a uniform share from the forward's generator (the unbiased control)."""
 
-    loss_chunk_tokens: int = 0
-    """Memory mode: if > 0, vocabulary-sized logits are computed this many tokens at a time and
-    recomputed in the backward pass, so no [tokens x vocab] tensor is kept for the loss.
-    0 computes them all at once (faster, more memory)."""
+    loss_chunk_tokens: int = 256
+    """Rows of vocabulary-sized logits computed at a time, everywhere the method needs them
+    (base and mixed NLL, the REINFORCE log-probabilities, the thought sampling): each chunk's
+    logits are recomputed in the backward pass, so the vocabulary costs O(chunk x V) memory at
+    any length (``vocab.VocabHead``). 0: all rows at once, kept for the backward (no recompute:
+    a little faster, [tokens x V] memory)."""
 
     def __post_init__(self) -> None:
         check_field_types(self)  # types; every float finite (NaN / inf refused)

@@ -1,87 +1,15 @@
-"""Log-likelihoods from hidden states, and the Quiet-STaR objective built from them."""
+"""The Quiet-STaR objective from log-likelihoods (computed by ``vocab.VocabHead``)."""
 
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from .config import QuietStarConfig
 
 
 class NonFiniteLossError(FloatingPointError):
     """A NaN or infinite value where the objective needs finite numbers."""
-
-
-class _TargetLogprob(torch.autograd.Function):
-    """log softmax(logits / T)[target] per row of logits [N, V], in float32 at least.
-
-    The graph of ``-cross_entropy(logits / T)`` allocates two more vocabulary-sized tensors in
-    its backward (page faults on CPU, every step): ~2x slower. Here the backward turns the saved
-    log-softmax into the gradient in place, so it may run only once (no ``retain_graph``).
-    """
-
-    @staticmethod
-    def forward(ctx, logits, targets, temperature):
-        scaled = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature
-        log_probs = torch.log_softmax(scaled, -1)
-        ctx.save_for_backward(log_probs, targets)
-        ctx.temperature, ctx.logits_dtype = temperature, logits.dtype
-        return log_probs.gather(-1, targets[:, None]).squeeze(-1)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad):
-        log_probs, targets = ctx.saved_tensors
-        if ctx.temperature is None:
-            raise RuntimeError("the thought log-probabilities' backward ran twice; it cannot be "
-                               "retained (retain_graph=True) because it reuses its saved tensor")
-        g = grad / ctx.temperature
-        ctx.temperature = None
-        # d/dz [log_softmax(z / T)_t] = (onehot_t - softmax(z / T)) / T
-        probs = log_probs.exp_().mul_(-g[:, None])
-        probs.scatter_add_(-1, targets[:, None], g[:, None])
-        return probs.to(ctx.logits_dtype), None, None
-
-
-def logits_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """log softmax(logits / temperature)[target], in float32 at least, for logits [..., V]."""
-    flat, flat_targets = logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)
-    if temperature == 1.0:  # cross-entropy's fused kernels are faster here
-        work = flat.to(torch.promote_types(flat.dtype, torch.float32))
-        return -F.cross_entropy(work, flat_targets, reduction="none").view(targets.shape)
-    return _TargetLogprob.apply(flat, flat_targets, temperature).view(targets.shape)
-
-
-def target_logprobs(
-    logits_fn: Callable[[torch.Tensor], torch.Tensor],
-    hidden: torch.Tensor,
-    targets: torch.Tensor,
-    temperature: float = 1.0,
-    chunk_tokens: int = 0,
-) -> torch.Tensor:
-    """log softmax(logits_fn(hidden) / temperature)[target], for hidden [..., d] and targets [...].
-
-    With ``chunk_tokens > 0`` the vocabulary-sized logits are made ``chunk_tokens`` rows at a time
-    and recomputed in the backward pass, so no [tokens x vocab] tensor outlives its chunk.
-    """
-    shape = targets.shape
-    h = hidden.reshape(-1, hidden.shape[-1])
-    t = targets.reshape(-1)
-
-    def piece(h_part: torch.Tensor, t_part: torch.Tensor) -> torch.Tensor:
-        return logits_logprobs(logits_fn(h_part), t_part, temperature)
-
-    if chunk_tokens <= 0 or h.shape[0] <= chunk_tokens:
-        return piece(h, t).view(shape)
-    parts = [
-        checkpoint(piece, h[i:i + chunk_tokens], t[i:i + chunk_tokens], use_reentrant=False)
-        if torch.is_grad_enabled() else piece(h[i:i + chunk_tokens], t[i:i + chunk_tokens])
-        for i in range(0, h.shape[0], chunk_tokens)
-    ]
-    return torch.cat(parts).view(shape)
 
 
 def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

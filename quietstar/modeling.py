@@ -8,23 +8,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import AutoModelForCausalLM
 
-from . import attention
-from .config import QUIETSTAR_CONFIG_NAME, QuietStarConfig
-from .losses import NonFiniteLossError, logits_logprobs, quietstar_loss_terms, target_logprobs
+from . import attention, saved_model
+from .config import QuietStarConfig
+from .losses import NonFiniteLossError, quietstar_loss_terms
 from .meta_tokens import MetaTokenEmbedding, add_meta_tokens
 from .mixing import MixingHead
-from .model_card import CARD_NAME, TrainingFacts, render_card
-from .quiet import quiet_transformers
+from .model_card import TrainingFacts
 from .rollout import GridHidden, sample_and_score, sample_thoughts, score_grid, text_positions
 from .selection import ThoughtRows, check_thought_positions, thought_rows_chooser
-from .tokenizer_files import load_tokenizer, save_tokenization_check, verify_tokenization
-
-HEAD_WEIGHTS_NAME = "quietstar_head.safetensors"
+from .step import step_logprobs, training_targets
+from .vocab import VocabHead
 
 
 @dataclass
@@ -97,44 +92,27 @@ class QuietStarForCausalLM(nn.Module):
         attention.install(model)
         return cls(model, tokenizer, config, embedding, head.to(base_embed.weight.device))
 
+    # ------------------------------------------------------------------ saving and loading
+    # The folder and the head file are saved_model.py's; these methods delegate to it.
     def save_pretrained(self, directory: str | Path, training: TrainingFacts | None = None) -> None:
         """Writes the base LM (safetensors), tokenizer, QuietStar config, learned head and the
         model card (with ``training``'s facts if given)."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        with quiet_transformers():
-            self.lm.save_pretrained(directory)
-            self.save_method_files(directory, training=training)
+        saved_model.save_pretrained(self, directory, training)
 
     def save_method_files(self, directory: str | Path, state_dict: dict[str, torch.Tensor] | None = None,
                           training: TrainingFacts | None = None) -> None:
         """Everything of a saved model but the LM's weights: the tokenizer (with the meta tokens)
         and its tokenization check, ``quietstar_config.json``, the head file (from ``state_dict``
         if given, see ``head_state_dict``) and the model card (with ``training``'s facts)."""
-        self.tokenizer.save_pretrained(directory)
-        save_tokenization_check(self.tokenizer, directory)
-        self.config.save(directory)
-        self.save_head(directory, state_dict)
-        Path(directory, CARD_NAME).write_text(render_card(self, training), encoding="utf-8")
+        saved_model.save_method_files(self, directory, state_dict, training)
 
     def push_to_hub(self, repo_id: str, *, private: bool | None = None, token: str | None = None,
                     commit_message: str = "Upload Quiet-STaR model", folder: str | Path | None = None) -> str:
         """Uploads the model to the Hugging Face Hub repo ``repo_id`` (created if missing): a saved
         ``folder`` as it is (e.g. a training checkpoint's model, with its card), else this model
         saved afresh. Returns the repo's URL."""
-        import tempfile
-
-        from huggingface_hub import HfApi
-
-        api = HfApi(token=token)
-        url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-        with tempfile.TemporaryDirectory() as tmp:
-            if folder is None:
-                self.save_pretrained(tmp)
-                folder = tmp
-            api.upload_folder(repo_id=repo_id, folder_path=str(folder), repo_type="model",
-                              commit_message=commit_message)
-        return str(url)
+        return saved_model.push_to_hub(self, repo_id, private=private, token=token,
+                                       commit_message=commit_message, folder=folder)
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | Path, *, revision: str | None = None,
@@ -146,72 +124,32 @@ class QuietStarForCausalLM(nn.Module):
         learned meta tokens and head come back intact. ``model_kwargs`` go to transformers'
         ``from_pretrained`` of the LM (``dtype`` — or the older name ``torch_dtype`` —,
         ``device_map``, ...)."""
-        directory = _local_folder(name_or_path, revision, cache_dir, local_files_only, token)
-        for name in (QUIETSTAR_CONFIG_NAME, HEAD_WEIGHTS_NAME, "config.json"):
-            if not (directory / name).exists():
-                raise FileNotFoundError(f"{directory} is not a saved QuietStar model: {name} is missing "
-                                        "(save one with QuietStarForCausalLM.save_pretrained)")
-        if "torch_dtype" in model_kwargs:  # the name transformers 4 used for dtype
-            model_kwargs.setdefault("dtype", model_kwargs.pop("torch_dtype"))
-        config = QuietStarConfig.load(directory)
-        with quiet_transformers():
-            tokenizer = load_tokenizer(directory)
-            verify_tokenization(tokenizer, directory)
-            lm = AutoModelForCausalLM.from_pretrained(directory, **model_kwargs)
-        lm.eval()
-        model = cls.from_base(lm, tokenizer, config, saved_tokenizer=True)
-        model.load_head(directory)
-        return model
+        return saved_model.load_pretrained(cls, name_or_path, revision=revision, cache_dir=cache_dir,
+                                           local_files_only=local_files_only, token=token, **model_kwargs)
 
-    # ------------------------------------------------------------------ the head file
-    # quietstar_head.safetensors holds what the method adds to the LM: the START/END vectors (as
-    # stored, divided by meta_token_lr_multiplier) and the mixing head. These methods are the
-    # only code that knows its name and keys.
     def head_state_dict(self, state_dict: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-        """The head file's tensors, from the live parameters or from ``state_dict`` (this
-        module's full state dict, e.g. gathered from FSDP / ZeRO-3 shards)."""
-        source = self.state_dict() if state_dict is None else state_dict
-        head = {"meta_embeddings.scaled_vectors": source["embedding.scaled_vectors"]}
-        return head | {k: v for k, v in source.items() if k.startswith("mixing_head.")}
+        """The head file's tensors (``quietstar_head.safetensors``: the START/END vectors and the
+        mixing head), from the live parameters or from ``state_dict`` (this module's full state
+        dict, e.g. gathered from FSDP / ZeRO-3 shards)."""
+        return saved_model.head_state_dict(self, state_dict)
 
     def load_head_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
         """Loads ``head_state_dict``'s tensors; ValueError if they do not fit this model."""
-        tensors = dict(tensors)
-        try:
-            self.embedding.scaled_vectors.data.copy_(tensors.pop("meta_embeddings.scaled_vectors"))
-            self.mixing_head.load_state_dict({k.removeprefix("mixing_head."): v for k, v in tensors.items()})
-        except (KeyError, RuntimeError) as e:
-            raise ValueError(f"the head weights do not fit this model ({str(e).strip().splitlines()[0]})") from None
+        saved_model.load_head_state_dict(self, tensors)
 
     def save_head(self, directory: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> Path:
         """Writes ``<directory>/quietstar_head.safetensors``."""
-        path = Path(directory) / HEAD_WEIGHTS_NAME
-        save_file({k: v.detach().contiguous().cpu() for k, v in self.head_state_dict(state_dict).items()}, path)
-        return path
+        return saved_model.save_head(self, directory, state_dict)
 
     @staticmethod
     def read_head_file(directory: str | Path) -> dict[str, torch.Tensor]:
         """The tensors of ``<directory>/quietstar_head.safetensors``; FileNotFoundError if it is
         missing, ValueError if it is damaged."""
-        path = Path(directory) / HEAD_WEIGHTS_NAME
-        if not path.exists():
-            raise FileNotFoundError(f"{path} is missing")
-        try:
-            return load_file(path)
-        except (SafetensorError, OSError, ValueError) as e:
-            raise ValueError(f"{path} is corrupt ({e})") from None
+        return saved_model.read_head_file(directory)
 
     def load_head(self, directory: str | Path) -> None:
         """Reads ``<directory>/quietstar_head.safetensors`` into this model."""
-        try:
-            tensors = self.read_head_file(directory)
-        except ValueError as e:
-            raise ValueError(f"{e}; restore it from a backup or an earlier save") from None
-        try:
-            self.load_head_state_dict(tensors)
-        except ValueError as e:
-            raise ValueError(f"{Path(directory) / HEAD_WEIGHTS_NAME} does not fit this model: {e}; it "
-                             "was saved from a different base model or is damaged") from None
+        saved_model.load_head(self, directory)
 
     # ------------------------------------------------------------------ pieces
     def get_input_embeddings(self) -> MetaTokenEmbedding:
@@ -221,17 +159,20 @@ class QuietStarForCausalLM(nn.Module):
     def decoder(self):
         return self.lm.get_decoder()
 
-    def logits(self, hidden: torch.Tensor, lm=None) -> torch.Tensor:
-        """LM logits of final hidden states (of ``lm``, default the model's own LM); the meta
-        tokens are never predicted."""
+    def vocab_head(self, lm=None) -> VocabHead:
+        """The LM head of ``lm`` (default the model's own LM) as the loss and the sampler use it:
+        the meta tokens are never predicted; ``config.loss_chunk_tokens`` rows at a time."""
         lm = self.lm if lm is None else lm
-        logits = lm.get_output_embeddings()(hidden)
+        out = lm.get_output_embeddings()
         cap = getattr(lm.config.get_text_config(), "final_logit_softcapping", None)
-        if cap is not None:
-            logits = torch.tanh(logits / cap) * cap
-        if self._meta_logit_ids.numel():
-            logits = logits.index_fill(-1, self._meta_logit_ids, float("-inf"))
-        return logits
+        partitioned = hasattr(out.weight, "ds_id")  # DeepSpeed ZeRO-3: gathered only inside out()
+        return VocabHead(out.weight, getattr(out, "bias", None), cap, self._meta_logit_ids,
+                         self.config.loss_chunk_tokens, out if partitioned else None)
+
+    def logits(self, hidden: torch.Tensor, lm=None) -> torch.Tensor:
+        """LM logits [..., V] of final hidden states (of ``lm``, default the model's own LM); the
+        meta tokens are never predicted."""
+        return self.vocab_head(lm).logits(hidden)
 
     def check_positions(self, positions: int, what: str) -> None:
         """``what`` needs position ids 0..positions-1 (a thought after position p continues the
@@ -276,24 +217,7 @@ class QuietStarForCausalLM(nn.Module):
 
     def _targets(self, input_ids, attention_mask, labels):
         """The training targets: (target ids, target valid), both [B, L, A]: x_{i+1+s}."""
-        B, L = input_ids.shape
-        A = self.config.ahead_tokens
-        if L < A + 1:
-            raise ValueError(f"sequence length {L} is shorter than ahead_tokens + 1 = {A + 1}: each "
-                             f"thought is trained to predict {A} true tokens; use longer sequences "
-                             "or a smaller ahead_tokens")
-        if labels is not None and labels.shape != input_ids.shape:
-            raise ValueError(f"labels has shape {tuple(labels.shape)} but input_ids has "
-                             f"{tuple(input_ids.shape)}; they must match")
-        if labels is None:
-            labels = input_ids.masked_fill(attention_mask == 0, -100)
-        # targets[b, i, s] = x_{i+1+s}, valid where inside the text and not ignored, and only at
-        # real positions: with left padding the last padding position would otherwise "predict"
-        # the first real token.
-        padded = torch.cat([labels, labels.new_full((B, A), -100)], dim=1)
-        targets = torch.stack([padded[:, 1 + s:1 + s + L] for s in range(A)], dim=-1)
-        valid = (targets != -100) & attention_mask.bool()[:, :, None]
-        return targets.clamp(min=0), valid
+        return training_targets(input_ids, attention_mask, labels, self.config.ahead_tokens)
 
     def _mix(self, grid: GridHidden) -> tuple[torch.Tensor, torch.Tensor]:
         """Mixed hidden states [B, W, A, d] and weights [B, W, A] of the W thought rows; step s
@@ -374,9 +298,9 @@ class QuietStarForCausalLM(nn.Module):
         self.lm.eval()
         try:
             thoughts, grid, _ = sample_and_score(
-                self.decoder, self.embedding, self.logits, input_ids, attention_mask, self.start_id,
+                self.decoder, self.embedding, self.vocab_head(), input_ids, attention_mask, self.start_id,
                 self.end_id, k, self.config.ahead_tokens, temperature, self.tokenizer.pad_token_id,
-                generator, select=select)
+                generator, logprob_temperature=None, select=select)
         finally:
             self.lm.train(was_training)
         if grid.rows is not None:
@@ -431,8 +355,8 @@ class QuietStarForCausalLM(nn.Module):
         was_training = self.lm.training
         self.lm.eval()  # sampled without dropout, as the model predicts at inference
         try:
-            return sample_thoughts(self.decoder, self.embedding, self.logits, input_ids, attention_mask,
-                                   self.start_id, k, temperature, generator, select)
+            return sample_thoughts(self.decoder, self.embedding, self.vocab_head(), input_ids,
+                                   attention_mask, self.start_id, k, temperature, generator, select)
         finally:
             self.lm.train(was_training)
 
@@ -452,7 +376,7 @@ class QuietStarForCausalLM(nn.Module):
         attention_mask = self._check_text(input_ids, attention_mask)
         check_thought_positions(thought_positions, input_ids)
         targets, valid = self._targets(input_ids, attention_mask, labels)
-        B, L = input_ids.shape
+        L = input_ids.shape[1]
         self.check_rollout_positions(L, f"a training step on {L} tokens",
                                      None if thought_ids is None else thought_ids.shape[-1])
         ema_base_logp = None
@@ -461,46 +385,24 @@ class QuietStarForCausalLM(nn.Module):
         if thought_ids is not None and thought_positions is None and cfg.thought_fraction < 1:
             raise ValueError("replaying thought_ids with thought_fraction < 1 needs the positions they "
                              "were sampled at: pass the earlier output's thought_positions too")
-        select = thought_rows_chooser(self.logits, valid[..., 0], thought_positions, n, cfg.thought_fraction,
+        head = self.vocab_head()  # every vocabulary-sized product, chunked (see vocab.py)
+        select = thought_rows_chooser(head.entropy, valid[..., 0], thought_positions, n, cfg.thought_fraction,
                                       cfg.thought_selection, generator)
         # The n thoughts of a text are adjacent rows: [B*n, ...].
         input_ids, attention_mask = input_ids.repeat_interleave(n, 0), attention_mask.repeat_interleave(n, 0)
         targets, valid = targets.repeat_interleave(n, 0), valid.repeat_interleave(n, 0)
 
         # 1. sample and score the thoughts (at the W rows that think: every position, or S chosen).
-        chunk = cfg.loss_chunk_tokens
-        thoughts, grid, thought_logits = self._rollout(input_ids, attention_mask, generator, thought_ids,
-                                                       select)
-        rows = grid.rows
-        row_targets = targets if rows is None else rows.gather(targets)  # [B*n, W, A]
+        thoughts, grid, thought_logp = self._rollout(input_ids, attention_mask, generator, thought_ids,
+                                                     select, head)
         # 2. mix each post-thought state with the base state that predicts the same token.
         mixed, w = self._mix(grid)
-
         # 3. log-likelihoods: base next token, mixed A tokens, thought tokens (REINFORCE temperature).
-        base_logp = target_logprobs(self.logits, grid.base, targets[..., 0], chunk_tokens=chunk)
-        mixed_logp = target_logprobs(self.logits, mixed, row_targets, chunk_tokens=chunk)
-        if thought_logits:
-            thought_logp = torch.stack([logits_logprobs(logits, thoughts[..., j], cfg.policy_logprob_temperature)
-                                        for j, logits in enumerate(thought_logits)], dim=-1)
-        else:
-            thought_logp = target_logprobs(self.logits, grid.thought, thoughts,
-                                           cfg.policy_logprob_temperature, chunk_tokens=chunk)
-        after_logp = None
-        if cfg.thought_loss_weight > 0:  # a loss term: with gradient
-            after_logp = target_logprobs(self.logits, grid.after, row_targets, chunk_tokens=chunk)
-        elif cfg.reward_source == "thought":  # the reward only: no gradient
-            with torch.no_grad():
-                after_logp = target_logprobs(self.logits, grid.after, row_targets, chunk_tokens=chunk)
-        thought_valid, row_valid = None, valid
-        if rows is not None:  # back to [B*n, L, ...]; positions without a thought count in the base NLL only
-            mixed_logp, thought_logp = rows.scatter(mixed_logp, L), rows.scatter(thought_logp, L)
-            after_logp = None if after_logp is None else rows.scatter(after_logp, L)
-            thought_valid = valid & rows.mask(L)[..., None]
-            row_valid = rows.gather(valid) & rows.valid[..., None]
+        logp = step_logprobs(cfg, head, grid, mixed, thoughts, thought_logp, targets, valid)
 
         # 4. the objective: NLLs and REINFORCE; detached metrics beside it.
-        nll_term, policy_term, metrics = quietstar_loss_terms(cfg, base_logp, mixed_logp, thought_logp,
-                                                              valid, after_logp, ema_base_logp, thought_valid)
+        nll_term, policy_term, metrics = quietstar_loss_terms(cfg, logp.base, logp.mixed, logp.thought, valid,
+                                                              logp.after, ema_base_logp, logp.thought_valid)
         loss = nll_term + policy_term
 
         if check_finite and not torch.isfinite(loss):
@@ -510,18 +412,19 @@ class QuietStarForCausalLM(nn.Module):
                 f"the QuietStar loss is {loss.item()} (non-finite parts: {bad or 'the weighted sum'}); "
                 "lower the learning rate or policy_loss_weight, check the data for empty sequences, or "
                 "train in float32 / bfloat16 instead of float16")
-        mask = row_valid.to(w.dtype)
+        mask = logp.row_valid.to(w.dtype)
         metrics["mean_mixing_weight"] = (w.detach() * mask).sum() / mask.sum().clamp(min=1)
         positions = None
-        if rows is not None:
-            thoughts = rows.scatter(thoughts, L, self.tokenizer.pad_token_id)
-            positions = rows.mask(L)[::n]
+        if grid.rows is not None:
+            thoughts = grid.rows.scatter(thoughts, L, self.tokenizer.pad_token_id)
+            positions = grid.rows.mask(L)[::n]
         return QuietStarOutput(loss, metrics, thoughts.view(-1, n, *thoughts.shape[1:]),
                                {"nll": nll_term, "policy": policy_term}, positions)
 
-    def _rollout(self, input_ids, attention_mask, generator, thought_ids, select):
-        """Step 1 of ``forward`` on its [B*n] rows: (thoughts [B*n, W, k], GridHidden, the
-        sampling logits or []). Sampled and scored in the same passes where each pass runs once,
+    def _rollout(self, input_ids, attention_mask, generator, thought_ids, select, head: VocabHead):
+        """Step 1 of ``forward`` on its [B*n] rows: (thoughts [B*n, W, k], GridHidden, the thought
+        tokens' log-probabilities at the REINFORCE temperature [B*n, W, k] where they were sampled
+        in the scored passes, else None). Sampled and scored in the same passes where each pass runs once,
         else (given thoughts; activation checkpointing, which recomputes one forward) sampled
         without gradients and scored as the whole grid in one forward."""
         cfg = self.config
@@ -535,14 +438,14 @@ class QuietStarForCausalLM(nn.Module):
             if select is not None:  # given thought_positions (forward checked): no text pass needed
                 rows = select(None)
                 thoughts = rows.gather(thoughts)
-            return thoughts, self._score(input_ids, thoughts, attention_mask, rows), []
+            return thoughts, self._score(input_ids, thoughts, attention_mask, rows), None
         if getattr(self.lm, "is_activation_checkpointing", False):
             thoughts, rows = self._sample(input_ids, attention_mask, generator=generator, select=select)
-            return thoughts, self._score(input_ids, thoughts, attention_mask, rows), []
+            return thoughts, self._score(input_ids, thoughts, attention_mask, rows), None
         return sample_and_score(
-            self.decoder, self.embedding, self.logits, input_ids, attention_mask, self.start_id,
+            self.decoder, self.embedding, head, input_ids, attention_mask, self.start_id,
             self.end_id, cfg.sampled_thought_tokens, cfg.ahead_tokens, cfg.thought_temperature,
-            self.tokenizer.pad_token_id, generator, keep_logits=cfg.loss_chunk_tokens <= 0, select=select)
+            self.tokenizer.pad_token_id, generator, cfg.policy_logprob_temperature, select)
 
     # ------------------------------------------------------------------ the EMA baseline (RLP)
     def ema_baseline_enable(self) -> None:
@@ -567,7 +470,7 @@ class QuietStarForCausalLM(nn.Module):
         hidden = ema.get_decoder()(inputs_embeds=ema.get_input_embeddings()(input_ids),
                                    attention_mask=attention_mask,
                                    position_ids=text_positions(attention_mask)).last_hidden_state
-        return logits_logprobs(self.logits(hidden, ema), next_tokens)
+        return self.vocab_head(ema).logprobs(hidden, next_tokens)
 
     def generate(self, input_ids, attention_mask=None, **kwargs):
         """Thinking generation (see ``quietstar.generation.generate`` for the arguments)."""
@@ -588,31 +491,3 @@ def _check_model(model) -> None:
         raise NotImplementedError(f"{type(model).__name__} is not a causal LM with an output head; "
                                   "load it with AutoModelForCausalLM")
 
-
-def _local_folder(name_or_path, revision, cache_dir, local_files_only, token) -> Path:
-    """``name_or_path`` as a local folder: itself, or the Hub repo's snapshot (downloaded, or
-    from the local cache when offline)."""
-    path = Path(name_or_path).expanduser()
-    if path.is_dir():
-        return path
-    name = str(name_or_path)
-    if path.exists() or name.startswith((".", "/", "~")) or name.count("/") != 1:
-        raise FileNotFoundError(f"{name} is neither a saved QuietStar model folder nor a Hub repo id "
-                                "('owner/name')")
-    import os
-
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
-
-    offline = local_files_only if local_files_only is not None else \
-        os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
-    try:
-        return Path(snapshot_download(name, revision=revision, cache_dir=cache_dir, token=token,
-                                      local_files_only=offline))
-    except LocalEntryNotFoundError:
-        raise FileNotFoundError(f"{name} is not in the local Hugging Face cache"
-                                f"{f' ({cache_dir})' if cache_dir else ''} and the Hub is not to be "
-                                "reached (offline); download it once with network, or pass a folder") from None
-    except RepositoryNotFoundError:
-        raise FileNotFoundError(f"{name}: no such repo on the Hugging Face Hub (or no access: "
-                                "pass token=...)") from None

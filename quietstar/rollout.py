@@ -30,7 +30,6 @@ from dataclasses import dataclass
 import torch
 
 from .attention import ThoughtLayout
-from .sampling import sample
 from .selection import ThoughtRows
 
 
@@ -93,15 +92,17 @@ class _Passes:
         return text_hidden, rest
 
 
-def _sample_passes(run: _Passes, logits_fn, input_ids, start_id: int, num_tokens: int,
-                   temperature: float, generator, keep_logits: bool = False, select=None):
-    """Runs passes 0..k (text, START, t_1..t_{k-1}) and samples t_j from pass j's output.
+def _sample_passes(run: _Passes, head, input_ids, start_id: int, num_tokens: int, temperature: float,
+                   generator, logprob_temperature: float | None = None, select=None):
+    """Runs passes 0..k (text, START, t_1..t_{k-1}) and samples t_j from pass j's output with
+    ``head`` (a ``vocab.VocabHead``).
 
     ``select`` (the text's final hidden states [B, L, d] -> ThoughtRows) picks the thinking
     positions once the text pass has run; without it (and without ``run.rows``) all L think and
     the text shares its call with START. Returns the thoughts [B, W, k], the text's hidden states
-    [B, L, d], those of passes 1..k ([B, W, d] each) and, with ``keep_logits``, the logits
-    [B, W, V] that t_1..t_k were sampled from (with gradients)."""
+    [B, L, d], those of passes 1..k ([B, W, d] each) and, with ``logprob_temperature``, the
+    thought tokens' log-probabilities at that temperature [B, W, k] (with gradients; from the
+    chunks of logits they were sampled from), else None."""
     B, L = input_ids.shape
     if select is None and run.rows is None and num_tokens > 0:
         base, first = run(torch.full_like(input_ids, start_id)[:, None], text=input_ids)
@@ -111,27 +112,25 @@ def _sample_passes(run: _Passes, logits_fn, input_ids, start_id: int, num_tokens
             run.rows = select(base)
         W = L if run.rows is None else run.rows.index.shape[1]
         if num_tokens == 0:
-            return input_ids.new_zeros(B, W, 0), base, [], []
+            return input_ids.new_zeros(B, W, 0), base, [], None
         first = run(input_ids.new_full((B, 1, W), start_id))[1]
     hidden = [first[:, 0]]
-    W = hidden[0].shape[1]
-    tokens, kept = [], []
+    tokens, logps = [], []
     for j in range(1, num_tokens + 1):
-        with torch.set_grad_enabled(keep_logits and torch.is_grad_enabled()):
-            logits = logits_fn(hidden[j - 1])
-        if keep_logits:
-            kept.append(logits)
-        tokens.append(sample(logits.detach().view(B * W, -1), temperature, generator).view(B, W))
+        token, logp = head.sample(hidden[j - 1], temperature, generator, logprob_temperature)  # [B, W]
+        tokens.append(token)
+        logps.append(logp)
         if j < num_tokens:
-            hidden.append(run(tokens[-1][:, None])[1][:, 0])
-    return torch.stack(tokens, dim=-1), base, hidden, kept
+            hidden.append(run(token[:, None])[1][:, 0])
+    thought_logp = torch.stack(logps, dim=-1) if logprob_temperature is not None else None
+    return torch.stack(tokens, dim=-1), base, hidden, thought_logp
 
 
 @torch.no_grad()
 def sample_thoughts(
     decoder,
     embed,
-    logits_fn,
+    head,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
     start_id: int,
@@ -143,35 +142,38 @@ def sample_thoughts(
     """Samples a k-token thought after every position, or after those ``select`` picks (see
     ``_sample_passes``): returns (ids [B, W, k], the W rows' ThoughtRows or None for all L).
 
-    ``logits_fn`` must already exclude the meta tokens, so they are never sampled inside a thought.
-    The text's keys/values are computed once and every pass adds one key per thinking position.
+    ``head`` (a ``vocab.VocabHead``) must mask the meta tokens, so they are never sampled inside
+    a thought. The text's keys/values are computed once and every pass adds one key per thinking
+    position.
     """
     run = _Passes(decoder, embed, attention_mask, keep_keys=True)
-    thoughts = _sample_passes(run, logits_fn, input_ids, start_id, num_tokens, temperature, generator,
+    thoughts = _sample_passes(run, head, input_ids, start_id, num_tokens, temperature, generator,
                               select=select)[0]
     return thoughts, run.rows
 
 
-def sample_and_score(decoder, embed, logits_fn, input_ids, attention_mask, start_id: int, end_id: int,
+def sample_and_score(decoder, embed, head, input_ids, attention_mask, start_id: int, end_id: int,
                      num_tokens: int, ahead_tokens: int, temperature: float, pad_id: int,
-                     generator: torch.Generator | None = None, keep_logits: bool = False,
+                     generator: torch.Generator | None = None, logprob_temperature: float | None = 1.0,
                      select=None):
     """Samples thoughts and scores them in the same passes, with gradients; at every position,
     or at those ``select`` picks after the text pass (see ``_sample_passes``).
 
-    Returns (thoughts [B, W, k], GridHidden, the k sampling logits [B, W, V] if ``keep_logits``
-    else []): the REINFORCE log-probabilities can reuse those logits instead of recomputing them.
+    Returns (thoughts [B, W, k], GridHidden, the thought tokens' log-probabilities at
+    ``logprob_temperature`` [B, W, k], or None without it): the REINFORCE log-probabilities
+    come from the chunks of logits the tokens were sampled from, so no [tokens x V] tensor is
+    kept for them.
     Not under activation checkpointing: recomputing a call would store its keys twice.
     """
     k = num_tokens
     run = _Passes(decoder, embed, attention_mask, keep_keys=True)
-    thoughts, base, hidden, logits = _sample_passes(run, logits_fn, input_ids, start_id, k, temperature,
-                                                    generator, keep_logits, select)
+    thoughts, base, hidden, thought_logp = _sample_passes(run, head, input_ids, start_id, k, temperature,
+                                                          generator, logprob_temperature, select)
     ids = thought_pass_ids(input_ids, thoughts, start_id, end_id, ahead_tokens, pad_id, run.rows)
     rest = run(ids[:, k:])[1]  # t_k, END and the teacher-forced tokens: [B, A + 1, W, d]
     grid = GridHidden(base=base, thought=torch.stack(hidden, dim=2), after=rest[:, 1:].transpose(1, 2),
                       rows=run.rows)
-    return thoughts, grid, logits
+    return thoughts, grid, thought_logp
 
 
 def thought_pass_ids(input_ids: torch.Tensor, thought_ids: torch.Tensor, start_id: int, end_id: int,

@@ -30,10 +30,18 @@ def sample(logits: torch.Tensor, temperature: float, generator: torch.Generator 
     if temperature == 0:
         return logits.argmax(-1)
     logits = filter_logits(logits.float() / temperature if temperature != 1 else logits.float(), top_k, top_p)
-    # Inverse-CDF sampling: one uniform number per row. On CPU this is ~10x faster than
-    # torch.multinomial over a large vocabulary, and a zero-probability token (a meta token, one
-    # outside top-k/top-p) can never be drawn: the CDF does not rise there.
+    uniforms = torch.rand(logits.shape[0], 1, generator=generator, device=logits.device)
+    return inverse_cdf(logits, uniforms)
+
+
+def inverse_cdf(logits: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """Token ids [B] from softmax(logits) [B, V], row b at its uniform number ``uniforms`` [B, 1]
+    (rows are independent, so ``vocab.VocabHead`` samples a chunk of rows at a time).
+
+    Inverse-CDF sampling: on CPU this is ~10x faster than torch.multinomial over a large
+    vocabulary, and a zero-probability token (a meta token, one outside top-k/top-p) can never
+    be drawn: the CDF does not rise there."""
     cdf = logits.softmax(-1).cumsum_(-1)
-    u = torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device) * cdf[:, -1:]
+    u = uniforms * cdf[:, -1:]
     # NaN logits would index past the vocabulary; clamp so the NaN surfaces in the loss instead.
     return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp(max=logits.shape[-1] - 1)

@@ -112,11 +112,13 @@ def check_thought_positions(thought_positions, input_ids: torch.Tensor) -> None:
                          f"{list(input_ids.shape)} (True = think there), got {got}")
 
 
-def thought_rows_chooser(logits_fn, candidates: torch.Tensor, thought_positions: torch.Tensor | None,
+def thought_rows_chooser(entropy_fn, candidates: torch.Tensor, thought_positions: torch.Tensor | None,
                          n: int, fraction: float, how: str, generator: torch.Generator | None):
     """How a training forward picks the positions that think: None when all do (fraction 1, no
     ``thought_positions``: the paper), else a function of the text pass's final hidden states
-    [B*n, L, d] (the n copies of a text adjacent) -> ThoughtRows. Only ``candidates`` [B, L]
+    [B*n, L, d] (the n copies of a text adjacent) -> ThoughtRows. ``entropy_fn`` maps final
+    hidden states [B, L, d] to the base prediction's entropy [B, L] (``vocab.VocabHead.entropy``,
+    chunked; or ``lambda h: prediction_entropy(logits_fn, h)``). Only ``candidates`` [B, L]
     (positions with a target) are chosen, and the n copies of a text think at the same positions:
     ``thought_positions`` [B, L] if given, else ``fraction`` of them by ``how``."""
     if thought_positions is not None:
@@ -126,7 +128,7 @@ def thought_rows_chooser(logits_fn, candidates: torch.Tensor, thought_positions:
         return None
 
     def choose(hidden: torch.Tensor) -> ThoughtRows:
-        entropy = prediction_entropy(logits_fn, hidden[::n]) if how == "entropy" else None
+        entropy = entropy_fn(hidden[::n]) if how == "entropy" else None
         chosen = select_positions(candidates, fraction, how, entropy, generator)
         return ThoughtRows.from_mask(chosen).repeat_interleave(n)
     return choose

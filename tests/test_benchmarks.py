@@ -292,10 +292,11 @@ def test_train_step_worker_measures_each_method():
                 reps=1, threads=1)
     specs = [dict(base, method="ours"), dict(base, method="ours", checkpointing=True),
              dict(base, method="ideal"), dict(base, method="all-passes", reps=0),
-             dict(base, method="dense")]
-    ours, ours_ckpt, ideal, all_passes, dense = train_step.worker(specs)
-    for r in (ours, ours_ckpt, ideal, dense):
-        assert r["time_s"] > 0 and r["peak_bytes"] > 0
+             dict(base, method="dense"), dict(base, method="plain"),
+             dict(base, method="ours", model="mistral", chunk=0)]
+    ours, ours_ckpt, ideal, all_passes, dense, plain, mistral = train_step.worker(specs)
+    for r in (ours, ours_ckpt, ideal, dense, plain, mistral):
+        assert r["time_s"] > 0 and r["peak_bytes"] > 0 and r["peak_rss_bytes"] > 2 ** 20
     assert all_passes["time_s"] is None  # reps 0: memory only
     assert ours_ckpt["peak_bytes"] < ours["peak_bytes"]  # checkpointing saves memory
     # F = k + A + 2 = 6 passes alive at once against one at a time.

@@ -131,7 +131,8 @@ def test_every_training_float_is_finite_but_the_clipping_norms_may_be_inf(name, 
 def test_the_float_fields_are_the_ones_checked():
     assert set(float_fields(QuietStarConfig)) == {
         "thought_temperature", "ema_decay", "policy_loss_weight", "policy_logprob_temperature",
-        "base_loss_weight", "mixed_loss_weight", "meta_token_lr_multiplier", "thought_fraction"}
+        "base_loss_weight", "mixed_loss_weight", "meta_token_lr_multiplier", "thought_fraction",
+        "thought_loss_weight"}
     assert set(float_fields(TrainConfig)) == {
         "learning_rate", "mixing_head_lr_multiplier", "weight_decay", "min_lr_ratio",
         "max_grad_norm", "policy_max_grad_norm", "lora_alpha"}

@@ -102,6 +102,56 @@ def test_training_step_on_cuda_equals_cpu():
         torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("dtype,autocast", [(torch.float32, False), (torch.bfloat16, False),
+                                            (torch.float32, True)])
+def test_chunked_vocabulary_on_cuda_equals_full_logits(dtype, autocast):
+    """vocab.VocabHead on CUDA, in chunks (recomputed in the backward) and all at once, equals
+    log_softmax of all logits (the CPU twin: test_vocab.py), values and gradients; under bf16
+    autocast over float32 weights too (the GPU benchmark's setting). There is no Liger path to
+    compare: its fused linear cross-entropy cannot mask the meta tokens' logits (docs/architecture.md)."""
+    from test_vocab import MASKED, reference_logprobs, toy
+
+    from quietstar.vocab import VocabHead
+
+    hidden, weight, bias, targets, g = toy(dtype, rows=(3, 70))
+    upstream = torch.randn(targets.shape, generator=g).cuda()
+    hidden, weight, bias = (t.detach().cuda().requires_grad_() for t in (hidden, weight, bias))
+    targets = targets.cuda()
+    with torch.autocast("cuda", torch.bfloat16, enabled=autocast):
+        reference = reference_logprobs(hidden, weight, bias, targets, 3.0, None)
+        expected = torch.autograd.grad((reference * upstream).sum(), (hidden, weight, bias))
+        for chunk in (0, 64):
+            head = VocabHead(weight, bias, None, MASKED.cuda(), chunk)
+            ours = head.logprobs(hidden, targets, 3.0)
+            got = torch.autograd.grad((ours * upstream).sum(), (hidden, weight, bias))
+            tol = 1e-5 if dtype == torch.float32 and not autocast else 2e-2
+            torch.testing.assert_close(ours, reference.float(), atol=tol, rtol=tol)
+            for a, b in zip(got, expected):
+                assert a.dtype == b.dtype
+                torch.testing.assert_close(a.float(), b.float(), atol=tol, rtol=tol)
+
+
+def test_training_step_on_cuda_chunked_equals_unchunked():
+    """On CUDA a training step with the vocabulary in chunks equals the one with all logits kept
+    (fp32, the same given thoughts: CUDA kernels may round a chunk's logits differently from
+    all rows', so a sampled token could flip on a near tie)."""
+    thoughts = random_text(2 * 2 * 9, K, seed=13).view(2, 2, 9, K).cuda()
+    results = []
+    for chunk in (0, 5):
+        model = QuietStarForCausalLM.from_base(make_lm("llama"), make_tokenizer(),
+                                               QuietStarConfig(sampled_thought_tokens=K, ahead_tokens=A,
+                                                               policy_loss_weight=10.0,
+                                                               loss_chunk_tokens=chunk)).cuda()
+        perturb_head(model)
+        out = model(random_text(2, 9, seed=12).cuda(), thought_ids=thoughts)
+        out.loss.backward()
+        results.append((out.loss.item(), [p.grad for p in model.parameters() if p.grad is not None]))
+    (loss_all, grads_all), (loss_chunked, grads_chunked) = results
+    assert loss_chunked == pytest.approx(loss_all, rel=1e-5)
+    for a, b in zip(grads_all, grads_chunked, strict=True):
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-4)
+
+
 def test_gpu_benchmark_runs_tiny_on_cuda(capsys):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
     import gpu
