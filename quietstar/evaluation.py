@@ -22,7 +22,6 @@ tokens after every token), each reported as a mean with a bootstrap 95% interval
 
 from __future__ import annotations
 
-import json
 import re
 import warnings
 from dataclasses import dataclass

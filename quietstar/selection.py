@@ -13,7 +13,6 @@ from dataclasses import dataclass
 import torch
 
 SELECTIONS = ("entropy", "random")
-ENTROPY_CHUNK_TOKENS = 1024  # rows of vocabulary-sized probabilities alive at once
 
 
 @torch.no_grad()
@@ -21,17 +20,6 @@ def logits_entropy(logits: torch.Tensor) -> torch.Tensor:
     """Entropy (nats) of softmax(logits) [..., V] -> [...]; -inf logits (the meta tokens) have
     probability 0 and add nothing."""
     return torch.special.entr(logits.float().softmax(-1)).sum(-1)
-
-
-@torch.no_grad()
-def prediction_entropy(logits_fn, hidden: torch.Tensor) -> torch.Tensor:
-    """Entropy of softmax(logits_fn(hidden)) per position: hidden [B, L, d] -> [B, L], computed
-    in chunks of tokens, so no [B*L, V] float32 copy is made at once."""
-    B, L, d = hidden.shape
-    flat = hidden.reshape(B * L, d)
-    parts = [logits_entropy(logits_fn(flat[i:i + ENTROPY_CHUNK_TOKENS]))
-             for i in range(0, B * L, ENTROPY_CHUNK_TOKENS)]
-    return torch.cat(parts).view(B, L)
 
 
 def select_positions(candidates: torch.Tensor, fraction: float, how: str,
@@ -118,7 +106,7 @@ def thought_rows_chooser(entropy_fn, candidates: torch.Tensor, thought_positions
     ``thought_positions``: the paper), else a function of the text pass's final hidden states
     [B*n, L, d] (the n copies of a text adjacent) -> ThoughtRows. ``entropy_fn`` maps final
     hidden states [B, L, d] to the base prediction's entropy [B, L] (``vocab.VocabHead.entropy``,
-    chunked; or ``lambda h: prediction_entropy(logits_fn, h)``). Only ``candidates`` [B, L]
+    chunked). Only ``candidates`` [B, L]
     (positions with a target) are chosen, and the n copies of a text think at the same positions:
     ``thought_positions`` [B, L] if given, else ``fraction`` of them by ``how``."""
     if thought_positions is not None:

@@ -7,7 +7,7 @@ import torch
 
 from conftest import FAMILIES, make_model, random_text
 from quietstar import QuietStarConfig
-from quietstar.selection import ThoughtRows, prediction_entropy, select_positions
+from quietstar.selection import ThoughtRows, logits_entropy, select_positions
 from test_rollout import assert_close_finite, mix_logits, perturb_head, sequential_logits, wrap
 
 K, A = 3, 3
@@ -67,14 +67,15 @@ def test_thought_rows_gather_scatter_round_trip():
     assert ThoughtRows.from_mask(torch.zeros(2, 4, dtype=torch.bool)).index.shape == (2, 1)
 
 
-def test_prediction_entropy_equals_softmax_entropy_and_ignores_meta_tokens():
+def test_entropy_of_the_chunked_head_equals_softmax_entropy_and_ignores_meta_tokens():
     model = make_model("llama")
     hidden = torch.randn(2, 7, model.lm.config.hidden_size)
     logits = model.logits(hidden)
     assert torch.isinf(logits).any()  # the meta tokens lie inside this LM head
     p = logits.softmax(-1)
     expected = -(p * p.clamp(min=1e-30).log()).sum(-1)
-    torch.testing.assert_close(prediction_entropy(model.logits, hidden), expected)
+    torch.testing.assert_close(logits_entropy(logits), expected)
+    torch.testing.assert_close(model.vocab_head().entropy(hidden), expected)
 
 
 def test_config_validates_the_fraction_and_selection():
