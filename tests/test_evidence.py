@@ -217,3 +217,7 @@ def test_results_summary_matches_the_recorded_runs():
     cell = summary["single_model_real_text"]["own_minus_shifted_hardest10"]
     assert cell["mean"] == round(content["difference"]["hardest"]["sampled - shifted"]["mean"], 4)
     assert summary["pooled_real_text"]["own_minus_shifted_hardest10"] is None  # not run: said, not invented
+    for seed, cells in summary["scratchpad_toy"]["per_seed"].items():
+        run = json.loads((results / "scratchpad-dev" / f"confirm-{seed.replace('_', '')}.json").read_text())
+        assert cells["own_minus_shifted_answers"]["mean"] == round(run["own - shifted"]["mean"], 4)
+        assert cells["own_minus_random_answers"]["ci_high"] == round(run["own - random"]["ci_high"], 4) < 0

@@ -36,8 +36,9 @@ torch.manual_seed(0)
 cfg = transformers.LlamaConfig(vocab_size=24, hidden_size=H, intermediate_size=4 * H, num_hidden_layers=LAYERS, num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256, tie_word_embeddings=True)
 lm = transformers.LlamaForCausalLM(cfg)
 opt = torch.optim.AdamW(lm.parameters(), lr=1e-3, weight_decay=0.01)
-rng = random.Random(0)
-heldout = batch(random.Random(123), 64, worked=False)
+SEED = int(args.get('seed', 0))
+rng = random.Random(SEED)
+heldout = batch(random.Random(123 + 1000 * SEED), 64, worked=False)
 pos = answer_positions(heldout)
 def base_eval(lm):
     with torch.no_grad(): lp = lm(heldout).logits.log_softmax(-1)
@@ -70,7 +71,7 @@ def content_eval(model, tag):
     res = {}
     with torch.no_grad():
         for src in ("sampled", "random", "shifted"):
-            th = thoughts_for(model, heldout, None, 2, src, generator=torch.Generator().manual_seed(7))
+            th = thoughts_for(model, heldout, None, 2, src, generator=torch.Generator().manual_seed(7 + SEED))
             sc = model.score_thoughts(heldout, th)
             lp = sc.logits.log_softmax(-1) if hasattr(sc, "logits") else None
             res[src] = sc
@@ -96,13 +97,16 @@ def content_eval(model, tag):
 content_eval(model, "init")
 groups = parameter_groups(model, float(args.get("lr", 1e-3)), 0.0, float(args.get("hm", 30)))
 opt = torch.optim.AdamW(groups, lr=float(args.get("lr", 1e-3)))
-g = torch.Generator().manual_seed(0)
+g = torch.Generator().manual_seed(SEED)
+torch.manual_seed(SEED)
 model.train()
 for step in range(QS + 1):
     x = batch(rng, 16)
     if args.get("mask") == "1":
         tp = torch.zeros_like(x, dtype=torch.bool)
         tp[:, :-1] = (x[:, :-1] == EQ)
+        if args.get("terse_only") == "1":  # not where the text itself writes the scratchpad next
+            tp[:, :-1] &= x[:, 1:] != tok.convert_tokens_to_ids("---")
         out = model(x, generator=g, thought_positions=tp)
     else:
         out = model(x, generator=g)
@@ -112,3 +116,23 @@ for step in range(QS + 1):
         m = {k: round(float(v), 3) for k, v in out.metrics.items() if k in ("base_nll", "mixed_nll", "thought_nll", "mean_mixing_weight", "thought_gain", "mean_reward")}
         print("qs", step, m, round(time.time() - t), flush=True)
     if step % int(args.get('every', 100)) == 0 and step: content_eval(model, f"step{step}")
+
+from quietstar.statistics import summarize
+import json
+model.eval()
+nll = {}
+with torch.no_grad():
+    for src in ("sampled", "random", "shifted"):
+        th = thoughts_for(model, heldout, None, 2, src, generator=torch.Generator().manual_seed(99 + SEED))
+        sc = model.score_thoughts(heldout, th)
+        mixed = sc.mixed_logits[:, :, 0].float().log_softmax(-1)
+        base = sc.base_logits.float().log_softmax(-1)
+        nll[src] = np.array([-mixed[b, i, heldout[b, i + 1]].item() for b, i in pos])
+        nll["without"] = np.array([-base[b, i, heldout[b, i + 1]].item() for b, i in pos])
+docs_ = np.array([b for b, i in pos])
+report = {"seed": SEED, "n_answers": len(pos), "n_documents": int(np.unique(docs_).size),
+          "nll": {k: summarize(v, docs_, 0) for k, v in nll.items()},
+          "own - random": summarize(nll["sampled"] - nll["random"], docs_, 0),
+          "own - shifted": summarize(nll["sampled"] - nll["shifted"], docs_, 0),
+          "own - without": summarize(nll["sampled"] - nll["without"], docs_, 0)}
+print("REPORT", json.dumps(report, default=float))
