@@ -61,6 +61,11 @@ def quietstar_loss(
     return nll_term + policy_term, metrics
 
 
+def _step_nlls(logp: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """[..., A] log-likelihoods of the A ahead tokens -> [A] mean NLL of each step where valid."""
+    return torch.stack([_masked_mean(-logp[..., s], valid[..., s]) for s in range(logp.shape[-1])])
+
+
 def _ahead(logp: torch.Tensor, A: int) -> torch.Tensor:
     """[B, L] next-token log-likelihoods -> [B, L, A]: log p(x_{i+1+s}) sits at position i+s."""
     return torch.stack([F.pad(logp[:, s:], (0, s)) for s in range(A)], dim=-1)
@@ -76,7 +81,7 @@ def quietstar_loss_terms(config, base_logp, mixed_logp, thought_logp, target_val
 
     base_nll = _masked_mean(-base_logp, target_valid[..., 0])
     thought_valid = target_valid if thought_valid is None else thought_valid  # where thoughts count
-    mixed_nll = torch.stack([_masked_mean(-mixed_logp[..., s], thought_valid[..., s]) for s in range(A)])
+    mixed_nll = _step_nlls(mixed_logp, thought_valid)
 
     # Rewards are log-likelihoods of the same A true tokens, summed, with no gradient.
     valid = thought_valid.to(mixed_logp.dtype)
@@ -110,7 +115,7 @@ def quietstar_loss_terms(config, base_logp, mixed_logp, thought_logp, target_val
     if config.thought_loss_weight > 0:
         if after_logp is None:
             raise ValueError("thought_loss_weight > 0 needs after_logp, the post-thought log-likelihoods")
-        thought_nll = torch.stack([_masked_mean(-after_logp[..., s], thought_valid[..., s]) for s in range(A)]).mean()
+        thought_nll = _step_nlls(after_logp, thought_valid).mean()
         nll_term = nll_term + config.thought_loss_weight * thought_nll
         extra["thought_nll"] = thought_nll
     metrics = {"base_nll": base_nll, "mixed_nll": mixed_nll.mean(), **extra,

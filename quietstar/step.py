@@ -70,10 +70,9 @@ def step_logprobs(config: QuietStarConfig, head: VocabHead, grid: GridHidden, mi
     if thought_logp is None:  # not sampled in the scored passes: from their hidden states
         thought_logp = head.logprobs(grid.thought, thoughts, config.policy_logprob_temperature)
     after = None
-    if config.thought_loss_weight > 0:  # a loss term: with gradient
-        after = head.logprobs(grid.after, row_targets)
-    elif config.reward_source == "thought":  # the reward only: no gradient
-        with torch.no_grad():
+    if config.thought_loss_weight > 0 or config.reward_source == "thought":
+        # with a gradient only as a loss term; the reward alone needs none
+        with torch.set_grad_enabled(torch.is_grad_enabled() and config.thought_loss_weight > 0):
             after = head.logprobs(grid.after, row_targets)
     if rows is None:
         return StepLogprobs(base, mixed_logp, thought_logp, after, None, valid)
