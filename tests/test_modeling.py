@@ -177,48 +177,10 @@ def test_padding_contributes_nothing_to_the_loss(family, side):
             torch.testing.assert_close(b, a, atol=1e-10, rtol=1e-7)
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma2"])  # gemma2: softcapped logits, tied head
-def test_chunked_vocabulary_and_activation_checkpointing_match(family):
-    """A training step with the vocabulary in chunks (the default, and chunks that split rows
-    of one pass) equals the step with all logits at once: the same sampled thoughts from the
-    same generator, loss, metrics and gradients; left padding and the meta-token mask included."""
-    x = random_text(2, 12)
-    mask = torch.ones_like(x)
-    mask[1, :3] = 0
-    results = []
-    for chunk, checkpointing in ((0, False), (7, False), (QuietStarConfig().loss_chunk_tokens, False), (7, True)):
-        model = make_model(family, loss_chunk_tokens=chunk, policy_loss_weight=10.0,
-                           drop_negative_rewards=False)
-        perturb_head(model)
-        model.train()
-        if checkpointing:
-            model.activation_checkpointing_enable()
-        out = model(x, mask, generator=torch.Generator().manual_seed(0))
-        out.loss.backward()
-        grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
-        results.append((out, grads))
-    first, first_grads = results[0]
-    assert model._meta_logit_ids.numel() > 0  # the meta tokens are inside the head's vocabulary
-    for out, grads in results[1:]:
-        assert torch.equal(out.thought_ids, first.thought_ids)
-        torch.testing.assert_close(out.loss, first.loss)
-        for name, value in first.metrics.items():
-            torch.testing.assert_close(out.metrics[name], value, msg=name)
-        torch.testing.assert_close(grads, first_grads, atol=1e-5, rtol=1e-4)
-
-
-@pytest.mark.parametrize("family", ["llama", "gemma2"])
-@pytest.mark.parametrize("settings", [
-    {"thought_fraction": 0.5},                                             # entropy selection
-    {"thought_fraction": 0.4, "thought_selection": "random", "thought_loss_weight": 0.7},
-    {"thought_fraction": 0.5, "reward_source": "thought"},
-])
-def test_chunked_vocabulary_matches_with_thought_rows(family, settings):
-    """With thought rows (thought_fraction < 1) every vocabulary-sized product goes through the
-    chunked head: the entropy that chooses, the sampling, the REINFORCE log-probs, the base and
-    mixed NLL and the post-thought NLL (thought_loss_weight, with gradient; reward_source
-    "thought", without). Chunks of 7 rows, with and without activation checkpointing, equal
-    all logits at once: the same positions and thoughts, loss, metrics and gradients."""
+def chunked_steps(family: str, **settings):
+    """One training step (left padding) with all logits at once, then with chunks of 7 rows, the
+    default chunk and chunks of 7 under activation checkpointing: [(output, gradients)] and the
+    last model."""
     x = random_text(2, 12)
     mask = torch.ones_like(x)
     mask[1, :3] = 0
@@ -234,15 +196,48 @@ def test_chunked_vocabulary_matches_with_thought_rows(family, settings):
         out.loss.backward()
         grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
         results.append((out, grads))
+    return results, model
+
+
+def assert_same_steps(results) -> None:
+    """Every step of ``chunked_steps`` equals the first: thoughts, loss, metrics, gradients."""
     first, first_grads = results[0]
-    assert first.thought_positions is not None and not first.thought_positions.all()
     for out, grads in results[1:]:
-        assert torch.equal(out.thought_positions, first.thought_positions)
         assert torch.equal(out.thought_ids, first.thought_ids)
         torch.testing.assert_close(out.loss, first.loss)
         for name, value in first.metrics.items():
             torch.testing.assert_close(out.metrics[name], value, msg=name)
         torch.testing.assert_close(grads, first_grads, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2"])  # gemma2: softcapped logits, tied head
+def test_chunked_vocabulary_and_activation_checkpointing_match(family):
+    """A training step with the vocabulary in chunks (the default, and chunks that split rows
+    of one pass) equals the step with all logits at once: the same sampled thoughts from the
+    same generator, loss, metrics and gradients; left padding and the meta-token mask included."""
+    results, model = chunked_steps(family)
+    assert model._meta_logit_ids.numel() > 0  # the meta tokens are inside the head's vocabulary
+    assert_same_steps(results)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+@pytest.mark.parametrize("settings", [
+    {"thought_fraction": 0.5},                                             # entropy selection
+    {"thought_fraction": 0.4, "thought_selection": "random", "thought_loss_weight": 0.7},
+    {"thought_fraction": 0.5, "reward_source": "thought"},
+])
+def test_chunked_vocabulary_matches_with_thought_rows(family, settings):
+    """With thought rows (thought_fraction < 1) every vocabulary-sized product goes through the
+    chunked head: the entropy that chooses, the sampling, the REINFORCE log-probs, the base and
+    mixed NLL and the post-thought NLL (thought_loss_weight, with gradient; reward_source
+    "thought", without). Chunks of 7 rows, with and without activation checkpointing, equal
+    all logits at once: the same positions and thoughts, loss, metrics and gradients."""
+    results, _ = chunked_steps(family, **settings)
+    first = results[0][0]
+    assert first.thought_positions is not None and not first.thought_positions.all()
+    for out, _ in results[1:]:
+        assert torch.equal(out.thought_positions, first.thought_positions)
+    assert_same_steps(results)
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])  # untied and tied embeddings
