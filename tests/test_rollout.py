@@ -171,13 +171,11 @@ def test_training_forward_uses_score_thoughts_path(monkeypatch):
     torch.testing.assert_close(out.loss, 0.5 * base + 0.5 * torch.stack(nll).mean())
 
 
-@pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_single_pass_training_equals_grid_scoring_with_gradients(family):
-    """Training samples and scores thoughts in the same passes (each pass runs once, keys kept
-    per pass); its thoughts, loss parts and every gradient equal sampling without gradients and
-    then scoring the grid in one forward, which replays and activation checkpointing use."""
+def step_runner(family, **kw):
+    """A float64 tiny model (perturbed head) and a left-padded batch: (model, x, mask, run), where
+    ``run(**forward_kwargs)`` is one training forward and its gradients."""
     model, _ = wrap(family, thoughts_per_position=2, policy_loss_weight=10.0,
-                    drop_negative_rewards=False, thought_temperature=2.0)
+                    drop_negative_rewards=False, thought_temperature=2.0, **kw)
     model.double()
     perturb_head(model)
     x = random_text(2, 9, seed=12)
@@ -185,10 +183,32 @@ def test_single_pass_training_equals_grid_scoring_with_gradients(family):
     mask[1, :3] = 0  # left padding
     params = [p for p in model.parameters() if p.requires_grad]
 
-    def run(**kw):
-        out = model(x, mask, **kw)
+    def run(**forward_kwargs):
+        out = model(x, mask, **forward_kwargs)
         return out, torch.autograd.grad(out.loss, params, allow_unused=True)
 
+    return model, x, mask, run
+
+
+def assert_same_step(a, b, a_grads, b_grads) -> None:
+    """Two training forwards agree: loss, every metric, every gradient."""
+    torch.testing.assert_close(b.loss, a.loss, atol=1e-10, rtol=1e-9)
+    assert b.metrics.keys() == a.metrics.keys()
+    for name, value in a.metrics.items():
+        torch.testing.assert_close(b.metrics[name], value, atol=1e-10, rtol=1e-9, msg=name)
+    for g1, g2 in zip(a_grads, b_grads):
+        assert (g1 is None) == (g2 is None)
+        if g1 is not None:
+            # float32 precision, not float64: Gemma's norms compute in float32 in any dtype.
+            torch.testing.assert_close(g1, g2, atol=1e-8, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_single_pass_training_equals_grid_scoring_with_gradients(family):
+    """Training samples and scores thoughts in the same passes (each pass runs once, keys kept
+    per pass); its thoughts, loss parts and every gradient equal sampling without gradients and
+    then scoring the grid in one forward, which replays and activation checkpointing use."""
+    model, x, mask, run = step_runner(family)
     online, online_grads = run(generator=torch.Generator().manual_seed(3))
     sampled = model.sample_thoughts(x.repeat_interleave(2, 0), mask.repeat_interleave(2, 0),
                                     generator=torch.Generator().manual_seed(3))
@@ -199,15 +219,7 @@ def test_single_pass_training_equals_grid_scoring_with_gradients(family):
     for other, other_grads in (run(thought_ids=online.thought_ids),
                                run(generator=torch.Generator().manual_seed(3))):
         assert torch.equal(other.thought_ids, online.thought_ids)
-        torch.testing.assert_close(other.loss, online.loss, atol=1e-10, rtol=1e-9)
-        assert other.metrics.keys() == online.metrics.keys()
-        for name, value in online.metrics.items():
-            torch.testing.assert_close(other.metrics[name], value, atol=1e-10, rtol=1e-9, msg=name)
-        for a, b in zip(online_grads, other_grads):
-            assert (a is None) == (b is None)
-            if a is not None:
-                # float32 precision, not float64: Gemma's norms compute in float32 in any dtype.
-                torch.testing.assert_close(a, b, atol=1e-8, rtol=1e-5)
+        assert_same_step(online, other, online_grads, other_grads)
     assert sum(g.abs().sum() for g in online_grads if g is not None) > 0
 
 

@@ -8,7 +8,8 @@ import torch
 from conftest import FAMILIES, make_model, random_text
 from quietstar import QuietStarConfig
 from quietstar.selection import ThoughtRows, logits_entropy, select_positions
-from test_rollout import assert_close_finite, mix_logits, perturb_head, sequential_logits, wrap
+from test_rollout import (assert_close_finite, assert_same_step, mix_logits, perturb_head,
+                          sequential_logits, step_runner, wrap)
 
 K, A = 3, 3
 
@@ -309,29 +310,7 @@ def test_selected_single_pass_training_equals_grid_scoring_and_all_positions(fam
     """The chosen rows' rollout, sampled and scored in the same passes, equals sampling first and
     scoring the grid in one forward (activation checkpointing) and replaying the thoughts, with
     every gradient; choosing every candidate equals the all-position step."""
-    model, _ = wrap(family, thoughts_per_position=2, policy_loss_weight=10.0, drop_negative_rewards=False,
-                    thought_temperature=2.0, thought_fraction=0.4)
-    model.double()
-    perturb_head(model)
-    x = random_text(2, 9, seed=12)
-    mask = torch.ones_like(x)
-    mask[1, :3] = 0  # left padding
-    params = [p for p in model.parameters() if p.requires_grad]
-
-    def run(**kw):
-        out = model(x, mask, **kw)
-        return out, torch.autograd.grad(out.loss, params, allow_unused=True)
-
-    def assert_same(a, b, a_grads, b_grads):
-        torch.testing.assert_close(a.loss, b.loss, atol=1e-10, rtol=1e-9)
-        assert a.metrics.keys() == b.metrics.keys()
-        for name, value in a.metrics.items():
-            torch.testing.assert_close(b.metrics[name], value, atol=1e-10, rtol=1e-9, msg=name)
-        for g1, g2 in zip(a_grads, b_grads):
-            assert (g1 is None) == (g2 is None)
-            if g1 is not None:
-                torch.testing.assert_close(g1, g2, atol=1e-8, rtol=1e-5)
-
+    model, x, mask, run = step_runner(family, thought_fraction=0.4)
     online, online_grads = run(generator=torch.Generator().manual_seed(3))
     assert 0 < online.thought_positions.sum() < mask[:, 1:].sum()
     replayed = run(thought_ids=online.thought_ids, thought_positions=online.thought_positions)
@@ -341,13 +320,13 @@ def test_selected_single_pass_training_equals_grid_scoring_and_all_positions(fam
     for other, other_grads in (replayed, checkpointed):
         assert torch.equal(other.thought_ids, online.thought_ids)
         assert torch.equal(other.thought_positions, online.thought_positions)
-        assert_same(online, other, online_grads, other_grads)
+        assert_same_step(online, other, online_grads, other_grads)
     model.lm.activation_checkpointing_disable()
     # every candidate chosen == the all-position path, given the same thoughts
     model.config.thought_fraction = 1.0
     everywhere = run(thought_ids=online.thought_ids)
     all_chosen = run(thought_ids=online.thought_ids, thought_positions=torch.ones_like(mask, dtype=torch.bool))
-    assert_same(everywhere[0], all_chosen[0], everywhere[1], all_chosen[1])
+    assert_same_step(everywhere[0], all_chosen[0], everywhere[1], all_chosen[1])
 
 
 @pytest.mark.parametrize("padded", [False, True])
