@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import importlib.util
+from pathlib import Path
 
 import pytest
 import torch
@@ -113,3 +115,12 @@ def tiny_model_dir(tmp_path_factory):
 @pytest.fixture
 def tokenizer():
     return make_tokenizer()
+
+
+def load_script(relative_path: str):
+    """A script of the repository (benchmarks/, examples/, experiments/: not packages) as a module."""
+    path = Path(__file__).resolve().parents[1] / relative_path
+    spec = importlib.util.spec_from_file_location(path.stem + "_script", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

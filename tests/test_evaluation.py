@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import make_lm, make_model, make_tokenizer, random_text
+from conftest import load_script, make_lm, make_model, make_tokenizer, random_text
 from quietstar import cli, evaluation
 from quietstar.models import load_quietstar_model
 from quietstar.answers import (first_integer, first_number, majority_vote, normalize_number,
@@ -704,12 +704,7 @@ def test_lm_eval_scored_positions_think_everywhere_when_unsure():
 
 
 def test_evaluation_benchmark_script_runs(tiny_model_dir, capsys):
-    import importlib.util
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "evaluation.py"
-    spec = importlib.util.spec_from_file_location("evaluation_benchmark", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script("benchmarks/evaluation.py")
     threads = torch.get_num_threads()
     try:
         bench.main(["--model", str(tiny_model_dir), "--data", str(GSM8K), "--limit", "3", "--thought-tokens", "2"])

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -10,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import load_script
 from quietstar.evaluation import load_items
 from quietstar.metrics import read_metrics
 from quietstar.train import TrainConfig, build_model
@@ -20,10 +20,7 @@ FIXTURES = Path(__file__).parent / "fixtures"
 
 def _load_experiment(name: str):
     """An experiments/ script as a module (the folder is not a package)."""
-    spec = importlib.util.spec_from_file_location(name, ROOT / "experiments" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(f"experiments/{name}.py")
 
 
 evidence = _load_experiment("evidence")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_model, random_text
+from conftest import load_script, make_model, random_text
 from torch import nn
 
 from quietstar import cli
@@ -384,13 +384,7 @@ def test_cli_wraps_a_plain_base_model(saved_model, tmp_path, capsys):
 
 
 def test_benchmark_script_runs(capsys):
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "generation.py"
-    spec = importlib.util.spec_from_file_location("generation_benchmark", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script("benchmarks/generation.py")
     threads = torch.get_num_threads()
     try:
         bench.main(["--new-tokens", "4", "--thought-tokens", "1", "2", "--repeats", "1", "--thresholds", "1e9"])

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from conftest import make_model, random_text
+from conftest import load_script, make_model, random_text
 from quietstar import QuietStarForCausalLM
 from quietstar.trainer import QuietStarTrainer, QuietStarTrainingArguments
 
@@ -75,13 +75,7 @@ def test_trainer_refuses_a_plain_model():
 
 
 def test_example_script_trains_saves_and_reloads(tiny_model_dir, tmp_path):
-    import importlib.util
-    from pathlib import Path
-
-    spec = importlib.util.spec_from_file_location(
-        "trainer_example", Path(__file__).resolve().parents[1] / "examples" / "trainer.py")
-    example = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(example)
+    example = load_script("examples/trainer.py")
     out = example.main(["--model", str(tiny_model_dir), "--max-steps", "2", "--seq-len", "16",
                         "--output-dir", str(tmp_path / "run")])
     model = QuietStarForCausalLM.from_pretrained(out)
