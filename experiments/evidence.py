@@ -31,6 +31,7 @@ interruption) and only redoes what is missing.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import shlex
@@ -40,6 +41,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 
 from quietstar.analysis import token_nlls
 from quietstar.checkpoint import MODEL_DIR, latest_checkpoint, step_of
@@ -61,13 +63,27 @@ from quietstar.train_setup import build_data, build_model
 
 
 # ----------------------------------------------------------------------------- configuration
+def method_settings(pairs: list[str]) -> dict:
+    """``--set KEY=VALUE`` pairs as QuietStarConfig fields (values read as YAML scalars)."""
+    fields = {f.name for f in dataclasses.fields(QuietStarConfig)}
+    settings = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or key not in fields:
+            raise ValueError(f"--set {pair!r}: expected KEY=VALUE with KEY a QuietStarConfig field "
+                             f"(one of {', '.join(sorted(fields))})")
+        settings[key] = yaml.safe_load(value)
+    return settings
+
+
 def train_config(args: argparse.Namespace, output_dir: Path) -> TrainConfig:
     """The one training configuration both trained arms share."""
-    method = QuietStarConfig(
-        sampled_thought_tokens=args.thought_tokens, ahead_tokens=args.ahead_tokens,
-        thoughts_per_position=args.thoughts_per_position, policy_loss_weight=args.policy_loss_weight,
-        base_loss_weight=args.base_loss_weight, mixed_loss_weight=args.mixed_loss_weight,
-        mixing_head_hidden_size=args.mixing_head_hidden_size)
+    method = QuietStarConfig(**{
+        "sampled_thought_tokens": args.thought_tokens, "ahead_tokens": args.ahead_tokens,
+        "thoughts_per_position": args.thoughts_per_position,
+        "policy_loss_weight": args.policy_loss_weight, "base_loss_weight": args.base_loss_weight,
+        "mixed_loss_weight": args.mixed_loss_weight,
+        "mixing_head_hidden_size": args.mixing_head_hidden_size, **method_settings(args.set)})
     return TrainConfig(
         model=args.model, data=args.data, num_documents=args.num_documents, output_dir=str(output_dir),
         seq_len=args.seq_len, batch_size=args.batch_size, micro_batch_size=1, max_steps=args.steps,
@@ -299,6 +315,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--num-documents", type=int, default=None, help="use only the first N documents")
     p.add_argument("--heldout-documents", type=int, default=60,
                    help="the first N documents are held out: never trained on, NLL measured on them")
+    p.add_argument("--nll-documents", type=int, default=None,
+                   help="measure the NLL on the first N held-out documents only (default: all of "
+                        "them); e.g. hold out many documents for direct-score questions but "
+                        "measure NLL on a few")
     p.add_argument("--gsm8k-questions", default=None, help="local GSM8K-format JSONL for direct scores")
     p.add_argument("--csqa-questions", default=None, help="local CommonsenseQA-format JSONL for direct scores")
     p.add_argument("--question-limit", type=int, default=40, help="score the first N questions of each file")
@@ -316,10 +336,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--mixed-loss-weight", type=float, default=QuietStarConfig.mixed_loss_weight)
     p.add_argument("--mixing-head-hidden-size", type=int, default=None)
     p.add_argument("--mixing-head-lr-multiplier", type=float, default=TrainConfig.mixing_head_lr_multiplier)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="any other QuietStarConfig field of arm 1 (repeatable), e.g. "
+                        "--set reward_source=thought --set thought_fraction=0.25")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-max-length", type=int, default=128, help="tokens per held-out window")
     p.add_argument("--eval-batch-size", type=int, default=4)
     p.add_argument("--reuse", action="store_true", help="keep the arms already measured in --out")
+    p.add_argument("--train-only", action="store_true",
+                   help="only train arm 1 into OUT/quietstar (nothing measured): a variant to score "
+                        "with thought_content.py on the same held-out text")
     return p.parse_args(argv)
 
 
@@ -330,6 +356,8 @@ def main(argv=None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     config = train_config(args, out / "quietstar")
+    if args.train_only:
+        return {"checkpoint": str(train(config).checkpoint), "elapsed_s": time.perf_counter() - started}
 
     # Held-out text and questions, checked disjoint from everything trained on.
     model = build_model(config).eval()
@@ -338,6 +366,11 @@ def main(argv=None) -> dict:
                                args.heldout_documents)  # the cut build_data makes
     questions = question_sets(args)
     check_disjoint(batches.texts, heldout, questions)
+    if args.nll_documents is not None:
+        if not 1 <= args.nll_documents <= len(heldout):
+            raise ValueError(f"--nll-documents must be between 1 and the {len(heldout)} held-out "
+                             f"documents, got {args.nll_documents}")
+        heldout = heldout[:args.nll_documents]
 
     arms = {"base": run_arm("base", out, args.reuse, lambda p: measure(model, args, heldout, questions, False, p))}
     model = None  # freed before the trained arms load theirs

@@ -41,14 +41,20 @@ COMPARISONS = (("sampled", "random"), ("sampled", "shifted"), ("sampled", "witho
                ("random", "without"), ("shifted", "without"))
 
 
-def measure(model, base_model, texts, max_length: int, batch_size: int, seed: int) -> dict[str, np.ndarray]:
+def measure(model, base_model, texts, max_length: int, batch_size: int, seed: int,
+            think_at: str = "all") -> dict[str, np.ndarray]:
     """Per-token NLLs: the untrained model ("untrained"), the trained one without thoughts
-    ("without") and with each thought source."""
+    ("without") and with each thought source, thinking before every token (``think_at`` "all") or
+    before the hardest 10% only ("hardest": their NLLs are the same, the others are not measured)."""
     nll = {}
     nll["untrained"], nll["document"] = token_nlls_without_thought(base_model, texts, max_length, batch_size)
+    mask = None
+    if think_at == "hardest":
+        mask = np.zeros(nll["untrained"].size, dtype=bool)
+        mask[token_subsets(nll["untrained"])["hardest"]] = True
     for source in THOUGHT_SOURCES:
         result = token_nlls(model, texts, max_length=max_length, batch_size=batch_size, seed=seed,
-                            thought_source=source, progress=True)
+                            thought_source=source, progress=True, think_at=mask)
         nll[source], nll["without"] = result.thinking, result.base
         if not np.array_equal(result.document, nll["document"]):
             raise RuntimeError("the trained and untrained models cut the text into different tokens; "
@@ -56,9 +62,11 @@ def measure(model, base_model, texts, max_length: int, batch_size: int, seed: in
     return nll
 
 
-def compare(nll: dict[str, np.ndarray], seed: int = 0) -> dict:
+def compare(nll: dict[str, np.ndarray], seed: int = 0, think_at: str = "all") -> dict:
     untrained, document = nll["untrained"], nll["document"]
     subsets = token_subsets(untrained)
+    if think_at == "hardest":  # the other tokens did not think
+        subsets = {"hardest": subsets["hardest"]}
     arms = ("without",) + THOUGHT_SOURCES
     return {"n_tokens": int(untrained.size), "n_documents": int(np.unique(document).size),
             "nll": {s: {a: summarize(nll[a][i], document[i], seed) for a in arms} for s, i in subsets.items()},
@@ -68,13 +76,16 @@ def compare(nll: dict[str, np.ndarray], seed: int = 0) -> dict:
 
 def tables(result: dict) -> str:
     n, d = result["nll"], result["difference"]
+    subsets = [s for s in ("all", "hardest") if s in n]  # "all" only when every token thought
+    names = {"all": "all tokens", "hardest": "hardest 10%"}
+    rule = "|---" * (len(subsets) + 1) + "|"
     lines = [f"Held-out: {result['n_documents']} documents, {result['n_tokens']} tokens; hardest 10% by the "
              "untrained model's NLL. Mean [95% bootstrap CI over documents], nats/token.", "",
-             "| thoughts | NLL, all tokens | NLL, hardest 10% |", "|---|---|---|"]
-    lines += [f"| {a} | {format_cell(n['all'][a])} | {format_cell(n['hardest'][a])} |" for a in n["all"]]
+             "| thoughts | " + " | ".join(f"NLL, {names[s]}" for s in subsets) + " |", rule]
+    lines += [f"| {a} | " + " | ".join(format_cell(n[s][a]) for s in subsets) + " |" for a in n["hardest"]]
     lines += ["", "Paired differences (negative = the first predicts better):", "",
-              "| difference | all tokens | hardest 10% |", "|---|---|---|"]
-    lines += [f"| {a} - {b} | {format_cell(d['all'][f'{a} - {b}'], True)} | {format_cell(d['hardest'][f'{a} - {b}'], True)} |"
+              "| difference | " + " | ".join(names[s] for s in subsets) + " |", rule]
+    lines += [f"| {a} - {b} | " + " | ".join(format_cell(d[s][f"{a} - {b}"], True) for s in subsets) + " |"
               for a, b in COMPARISONS]
     return "\n".join(lines)
 
@@ -90,14 +101,19 @@ def main(argv=None) -> dict:
     p.add_argument("--seed", type=int, default=0,
                    help="seeds the thoughts and the bootstrap (and, for builtin:arithmetic, the "
                         "documents, as in evidence.py): use the evidence run's --seed")
+    p.add_argument("--think-at", choices=("all", "hardest"), default="all",
+                   help="think before every token, or before the hardest 10%% only (the metric's "
+                        "tokens: the same NLLs there, several times faster; all-token rows are then "
+                        "not reported)")
     p.add_argument("--out", required=True, help="results folder")
     args = p.parse_args(argv)
     command = "python experiments/thought_content.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     texts, _ = heldout_split(load_texts(args.data, seed=args.seed), args.heldout_documents)  # evidence.py's cut
     model = load_quietstar_model(args.model).eval()
     base_model = load_quietstar_model(args.base_model).eval()
-    nll = measure(model, base_model, texts, args.eval_max_length, args.eval_batch_size, args.seed)
-    result = compare(nll, args.seed) | {"command": command}
+    nll = measure(model, base_model, texts, args.eval_max_length, args.eval_batch_size, args.seed,
+                  args.think_at)
+    result = compare(nll, args.seed, args.think_at) | {"command": command, "think_at": args.think_at}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     np.savez(out / "nll.npz", **nll)

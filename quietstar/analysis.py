@@ -59,7 +59,7 @@ def token_nlls(model, texts: Sequence[str], thought_tokens: int | None = None,
                thought_temperature: float | None = None, max_length: int = 256,
                batch_size: int = 4, seed: int = 0, progress: bool = False,
                thought_source: str = "sampled", thought_fraction: float = 1.0,
-               thought_selection: str = "entropy") -> TokenNLLs:
+               thought_selection: str = "entropy", think_at: np.ndarray | None = None) -> TokenNLLs:
     """Base and thinking NLL of every token of ``texts`` that has a predecessor.
 
     Thoughts have ``thought_tokens`` tokens (default the model's k) and are sampled at
@@ -68,15 +68,28 @@ def token_nlls(model, texts: Sequence[str], thought_tokens: int | None = None,
     ``thought_tokens=0`` measures the base model alone (``thinking`` is then ``base``). With
     ``thought_fraction`` < 1 only that share of each window's positions thinks, chosen as in
     training (``thought_selection``: "entropy" of the base prediction, or "random"); the other
-    tokens' thinking NLL is their base NLL. Long texts are cut into windows of ``max_length`` tokens.
+    tokens' thinking NLL is their base NLL. ``think_at`` ([N] bool, in the order of the result)
+    names the tokens to think for instead: only the positions before them think, the other tokens'
+    thinking NLL is their base NLL. A thought changes only the prediction right after it, so the
+    chosen tokens' NLLs are those of thinking everywhere, at a fraction of the cost (what a metric
+    on a token subset needs). Long texts are cut into windows of ``max_length`` tokens.
     """
     if not 0 < thought_fraction <= 1:
         raise ValueError(f"thought_fraction must be in (0, 1] (1 = every position thinks), got {thought_fraction}")
+    if think_at is not None and thought_fraction < 1:
+        raise ValueError("give either thought_fraction < 1 or think_at, not both")
     K, T = model.config.thought_settings(thought_tokens, thought_temperature)
     tokenizer, device = model.tokenizer, model_device(model)
     windows = token_windows(texts, tokenizer, max_length)
     if not windows:
         raise ValueError("the texts hold no token with a predecessor; give longer texts")
+    n_tokens = sum(len(w) - 1 for _, w in windows)
+    if think_at is not None:
+        think_at = np.asarray(think_at)
+        if think_at.dtype != bool or think_at.shape != (n_tokens,):
+            raise ValueError(f"think_at must be a bool array of one entry per predicted token "
+                             f"({n_tokens}), got {think_at.dtype} {think_at.shape}")
+    done = 0  # tokens of the result so far
     generator = torch.Generator(device).manual_seed(seed)
     base, thinking, document, thought = [], [], [], []
     was_training = model.training
@@ -94,6 +107,10 @@ def token_nlls(model, texts: Sequence[str], thought_tokens: int | None = None,
                 entropy = logits_entropy(model.base_logits(ids, mask)) if thought_selection == "entropy" else None
                 chosen = select_positions(candidates, thought_fraction, thought_selection, entropy, generator)
                 thought.append(chosen[:, :-1][valid].cpu().numpy())
+            elif think_at is not None and K:  # the position before each chosen token
+                chosen = torch.zeros_like(mask, dtype=torch.bool)
+                chosen[:, :-1][valid] = torch.from_numpy(think_at[done:done + int(valid.sum())]).to(device)
+            done += int(valid.sum())
             base_logits, mixed_logits = next_token_logits(model, ids, mask, K, T, generator,
                                                           thought_source, chosen)
             for logits, out in ((base_logits, base), (mixed_logits, thinking))[:2 if K else 1]:

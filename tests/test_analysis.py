@@ -207,6 +207,29 @@ def test_token_nlls_at_a_fraction_think_at_the_chosen_share_only(selection):
         token_nlls(model, texts, thought_fraction=0.0)
 
 
+
+
+def test_token_nlls_think_at_chosen_tokens_only():
+    """``think_at`` names tokens: they get the all-position thinking NLL (greedy thoughts), every
+    other token its base NLL, whichever windows and batches the tokens fall in."""
+    model = make_model()
+    with torch.no_grad():
+        model.mixing_head.mlp[-1].bias.fill_(0.6)
+    texts = CORPUS[:3]
+    everywhere = token_nlls(model, texts, thought_tokens=2, thought_temperature=0.0, max_length=24,
+                            batch_size=2)
+    chosen = np.random.default_rng(0).random(everywhere.base.size) < 0.2
+    some = token_nlls(model, texts, thought_tokens=2, thought_temperature=0.0, max_length=24,
+                      batch_size=2, think_at=chosen)
+    assert 0 < chosen.sum() < chosen.size and len(set(everywhere.document)) > 1
+    np.testing.assert_allclose(some.base, everywhere.base, rtol=1e-5)
+    np.testing.assert_allclose(some.thinking[~chosen], some.base[~chosen], rtol=1e-6)
+    np.testing.assert_allclose(some.thinking[chosen], everywhere.thinking[chosen], rtol=1e-4)
+    assert not np.allclose(some.thinking[chosen], some.base[chosen])
+    with pytest.raises(ValueError, match="one entry per predicted token"):
+        token_nlls(model, texts, think_at=chosen[:-1])
+    with pytest.raises(ValueError, match="not both"):
+        token_nlls(model, texts, think_at=chosen, thought_fraction=0.5)
 def test_analyze_compares_thought_fractions(tmp_path, capsys):
     saved = tmp_path / "model"
     model = make_model()

@@ -29,8 +29,8 @@ evidence = _load_experiment("evidence")
 def test_pipeline_runs_all_arms_on_the_same_batches(tiny_model_dir, tmp_path):
     out = tmp_path / "run"
     argv = ["--out", str(out), "--model", str(tiny_model_dir), "--data", "builtin:arithmetic",
-            "--num-documents", "40", "--heldout-documents", "4",
-            "--gsm8k-questions", str(FIXTURES / "gsm8k_tiny.jsonl"), "--question-limit", "2",
+            "--num-documents", "40", "--heldout-documents", "4", "--nll-documents", "3",
+            "--set", "thought_fraction=0.5", "--gsm8k-questions", str(FIXTURES / "gsm8k_tiny.jsonl"), "--question-limit", "2",
             "--steps", "3", "--batch-size", "2", "--seq-len", "16", "--lr", "1e-3",
             "--warmup-steps", "0", "--thought-tokens", "2", "--ahead-tokens", "2",
             "--eval-max-length", "24"]
@@ -41,6 +41,8 @@ def test_pipeline_runs_all_arms_on_the_same_batches(tiny_model_dir, tmp_path):
         assert (out / name).is_file(), name
     assert json.loads((out / "results.json").read_text())["n_tokens"] == result["n_tokens"]
     assert "python experiments/evidence.py --out" in (out / "results.md").read_text()
+    assert result["n_documents"] == 3  # --nll-documents: the first 3 of the 4 held out
+    assert TrainConfig.saved_settings(out / "quietstar")["quietstar"]["thought_fraction"] == 0.5
     hardest = result["nll"]["hardest"]["base"]["n"]
     assert hardest == int(np.ceil(0.1 * result["n_tokens"]))
     assert set(result["direct"]) == {"gsm8k"}
@@ -67,6 +69,13 @@ def test_pipeline_runs_all_arms_on_the_same_batches(tiny_model_dir, tmp_path):
     # --reuse keeps finished arms: nothing is retrained, the numbers are the same.
     again = evidence.main(argv + ["--reuse"])
     assert again["difference"] == result["difference"]
+
+    # --train-only: arm 1 alone, trained the same way (same first step), nothing measured.
+    alone = evidence.main([a if a != str(out) else str(tmp_path / "alone") for a in argv] + ["--train-only"])
+    assert sorted(p.name for p in (tmp_path / "alone").iterdir()) == ["quietstar"]
+    assert Path(alone["checkpoint"]).name == "checkpoint-000003"
+    first = [r for r in read_metrics(tmp_path / "alone" / "quietstar" / "metrics.jsonl") if "loss" in r][0]
+    assert first["base_nll"] == pytest.approx(quietstar[0]["base_nll"], rel=1e-6)
 
 
 def test_plain_nll_is_the_language_model_loss_without_meta_tokens(tiny_model_dir):
@@ -116,6 +125,15 @@ def test_method_and_optimiser_settings_reach_the_quietstar_arm(tmp_path):
     assert config.mixing_head_lr_multiplier == 10.0
     default = evidence.train_config(evidence.parse_args(["--out", str(tmp_path)]), tmp_path).quietstar
     assert (default.base_loss_weight, default.mixed_loss_weight) == (0.5, 0.5)
+    # --set reaches any other method field, typed and validated by QuietStarConfig.
+    args = evidence.parse_args(["--out", str(tmp_path), "--set", "reward_source=thought",
+                                "--set", "thought_loss_weight=0.1", "--set", "thought_fraction=0.25"])
+    method = evidence.train_config(args, tmp_path).quietstar
+    assert (method.reward_source, method.thought_loss_weight, method.thought_fraction) == ("thought", 0.1, 0.25)
+    for bad, message in (("thought_fractio=0.25", "QuietStarConfig field"), ("reward_source", "KEY=VALUE"),
+                         ("thought_fraction=2", "thought_fraction")):
+        with pytest.raises(ValueError, match=message):
+            evidence.train_config(evidence.parse_args(["--out", str(tmp_path), "--set", bad]), tmp_path)
 
 
 # ---------------------------------------------------------------------------- pooling seeds
@@ -195,6 +213,19 @@ def test_thought_content_scores_own_thoughts_and_both_controls(tiny_model_dir, t
     assert not np.allclose(nll["random"], nll["sampled"])
     assert set(result["difference"]["hardest"]) == {f"{a} - {b}" for a, b in content.COMPARISONS}
     assert "| random |" in (tmp_path / "out" / "results.md").read_text()
+
+    # --think-at hardest: only the hardest 10% think; the rest keep the trained model's base NLL.
+    hard = content.main(["--model", str(tmp_path / "trained"), "--base-model", str(tiny_model_dir),
+                         "--data", "builtin:arithmetic", "--heldout-documents", "3",
+                         "--eval-max-length", "24", "--think-at", "hardest", "--out", str(tmp_path / "hard")])
+    few = np.load(tmp_path / "hard" / "nll.npz")
+    chosen = np.zeros(few["untrained"].size, dtype=bool)
+    chosen[content.token_subsets(few["untrained"])["hardest"]] = True
+    for source in content.THOUGHT_SOURCES:
+        np.testing.assert_allclose(few[source][~chosen], few["without"][~chosen], rtol=1e-6)
+        assert not np.allclose(few[source][chosen], few["without"][chosen])
+    assert set(hard["nll"]) == {"hardest"} and hard["think_at"] == "hardest"
+    assert "all tokens" not in (tmp_path / "hard" / "results.md").read_text()
 
 
 def test_results_summary_matches_the_recorded_runs():
