@@ -18,6 +18,9 @@ configuration and held-out text; ``--seed`` different) and reports, for the prim
 writes ``results.md``, ``results.json`` and ``seeds.png`` (every seed's and the pooled difference,
 95% CIs) into ``--out``. The runs must have scored the very same held-out tokens with the same
 untrained model (checked: their ``nll_base.npz`` must be identical).
+
+``thought_content.py`` results pool the same way (give their folders instead): own thoughts
+against random and shifted ones, then against none, per seed and seed-averaged.
 """
 
 from __future__ import annotations
@@ -30,45 +33,29 @@ from pathlib import Path
 
 import numpy as np
 
-from quietstar.statistics import format_cell, summarize
+from quietstar.statistics import format_cell, seed_document_bootstrap, summarize
 from quietstar.plots import new_figure, save_figure
 
-from quietstar.evidence import COMPARISONS, arm_nlls, token_subsets, verdict
-
-# Few seeds make the seed draw coarse (S^S combinations), so more resamples than elsewhere.
-POOLED_RESAMPLES = 10_000
+from quietstar.evidence import (COMPARISONS, CONTENT_COMPARISONS, arm_nlls, load_content_result,
+                                token_subsets, verdict)
 
 
-def load_run(folder: Path) -> dict[str, np.ndarray]:
-    """Per-token NLLs of the arms of one evidence run (as ``evidence.compare`` names them)."""
+def load_run(folder: Path) -> dict:
+    """Per-token NLLs of one evidence run (as ``evidence.compare`` names them) or of one
+    ``thought_content.py`` result (its thought sources; "base" = the untrained model), with
+    "comparisons" (the run kind's) and "subsets" (only "hardest" where only those tokens thought)."""
+    content = load_content_result(folder)
+    if content is not None:
+        return content | {"base": content["untrained"], "comparisons": CONTENT_COMPARISONS}
     files = {name: folder / f"nll_{name}.npz" for name in ("base", "control", "quietstar")}
     missing = [str(p) for p in files.values() if not p.exists()]
     if missing:
-        raise FileNotFoundError(f"{folder} is not a finished evidence run: missing {missing} "
-                                "(run experiments/evidence.py to the end, or --reuse it)")
+        raise FileNotFoundError(f"{folder} is neither a finished evidence run (missing {missing}: run "
+                                "experiments/evidence.py to the end, or --reuse it) nor a "
+                                "thought_content.py result (no nll.npz)")
     arms = {name: dict(np.load(path)) for name, path in files.items()}
-    return arm_nlls(arms) | {"document": arms["base"]["document"]}
-
-
-def seed_document_bootstrap(differences: np.ndarray, documents: np.ndarray, seed: int = 0,
-                            n_resamples: int = POOLED_RESAMPLES, confidence: float = 0.95):
-    """Percentile CI of the seed-averaged mean of ``differences`` [S seeds, T tokens].
-
-    Each resample draws S seeds and the documents (all tokens of a document together) with
-    replacement; its value is the mean over the drawn seeds of the token mean over the drawn
-    documents."""
-    S = differences.shape[0]
-    _, index = np.unique(documents, return_inverse=True)
-    sums = np.stack([np.bincount(index, weights=d) for d in differences])  # [S, documents]
-    counts = np.bincount(index).astype(np.float64)
-    rng = np.random.default_rng(seed)
-    seed_picks = rng.integers(0, S, size=(n_resamples, S))
-    doc_picks = rng.integers(0, len(counts), size=(n_resamples, len(counts)))
-    per_seed = sums[:, doc_picks].sum(-1) / counts[doc_picks].sum(-1)  # [S, resamples]
-    means = np.take_along_axis(per_seed.T, seed_picks, axis=1).mean(1)
-    alpha = (1 - confidence) / 2
-    low, high = np.quantile(means, [alpha, 1 - alpha])
-    return float(low), float(high)
+    return arm_nlls(arms) | {"document": arms["base"]["document"], "comparisons": COMPARISONS,
+                             "subsets": ("all", "hardest")}
 
 
 def pool(runs: dict[str, dict[str, np.ndarray]], seed: int = 0) -> dict:
@@ -76,19 +63,23 @@ def pool(runs: dict[str, dict[str, np.ndarray]], seed: int = 0) -> dict:
     names = list(runs)
     first = runs[names[0]]
     for name in names[1:]:
+        if runs[name]["comparisons"] != first["comparisons"]:
+            raise ValueError(f"{name} and {names[0]} are not the same kind of run: pool evidence runs "
+                             "with evidence runs and thought_content.py results with their like")
         if (runs[name]["base"].shape != first["base"].shape
                 or not np.array_equal(runs[name]["base"], first["base"])
                 or not np.array_equal(runs[name]["document"], first["document"])):
             raise ValueError(f"{name} did not score the same held-out tokens as {names[0]} (their "
                              "untrained-model NLLs differ): pool only runs with the same model, "
                              "data and --heldout-documents")
-    base, documents = first["base"], first["document"]
-    subsets = token_subsets(base)
-    result = {"runs": names, "n_tokens": int(base.size),
+    base, documents, comparisons = first["base"], first["document"], first["comparisons"]
+    shared = [s for s in ("all", "hardest") if all(s in runs[n]["subsets"] for n in names)]
+    subsets = {s: i for s, i in token_subsets(base).items() if s in shared}
+    result = {"runs": names, "n_tokens": int(base.size), "comparisons": [list(c) for c in comparisons],
               "n_documents": int(np.unique(documents).size), "per_seed": {}, "pooled": {}}
     for subset, index in subsets.items():
         result["per_seed"][subset], result["pooled"][subset] = {}, {}
-        for a, b in COMPARISONS:
+        for a, b in comparisons:
             key = f"{a} - {b}"
             diffs = np.stack([runs[n][a][index] - runs[n][b][index] for n in names])
             result["per_seed"][subset][key] = [summarize(d, documents[index], seed) for d in diffs]
@@ -99,22 +90,24 @@ def pool(runs: dict[str, dict[str, np.ndarray]], seed: int = 0) -> dict:
 
 
 def tables(result: dict) -> str:
-    names = result["runs"]
+    names, comparisons = result["runs"], [tuple(c) for c in result["comparisons"]]
     hardest = result["per_seed"]["hardest"]
     lines = [f"Held-out: {result['n_documents']} documents, {result['n_tokens']} tokens; hardest 10% = "
-             f"{hardest[f'{COMPARISONS[0][0]} - {COMPARISONS[0][1]}'][0]['n']} tokens. Differences in "
+             f"{hardest[f'{comparisons[0][0]} - {comparisons[0][1]}'][0]['n']} tokens. Differences in "
              "nats/token, mean [95% CI]; negative = the first arm predicts better.", "",
              "Hardest 10%, every seed (CI over documents) and pooled (CI over seeds and documents):", "",
-             "| run | " + " | ".join(f"{a} - {b}" for a, b in COMPARISONS) + " |",
-             "|---|" + "---|" * len(COMPARISONS)]
+             "| run | " + " | ".join(f"{a} - {b}" for a, b in comparisons) + " |",
+             "|---|" + "---|" * len(comparisons)]
     for i, name in enumerate(names):
         lines.append(f"| {name} | " + " | ".join(format_cell(hardest[f'{a} - {b}'][i], True)
-                                                for a, b in COMPARISONS) + " |")
+                                                for a, b in comparisons) + " |")
     for subset, label in (("hardest", "**pooled, hardest 10%**"), ("all", "pooled, all tokens")):
+        if subset not in result["pooled"]:
+            continue
         lines.append(f"| {label} | " + " | ".join(format_cell(result["pooled"][subset][f"{a} - {b}"], True)
-                                                 for a, b in COMPARISONS) + " |")
-    lines += ["", "Primary metric, pooled over the seeds:", ""]
-    for a, b in COMPARISONS[:2]:
+                                                 for a, b in comparisons) + " |")
+    lines += ["", "The first two differences, pooled over the seeds:", ""]
+    for a, b in comparisons[:2]:
         s = result["pooled"]["hardest"][f"{a} - {b}"]
         lines.append(f"* `{a} - {b}`: {format_cell(s, True)}: {verdict(s)}")
     return "\n".join(lines)
@@ -122,10 +115,11 @@ def tables(result: dict) -> str:
 
 def plot_seeds(result: dict, path: Path) -> None:
     """The two primary differences of every seed and pooled, with their 95% CIs."""
+    comparisons = [tuple(c) for c in result["comparisons"]]
     fig, ax = new_figure(8, 4.2)
     ax.axvline(0.0, color="0.4", linewidth=1)
     names = result["runs"] + ["pooled"]
-    for (a, b), color, shift in zip(COMPARISONS[:2], ("tab:blue", "tab:orange"), (-0.12, 0.12)):
+    for (a, b), color, shift in zip(comparisons[:2], ("tab:blue", "tab:orange"), (-0.12, 0.12)):
         key = f"{a} - {b}"
         stats = result["per_seed"]["hardest"][key] + [result["pooled"]["hardest"][key]]
         y = np.arange(len(names)) + shift
@@ -142,7 +136,8 @@ def plot_seeds(result: dict, path: Path) -> None:
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("runs", nargs="+", help="evidence run folders (same configuration, other seeds)")
+    p.add_argument("runs", nargs="+", help="evidence run folders, or thought_content.py result "
+                                           "folders (same configuration, other seeds)")
     p.add_argument("--out", required=True, help="results folder")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     args = p.parse_args(argv)

@@ -35,10 +35,8 @@ from quietstar.evaluation import THOUGHT_SOURCES
 from quietstar.models import EMBEDDED_MODEL, load_quietstar_model
 from quietstar.statistics import format_cell, summarize
 
+from quietstar.evidence import CONTENT_COMPARISONS as COMPARISONS
 from quietstar.evidence import token_nlls_without_thought, token_subsets
-
-COMPARISONS = (("sampled", "random"), ("sampled", "shifted"), ("sampled", "without"),
-               ("random", "without"), ("shifted", "without"))
 
 
 def measure(model, base_model, texts, max_length: int, batch_size: int, seed: int,

@@ -9,7 +9,9 @@ base model. docs/results/README.md reports them.
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import numpy as np
 
@@ -23,6 +25,9 @@ LABELS = {"quietstar_with": "1. Quiet-STaR, with thoughts",
 # The two comparisons the experiment is about (primary), then context.
 COMPARISONS = (("quietstar_with", "control"), ("quietstar_with", "quietstar_without"),
                ("quietstar_with", "base"), ("control", "base"), ("quietstar_without", "base"))
+# ``thought_content.py``: own ("sampled") thoughts against the controls, then against none.
+CONTENT_COMPARISONS = (("sampled", "random"), ("sampled", "shifted"), ("sampled", "without"),
+                       ("random", "without"), ("shifted", "without"))
 HARDEST_FRACTION = 0.1
 
 
@@ -53,3 +58,16 @@ def token_nlls_without_thought(model, texts, max_length: int, batch_size: int) -
     """(NLL, document) of every token of ``texts``, no thoughts, in ``analysis.token_nlls``' order."""
     nll = token_nlls(model, texts, thought_tokens=0, max_length=max_length, batch_size=batch_size)
     return nll.base, nll.document
+
+
+def load_content_result(folder) -> dict | None:
+    """A ``thought_content.py`` result folder (``nll.npz``, ``results.json``) as its per-token NLLs
+    ("untrained", "document", "without" and each thought source) plus "subsets": the token sets
+    on which every source thought (only "hardest" for ``--think-at hardest``). None if ``folder``
+    holds no such result."""
+    folder = Path(folder)
+    if not (folder / "nll.npz").exists():
+        return None
+    nll = dict(np.load(folder / "nll.npz"))
+    settings = json.loads((folder / "results.json").read_text())
+    return nll | {"subsets": ("hardest",) if settings.get("think_at") == "hardest" else ("all", "hardest")}

@@ -12,6 +12,7 @@ import torch
 from conftest import load_script
 from quietstar.evaluation import load_items
 from quietstar.metrics import read_metrics
+from quietstar.statistics import seed_document_bootstrap
 from quietstar.train import TrainConfig, build_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -145,10 +146,10 @@ def test_seed_bootstrap_counts_seed_to_seed_variation_as_noise():
     # Two seeds that disagree completely and have no document-level noise: the pooled mean is 0
     # and every resample's mean is -1, 0 or +1, so the 95% interval is [-1, +1].
     split = np.stack([np.full(30, -1.0), np.full(30, 1.0)])
-    assert pool_seeds.seed_document_bootstrap(split, documents) == (-1.0, 1.0)
+    assert seed_document_bootstrap(split, documents) == (-1.0, 1.0)
     # Identical seeds: only the documents vary, as in one run's own interval.
     one = np.random.default_rng(0).normal(-0.5, 1.0, 30)
-    low, high = pool_seeds.seed_document_bootstrap(np.stack([one, one, one]), documents)
+    low, high = seed_document_bootstrap(np.stack([one, one, one]), documents)
     single = evidence.summarize(one, documents)
     assert low < one.mean() < high
     assert low == pytest.approx(single["ci_low"], abs=0.1) and high == pytest.approx(single["ci_high"], abs=0.1)
@@ -184,8 +185,35 @@ def test_pooling_refuses_runs_on_other_held_out_text(tmp_path):
     b = _fake_run(tmp_path / "b", np.arange(20, dtype=float) + 1, document, -0.1)
     with pytest.raises(ValueError, match="did not score the same held-out tokens"):
         pool_seeds.main([str(a), str(b), "--out", str(tmp_path / "out")])
-    with pytest.raises(FileNotFoundError, match="not a finished evidence run"):
+    with pytest.raises(FileNotFoundError, match="neither a finished evidence run"):
         pool_seeds.main([str(a), str(tmp_path / "missing"), "--out", str(tmp_path / "out")])
+    c = _fake_content(tmp_path / "c", np.arange(20, dtype=float), document, -0.1, "all")
+    with pytest.raises(ValueError, match="not the same kind of run"):
+        pool_seeds.main([str(a), str(c), "--out", str(tmp_path / "out")])
+
+
+def _fake_content(folder: Path, untrained, document, shift: float, think_at: str) -> Path:
+    """A thought_content.py result: own thoughts ``shift`` better than random, 2 * shift than shifted."""
+    folder.mkdir(parents=True)
+    without = untrained - 1.0
+    np.savez(folder / "nll.npz", untrained=untrained, document=document, without=without,
+             sampled=without + shift, random=without, shifted=without - shift)
+    (folder / "results.json").write_text(json.dumps({"think_at": think_at}))
+    return folder
+
+
+def test_pooled_report_of_thought_content_results(tmp_path):
+    untrained = np.arange(40, dtype=float)
+    document = np.repeat(np.arange(8), 5)
+    runs = [_fake_content(tmp_path / f"seed{i}", untrained, document, shift, "hardest")
+            for i, shift in enumerate((-0.1, -0.3))]
+    result = pool_seeds.main([str(r) for r in runs] + ["--out", str(tmp_path / "pooled")])
+    assert set(result["pooled"]) == {"hardest"}  # only the hardest tokens thought
+    assert result["pooled"]["hardest"]["sampled - random"]["mean"] == pytest.approx(-0.2)
+    assert result["pooled"]["hardest"]["sampled - shifted"]["mean"] == pytest.approx(-0.4)
+    assert [s["mean"] for s in result["per_seed"]["hardest"]["sampled - without"]] == pytest.approx([-0.1, -0.3])
+    text = (tmp_path / "pooled" / "results.md").read_text()
+    assert "sampled - shifted" in text and "pooled, all tokens" not in text
 
 
 
@@ -249,3 +277,42 @@ def test_results_summary_matches_the_recorded_runs():
         run = json.loads((results / "scratchpad-dev" / f"confirm-{seed.replace('_', '')}.json").read_text())
         assert cells["own_minus_shifted_answers"]["mean"] == round(run["own - shifted"]["mean"], 4)
         assert cells["own_minus_random_answers"]["ci_high"] == round(run["own - random"]["ci_high"], 4) < 0
+
+
+# ---------------------------------------------------------------------------- comparing variants
+compare_variants = _load_experiment("compare_variants")
+
+
+def test_variants_are_compared_seed_by_seed(tmp_path):
+    untrained = np.arange(40, dtype=float)
+    document = np.repeat(np.arange(8), 5)
+
+    def variant(name, lm_shift, thought_shift):  # two seeds; seed i's LM is i * 0.1 worse
+        folders = []
+        for i in range(2):
+            folder = tmp_path / f"{name}{i}"
+            folder.mkdir()
+            without = untrained - 1.0 + lm_shift + 0.1 * i
+            np.savez(folder / "nll.npz", untrained=untrained, document=document, without=without,
+                     sampled=without + thought_shift, random=without, shifted=without)
+            (folder / "results.json").write_text(json.dumps({"think_at": "hardest"}))
+            folders.append(str(folder))
+        return folders
+
+    result = compare_variants.main(["--variant", "E", *variant("E", 0.0, -0.3), "--variant", "F",
+                                    *variant("F", -0.1, -0.1), "--out", str(tmp_path / "out")])
+    hard = result["differences"]["hardest"]
+    assert set(result["differences"]) == {"hardest"}
+    assert hard["E: with - without"]["pooled"]["mean"] == pytest.approx(-0.3)
+    assert hard["F: with - without"]["pooled"]["mean"] == pytest.approx(-0.1)
+    assert hard["E - F, without"]["pooled"]["mean"] == pytest.approx(0.1)  # F's LM better
+    # E's thoughts win back more than F's LM is ahead: -0.3 + 0.1 + 0.1 = -0.1, the same at every seed.
+    assert [s["mean"] for s in hard["E - F, with"]["per_seed"]] == pytest.approx([-0.1, -0.1])
+    assert hard["E - F, with"]["pooled"]["ci_low"] == pytest.approx(-0.1)
+    assert "| E - F, with |" in (tmp_path / "out" / "results.md").read_text()
+    with pytest.raises(ValueError, match="same number of folders"):
+        compare_variants.main(["--variant", "E", *variant("G", 0, 0), "--variant", "F",
+                               variant("H", 0, 0)[0], "--out", str(tmp_path / "x")])
+    with pytest.raises(FileNotFoundError, match="hold no thought_content.py result"):
+        compare_variants.main(["--variant", "E", str(tmp_path), "--variant", "F", str(tmp_path),
+                               "--out", str(tmp_path / "x")])
