@@ -32,7 +32,11 @@ def quietstar_loss(
     held-out evaluation reduce, by key):
 
         base_nll                  next-token NLL without a thought
-        mixed_nll, mixed_nll_<s>  NLL of the mixed prediction of x_{i+s} (s = 1..A), and its mean
+        mixed_nll, mixed_nll_<s>  NLL of the mixed prediction of x_{i+s} (s = 1..A), and its mean,
+                                  at the positions that thought
+        model_nll                 next-token NLL of what the model predicts: the mixed prediction
+                                  where the position thought, the base one elsewhere, over every
+                                  position (= mixed_nll_1 when all think); compare with base_nll
         thought_nll               (thought_loss_weight > 0) mean NLL of the post-thought prediction
         policy_loss               the REINFORCE term (unweighted)
         mean_reward               reward after the baseline (and clamping), mean over positions
@@ -118,7 +122,10 @@ def quietstar_loss_terms(config, base_logp, mixed_logp, thought_logp, target_val
         thought_nll = _step_nlls(after_logp, thought_valid).mean()
         nll_term = nll_term + config.thought_loss_weight * thought_nll
         extra["thought_nll"] = thought_nll
-    metrics = {"base_nll": base_nll, "mixed_nll": mixed_nll.mean(), **extra,
+    # What the model predicts at every position: mixed where it thought, base where it did not.
+    model_logp = torch.where(thought_valid[..., 0], mixed_logp[..., 0].detach(), base_logp.detach())
+    metrics = {"base_nll": base_nll, "model_nll": _masked_mean(-model_logp, target_valid[..., 0]),
+               "mixed_nll": mixed_nll.mean(), **extra,
                **{f"mixed_nll_{s + 1}": mixed_nll[s] for s in range(A)},
                "policy_loss": policy_loss,
                "mean_reward": _masked_mean(reward, position_valid),

@@ -168,7 +168,7 @@ class SampleWriter:
 
 # ------------------------------------------------------------------------------------- curves
 _PANELS = [  # (title, [(metric key, label)], log scale)
-    ("Next-token loss (NLL)", [("base_nll", "without thought"), ("mixed_nll_1", "with thought"),
+    ("Next-token loss (NLL)", [("base_nll", "without thought"), ("model_nll", "with thought"),
                                ("eval/nll_without_thought", "held-out, without"),
                                ("eval/nll_with_thought", "held-out, with")], False),
     ("Total loss", [("loss", "total (incl. policy term)")], False),

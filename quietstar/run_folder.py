@@ -110,8 +110,8 @@ def summary(out_dir: Path, last_checkpoint: Path | None, step: int, total: float
     if len(history["base_nll"]) >= 2:
         first, last = history["base_nll"][:5], history["base_nll"]
         lines.append(f"Training NLL (mean of 5 steps): {running_mean(first):.3f} -> {running_mean(last):.3f}"
-                     f" without thought, {running_mean(history['mixed_nll_1'][:5]):.3f} -> "
-                     f"{running_mean(history['mixed_nll_1']):.3f} with thought")
+                     f" without thought, {running_mean(history['model_nll'][:5]):.3f} -> "
+                     f"{running_mean(history['model_nll']):.3f} with thought")
     if "eval/nll_with_thought" in first_eval and "eval/nll_with_thought" in record:
         lines.append(f"Held-out NLL: {first_eval['eval/nll_without_thought']:.4f} -> "
                      f"{record['eval/nll_without_thought']:.4f} without thought, "

@@ -60,7 +60,7 @@ __all__ = ["TrainConfig", "TrainResult", "TrainingDiverged", "TrainingRecipe", "
 logger = logging.getLogger(__name__)
 
 # Shown on the progress bar and in the summary (a running mean of the last steps).
-PROGRESS_METRICS = ("base_nll", "mixed_nll_1", "thought_gain")
+PROGRESS_METRICS = ("base_nll", "model_nll", "thought_gain")
 
 
 @dataclass
@@ -370,7 +370,7 @@ class TrainingRecipe:
                 self.history[key].append(record[key])
         self.bar.set_postfix_str(
             f"nll {running_mean(self.history['base_nll']):.3f} with thought "
-            f"{running_mean(self.history['mixed_nll_1']):.3f} gain "
+            f"{running_mean(self.history['model_nll']):.3f} gain "
             f"{running_mean(self.history['thought_gain']):+.3f}", refresh=False)
         self.bar.update(1)
         if self.samples is not None and (step % self.config.sample_every == 0 or step == 1):

@@ -106,7 +106,9 @@ class HeldoutLoss:
     the same numbers and successive evaluations differ only by training.
     """
 
-    NAMES = {"base_nll": "eval/nll_without_thought", "mixed_nll_1": "eval/nll_with_thought",
+    # "with thought": what the model predicts, mixed where it thinks (all positions at
+    # thought_fraction 1), base elsewhere; so both numbers cover the same tokens.
+    NAMES = {"base_nll": "eval/nll_without_thought", "model_nll": "eval/nll_with_thought",
              "thought_gain": "eval/thought_gain"}
 
     def __init__(self, batches: Sequence[dict[str, torch.Tensor]], seed: int):

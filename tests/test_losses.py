@@ -56,7 +56,8 @@ def reference(n, baseline, drop, base, mixed, thought, valid, base_w, mixed_w, p
                  for s in range(A)]
     policy = over_positions(lambda r, i: -used[r][i] * sum(thought[r][i]) / k)
     loss = base_w * base_nll + mixed_w * sum(mixed_nll) / A + policy_w * policy
-    metrics = {"base_nll": base_nll, "mixed_nll": sum(mixed_nll) / A,
+    metrics = {"base_nll": base_nll, "model_nll": over_positions(lambda r, i: -mixed[r][i][0]),
+               "mixed_nll": sum(mixed_nll) / A,
                **{f"mixed_nll_{s + 1}": mixed_nll[s] for s in range(A)},
                "policy_loss": policy,
                "mean_reward": over_positions(lambda r, i: used[r][i]),
@@ -184,6 +185,24 @@ def test_quietstar_loss_equals_reference_on_random_inputs(baseline, drop):
     mixed = (-torch.rand(B * n, L, A, generator=g) * 3).tolist()
     thought = (-torch.rand(B * n, L, k, generator=g) * 3).tolist()
     check(n, baseline, drop, base, mixed, thought, valid)
+
+
+def test_model_nll_mixes_where_positions_thought_and_is_base_elsewhere():
+    """With only some positions thinking (``thought_valid``), model_nll is the NLL of what the
+    model predicts at every position with a next token: the mixed prediction where it thought,
+    the base one elsewhere; mixed_nll_1 covers the thinking positions only. Hand example: only
+    position 0 thinks. Text 0 (positions 0-2 valid): rows 0/1 mixed -0.5 / -1.5 at 0, base -2.0
+    and -0.5 at 1, 2; text 1 (positions 0, 2): mixed -1.0 / -2.0, base -0.25."""
+    config = QuietStarConfig(thoughts_per_position=N, ahead_tokens=2, sampled_thought_tokens=2)
+    tensors = [torch.tensor(x, dtype=torch.float64) for x in (BASE, MIXED, THOUGHT)]
+    valid = torch.tensor(VALID)
+    thought_valid = valid.clone()
+    thought_valid[:, 1:] = False
+    _, metrics = quietstar_loss(config, *tensors, valid, thought_valid=thought_valid)
+    model_nll = (0.5 + 2.0 + 0.5 + 1.5 + 2.0 + 0.5 + 1.0 + 0.25 + 2.0 + 0.25) / 10
+    assert metrics["model_nll"].item() == pytest.approx(model_nll, abs=1e-12)
+    assert metrics["mixed_nll_1"].item() == pytest.approx((0.5 + 1.5 + 1.0 + 2.0) / 4, abs=1e-12)
+    assert metrics["base_nll"].item() == pytest.approx((1 + 2 + 0.5 + 1 + 2 + 0.5 + 1.5 + 0.25 + 1.5 + 0.25) / 10)
 
 
 def test_no_valid_target_gives_a_finite_zero_loss():

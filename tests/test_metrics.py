@@ -17,7 +17,7 @@ def noisy_records(steps: int = 40, seed: int = 0) -> list[dict]:
     records = []
     for step in range(1, steps + 1):
         record = {"step": step, "base_nll": 3 - step / steps + rng.gauss(0, 0.5),
-                  "mixed_nll_1": 3 - step / steps + rng.gauss(0, 0.5), "reward_spread": abs(rng.gauss(0.2, 0.1)),
+                  "model_nll": 3 - step / steps + rng.gauss(0, 0.5), "reward_spread": abs(rng.gauss(0.2, 0.1)),
                   "lr": 1e-4 * min(1, step / 4)}
         if step % 10 == 0:
             record["eval/nll_with_thought"] = 2.5 - step / 100

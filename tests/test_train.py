@@ -316,7 +316,7 @@ def test_run_folder_holds_checkpoints_curves_samples_and_config(tiny_model_dir, 
     assert [p.name for p in list_checkpoints(out)] == ["checkpoint-000003", "checkpoint-000004"]
     assert result.checkpoint == out / "checkpoint-000004" and result.step == 4
     record = read_metrics(out / "metrics.jsonl")[-1]
-    for key in ("loss", "base_nll", "mixed_nll_1", "mixed_nll_2", "policy_loss", "mean_reward",
+    for key in ("loss", "base_nll", "mixed_nll_1", "model_nll", "mixed_nll_2", "policy_loss", "mean_reward",
                 "positive_reward_fraction", "reward_spread", "thought_gain", "mean_mixing_weight", "lr",
                 "grad_norm", "tokens_per_s"):
         assert math.isfinite(record[key]), key
@@ -399,6 +399,22 @@ def test_heldout_loss_without_thought_is_the_base_models_nll(tiny_model_dir):
     assert result["eval/nll_without_thought"] == pytest.approx(reference.item(), rel=1e-5)
     # An untrained mixing head has weight 0: the thought changes nothing yet.
     assert result["eval/nll_with_thought"] == pytest.approx(result["eval/nll_without_thought"], rel=1e-6)
+
+
+def test_heldout_nll_with_thought_covers_every_token_at_a_thought_fraction():
+    """At thought_fraction 0.25 "with thought" is what the model predicts at every token (mixed
+    where it thought, base elsewhere), so it is comparable with "without": with the untrained head
+    (weight 0) the two are equal, although the thinking positions alone (the most uncertain ones,
+    mixed_nll_1) are harder."""
+    model = make_model("llama", thought_fraction=0.25)
+    model.eval()
+    ids = torch.randint(2, 300, (2, 16), generator=torch.Generator().manual_seed(1))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    with torch.no_grad():
+        result = HeldoutLoss([batch], seed=0)(model, step=1)
+        out = model(ids, batch["attention_mask"], ids, generator=torch.Generator().manual_seed(0))
+    assert result["eval/nll_with_thought"] == pytest.approx(result["eval/nll_without_thought"], rel=1e-6)
+    assert out.metrics["mixed_nll_1"].item() != pytest.approx(out.metrics["base_nll"].item(), rel=1e-3)
 
 
 def test_eval_hooks_run_every_n_steps_in_eval_mode(tiny_model_dir, tmp_path):
