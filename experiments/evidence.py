@@ -263,6 +263,9 @@ def plot_curves(quietstar_dir: Path, control_dir: Path, path: Path) -> None:
     from matplotlib.figure import Figure
 
     q, c = read_metrics(quietstar_dir / "metrics.jsonl"), read_metrics(control_dir / "metrics.jsonl")
+    # What the model predicts at every token; runs logged before it existed have mixed_nll_1 (the
+    # same number when every position thinks).
+    with_key = "model_nll" if any("model_nll" in r for r in q) else "mixed_nll_1"
     fig = Figure(figsize=(13, 3.8), layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, 3)
@@ -274,7 +277,7 @@ def plot_curves(quietstar_dir: Path, control_dir: Path, path: Path) -> None:
     panels = ((axes[0], "REINFORCE reward", [(q, "mean_reward", "mean reward")]),
               (axes[1], "mixing weight", [(q, "mean_mixing_weight", "mean mixing weight w")]),
               (axes[2], "training NLL", [(q, "base_nll", "Quiet-STaR, without thought"),
-                                         (q, "mixed_nll_1", "Quiet-STaR, with thought"),
+                                         (q, with_key, "Quiet-STaR, with thought"),
                                          (c, "loss", "continued pretraining")]))
     for ax, title, lines in panels:
         for records, key, label in lines:
