@@ -22,14 +22,13 @@ writes ``results.md`` and ``results.json`` into ``--out``.
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import sys
 from pathlib import Path
 
 import numpy as np
 
-from quietstar.evidence import load_content_result, token_subsets
+from quietstar.evidence import load_content_result, token_subsets, write_results
 from quietstar.statistics import format_cell, seed_document_bootstrap, summarize
 
 
@@ -114,12 +113,7 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     command = "python experiments/compare_variants.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     result = compare(load_variants(args.variant), args.seed) | {"command": command}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
-    text = "\n".join([f"# Variants compared `{out.name}`", "", "Command (from the repository root):", "",
-                      f"```\n{command}\n```", "", tables(result), ""])
-    (out / "results.md").write_text(text, encoding="utf-8")
+    write_results(args.out, f"Variants compared `{Path(args.out).name}`", command, result, [tables(result)])
     print(tables(result))
     return result
 

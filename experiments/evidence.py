@@ -49,7 +49,7 @@ from quietstar.config import QuietStarConfig
 from quietstar.data import heldout_split, load_texts
 from quietstar.evaluation import direct_scores, load_items
 from quietstar.evidence import (ARMS, COMPARISONS, LABELS, arm_nlls, token_nlls_without_thought,
-                                token_subsets, verdict)
+                                token_subsets, verdict, write_results)
 from quietstar.metrics import read_metrics
 from quietstar.modeling import QuietStarForCausalLM
 from quietstar.models import EMBEDDED_MODEL
@@ -393,17 +393,13 @@ def main(argv=None) -> dict:
 
     result = compare(arms, args.seed)
     result |= {"command": command, "elapsed_s": time.perf_counter() - started}
-    (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
     plot_curves(out / "quietstar", out / "control", out / "curves.png")
     plot_deciles(result, out / "difficulty.png")
-    text = "\n".join([
-        f"# Evidence run `{out.name}`", "", "Command (from the repository root):", "",
-        f"```\n{command}\n```", "",
+    write_results(out, f"Evidence run `{out.name}`", command, result, [
         (f"Wall time {result['elapsed_s'] / 60:.1f} min. Primary metric (fixed in advance): "
          "hardest-10% held-out NLL differences marked **primary** below."), "", tables(result), "",
         "![training curves](curves.png)", "", "![difficulty](difficulty.png)", "",
-        "Training configuration (both trained arms):", "", f"```yaml\n{config.to_yaml()}```", ""])
-    (out / "results.md").write_text(text, encoding="utf-8")
+        "Training configuration (both trained arms):", "", f"```yaml\n{config.to_yaml()}```"])
     print(tables(result))
     return result
 

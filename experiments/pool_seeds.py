@@ -26,7 +26,6 @@ against random and shifted ones, then against none, per seed and seed-averaged.
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import sys
 from pathlib import Path
@@ -37,7 +36,7 @@ from quietstar.statistics import format_cell, seed_document_bootstrap, summarize
 from quietstar.plots import new_figure, save_figure
 
 from quietstar.evidence import (COMPARISONS, CONTENT_COMPARISONS, arm_nlls, load_content_result,
-                                token_subsets, verdict)
+                                token_subsets, verdict, write_results)
 
 
 def load_run(folder: Path) -> dict:
@@ -148,11 +147,9 @@ def main(argv=None) -> dict:
     result = pool(runs, args.seed) | {"command": command}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
     plot_seeds(result, out / "seeds.png")
-    text = "\n".join([f"# Pooled evidence runs `{out.name}`", "", "Command (from the repository root):",
-                      "", f"```\n{command}\n```", "", tables(result), "", "![seeds](seeds.png)", ""])
-    (out / "results.md").write_text(text, encoding="utf-8")
+    write_results(out, f"Pooled evidence runs `{out.name}`", command, result,
+                  [tables(result), "", "![seeds](seeds.png)"])
     print(tables(result))
     return result
 

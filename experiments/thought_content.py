@@ -22,7 +22,6 @@ CIs over documents. If ``sampled`` beats both controls, the content matters.
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import sys
 from pathlib import Path
@@ -36,7 +35,7 @@ from quietstar.models import EMBEDDED_MODEL, load_quietstar_model
 from quietstar.statistics import format_cell, summarize
 
 from quietstar.evidence import CONTENT_COMPARISONS as COMPARISONS
-from quietstar.evidence import token_nlls_without_thought, token_subsets
+from quietstar.evidence import token_nlls_without_thought, token_subsets, write_results
 
 
 def measure(model, base_model, texts, max_length: int, batch_size: int, seed: int,
@@ -115,10 +114,7 @@ def main(argv=None) -> dict:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     np.savez(out / "nll.npz", **nll)
-    (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
-    text = "\n".join([f"# Thought content `{out.name}`", "", "Command (from the repository root):", "",
-                      f"```\n{command}\n```", "", tables(result), ""])
-    (out / "results.md").write_text(text, encoding="utf-8")
+    write_results(out, f"Thought content `{out.name}`", command, result, [tables(result)])
     print(tables(result))
     return result
 

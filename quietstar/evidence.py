@@ -71,3 +71,14 @@ def load_content_result(folder) -> dict | None:
     nll = dict(np.load(folder / "nll.npz"))
     settings = json.loads((folder / "results.json").read_text())
     return nll | {"subsets": ("hardest",) if settings.get("think_at") == "hardest" else ("all", "hardest")}
+
+
+def write_results(out, title: str, command: str, result: dict, body: list[str]) -> None:
+    """An experiment's report into the folder ``out``: ``results.json`` (``result``) and
+    ``results.md`` (``title``, the command that made it, then the ``body`` lines)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+    text = "\n".join([f"# {title}", "", "Command (from the repository root):", "",
+                      f"```\n{command}\n```", "", *body, ""])
+    (out / "results.md").write_text(text, encoding="utf-8")
