@@ -89,6 +89,7 @@ def train_config(args: argparse.Namespace, output_dir: Path) -> TrainConfig:
         seq_len=args.seq_len, batch_size=args.batch_size, micro_batch_size=1, max_steps=args.steps,
         learning_rate=args.lr, warmup_steps=args.warmup_steps, seed=args.seed,
         mixing_head_lr_multiplier=args.mixing_head_lr_multiplier,
+        policy_max_grad_norm=args.policy_max_grad_norm,
         # Held-out documents are the first --heldout-documents of the data; train() leaves them out
         # of training only when it evaluates, so it evaluates once (one batch) at the end.
         eval_every=args.steps, eval_batches=1, eval_documents=args.heldout_documents,
@@ -342,6 +343,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any other QuietStarConfig field of arm 1 (repeatable), e.g. "
                         "--set reward_source=thought --set thought_fraction=0.25")
+    p.add_argument("--policy-max-grad-norm", type=float, default=None,
+                   help="clip arm 1's REINFORCE gradient apart from its NLL gradient at this norm "
+                        "(TrainConfig.policy_max_grad_norm; default: one gradient, clipped together)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-max-length", type=int, default=128, help="tokens per held-out window")
     p.add_argument("--eval-batch-size", type=int, default=4)

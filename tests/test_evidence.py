@@ -120,12 +120,14 @@ def test_questions_inside_the_training_text_are_refused():
 
 def test_method_and_optimiser_settings_reach_the_quietstar_arm(tmp_path):
     args = evidence.parse_args(["--out", str(tmp_path), "--base-loss-weight", "1.0",
-                                "--mixed-loss-weight", "0.25", "--mixing-head-lr-multiplier", "10"])
+                                "--mixed-loss-weight", "0.25", "--mixing-head-lr-multiplier", "10",
+                                "--policy-max-grad-norm", "2"])
     config = evidence.train_config(args, tmp_path)
     assert (config.quietstar.base_loss_weight, config.quietstar.mixed_loss_weight) == (1.0, 0.25)
-    assert config.mixing_head_lr_multiplier == 10.0
+    assert (config.mixing_head_lr_multiplier, config.policy_max_grad_norm) == (10.0, 2.0)
     default = evidence.train_config(evidence.parse_args(["--out", str(tmp_path)]), tmp_path).quietstar
     assert (default.base_loss_weight, default.mixed_loss_weight) == (0.5, 0.5)
+    assert evidence.train_config(evidence.parse_args(["--out", str(tmp_path)]), tmp_path).policy_max_grad_norm is None
     # --set reaches any other method field, typed and validated by QuietStarConfig.
     args = evidence.parse_args(["--out", str(tmp_path), "--set", "reward_source=thought",
                                 "--set", "thought_loss_weight=0.1", "--set", "thought_fraction=0.25"])
