@@ -143,7 +143,12 @@ def main(argv=None) -> dict:
     if len(args.runs) < 2:
         p.error("pooling needs at least two runs")
     command = "python experiments/pool_seeds.py " + shlex.join(sys.argv[1:] if argv is None else argv)
-    runs = {Path(r).name: load_run(Path(r)) for r in args.runs}
+    names = [Path(r).name for r in args.runs]
+    if len(set(names)) < len(names):  # e.g. RUN/thought-content folders: name them by their run
+        names = [f"{Path(r).parent.name}/{Path(r).name}" for r in args.runs]
+    if len(set(names)) < len(names):
+        p.error(f"the runs must be different folders, got {args.runs}")
+    runs = {name: load_run(Path(r)) for name, r in zip(names, args.runs)}
     result = pool(runs, args.seed) | {"command": command}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -207,9 +207,10 @@ def _fake_content(folder: Path, untrained, document, shift: float, think_at: str
 def test_pooled_report_of_thought_content_results(tmp_path):
     untrained = np.arange(40, dtype=float)
     document = np.repeat(np.arange(8), 5)
-    runs = [_fake_content(tmp_path / f"seed{i}", untrained, document, shift, "hardest")
-            for i, shift in enumerate((-0.1, -0.3))]
+    runs = [_fake_content(tmp_path / f"seed{i}" / "thought-content", untrained, document, shift, "hardest")
+            for i, shift in enumerate((-0.1, -0.3))]  # folders of one name: named by their run
     result = pool_seeds.main([str(r) for r in runs] + ["--out", str(tmp_path / "pooled")])
+    assert result["runs"] == ["seed0/thought-content", "seed1/thought-content"]
     assert set(result["pooled"]) == {"hardest"}  # only the hardest tokens thought
     assert result["pooled"]["hardest"]["sampled - random"]["mean"] == pytest.approx(-0.2)
     assert result["pooled"]["hardest"]["sampled - shifted"]["mean"] == pytest.approx(-0.4)
