@@ -275,7 +275,16 @@ def test_results_summary_matches_the_recorded_runs():
     content = json.loads((results / "run8-gsm8k-pw1-seed3" / "thought-content" / "results.json").read_text())
     cell = summary["single_model_real_text"]["own_minus_shifted_hardest10"]
     assert cell["mean"] == round(content["difference"]["hardest"]["sampled - shifted"]["mean"], 4)
-    assert summary["pooled_real_text"]["own_minus_shifted_hardest10"] is None  # not run: said, not invented
+    pooled = results / "content-pooled-seeds-0-2"
+    content = json.loads((pooled / "thought-content" / "results.json").read_text())["pooled"]["hardest"]
+    arms = json.loads((pooled / "evidence" / "results.json").read_text())["pooled"]["hardest"]
+    real = summary["pooled_real_text"]
+    for key, source in (("own_minus_shifted_hardest10", content["sampled - shifted"]),
+                        ("own_minus_random_hardest10", content["sampled - random"]),
+                        ("with_minus_control_hardest10", arms["quietstar_with - control"])):
+        assert [real[key][k] for k in ("mean", "ci_low", "ci_high")] == [round(source[k], 4) for k in ("mean", "ci_low", "ci_high")], key
+        assert real[key]["seeds"] == [0, 1, 2]
+    assert "bar not met" in real["status"] and real["own_minus_random_hardest10"]["ci_low"] > 0
     for seed, cells in summary["scratchpad_toy"]["per_seed"].items():
         run = json.loads((results / "scratchpad-dev" / f"confirm-{seed.replace('_', '')}.json").read_text())
         assert cells["own_minus_shifted_answers"]["mean"] == round(run["own - shifted"]["mean"], 4)
