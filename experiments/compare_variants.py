@@ -90,7 +90,9 @@ def tables(result: dict) -> str:
     lines = [f"Held-out: {result['n_documents']} documents, {result['n_tokens']} tokens; variants "
              f"{', '.join(result['variants'])}, {result['seeds']} seeds each. NLL differences in nats/token, "
              "mean [95% CI]; negative = the first predicts better. `with` = after the variant's own "
-             "thoughts, `without` = its language model alone."]
+             "thoughts, `without` = its language model alone. Seed #i is the i-th folder of each variant:"]
+    lines += [""] + [f"* {name}: " + ", ".join(f"`{f}`" for f in folders)
+                     for name, folders in result.get("folders", {}).items()]
     for subset, label in (("hardest", "Hardest 10%"), ("all", "All tokens")):
         if subset not in result["differences"]:
             continue
@@ -112,7 +114,8 @@ def main(argv=None) -> dict:
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     args = p.parse_args(argv)
     command = "python experiments/compare_variants.py " + shlex.join(sys.argv[1:] if argv is None else argv)
-    result = compare(load_variants(args.variant), args.seed) | {"command": command}
+    result = compare(load_variants(args.variant), args.seed) | {
+        "command": command, "folders": {name: folders for name, *folders in args.variant}}
     write_results(args.out, f"Variants compared `{Path(args.out).name}`", command, result, [tables(result)])
     print(tables(result))
     return result
