@@ -39,7 +39,8 @@ def weights(checkpoint_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(model / "model.safetensors") | load_file(model / "quietstar_head.safetensors")
 
 
-def wait_for_steps(out: Path, steps: int, process: subprocess.Popen, timeout: float = 60) -> None:
+def wait_for_steps(out: Path, steps: int, process: subprocess.Popen, timeout: float = 180) -> None:
+    # Generous: a step takes well under a second, but a shared machine can starve a subprocess.
     deadline = time.monotonic() + timeout
     while len(read_metrics(out / "metrics.jsonl")) < steps:
         assert process.poll() is None, process.communicate()[1][-2000:]
