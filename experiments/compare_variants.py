@@ -28,8 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
-from quietstar.evidence import load_content_result, token_subsets, write_results
-from quietstar.statistics import format_cell, seed_document_bootstrap, summarize
+from quietstar.evidence import load_content_result, same_tokens, shared_subsets, write_results
+from quietstar.statistics import format_cell, seed_summaries
 
 
 def load_variants(variants: list[list[str]]) -> dict[str, list[dict]]:
@@ -52,25 +52,16 @@ def load_variants(variants: list[list[str]]) -> dict[str, list[dict]]:
     first = next(iter(loaded.values()))[0]
     for name, results in loaded.items():
         for r in results:
-            if not (np.array_equal(r["untrained"], first["untrained"])
-                    and np.array_equal(r["document"], first["document"])):
+            if not same_tokens(r, first):
                 raise ValueError(f"--variant {name}: a folder scored other held-out tokens than the "
                                  "first; compare results of one --data and --heldout-documents")
     return loaded
 
 
-def summarize_seeds(diffs: np.ndarray, document: np.ndarray, seed: int) -> dict:
-    """Per-seed summaries of ``diffs`` [S, T] and their seed-averaged mean with its two-level CI."""
-    low, high = seed_document_bootstrap(diffs, document, seed)
-    return {"per_seed": [summarize(d, document, seed) for d in diffs],
-            "pooled": {"mean": float(diffs.mean()), "ci_low": low, "ci_high": high, "n": int(diffs.shape[1])}}
-
-
 def compare(loaded: dict[str, list[dict]], seed: int = 0) -> dict:
     names = list(loaded)
     first = loaded[names[0]][0]
-    shared = [s for s in ("all", "hardest") if all(s in r["subsets"] for rs in loaded.values() for r in rs)]
-    subsets = {s: i for s, i in token_subsets(first["untrained"]).items() if s in shared}
+    subsets = shared_subsets(first["base"], [r for rs in loaded.values() for r in rs])
     document = first["document"]
     rows = {f"{n}: with - without": [(r["sampled"], r["without"]) for r in loaded[n]] for n in names}
     for other in names[1:]:
@@ -81,7 +72,7 @@ def compare(loaded: dict[str, list[dict]], seed: int = 0) -> dict:
               "n_documents": int(np.unique(document).size), "differences": {}}
     for subset, index in subsets.items():
         result["differences"][subset] = {
-            row: summarize_seeds(np.stack([a[index] - b[index] for a, b in pairs]), document[index], seed)
+            row: seed_summaries(np.stack([a[index] - b[index] for a, b in pairs]), document[index], seed)
             for row, pairs in rows.items()}
     return result
 

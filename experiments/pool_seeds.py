@@ -32,11 +32,11 @@ from pathlib import Path
 
 import numpy as np
 
-from quietstar.statistics import format_cell, seed_document_bootstrap, summarize
+from quietstar.statistics import format_cell, seed_summaries
 from quietstar.plots import new_figure, save_figure
 
 from quietstar.evidence import (COMPARISONS, CONTENT_COMPARISONS, arm_nlls, load_content_result,
-                                token_subsets, verdict, write_results)
+                                same_tokens, shared_subsets, verdict, write_results)
 
 
 def load_run(folder: Path) -> dict:
@@ -45,7 +45,7 @@ def load_run(folder: Path) -> dict:
     "comparisons" (the run kind's) and "subsets" (only "hardest" where only those tokens thought)."""
     content = load_content_result(folder)
     if content is not None:
-        return content | {"base": content["untrained"], "comparisons": CONTENT_COMPARISONS}
+        return content | {"comparisons": CONTENT_COMPARISONS}
     files = {name: folder / f"nll_{name}.npz" for name in ("base", "control", "quietstar")}
     missing = [str(p) for p in files.values() if not p.exists()]
     if missing:
@@ -65,15 +65,12 @@ def pool(runs: dict[str, dict[str, np.ndarray]], seed: int = 0) -> dict:
         if runs[name]["comparisons"] != first["comparisons"]:
             raise ValueError(f"{name} and {names[0]} are not the same kind of run: pool evidence runs "
                              "with evidence runs and thought_content.py results with their like")
-        if (runs[name]["base"].shape != first["base"].shape
-                or not np.array_equal(runs[name]["base"], first["base"])
-                or not np.array_equal(runs[name]["document"], first["document"])):
+        if not same_tokens(runs[name], first):
             raise ValueError(f"{name} did not score the same held-out tokens as {names[0]} (their "
                              "untrained-model NLLs differ): pool only runs with the same model, "
                              "data and --heldout-documents")
     base, documents, comparisons = first["base"], first["document"], first["comparisons"]
-    shared = [s for s in ("all", "hardest") if all(s in runs[n]["subsets"] for n in names)]
-    subsets = {s: i for s, i in token_subsets(base).items() if s in shared}
+    subsets = shared_subsets(base, runs.values())
     result = {"runs": names, "n_tokens": int(base.size), "comparisons": [list(c) for c in comparisons],
               "n_documents": int(np.unique(documents).size), "per_seed": {}, "pooled": {}}
     for subset, index in subsets.items():
@@ -81,10 +78,8 @@ def pool(runs: dict[str, dict[str, np.ndarray]], seed: int = 0) -> dict:
         for a, b in comparisons:
             key = f"{a} - {b}"
             diffs = np.stack([runs[n][a][index] - runs[n][b][index] for n in names])
-            result["per_seed"][subset][key] = [summarize(d, documents[index], seed) for d in diffs]
-            low, high = seed_document_bootstrap(diffs, documents[index], seed)
-            result["pooled"][subset][key] = {"mean": float(diffs.mean(1).mean()), "ci_low": low,
-                                             "ci_high": high, "n": int(diffs.shape[1])}
+            summary = seed_summaries(diffs, documents[index], seed)
+            result["per_seed"][subset][key], result["pooled"][subset][key] = summary["per_seed"], summary["pooled"]
     return result
 
 

@@ -83,8 +83,8 @@ def token_nlls(model, texts: Sequence[str], thought_tokens: int | None = None,
     windows = token_windows(texts, tokenizer, max_length)
     if not windows:
         raise ValueError("the texts hold no token with a predecessor; give longer texts")
-    n_tokens = sum(len(w) - 1 for _, w in windows)
     if think_at is not None:
+        n_tokens = sum(len(w) - 1 for _, w in windows)
         think_at = np.asarray(think_at)
         if think_at.dtype != bool or think_at.shape != (n_tokens,):
             raise ValueError(f"think_at must be a bool array of one entry per predicted token "
@@ -101,6 +101,7 @@ def token_nlls(model, texts: Sequence[str], thought_tokens: int | None = None,
             ids, mask = pad_sequences([w for _, w in batch], tokenizer.pad_token_id, "right", device)
             targets = ids[:, 1:]
             valid = mask[:, 1:].bool()
+            count = int(valid.sum())  # tokens of this batch in the result
             chosen = None
             if thought_fraction < 1 and K:  # positions with a next token; the entropy of their base prediction
                 candidates = torch.cat([valid, valid.new_zeros(len(batch), 1)], 1)
@@ -109,8 +110,8 @@ def token_nlls(model, texts: Sequence[str], thought_tokens: int | None = None,
                 thought.append(chosen[:, :-1][valid].cpu().numpy())
             elif think_at is not None and K:  # the position before each chosen token
                 chosen = torch.zeros_like(mask, dtype=torch.bool)
-                chosen[:, :-1][valid] = torch.from_numpy(think_at[done:done + int(valid.sum())]).to(device)
-            done += int(valid.sum())
+                chosen[:, :-1][valid] = torch.from_numpy(think_at[done:done + count]).to(device)
+            done += count
             base_logits, mixed_logits = next_token_logits(model, ids, mask, K, T, generator,
                                                           thought_source, chosen)
             for logits, out in ((base_logits, base), (mixed_logits, thinking))[:2 if K else 1]:

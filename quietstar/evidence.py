@@ -62,7 +62,7 @@ def token_nlls_without_thought(model, texts, max_length: int, batch_size: int) -
 
 def load_content_result(folder) -> dict | None:
     """A ``thought_content.py`` result folder (``nll.npz``, ``results.json``) as its per-token NLLs
-    ("untrained", "document", "without" and each thought source) plus "subsets": the token sets
+    ("untrained" also as "base", "document", "without" and each thought source) plus "subsets": the token sets
     on which every source thought (only "hardest" for ``--think-at hardest``). None if ``folder``
     holds no such result."""
     folder = Path(folder)
@@ -70,7 +70,20 @@ def load_content_result(folder) -> dict | None:
         return None
     nll = dict(np.load(folder / "nll.npz"))
     settings = json.loads((folder / "results.json").read_text())
-    return nll | {"subsets": ("hardest",) if settings.get("think_at") == "hardest" else ("all", "hardest")}
+    return nll | {"base": nll["untrained"],
+                  "subsets": ("hardest",) if settings.get("think_at") == "hardest" else ("all", "hardest")}
+
+
+def same_tokens(a: dict, b: dict) -> bool:
+    """Whether two loaded results scored the same held-out tokens: the same untrained-model NLLs
+    ("base") of the same documents."""
+    return np.array_equal(a["base"], b["base"]) and np.array_equal(a["document"], b["document"])
+
+
+def shared_subsets(base: np.ndarray, results) -> dict[str, np.ndarray]:
+    """``token_subsets(base)`` restricted to the subsets on which every one of ``results`` (each
+    with "subsets", as ``load_content_result`` gives) thought."""
+    return {s: i for s, i in token_subsets(base).items() if all(s in r["subsets"] for r in results)}
 
 
 def write_results(out, title: str, command: str, result: dict, body: list[str]) -> None:

@@ -72,3 +72,12 @@ def seed_document_bootstrap(differences: np.ndarray, documents: np.ndarray, seed
     alpha = (1 - confidence) / 2
     low, high = np.quantile(means, [alpha, 1 - alpha])
     return float(low), float(high)
+
+
+def seed_summaries(differences: np.ndarray, documents: np.ndarray, seed: int = 0) -> dict:
+    """``differences`` [S seeds, T tokens] summarised per seed (``summarize``, CI over documents)
+    and seed-averaged (CI of ``seed_document_bootstrap``): {"per_seed": [...], "pooled": {...}}."""
+    low, high = seed_document_bootstrap(differences, documents, seed)
+    return {"per_seed": [summarize(d, documents, seed) for d in differences],
+            "pooled": {"mean": float(differences.mean(1).mean()), "ci_low": low, "ci_high": high,
+                       "n": int(differences.shape[1])}}
