@@ -16,6 +16,15 @@ opens where a model trained on worked text has learnt to write the partial produ
 runs on it (docs/results/scratchpad-dev) a tiny model's own thoughts beat random and shifted ones
 on held-out terse answers, though training did not make the thoughts themselves better.
 
+With ``decoy_fraction`` > 0 a worked problem is, with that chance, an abandoned *decoy* instead:
+
+    decoy    7 * 8 + 3 * 4 = --- 7 3 --- ;       the first operands, and no answer
+
+A model pretrained on such text writes either kind after "= ---", so its thoughts hold the useful
+content only part of the time, though it can compute it: REINFORCE can raise that share by
+choosing the kind, without learning new facts (docs/results/scratchpad-dev, "decoys"). The decoy
+has no answer so that it does not teach the answer in one step, as a decoy followed by d would.
+
 The words are single tokens of ``scratchpad_tokenizer()`` (a word-level tokenizer, no hub).
 """
 
@@ -35,24 +44,28 @@ def partial_products(a: int, b: int, c: int, e: int) -> tuple[int, int, int]:
     return p, q, (p + q) % 10
 
 
-def scratchpad_problem(rng: random.Random, worked: bool) -> str:
+def scratchpad_problem(rng: random.Random, worked: bool, decoy_fraction: float = 0.0) -> str:
     a, b, c, e = (rng.randrange(10) for _ in range(4))
     p, q, d = partial_products(a, b, c, e)
+    if worked and decoy_fraction > 0 and not rng.random() < 1.0 - decoy_fraction:
+        return f"{a} * {b} + {c} * {e} = --- {a} {c} --- ;"
     pad = f"--- {p} {q} --- " if worked else ""
     return f"{a} * {b} + {c} * {e} = {pad}{d} ;"
 
 
 def scratchpad_corpus(num_documents: int, seed: int, worked_fraction: float = 0.5,
-                      problems: int = PROBLEMS_PER_DOCUMENT) -> list[str]:
+                      problems: int = PROBLEMS_PER_DOCUMENT, decoy_fraction: float = 0.0) -> list[str]:
     """``num_documents`` documents of ``problems`` problems each; a document is worked with
-    probability ``worked_fraction``, else terse. Deterministic per ``seed`` (a private RNG)."""
-    if not 0.0 <= worked_fraction <= 1.0:
-        raise ValueError(f"worked_fraction must be in [0, 1], got {worked_fraction}")
+    probability ``worked_fraction``, else terse, and a worked problem a decoy with probability
+    ``decoy_fraction``. Deterministic per ``seed`` (a private RNG)."""
+    for name, value in (("worked_fraction", worked_fraction), ("decoy_fraction", decoy_fraction)):
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"{name} must be in [0, 1], got {value}")
     rng = random.Random(seed)
     docs = []
     for _ in range(num_documents):
         worked = rng.random() < worked_fraction
-        docs.append(" ".join(scratchpad_problem(rng, worked) for _ in range(problems)))
+        docs.append(" ".join(scratchpad_problem(rng, worked, decoy_fraction) for _ in range(problems)))
     return docs
 
 

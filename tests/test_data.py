@@ -436,3 +436,24 @@ def test_scratchpad_corpus_writes_true_partial_products():
     assert all("---" not in d for d in scratchpad_corpus(10, seed=1, worked_fraction=0.0))
     with pytest.raises(ValueError, match="worked_fraction must be in"):
         scratchpad_corpus(1, seed=0, worked_fraction=1.5)
+
+
+def test_scratchpad_decoys_hold_the_operands_and_no_answer():
+    from quietstar.scratchpad_corpus import partial_products, scratchpad_corpus
+    docs = scratchpad_corpus(200, seed=4, worked_fraction=1.0, decoy_fraction=0.5)
+    kinds = []
+    for problem in " ; ".join(d.rstrip(" ;") for d in docs).split(" ; "):
+        w = problem.split()
+        a, b, c, e = int(w[0]), int(w[2]), int(w[4]), int(w[6])
+        p, q, d = partial_products(a, b, c, e)
+        decoy = len(w) == 12  # "a * b + c * e = --- a c ---": no answer
+        assert w[8:12] == (["---", str(a), str(c), "---"] if decoy else ["---", str(p), str(q), "---"])
+        assert decoy or int(w[12]) == d
+        kinds.append(decoy)
+    assert 0.45 < sum(kinds) / len(kinds) < 0.55
+    # no decoys by default, and the default corpus draws the same numbers as before decoys existed
+    assert scratchpad_corpus(30, seed=4) == scratchpad_corpus(30, seed=4, decoy_fraction=0.0)
+    assert all(len(problem.split()) != 12 for d in scratchpad_corpus(30, seed=4, worked_fraction=1.0)
+               for problem in d.rstrip(" ;").split(" ; "))
+    with pytest.raises(ValueError, match="decoy_fraction must be in"):
+        scratchpad_corpus(1, seed=0, decoy_fraction=-0.1)

@@ -297,6 +297,14 @@ def test_results_summary_matches_the_recorded_runs():
         run = json.loads((results / "scratchpad-dev" / f"confirm-{seed.replace('_', '')}.json").read_text())
         assert cells["own_minus_shifted_answers"]["mean"] == round(run["own - shifted"]["mean"], 4)
         assert cells["own_minus_random_answers"]["ci_high"] == round(run["own - random"]["ci_high"], 4) < 0
+    for seed, cells in summary["scratchpad_decoy_toy"]["per_seed"].items():
+        name = f"decoy-confirm-{seed.replace('_', '')}"
+        run = json.loads((results / "scratchpad-dev" / f"{name}.json").read_text())
+        ablation = json.loads((results / "scratchpad-dev" / f"{name}-pw0.json").read_text())
+        assert cells["share_rise"]["mean"] == round(run["share_p_q_after - before"]["mean"], 4)
+        assert cells["share_rise"]["ci_low"] > 0.2 and cells["own_minus_shifted_answers"]["ci_high"] < 0
+        assert cells["share_rise_without_reinforce"]["mean"] == round(ablation["share_p_q_after - before"]["mean"], 4)
+        assert cells["share_rise"]["mean"] - cells["share_rise_without_reinforce"]["mean"] >= 0.2
 
 
 # ---------------------------------------------------------------------------- comparing variants

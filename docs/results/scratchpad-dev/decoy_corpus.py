@@ -1,30 +1,14 @@
-"""Development corpus: the scratchpad toy with abandoned decoy scratchpads. A worked problem
-writes, with equal chance, the partial products (useful: `= --- p q --- d ;`) or the first operands
-of the two products with no answer after them (a decoy: `= --- a c --- ;`). A model pretrained on it
-writes either kind after "= ---", so a thought opened by START (which starts from "---") holds the
-useful content about half as often as it could: REINFORCE can raise that share by choosing the
-kind, without learning new facts. The decoy has no answer so that it does not teach the answer in
-one step (a decoy followed by d would: it adds nothing to what the text says)."""
+"""Development corpus of the decoy runs: ``builtin:scratchpad`` with half the worked problems
+abandoned decoys (``scratchpad_corpus(..., decoy_fraction=0.5)``, see quietstar/scratchpad_corpus.py).
+The runs recorded here used an earlier copy of the same generator; it gave the same documents
+(checked for several seeds) before this call replaced it."""
 
-import random
-
-from quietstar.scratchpad_corpus import PROBLEMS_PER_DOCUMENT, partial_products
+from quietstar.scratchpad_corpus import scratchpad_corpus, scratchpad_problem
 
 
-def decoy_problem(rng: random.Random, worked: bool) -> str:
-    a, b, c, e = (rng.randrange(10) for _ in range(4))
-    p, q, d = partial_products(a, b, c, e)
-    if not worked:
-        return f"{a} * {b} + {c} * {e} = {d} ;"
-    if rng.random() < 0.5:
-        return f"{a} * {b} + {c} * {e} = --- {p} {q} --- {d} ;"
-    return f"{a} * {b} + {c} * {e} = --- {a} {c} --- ;"
+def decoy_problem(rng, worked: bool) -> str:
+    return scratchpad_problem(rng, worked, decoy_fraction=0.5)
 
 
 def decoy_corpus(num_documents: int, seed: int, worked_fraction: float) -> list[str]:
-    rng = random.Random(seed)
-    docs = []
-    for _ in range(num_documents):
-        worked = rng.random() < worked_fraction
-        docs.append(" ".join(decoy_problem(rng, worked) for _ in range(PROBLEMS_PER_DOCUMENT)))
-    return docs
+    return scratchpad_corpus(num_documents, seed, worked_fraction=worked_fraction, decoy_fraction=0.5)
