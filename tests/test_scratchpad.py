@@ -6,7 +6,7 @@ seeds and fewer steps).
 * ``tests/fixtures/scratchpad-base`` (docs/results/scratchpad-dev/pretrain.py, seed 0, worked
   share 0.8): the model must learn to *read* its thoughts, predicting held-out answers better
   with its own thoughts than with random or shifted ones.
-* ``tests/fixtures/scratchpad-decoy-base`` (pretrain_decoy.py, seed 0, worked share 0.8, half
+* ``tests/fixtures/scratchpad-decoy-base`` (pretrain.py decoy=0.5, seed 0, worked share 0.8, half
   the scratchpads decoys): REINFORCE must make the thoughts *better*, raising the share that hold
   the partial products, which training without REINFORCE does not."""
 

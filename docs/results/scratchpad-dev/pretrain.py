@@ -1,8 +1,11 @@
+"""Development: pretrains a tiny Llama on builtin:scratchpad as a plain LM (base B: wf=0.8; the
+decoy base: wf=0.8 decoy=0.5 threads=2, see README.md). Options key=value: h layers steps lr b wf
+decoy threads out."""
 import random, time, sys, torch, transformers, numpy as np, math
-sys.path.insert(0, "/work/main")
 from quietstar.scratchpad_corpus import scratchpad_corpus, scratchpad_tokenizer, scratchpad_problem
 args = dict(a.split("=") for a in sys.argv[1:])
-torch.set_num_threads(1)
+torch.set_num_threads(int(args.get("threads", 1)))
+DECOY = float(args.get("decoy", 0.0))
 H = int(args.get("h", 128)); LAYERS = int(args.get("layers", 2)); STEPS = int(args.get("steps", 2000)); LR = float(args.get("lr", 2e-3)); B = int(args.get("b", 32)); L = 64
 tok = scratchpad_tokenizer()
 SEMI, DASH = tok.convert_tokens_to_ids(";"), tok.convert_tokens_to_ids("---")
@@ -10,12 +13,12 @@ torch.manual_seed(0)
 cfg = transformers.LlamaConfig(vocab_size=24, hidden_size=H, intermediate_size=4 * H, num_hidden_layers=LAYERS, num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256, tie_word_embeddings=True)
 lm = transformers.LlamaForCausalLM(cfg)
 opt = torch.optim.AdamW(lm.parameters(), lr=LR, weight_decay=0.01)
-docs = iter(scratchpad_corpus(10**6, seed=0, worked_fraction=float(args.get("wf", 0.5))))
+docs = iter(scratchpad_corpus(10**6, seed=0, worked_fraction=float(args.get("wf", 0.5)), decoy_fraction=DECOY))
 def batch(B):
     return torch.tensor([tok(next(docs)).input_ids[:L] for _ in range(B)])
 r = random.Random(99)
 terse = torch.tensor([tok(" ".join(scratchpad_problem(r, False) for _ in range(8))).input_ids[:L] for _ in range(64)])
-worked = torch.tensor([tok(" ".join(scratchpad_problem(r, True) for _ in range(8))).input_ids[:L] for _ in range(64)])
+worked = torch.tensor([tok(" ".join(scratchpad_problem(r, True, DECOY) for _ in range(8))).input_ids[:L] for _ in range(64)])
 def ev():
     with torch.no_grad():
         lt, lw = lm(terse).logits.log_softmax(-1), lm(worked).logits.log_softmax(-1)

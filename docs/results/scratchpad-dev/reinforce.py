@@ -7,14 +7,14 @@ own / random / shifted thoughts as prototype.py's confirmation does.
     python reinforce.py key=value ...
       seed=1 steps=400 lr=3e-4 pw=1 bw=1 mw=1 tw=0.1 rs=thought T=3 clip=1 pclip=none wf=0.8
       terse_only=1 every=100 hm=30 mm=1 drop=1 baseline=thought_mean n=2 tt=1.0
-      base=<model folder> corpus=decoy (decoy_corpus.py, for a base from pretrain_decoy.py)
+      base=<model folder> corpus=decoy (decoy_fraction 0.5, for a base from pretrain.py decoy=0.5)
 
 pclip=X clips the REINFORCE gradient apart at X (the NLL gradient at clip), as
 TrainConfig.policy_max_grad_norm; pclip=none shares one clip.
 """
 
+import functools
 import json
-import random
 import sys
 import time
 from pathlib import Path
@@ -34,9 +34,8 @@ args = dict(a.split("=", 1) for a in sys.argv[1:])
 get = lambda k, d: type(d)(args.get(k, d))
 SEED, STEPS, EVERY = get("seed", 1), get("steps", 400), get("every", 100)
 BASE = args.get("base", Path(__file__).resolve().parents[3] / "tests" / "fixtures" / "scratchpad-base")
-if args.get("corpus") == "decoy":  # decoy_corpus.py: half the worked scratchpads hold "a c"
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from decoy_corpus import decoy_corpus as scratchpad_corpus
+if args.get("corpus") == "decoy":  # half the worked scratchpads are decoys "--- a c --- ;"
+    scratchpad_corpus = functools.partial(scratchpad_corpus, decoy_fraction=0.5)
 L = 64
 tok = scratchpad_tokenizer()
 EQ, SEMI, DASH = (tok.convert_tokens_to_ids(w) for w in ("=", ";", "---"))
