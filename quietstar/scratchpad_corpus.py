@@ -47,7 +47,8 @@ def partial_products(a: int, b: int, c: int, e: int) -> tuple[int, int, int]:
 def scratchpad_problem(rng: random.Random, worked: bool, decoy_fraction: float = 0.0) -> str:
     a, b, c, e = (rng.randrange(10) for _ in range(4))
     p, q, d = partial_products(a, b, c, e)
-    if worked and decoy_fraction > 0 and not rng.random() < 1.0 - decoy_fraction:
+    # a draw only when decoys are on, so the default corpus stays the same numbers
+    if worked and decoy_fraction > 0 and rng.random() >= 1.0 - decoy_fraction:
         return f"{a} * {b} + {c} * {e} = --- {a} {c} --- ;"
     pad = f"--- {p} {q} --- " if worked else ""
     return f"{a} * {b} + {c} * {e} = {pad}{d} ;"

@@ -5,12 +5,10 @@ that are exactly "p q" (and whose first token is p), then the mixed NLL of the h
 own / random / shifted thoughts as prototype.py's confirmation does.
 
     python reinforce.py key=value ...
-      seed=1 steps=400 lr=3e-4 pw=1 bw=1 mw=1 tw=0.1 rs=thought T=3 clip=1 pclip=none wf=0.8
+      seed=1 steps=400 lr=3e-4 pw=1 bw=1 mw=1 tw=0.1 rs=thought T=3 clip=1 wf=0.8
       terse_only=1 every=100 hm=30 mm=1 drop=1 baseline=thought_mean n=2 tt=1.0
       base=<model folder> corpus=decoy (decoy_fraction 0.5, for a base from pretrain.py decoy=0.5)
 
-pclip=X clips the REINFORCE gradient apart at X (the NLL gradient at clip), as
-TrainConfig.policy_max_grad_norm; pclip=none shares one clip.
 """
 
 import functools
@@ -88,22 +86,6 @@ def content(tag):
     return hits
 
 
-def clip_apart(terms):
-    """The NLL and REINFORCE gradients clipped apart, then summed (TrainConfig.policy_max_grad_norm)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    terms["nll"].backward(retain_graph=True)
-    torch.nn.utils.clip_grad_norm_(params, get("clip", 1.0))
-    nll = [None if p.grad is None else p.grad.clone() for p in params]
-    for p in params:
-        p.grad = None
-    terms["policy"].backward()
-    pn = torch.nn.utils.clip_grad_norm_(params, float(args["pclip"]))
-    for p, g in zip(params, nll):
-        if g is not None:
-            p.grad = g if p.grad is None else p.grad + g
-    return float(pn)
-
-
 shares = {"before": content("step 0")}
 model.train()
 for step in range(1, STEPS + 1):
@@ -114,17 +96,13 @@ for step in range(1, STEPS + 1):
         think[:, :-1] &= x[:, 1:] != DASH
     out = model(x, generator=gen, thought_positions=think)
     opt.zero_grad(set_to_none=True)
-    if args.get("pclip", "none") == "none":
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), get("clip", 1.0))
-        pn = None
-    else:
-        pn = clip_apart(out.terms)
+    out.loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), get("clip", 1.0))
     opt.step()
     if step % 50 == 0:
         m = {k: round(float(v), 3) for k, v in out.metrics.items()
              if k in ("base_nll", "mixed_nll", "thought_nll", "mean_mixing_weight", "mean_reward", "reward_spread")}
-        print("step", step, m, "policy grad", pn, flush=True)
+        print("step", step, m, flush=True)
     if step % EVERY == 0:
         shares[f"step {step}"] = content(f"step {step}")
 
@@ -135,9 +113,9 @@ with torch.no_grad():
         th = thoughts_for(model, heldout, None, 2, src, generator=torch.Generator().manual_seed(99 + SEED))
         sc = model.score_thoughts(heldout, th)
         mixed = sc.mixed_logits[:, :, 0].float().log_softmax(-1)
-        base = sc.base_logits.float().log_softmax(-1)
         nll[src] = np.array([-mixed[b, i, heldout[b, i + 1]].item() for b, i in pos])
-        nll["without"] = np.array([-base[b, i, heldout[b, i + 1]].item() for b, i in pos])
+    base = sc.base_logits.float().log_softmax(-1)  # the same for every source: no thought
+    nll["without"] = np.array([-base[b, i, heldout[b, i + 1]].item() for b, i in pos])
 docs_ = np.array([b for b, i in pos])
 report = {"args": args, "seed": SEED, "n_answers": len(pos),
           "share_p_q": {k: float(v.mean()) for k, v in shares.items()},
