@@ -1,0 +1,160 @@
+"""``quietstar generate``: continue a prompt, thinking before every token, printed as it comes.
+
+Exit codes: 0 done, 2 bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from quietstar.utils.settings import add_dataclass_arguments, field_docs, option
+from quietstar.utils.batching import model_device
+from quietstar.method.generation import generate
+from quietstar.cli.common import (LoadingArguments, check_at_least, check_device, check_thought_settings,
+                     command_main, parse_settings)
+
+HELP = "generate text, thinking before every token"
+
+
+@dataclass
+class GenerateArguments:
+    """The settings of ``quietstar generate``."""
+
+    model: str
+    """a saved QuietStar model folder or Hub repo, or a base model (folder, hub id or
+    embedded:smollm2-135m-instruct), wrapped untrained"""
+    prompt: str
+    """the text to continue"""
+    max_new_tokens: int = 64
+    """tokens to generate at most"""
+    thought_tokens: int | None = option(None, shown_default="the model's sampled_thought_tokens")
+    """tokens per thought, 0 = no thinking"""
+    thought_temperature: float | None = option(None, shown_default="the model's thought_temperature")
+    """temperature of thought tokens, 0 = greedy"""
+    thought_threshold: float = 0.0
+    """think only before tokens whose base prediction has an entropy above this (nats); 0 = before
+    every token"""
+    show_thoughts: bool = False
+    """print each token's thought before it (tokens that did not think are printed plain)"""
+    color: Literal["auto", "always", "never"] = "auto"
+    """show thoughts dimmed (ANSI) or between « »; auto: dimmed on a terminal"""
+    sample: bool = False
+    """sample the next token; --greedy (the default) picks the most likely one"""
+    temperature: float = 1.0
+    """token sampling temperature, with --sample"""
+    top_k: int | None = option(None, shown_default="no top-k cut")
+    """sample from the k most likely tokens only, with --sample"""
+    top_p: float | None = option(None, shown_default="no nucleus cut")
+    """sample from the most likely tokens whose probabilities reach p, with --sample"""
+    seed: int | None = option(None, shown_default="unseeded")
+    """random seed for sampling"""
+    device: str | None = option(None, shown_default="cuda when available, else cpu")
+    """e.g. cpu, cuda"""
+
+    def __post_init__(self):
+        check_thought_settings(self.thought_tokens, self.thought_temperature)
+        check_device(self.device)
+        check_at_least(1, max_new_tokens=self.max_new_tokens)
+        if not (math.isfinite(self.thought_threshold) and self.thought_threshold >= 0):
+            raise ValueError(f"--thought-threshold must be a finite number >= 0 (0 = think before every "
+                             f"token), got {self.thought_threshold}")
+        if not self.sample and (self.top_k is not None or self.top_p is not None
+                                or self.temperature != 1.0):
+            raise ValueError("--temperature/--top-k/--top-p need --sample")
+
+
+DIM, RESET = "\x1b[2m", "\x1b[0m"
+
+
+class TextStreamer:
+    """Prints the continuation as it is generated (the prompt is not echoed)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.tokens: list[int] = []
+        self.printed = 0  # characters of the decoded continuation already written
+        self.prompt_seen = False
+
+    @staticmethod
+    def _write(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    def put(self, token_ids: torch.Tensor) -> None:
+        if not self.prompt_seen:  # the first call carries the prompt
+            self.prompt_seen = True
+            return
+        self.tokens.extend(token_ids.view(-1).tolist())
+        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        if text.endswith("\ufffd"):
+            return  # an incomplete multi-byte character: wait for the rest
+        self._write(text[self.printed:])
+        self.printed = len(text)
+
+    def end(self) -> None:
+        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        self._write(text[self.printed:] + "\n")
+
+
+class ThoughtStreamer(TextStreamer):
+    """Prints the continuation with each token's thought just before the token: dimmed (ANSI)
+    when ``color`` is true, else between « and »."""
+
+    def __init__(self, tokenizer, color: bool):
+        super().__init__(tokenizer)
+        self.color = color
+
+    def put_thought(self, thought_ids: torch.Tensor) -> None:
+        text = self.tokenizer.decode(thought_ids.tolist()).replace("\n", "\\n")
+        self._write(f"{DIM}{text}{RESET}" if self.color else f"«{text}»")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags for every GenerateArguments field."""
+    add_dataclass_arguments(parser, GenerateArguments, exclude=("sample",))
+    add_dataclass_arguments(parser, LoadingArguments, title="model loading")
+    # By hand: one bool, two opposite flags that exclude each other (--greedy is --no-sample).
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--greedy", dest="sample", action="store_false", default=argparse.SUPPRESS,
+                      help="pick the most likely token (the default)")
+    mode.add_argument("--sample", dest="sample", action="store_true", default=argparse.SUPPRESS,
+                      help=field_docs(GenerateArguments)["sample"])
+
+
+def run(args: argparse.Namespace) -> int:
+    settings = parse_settings(GenerateArguments, args)
+    loading = parse_settings(LoadingArguments, args)
+    device = settings.device
+    if device is None and loading.device_map is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = loading.load(settings.model, device)
+    device = model_device(model)  # where --device or --device-map put it
+    if settings.show_thoughts:
+        color = settings.color == "always" or (settings.color == "auto" and sys.stdout.isatty())
+        streamer = ThoughtStreamer(model.tokenizer, color)
+    else:
+        streamer = TextStreamer(model.tokenizer)
+    input_ids = model.tokenizer(settings.prompt, return_tensors="pt").input_ids.to(device)
+    if input_ids.shape[1] == 0:
+        raise ValueError("--prompt is empty (it encodes to no token); give a text to continue")
+    generator = None
+    if settings.seed is not None:
+        generator = torch.Generator(device=device).manual_seed(settings.seed)
+    generate(model, input_ids, max_new_tokens=settings.max_new_tokens, do_sample=settings.sample,
+             temperature=settings.temperature, top_k=settings.top_k, top_p=settings.top_p,
+             streamer=streamer, thought_temperature=settings.thought_temperature,
+             thought_tokens=settings.thought_tokens, thought_threshold=settings.thought_threshold,
+             generator=generator)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``quietstar generate ...`` from Python (``argv`` without the command name)."""
+    return command_main("generate", argv)
+

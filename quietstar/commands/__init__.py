@@ -1,6 +1,0 @@
-"""The ``quietstar`` commands: one module each, holding its flags, its printing and its exit codes.
-
-Each module provides ``HELP``, ``add_arguments(parser)``, ``run(args) -> int`` and
-``main(argv=None) -> int``; its flags come from typed dataclasses (``quietstar.arguments``), the
-model's from ``common.ModelArguments``. The algorithm lives in the library modules they call.
-"""

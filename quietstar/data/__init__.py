@@ -1,0 +1,1 @@
+"""Training text: corpora in, fixed-length token batches out; the built-in corpora."""

@@ -1,0 +1,1 @@
+"""QuietStarForCausalLM, its saved folder and model card, and loading base models."""

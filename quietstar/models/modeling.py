@@ -1,0 +1,494 @@
+"""QuietStarForCausalLM: any transformers causal LM, taught to think before it speaks."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from quietstar.method import attention
+from quietstar.models import saved_model
+from quietstar.method.config import QuietStarConfig
+from quietstar.method.losses import NonFiniteLossError, quietstar_loss_terms
+from quietstar.method.meta_tokens import MetaTokenEmbedding, add_meta_tokens
+from quietstar.method.mixing import MixingHead
+from quietstar.models.model_card import TrainingFacts
+from quietstar.method.rollout import GridHidden, sample_and_score, sample_thoughts, score_grid, text_positions
+from quietstar.method.selection import ThoughtRows, check_thought_positions, thought_rows_chooser
+from quietstar.method.targets import step_logprobs, training_targets
+from quietstar.method.vocab import VocabHead
+
+
+@dataclass
+class ThoughtScores:
+    """What ``score_thoughts`` returns for fixed thoughts."""
+
+    base_logits: torch.Tensor     # [B, L, V]     no thought: predicts x_{i+1}
+    thought_logits: torch.Tensor  # [B, L, A, V]  after the thought and s true tokens: x_{i+1+s}
+    mixing_weight: torch.Tensor   # [B, L, A]
+    mixed_logits: torch.Tensor    # [B, L, A, V]
+    thought_positions: torch.Tensor | None = None  # [B, L] bool: where a thought was scored; None: all
+
+
+@dataclass
+class QuietStarOutput:
+    """What a training-mode forward returns."""
+
+    loss: torch.Tensor
+    metrics: dict[str, torch.Tensor]  # detached scalars: quietstar_loss's, and mean_mixing_weight
+    thought_ids: torch.Tensor         # [B, n, L, k] the sampled thoughts (inner tokens; pad id
+                                      # where no thought)
+    terms: dict[str, torch.Tensor]    # "nll", "policy": the weighted terms of loss, with gradients
+    thought_positions: torch.Tensor | None = None  # [B, L] bool: the positions that thought; None: all
+
+
+class QuietStarForCausalLM(nn.Module):
+    """A causal LM with a learned thought after every token and a mixing head.
+
+    Build one with ``from_base`` (fresh) or ``from_pretrained`` (saved). ``lm`` is the unmodified
+    transformers model (its attention is routed to quietstar's function, nothing else changes).
+    """
+
+    def __init__(self, lm, tokenizer, config: QuietStarConfig, embedding: MetaTokenEmbedding,
+                 mixing_head: MixingHead):
+        super().__init__()
+        self.lm = lm
+        self.tokenizer = tokenizer
+        self.config = config
+        self.embedding = embedding
+        self.mixing_head = mixing_head
+        self.start_id, self.end_id = embedding.start_id, embedding.end_id
+        vocab = lm.get_output_embeddings().weight.shape[0]
+        meta_in_vocab = [i for i in (self.start_id, self.end_id) if i < vocab]
+        self.register_buffer("_meta_logit_ids", torch.tensor(meta_in_vocab, dtype=torch.long),
+                             persistent=False)
+        self.ema_lm = None  # reward_baseline="ema_base": a frozen, slowly updated copy of lm
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_base(cls, model, tokenizer, config: QuietStarConfig | None = None, *,
+                  saved_tokenizer: bool = False) -> "QuietStarForCausalLM":
+        """Wraps a transformers causal LM: adds the meta tokens, initialises them from
+        ``config.meta_token_init`` and attaches a mixing head that starts at w = 0.
+
+        The thought token strings must be new to ``tokenizer``; ``saved_tokenizer=True`` (a
+        tokenizer of a saved QuietStar folder) accepts the meta tokens it already holds."""
+        config = config or QuietStarConfig()
+        _check_model(model)
+        start_id, end_id = add_meta_tokens(tokenizer, config.start_thought_token, config.end_thought_token,
+                                           saved=saved_tokenizer)
+        init_ids = tokenizer(config.meta_token_init, add_special_tokens=False).input_ids
+        if not init_ids:
+            raise ValueError(f"meta_token_init {config.meta_token_init!r} encodes to no token")
+        base_embed = model.get_input_embeddings()
+        with torch.no_grad():
+            init = base_embed(torch.tensor([init_ids[0]], device=base_embed.weight.device))[0].float()
+        embedding = MetaTokenEmbedding(base_embed, start_id, end_id, init, config.meta_token_lr_multiplier)
+        head = MixingHead(model.config.get_text_config().hidden_size, config.mixing_head_hidden_size,
+                          config.mixing_weight_bounded)
+        attention.install(model)
+        return cls(model, tokenizer, config, embedding, head.to(base_embed.weight.device))
+
+    # ------------------------------------------------------------------ saving and loading
+    # The folder and the head file are saved_model.py's; these methods delegate to it.
+    def save_pretrained(self, directory: str | Path, training: TrainingFacts | None = None) -> None:
+        """Writes the base LM (safetensors), tokenizer, QuietStar config, learned head and the
+        model card (with ``training``'s facts if given)."""
+        saved_model.save_pretrained(self, directory, training)
+
+    def save_method_files(self, directory: str | Path, state_dict: dict[str, torch.Tensor] | None = None,
+                          training: TrainingFacts | None = None) -> None:
+        """Everything of a saved model but the LM's weights: the tokenizer (with the meta tokens)
+        and its tokenization check, ``quietstar_config.json``, the head file (from ``state_dict``
+        if given, see ``head_state_dict``) and the model card (with ``training``'s facts)."""
+        saved_model.save_method_files(self, directory, state_dict, training)
+
+    def push_to_hub(self, repo_id: str, *, private: bool | None = None, token: str | None = None,
+                    commit_message: str = "Upload Quiet-STaR model", folder: str | Path | None = None) -> str:
+        """Uploads the model to the Hugging Face Hub repo ``repo_id`` (created if missing): a saved
+        ``folder`` as it is (e.g. a training checkpoint's model, with its card), else this model
+        saved afresh. Returns the repo's URL."""
+        return saved_model.push_to_hub(self, repo_id, private=private, token=token,
+                                       commit_message=commit_message, folder=folder)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | Path, *, revision: str | None = None,
+                        cache_dir: str | Path | None = None, local_files_only: bool | None = None,
+                        token: str | bool | None = None, **model_kwargs) -> "QuietStarForCausalLM":
+        """Loads what ``save_pretrained`` (or ``push_to_hub``) wrote: a local folder, or a Hub repo
+        id (``revision``, ``cache_dir``, ``token``; offline — ``local_files_only`` or
+        HF_HUB_OFFLINE=1 — a repo already in the local cache loads without the network). The
+        learned meta tokens and head come back intact. ``model_kwargs`` go to transformers'
+        ``from_pretrained`` of the LM (``dtype`` — or the older name ``torch_dtype`` —,
+        ``device_map``, ...)."""
+        return saved_model.load_pretrained(cls, name_or_path, revision=revision, cache_dir=cache_dir,
+                                           local_files_only=local_files_only, token=token, **model_kwargs)
+
+    def head_state_dict(self, state_dict: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """The head file's tensors (``quietstar_head.safetensors``: the START/END vectors and the
+        mixing head), from the live parameters or from ``state_dict`` (this module's full state
+        dict, e.g. gathered from FSDP / ZeRO-3 shards)."""
+        return saved_model.head_state_dict(self, state_dict)
+
+    def load_head_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Loads ``head_state_dict``'s tensors; ValueError if they do not fit this model."""
+        saved_model.load_head_state_dict(self, tensors)
+
+    def save_head(self, directory: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+        """Writes ``<directory>/quietstar_head.safetensors``."""
+        return saved_model.save_head(self, directory, state_dict)
+
+    @staticmethod
+    def read_head_file(directory: str | Path) -> dict[str, torch.Tensor]:
+        """The tensors of ``<directory>/quietstar_head.safetensors``; FileNotFoundError if it is
+        missing, ValueError if it is damaged."""
+        return saved_model.read_head_file(directory)
+
+    def load_head(self, directory: str | Path) -> None:
+        """Reads ``<directory>/quietstar_head.safetensors`` into this model."""
+        saved_model.load_head(self, directory)
+
+    # ------------------------------------------------------------------ pieces
+    def get_input_embeddings(self) -> MetaTokenEmbedding:
+        return self.embedding
+
+    @property
+    def decoder(self):
+        return self.lm.get_decoder()
+
+    def vocab_head(self, lm=None) -> VocabHead:
+        """The LM head of ``lm`` (default the model's own LM) as the loss and the sampler use it:
+        the meta tokens are never predicted; ``config.loss_chunk_tokens`` rows at a time."""
+        lm = self.lm if lm is None else lm
+        out = lm.get_output_embeddings()
+        cap = getattr(lm.config.get_text_config(), "final_logit_softcapping", None)
+        partitioned = hasattr(out.weight, "ds_id")  # DeepSpeed ZeRO-3: gathered only inside out()
+        return VocabHead(out.weight, getattr(out, "bias", None), cap, self._meta_logit_ids,
+                         self.config.loss_chunk_tokens, out if partitioned else None)
+
+    def logits(self, hidden: torch.Tensor, lm=None) -> torch.Tensor:
+        """LM logits [..., V] of final hidden states (of ``lm``, default the model's own LM); the
+        meta tokens are never predicted."""
+        return self.vocab_head(lm).logits(hidden)
+
+    def check_positions(self, positions: int, what: str) -> None:
+        """``what`` needs position ids 0..positions-1 (a thought after position p continues the
+        text's positions: p+1 .. p+k+2, then the teacher-forced tokens). Beyond the LM's
+        ``max_position_embeddings``: a model with learned absolute positions (GPT-2) has no
+        embedding there, so ValueError before any work; a rotary model computes but was not
+        trained there, so a warning."""
+        text = self.lm.config.get_text_config()
+        limit = getattr(text, "max_position_embeddings", None) or getattr(text, "n_positions", None)
+        if limit is None or positions <= limit:
+            return
+        rotary = getattr(text, "rope_parameters", None) is not None or getattr(text, "rope_theta", None) is not None
+        message = (f"{what} needs position ids up to {positions - 1}, but {type(self.lm).__name__} has "
+                   f"{limit} positions (max_position_embeddings)")
+        if not rotary:
+            raise ValueError(f"{message}; shorten the text, or use fewer thought or ahead tokens")
+        warnings.warn(f"{message}: its rotary embeddings go beyond the range it was trained on, "
+                      "and predictions there degrade", stacklevel=3)
+
+    def check_rollout_positions(self, length: int, what: str, thought_tokens: int | None = None) -> None:
+        """``check_positions`` for a rollout over ``length`` text tokens: its last pass (the last
+        teacher-forced token after a ``thought_tokens``-token thought, default the config's k)
+        sits at position length - 1 + k + A + 1."""
+        k = self.config.sampled_thought_tokens if thought_tokens is None else thought_tokens
+        self.check_positions(length + k + self.config.ahead_tokens + 1, what)
+
+    def _check_text(self, input_ids, attention_mask):
+        """Validates token ids [B, L >= 1] and their mask; returns the mask (ones if None)."""
+        if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+            raise ValueError(f"input_ids must be [batch, length] with length >= 1, got shape "
+                             f"{tuple(input_ids.shape)}")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if attention_mask.shape != input_ids.shape:
+            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)} but input_ids has "
+                             f"{tuple(input_ids.shape)}; they must match")
+        meta = (input_ids == self.start_id) | (input_ids == self.end_id)
+        if meta.any():
+            raise ValueError("input_ids contain the thought meta tokens; the text must not: "
+                             "thoughts are inserted by the model")
+        return attention_mask
+
+    def _targets(self, input_ids, attention_mask, labels):
+        """The training targets: (target ids, target valid), both [B, L, A]: x_{i+1+s}."""
+        return training_targets(input_ids, attention_mask, labels, self.config.ahead_tokens)
+
+    def _mix(self, grid: GridHidden) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mixed hidden states [B, W, A, d] and weights [B, W, A] of the W thought rows; step s
+        pairs the post-thought state of position i with the base state of position i+s (both
+        predict x_{i+1+s})."""
+        B, W, A = grid.after.shape[:3]
+        L = grid.base.shape[1]
+        ahead = torch.arange(A, device=grid.base.device)
+        if grid.rows is None:
+            idx = (torch.arange(L, device=grid.base.device)[:, None] + ahead[None, :]).clamp(max=L - 1)
+            base = grid.base[:, idx]  # [B, L, A, d]
+        else:
+            idx = (grid.rows.index[:, :, None] + ahead).clamp(max=L - 1)  # [B, S, A]
+            base = grid.base[torch.arange(B, device=idx.device)[:, None, None], idx]  # [B, S, A, d]
+        return self.mixing_head(base, grid.after)
+
+    def _score(self, input_ids, thought_ids, attention_mask, rows: ThoughtRows | None = None) -> GridHidden:
+        return score_grid(self.decoder, self.embedding, input_ids, thought_ids, attention_mask,
+                          self.start_id, self.end_id, self.config.ahead_tokens,
+                          self.tokenizer.pad_token_id, rows)
+
+    # ------------------------------------------------------------------ public computations
+    def base_logits(self, input_ids, attention_mask=None) -> torch.Tensor:
+        """The base model's next-token logits [B, L, V], no thought (position i predicts x_{i+1});
+        any length >= 1, left or right padding."""
+        attention_mask = self._check_text(input_ids, attention_mask)
+        hidden = self.decoder(inputs_embeds=self.embedding(input_ids), attention_mask=attention_mask,
+                              position_ids=text_positions(attention_mask)).last_hidden_state
+        return self.logits(hidden)
+
+    def score_thoughts(self, input_ids, thought_ids, attention_mask=None, thought_positions=None,
+                       steps: int | None = None) -> ThoughtScores:
+        """Logits with fixed thoughts ``thought_ids`` [B, L, k] (inner tokens; START/END are added),
+        for any length >= 1: steps past the end of the text are computed on padding (ignore them).
+
+        ``thought_positions`` [B, L] bool thinks only there (the thoughts elsewhere are not read),
+        at the cost of the text pass plus the chosen rows' passes; every other position predicts
+        with the base: its thought and mixed logits of x_{i+1+s} are the base logits of position
+        i+s, its mixing weight 0. ``steps`` (1..A, default A) returns the first ``steps`` ahead
+        predictions only ([B, L, steps, ...]): the next token's alone is ``steps=1``, which skips
+        most of the vocabulary-sized logits."""
+        attention_mask = self._check_text(input_ids, attention_mask)
+        check_thought_positions(thought_positions, input_ids)
+        steps = self._check_steps(steps)
+        if thought_ids.dim() != 3 or thought_ids.shape[:2] != input_ids.shape:
+            raise ValueError(f"thought_ids must be [batch, length, k] matching input_ids "
+                             f"{tuple(input_ids.shape)}, got {tuple(thought_ids.shape)}")
+        if ((thought_ids == self.start_id) | (thought_ids == self.end_id)).any():
+            raise ValueError("thought_ids contain START/END; pass only the inner thought tokens")
+        L = input_ids.shape[1]
+        self.check_rollout_positions(L, f"scoring thoughts on {L} tokens", thought_ids.shape[-1])
+        rows = None
+        if thought_positions is not None:
+            rows = ThoughtRows.from_mask(thought_positions & attention_mask.bool())
+            thought_ids = rows.gather(thought_ids)
+        return self._thought_scores(self._score(input_ids, thought_ids, attention_mask, rows), steps)
+
+    @torch.no_grad()
+    def think(self, input_ids, attention_mask=None, num_tokens=None, temperature=None, generator=None,
+              thought_positions=None, steps: int | None = None) -> tuple[torch.Tensor, ThoughtScores]:
+        """``sample_thoughts`` and ``score_thoughts`` of those thoughts in one rollout, without
+        gradients or dropout: the text pass runs once and the scoring passes continue the sampling
+        passes. Returns (thoughts [B, L, k], ThoughtScores), equal to the two calls' with the same
+        generator; the arguments are theirs (k = ``num_tokens`` >= 1)."""
+        attention_mask = self._check_text(input_ids, attention_mask)
+        check_thought_positions(thought_positions, input_ids)
+        steps = self._check_steps(steps)
+        k, temperature = self.config.thought_settings(num_tokens, temperature)
+        if k < 1:
+            raise ValueError(f"think needs a thought of num_tokens >= 1, got {k}; k = 0 is base_logits")
+        L = input_ids.shape[1]
+        self.check_rollout_positions(L, f"thinking on {L} tokens", k)
+        select = None
+        if thought_positions is not None:
+            rows = ThoughtRows.from_mask(thought_positions & attention_mask.bool())
+            select = lambda hidden: rows  # noqa: E731
+        was_training = self.lm.training
+        self.lm.eval()
+        try:
+            thoughts, grid, _ = sample_and_score(
+                self.decoder, self.embedding, self.vocab_head(), input_ids, attention_mask, self.start_id,
+                self.end_id, k, self.config.ahead_tokens, temperature, self.tokenizer.pad_token_id,
+                generator, logprob_temperature=None, select=select)
+        finally:
+            self.lm.train(was_training)
+        if grid.rows is not None:
+            thoughts = grid.rows.scatter(thoughts, L, self.tokenizer.pad_token_id)
+        return thoughts, self._thought_scores(grid, steps)
+
+    def _check_steps(self, steps: int | None) -> int:
+        A = self.config.ahead_tokens
+        if steps is None:
+            return A
+        if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= A:
+            raise ValueError(f"steps must be an int in 1..ahead_tokens = 1..{A} (the ahead predictions "
+                             f"returned), got {steps!r}")
+        return steps
+
+    def _thought_scores(self, grid: GridHidden, steps: int) -> ThoughtScores:
+        """The ThoughtScores of a scored rollout, its first ``steps`` ahead predictions, at every
+        position (the base's where the rollout's rows did not think)."""
+        mixed, w = self._mix(grid)
+        base_logits = self.logits(grid.base)
+        thought_logits, mixed_logits = self.logits(grid.after[:, :, :steps]), self.logits(mixed[:, :, :steps])
+        w = w[:, :, :steps]
+        if grid.rows is None:
+            return ThoughtScores(base_logits, thought_logits, w, mixed_logits)
+        L = base_logits.shape[1]
+        idx = (torch.arange(L, device=w.device)[:, None]
+               + torch.arange(steps, device=w.device)[None, :]).clamp(max=L - 1)
+        ahead = base_logits[:, idx]  # [B, L, steps, V]: the base's prediction of x_{i+1+s}
+        rows = grid.rows
+        return ThoughtScores(base_logits, rows.put(thought_logits, ahead), rows.scatter(w, L),
+                             rows.put(mixed_logits, ahead), rows.mask(L))
+
+    def sample_thoughts(self, input_ids, attention_mask=None, num_tokens=None, temperature=None,
+                        generator=None, thought_positions=None) -> torch.Tensor:
+        """Samples one thought after every position, or only at ``thought_positions`` [B, L] bool
+        (the pad id elsewhere): [B, L, k] inner token ids (k = ``num_tokens``, default the
+        config's; ``temperature`` likewise, 0 = greedy)."""
+        attention_mask = self._check_text(input_ids, attention_mask)
+        check_thought_positions(thought_positions, input_ids)
+        select = None
+        if thought_positions is not None:
+            rows = ThoughtRows.from_mask(thought_positions & attention_mask.bool())
+            select = lambda hidden: rows  # noqa: E731
+        thoughts, rows = self._sample(input_ids, attention_mask, num_tokens, temperature, generator, select)
+        return thoughts if rows is None else rows.scatter(thoughts, input_ids.shape[1], self.tokenizer.pad_token_id)
+
+    def _sample(self, input_ids, attention_mask, num_tokens=None, temperature=None, generator=None,
+                select=None) -> tuple[torch.Tensor, ThoughtRows | None]:
+        """``rollout.sample_thoughts`` without dropout: (thoughts [B, W, k], their rows or None)."""
+        k, temperature = self.config.thought_settings(num_tokens, temperature)
+        self.check_positions(input_ids.shape[1] + k, f"sampling thoughts on {input_ids.shape[1]} tokens")
+        was_training = self.lm.training
+        self.lm.eval()  # sampled without dropout, as the model predicts at inference
+        try:
+            return sample_thoughts(self.decoder, self.embedding, self.vocab_head(), input_ids,
+                                   attention_mask, self.start_id, k, temperature, generator, select)
+        finally:
+            self.lm.train(was_training)
+
+    def forward(self, input_ids, attention_mask=None, labels=None, generator=None,
+                check_finite: bool = True, thought_ids=None, thought_positions=None) -> QuietStarOutput:
+        """One training step's loss: sample n thoughts per position, score them, mix, REINFORCE.
+
+        ``thought_ids`` [B, n, L, k] replaces sampling with given thoughts (inner tokens), e.g. to
+        replay the ``thought_ids`` of an earlier output. ``thought_positions`` [B, L] bool thinks
+        only there (and only where a target exists), instead of ``config.thought_fraction``'s
+        choice; replaying thoughts under a fraction < 1 needs the earlier output's
+        ``thought_positions``. ``check_finite`` raises ``NonFiniteLossError`` on a NaN/inf loss
+        (one host sync).
+        """
+        cfg = self.config
+        n = cfg.thoughts_per_position
+        attention_mask = self._check_text(input_ids, attention_mask)
+        check_thought_positions(thought_positions, input_ids)
+        targets, valid = self._targets(input_ids, attention_mask, labels)
+        L = input_ids.shape[1]
+        self.check_rollout_positions(L, f"a training step on {L} tokens",
+                                     None if thought_ids is None else thought_ids.shape[-1])
+        ema_base_logp = None
+        if cfg.reward_baseline == "ema_base":
+            ema_base_logp = self._ema_base_logp(input_ids, attention_mask, targets[..., 0]).repeat_interleave(n, 0)
+        if thought_ids is not None and thought_positions is None and cfg.thought_fraction < 1:
+            raise ValueError("replaying thought_ids with thought_fraction < 1 needs the positions they "
+                             "were sampled at: pass the earlier output's thought_positions too")
+        head = self.vocab_head()  # every vocabulary-sized product, chunked (see vocab.py)
+        select = thought_rows_chooser(head.entropy, valid[..., 0], thought_positions, n, cfg.thought_fraction,
+                                      cfg.thought_selection, generator)
+        # The n thoughts of a text are adjacent rows: [B*n, ...].
+        input_ids, attention_mask = input_ids.repeat_interleave(n, 0), attention_mask.repeat_interleave(n, 0)
+        targets, valid = targets.repeat_interleave(n, 0), valid.repeat_interleave(n, 0)
+
+        # 1. sample and score the thoughts (at the W rows that think: every position, or S chosen).
+        thoughts, grid, thought_logp = self._rollout(input_ids, attention_mask, generator, thought_ids,
+                                                     select, head)
+        # 2. mix each post-thought state with the base state that predicts the same token.
+        mixed, w = self._mix(grid)
+        # 3. log-likelihoods: base next token, mixed A tokens, thought tokens (REINFORCE temperature).
+        logp = step_logprobs(cfg, head, grid, mixed, thoughts, thought_logp, targets, valid)
+
+        # 4. the objective: NLLs and REINFORCE; detached metrics beside it.
+        nll_term, policy_term, metrics = quietstar_loss_terms(cfg, logp.base, logp.mixed, logp.thought, valid,
+                                                              logp.after, ema_base_logp, logp.thought_valid)
+        loss = nll_term + policy_term
+
+        if check_finite and not torch.isfinite(loss):
+            bad = [name for name in ("base_nll", "mixed_nll", "policy_loss")
+                   if not torch.isfinite(metrics[name])]
+            raise NonFiniteLossError(
+                f"the QuietStar loss is {loss.item()} (non-finite parts: {bad or 'the weighted sum'}); "
+                "lower the learning rate or policy_loss_weight, check the data for empty sequences, or "
+                "train in float32 / bfloat16 instead of float16")
+        mask = logp.row_valid.to(w.dtype)
+        metrics["mean_mixing_weight"] = (w.detach() * mask).sum() / mask.sum().clamp(min=1)
+        positions = None
+        if grid.rows is not None:
+            thoughts = grid.rows.scatter(thoughts, L, self.tokenizer.pad_token_id)
+            positions = grid.rows.mask(L)[::n]
+        return QuietStarOutput(loss, metrics, thoughts.view(-1, n, *thoughts.shape[1:]),
+                               {"nll": nll_term, "policy": policy_term}, positions)
+
+    def _rollout(self, input_ids, attention_mask, generator, thought_ids, select, head: VocabHead):
+        """Step 1 of ``forward`` on its [B*n] rows: (thoughts [B*n, W, k], GridHidden, the thought
+        tokens' log-probabilities at the REINFORCE temperature [B*n, W, k] where they were sampled
+        in the scored passes, else None). Sampled and scored in the same passes where each pass runs once,
+        else (given thoughts; activation checkpointing, which recomputes one forward) sampled
+        without gradients and scored as the whole grid in one forward."""
+        cfg = self.config
+        Bn, L = input_ids.shape
+        n = cfg.thoughts_per_position
+        if thought_ids is not None:
+            if thought_ids.dim() != 4 or thought_ids.shape[:3] != (Bn // n, n, L):
+                raise ValueError(f"thought_ids must be [batch, thoughts_per_position, length, k] = "
+                                 f"[{Bn // n}, {n}, {L}, k], got {tuple(thought_ids.shape)}")
+            thoughts, rows = thought_ids.reshape(Bn, L, -1), None
+            if select is not None:  # given thought_positions (forward checked): no text pass needed
+                rows = select(None)
+                thoughts = rows.gather(thoughts)
+            return thoughts, self._score(input_ids, thoughts, attention_mask, rows), None
+        if getattr(self.lm, "is_activation_checkpointing", False):
+            thoughts, rows = self._sample(input_ids, attention_mask, generator=generator, select=select)
+            return thoughts, self._score(input_ids, thoughts, attention_mask, rows), None
+        return sample_and_score(
+            self.decoder, self.embedding, head, input_ids, attention_mask, self.start_id,
+            self.end_id, cfg.sampled_thought_tokens, cfg.ahead_tokens, cfg.thought_temperature,
+            self.tokenizer.pad_token_id, generator, cfg.policy_logprob_temperature, select)
+
+    # ------------------------------------------------------------------ the EMA baseline (RLP)
+    def ema_baseline_enable(self) -> None:
+        """Makes the EMA copy of the LM that ``reward_baseline="ema_base"`` measures thoughts
+        against: a frozen deep copy, moved by ``update_ema_baseline`` after every optimiser step
+        (``quietstar train`` does both; a training forward makes the copy if it is missing)."""
+        if self.ema_lm is None:
+            ema = copy.deepcopy(self.lm).requires_grad_(False).eval()
+            self.ema_lm = ema
+
+    @torch.no_grad()
+    def update_ema_baseline(self) -> None:
+        """ema = ema_decay * ema + (1 - ema_decay) * lm, parameter by parameter."""
+        for ema, live in zip(self.ema_lm.parameters(), self.lm.parameters(), strict=True):
+            ema.lerp_(live.detach().to(ema.dtype), 1.0 - self.config.ema_decay)
+
+    @torch.no_grad()
+    def _ema_base_logp(self, input_ids, attention_mask, next_tokens) -> torch.Tensor:
+        """log p_EMA(x_{i+1} | x_0..x_i) [B, L] without a thought, from the EMA copy."""
+        self.ema_baseline_enable()
+        ema = self.ema_lm.eval()  # train() on the wrapper reaches the copy too: no dropout here
+        hidden = ema.get_decoder()(inputs_embeds=ema.get_input_embeddings()(input_ids),
+                                   attention_mask=attention_mask,
+                                   position_ids=text_positions(attention_mask)).last_hidden_state
+        return self.vocab_head(ema).logprobs(hidden, next_tokens)
+
+    def generate(self, input_ids, attention_mask=None, **kwargs):
+        """Thinking generation (see ``quietstar.method.generation.generate`` for the arguments)."""
+        from quietstar.method.generation import generate
+
+        return generate(self, input_ids, attention_mask=attention_mask, **kwargs)
+
+    def activation_checkpointing_enable(self) -> None:
+        """Recompute each decoder layer in the backward pass (non-reentrant, grid-safe)."""
+        self.lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+
+
+def _check_model(model) -> None:
+    if getattr(model.config, "is_encoder_decoder", False):
+        raise NotImplementedError(f"{type(model).__name__} is an encoder-decoder model; quietstar "
+                                  "wraps decoder-only causal LMs")
+    if model.get_output_embeddings() is None or not hasattr(model, "get_decoder"):
+        raise NotImplementedError(f"{type(model).__name__} is not a causal LM with an output head; "
+                                  "load it with AutoModelForCausalLM")
+

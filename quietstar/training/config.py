@@ -1,0 +1,290 @@
+"""The typed configuration of a training run, its YAML file and its presets.
+
+``TrainConfig`` and the method's ``QuietStarConfig`` (its ``quietstar`` field) are the one source
+of truth: the command-line flags, their help and defaults are generated from their fields and
+docstrings (``quietstar.utils.settings``), a YAML file uses the same names, and the resolved
+configuration is saved with the run and every checkpoint as ``train_config.yaml``.
+
+The defaults are one story: ``QuietStarConfig`` holds the paper's values; a preset is a YAML
+file of settings in ``quietstar/presets/`` that a run starts from. ``quietstar train`` starts
+from ``cpu-demo`` unless given ``--config`` (a file or another preset) or resuming (the resumed
+run's saved settings take its place).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from quietstar.utils.settings import check_field_types, merge, option, read_yaml
+from quietstar.training.checkpoint import CheckpointError, resolve_resume
+from quietstar.method.config import QuietStarConfig
+from quietstar.training.metrics import REPORT_TO
+from quietstar.models.loading import EMBEDDED_MODEL
+
+TRAIN_CONFIG_NAME = "train_config.yaml"
+PRESETS_DIR = Path(__file__).parent / "presets"
+DEFAULT_PRESET = "cpu-demo"
+INFINITE_OK = ("max_grad_norm", "policy_max_grad_norm")  # inf: no clipping
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs; the method's own settings live in ``quietstar``.
+
+    The defaults are the paper's method (``QuietStarConfig()``) on the embedded
+    SmolLM2-135M-Instruct. ``quietstar train`` starts from the ``cpu-demo`` preset instead
+    (``presets/cpu-demo.yaml``: shorter thoughts and a policy weight the LM survives on a CPU).
+    """
+
+    model: str = EMBEDDED_MODEL
+    """Base model: a Hugging Face model id, a local model folder, or the embedded
+    "embedded:smollm2-135m-instruct" (converted once to a cached safetensors folder)."""
+
+    revision: str | None = None
+    """For a Hub id as model: the branch, tag or commit to load (None: the default branch)."""
+
+    cache_dir: str | None = None
+    """Hugging Face hub cache folder to read a Hub id from (None: the default cache; offline,
+    HF_HUB_OFFLINE=1, only from the cache)."""
+
+    data: str = "builtin:arithmetic"
+    """Training text: "builtin:arithmetic" (offline), a local .txt/.jsonl/.json/.parquet file or
+    folder, or a Hugging Face dataset "name" or "name:config" (streamed)."""
+
+    data_split: str = "train"
+    """Split of a Hugging Face dataset."""
+
+    text_field: str | None = None
+    """Record field holding the text (default "text"; question/answer records are joined)."""
+
+    num_documents: int | None = None
+    """Use only the first this many documents (None: all; the built-in corpus makes 2000)."""
+
+    data_mode: Literal["pack", "crop"] = "pack"
+    """"pack": documents joined with EOS and cut into seq_len windows. "crop": one document per
+    sequence, cut or padded to seq_len (padding is masked out of the loss)."""
+
+    output_dir: str | None = option(None, output="folder")
+    """Run folder for checkpoints, metrics, curves and samples (None: runs/quietstar-<time>)."""
+
+    seq_len: int = 32
+    """Tokens per training sequence; a thought is sampled after every one of them."""
+
+    batch_size: int = 1
+    """Sequences per optimiser step, over all processes and accumulation steps."""
+
+    micro_batch_size: int = 1
+    """Sequences per forward pass and process; batch_size / (micro_batch_size * processes)
+    passes are accumulated per step."""
+
+    max_steps: int = 20
+    """Optimiser steps of the whole run (a resumed run continues up to this)."""
+
+    learning_rate: float = 3e-5
+    """Peak AdamW learning rate (fp32 master weights). START/END embeddings learn
+    meta_token_lr_multiplier times faster through their parameterisation."""
+
+    mixing_head_lr_multiplier: float = 1.0
+    """The mixing head's learning rate is learning_rate times this. The head starts at w = 0 and
+    at the LM's small learning rate its weight grows slowly; 1.0 is the paper's setting."""
+
+    weight_decay: float = 0.001
+    """AdamW weight decay of matrices; biases, norms and the START/END embeddings get none."""
+
+    warmup_steps: int = 2
+    """Steps of linear warm-up from learning_rate / (warmup_steps + 1) to learning_rate."""
+
+    lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    """Learning-rate decay after warm-up, down to min_lr_ratio * learning_rate at max_steps."""
+
+    min_lr_ratio: float = 0.1
+    """Final learning rate as a fraction of learning_rate (cosine and linear schedules)."""
+
+    max_grad_norm: float = 1.0
+    """Clip the global gradient norm to this (inf: no clipping). With the paper's policy-loss
+    weight (1e6) the gradient is mostly the REINFORCE term, so clipping sets the step size."""
+
+    policy_max_grad_norm: float | None = None
+    """None: one gradient for the whole loss, clipped at max_grad_norm (the paper). A number: the
+    REINFORCE term's gradient and the NLL terms' gradient are computed apart (a second backward
+    pass through the same graph, ~1.5x the step time), the first clipped at this norm and the
+    second at max_grad_norm, then summed: the policy can shape thoughts without taking over the
+    LM's step, and a large policy weight no longer shrinks the NLL's update. One process only."""
+
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """Compute precision; weights and optimiser state stay fp32. "auto": bf16 autocast on CUDA
+    GPUs that support it, fp32 elsewhere."""
+
+    activation_checkpointing: bool = False
+    """Recompute each decoder layer in the backward pass: much less memory, ~30% more time."""
+
+    lora_rank: int = 0
+    """LoRA rank for the base model's linear layers (peft); 0 trains all weights. The mixing
+    head and START/END embeddings are always fully trained."""
+
+    lora_alpha: float = 16.0
+    """LoRA scaling numerator (the update is scaled by lora_alpha / lora_rank)."""
+
+    lora_target_modules: str = "all-linear"
+    """Comma-separated module names to adapt with LoRA, or "all-linear" (every linear layer but
+    the LM head)."""
+
+    seed: int = 0
+    """Seed of everything random: initialisation, data order and thought sampling."""
+
+    checkpoint_every: int = 50
+    """Save a checkpoint every this many steps (and always at the end)."""
+
+    keep_checkpoints: int = 2
+    """Keep only the newest this many checkpoints."""
+
+    resume: str | None = None
+    """Continue a run: a checkpoint folder, a run folder (its latest checkpoint), or "latest"
+    (in output_dir). Settings not given again are taken from the checkpoint."""
+
+    sample_every: int = 5
+    """Show and save sampled thoughts every this many steps (0: never)."""
+
+    eval_every: int = 10
+    """Held-out loss with and without thoughts every this many steps and at the end (0: never)."""
+
+    eval_batches: int = 2
+    """Held-out batches of micro_batch_size sequences per evaluation."""
+
+    eval_documents: int = 100
+    """Documents at the start of the data held out for evaluation (never trained on)."""
+
+    report_to: Literal["none", "tensorboard", "wandb"] = "none"
+    """Also send the metrics to TensorBoard (<output_dir>/tensorboard) or Weights & Biases;
+    metrics.jsonl is always written."""
+
+    push_to_hub: str | None = None
+    """At the end, upload the last checkpoint's model (with its model card) to this Hugging Face
+    Hub repo ("owner/name", created if missing; needs a token: huggingface-cli login)."""
+
+    max_nonfinite_steps: int = 3
+    """Stop (after saving) when this many steps in a row have a NaN/inf loss or gradient; such
+    steps are skipped."""
+
+    quietstar: QuietStarConfig = field(default_factory=QuietStarConfig)
+    """The method's settings (thought length, ahead tokens, loss weights, ...)."""
+
+    def __post_init__(self) -> None:
+        # Types first (a "quietstar" mapping becomes a QuietStarConfig); every float must be
+        # finite but the two clipping norms, where inf means "no clipping".
+        check_field_types(self, infinite_ok=INFINITE_OK)
+
+        def need(ok: bool, message: str) -> None:
+            if not ok:
+                raise ValueError(f"TrainConfig: {message}")
+
+        for name in ("seq_len", "batch_size", "micro_batch_size", "max_steps", "checkpoint_every",
+                     "keep_checkpoints", "eval_batches", "eval_documents", "max_nonfinite_steps"):
+            value = getattr(self, name)
+            need(isinstance(value, int) and value >= 1, f"{name} must be an int >= 1, got {value!r}")
+        for name in ("warmup_steps", "sample_every", "eval_every", "lora_rank", "seed"):
+            value = getattr(self, name)
+            need(isinstance(value, int) and value >= 0, f"{name} must be an int >= 0, got {value!r}")
+        need(self.num_documents is None or self.num_documents >= 1,
+             f"num_documents must be None or >= 1, got {self.num_documents!r}")
+        need(self.batch_size % self.micro_batch_size == 0,
+             f"batch_size {self.batch_size} is not a multiple of micro_batch_size "
+             f"{self.micro_batch_size}; make batch_size = micro_batch_size * processes * "
+             "accumulation steps")
+        need(self.seq_len >= self.quietstar.ahead_tokens + 1,
+             f"seq_len {self.seq_len} must exceed ahead_tokens {self.quietstar.ahead_tokens}: every "
+             "thought is trained to predict that many true tokens")
+        need(self.learning_rate > 0 and math.isfinite(self.learning_rate),
+             f"learning_rate must be finite and > 0, got {self.learning_rate!r}")
+        need(self.mixing_head_lr_multiplier > 0 and math.isfinite(self.mixing_head_lr_multiplier),
+             f"mixing_head_lr_multiplier must be finite and > 0, got {self.mixing_head_lr_multiplier!r}")
+        need(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay!r}")
+        need(0 <= self.min_lr_ratio <= 1, f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio!r}")
+        need(self.max_grad_norm > 0, f"max_grad_norm must be > 0 (inf: no clipping), got "
+             f"{self.max_grad_norm!r}")
+        need(self.policy_max_grad_norm is None or self.policy_max_grad_norm > 0,
+             f"policy_max_grad_norm must be None or > 0 (inf: separate, unclipped), got "
+             f"{self.policy_max_grad_norm!r}")
+        need(not (self.lora_rank and self.quietstar.reward_baseline == "ema_base"),
+             "reward_baseline='ema_base' with LoRA is not supported (the EMA copy would follow the "
+             "frozen base weights); train all weights (--lora-rank 0) or use another baseline")
+        need(self.lora_alpha > 0, f"lora_alpha must be > 0, got {self.lora_alpha!r}")
+        need(self.push_to_hub is None or re.fullmatch(r"[\w.-]+/[\w.-]+", self.push_to_hub) is not None,
+             f"push_to_hub must be a Hub repo id 'owner/name', got {self.push_to_hub!r}")
+        need(bool(self.lora_target_modules.strip()), "lora_target_modules must not be empty")
+        for name, allowed in (("data_mode", ("pack", "crop")),
+                              ("lr_schedule", ("cosine", "linear", "constant")),
+                              ("precision", ("auto", "fp32", "bf16")), ("report_to", REPORT_TO)):
+            value = getattr(self, name)
+            need(value in allowed, f"{name} must be one of {', '.join(allowed)}; got {value!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        data = dict(data)
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            method = {f.name for f in fields(QuietStarConfig)}
+            hint = [f"{u} belongs under 'quietstar:'" for u in unknown if u in method]
+            raise ValueError(f"unknown training setting(s) {unknown}"
+                             + (f" ({'; '.join(hint)})" if hint else "")
+                             + f"; known: {sorted(known)}")
+        return cls(**data)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def save(self, directory: str | Path) -> Path:
+        """Writes ``<directory>/train_config.yaml`` (a run folder or a checkpoint)."""
+        path = Path(directory, TRAIN_CONFIG_NAME)
+        path.write_text(self.to_yaml(), encoding="utf-8")
+        return path
+
+    @staticmethod
+    def saved_settings(directory: str | Path) -> dict[str, Any]:
+        """The settings ``save`` wrote into ``directory``, as a dict (to merge, then validate)."""
+        return read_yaml(Path(directory, TRAIN_CONFIG_NAME))
+
+
+def presets() -> list[str]:
+    """The names of the shipped presets."""
+    return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+
+
+def config_file_path(name_or_path: str | Path) -> Path:
+    """A YAML file of settings: a path, or the name of a shipped preset ("cpu-demo")."""
+    path = Path(name_or_path).expanduser()
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        return path
+    preset = PRESETS_DIR / f"{name_or_path}.yaml"
+    if not preset.is_file():
+        raise FileNotFoundError(f"--config {name_or_path}: neither a YAML file nor a preset; "
+                                f"presets: {', '.join(presets())}")
+    return preset
+
+
+def load_config(config_file: str | Path | None = None,
+                overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """The resolved configuration: defaults < the resumed checkpoint's saved config < the YAML
+    ``config_file`` (a path or a preset name) < ``overrides``
+    (``{"seq_len": 32, "quietstar": {"ahead_tokens": 2}}``)."""
+    explicit = merge(read_yaml(config_file_path(config_file)) if config_file else {}, overrides or {})
+    base: dict[str, Any] = {}
+    if explicit.get("resume"):
+        found = resolve_resume(explicit["resume"], explicit.get("output_dir"))
+        if not (found / TRAIN_CONFIG_NAME).is_file():
+            raise CheckpointError(f"{found / TRAIN_CONFIG_NAME} is missing: {found} is not a complete "
+                                  "checkpoint (every checkpoint holds the settings it was trained "
+                                  "with); resume from another checkpoint, or start a fresh run")
+        base = TrainConfig.saved_settings(found)
+        base["output_dir"] = str(found.parent)  # robust to a moved run folder / another cwd
+    return TrainConfig.from_dict(merge(base, explicit))

@@ -1,0 +1,498 @@
+"""Training: the ``TrainingRecipe`` behind ``quietstar train`` and the ``train(TrainConfig)`` API.
+
+One recipe from a laptop CPU to a GPU cluster (it runs as is under ``accelerate launch`` /
+``torchrun`` with DDP, FSDP2 or DeepSpeed ZeRO):
+
+    config = load_config("examples/train.yaml", {"max_steps": 100})
+    result = train(config)            # -> TrainResult(output_dir, checkpoint, ...)
+
+The recipe's stages, in the order ``run`` calls them: ``setup`` (accelerator and run folder,
+then ``setup_model``, ``setup_data``, ``setup_optimizer`` and, when resuming,
+``load_checkpoint``), then per step ``train_step`` and ``log_step``, every ``eval_every`` steps
+``evaluate``, every ``checkpoint_every`` steps ``save_checkpoint``, and at the end ``finish``.
+The pieces it is built from live in their own modules: the configuration (``train_config``),
+the model, data and held-out loss (``train_setup``), the optimiser and schedule (``optim``),
+checkpoints (``checkpoint``), logs and plots (``metrics``), the run folder and console
+(``run_folder``), FSDP / DeepSpeed (``distributed``).
+
+Batches. ``batch_size`` is the *global* number of sequences per optimiser step; each process runs
+``micro_batch_size`` of them per forward pass, accumulating gradients over
+``batch_size / (micro_batch_size * processes)`` passes. Global sequence j of step s is always
+the same sequence, whatever the number of processes.
+
+Thought sampling is random. Each micro-batch samples its thoughts with its own ``torch.Generator``
+seeded from (seed, step, global index of its first sequence) (``thought_generator``). So the
+thoughts do not depend on how a step is split over processes (with the same
+``micro_batch_size``, one process with gradient accumulation samples exactly what N processes
+do), and a resumed run samples exactly what the uninterrupted one would have: the generator needs
+no saved state.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from quietstar.training import checkpoint
+from quietstar.training.cpu import tune_for_training
+from quietstar.training.distributed import build_model_whole, shard_lm_embedding
+from quietstar.training.metrics import CURVES_NAME, METRICS_NAME, MetricsLogger, SampleWriter, format_sample, \
+    plot_training_curves, thought_samples
+from quietstar.models.model_card import TrainingFacts
+from quietstar.models.modeling import QuietStarForCausalLM
+from quietstar.training.optim import build_optimizer, lr_at, set_learning_rate
+from quietstar.training.run_folder import StopRequests, prepare_output_dir, run_logging, running_mean, summary
+from quietstar.training.config import TrainConfig, load_config
+from quietstar.training.components import EvalHook, HeldoutLoss, build_data, build_model, thought_generator
+
+__all__ = ["TrainConfig", "TrainResult", "TrainingDiverged", "TrainingRecipe", "EvalHook",
+           "HeldoutLoss", "build_data", "build_model", "build_optimizer", "load_config", "lr_at",
+           "thought_generator", "train"]
+
+logger = logging.getLogger(__name__)
+
+# Shown on the progress bar and in the summary (a running mean of the last steps).
+PROGRESS_METRICS = ("base_nll", "model_nll", "thought_gain")
+
+
+@dataclass
+class TrainResult:
+    """What ``train`` returns."""
+
+    output_dir: Path
+    checkpoint: Path | None   # the last checkpoint written
+    step: int                 # optimiser steps done
+    metrics: dict[str, Any]   # the last step's record
+    interrupted: bool         # stopped by Ctrl-C / SIGTERM (after saving)
+    elapsed_s: float
+
+
+class TrainingDiverged(RuntimeError):
+    """Too many non-finite steps in a row; a checkpoint of the last good weights was saved."""
+
+
+def _fingerprint(model: QuietStarForCausalLM, config: TrainConfig) -> dict[str, Any]:
+    """What a checkpoint must match to be resumed into this model."""
+    text = model.lm.config.get_text_config()
+    return {"model_type": text.model_type, "vocab_size": text.vocab_size,
+            "hidden_size": text.hidden_size, "num_hidden_layers": text.num_hidden_layers,
+            "lora_rank": config.lora_rank}
+
+
+def _use_bf16(precision: str, device: torch.device) -> bool:
+    if precision == "auto":
+        return device.type == "cuda" and torch.cuda.is_bf16_supported()
+    return precision == "bf16"
+
+
+# ============================================================================ the recipe
+class TrainingRecipe:
+    """A Quiet-STaR training run in named stages; ``run()`` calls them in order.
+
+    Raises ``TrainingDiverged`` (after saving) when ``max_nonfinite_steps`` steps in a row are
+    non-finite. Ctrl-C / SIGTERM stop after the current step with a checkpoint
+    (``TrainResult.interrupted``).
+    """
+
+    def __init__(self, config: TrainConfig, eval_hooks: Sequence[EvalHook] | None = None):
+        self.config = config
+        self.extra_hooks = list(eval_hooks or [])
+        self.step = self.start_step = self.nonfinite = 0
+        self.state: dict[str, Any] | None = None  # the resumed checkpoint's training state
+        self.history: dict[str, list[float]] = {k: [] for k in PROGRESS_METRICS}
+        self.first_eval: dict[str, float] = {}
+        self.record: dict[str, Any] = {}
+        self.last_checkpoint: Path | None = None
+        self.last_eval: dict[str, float] = {}    # the latest held-out figures, for the model card
+        self.last_samples: list[str] = []        # the latest sampled thoughts, likewise
+
+    # ------------------------------------------------------------------ setup
+    def setup(self) -> None:
+        """Accelerator, run folder; model, data, optimiser; the checkpoint when resuming."""
+        self.setup_accelerator()
+        self.setup_run_folder()
+
+    def setup_accelerator(self) -> None:
+        from accelerate import Accelerator, DistributedType, PartialState
+
+        cfg = self.config
+        cpu = not torch.cuda.is_available()
+        self.world = PartialState(cpu=cpu).num_processes
+        per_step = cfg.micro_batch_size * self.world
+        if cfg.batch_size % per_step:
+            raise ValueError(f"batch_size {cfg.batch_size} is not divisible by micro_batch_size "
+                             f"{cfg.micro_batch_size} x {self.world} processes; use a batch_size that "
+                             f"is a multiple of {per_step}")
+        self.accumulation = cfg.batch_size // per_step
+        # accumulate() in train_step skips the gradient sync of all but the last micro-batch, and
+        # backward() divides the loss by the number of micro-batches (DeepSpeed: its engine does both).
+        self.accelerator = Accelerator(cpu=cpu, gradient_accumulation_steps=self.accumulation)
+        self.rank, self.main = self.accelerator.process_index, self.accelerator.is_main_process
+        self.deepspeed = self.accelerator.distributed_type == DistributedType.DEEPSPEED
+        self.sharded = self.deepspeed or self.accelerator.distributed_type == DistributedType.FSDP
+        if self.sharded and cfg.lora_rank:
+            raise ValueError("LoRA with FSDP / DeepSpeed is not supported; use DDP (or one process) "
+                             "for LoRA, or train all weights (--lora-rank 0)")
+        self.ema = cfg.quietstar.reward_baseline == "ema_base"
+        if self.sharded and self.ema:
+            raise ValueError("reward_baseline='ema_base' with FSDP / DeepSpeed is not supported (its "
+                             "EMA copy of the LM is not sharded); use DDP or one process")
+        if self.world > 1 and cfg.policy_max_grad_norm is not None:
+            raise ValueError("policy_max_grad_norm (two backward passes per step) runs in one process "
+                             "for now; unset it or train with one process")
+
+    def setup_run_folder(self) -> None:
+        """The run folder (every process must agree on its name), checked writable, with the
+        resolved configuration written into it."""
+        cfg = self.config
+        self.resume_from = checkpoint.resolve_resume(cfg.resume, cfg.output_dir) if cfg.resume else None
+        if self.resume_from is not None and cfg.max_steps < checkpoint.step_of(self.resume_from):
+            raise ValueError(f"max_steps {cfg.max_steps} is below the step of the resumed checkpoint "
+                             f"{self.resume_from} ({checkpoint.step_of(self.resume_from)}): a resumed "
+                             "run continues up to max_steps; give a larger --max-steps")
+        if cfg.output_dir:
+            out_dir = Path(cfg.output_dir)
+        elif self.resume_from is not None:
+            out_dir = self.resume_from.parent
+        else:
+            from accelerate.utils import broadcast_object_list
+
+            name = [time.strftime("quietstar-%Y%m%d-%H%M%S")]
+            if self.world > 1:
+                broadcast_object_list(name)
+            out_dir = Path("runs") / name[0]
+        # The folders this run creates, removed again if it fails before its first step.
+        self.new_folder: Path | None = None
+        if not out_dir.exists():
+            self.new_folder = out_dir
+            while not self.new_folder.parent.exists():
+                self.new_folder = self.new_folder.parent
+        prepare_output_dir(out_dir, self.resume_from is not None, self.rank)
+        self.out_dir = out_dir
+        self.config = TrainConfig.from_dict({**cfg.to_dict(), "output_dir": str(out_dir)})
+        self.last_checkpoint = self.resume_from
+        if self.main:
+            checkpoint.remove_partial(out_dir)
+            self.config.save(out_dir)
+
+    def setup_model(self) -> None:
+        cfg = self.config
+        logger.info(f"Loading {cfg.model} ...")
+        if self.deepspeed:
+            model = build_model_whole(lambda: build_model(cfg), self.accelerator)
+            # accelerate.prepare takes the per-process batch from a prepared DataLoader; there is none.
+            self.accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = \
+                cfg.micro_batch_size
+        else:
+            model = build_model(cfg)
+        q = cfg.quietstar
+        model.check_rollout_positions(cfg.seq_len, f"training on seq_len {cfg.seq_len} with "
+                                      f"k={q.sampled_thought_tokens}, A={q.ahead_tokens}")  # before any data is read
+        if self.ema:
+            model.ema_baseline_enable()  # before accelerate moves and wraps the model
+        self.model = self.unwrapped = model
+        self.tokenizer = model.tokenizer
+        self.fingerprint = _fingerprint(model, cfg)
+
+    def setup_data(self) -> None:
+        cfg = self.config
+        self.batches, heldout = build_data(cfg, self.tokenizer)
+        self.hooks: list[EvalHook] = ([HeldoutLoss(heldout, cfg.seed)] if heldout else []) + self.extra_hooks
+        if self.hooks and not cfg.eval_every:
+            raise ValueError("eval hooks were given but eval_every is 0; set eval_every")
+
+    def setup_optimizer(self) -> None:
+        """The optimiser, then accelerate's preparation of model and optimiser for the device(s)."""
+        if self.accelerator.is_fsdp2:
+            shard_lm_embedding(self.model, self.accelerator)  # before the optimiser: it holds the new params
+        optimizer = build_optimizer(self.model, self.config)
+        self.model, self.optimizer = self.accelerator.prepare(self.model, optimizer)
+        self.unwrapped = self.accelerator.unwrap_model(self.model)
+        self.device = self.accelerator.device
+        self.bf16 = _use_bf16(self.config.precision, self.device)
+        if self.device.type == "cpu":
+            # Subnormal floats (SmolLM2's small activations underflow: a forward is 6x faster with
+            # them flushed to zero) and malloc returning each step's activation memory.
+            tune_for_training()
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self, step: int) -> Path:
+        """Checkpoint ``step`` (every process takes part; see ``checkpoint.save_checkpoint``)."""
+        acc = self.accelerator
+        full_state = acc.get_state_dict(self.model) if self.sharded else None  # a collective
+        state = {"step": step, "optimizer": None if self.sharded else self.optimizer.state_dict(),
+                 "rng": checkpoint.capture_rng(), "data": self.batches.state_dict(),
+                 "nonfinite_in_a_row": self.nonfinite, "fingerprint": self.fingerprint}
+        if self.ema:
+            state["ema"] = {k: v.detach().cpu() for k, v in self.unwrapped.ema_lm.state_dict().items()}
+        facts = TrainingFacts(data=self.config.data, steps=step,
+                              tokens_per_step=self.config.batch_size * self.config.seq_len,
+                              heldout=dict(self.last_eval), samples=list(self.last_samples))
+        self.last_checkpoint = checkpoint.save_checkpoint(
+            self.out_dir, step, self.unwrapped, training_state=state, config=self.config,
+            keep=self.config.keep_checkpoints, full_state=full_state, lora=bool(self.config.lora_rank),
+            save_sharded=(lambda folder: acc.save_state(str(folder))) if self.sharded else None,
+            is_main=self.main, barrier=acc.wait_for_everyone, training=facts)
+        return self.last_checkpoint
+
+    def load_checkpoint(self, path: Path) -> None:
+        """Weights, optimiser, data position and counters from checkpoint ``path``; the RNG
+        states are restored by ``start_data`` (last: building the model consumed randomness)."""
+        load_sharded = (lambda folder: self.accelerator.load_state(str(folder))) if self.sharded else None
+        self.state = checkpoint.load_checkpoint(path, self.unwrapped, self.fingerprint,
+                                                optimizer=self.optimizer, load_sharded=load_sharded)
+        if self.ema:
+            if "ema" not in self.state:
+                raise checkpoint.CheckpointError(f"{path} holds no EMA copy of the LM, which "
+                                                 "reward_baseline='ema_base' needs; resume with that "
+                                                 "run's reward_baseline, or start a fresh run")
+            self.unwrapped.ema_lm.load_state_dict(self.state["ema"])
+        self.batches.load_state_dict(self.state["data"])
+        self.step = self.start_step = int(self.state["step"])
+        self.nonfinite = int(self.state["nonfinite_in_a_row"])
+
+    def start_data(self) -> None:
+        """Reads the first batch (too little data fails here, before any training), then restores
+        the resumed run's RNG states: nothing random may happen between them and the first step."""
+        self.batch_iter = iter(self.batches)
+        self.pending = next(self.batch_iter)
+        if self.state is not None:
+            checkpoint.restore_rng(self.state["rng"])
+
+    # ------------------------------------------------------------------ steps
+    def train_step(self, step: int) -> tuple[dict[str, Any], dict[str, torch.Tensor], Any]:
+        """One optimiser step over ``accumulation`` micro-batches of this process. Returns the
+        step's record (metrics averaged over micro-batches and processes), the last micro-batch
+        and its model output (for the sampled thoughts)."""
+        cfg, acc = self.config, self.accelerator
+        t0 = time.perf_counter()
+        lr = lr_at(step, cfg)
+        set_learning_rate(self.optimizer, lr)
+        batch = self.pending if self.pending is not None else next(self.batch_iter)
+        self.pending = None
+        sums: dict[str, torch.Tensor] = {}
+        apart: dict[str, dict] = {"nll": {}, "policy": {}}  # policy_max_grad_norm: gradients apart
+        for j in range(self.accumulation):
+            lo = (j * self.world + self.rank) * cfg.micro_batch_size
+            rows = {k: v[lo:lo + cfg.micro_batch_size].to(self.device) for k, v in batch.items()}
+            with acc.accumulate(self.model):
+                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+                    out = self.model(rows["input_ids"], rows["attention_mask"], rows["labels"],
+                                     generator=thought_generator(cfg.seed, step, lo, self.device),
+                                     check_finite=False)
+                if cfg.policy_max_grad_norm is None:
+                    acc.backward(out.loss)
+                else:
+                    acc.backward(out.terms["nll"], retain_graph=True)
+                    _move_grads(self.model.parameters(), apart["nll"])
+                    acc.backward(out.terms["policy"])
+                    _move_grads(self.model.parameters(), apart["policy"])
+            for name, value in {"loss": out.loss.detach(), **out.metrics}.items():
+                sums[name] = sums.get(name, 0) + value.float() / self.accumulation
+        grad_norm, extra = self._clip_gradients(apart if cfg.policy_max_grad_norm is not None else None)
+        values, self.stop_requested = self._reduce(sums)
+        finite = math.isfinite(values["loss"]) and (grad_norm is None or math.isfinite(grad_norm)) \
+            and all(math.isfinite(v) for v in extra.values())
+        if finite:
+            self.optimizer.step()
+            if self.ema:
+                self.unwrapped.update_ema_baseline()
+            self.nonfinite = 0
+        else:
+            self.nonfinite += 1
+            logger.warning(f"step {step + 1}: non-finite loss or gradient (loss {values['loss']}, grad "
+                           f"norm {grad_norm}); step skipped ({self.nonfinite} in a row, stopping at "
+                           f"{cfg.max_nonfinite_steps})")
+        self.optimizer.zero_grad(set_to_none=True)
+        elapsed = time.perf_counter() - t0
+        record = {"step": step + 1, **values, "lr": lr, "grad_norm": grad_norm, **extra,
+                  "tokens_per_s": cfg.batch_size * cfg.seq_len / elapsed, "step_time_s": elapsed}
+        if not finite:
+            record["skipped"] = True
+        return record, rows, out
+
+    def _clip_gradients(self, apart: dict[str, dict] | None) -> tuple[float | None, dict[str, float]]:
+        """Clips the step's gradient; returns its norm and extra metrics. With ``apart`` (the NLL
+        and policy gradients kept apart, policy_max_grad_norm) each is clipped at its own norm and
+        the two are summed into ``.grad``."""
+        cfg, params = self.config, self.model.parameters
+        extra: dict[str, float] = {}
+        if apart is not None:
+            _move_grads(apart["policy"], None)  # clip the policy gradient alone, put it aside
+            extra["policy_grad_norm"] = float(torch.nn.utils.clip_grad_norm_(list(params()),
+                                                                             cfg.policy_max_grad_norm))
+            apart["policy"] = {}
+            _move_grads(params(), apart["policy"])
+            _move_grads(apart["nll"], None)  # .grad = the NLL gradient, clipped below as usual
+        grad_norm = self.accelerator.clip_grad_norm_(params(), cfg.max_grad_norm)
+        if apart is not None:
+            _add_grads(apart["policy"])
+        return (float(grad_norm) if grad_norm is not None else None), extra
+
+    def _reduce(self, sums: dict[str, torch.Tensor]) -> tuple[dict[str, float], bool]:
+        """One reduction gives every process the same numbers and the same stop decision."""
+        names = sorted(sums)
+        flags = torch.tensor([float(self.stop.requested)], device=self.device)
+        packed = torch.cat([torch.stack([sums[n] for n in names]) / self.world, flags])
+        reduced = self.accelerator.reduce(packed, "sum").tolist()
+        return dict(zip(names, reduced[:-1])), reduced[-1] > 0
+
+    def evaluate(self, step: int) -> dict[str, float]:
+        """Every eval hook, with the model in eval mode and no gradients."""
+        self.unwrapped.eval()
+        results: dict[str, float] = {}
+        with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            for hook in self.hooks:
+                results |= hook(self.unwrapped, step)
+        self.unwrapped.train()
+        self.first_eval.update({k: v for k, v in results.items() if k not in self.first_eval})
+        self.last_eval = results
+        logger.info(f"step {step} held-out: " + ", ".join(
+            f"{k.removeprefix('eval/')} {v:.4f}" for k, v in results.items()))
+        return results
+
+    def log_step(self, record: dict[str, Any], rows: dict[str, torch.Tensor], out) -> None:
+        """Main process: the metrics log, the progress bar and, every sample_every steps, thoughts."""
+        if not self.main:
+            return
+        step = record["step"]
+        self.metrics.log(record)
+        if not record.get("skipped"):
+            for key in self.history:
+                self.history[key].append(record[key])
+        self.bar.set_postfix_str(
+            f"nll {running_mean(self.history['base_nll']):.3f} with thought "
+            f"{running_mean(self.history['model_nll']):.3f} gain "
+            f"{running_mean(self.history['thought_gain']):+.3f}", refresh=False)
+        self.bar.update(1)
+        if self.samples is not None and (step % self.config.sample_every == 0 or step == 1):
+            length = int(rows["attention_mask"][0].sum())
+            positions = sorted({max(0, min(length - 2, int(length * f))) for f in (0.3, 0.6, 0.9)})
+            if out.thought_positions is not None:  # thought_fraction < 1: among those that thought
+                thought = out.thought_positions[0].nonzero().flatten().tolist() or [0]
+                positions = sorted({thought[int(len(thought) * f)] for f in (0.3, 0.6, 0.9)})
+            shown = thought_samples(self.tokenizer, rows["input_ids"][0].cpu(), out.thought_ids[0, 0].cpu(),
+                                    positions, self.config.quietstar.ahead_tokens)
+            self.samples.write(step, shown)
+            self.last_samples = [format_sample(s) for s in shown]
+            logger.info(f"step {step} thoughts:\n" + "\n".join(f"  {s}" for s in self.last_samples))
+
+    # ------------------------------------------------------------------ the loop
+    def run(self) -> TrainResult:
+        started = time.perf_counter()
+        self.setup()
+        try:
+            with run_logging(logger, self.out_dir, self.main):
+                self._setup_training()
+                self.new_folder = None  # from here on the folder holds a run
+                interrupted = self._loop()
+                total = time.perf_counter() - started
+                self.finish(total, interrupted)
+        except BaseException:
+            if self.new_folder is not None and self.main:  # bad model or data: leave nothing behind
+                shutil.rmtree(self.new_folder, ignore_errors=True)
+            raise
+        self.accelerator.wait_for_everyone()
+        return TrainResult(self.out_dir, self.last_checkpoint, self.step, self.record, interrupted, total)
+
+    def _setup_training(self) -> None:
+        from accelerate.utils import set_seed
+
+        cfg = self.config
+        set_seed(cfg.seed)
+        self.setup_model()
+        self.setup_data()
+        self.setup_optimizer()
+        if self.resume_from is not None:
+            self.load_checkpoint(self.resume_from)
+        self.start_data()
+        # A fresh run starts its logs afresh (-1: keep no record), also in a folder that a run
+        # killed before its first checkpoint left: its records would otherwise be repeated.
+        resumed = self.start_step if self.state is not None else -1
+        self.metrics = MetricsLogger(self.out_dir, cfg.report_to, cfg.to_dict(), resume_step=resumed) \
+            if self.main else None
+        self.samples = SampleWriter(self.out_dir, resume_step=resumed) if self.main and cfg.sample_every else None
+        logger.info(f"Training {cfg.max_steps - self.start_step} steps "
+                    + (f"(from step {self.start_step}) " if self.start_step else "")
+                    + f"of {cfg.batch_size} x {cfg.seq_len} tokens on {self.world} x {self.device.type}"
+                    + (" (bf16)" if self.bf16 else "") + f"; run folder {self.out_dir}")
+
+    def _loop(self) -> bool:
+        """Steps until max_steps or a stop request; returns whether it was interrupted."""
+        from tqdm.auto import tqdm
+
+        cfg = self.config
+        if self.hooks and self.start_step == 0:  # the starting point of the held-out curves
+            results = self.evaluate(0)
+            if self.main:
+                self.metrics.log({"step": 0, **results})
+        self.bar = tqdm(total=cfg.max_steps, initial=self.start_step, disable=not self.main, unit="step",
+                        dynamic_ncols=True, desc="quietstar train")
+        with StopRequests() as self.stop:
+            while self.step < cfg.max_steps:
+                record, rows, out = self.train_step(self.step)
+                self.step += 1
+                if self.hooks and (self.step % cfg.eval_every == 0 or self.step == cfg.max_steps):
+                    record |= self.evaluate(self.step)
+                self.record = record
+                self.log_step(record, rows, out)
+                if self.nonfinite >= cfg.max_nonfinite_steps:
+                    saved = self.save_checkpoint(self.step)
+                    self.bar.close()
+                    raise TrainingDiverged(
+                        f"stopped at step {self.step}: {self.nonfinite} steps in a row had a NaN/inf loss "
+                        f"or gradient. Saved {saved} (the weights before them). Lower --learning-rate or "
+                        "--policy-loss-weight (or use --precision fp32), then continue with "
+                        f"--resume {saved}")
+                if self.step % cfg.checkpoint_every == 0 or self.step == cfg.max_steps or self.stop_requested:
+                    self.save_checkpoint(self.step)
+                if self.stop_requested:
+                    self.bar.close()
+                    return True
+        self.bar.close()
+        return False
+
+    def finish(self, total: float, interrupted: bool) -> None:
+        """Closes the logs; the main process draws the curves and prints the summary."""
+        if self.metrics is not None:
+            self.metrics.close()
+        if self.main:
+            plot_training_curves(self.out_dir / METRICS_NAME, self.out_dir / CURVES_NAME)
+            logger.info(summary(self.out_dir, self.last_checkpoint, self.step, total, self.history,
+                                self.first_eval, self.record, interrupted, self.start_step))
+            if self.config.push_to_hub and self.last_checkpoint is not None and not interrupted:
+                url = self.unwrapped.push_to_hub(self.config.push_to_hub,
+                                                 folder=self.last_checkpoint / checkpoint.MODEL_DIR)
+                logger.info(f"Pushed {self.last_checkpoint.name}/model to {url}")
+
+
+def _move_grads(params, into: dict | None) -> None:
+    """Moves gradients out of ``.grad``: ``params`` (an iterable of parameters) into ``into``
+    (added to what it holds), or, with ``into=None``, back from the dict ``params`` into ``.grad``."""
+    if into is None:
+        for p, g in params.items():
+            p.grad = g
+        return
+    for p in params:
+        if p.grad is not None:
+            into[p] = into[p] + p.grad if p in into else p.grad
+            p.grad = None
+
+
+def _add_grads(extra: dict) -> None:
+    for p, g in extra.items():
+        p.grad = g if p.grad is None else p.grad + g
+
+
+def train(config: TrainConfig, eval_hooks: Sequence[EvalHook] | None = None) -> TrainResult:
+    """Trains ``config.model`` with Quiet-STaR; see ``TrainConfig`` for every setting and
+    ``TrainingRecipe`` for the stages."""
+    return TrainingRecipe(config, eval_hooks).run()

@@ -1,0 +1,1 @@
+"""Foundations every layer uses: typed settings (dataclass -> flags / YAML / --help), quieter logs, batching."""
