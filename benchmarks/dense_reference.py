@@ -1,7 +1,7 @@
 """Quiet-STaR computed the way the paper's code does it: pass by pass, with dense masks.
 
 This is the straightforward implementation that ``quietstar`` is checked and timed against. Pass
-p (p = 0 .. F-1, see ``quietstar.rollout``) feeds the L tokens of that pass as queries to an
+p (p = 0 .. F-1, see ``quietstar.method.rollout``) feeds the L tokens of that pass as queries to an
 ordinary SDPA (or eager) attention over the keys of *every* pass so far, concatenated in a cache
 that keeps its gradients, under a dense additive mask of shape [B, 1, L, (p+1)*L]:
 
@@ -31,9 +31,9 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
-from quietstar.modeling import QuietStarForCausalLM, ThoughtScores
-from quietstar.rollout import GridHidden, text_positions
-from quietstar.sampling import sample
+from quietstar.models.modeling import QuietStarForCausalLM, ThoughtScores
+from quietstar.method.rollout import GridHidden, text_positions
+from quietstar.method.sampling import sample
 
 
 class DenseQuietStar(nn.Module):
@@ -84,7 +84,7 @@ class DenseQuietStar(nn.Module):
         """Runs the F passes. Returns (GridHidden, thought ids [B, L, k]).
 
         With ``thought_ids`` the thought tokens are teacher-forced; without, they are sampled from
-        each pass's logits with the sampler ``quietstar.rollout.sample_thoughts`` uses.
+        each pass's logits with the sampler ``quietstar.method.rollout.sample_thoughts`` uses.
         """
         m, cfg = self.model, self.model.config
         k, A = cfg.sampled_thought_tokens, cfg.ahead_tokens

@@ -1,4 +1,4 @@
-"""Time of the direct score (quietstar.evaluation.direct_scores) with thoughts off and on, on CPU.
+"""Time of the direct score (quietstar.evaluation.tasks.direct_scores) with thoughts off and on, on CPU.
 
     python benchmarks/evaluation.py --data /path/to/gsm8k.jsonl --limit 50 --thought-tokens 4
 
@@ -15,8 +15,8 @@ import time
 
 import torch
 
-from quietstar.evaluation import direct_scores, load_items
-from quietstar.models import load_quietstar_model
+from quietstar.evaluation.tasks import direct_scores, load_items
+from quietstar.models.loading import load_quietstar_model
 
 
 def main(argv=None) -> None:

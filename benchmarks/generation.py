@@ -62,7 +62,7 @@ def tiny_model() -> QuietStarForCausalLM:
 def load(name: str) -> QuietStarForCausalLM:
     if name == "tiny":
         return tiny_model()
-    from quietstar.models import load_quietstar_model
+    from quietstar.models.loading import load_quietstar_model
 
     return load_quietstar_model(name, "cpu")
 

@@ -298,9 +298,9 @@ def run_model(model_name, lm_config, args, runner, device, peak_tflops) -> None:
 def generation_line(model, text, new_tokens: int, runner: Runner, tiny: bool) -> None:
     """Thinking generation against the base model's ``generate``, batch 1, greedy."""
     try:
-        from quietstar.generation import generate
+        from quietstar.method.generation import generate
     except ImportError:
-        print("(quietstar.generation not available: generation skipped)\n")
+        print("(quietstar.method.generation not available: generation skipped)\n")
         return
     prompt = text(16 if tiny else 128)
     k = 2 if tiny else 8

@@ -21,7 +21,7 @@ Every (L, k) runs in a fresh subprocess on one thread; ours and ideal are built 
 their steps timed interleaved, so a busy machine slows both alike, and dense runs in a process of
 its own. Time is the median of ``--reps`` steps after one warm-up step, in process CPU time with
 one thread (robust on a shared machine; equal to wall time on an idle one), else wall time.
-Every worker first applies ``quietstar.cpu.keep_freed_memory`` (as ``quietstar train`` does on
+Every worker first applies ``quietstar.training.cpu.keep_freed_memory`` (as ``quietstar train`` does on
 CPU): glibc then keeps freed memory for reuse instead of faulting it back in every step.
 Memory is the peak of live tensor bytes during one further step
 above what was live before it (weights and optimiser state excluded, gradients included): every
@@ -126,7 +126,7 @@ def lm_config(family: str, hidden: int, layers: int, heads: int, kv_heads: int, 
 def ideal_loss(lm, rows: torch.Tensor, chunk_tokens: int) -> torch.Tensor:
     """The plain training pass: next-token NLL of the base model over ``rows`` [R, L], with the
     same log-likelihood function (and vocabulary chunking) as quietstar's losses."""
-    from quietstar.vocab import VocabHead
+    from quietstar.method.vocab import VocabHead
 
     hidden = lm.get_decoder()(input_ids=rows, use_cache=False).last_hidden_state
     head = lm.get_output_embeddings()
@@ -197,7 +197,7 @@ def build(spec: dict):
 def worker(specs: list[dict]) -> list[dict]:
     """Times the steps of ``specs`` interleaved (so a busy machine slows them alike and their
     ratio stays fair), then measures each one's memory in one more step under the tracker."""
-    from quietstar.cpu import keep_freed_memory
+    from quietstar.training.cpu import keep_freed_memory
 
     threads = specs[0]["threads"]
     torch.set_num_threads(threads)

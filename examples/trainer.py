@@ -3,16 +3,16 @@
     python examples/trainer.py --model embedded:smollm2-135m-instruct --max-steps 20 --output-dir runs/trainer
 
 Tested by tests/test_trainer.py::test_example_script_trains_saves_and_reloads (tiny model).
-`quietstar train` stays the recommended path (see quietstar/trainer.py for what it adds).
+`quietstar train` stays the recommended path (see quietstar/training/hf_trainer.py for what it adds).
 """
 
 import argparse
 import itertools
 
 from quietstar import QuietStarConfig, QuietStarForCausalLM
-from quietstar.data import heldout_split, load_texts, pack_documents
-from quietstar.models import load_base_model
-from quietstar.trainer import QuietStarTrainer, QuietStarTrainingArguments
+from quietstar.data.corpora import heldout_split, load_texts, pack_documents
+from quietstar.models.loading import load_base_model
+from quietstar.training.hf_trainer import QuietStarTrainer, QuietStarTrainingArguments
 
 
 def main(argv=None) -> str:

@@ -28,8 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
-from quietstar.evidence import load_content_result, same_tokens, shared_subsets, write_results
-from quietstar.statistics import format_cell, seed_summaries
+from quietstar.evaluation.evidence import load_content_result, same_tokens, shared_subsets, write_results
+from quietstar.evaluation.statistics import format_cell, seed_summaries
 
 
 def load_variants(variants: list[list[str]]) -> dict[str, list[dict]]:

@@ -2,7 +2,7 @@
 
 Three arms see the same model, data order, steps, optimiser, learning-rate schedule and seed:
 
-  1. ``quietstar``  Quiet-STaR training (``quietstar.train.train``), measured with thoughts and
+  1. ``quietstar``  Quiet-STaR training (``quietstar.training.recipe.train``), measured with thoughts and
                     without (its own base prediction);
   2. ``control``    plain continued pretraining: next-token NLL of the base LM on the same
                     batches, no thoughts;
@@ -16,7 +16,7 @@ held-out tokens (ranked by the untrained model's NLL), compared as
     NLL(arm 1 with thoughts) - NLL(arm 1 without),
 
 negative meaning thinking helps, with 95% paired bootstrap intervals over documents. Direct
-GSM8K / CommonsenseQA scores (``quietstar.evaluation.direct_scores``) of local question files are
+GSM8K / CommonsenseQA scores (``quietstar.evaluation.tasks.direct_scores``) of local question files are
 reported alongside.
 
     python experiments/evidence.py --data ../shared/data/gsm8k/train.jsonl \\
@@ -43,22 +43,22 @@ import numpy as np
 import torch
 import yaml
 
-from quietstar.analysis import token_nlls
-from quietstar.checkpoint import MODEL_DIR, latest_checkpoint, step_of
-from quietstar.config import QuietStarConfig
-from quietstar.data import heldout_split, load_texts
-from quietstar.evaluation import direct_scores, load_items
-from quietstar.evidence import (ARMS, COMPARISONS, LABELS, arm_nlls, token_nlls_without_thought,
+from quietstar.evaluation.analysis import token_nlls
+from quietstar.training.checkpoint import MODEL_DIR, latest_checkpoint, step_of
+from quietstar.method.config import QuietStarConfig
+from quietstar.data.corpora import heldout_split, load_texts
+from quietstar.evaluation.tasks import direct_scores, load_items
+from quietstar.evaluation.evidence import (ARMS, COMPARISONS, LABELS, arm_nlls, token_nlls_without_thought,
                                 token_subsets, verdict, write_results)
-from quietstar.metrics import read_metrics
-from quietstar.modeling import QuietStarForCausalLM
-from quietstar.models import EMBEDDED_MODEL
-from quietstar.optim import build_optimizer, lr_at, set_learning_rate
-from quietstar.plots import new_figure, save_figure
-from quietstar.statistics import format_cell, summarize
-from quietstar.train import train
-from quietstar.train_config import TrainConfig
-from quietstar.train_setup import build_data, build_model
+from quietstar.training.metrics import read_metrics
+from quietstar.models.modeling import QuietStarForCausalLM
+from quietstar.models.loading import EMBEDDED_MODEL
+from quietstar.training.optim import build_optimizer, lr_at, set_learning_rate
+from quietstar.evaluation.plots import new_figure, save_figure
+from quietstar.evaluation.statistics import format_cell, summarize
+from quietstar.training.recipe import train
+from quietstar.training.config import TrainConfig
+from quietstar.training.components import build_data, build_model
 
 
 

@@ -32,10 +32,10 @@ from pathlib import Path
 
 import numpy as np
 
-from quietstar.statistics import format_cell, seed_summaries
-from quietstar.plots import new_figure, save_figure
+from quietstar.evaluation.statistics import format_cell, seed_summaries
+from quietstar.evaluation.plots import new_figure, save_figure
 
-from quietstar.evidence import (COMPARISONS, CONTENT_COMPARISONS, arm_nlls, load_content_result,
+from quietstar.evaluation.evidence import (COMPARISONS, CONTENT_COMPARISONS, arm_nlls, load_content_result,
                                 same_tokens, shared_subsets, verdict, write_results)
 
 

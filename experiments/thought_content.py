@@ -4,7 +4,7 @@
 gain could come from what the thoughts say, or only from the extra computation and the mixing
 head (a second prediction to blend with the first, whatever the thought). This script scores one
 trained model on the held-out text of an evidence run three ways, thoughts from the same seeded
-generator each time (``quietstar.evaluation.thoughts_for``):
+generator each time (``quietstar.evaluation.tasks.thoughts_for``):
 
   sampled   its own thoughts, as in the evidence run;
   random    uniform random tokens in place of the thought: no content, same head;
@@ -28,14 +28,14 @@ from pathlib import Path
 
 import numpy as np
 
-from quietstar.analysis import token_nlls
-from quietstar.data import heldout_split, load_texts
-from quietstar.evaluation import THOUGHT_SOURCES
-from quietstar.models import EMBEDDED_MODEL, load_quietstar_model
-from quietstar.statistics import format_cell, summarize
+from quietstar.evaluation.analysis import token_nlls
+from quietstar.data.corpora import heldout_split, load_texts
+from quietstar.evaluation.tasks import THOUGHT_SOURCES
+from quietstar.models.loading import EMBEDDED_MODEL, load_quietstar_model
+from quietstar.evaluation.statistics import format_cell, summarize
 
-from quietstar.evidence import CONTENT_COMPARISONS as COMPARISONS
-from quietstar.evidence import token_nlls_without_thought, token_subsets, write_results
+from quietstar.evaluation.evidence import CONTENT_COMPARISONS as COMPARISONS
+from quietstar.evaluation.evidence import token_nlls_without_thought, token_subsets, write_results
 
 
 def measure(model, base_model, texts, max_length: int, batch_size: int, seed: int,

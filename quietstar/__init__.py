@@ -2,7 +2,7 @@
 
 from quietstar.utils.log_filters import drop_deepspeed_cpu_notice
 
-drop_deepspeed_cpu_notice()  # before anything imports DeepSpeed (see quietstar/quiet.py)
+drop_deepspeed_cpu_notice()  # before anything imports DeepSpeed (see quietstar/utils/log_filters.py)
 
 from quietstar.method.config import QuietStarConfig  # noqa: E402
 from quietstar.models.modeling import NonFiniteLossError, QuietStarForCausalLM, QuietStarOutput, ThoughtScores  # noqa: E402

@@ -41,6 +41,6 @@ def _init_sharded(self, mixed_precision=None, cpu=False, *args, fsdp_plugin=None
 accelerate.state.AcceleratorState.__init__ = _init_sharded
 
 if __name__ == "__main__":
-    from quietstar.commands.train import main
+    from quietstar.cli.train import main
 
     sys.exit(main(sys.argv[1:]))

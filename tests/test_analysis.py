@@ -1,5 +1,5 @@
-"""quietstar.analysis and quietstar.plots: per-token NLLs and the difficulty report; the
-`quietstar analyze` command (quietstar.commands.analyze)."""
+"""quietstar.evaluation.analysis and quietstar.evaluation.plots: per-token NLLs and the difficulty report; the
+`quietstar analyze` command (quietstar.cli.analyze)."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ import torch.nn.functional as F
 from matplotlib.image import imread
 
 from conftest import CORPUS, make_lm, make_model, make_tokenizer
-from quietstar import cli
-from quietstar.analysis import difficulty_report, format_difficulty_table, token_nlls, token_windows
-from quietstar.plots import plot_difficulty
+from quietstar.cli import main as cli
+from quietstar.evaluation.analysis import difficulty_report, format_difficulty_table, token_nlls, token_windows
+from quietstar.evaluation.plots import plot_difficulty
 
 
 def test_token_nlls_match_window_by_window_references():
@@ -141,7 +141,7 @@ def test_analyze_cli(tmp_path, capsys):
 def test_thought_sources_own_random_and_shifted():
     """The controls of "does the content matter?": random tokens (never a meta token) and the
     model's own thoughts moved L/2 positions on, from the same seeded generator."""
-    from quietstar.evaluation import thoughts_for
+    from quietstar.evaluation.tasks import thoughts_for
 
     model = make_model()
     x = torch.randint(2, 300, (2, 10), generator=torch.Generator().manual_seed(1))

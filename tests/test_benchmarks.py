@@ -353,14 +353,14 @@ def test_train_flops_hand_computed():
 
 
 # ---------------------------------------------------------------------------- GPU attention path
-# quietstar.attention._sdpa_thought_attention is what GPUs run (the memory-linear path that makes
+# quietstar.method.attention._sdpa_thought_attention is what GPUs run (the memory-linear path that makes
 # the long-L rows of benchmarks/gpu.py possible); its numerics are device-independent, so they are
 # checked here on CPU against the plain tensor-op path.
 @pytest.mark.parametrize("padded", [False, True])
 @pytest.mark.parametrize("query_passes", [(0,), (3,), (0, 1, 2, 3, 4, 5)])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_sdpa_thought_attention_equals_general_with_gradients(padded, query_passes, dtype):
-    from quietstar.attention import (
+    from quietstar.method.attention import (
         PassKeys,
         ThoughtLayout,
         _general_thought_attention,

@@ -16,13 +16,13 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import make_model
-from quietstar import checkpoint
-from quietstar.metrics import read_metrics
-from quietstar.commands.train import main as train_main
+from quietstar.training import checkpoint
+from quietstar.training.metrics import read_metrics
+from quietstar.cli.train import main as train_main
 
 
 def train_args(model_dir, out, *extra) -> list[str]:
-    return [sys.executable, "-m", "quietstar.cli", "train", "--model", str(model_dir),
+    return [sys.executable, "-m", "quietstar.cli.main", "train", "--model", str(model_dir),
             "--output-dir", str(out), "--seq-len", "16", "--batch-size", "2",
             "--micro-batch-size", "1", "--num-documents", "60", "--learning-rate", "1e-3",
             "--warmup-steps", "2", "--eval-every", "0", "--sample-every", "0",
@@ -50,7 +50,7 @@ def wait_for_steps(out: Path, steps: int, process: subprocess.Popen, timeout: fl
 
 def run_in_process(args: list[str]) -> None:
     """The same command in this process (one thread, like the subprocesses)."""
-    assert train_main(args[4:]) == 0  # drop "python -m quietstar.cli train"
+    assert train_main(args[4:]) == 0  # drop "python -m quietstar.cli.main train"
 
 
 def test_run_killed_with_sigkill_and_resumed_ends_bitwise_equal(tiny_model_dir, tmp_path):
@@ -73,7 +73,7 @@ def test_run_killed_with_sigkill_and_resumed_ends_bitwise_equal(tiny_model_dir, 
     assert latest is not None and checkpoint.step_of(latest) <= reached
 
     # The resumed run takes every setting from the checkpoint: only --resume is given.
-    resumed = subprocess.run([sys.executable, "-m", "quietstar.cli", "train", "--resume", str(out)],
+    resumed = subprocess.run([sys.executable, "-m", "quietstar.cli.main", "train", "--resume", str(out)],
                              env=subprocess_env(), capture_output=True, text=True, timeout=120)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
 

@@ -1,4 +1,4 @@
-"""quietstar.cli and quietstar.commands: the command table, lazy imports, flags from dataclasses."""
+"""quietstar.cli: the main entry and the command modules: the command table, lazy imports, flags from dataclasses."""
 
 from __future__ import annotations
 
@@ -15,13 +15,13 @@ from typing import Literal
 import pytest
 
 from conftest import make_model
-from quietstar import cli
-from quietstar.arguments import add_dataclass_arguments, field_docs, option, parse_dataclass
-from quietstar.commands.analyze import AnalyzeArguments
-from quietstar.commands.common import LoadingArguments, ModelArguments
-from quietstar.commands.eval import EvalArguments
-from quietstar.commands.generate import GenerateArguments
-from quietstar.commands.inspect_thoughts import InspectArguments
+from quietstar.cli import main as cli
+from quietstar.utils.settings import add_dataclass_arguments, field_docs, option, parse_dataclass
+from quietstar.cli.analyze import AnalyzeArguments
+from quietstar.cli.common import LoadingArguments, ModelArguments
+from quietstar.cli.eval import EvalArguments
+from quietstar.cli.generate import GenerateArguments
+from quietstar.cli.inspect_thoughts import InspectArguments
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -48,9 +48,9 @@ def help_text(capsys, *argv: str) -> str:
 # ------------------------------------------------------------------ the table
 def test_help_lists_every_command_and_imports_none():
     done = python("import sys\n"
-                  "from quietstar import cli\n"
+                  "from quietstar.cli import main as cli\n"
                   "try:\n    cli.main(['--help'])\nexcept SystemExit as e:\n    assert e.code == 0\n"
-                  "print(sorted(m for m in sys.modules if m.startswith('quietstar.commands')))")
+                  "print(sorted(m for m in sys.modules if m in {c for c, _ in cli.COMMANDS.values()}))")
     assert done.returncode == 0, done.stderr
     help_out, imported = done.stdout.rsplit("\n", 2)[:2]
     for name, (_, help_line) in cli.COMMANDS.items():
@@ -70,11 +70,11 @@ def test_generate_imports_neither_training_nor_lm_eval(tmp_path):
     model = make_model()
     model.save_pretrained(tmp_path / "model")
     done = python("import sys\n"
-                  "from quietstar.cli import main\n"
+                  "from quietstar.cli.main import main\n"
                   f"code = main(['generate', '--model', {str(tmp_path / 'model')!r}, '--prompt', 'Natalia sold',"
                   " '--max-new-tokens', '2', '--device', 'cpu'])\n"
-                  "loaded = [m for m in ('quietstar.train', 'quietstar.commands.train', 'quietstar.checkpoint',"
-                  " 'quietstar.evaluation', 'quietstar.lm_eval_adapter', 'lm_eval') if m in sys.modules]\n"
+                  "loaded = [m for m in ('quietstar.training.recipe', 'quietstar.cli.train', 'quietstar.training.checkpoint',"
+                  " 'quietstar.evaluation.tasks', 'quietstar.evaluation.lm_eval_adapter', 'lm_eval') if m in sys.modules]\n"
                   "print(loaded)\n"
                   "sys.exit(code)")
     assert done.returncode == 0, done.stderr
@@ -85,11 +85,11 @@ def test_a_command_module_that_fails_to_import_fails_loudly(tmp_path, monkeypatc
     (tmp_path / "broken_command.py").write_text("import quietstar_no_such_package\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setitem(cli.COMMANDS, "broken", ("broken_command", "a command whose import fails"))
-    monkeypatch.setitem(cli.COMMANDS, "missing", ("quietstar.commands.not_there", "a missing module"))
+    monkeypatch.setitem(cli.COMMANDS, "missing", ("quietstar.cli.not_there", "a missing module"))
     assert "a command whose import fails" in help_text(capsys)  # listing imports nothing
     with pytest.raises(ModuleNotFoundError, match="quietstar_no_such_package"):
         cli.main(["broken"])
-    with pytest.raises(ModuleNotFoundError, match="quietstar.commands.not_there"):
+    with pytest.raises(ModuleNotFoundError, match="quietstar.cli.not_there"):
         cli.main(["missing", "--help"])
     assert cli.main(["generate", "--model", "m", "--prompt", "p", "--top-k", "2"]) == 2  # others work
 
@@ -184,7 +184,7 @@ GSM8K_FIXTURE = Path(__file__).parent / "fixtures" / "gsm8k_tiny.jsonl"
 def test_bad_paths_are_refused_before_the_model_loads(tmp_path, monkeypatch, capsys, argv, message):
     """Output paths and input files are checked before any work: exit 2, one line naming the
     problem, no traceback, the model never loaded, nothing written."""
-    import quietstar.commands.common as common
+    import quietstar.cli.common as common
 
     def no_load(*args, **kwargs):
         raise AssertionError("the model was loaded before the bad path was refused")
@@ -203,7 +203,7 @@ def test_bad_paths_are_refused_before_the_model_loads(tmp_path, monkeypatch, cap
 
 
 def test_empty_prompt_is_refused(tmp_path, monkeypatch, capsys):
-    import quietstar.commands.common as common
+    import quietstar.cli.common as common
 
     monkeypatch.setattr(common, "load_quietstar_model", lambda name, device, *args, **kwargs: make_model())
     assert cli.main(["generate", "--model", "m", "--prompt", ""]) == 2

@@ -1,7 +1,7 @@
 """The sweep of bad inputs against every command: each one ends as one line
 ``quietstar <command>: error: <problem and fix>`` on stderr, exit code 2, no traceback, and
 nothing written (no output file, no run folder). The cases run in-process through
-``quietstar.cli.main``, the one error boundary; an exception escaping it fails the test."""
+``quietstar.cli.main.main``, the one error boundary; an exception escaping it fails the test."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from conftest import make_lm, make_model, make_tokenizer
-from quietstar import cli
+from quietstar.cli import main as cli
 
 FIXTURES = Path(__file__).parent / "fixtures"
 G = str(FIXTURES / "gsm8k_tiny.jsonl")
@@ -238,7 +238,7 @@ def test_every_command_is_swept():
 
 def test_output_paths_are_checked_before_the_model_loads(inputs, monkeypatch, capsys):
     """The check comes from the dataclass field (option(output=...)), for every command."""
-    import quietstar.commands.common as common
+    import quietstar.cli.common as common
 
     def no_load(*args, **kwargs):
         raise AssertionError("the model was loaded before the bad output path was refused")
@@ -254,7 +254,7 @@ def test_output_paths_are_checked_before_the_model_loads(inputs, monkeypatch, ca
 
 def test_an_error_that_is_not_bad_input_keeps_its_traceback(tmp_path, monkeypatch):
     """Only bad input (ValueError, OSError, ImportError) becomes a message: a bug still raises."""
-    import quietstar.commands.inspect_thoughts as command
+    import quietstar.cli.inspect_thoughts as command
 
     def bug(*args, **kwargs):
         raise KeyError("a bug")
@@ -266,7 +266,7 @@ def test_an_error_that_is_not_bad_input_keeps_its_traceback(tmp_path, monkeypatc
 
 
 def test_a_multi_line_message_is_joined_into_one(tmp_path, monkeypatch, capsys):
-    import quietstar.commands.inspect_thoughts as command
+    import quietstar.cli.inspect_thoughts as command
 
     def fails(*args, **kwargs):
         raise ValueError("first line\n  second line\n")
@@ -277,7 +277,7 @@ def test_a_multi_line_message_is_joined_into_one(tmp_path, monkeypatch, capsys):
 
 
 def test_ctrl_c_outside_training_exits_130_without_a_traceback(tmp_path, monkeypatch, capsys):
-    import quietstar.commands.inspect_thoughts as command
+    import quietstar.cli.inspect_thoughts as command
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conftest import make_lm, make_model, make_tokenizer
-from quietstar import cli
+from quietstar.cli import main as cli
 
 COMMIT_A, COMMIT_B = "a" * 40, "b" * 40
 
@@ -20,7 +20,7 @@ COMMIT_A, COMMIT_B = "a" * 40, "b" * 40
 @pytest.fixture
 def loaded(monkeypatch, tmp_path):
     """Runs ``quietstar inspect`` up to the page and returns the model it loaded."""
-    import quietstar.commands.inspect_thoughts as command
+    import quietstar.cli.inspect_thoughts as command
 
     seen = []
 
@@ -115,8 +115,8 @@ def test_a_plain_hub_model_in_a_local_cache_loads_offline(loaded, tmp_path, monk
 
 def test_generate_and_analyze_take_the_loading_flags(monkeypatch, saved, tmp_path, capsys):
     """Every command with --model passes the flags on (here: --dtype into generate and analyze)."""
-    import quietstar.commands.analyze as analyze
-    import quietstar.commands.generate as generate
+    import quietstar.cli.analyze as analyze
+    import quietstar.cli.generate as generate
 
     dtypes = []
 
@@ -135,7 +135,7 @@ def test_generate_and_analyze_take_the_loading_flags(monkeypatch, saved, tmp_pat
 
 
 def test_the_page_title_names_the_model_not_its_path(loaded, saved, tmp_path):
-    from quietstar.viewer import model_display_name
+    from quietstar.evaluation.viewer import model_display_name
 
     assert loaded("--model", str(saved))[1] == "Quiet-STaR thoughts of my-model"
     checkpoint = tmp_path / "runs" / "quietstar-20260101-120000" / "checkpoint-20" / "model"
@@ -147,10 +147,10 @@ def test_the_page_title_names_the_model_not_its_path(loaded, saved, tmp_path):
 
 def test_train_reads_a_hub_id_at_its_revision_from_the_cache_dir(tmp_path, monkeypatch):
     """quietstar train's --revision and --cache-dir reach its loader (TrainConfig -> build_model)."""
-    from quietstar.arguments import given_settings
-    from quietstar.commands.train import add_arguments
-    from quietstar.train_config import TrainConfig
-    from quietstar.train_setup import build_model
+    from quietstar.utils.settings import given_settings
+    from quietstar.cli.train import add_arguments
+    from quietstar.training.config import TrainConfig
+    from quietstar.training.components import build_model
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     for name, seed in (("a", 0), ("b", 1)):

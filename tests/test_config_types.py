@@ -12,15 +12,15 @@ import yaml
 from conftest import make_lm, make_model, make_tokenizer, random_text
 
 from quietstar import QuietStarConfig, QuietStarForCausalLM
-from quietstar.checkpoint import list_checkpoints
-from quietstar.commands import train as command
-from quietstar.train import TrainConfig, train
-from quietstar.train_config import INFINITE_OK, load_config
+from quietstar.training.checkpoint import list_checkpoints
+from quietstar.cli import train as command
+from quietstar.training.recipe import TrainConfig, train
+from quietstar.training.config import INFINITE_OK, load_config
 
 
 @pytest.fixture(autouse=True)
 def no_plots(monkeypatch):
-    monkeypatch.setattr("quietstar.train.plot_training_curves", lambda *args: None)
+    monkeypatch.setattr("quietstar.training.recipe.plot_training_curves", lambda *args: None)
 
 
 def float_fields(cls) -> list[str]:
@@ -267,7 +267,7 @@ def test_max_steps_below_the_resumed_step_exits_2_before_any_work(trained_run, t
                                                                    monkeypatch):
     before = folder_snapshot(trained_run)
     built = []
-    monkeypatch.setattr("quietstar.train.build_model", lambda *a: built.append(a))
+    monkeypatch.setattr("quietstar.training.recipe.build_model", lambda *a: built.append(a))
     code, err = run_command(["--resume", str(trained_run), "--max-steps", "1"], capsys)
     assert code == 2 and not built and "Traceback" not in err
     assert err.strip().splitlines()[-1].startswith("quietstar train: error: max_steps 1 is below "

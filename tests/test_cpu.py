@@ -10,7 +10,7 @@ import pytest
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc settings")
 def test_training_settings_take_effect_in_a_fresh_process():
-    code = ("import torch; from quietstar.cpu import tune_for_training; "
+    code = ("import torch; from quietstar.training.cpu import tune_for_training; "
             "print(tune_for_training(), torch.tensor([1e-323], dtype=torch.float64).item())")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     # A subnormal float64 reads back as 0 once denormals are flushed.

@@ -1,4 +1,4 @@
-"""Tests for quietstar.data: corpus generation, loading, packing, resumable batches, splits.
+"""Tests for quietstar.data.corpora: corpus generation, loading, packing, resumable batches, splits.
 
 Everything is offline: the tokenizer is a tiny byte-level BPE trained here on the built-in corpus.
 """
@@ -15,8 +15,8 @@ import sys
 import pytest
 import torch
 
-from quietstar import data
-from quietstar.data import (
+from quietstar.data import corpora as data
+from quietstar.data.corpora import (
     TokenBatches,
     arithmetic_corpus,
     load_texts,
@@ -185,7 +185,7 @@ def test_offline_unknown_hub_dataset_gives_clear_error(tmp_path):
     # A subprocess, because datasets reads the offline switches when it is imported.
     env = dict(os.environ, HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1",
                HF_HOME=str(tmp_path / "hf_home"))
-    code = ("from quietstar.data import load_texts\n"
+    code = ("from quietstar.data.corpora import load_texts\n"
             "try:\n    load_texts('quietstar-tests/made-up-dataset-xyz')\n"
             "except ValueError as e:\n    print('VALUEERROR:', e)\n")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
@@ -417,7 +417,7 @@ def test_blank_documents_after_the_split_are_no_text(tok):
 
 
 def test_scratchpad_corpus_writes_true_partial_products():
-    from quietstar.scratchpad_corpus import partial_products, scratchpad_corpus, scratchpad_tokenizer
+    from quietstar.data.scratchpad import partial_products, scratchpad_corpus, scratchpad_tokenizer
     docs = scratchpad_corpus(40, seed=2)
     assert docs == scratchpad_corpus(40, seed=2) and docs != scratchpad_corpus(40, seed=3)
     assert load_texts("builtin:scratchpad", num_documents=40, seed=2) == docs
@@ -439,7 +439,7 @@ def test_scratchpad_corpus_writes_true_partial_products():
 
 
 def test_scratchpad_decoys_hold_the_operands_and_no_answer():
-    from quietstar.scratchpad_corpus import partial_products, scratchpad_corpus
+    from quietstar.data.scratchpad import partial_products, scratchpad_corpus
     docs = scratchpad_corpus(200, seed=4, worked_fraction=1.0, decoy_fraction=0.5)
     kinds = []
     for problem in " ; ".join(d.rstrip(" ;") for d in docs).split(" ; "):

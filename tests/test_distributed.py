@@ -28,10 +28,10 @@ import torch
 import yaml
 from conftest import make_lm, make_tokenizer
 
-from quietstar.checkpoint import SHARDED_DIR, checkpoint_name
-from quietstar.metrics import read_metrics
-from quietstar.train import load_config, train
-from quietstar.train_config import DEFAULT_PRESET
+from quietstar.training.checkpoint import SHARDED_DIR, checkpoint_name
+from quietstar.training.metrics import read_metrics
+from quietstar.training.recipe import load_config, train
+from quietstar.training.config import DEFAULT_PRESET
 
 STEPS = 4
 

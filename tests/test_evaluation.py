@@ -1,5 +1,5 @@
-"""quietstar.evaluation, quietstar.answers, quietstar.statistics, quietstar.lm_eval_adapter and the
-`quietstar eval` command (quietstar.commands.eval) on tiny models."""
+"""quietstar.evaluation.tasks, quietstar.evaluation.answers, quietstar.evaluation.statistics, quietstar.evaluation.lm_eval_adapter and the
+`quietstar eval` command (quietstar.cli.eval) on tiny models."""
 
 from __future__ import annotations
 
@@ -14,14 +14,15 @@ import pytest
 import torch
 
 from conftest import load_script, make_lm, make_model, make_tokenizer, random_text
-from quietstar import cli, evaluation
-from quietstar.models import load_quietstar_model
-from quietstar.answers import (first_integer, first_number, majority_vote, normalize_number,
+from quietstar.cli import main as cli
+from quietstar.evaluation import tasks as evaluation
+from quietstar.models.loading import load_quietstar_model
+from quietstar.evaluation.answers import (first_integer, first_number, majority_vote, normalize_number,
                                parse_choice, parse_gsm8k_gold)
-from quietstar.evaluation import (COT_ANSWER_TRIGGER, COT_TRIGGER, Item, accuracy_predictions,
+from quietstar.evaluation.tasks import (COT_ANSWER_TRIGGER, COT_TRIGGER, Item, accuracy_predictions,
                                   answer_vocabulary, cot_predictions, direct_scores, evaluate,
                                   format_table, load_items)
-from quietstar.statistics import bootstrap_ci, format_cell
+from quietstar.evaluation.statistics import bootstrap_ci, format_cell
 
 FIXTURES = Path(__file__).parent / "fixtures"
 GSM8K = FIXTURES / "gsm8k_tiny.jsonl"
@@ -262,7 +263,7 @@ def test_direct_score_with_thoughts_matches_score_thoughts_item_by_item():
 
 
 def test_next_token_logits_without_thoughts_is_one_base_logits_call(monkeypatch):
-    from quietstar.evaluation import next_token_logits
+    from quietstar.evaluation.tasks import next_token_logits
 
     model = make_model()
     x = random_text(2, 3)
@@ -448,9 +449,9 @@ def test_eval_cli_refuses_bad_input_in_one_line(tmp_path, capsys):
 
 
 def test_eval_arguments_parse_comma_separated_lists():
-    from quietstar.arguments import add_dataclass_arguments, parse_dataclass
-    from quietstar.commands.eval import EvalArguments
-    from quietstar.evaluation import TASKS
+    from quietstar.utils.settings import add_dataclass_arguments, parse_dataclass
+    from quietstar.cli.eval import EvalArguments
+    from quietstar.evaluation.tasks import TASKS
 
     parser = argparse.ArgumentParser()
     add_dataclass_arguments(parser, EvalArguments)
@@ -529,7 +530,7 @@ def test_lm_eval_without_thoughts_equals_hflm_request_by_request(lm_eval_tasks):
     from lm_eval.tasks import TaskManager
 
     from conftest import TOKENIZER_SIZE
-    from quietstar.lm_eval_adapter import QuietStarLM
+    from quietstar.evaluation.lm_eval_adapter import QuietStarLM
 
     tasks = ["tiny_mc", "tiny_rolling", "tiny_gen"]
 
@@ -558,8 +559,8 @@ def test_lm_eval_without_thoughts_equals_hflm_request_by_request(lm_eval_tasks):
 def test_lm_eval_model_call_takes_any_length():
     """No padding to ahead_tokens + 1: inputs of 1 and 2 tokens are scored as they are."""
     pytest.importorskip("lm_eval")
-    from quietstar.evaluation import next_token_logits
-    from quietstar.lm_eval_adapter import QuietStarLM
+    from quietstar.evaluation.tasks import next_token_logits
+    from quietstar.evaluation.lm_eval_adapter import QuietStarLM
 
     model = make_model(ahead_tokens=4)
     with torch.no_grad():
@@ -582,7 +583,7 @@ def test_lm_eval_loglikelihood_and_generation_think(lm_eval_tasks):
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
-    from quietstar.lm_eval_adapter import QuietStarLM
+    from quietstar.evaluation.lm_eval_adapter import QuietStarLM
 
     model = make_model()
     with torch.no_grad():
@@ -619,7 +620,7 @@ def test_lm_eval_without_thoughts_equals_hflm_and_cli(lm_eval_tasks, tmp_path, c
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
-    from quietstar.lm_eval_adapter import evaluate_lm_eval, format_lm_eval_table
+    from quietstar.evaluation.lm_eval_adapter import evaluate_lm_eval, format_lm_eval_table
 
     model = make_model()
     results = evaluate_lm_eval(model, ["tiny_mc"], thought_tokens=2, include_path=str(lm_eval_tasks))
@@ -664,7 +665,7 @@ def test_lm_eval_loglikelihood_thinks_only_where_lm_eval_reads(lm_eval_tasks, mo
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
-    from quietstar.lm_eval_adapter import QuietStarLM
+    from quietstar.evaluation.lm_eval_adapter import QuietStarLM
 
     model = make_model()
     lm = QuietStarLM(model, thought_tokens=2, thought_temperature=0.0, batch_size=2)
@@ -694,7 +695,7 @@ def test_lm_eval_loglikelihood_thinks_only_where_lm_eval_reads(lm_eval_tasks, mo
 
 def test_lm_eval_scored_positions_think_everywhere_when_unsure():
     pytest.importorskip("lm_eval")
-    from quietstar.lm_eval_adapter import QuietStarLM
+    from quietstar.evaluation.lm_eval_adapter import QuietStarLM
 
     lm = QuietStarLM(make_model(), thought_tokens=1)
     lm._scored = {(5, 6, 7): 2, (5, 6, 7, 0): 1, (9,): 1}

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from conftest import load_script
-from quietstar.evaluation import load_items
-from quietstar.metrics import read_metrics
-from quietstar.statistics import seed_document_bootstrap
-from quietstar.train import TrainConfig, build_model
+from quietstar.evaluation.tasks import load_items
+from quietstar.training.metrics import read_metrics
+from quietstar.evaluation.statistics import seed_document_bootstrap
+from quietstar.training.recipe import TrainConfig, build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -222,9 +222,9 @@ def test_pooled_report_of_thought_content_results(tmp_path):
 
 # ---------------------------------------------------------------------------- thought content
 def test_thought_content_scores_own_thoughts_and_both_controls(tiny_model_dir, tmp_path):
-    from quietstar.analysis import token_nlls
-    from quietstar.data import load_texts
-    from quietstar.modeling import QuietStarForCausalLM
+    from quietstar.evaluation.analysis import token_nlls
+    from quietstar.data.corpora import load_texts
+    from quietstar.models.modeling import QuietStarForCausalLM
 
     trained = build_model(TrainConfig(model=str(tiny_model_dir))).eval()
     with torch.no_grad():

@@ -1,5 +1,5 @@
-"""Tests for quietstar.generation (cached thinking generation) and the `quietstar generate` command
-(quietstar.commands.generate).
+"""Tests for quietstar.method.generation (cached thinking generation) and the `quietstar generate` command
+(quietstar.cli.generate).
 
 The reference for every number is ``score_thoughts``, the uncached rollout that training uses:
 a generation step must give the same next-token distribution for the same text and thought.
@@ -12,9 +12,9 @@ import torch
 from conftest import load_script, make_model, random_text
 from torch import nn
 
-from quietstar import cli
-from quietstar.generation import generate
-from quietstar.sampling import filter_logits, sample
+from quietstar.cli import main as cli
+from quietstar.method.generation import generate
+from quietstar.method.sampling import filter_logits, sample
 
 K = 3  # thought length of the tiny models (make_model's default)
 
@@ -313,10 +313,10 @@ def test_cli_shows_thoughts_bracketed_or_dimmed(saved_model, capsys):
 
 def test_cli_sampling_options(saved_model, capsys, monkeypatch):
     model, directory = saved_model
-    import quietstar.commands.common
+    import quietstar.cli.common
 
     # Loading is tested above; here the options' effect is, on the model already in memory.
-    monkeypatch.setattr(quietstar.commands.common, "load_quietstar_model", lambda name, device, *a, **k: model)
+    monkeypatch.setattr(quietstar.cli.common, "load_quietstar_model", lambda name, device, *a, **k: model)
     base = ["--model", directory, "--prompt", "Weng earns", "--max-new-tokens", 8]
     greedy = _cli(capsys, *base, "--greedy", "--thought-temperature", 0).out
     top1 = _cli(capsys, *base, "--sample", "--top-k", 1, "--thought-temperature", 0).out
@@ -341,7 +341,7 @@ def test_cli_sampling_options(saved_model, capsys, monkeypatch):
 
 
 def test_generate_arguments_rules():
-    from quietstar.commands.generate import GenerateArguments
+    from quietstar.cli.generate import GenerateArguments
 
     assert GenerateArguments("m", "p").sample is False  # greedy by default
     assert GenerateArguments("m", "p", sample=True, temperature=0.5, top_k=3).top_k == 3
@@ -352,7 +352,7 @@ def test_generate_arguments_rules():
 
 
 def test_streamers_print_the_continuation_and_thoughts(capsys):
-    from quietstar.commands.generate import TextStreamer, ThoughtStreamer
+    from quietstar.cli.generate import TextStreamer, ThoughtStreamer
 
     tok = make_model("llama").tokenizer
     ids = tok("The quick brown fox jumps", return_tensors="pt").input_ids[0]
@@ -404,7 +404,7 @@ def test_benchmark_script_runs(capsys):
 @pytest.mark.integration
 def test_smollm2_thinking_generation():
     from quietstar import QuietStarConfig, QuietStarForCausalLM
-    from quietstar.models import EMBEDDED_MODEL, load_base_model
+    from quietstar.models.loading import EMBEDDED_MODEL, load_base_model
 
     lm, tokenizer = load_base_model(EMBEDDED_MODEL)
     model = QuietStarForCausalLM.from_base(lm, tokenizer, QuietStarConfig(sampled_thought_tokens=4))
@@ -429,7 +429,7 @@ def test_smollm2_thinking_generation():
 
 # ------------------------------------------------------------------ thinking where unsure
 def _base_entropy(model, text):
-    from quietstar.selection import logits_entropy
+    from quietstar.method.selection import logits_entropy
 
     with torch.no_grad():
         return logits_entropy(model.base_logits(text)[0, -1]).item()
@@ -515,7 +515,7 @@ def test_streamer_shows_only_the_thoughts_taken():
 
 
 def test_cli_thought_threshold(saved_model, capsys):
-    from quietstar.commands.generate import GenerateArguments
+    from quietstar.cli.generate import GenerateArguments
 
     with pytest.raises(ValueError, match="--thought-threshold must be a finite number >= 0"):
         GenerateArguments("m", "p", thought_threshold=-1.0)

@@ -111,7 +111,7 @@ def test_chunked_vocabulary_on_cuda_equals_full_logits(dtype, autocast):
     compare: its fused linear cross-entropy cannot mask the meta tokens' logits (docs/architecture.md)."""
     from test_vocab import MASKED, reference_logprobs, toy
 
-    from quietstar.vocab import VocabHead
+    from quietstar.method.vocab import VocabHead
 
     hidden, weight, bias, targets, g = toy(dtype, rows=(3, 70))
     upstream = torch.randn(targets.shape, generator=g).cuda()

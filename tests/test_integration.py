@@ -12,7 +12,7 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def smollm():
-    from quietstar.models import EMBEDDED_MODEL, load_base_model
+    from quietstar.models.loading import EMBEDDED_MODEL, load_base_model
 
     lm, tokenizer = load_base_model(EMBEDDED_MODEL)
     reference = load_base_model(EMBEDDED_MODEL)[0]

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from quietstar import QuietStarConfig
-from quietstar.losses import quietstar_loss
+from quietstar.method.losses import quietstar_loss
 
 WEIGHTS = dict(base_loss_weight=0.25, mixed_loss_weight=0.75, policy_loss_weight=2.0)
 

@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from quietstar.metrics import curve_panels, draw_training_curves, plot_training_curves, smoothed, smoothing_span
+from quietstar.training.metrics import curve_panels, draw_training_curves, plot_training_curves, smoothed, smoothing_span
 
 
 def noisy_records(steps: int = 40, seed: int = 0) -> list[dict]:

@@ -7,7 +7,7 @@ from transformers import AutoModelForCausalLM
 
 from conftest import make_model
 from quietstar import QuietStarForCausalLM
-from quietstar.model_card import TrainingFacts, render_card
+from quietstar.models.model_card import TrainingFacts, render_card
 
 
 def header(card: str) -> dict:
@@ -104,7 +104,7 @@ def test_a_cached_hub_model_loads_offline_with_the_usual_arguments(tmp_path, mon
 def test_training_writes_its_facts_into_the_card_and_pushes_the_last_model(tiny_model_dir, tmp_path, monkeypatch):
     import huggingface_hub
 
-    from quietstar.train import TrainConfig, train
+    from quietstar.training.recipe import TrainConfig, train
 
     uploads = []
 
@@ -120,7 +120,7 @@ def test_training_writes_its_facts_into_the_card_and_pushes_the_last_model(tiny_
             uploads.append((repo_id, Path(folder_path), (Path(folder_path) / "README.md").read_text()))
 
     monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
-    monkeypatch.setattr("quietstar.train.plot_training_curves", lambda *args: None)
+    monkeypatch.setattr("quietstar.training.recipe.plot_training_curves", lambda *args: None)
     config = TrainConfig.from_dict(dict(
         model=str(tiny_model_dir), output_dir=str(tmp_path / "run"), seq_len=16, max_steps=2,
         eval_every=2, eval_batches=1, eval_documents=5, sample_every=1, num_documents=40,

@@ -1,4 +1,4 @@
-"""Tests for quietstar.models: finding and loading base models and tokenizers.
+"""Tests for quietstar.models.loading: finding and loading base models and tokenizers.
 
 Unit tests use a tiny random Llama saved to a temporary folder; tests marked ``integration`` use
 the real embedded SmolLM2-135M-Instruct (converted once per session into a temporary cache).
@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from quietstar import models as M
+from quietstar.models import loading as M
 
 PROMPT = "The capital of France is Paris, and the capital of Italy is"
 

@@ -45,7 +45,7 @@ def test_rotary_positions_warn_beyond_the_trained_range():
 
 
 def test_training_refuses_before_reading_data(tmp_path, capsys):
-    from quietstar.commands.train import main
+    from quietstar.cli.train import main
 
     from conftest import make_lm, make_tokenizer
     gpt2 = tmp_path / "gpt2"

@@ -1,4 +1,4 @@
-"""A quiet run (quietstar/quiet.py): no DeepSpeed CPU notice without a DeepSpeed config, and no
+"""A quiet run (quietstar/utils/log_filters.py): no DeepSpeed CPU notice without a DeepSpeed config, and no
 transformers progress bars while quietstar loads or saves models."""
 
 from __future__ import annotations

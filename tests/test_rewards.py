@@ -11,7 +11,7 @@ import torch
 
 from conftest import make_model, random_text
 from quietstar import QuietStarConfig
-from quietstar.losses import quietstar_loss, quietstar_loss_terms
+from quietstar.method.losses import quietstar_loss, quietstar_loss_terms
 
 
 def toy(seed=0):

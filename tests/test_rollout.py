@@ -252,7 +252,7 @@ def test_training_step_runs_each_pass_once(monkeypatch, checkpointing):
     once, in k + 1 decoder calls whose query rows add up to F*L per sequence row (text and START
     share the first, the A + 1 passes after the last sampled token the last), all with gradients,
     and the backward recomputes nothing. With activation checkpointing (documented in
-    quietstar.rollout): k calls sampling the thoughts without gradients (passes 0..k-1), then the
+    quietstar.method.rollout): k calls sampling the thoughts without gradients (passes 0..k-1), then the
     F-pass grid in ONE call with gradients, which the backward recomputes once per layer."""
     k, A, n, B, L = 4, 2, 2, 2, 7
     model, _ = wrap("llama", sampled_thought_tokens=k, ahead_tokens=A, thoughts_per_position=n)
@@ -287,7 +287,7 @@ def test_training_step_runs_each_pass_once(monkeypatch, checkpointing):
 def test_fused_attention_equals_general_with_gradients(padded, query_passes):
     """The fused CPU kernel path (flash + log-sum-exp merge) matches the plain tensor-op path,
     values and gradients, including the gradient that flows through the log-sum-exp."""
-    from quietstar.attention import PassKeys, ThoughtLayout, _fused_thought_attention, _general_thought_attention
+    from quietstar.method.attention import PassKeys, ThoughtLayout, _fused_thought_attention, _general_thought_attention
 
     torch.manual_seed(0)
     B, H, Hkv, L, D = 2, 4, 2, 6, 8
@@ -314,7 +314,7 @@ def test_fused_attention_equals_general_with_gradients(padded, query_passes):
 def test_own_thought_products_equal_einsum_with_gradients():
     """The own-thought scores and value sums (batched products on PassKeys' buffer, filled over
     several calls as in a rollout) equal the plain einsum over stacked blocks, with gradients."""
-    from quietstar.attention import PassKeys, _own_scores, _own_values
+    from quietstar.method.attention import PassKeys, _own_scores, _own_values
 
     g = torch.Generator().manual_seed(0)
     B, Hkv, G, Qp, L, D, P = 2, 2, 3, 4, 5, 8, 6
@@ -363,7 +363,7 @@ def test_bfloat16_thought_scoring_runs_and_tracks_float32():
 def test_small_matmul_equals_matmul(contraction):
     """The unrolled product for short contractions (and the plain one for long) on the strided
     operands the own-thought part passes (transposed views)."""
-    from quietstar.attention import _small_matmul
+    from quietstar.method.attention import _small_matmul
 
     g = torch.Generator().manual_seed(contraction)
     a = torch.randn(2, 3, 5, contraction, 4, dtype=torch.float64, generator=g).transpose(-1, -2)

@@ -19,9 +19,9 @@ import torch
 import transformers
 
 from quietstar import QuietStarConfig, QuietStarForCausalLM
-from quietstar.evaluation import thoughts_for
-from quietstar.optim import parameter_groups
-from quietstar.scratchpad_corpus import partial_products, scratchpad_corpus, scratchpad_tokenizer
+from quietstar.evaluation.tasks import thoughts_for
+from quietstar.training.optim import parameter_groups
+from quietstar.data.scratchpad import partial_products, scratchpad_corpus, scratchpad_tokenizer
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 L = 64

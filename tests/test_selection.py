@@ -7,7 +7,7 @@ import torch
 
 from conftest import FAMILIES, make_model, random_text
 from quietstar import QuietStarConfig
-from quietstar.selection import ThoughtRows, logits_entropy, select_positions
+from quietstar.method.selection import ThoughtRows, logits_entropy, select_positions
 from test_rollout import (assert_close_finite, assert_same_step, mix_logits, perturb_head,
                           sequential_logits, step_runner, wrap)
 
@@ -127,7 +127,7 @@ def naive_rows_attention(q, k, v, rows, valid, P, Lq):
 def test_rows_attention_equals_naive_with_gradients(padded, path):
     """Selected rows' queries see their own text prefix and own thought, on every kernel path
     (sdpa is the GPU's; its numerics are device-independent)."""
-    from quietstar import attention
+    from quietstar.method import attention
 
     fn = {"fused": attention._fused_thought_attention, "general": attention._general_thought_attention,
           "sdpa": attention._sdpa_thought_attention}[path]
@@ -333,7 +333,7 @@ def test_selected_single_pass_training_equals_grid_scoring_and_all_positions(fam
 def test_rows_attention_in_blocks_of_keys_equals_general_with_gradients(padded):
     """Many selected rows: the CPU kernel runs blocks of rows over only the keys they need
     (``ThoughtLayout.row_chunks``); values and gradients equal the plain tensor-op path."""
-    from quietstar import attention
+    from quietstar.method import attention
 
     g = torch.Generator().manual_seed(1)
     B, H, Hkv, L, D, P = 2, 4, 2, 90, 8, 2

@@ -1,4 +1,4 @@
-"""Saved tokenizers come back exactly (quietstar.tokenizer_files), whatever architecture the
+"""Saved tokenizers come back exactly (quietstar.models.tokenizer_files), whatever architecture the
 folder's config names, and a reload that would tokenize differently is refused."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 
 from conftest import TOKENIZER_SIZE, make_lm, make_tokenizer
 from quietstar import QuietStarConfig, QuietStarForCausalLM
-from quietstar.models import load_base_model
-from quietstar.tokenizer_files import CHECK_NAME, PROBES, load_tokenizer
+from quietstar.models.loading import load_base_model
+from quietstar.models.tokenizer_files import CHECK_NAME, PROBES, load_tokenizer
 
 TEXTS = PROBES + ("Weng earns $12 an hour.\n\n\nShe did 50 minutes.", " leading", "trailing\n", "")
 

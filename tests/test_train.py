@@ -13,13 +13,13 @@ import yaml
 from conftest import make_lm, make_model, make_tokenizer
 
 from quietstar import QuietStarConfig, QuietStarForCausalLM
-from quietstar.checkpoint import CheckpointError, list_checkpoints, load_model_weights
-from quietstar.checkpoint import load_training_state as checkpoint_state
-from quietstar.arguments import given_settings
-from quietstar.cli import build_parser
-from quietstar.data import TokenBatches, load_texts
-from quietstar.metrics import read_metrics
-from quietstar.train import (
+from quietstar.training.checkpoint import CheckpointError, list_checkpoints, load_model_weights
+from quietstar.training.checkpoint import load_training_state as checkpoint_state
+from quietstar.utils.settings import given_settings
+from quietstar.cli.main import build_parser
+from quietstar.data.corpora import TokenBatches, load_texts
+from quietstar.training.metrics import read_metrics
+from quietstar.training.recipe import (
     HeldoutLoss,
     TrainConfig,
     TrainingDiverged,
@@ -36,7 +36,7 @@ from quietstar.train import (
 def no_plots(request, monkeypatch):
     """Drawing the curves takes seconds; only the test that checks the PNG draws them."""
     if "run_folder" not in request.node.name:
-        monkeypatch.setattr("quietstar.train.plot_training_curves", lambda *args: None)
+        monkeypatch.setattr("quietstar.training.recipe.plot_training_curves", lambda *args: None)
 
 
 def tiny_config(model_dir, out, **kw) -> TrainConfig:
@@ -86,7 +86,7 @@ def test_flags_override_yaml_which_overrides_defaults(tmp_path):
 def test_quietstar_train_starts_from_the_cpu_demo_preset_unless_given_a_config(monkeypatch, capsys, tmp_path):
     """One story of defaults: the dataclasses hold the paper's method; the command starts from
     the cpu-demo preset (and says so), a --config or a resumed run's own settings replace it."""
-    from quietstar.commands import train as command
+    from quietstar.cli import train as command
 
     seen = []
     monkeypatch.setattr(command, "train", lambda config: seen.append(config) or types.SimpleNamespace(interrupted=False))
@@ -577,7 +577,7 @@ def test_resume_needs_a_checkpoint(tiny_model_dir, tmp_path):
 
 
 def test_cli_reports_bad_input_in_one_line(tiny_model_dir, tmp_path, capsys):
-    from quietstar.cli import main
+    from quietstar.cli.main import main
 
     code = main(["train", "--model", str(tmp_path / "missing"), "--output-dir", str(tmp_path / "r")])
     assert code == 2
@@ -601,7 +601,7 @@ def test_cpu_demo_preset_is_the_confirmed_main_job_candidate():
     other would leave the README's claim about a configuration that no longer runs."""
     from pathlib import Path
 
-    from quietstar.train_config import load_config
+    from quietstar.training.config import load_config
 
     root = Path(__file__).resolve().parents[1]
     preset = yaml.safe_load((root / "quietstar" / "presets" / "cpu-demo.yaml").read_text())

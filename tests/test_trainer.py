@@ -10,7 +10,7 @@ import torch
 
 from conftest import load_script, make_model, random_text
 from quietstar import QuietStarForCausalLM
-from quietstar.trainer import QuietStarTrainer, QuietStarTrainingArguments
+from quietstar.training.hf_trainer import QuietStarTrainer, QuietStarTrainingArguments
 
 
 def dataset(n=8, length=12):

@@ -1,5 +1,5 @@
-"""quietstar.viewer: thoughts, their gains, and the HTML page (checked in headless Chromium); the
-`quietstar inspect` command (quietstar.commands.inspect_thoughts)."""
+"""quietstar.evaluation.viewer: thoughts, their gains, and the HTML page (checked in headless Chromium); the
+`quietstar inspect` command (quietstar.cli.inspect_thoughts)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,9 @@ import torch
 from matplotlib.image import imread
 
 from conftest import CORPUS, make_lm, make_model, make_tokenizer
-from quietstar import QuietStarConfig, QuietStarForCausalLM, cli
-from quietstar.viewer import TokenThought, render_html, token_thoughts, write_page
+from quietstar import QuietStarConfig, QuietStarForCausalLM
+from quietstar.cli import main as cli
+from quietstar.evaluation.viewer import TokenThought, render_html, token_thoughts, write_page
 
 TEXT = CORPUS[1]
 
@@ -150,7 +151,7 @@ def test_inspect_cli(tmp_path, capsys):
 
 
 def test_inspect_cli_needs_exactly_one_text(tmp_path, capsys):
-    from quietstar.commands.inspect_thoughts import InspectArguments
+    from quietstar.cli.inspect_thoughts import InspectArguments
 
     with pytest.raises(ValueError, match="--text TEXT or --text-file FILE"):
         InspectArguments()

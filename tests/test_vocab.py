@@ -9,9 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from quietstar.sampling import sample
-from quietstar.selection import logits_entropy
-from quietstar.vocab import VocabHead
+from quietstar.method.sampling import sample
+from quietstar.method.selection import logits_entropy
+from quietstar.method.vocab import VocabHead
 
 V, D = 50, 6
 MASKED = torch.tensor([3, 17])  # meta tokens inside the vocabulary

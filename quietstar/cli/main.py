@@ -1,6 +1,6 @@
 """The `quietstar` command: a thin layer over the library API.
 
-Each subcommand is a module of ``quietstar.commands`` that provides ``add_arguments(parser)`` and
+Each subcommand is a module of ``quietstar.cli`` that provides ``add_arguments(parser)`` and
 ``run(args) -> int``. Only the chosen command's module is imported (its flags are added when its
 arguments are parsed), so one command does not pay for another's dependencies and
 ``quietstar --help`` imports none of them; a command module that fails to import raises.

@@ -6,7 +6,7 @@ tokens, sum over the ahead steps s of [log p_mixed(x_{i+1+s}) - log p_base(x_{i+
 thought, gain and mixing weight; a table beside the text lists them all. The page is one
 self-contained file (inline CSS, no scripts, no network).
 
-The ``quietstar inspect`` command (``quietstar/commands/inspect_thoughts.py``) writes it:
+The ``quietstar inspect`` command (``quietstar/cli/inspect_thoughts.py``) writes it:
 ``quietstar inspect --model DIR --text "..." --out page.html``
 """
 

@@ -6,7 +6,7 @@ docstrings (``quietstar.utils.settings``), a YAML file uses the same names, and 
 configuration is saved with the run and every checkpoint as ``train_config.yaml``.
 
 The defaults are one story: ``QuietStarConfig`` holds the paper's values; a preset is a YAML
-file of settings in ``quietstar/presets/`` that a run starts from. ``quietstar train`` starts
+file of settings in ``quietstar/training/presets/`` that a run starts from. ``quietstar train`` starts
 from ``cpu-demo`` unless given ``--config`` (a file or another preset) or resuming (the resumed
 run's saved settings take its place).
 """
