@@ -1,5 +1,6 @@
 # `make train`: set up, then train on the embedded default model (a few minutes on 2 CPU cores).
-# `make test`:  set up, then run the test suite (unit tests on tiny models + a few real-model tests).
+# `make test`:  set up, check the layers (scripts/structure.py), then run the test suite (unit tests
+#               on tiny models + a few real-model tests).
 PYTHON ?= python3
 
 .PHONY: setup train test
@@ -12,4 +13,5 @@ train: setup
 
 test:
 	PYTHON=$(PYTHON) bash scripts/setup.sh browser
+	$(PYTHON) scripts/structure.py
 	$(PYTHON) -m pytest -q -rs
