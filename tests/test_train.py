@@ -604,7 +604,7 @@ def test_cpu_demo_preset_is_the_confirmed_main_job_candidate():
     from quietstar.training.config import load_config
 
     root = Path(__file__).resolve().parents[1]
-    preset = yaml.safe_load((root / "quietstar" / "presets" / "cpu-demo.yaml").read_text())
+    preset = yaml.safe_load((root / "quietstar" / "training" / "presets" / "cpu-demo.yaml").read_text())
     candidate = yaml.safe_load((root / "docs" / "results" / "main-job-preset" / "candidate-B.yaml").read_text())
     assert preset == candidate
     assert load_config("cpu-demo").mixing_head_lr_multiplier == 30
