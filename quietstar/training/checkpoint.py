@@ -34,6 +34,7 @@ from safetensors.torch import load_file
 
 from quietstar.models import saved_model
 from quietstar.models.modeling import QuietStarForCausalLM
+from quietstar.training.config import TRAIN_CONFIG_NAME, TrainConfig
 from quietstar.utils.log_filters import quiet_transformers
 
 PREFIX = "checkpoint-"
@@ -89,6 +90,19 @@ def resolve_resume(resume: str, output_dir: str | Path | None) -> Path:
         return found
     raise CheckpointError(f"--resume {resume}: not a checkpoint folder or a run folder holding "
                           "checkpoint-* folders; pass one of those, or 'latest' with --output-dir")
+
+
+def resumed_settings(resume: str, output_dir: str | Path | None) -> dict[str, Any]:
+    """The settings of the checkpoint ``resume`` points at (see ``resolve_resume``), as a dict
+    for ``load_config`` to merge under the given ones, with ``output_dir`` its run folder."""
+    found = resolve_resume(resume, output_dir)
+    if not (found / TRAIN_CONFIG_NAME).is_file():
+        raise CheckpointError(f"{found / TRAIN_CONFIG_NAME} is missing: {found} is not a complete "
+                              "checkpoint (every checkpoint holds the settings it was trained "
+                              "with); resume from another checkpoint, or start a fresh run")
+    settings = TrainConfig.saved_settings(found)
+    settings["output_dir"] = str(found.parent)  # robust to a moved run folder / another cwd
+    return settings
 
 
 def step_of(checkpoint: str | Path) -> int:
