@@ -114,8 +114,9 @@ class QuietStarForCausalLM(nn.Module):
                         cache_dir: str | Path | None = None, local_files_only: bool | None = None,
                         token: str | bool | None = None, **model_kwargs) -> "QuietStarForCausalLM":
         """Loads what ``save_pretrained`` (or ``push_to_hub``) wrote: a local folder, or a Hub repo
-        id (``revision``, ``cache_dir``, ``token``; offline — ``local_files_only`` or
-        HF_HUB_OFFLINE=1 — a repo already in the local cache loads without the network). The
+        id (``revision``, ``cache_dir``, ``token``; offline — ``local_files_only``, or
+        HF_HUB_OFFLINE=1 or TRANSFORMERS_OFFLINE=1 — a repo already in the local cache loads
+        without the network). The
         learned meta tokens and head come back intact. ``model_kwargs`` go to transformers'
         ``from_pretrained`` of the LM (``dtype`` — or the older name ``torch_dtype`` —,
         ``device_map``, ...)."""

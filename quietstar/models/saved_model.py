@@ -21,6 +21,7 @@ from transformers import AutoModelForCausalLM
 
 from quietstar.method.config import QUIETSTAR_CONFIG_NAME, QuietStarConfig
 from quietstar.models.model_card import CARD_NAME, TrainingFacts, render_card
+from quietstar.utils.hub import is_hub_id, offline
 from quietstar.utils.log_filters import quiet_transformers
 from quietstar.models.tokenizer_files import load_tokenizer, save_tokenization_check, verify_tokenization
 
@@ -105,19 +106,16 @@ def _local_folder(name_or_path, revision, cache_dir, local_files_only, token) ->
     if path.is_dir():
         return path
     name = str(name_or_path)
-    if path.exists() or name.startswith((".", "/", "~")) or name.count("/") != 1:
+    if not is_hub_id(name):
         raise FileNotFoundError(f"{name} is neither a saved QuietStar model folder nor a Hub repo id "
                                 "('owner/name')")
-    import os
-
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
 
-    offline = local_files_only if local_files_only is not None else \
-        os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+    local_only = offline() if local_files_only is None else local_files_only
     try:
         return Path(snapshot_download(name, revision=revision, cache_dir=cache_dir, token=token,
-                                      local_files_only=offline))
+                                      local_files_only=local_only))
     except LocalEntryNotFoundError:
         raise FileNotFoundError(f"{name} is not in the local Hugging Face cache"
                                 f"{f' ({cache_dir})' if cache_dir else ''} and the Hub is not to be "
