@@ -23,8 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from conftest import make_lm, make_tokenizer  # noqa: E402  (the tests' tiny models)
 
 try:  # the package's top level (today); the module paths of the flat layout before it
-    from quietstar import QuietStarForCausalLM, TrainConfig
-    from quietstar.training import recipe as train
+    from quietstar import QuietStarForCausalLM, TrainConfig, train
 except ImportError:
     from quietstar import QuietStarForCausalLM
     from quietstar.training.recipe import train

@@ -12,7 +12,7 @@ import yaml
 from conftest import make_lm, make_model, make_tokenizer, random_text
 
 from quietstar import QuietStarConfig, QuietStarForCausalLM
-from quietstar.training.checkpoint import list_checkpoints
+from quietstar.training.checkpoint import list_checkpoints, resumed_settings
 from quietstar.cli import train as command
 from quietstar.training.recipe import TrainConfig, train
 from quietstar.training.config import INFINITE_OK, load_config
@@ -289,8 +289,25 @@ def test_resumed_checkpoint_without_its_train_config_exits_2_naming_the_file(tra
     assert folder_snapshot(trained_run) == before
     assert [p.name for p in list_checkpoints(trained_run)] == ["checkpoint-000001", "checkpoint-000002"]
     # The checkpoint before it is complete and resumes.
-    config = load_config(overrides={"resume": str(trained_run / "checkpoint-000001"), "max_steps": 2})
+    config = load_config(overrides={"resume": str(trained_run / "checkpoint-000001"), "max_steps": 2},
+                         resumed_settings=resumed_settings)
     assert config.seq_len == 16 and config.quietstar.sampled_thought_tokens == 2
+
+
+def test_load_config_reads_a_resumed_run_only_through_the_given_reader(tmp_path):
+    """The settings module sits below the checkpoints: resuming, it is told how to read them."""
+    with pytest.raises(ValueError, match="resuming needs resumed_settings=quietstar.training.checkpoint"):
+        load_config(overrides={"resume": "latest", "output_dir": str(tmp_path)})
+    seen = []
+
+    def saved(resume, output_dir):
+        seen.append((resume, output_dir))
+        return {"seq_len": 24, "max_steps": 5, "output_dir": "elsewhere"}
+
+    config = load_config(overrides={"resume": "latest", "output_dir": "run", "max_steps": 9},
+                         resumed_settings=saved)
+    assert seen == [("latest", "run")]
+    assert (config.seq_len, config.max_steps, config.output_dir) == (24, 9, "run")  # given beats saved
 
 
 def test_resuming_at_exactly_max_steps_is_fine(trained_run, capsys):

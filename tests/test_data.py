@@ -158,6 +158,9 @@ def test_missing_local_path_names_it(tmp_path):
         load_texts(str(missing))
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_texts("./no_such_dir_xyz")
+    for no_hub_id in ("no/such/nested/dir", "my corpus", ".hidden"):  # never sent to the Hub
+        with pytest.raises(FileNotFoundError, match="does not exist"):
+            load_texts(no_hub_id)
     (tmp_path / "empty_dir").mkdir()
     with pytest.raises(FileNotFoundError, match="has no .txt"):
         load_texts(str(tmp_path / "empty_dir"))

@@ -79,6 +79,35 @@ def fake_hub_cache(cache, repo_id, saved_folder, commit="0123456789abcdef0123456
     shutil.copytree(saved_folder, repo / "snapshots" / commit)
 
 
+def test_from_pretrained_asks_the_hub_for_hub_ids_only_and_offline_from_either_switch(tmp_path, monkeypatch):
+    import huggingface_hub
+    import pytest
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    asked = []
+
+    def snapshot_download(name, **kwargs):
+        asked.append((name, kwargs["local_files_only"]))
+        raise LocalEntryNotFoundError("not cached")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    monkeypatch.chdir(tmp_path)
+    for switches, offline in [({}, False), ({"HF_HUB_OFFLINE": "1"}, True),
+                              ({"TRANSFORMERS_OFFLINE": "yes"}, True)]:
+        for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+            monkeypatch.delenv(name, raising=False)
+        for name, value in switches.items():
+            monkeypatch.setenv(name, value)
+        for repo in ("me/not-there", "not-there"):  # a bare id is a Hub id too, as on the Hub
+            with pytest.raises(FileNotFoundError, match="not in the local Hugging Face cache"):
+                QuietStarForCausalLM.from_pretrained(repo)
+            assert asked.pop() == (repo, offline)
+    for path in ("a/b/c", "./missing", "~/missing", "my model"):
+        with pytest.raises(FileNotFoundError, match="neither a saved QuietStar model folder nor a Hub repo id"):
+            QuietStarForCausalLM.from_pretrained(path)
+    assert not asked
+
+
 def test_a_cached_hub_model_loads_offline_with_the_usual_arguments(tmp_path, monkeypatch):
     import torch
 

@@ -10,6 +10,7 @@ import argparse
 import sys
 
 from quietstar.utils.settings import add_dataclass_arguments, given_settings
+from quietstar.training.checkpoint import resumed_settings
 from quietstar.training.recipe import TrainConfig, TrainingDiverged, load_config, train
 from quietstar.training.config import DEFAULT_PRESET, config_file_path, presets
 from quietstar.cli.common import check_outputs, command_main
@@ -37,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"quietstar train: starting from the {DEFAULT_PRESET} preset "
                   f"({config_file_path(DEFAULT_PRESET)}); --config FILE or PRESET for others",
                   file=sys.stderr)
-        config = load_config(config_file, given)
+        config = load_config(config_file, given, resumed_settings=resumed_settings)
         check_outputs(config)
         result = train(config)
     except TrainingDiverged as e:

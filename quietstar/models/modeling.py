@@ -94,18 +94,12 @@ class QuietStarForCausalLM(nn.Module):
         return cls(model, tokenizer, config, embedding, head.to(base_embed.weight.device))
 
     # ------------------------------------------------------------------ saving and loading
-    # The folder and the head file are saved_model.py's; these methods delegate to it.
+    # The saved folder and its head file are saved_model.py's; the model keeps only the three
+    # methods transformers users expect, which delegate to it.
     def save_pretrained(self, directory: str | Path, training: TrainingFacts | None = None) -> None:
         """Writes the base LM (safetensors), tokenizer, QuietStar config, learned head and the
         model card (with ``training``'s facts if given)."""
         saved_model.save_pretrained(self, directory, training)
-
-    def save_method_files(self, directory: str | Path, state_dict: dict[str, torch.Tensor] | None = None,
-                          training: TrainingFacts | None = None) -> None:
-        """Everything of a saved model but the LM's weights: the tokenizer (with the meta tokens)
-        and its tokenization check, ``quietstar_config.json``, the head file (from ``state_dict``
-        if given, see ``head_state_dict``) and the model card (with ``training``'s facts)."""
-        saved_model.save_method_files(self, directory, state_dict, training)
 
     def push_to_hub(self, repo_id: str, *, private: bool | None = None, token: str | None = None,
                     commit_message: str = "Upload Quiet-STaR model", folder: str | Path | None = None) -> str:
@@ -120,37 +114,14 @@ class QuietStarForCausalLM(nn.Module):
                         cache_dir: str | Path | None = None, local_files_only: bool | None = None,
                         token: str | bool | None = None, **model_kwargs) -> "QuietStarForCausalLM":
         """Loads what ``save_pretrained`` (or ``push_to_hub``) wrote: a local folder, or a Hub repo
-        id (``revision``, ``cache_dir``, ``token``; offline — ``local_files_only`` or
-        HF_HUB_OFFLINE=1 — a repo already in the local cache loads without the network). The
+        id (``revision``, ``cache_dir``, ``token``; offline — ``local_files_only``, or
+        HF_HUB_OFFLINE=1 or TRANSFORMERS_OFFLINE=1 — a repo already in the local cache loads
+        without the network). The
         learned meta tokens and head come back intact. ``model_kwargs`` go to transformers'
         ``from_pretrained`` of the LM (``dtype`` — or the older name ``torch_dtype`` —,
         ``device_map``, ...)."""
         return saved_model.load_pretrained(cls, name_or_path, revision=revision, cache_dir=cache_dir,
                                            local_files_only=local_files_only, token=token, **model_kwargs)
-
-    def head_state_dict(self, state_dict: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-        """The head file's tensors (``quietstar_head.safetensors``: the START/END vectors and the
-        mixing head), from the live parameters or from ``state_dict`` (this module's full state
-        dict, e.g. gathered from FSDP / ZeRO-3 shards)."""
-        return saved_model.head_state_dict(self, state_dict)
-
-    def load_head_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
-        """Loads ``head_state_dict``'s tensors; ValueError if they do not fit this model."""
-        saved_model.load_head_state_dict(self, tensors)
-
-    def save_head(self, directory: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> Path:
-        """Writes ``<directory>/quietstar_head.safetensors``."""
-        return saved_model.save_head(self, directory, state_dict)
-
-    @staticmethod
-    def read_head_file(directory: str | Path) -> dict[str, torch.Tensor]:
-        """The tensors of ``<directory>/quietstar_head.safetensors``; FileNotFoundError if it is
-        missing, ValueError if it is damaged."""
-        return saved_model.read_head_file(directory)
-
-    def load_head(self, directory: str | Path) -> None:
-        """Reads ``<directory>/quietstar_head.safetensors`` into this model."""
-        saved_model.load_head(self, directory)
 
     # ------------------------------------------------------------------ pieces
     def get_input_embeddings(self) -> MetaTokenEmbedding:

@@ -4,9 +4,10 @@ reads (local or a Hub repo), and the head file.
 A saved model is the base LM's own files (``config.json``, safetensors weights), the tokenizer
 with the meta tokens and its tokenization check, ``quietstar_config.json``, the head file and
 the model card. ``quietstar_head.safetensors`` holds what the method adds to the LM: the
-START/END vectors (as stored, divided by ``meta_token_lr_multiplier``) and the mixing head; the
-functions here are the only code that knows its name and keys. ``QuietStarForCausalLM``'s
-methods of the same names delegate to them.
+START/END vectors (as stored, divided by ``meta_token_lr_multiplier``) and the mixing head; this
+module owns its name and keys. ``QuietStarForCausalLM``'s ``save_pretrained``,
+``from_pretrained`` and ``push_to_hub`` delegate here; training checkpoints call the functions
+directly. The model class is passed in (``load_pretrained``), never imported.
 """
 
 from __future__ import annotations
@@ -20,10 +21,16 @@ from transformers import AutoModelForCausalLM
 
 from quietstar.method.config import QUIETSTAR_CONFIG_NAME, QuietStarConfig
 from quietstar.models.model_card import CARD_NAME, TrainingFacts, render_card
+from quietstar.utils.hub import is_hub_id, offline
 from quietstar.utils.log_filters import quiet_transformers
 from quietstar.models.tokenizer_files import load_tokenizer, save_tokenization_check, verify_tokenization
 
 HEAD_WEIGHTS_NAME = "quietstar_head.safetensors"
+# The head file's keys: the START/END vectors under one name, the mixing head's parameters under
+# its prefix (HEAD_KEY_PREFIXES: what a reader of LM weights leaves out).
+META_VECTORS_KEY = "meta_embeddings.scaled_vectors"
+MIXING_HEAD_PREFIX = "mixing_head."
+HEAD_KEY_PREFIXES = ("meta_embeddings.", MIXING_HEAD_PREFIX)
 
 
 # ---------------------------------------------------------------------- the folder
@@ -99,19 +106,16 @@ def _local_folder(name_or_path, revision, cache_dir, local_files_only, token) ->
     if path.is_dir():
         return path
     name = str(name_or_path)
-    if path.exists() or name.startswith((".", "/", "~")) or name.count("/") != 1:
+    if not is_hub_id(name):
         raise FileNotFoundError(f"{name} is neither a saved QuietStar model folder nor a Hub repo id "
                                 "('owner/name')")
-    import os
-
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
 
-    offline = local_files_only if local_files_only is not None else \
-        os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+    local_only = offline() if local_files_only is None else local_files_only
     try:
         return Path(snapshot_download(name, revision=revision, cache_dir=cache_dir, token=token,
-                                      local_files_only=offline))
+                                      local_files_only=local_only))
     except LocalEntryNotFoundError:
         raise FileNotFoundError(f"{name} is not in the local Hugging Face cache"
                                 f"{f' ({cache_dir})' if cache_dir else ''} and the Hub is not to be "
@@ -126,16 +130,16 @@ def head_state_dict(model, state_dict: dict[str, torch.Tensor] | None = None) ->
     """The head file's tensors, from ``model``'s live parameters or from ``state_dict`` (its
     full state dict, e.g. gathered from FSDP / ZeRO-3 shards)."""
     source = model.state_dict() if state_dict is None else state_dict
-    head = {"meta_embeddings.scaled_vectors": source["embedding.scaled_vectors"]}
-    return head | {k: v for k, v in source.items() if k.startswith("mixing_head.")}
+    head = {META_VECTORS_KEY: source["embedding.scaled_vectors"]}  # the model's name for them
+    return head | {k: v for k, v in source.items() if k.startswith(MIXING_HEAD_PREFIX)}
 
 
 def load_head_state_dict(model, tensors: dict[str, torch.Tensor]) -> None:
     """Loads ``head_state_dict``'s tensors into ``model``; ValueError if they do not fit it."""
     tensors = dict(tensors)
     try:
-        model.embedding.scaled_vectors.data.copy_(tensors.pop("meta_embeddings.scaled_vectors"))
-        model.mixing_head.load_state_dict({k.removeprefix("mixing_head."): v for k, v in tensors.items()})
+        model.embedding.scaled_vectors.data.copy_(tensors.pop(META_VECTORS_KEY))
+        model.mixing_head.load_state_dict({k.removeprefix(MIXING_HEAD_PREFIX): v for k, v in tensors.items()})
     except (KeyError, RuntimeError) as e:
         raise ValueError(f"the head weights do not fit this model ({str(e).strip().splitlines()[0]})") from None
 

@@ -32,7 +32,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from quietstar.models import saved_model
 from quietstar.models.modeling import QuietStarForCausalLM
+from quietstar.training.config import TRAIN_CONFIG_NAME, TrainConfig
 from quietstar.utils.log_filters import quiet_transformers
 
 PREFIX = "checkpoint-"
@@ -88,6 +90,19 @@ def resolve_resume(resume: str, output_dir: str | Path | None) -> Path:
         return found
     raise CheckpointError(f"--resume {resume}: not a checkpoint folder or a run folder holding "
                           "checkpoint-* folders; pass one of those, or 'latest' with --output-dir")
+
+
+def resumed_settings(resume: str, output_dir: str | Path | None) -> dict[str, Any]:
+    """The settings of the checkpoint ``resume`` points at (see ``resolve_resume``), as a dict
+    for ``load_config`` to merge under the given ones, with ``output_dir`` its run folder."""
+    found = resolve_resume(resume, output_dir)
+    if not (found / TRAIN_CONFIG_NAME).is_file():
+        raise CheckpointError(f"{found / TRAIN_CONFIG_NAME} is missing: {found} is not a complete "
+                              "checkpoint (every checkpoint holds the settings it was trained "
+                              "with); resume from another checkpoint, or start a fresh run")
+    settings = TrainConfig.saved_settings(found)
+    settings["output_dir"] = str(found.parent)  # robust to a moved run folder / another cwd
+    return settings
 
 
 def step_of(checkpoint: str | Path) -> int:
@@ -211,7 +226,7 @@ def _save_pieces(model: QuietStarForCausalLM, directory: Path,
         lm = model.lm
         lm_state = {k.removeprefix("lm."): v for k, v in state_dict.items() if k.startswith("lm.")}
     lm.save_pretrained(directory, state_dict=lm_state)
-    model.save_method_files(directory, state_dict, training)
+    saved_model.save_method_files(model, directory, state_dict, training)
 
 
 def _read_safetensors(folder: Path, pattern: str) -> dict[str, torch.Tensor]:
@@ -235,7 +250,7 @@ def load_model_weights(model: QuietStarForCausalLM, checkpoint: str | Path, mode
     ``checkpoint / model_dir`` ("." for a folder that is itself a saved model)."""
     checkpoint = Path(checkpoint)
     try:
-        head = model.read_head_file(checkpoint / model_dir)
+        head = saved_model.read_head_file(checkpoint / model_dir)
     except FileNotFoundError as e:
         raise CheckpointError(f"{e}; the checkpoint is incomplete: delete {checkpoint} to resume "
                               "from an earlier one") from None
@@ -243,7 +258,7 @@ def load_model_weights(model: QuietStarForCausalLM, checkpoint: str | Path, mode
         raise CheckpointError(f"{e}; delete {checkpoint} to resume from an earlier checkpoint, "
                               "or start a fresh run") from None
     try:
-        model.load_head_state_dict(head)
+        saved_model.load_head_state_dict(model, head)
     except ValueError as e:
         raise _mismatch(checkpoint, e) from None
     if _is_peft(model.lm):
@@ -258,8 +273,7 @@ def load_model_weights(model: QuietStarForCausalLM, checkpoint: str | Path, mode
             raise _mismatch(checkpoint, f"unexpected adapter weights {result.unexpected_keys[:3]}")
         return
     weights = _read_safetensors(checkpoint / model_dir, "model*.safetensors")  # not the head file
-    weights = {k: v for k, v in weights.items()
-               if not k.startswith(("meta_embeddings.", "mixing_head."))}
+    weights = {k: v for k, v in weights.items() if not k.startswith(saved_model.HEAD_KEY_PREFIXES)}
     try:
         missing, unexpected = model.lm.load_state_dict(weights, strict=False)
     except RuntimeError as e:

@@ -15,22 +15,23 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 
-from quietstar.utils.settings import check_field_types, merge, option, read_yaml
-from quietstar.training.checkpoint import CheckpointError, resolve_resume
 from quietstar.method.config import QuietStarConfig
-from quietstar.training.metrics import REPORT_TO
-from quietstar.models.loading import EMBEDDED_MODEL
+from quietstar.utils.embedded_model import EMBEDDED_MODEL
+from quietstar.utils.settings import check_field_types, merge, option, read_yaml
 
 TRAIN_CONFIG_NAME = "train_config.yaml"
 PRESETS_DIR = Path(__file__).parent / "presets"
 DEFAULT_PRESET = "cpu-demo"
 INFINITE_OK = ("max_grad_norm", "policy_max_grad_norm")  # inf: no clipping
+ReportTo = Literal["none", "tensorboard", "wandb"]
+REPORT_TO = get_args(ReportTo)  # where metrics go besides metrics.jsonl (metrics.MetricsLogger)
 
 
 @dataclass
@@ -160,7 +161,7 @@ class TrainConfig:
     eval_documents: int = 100
     """Documents at the start of the data held out for evaluation (never trained on)."""
 
-    report_to: Literal["none", "tensorboard", "wandb"] = "none"
+    report_to: ReportTo = "none"
     """Also send the metrics to TensorBoard (<output_dir>/tensorboard) or Weights & Biases;
     metrics.jsonl is always written."""
 
@@ -272,19 +273,21 @@ def config_file_path(name_or_path: str | Path) -> Path:
     return preset
 
 
-def load_config(config_file: str | Path | None = None,
-                overrides: dict[str, Any] | None = None) -> TrainConfig:
+def load_config(config_file: str | Path | None = None, overrides: dict[str, Any] | None = None, *,
+                resumed_settings: Callable[[str, str | None], dict[str, Any]] | None = None) -> TrainConfig:
     """The resolved configuration: defaults < the resumed checkpoint's saved config < the YAML
     ``config_file`` (a path or a preset name) < ``overrides``
-    (``{"seq_len": 32, "quietstar": {"ahead_tokens": 2}}``)."""
+    (``{"seq_len": 32, "quietstar": {"ahead_tokens": 2}}``).
+
+    Resuming (a ``resume`` setting), ``resumed_settings(resume, output_dir)`` reads the settings
+    the resumed run was trained with: ``quietstar.training.checkpoint.resumed_settings``, which
+    knows checkpoint folders (this module sits below them)."""
     explicit = merge(read_yaml(config_file_path(config_file)) if config_file else {}, overrides or {})
     base: dict[str, Any] = {}
     if explicit.get("resume"):
-        found = resolve_resume(explicit["resume"], explicit.get("output_dir"))
-        if not (found / TRAIN_CONFIG_NAME).is_file():
-            raise CheckpointError(f"{found / TRAIN_CONFIG_NAME} is missing: {found} is not a complete "
-                                  "checkpoint (every checkpoint holds the settings it was trained "
-                                  "with); resume from another checkpoint, or start a fresh run")
-        base = TrainConfig.saved_settings(found)
-        base["output_dir"] = str(found.parent)  # robust to a moved run folder / another cwd
+        if resumed_settings is None:
+            raise ValueError("load_config: resuming needs resumed_settings="
+                             "quietstar.training.checkpoint.resumed_settings (the resumed run's "
+                             "saved settings)")
+        base = resumed_settings(explicit["resume"], explicit.get("output_dir"))
     return TrainConfig.from_dict(merge(base, explicit))

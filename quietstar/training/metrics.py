@@ -16,7 +16,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-REPORT_TO = ("none", "tensorboard", "wandb")
+from quietstar.training.config import REPORT_TO
+
 METRICS_NAME = "metrics.jsonl"
 SAMPLES_JSONL = "samples.jsonl"
 SAMPLES_MD = "samples.md"
