@@ -8,6 +8,7 @@ import torch
 from conftest import FAMILIES, make_model, random_text
 from quietstar import QuietStarConfig
 from quietstar.method.selection import ThoughtRows, logits_entropy, select_positions
+from quietstar.method.targets import training_targets
 from test_rollout import (assert_close_finite, assert_same_step, mix_logits, perturb_head,
                           sequential_logits, step_runner, wrap)
 
@@ -286,11 +287,11 @@ def test_selected_training_loss_equals_its_reference():
     xs, ms = x.repeat_interleave(n, 0), mask.repeat_interleave(n, 0)
     thoughts = out.thought_ids.flatten(0, 1)
     scores = model.score_thoughts(xs, thoughts, ms)
-    targets, valid = model._targets(xs, ms, None)
+    targets, valid = training_targets(xs, ms, None, model.config.ahead_tokens)
     logp = lambda logits, t, T=1.0: torch.log_softmax(logits / T, -1).gather(-1, t[..., None])[..., 0]  # noqa: E731
     base = logp(scores.base_logits, targets[..., 0])
     mixed = logp(scores.mixed_logits, targets)
-    grid = model._score(xs, thoughts, ms)
+    grid = model.rollout.score(xs, thoughts, ms)
     thought_logp = logp(model.logits(grid.thought), thoughts, 3.0).mean(-1)
     counted = valid & thinking[..., None]
     base_nll = -base[valid[..., 0]].mean()

@@ -17,7 +17,7 @@ from quietstar.method.losses import NonFiniteLossError, quietstar_loss_terms
 from quietstar.method.meta_tokens import MetaTokenEmbedding, add_meta_tokens
 from quietstar.method.mixing import MixingHead
 from quietstar.models.model_card import TrainingFacts
-from quietstar.method.rollout import GridHidden, sample_and_score, sample_thoughts, score_grid, text_positions
+from quietstar.method.rollout import GridHidden, Rollout, text_positions
 from quietstar.method.selection import ThoughtRows, check_thought_positions, thought_rows_chooser
 from quietstar.method.targets import step_logprobs, training_targets
 from quietstar.method.vocab import VocabHead
@@ -160,6 +160,13 @@ class QuietStarForCausalLM(nn.Module):
     def decoder(self):
         return self.lm.get_decoder()
 
+    @property
+    def rollout(self) -> Rollout:
+        """The thought rollout over the model's decoder, embedding and LM head, built on access:
+        FSDP, DeepSpeed or peft may wrap them after construction."""
+        return Rollout(self.decoder, self.embedding, self.vocab_head(), self.start_id, self.end_id,
+                       self.config.ahead_tokens, self.tokenizer.pad_token_id)
+
     def vocab_head(self, lm=None) -> VocabHead:
         """The LM head of ``lm`` (default the model's own LM) as the loss and the sampler use it:
         the meta tokens are never predicted; ``config.loss_chunk_tokens`` rows at a time."""
@@ -216,10 +223,6 @@ class QuietStarForCausalLM(nn.Module):
                              "thoughts are inserted by the model")
         return attention_mask
 
-    def _targets(self, input_ids, attention_mask, labels):
-        """The training targets: (target ids, target valid), both [B, L, A]: x_{i+1+s}."""
-        return training_targets(input_ids, attention_mask, labels, self.config.ahead_tokens)
-
     def _mix(self, grid: GridHidden) -> tuple[torch.Tensor, torch.Tensor]:
         """Mixed hidden states [B, W, A, d] and weights [B, W, A] of the W thought rows; step s
         pairs the post-thought state of position i with the base state of position i+s (both
@@ -234,11 +237,6 @@ class QuietStarForCausalLM(nn.Module):
             idx = (grid.rows.index[:, :, None] + ahead).clamp(max=L - 1)  # [B, S, A]
             base = grid.base[torch.arange(B, device=idx.device)[:, None, None], idx]  # [B, S, A, d]
         return self.mixing_head(base, grid.after)
-
-    def _score(self, input_ids, thought_ids, attention_mask, rows: ThoughtRows | None = None) -> GridHidden:
-        return score_grid(self.decoder, self.embedding, input_ids, thought_ids, attention_mask,
-                          self.start_id, self.end_id, self.config.ahead_tokens,
-                          self.tokenizer.pad_token_id, rows)
 
     # ------------------------------------------------------------------ public computations
     def base_logits(self, input_ids, attention_mask=None) -> torch.Tensor:
@@ -274,7 +272,7 @@ class QuietStarForCausalLM(nn.Module):
         if thought_positions is not None:
             rows = ThoughtRows.from_mask(thought_positions & attention_mask.bool())
             thought_ids = rows.gather(thought_ids)
-        return self._thought_scores(self._score(input_ids, thought_ids, attention_mask, rows), steps)
+        return self._thought_scores(self.rollout.score(input_ids, thought_ids, attention_mask, rows), steps)
 
     @torch.no_grad()
     def think(self, input_ids, attention_mask=None, num_tokens=None, temperature=None, generator=None,
@@ -298,10 +296,9 @@ class QuietStarForCausalLM(nn.Module):
         was_training = self.lm.training
         self.lm.eval()
         try:
-            thoughts, grid, _ = sample_and_score(
-                self.decoder, self.embedding, self.vocab_head(), input_ids, attention_mask, self.start_id,
-                self.end_id, k, self.config.ahead_tokens, temperature, self.tokenizer.pad_token_id,
-                generator, logprob_temperature=None, select=select)
+            thoughts, grid, _ = self.rollout.sample_and_score(
+                input_ids, attention_mask, num_tokens=k, temperature=temperature, generator=generator,
+                logprob_temperature=None, select=select)
         finally:
             self.lm.train(was_training)
         if grid.rows is not None:
@@ -350,14 +347,15 @@ class QuietStarForCausalLM(nn.Module):
 
     def _sample(self, input_ids, attention_mask, num_tokens=None, temperature=None, generator=None,
                 select=None) -> tuple[torch.Tensor, ThoughtRows | None]:
-        """``rollout.sample_thoughts`` without dropout: (thoughts [B, W, k], their rows or None)."""
+        """``Rollout.sample`` without dropout, k and the temperature the config's unless given:
+        (thoughts [B, W, k], their rows or None)."""
         k, temperature = self.config.thought_settings(num_tokens, temperature)
         self.check_positions(input_ids.shape[1] + k, f"sampling thoughts on {input_ids.shape[1]} tokens")
         was_training = self.lm.training
         self.lm.eval()  # sampled without dropout, as the model predicts at inference
         try:
-            return sample_thoughts(self.decoder, self.embedding, self.vocab_head(), input_ids,
-                                   attention_mask, self.start_id, k, temperature, generator, select)
+            return self.rollout.sample(input_ids, attention_mask, num_tokens=k, temperature=temperature,
+                                       generator=generator, select=select)
         finally:
             self.lm.train(was_training)
 
@@ -376,7 +374,7 @@ class QuietStarForCausalLM(nn.Module):
         n = cfg.thoughts_per_position
         attention_mask = self._check_text(input_ids, attention_mask)
         check_thought_positions(thought_positions, input_ids)
-        targets, valid = self._targets(input_ids, attention_mask, labels)
+        targets, valid = training_targets(input_ids, attention_mask, labels, cfg.ahead_tokens)
         L = input_ids.shape[1]
         self.check_rollout_positions(L, f"a training step on {L} tokens",
                                      None if thought_ids is None else thought_ids.shape[-1])
@@ -386,7 +384,8 @@ class QuietStarForCausalLM(nn.Module):
         if thought_ids is not None and thought_positions is None and cfg.thought_fraction < 1:
             raise ValueError("replaying thought_ids with thought_fraction < 1 needs the positions they "
                              "were sampled at: pass the earlier output's thought_positions too")
-        head = self.vocab_head()  # every vocabulary-sized product, chunked (see vocab.py)
+        rollout = self.rollout
+        head = rollout.head  # every vocabulary-sized product, chunked (see vocab.py)
         select = thought_rows_chooser(head.entropy, valid[..., 0], thought_positions, n, cfg.thought_fraction,
                                       cfg.thought_selection, generator)
         # The n thoughts of a text are adjacent rows: [B*n, ...].
@@ -394,16 +393,15 @@ class QuietStarForCausalLM(nn.Module):
         targets, valid = targets.repeat_interleave(n, 0), valid.repeat_interleave(n, 0)
 
         # 1. sample and score the thoughts (at the W rows that think: every position, or S chosen).
-        thoughts, grid, thought_logp = self._rollout(input_ids, attention_mask, generator, thought_ids,
-                                                     select, head)
+        thoughts, grid, thought_logp = self._training_rollout(rollout, input_ids, attention_mask, generator,
+                                                              thought_ids, select)
         # 2. mix each post-thought state with the base state that predicts the same token.
         mixed, w = self._mix(grid)
         # 3. log-likelihoods: base next token, mixed A tokens, thought tokens (REINFORCE temperature).
         logp = step_logprobs(cfg, head, grid, mixed, thoughts, thought_logp, targets, valid)
 
         # 4. the objective: NLLs and REINFORCE; detached metrics beside it.
-        nll_term, policy_term, metrics = quietstar_loss_terms(cfg, logp.base, logp.mixed, logp.thought, valid,
-                                                              logp.after, ema_base_logp, logp.thought_valid)
+        nll_term, policy_term, metrics = quietstar_loss_terms(cfg, logp, ema_base_logp)
         loss = nll_term + policy_term
 
         if check_finite and not torch.isfinite(loss):
@@ -422,7 +420,7 @@ class QuietStarForCausalLM(nn.Module):
         return QuietStarOutput(loss, metrics, thoughts.view(-1, n, *thoughts.shape[1:]),
                                {"nll": nll_term, "policy": policy_term}, positions)
 
-    def _rollout(self, input_ids, attention_mask, generator, thought_ids, select, head: VocabHead):
+    def _training_rollout(self, rollout: Rollout, input_ids, attention_mask, generator, thought_ids, select):
         """Step 1 of ``forward`` on its [B*n] rows: (thoughts [B*n, W, k], GridHidden, the thought
         tokens' log-probabilities at the REINFORCE temperature [B*n, W, k] where they were sampled
         in the scored passes, else None). Sampled and scored in the same passes where each pass runs once,
@@ -439,14 +437,13 @@ class QuietStarForCausalLM(nn.Module):
             if select is not None:  # given thought_positions (forward checked): no text pass needed
                 rows = select(None)
                 thoughts = rows.gather(thoughts)
-            return thoughts, self._score(input_ids, thoughts, attention_mask, rows), None
+            return thoughts, rollout.score(input_ids, thoughts, attention_mask, rows), None
         if getattr(self.lm, "is_activation_checkpointing", False):
             thoughts, rows = self._sample(input_ids, attention_mask, generator=generator, select=select)
-            return thoughts, self._score(input_ids, thoughts, attention_mask, rows), None
-        return sample_and_score(
-            self.decoder, self.embedding, head, input_ids, attention_mask, self.start_id,
-            self.end_id, cfg.sampled_thought_tokens, cfg.ahead_tokens, cfg.thought_temperature,
-            self.tokenizer.pad_token_id, generator, cfg.policy_logprob_temperature, select)
+            return thoughts, rollout.score(input_ids, thoughts, attention_mask, rows), None
+        return rollout.sample_and_score(input_ids, attention_mask, num_tokens=cfg.sampled_thought_tokens,
+                                        temperature=cfg.thought_temperature, generator=generator,
+                                        logprob_temperature=cfg.policy_logprob_temperature, select=select)
 
     # ------------------------------------------------------------------ the EMA baseline (RLP)
     def ema_baseline_enable(self) -> None:
