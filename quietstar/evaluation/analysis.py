@@ -24,6 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from quietstar.utils.batching import model_device, pad_sequences
+from quietstar.utils.modes import eval_mode
 from quietstar.evaluation.tasks import next_token_logits
 from quietstar.method.selection import logits_entropy, select_positions
 from quietstar.evaluation.statistics import format_cell, summarize
@@ -92,9 +93,7 @@ def token_nlls(model, texts: Sequence[str], thought_tokens: int | None = None,
     done = 0  # tokens of the result so far
     generator = torch.Generator(device).manual_seed(seed)
     base, thinking, document, thought = [], [], [], []
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         starts = range(0, len(windows), batch_size)
         for start in tqdm(starts, desc="token NLLs", disable=not progress, leave=False):
             batch = windows[start:start + batch_size]
@@ -119,8 +118,6 @@ def token_nlls(model, texts: Sequence[str], thought_tokens: int | None = None,
                     logits[:, :-1].float().transpose(1, 2), targets, reduction="none")
                 out.append(nll[valid].cpu().numpy())
             document.append(np.repeat([d for d, _ in batch], valid.sum(1).cpu().numpy()))
-    finally:
-        model.train(was_training)
     base = np.concatenate(base)
     return TokenNLLs(base, np.concatenate(thinking) if K else base, np.concatenate(document),
                      np.concatenate(thought) if thought else None)

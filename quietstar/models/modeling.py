@@ -21,6 +21,7 @@ from quietstar.method.rollout import GridHidden, Rollout, text_positions
 from quietstar.method.selection import ThoughtRows, check_thought_positions, thought_rows_chooser
 from quietstar.method.targets import step_logprobs, training_targets
 from quietstar.method.vocab import VocabHead
+from quietstar.utils.modes import eval_mode
 
 
 @dataclass
@@ -293,14 +294,10 @@ class QuietStarForCausalLM(nn.Module):
         if thought_positions is not None:
             rows = ThoughtRows.from_mask(thought_positions & attention_mask.bool())
             select = lambda hidden: rows  # noqa: E731
-        was_training = self.lm.training
-        self.lm.eval()
-        try:
+        with eval_mode(self.lm):
             thoughts, grid, _ = self.rollout.sample_and_score(
                 input_ids, attention_mask, num_tokens=k, temperature=temperature, generator=generator,
                 logprob_temperature=None, select=select)
-        finally:
-            self.lm.train(was_training)
         if grid.rows is not None:
             thoughts = grid.rows.scatter(thoughts, L, self.tokenizer.pad_token_id)
         return thoughts, self._thought_scores(grid, steps)
@@ -351,13 +348,9 @@ class QuietStarForCausalLM(nn.Module):
         (thoughts [B, W, k], their rows or None)."""
         k, temperature = self.config.thought_settings(num_tokens, temperature)
         self.check_positions(input_ids.shape[1] + k, f"sampling thoughts on {input_ids.shape[1]} tokens")
-        was_training = self.lm.training
-        self.lm.eval()  # sampled without dropout, as the model predicts at inference
-        try:
+        with eval_mode(self.lm):  # sampled without dropout, as the model predicts at inference
             return self.rollout.sample(input_ids, attention_mask, num_tokens=k, temperature=temperature,
                                        generator=generator, select=select)
-        finally:
-            self.lm.train(was_training)
 
     def forward(self, input_ids, attention_mask=None, labels=None, generator=None,
                 check_finite: bool = True, thought_ids=None, thought_positions=None) -> QuietStarOutput:
