@@ -18,7 +18,7 @@ from quietstar.method.meta_tokens import MetaTokenEmbedding, add_meta_tokens
 from quietstar.method.mixing import MixingHead
 from quietstar.models.model_card import TrainingFacts
 from quietstar.method.rollout import GridHidden, Rollout, text_positions
-from quietstar.method.selection import ThoughtRows, check_thought_positions, thought_rows_chooser
+from quietstar.method.selection import ThoughtRows, check_thought_positions, inference_chooser, thought_rows_chooser
 from quietstar.method.targets import step_logprobs, training_targets
 from quietstar.method.vocab import VocabHead
 from quietstar.utils.modes import eval_mode
@@ -163,8 +163,7 @@ class QuietStarForCausalLM(nn.Module):
 
     @property
     def rollout(self) -> Rollout:
-        """The thought rollout over the model's decoder, embedding and LM head, built on access:
-        FSDP, DeepSpeed or peft may wrap them after construction."""
+        """The rollout of the current decoder, embedding and head: built on access, as FSDP or peft may wrap them."""
         return Rollout(self.decoder, self.embedding, self.vocab_head(), self.start_id, self.end_id,
                        self.config.ahead_tokens, self.tokenizer.pad_token_id)
 
@@ -277,11 +276,12 @@ class QuietStarForCausalLM(nn.Module):
 
     @torch.no_grad()
     def think(self, input_ids, attention_mask=None, num_tokens=None, temperature=None, generator=None,
-              thought_positions=None, steps: int | None = None) -> tuple[torch.Tensor, ThoughtScores]:
+              thought_positions=None, steps: int | None = None, *, thought_fraction: float | None = None,
+              thought_selection: str | None = None) -> tuple[torch.Tensor, ThoughtScores]:
         """``sample_thoughts`` and ``score_thoughts`` of those thoughts in one rollout, without
-        gradients or dropout: the text pass runs once and the scoring passes continue the sampling
-        passes. Returns (thoughts [B, L, k], ThoughtScores), equal to the two calls' with the same
-        generator; the arguments are theirs (k = ``num_tokens`` >= 1)."""
+        gradients or dropout: the text pass runs once (``thought_fraction`` chooses on it) and the
+        scoring passes continue the sampling passes. Returns (thoughts [B, L, k], ThoughtScores),
+        equal to the two calls' with the same generator; the arguments are theirs (k = ``num_tokens`` >= 1)."""
         attention_mask = self._check_text(input_ids, attention_mask)
         check_thought_positions(thought_positions, input_ids)
         steps = self._check_steps(steps)
@@ -290,10 +290,7 @@ class QuietStarForCausalLM(nn.Module):
             raise ValueError(f"think needs a thought of num_tokens >= 1, got {k}; k = 0 is base_logits")
         L = input_ids.shape[1]
         self.check_rollout_positions(L, f"thinking on {L} tokens", k)
-        select = None
-        if thought_positions is not None:
-            rows = ThoughtRows.from_mask(thought_positions & attention_mask.bool())
-            select = lambda hidden: rows  # noqa: E731
+        select = self._select(attention_mask, thought_positions, thought_fraction, thought_selection, generator)
         with eval_mode(self.lm):
             thoughts, grid, _ = self.rollout.sample_and_score(
                 input_ids, attention_mask, num_tokens=k, temperature=temperature, generator=generator,
@@ -329,23 +326,42 @@ class QuietStarForCausalLM(nn.Module):
                              rows.put(mixed_logits, ahead), rows.mask(L))
 
     def sample_thoughts(self, input_ids, attention_mask=None, num_tokens=None, temperature=None,
-                        generator=None, thought_positions=None) -> torch.Tensor:
+                        generator=None, thought_positions=None, *, thought_fraction: float | None = None,
+                        thought_selection: str | None = None) -> torch.Tensor:
         """Samples one thought after every position, or only at ``thought_positions`` [B, L] bool
         (the pad id elsewhere): [B, L, k] inner token ids (k = ``num_tokens``, default the
-        config's; ``temperature`` likewise, 0 = greedy)."""
+        config's; ``temperature`` likewise, 0 = greedy). Or at a ``thought_fraction`` in (0, 1] of
+        each row's positions with a next token, chosen as in training by ``thought_selection``
+        (default the config's): "entropy" of the rollout's own text pass, or "random" from
+        ``generator``; None (default): every position, whatever the config's fraction. Given
+        ``thought_positions`` win."""
         attention_mask = self._check_text(input_ids, attention_mask)
         check_thought_positions(thought_positions, input_ids)
-        select = None
-        if thought_positions is not None:
-            rows = ThoughtRows.from_mask(thought_positions & attention_mask.bool())
-            select = lambda hidden: rows  # noqa: E731
+        select = self._select(attention_mask, thought_positions, thought_fraction, thought_selection, generator)
         thoughts, rows = self._sample(input_ids, attention_mask, num_tokens, temperature, generator, select)
         return thoughts if rows is None else rows.scatter(thoughts, input_ids.shape[1], self.tokenizer.pad_token_id)
 
+    @torch.no_grad()
+    def choose_thought_positions(self, input_ids, attention_mask=None, thought_fraction: float = 1.0,
+                                 thought_selection: str | None = None, generator=None) -> torch.Tensor:
+        """[B, L] bool: where ``sample_thoughts`` / ``think`` at ``thought_fraction`` would think (the
+        same text pass and draws from ``generator``; fraction 1: every real position), from the text
+        pass alone: for thoughts made elsewhere (controls), as ``score_thoughts``' thought_positions."""
+        attention_mask = self._check_text(input_ids, attention_mask)
+        select = self._select(attention_mask, None, thought_fraction, thought_selection, generator)
+        if select is None:
+            return attention_mask.bool()
+        return self._sample(input_ids, attention_mask, 0, 0.0, select=select)[1].mask(input_ids.shape[1])
+
+    def _select(self, attention_mask, thought_positions, thought_fraction, thought_selection, generator):
+        """``selection.inference_chooser`` with this model's entropy and, unless given, selection."""
+        how = self.config.thought_selection if thought_selection is None else thought_selection
+        return inference_chooser(self.vocab_head().entropy, attention_mask, thought_positions, thought_fraction,
+                                 how, generator)
+
     def _sample(self, input_ids, attention_mask, num_tokens=None, temperature=None, generator=None,
                 select=None) -> tuple[torch.Tensor, ThoughtRows | None]:
-        """``Rollout.sample`` without dropout, k and the temperature the config's unless given:
-        (thoughts [B, W, k], their rows or None)."""
+        """``Rollout.sample`` without dropout (k, temperature: the config's unless given)."""
         k, temperature = self.config.thought_settings(num_tokens, temperature)
         self.check_positions(input_ids.shape[1] + k, f"sampling thoughts on {input_ids.shape[1]} tokens")
         with eval_mode(self.lm):  # sampled without dropout, as the model predicts at inference
