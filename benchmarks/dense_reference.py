@@ -84,7 +84,7 @@ class DenseQuietStar(nn.Module):
         """Runs the F passes. Returns (GridHidden, thought ids [B, L, k]).
 
         With ``thought_ids`` the thought tokens are teacher-forced; without, they are sampled from
-        each pass's logits with the sampler ``quietstar.method.rollout.sample_thoughts`` uses.
+        each pass's logits with the sampler ``quietstar.method.rollout.Rollout.sample`` uses.
         """
         m, cfg = self.model, self.model.config
         k, A = cfg.sampled_thought_tokens, cfg.ahead_tokens

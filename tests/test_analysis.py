@@ -209,6 +209,24 @@ def test_token_nlls_at_a_fraction_think_at_the_chosen_share_only(selection):
 
 
 
+def test_token_nlls_at_a_fraction_choose_in_the_rollout(monkeypatch):
+    """With the model's own thoughts the choice is made on the thinking rollout's text pass (no
+    base_logits call), the same positions choose_thought_positions gives; a control's thoughts
+    are made for positions chosen first, the same with the same seed."""
+    model = make_model()
+    with torch.no_grad():
+        model.mixing_head.mlp[-1].bias.fill_(0.6)
+    texts = CORPUS[:1]  # one window, one batch
+    monkeypatch.setattr(model, "base_logits", lambda *a, **k: pytest.fail("a second text pass"))
+    own = token_nlls(model, texts, thought_tokens=2, thought_fraction=0.3, seed=1)
+    monkeypatch.undo()
+    ids = torch.tensor([model.tokenizer(texts[0]).input_ids])
+    chosen = model.choose_thought_positions(ids, thought_fraction=0.3)
+    assert 0 < own.thought.sum() < own.thought.size and own.thought.tolist() == chosen[0, :-1].tolist()
+    control = token_nlls(model, texts, thought_tokens=2, thought_fraction=0.3, seed=1, thought_source="random")
+    assert np.array_equal(control.thought, own.thought) and np.array_equal(control.base, own.base)
+    assert not np.allclose(control.thinking, own.thinking)
+
 def test_token_nlls_think_at_chosen_tokens_only():
     """``think_at`` names tokens: they get the all-position thinking NLL (greedy thoughts), every
     other token its base NLL, whichever windows and batches the tokens fall in."""

@@ -8,8 +8,14 @@ import torch
 
 from quietstar import QuietStarConfig
 from quietstar.method.losses import quietstar_loss
+from quietstar.method.targets import StepLogprobs
 
 WEIGHTS = dict(base_loss_weight=0.25, mixed_loss_weight=0.75, policy_loss_weight=2.0)
+
+
+def step(base, mixed, thought, valid, thought_valid=None) -> StepLogprobs:
+    """The loss's input when every position is a thought row (row_valid = target_valid)."""
+    return StepLogprobs(base, mixed, thought, valid, valid, thought_valid=thought_valid)
 
 
 def valid_from_labels(label_valid: list[list[bool]], A: int) -> list[list[list[bool]]]:
@@ -80,7 +86,7 @@ def check(n, baseline, drop, base, mixed, thought, valid):
                              drop_negative_rewards=drop, ahead_tokens=len(mixed[0][0]),
                              sampled_thought_tokens=len(thought[0][0]), **WEIGHTS)
     tensors = [torch.tensor(x, dtype=torch.float64, requires_grad=True) for x in (base, mixed, thought)]
-    loss, metrics = quietstar_loss(config, *tensors, torch.tensor(valid))
+    loss, metrics = quietstar_loss(config, step(*tensors, torch.tensor(valid)))
     ref_loss, ref_metrics, reward, ref_grads = reference(
         n, baseline, drop, base, mixed, thought, valid,
         WEIGHTS["base_loss_weight"], WEIGHTS["mixed_loss_weight"], WEIGHTS["policy_loss_weight"])
@@ -169,7 +175,7 @@ def test_reward_spread_of_the_hand_example_by_value(baseline):
     config = QuietStarConfig(thoughts_per_position=N, reward_baseline=baseline, ahead_tokens=2,
                              sampled_thought_tokens=2, drop_negative_rewards=True)
     tensors = [torch.tensor(x, dtype=torch.float64) for x in (BASE, MIXED, THOUGHT)]
-    _, metrics = quietstar_loss(config, *tensors, torch.tensor(VALID))
+    _, metrics = quietstar_loss(config, step(*tensors, torch.tensor(VALID)))
     assert metrics["reward_spread"].item() == pytest.approx(0.375, abs=1e-12)
 
 
@@ -198,7 +204,7 @@ def test_model_nll_mixes_where_positions_thought_and_is_base_elsewhere():
     valid = torch.tensor(VALID)
     thought_valid = valid.clone()
     thought_valid[:, 1:] = False
-    _, metrics = quietstar_loss(config, *tensors, valid, thought_valid=thought_valid)
+    _, metrics = quietstar_loss(config, step(*tensors, valid, thought_valid))
     model_nll = (0.5 + 2.0 + 0.5 + 1.5 + 2.0 + 0.5 + 1.0 + 0.25 + 2.0 + 0.25) / 10
     assert metrics["model_nll"].item() == pytest.approx(model_nll, abs=1e-12)
     assert metrics["mixed_nll_1"].item() == pytest.approx((0.5 + 1.5 + 1.0 + 2.0) / 4, abs=1e-12)
@@ -209,7 +215,7 @@ def test_no_valid_target_gives_a_finite_zero_loss():
     """A micro-batch of padding only: every term is 0 (no 0/0), and no gradient."""
     config = QuietStarConfig(thoughts_per_position=2, ahead_tokens=2, sampled_thought_tokens=2)
     tensors = [torch.tensor(x, dtype=torch.float64, requires_grad=True) for x in (BASE, MIXED, THOUGHT)]
-    loss, metrics = quietstar_loss(config, *tensors, torch.zeros(4, 4, 2, dtype=torch.bool))
+    loss, metrics = quietstar_loss(config, step(*tensors, torch.zeros(4, 4, 2, dtype=torch.bool)))
     assert loss.item() == 0.0
     assert all(value.item() == 0.0 for value in metrics.values())
     assert all((g == 0).all() for g in torch.autograd.grad(loss, tensors))

@@ -12,6 +12,7 @@ import torch
 from conftest import make_model, random_text
 from quietstar import QuietStarConfig
 from quietstar.method.losses import quietstar_loss, quietstar_loss_terms
+from quietstar.method.targets import StepLogprobs
 
 
 def toy(seed=0):
@@ -24,6 +25,11 @@ def toy(seed=0):
     thought = (-torch.rand(2, 3, 2, generator=g) * 3).requires_grad_()
     valid = torch.tensor([[True, True], [True, False], [False, False]]).expand(2, 3, 2)
     return base, mixed, after, ema, thought, valid
+
+
+def step(base, mixed, thought, valid, after=None) -> StepLogprobs:
+    """The loss's input when every position is a thought row (row_valid = target_valid)."""
+    return StepLogprobs(base, mixed, thought, valid, valid, after)
 
 
 def hand_rewards(cfg, base, mixed, after, ema, valid):
@@ -51,7 +57,7 @@ def test_rewards_and_policy_loss_by_hand(source, baseline, clamp):
     cfg = QuietStarConfig(reward_source=source, reward_baseline=baseline, drop_negative_rewards=clamp,
                           policy_loss_weight=3.0, ahead_tokens=2, sampled_thought_tokens=2)
     base, mixed, after, ema, thought, valid = toy()
-    loss, metrics = quietstar_loss(cfg, base, mixed, thought, valid, after_logp=after, ema_base_logp=ema)
+    loss, metrics = quietstar_loss(cfg, step(base, mixed, thought, valid, after), ema_base_logp=ema)
     rewards = hand_rewards(cfg, base, mixed, after, ema, valid)
     positions = [(r, i) for r in range(2) for i in range(3) if valid[r, i, 0]]
     policy = sum(-rewards[r][i] * thought[r, i].mean().item() for r, i in positions) / len(positions)
@@ -72,13 +78,13 @@ def test_rewards_and_policy_loss_by_hand(source, baseline, clamp):
 def test_terms_add_up_to_the_loss_and_sources_need_their_inputs():
     cfg = QuietStarConfig(reward_source="thought", ahead_tokens=2)
     base, mixed, after, ema, thought, valid = toy()
-    nll, policy, _ = quietstar_loss_terms(cfg, base, mixed, thought, valid, after_logp=after)
-    loss, _ = quietstar_loss(cfg, base, mixed, thought, valid, after_logp=after)
+    nll, policy, _ = quietstar_loss_terms(cfg, step(base, mixed, thought, valid, after))
+    loss, _ = quietstar_loss(cfg, step(base, mixed, thought, valid, after))
     assert torch.equal(nll + policy, loss)
     with pytest.raises(ValueError, match="needs after_logp"):
-        quietstar_loss(cfg, base, mixed, thought, valid)
+        quietstar_loss(cfg, step(base, mixed, thought, valid))
     with pytest.raises(ValueError, match="needs ema_base_logp"):
-        quietstar_loss(QuietStarConfig(reward_baseline="ema_base"), base, mixed, thought, valid)
+        quietstar_loss(QuietStarConfig(reward_baseline="ema_base"), step(base, mixed, thought, valid))
 
 
 @pytest.mark.parametrize("bad, message", [
@@ -148,9 +154,9 @@ def test_thought_loss_adds_the_post_thought_nll_by_hand():
     cfg = QuietStarConfig(thought_loss_weight=2.0, ahead_tokens=2, sampled_thought_tokens=2, policy_loss_weight=1.0)
     base, mixed, after, ema, thought, valid = toy()
     after = after.clone().requires_grad_()
-    loss, metrics = quietstar_loss(cfg, base, mixed, thought, valid, after_logp=after)
+    loss, metrics = quietstar_loss(cfg, step(base, mixed, thought, valid, after))
     without, _ = quietstar_loss(QuietStarConfig(ahead_tokens=2, sampled_thought_tokens=2, policy_loss_weight=1.0),
-                                base, mixed, thought, valid)
+                                step(base, mixed, thought, valid))
     per_step = [-sum(after[r, i, s].item() for r in range(2) for i in range(3) if valid[r, i, s])
                 / sum(1 for r in range(2) for i in range(3) if valid[r, i, s]) for s in range(2)]
     hand = sum(per_step) / 2
@@ -163,7 +169,7 @@ def test_thought_loss_adds_the_post_thought_nll_by_hand():
             expected = [-2.0 / 2 / counts[s] if valid[r, i, s] else 0.0 for s in range(2)]
             assert grad[r, i].tolist() == pytest.approx(expected, abs=1e-6)
     with pytest.raises(ValueError, match="thought_loss_weight > 0 needs after_logp"):
-        quietstar_loss(cfg, base, mixed, thought, valid)
+        quietstar_loss(cfg, step(base, mixed, thought, valid))
     with pytest.raises(ValueError, match="thought_loss_weight must be finite and >= 0"):
         QuietStarConfig(thought_loss_weight=-1.0)
 

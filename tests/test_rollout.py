@@ -171,6 +171,35 @@ def test_training_forward_uses_score_thoughts_path(monkeypatch):
     torch.testing.assert_close(out.loss, 0.5 * base + 0.5 * torch.stack(nll).mean())
 
 
+
+def test_rollout_is_built_from_the_modules_the_model_holds_now():
+    """``model.rollout`` holds the model's constants and is built on access, so a module swapped
+    in after construction (as FSDP, DeepSpeed or peft wrap the embedding or the LM) is the one
+    its passes run through."""
+    model, _ = wrap("llama")
+    rollout = model.rollout
+    assert rollout.decoder is model.lm.get_decoder() and rollout.embed is model.embedding
+    assert (rollout.start_id, rollout.end_id, rollout.ahead_tokens, rollout.pad_id) == (
+        model.start_id, model.end_id, A, model.tokenizer.pad_token_id)
+    x = random_text(2, 6, seed=5)
+    thoughts = model.sample_thoughts(x, generator=torch.Generator().manual_seed(0))
+    before = model.score_thoughts(x, thoughts)
+    calls = []
+
+    class Wrapped(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, ids):
+            calls.append(ids.shape)
+            return self.inner(ids)
+
+    model.embedding = Wrapped(model.embedding)
+    assert model.rollout.embed is model.embedding
+    after = model.score_thoughts(x, thoughts)
+    assert calls and torch.equal(after.mixed_logits, before.mixed_logits)
+
 def step_runner(family, **kw):
     """A float64 tiny model (perturbed head) and a left-padded batch: (model, x, mask, run), where
     ``run(**forward_kwargs)`` is one training forward and its gradients."""

@@ -8,6 +8,7 @@ import torch
 from conftest import FAMILIES, make_model, random_text
 from quietstar import QuietStarConfig
 from quietstar.method.selection import ThoughtRows, logits_entropy, select_positions
+from quietstar.method.targets import training_targets
 from test_rollout import (assert_close_finite, assert_same_step, mix_logits, perturb_head,
                           sequential_logits, step_runner, wrap)
 
@@ -286,11 +287,11 @@ def test_selected_training_loss_equals_its_reference():
     xs, ms = x.repeat_interleave(n, 0), mask.repeat_interleave(n, 0)
     thoughts = out.thought_ids.flatten(0, 1)
     scores = model.score_thoughts(xs, thoughts, ms)
-    targets, valid = model._targets(xs, ms, None)
+    targets, valid = training_targets(xs, ms, None, model.config.ahead_tokens)
     logp = lambda logits, t, T=1.0: torch.log_softmax(logits / T, -1).gather(-1, t[..., None])[..., 0]  # noqa: E731
     base = logp(scores.base_logits, targets[..., 0])
     mixed = logp(scores.mixed_logits, targets)
-    grid = model._score(xs, thoughts, ms)
+    grid = model.rollout.score(xs, thoughts, ms)
     thought_logp = logp(model.logits(grid.thought), thoughts, 3.0).mean(-1)
     counted = valid & thinking[..., None]
     base_nll = -base[valid[..., 0]].mean()
@@ -389,3 +390,78 @@ def test_think_equals_sample_then_score(chosen):
         model.score_thoughts(x, sampled, mask, steps=4)
     with pytest.raises(ValueError, match="think needs a thought of num_tokens >= 1"):
         model.think(x, num_tokens=0)
+
+
+# ---------------------------------------------------------------------------- inference at a fraction
+def test_next_token_candidates_are_real_positions_with_a_real_successor():
+    from quietstar.method.selection import next_token_candidates
+
+    mask = torch.tensor([[1, 1, 1, 0, 0], [0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    assert next_token_candidates(mask).tolist() == [[True, True, False, False, False],
+                                                    [False, False, True, True, False],
+                                                    [True, True, True, True, False]]
+    # what training counts as a valid next-token target when no label is ignored
+    assert next_token_candidates(mask).equal(training_targets(torch.zeros_like(mask), mask, None, 1)[1][..., 0])
+
+
+def test_think_at_a_fraction_chooses_in_its_own_rollout(monkeypatch):
+    """``thought_fraction`` chooses as training does (the top entropy share of the positions with
+    a next token), on the rollout's own text pass: no other text pass runs. Sampling alone and
+    ``choose_thought_positions`` choose the same; fixed positions then give the same thoughts
+    and scores. The default (None) is every position, whatever the config's fraction, and given
+    ``thought_positions`` win over a fraction."""
+    k, L = 2, 12
+    model, _ = wrap("llama", thought_temperature=1.5, thought_fraction=0.5)
+    perturb_head(model)
+    x = random_text(2, L, seed=5)
+    mask = torch.ones_like(x)
+    mask[1, :3] = 0  # left padding: 8 positions with a next token, against 11
+    with torch.no_grad():
+        entropy = logits_entropy(model.base_logits(x, mask))
+    candidates = torch.zeros(2, L, dtype=torch.bool)
+    candidates[0, :L - 1], candidates[1, 3:L - 1] = True, True
+    expected = select_positions(candidates, 0.5, "entropy", entropy)
+    assert expected.sum(1).tolist() == [6, 4]
+
+    calls = count_decoder_rows(model, monkeypatch)
+    thoughts, scores = model.think(x, mask, k, generator=torch.Generator().manual_seed(4), thought_fraction=0.5)
+    assert scores.thought_positions.equal(expected)
+    S = 6
+    assert [rows for rows, _ in calls] == [L, S] + [S] * (k - 1) + [(A + 1) * S]  # one text pass, then S rows
+    assert (thoughts[~expected] == model.tokenizer.pad_token_id).all()
+    chosen = model.choose_thought_positions(x, mask, 0.5)
+    assert chosen.equal(expected)
+    sampled = model.sample_thoughts(x, mask, k, generator=torch.Generator().manual_seed(4), thought_fraction=0.5)
+    assert torch.equal(sampled, thoughts)
+    fixed_thoughts, fixed = model.think(x, mask, k, generator=torch.Generator().manual_seed(4),
+                                        thought_positions=expected)
+    assert torch.equal(fixed_thoughts, thoughts)
+    for name in ("base_logits", "thought_logits", "mixed_logits", "mixing_weight", "thought_positions"):
+        assert torch.equal(getattr(fixed, name), getattr(scores, name)), name
+
+    assert model.think(x, mask, k, generator=torch.Generator().manual_seed(4))[1].thought_positions is None
+    given = some_positions(2, L, seed=3)
+    _, won = model.think(x, mask, k, thought_positions=given, thought_fraction=0.5)
+    assert won.thought_positions.equal(given & mask.bool())
+    for bad in (0.0, 1.5):
+        with pytest.raises(ValueError, match=r"thought_fraction must be in \(0, 1\]"):
+            model.sample_thoughts(x, mask, k, thought_fraction=bad)
+
+
+def test_random_choice_at_inference_follows_the_generator():
+    """``thought_selection="random"`` overrides the config's entropy: the same draws as
+    ``choose_thought_positions`` with the same seed, before any thought token is sampled."""
+    model, _ = wrap("llama", thought_temperature=0.0)
+    x = random_text(3, 12, seed=2)
+
+    def think(seed):
+        return model.think(x, num_tokens=2, generator=torch.Generator().manual_seed(seed), thought_fraction=0.4,
+                           thought_selection="random")[1].thought_positions
+
+    a, b, c = think(0), think(0), think(1)
+    assert a.equal(b) and not a.equal(c)
+    assert a.sum(1).tolist() == [round(0.4 * 11)] * 3 and not a[:, -1].any()
+    chosen = model.choose_thought_positions(x, thought_fraction=0.4, thought_selection="random",
+                                            generator=torch.Generator().manual_seed(0))
+    assert chosen.equal(a)
+    assert model.choose_thought_positions(x).equal(torch.ones_like(x, dtype=torch.bool))  # fraction 1: every one

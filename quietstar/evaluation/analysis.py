@@ -24,8 +24,9 @@ import torch
 from tqdm.auto import tqdm
 
 from quietstar.utils.batching import model_device, pad_sequences
+from quietstar.utils.modes import eval_mode
 from quietstar.evaluation.tasks import next_token_logits
-from quietstar.method.selection import logits_entropy, select_positions
+from quietstar.method.selection import check_thought_fraction
 from quietstar.evaluation.statistics import format_cell, summarize
 
 
@@ -67,15 +68,16 @@ def token_nlls(model, texts: Sequence[str], thought_tokens: int | None = None,
     (``thought_source`` "random" / "shifted": the controls of ``evaluation.thoughts_for``).
     ``thought_tokens=0`` measures the base model alone (``thinking`` is then ``base``). With
     ``thought_fraction`` < 1 only that share of each window's positions thinks, chosen as in
-    training (``thought_selection``: "entropy" of the base prediction, or "random"); the other
-    tokens' thinking NLL is their base NLL. ``think_at`` ([N] bool, in the order of the result)
-    names the tokens to think for instead: only the positions before them think, the other tokens'
-    thinking NLL is their base NLL. A thought changes only the prediction right after it, so the
-    chosen tokens' NLLs are those of thinking everywhere, at a fraction of the cost (what a metric
-    on a token subset needs). Long texts are cut into windows of ``max_length`` tokens.
+    training (``thought_selection``: "entropy" of the base prediction, or "random") by the model:
+    in the rollout that samples the thoughts (``think``), for a control's thoughts before them
+    (``choose_thought_positions``); the other tokens' thinking NLL is their base NLL. ``think_at``
+    ([N] bool, in the order of the result) names the tokens to think for instead: only the
+    positions before them think, the other tokens' thinking NLL is their base NLL. A thought
+    changes only the prediction right after it, so the chosen tokens' NLLs are those of thinking
+    everywhere, at a fraction of the cost (what a metric on a token subset needs). Long texts are
+    cut into windows of ``max_length`` tokens.
     """
-    if not 0 < thought_fraction <= 1:
-        raise ValueError(f"thought_fraction must be in (0, 1] (1 = every position thinks), got {thought_fraction}")
+    check_thought_fraction(thought_fraction)
     if think_at is not None and thought_fraction < 1:
         raise ValueError("give either thought_fraction < 1 or think_at, not both")
     K, T = model.config.thought_settings(thought_tokens, thought_temperature)
@@ -92,9 +94,7 @@ def token_nlls(model, texts: Sequence[str], thought_tokens: int | None = None,
     done = 0  # tokens of the result so far
     generator = torch.Generator(device).manual_seed(seed)
     base, thinking, document, thought = [], [], [], []
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         starts = range(0, len(windows), batch_size)
         for start in tqdm(starts, desc="token NLLs", disable=not progress, leave=False):
             batch = windows[start:start + batch_size]
@@ -102,25 +102,29 @@ def token_nlls(model, texts: Sequence[str], thought_tokens: int | None = None,
             targets = ids[:, 1:]
             valid = mask[:, 1:].bool()
             count = int(valid.sum())  # tokens of this batch in the result
-            chosen = None
-            if thought_fraction < 1 and K:  # positions with a next token; the entropy of their base prediction
-                candidates = torch.cat([valid, valid.new_zeros(len(batch), 1)], 1)
-                entropy = logits_entropy(model.base_logits(ids, mask)) if thought_selection == "entropy" else None
-                chosen = select_positions(candidates, thought_fraction, thought_selection, entropy, generator)
+            at_fraction = thought_fraction < 1 and K
+            chosen = None  # [B, L] bool: the positions that think; None: every one
+            if at_fraction and thought_source == "sampled":  # chosen in the rollout, from its text pass
+                _, scores = model.think(ids, mask, K, T, generator, steps=1, thought_fraction=thought_fraction,
+                                        thought_selection=thought_selection)
+                base_logits, mixed_logits = scores.base_logits, scores.mixed_logits[:, :, 0]
+                chosen = scores.thought_positions
+            else:
+                if at_fraction:  # a control's thoughts are made for the positions: those first
+                    chosen = model.choose_thought_positions(ids, mask, thought_fraction, thought_selection, generator)
+                elif think_at is not None and K:  # the position before each chosen token
+                    chosen = torch.zeros_like(mask, dtype=torch.bool)
+                    chosen[:, :-1][valid] = torch.from_numpy(think_at[done:done + count]).to(device)
+                base_logits, mixed_logits = next_token_logits(model, ids, mask, K, T, generator,
+                                                              thought_source, chosen)
+            if at_fraction:
                 thought.append(chosen[:, :-1][valid].cpu().numpy())
-            elif think_at is not None and K:  # the position before each chosen token
-                chosen = torch.zeros_like(mask, dtype=torch.bool)
-                chosen[:, :-1][valid] = torch.from_numpy(think_at[done:done + count]).to(device)
             done += count
-            base_logits, mixed_logits = next_token_logits(model, ids, mask, K, T, generator,
-                                                          thought_source, chosen)
             for logits, out in ((base_logits, base), (mixed_logits, thinking))[:2 if K else 1]:
                 nll = torch.nn.functional.cross_entropy(
                     logits[:, :-1].float().transpose(1, 2), targets, reduction="none")
                 out.append(nll[valid].cpu().numpy())
             document.append(np.repeat([d for d, _ in batch], valid.sum(1).cpu().numpy()))
-    finally:
-        model.train(was_training)
     base = np.concatenate(base)
     return TokenNLLs(base, np.concatenate(thinking) if K else base, np.concatenate(document),
                      np.concatenate(thought) if thought else None)

@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 
 from quietstar.evaluation.answers import first_integer, first_number, majority_vote, parse_choice, parse_gsm8k_gold
 from quietstar.utils.batching import model_device, pad_sequences
+from quietstar.utils.modes import eval_mode
 from quietstar.data.corpora import read_jsonl
 from quietstar.evaluation.statistics import format_cell, summarize
 
@@ -384,11 +385,9 @@ def evaluate(model, task: str, items: Sequence[Item], metrics: Sequence[str] = (
     K, T = model.config.thought_settings(thought_tokens, thought_temperature)
     if K < 1:
         raise ValueError(f"thought_tokens must be >= 1 (thoughts off is always measured too), got {K}")
-    was_training = model.training
-    model.eval()
     per_item = [{"id": item.id, "answer": item.answer} for item in items]
     results = {}
-    try:
+    with eval_mode(model):
         for metric in metrics:
             values = {}
             for mode, k in (("off", 0), ("on", K)):
@@ -414,8 +413,6 @@ def evaluate(model, task: str, items: Sequence[Item], metrics: Sequence[str] = (
             results[metric] = {"off": summarize(values["off"], seed=seed),
                                "on": summarize(values["on"], seed=seed),
                                "difference": summarize(values["on"] - values["off"], seed=seed)}
-    finally:
-        model.train(was_training)
     return {"task": task, "n_items": len(items), "thought_tokens": K, "thought_temperature": T,
             "seed": seed, "metrics": results, "items": per_item}
 

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from quietstar.utils.batching import model_device
+from quietstar.utils.modes import eval_mode
 
 
 @dataclass
@@ -49,14 +50,10 @@ def token_thoughts(model, text: str, thought_tokens: int | None = None,
     if L < 2:
         raise ValueError(f"the text has {L} token{'' if L == 1 else 's'}; inspecting thoughts needs "
                          "at least 2 (a token and the next one, which its thought predicts)")
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         generator = torch.Generator(device).manual_seed(seed)
         thoughts = model.sample_thoughts(ids, num_tokens=k, temperature=temperature, generator=generator)
         scores = model.score_thoughts(ids, thoughts)
-    finally:
-        model.train(was_training)
     base_logp = scores.base_logits[0].float().log_softmax(-1)     # [L, V]
     mixed_logp = scores.mixed_logits[0].float().log_softmax(-1)   # [L, A, V]
     x = ids[0]

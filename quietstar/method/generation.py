@@ -31,6 +31,7 @@ from transformers import DynamicCache
 from quietstar.method.rollout import text_positions
 from quietstar.method.sampling import sample
 from quietstar.method.selection import logits_entropy
+from quietstar.utils.modes import eval_mode
 
 
 @dataclass
@@ -189,17 +190,13 @@ def generate(
     def choose(logits: torch.Tensor) -> torch.Tensor:
         return sample(logits, temperature if do_sample else 0.0, generator, top_k, top_p)
 
-    was_training = model.training
-    model.eval()  # no dropout
-    try:
+    with eval_mode(model):  # no dropout
         decoder = _CachedDecoder(model, attention_mask, max_new_tokens + k + 2)
         thinker = (_Thinker(model, decoder, k, thought_t, generator, input_ids.device, thought_threshold)
                    if k > 0 else None)
         steps = _Steps(keep_thoughts=thinker is not None and return_thoughts, keep_logits=output_logits)
         _run_steps(model, decoder, thinker, input_ids, attention_mask, max_new_tokens, choose, eos, pad,
                    streamer, show_thoughts, steps)
-    finally:
-        model.train(was_training)
     return _outputs(model, input_ids, steps, k, return_thoughts, output_logits)
 
 

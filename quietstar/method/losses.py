@@ -1,4 +1,5 @@
-"""The Quiet-STaR objective from log-likelihoods (computed by ``vocab.VocabHead``)."""
+"""The Quiet-STaR objective from log-likelihoods (``targets.StepLogprobs``, computed by
+``vocab.VocabHead``)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from quietstar.method.config import QuietStarConfig
+from quietstar.method.targets import StepLogprobs
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -17,16 +19,8 @@ def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (values * mask).sum() / mask.sum().clamp(min=1)
 
 
-def quietstar_loss(
-    config: QuietStarConfig,
-    base_logp: torch.Tensor,
-    mixed_logp: torch.Tensor,
-    thought_logp: torch.Tensor,
-    target_valid: torch.Tensor,
-    after_logp: torch.Tensor | None = None,
-    ema_base_logp: torch.Tensor | None = None,
-    thought_valid: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def quietstar_loss(config: QuietStarConfig, logp: StepLogprobs,
+                   ema_base_logp: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The objective for n = ``config.thoughts_per_position`` thoughts per position: returns the
     loss and a dict of detached scalar metrics (what the training log, the progress bar and the
     held-out evaluation reduce, by key):
@@ -48,20 +42,17 @@ def quietstar_loss(
                                   learns from (0 when they all score alike)
         thought_gain              mean over positions of sum_s [log p_mix - log p_base]: > 0 = thoughts help
 
-    Rows are grouped as [B*n] with the n thoughts of a text adjacent. Shapes:
-    base_logp [B*n, L] (log p_base(x_{i+1}) at position i), mixed_logp [B*n, L, A],
-    thought_logp [B*n, L, k] (thought tokens at the REINFORCE temperature),
-    target_valid [B*n, L, A] (x_{i+1+s} exists and is not ignored); with
-    ``reward_source="thought"`` or ``thought_loss_weight > 0`` after_logp [B*n, L, A] (the
-    post-thought prediction before mixing), with ``reward_baseline="ema_base"`` ema_base_logp
-    [B*n, L] (as base_logp, from the EMA copy of the LM). ``thought_valid`` [B*n, L, A] (default
-    ``target_valid``): where the mixed NLL, the thought NLL, the rewards and REINFORCE count, i.e.
+    Rows are grouped as [B*n] with the n thoughts of a text adjacent. Of ``logp``: base
+    [B*n, L] (log p_base(x_{i+1}) at position i), mixed [B*n, L, A], thought [B*n, L, k]
+    (thought tokens at the REINFORCE temperature), target_valid [B*n, L, A] (x_{i+1+s} exists
+    and is not ignored); with ``reward_source="thought"`` or ``thought_loss_weight > 0`` after
+    [B*n, L, A] (the post-thought prediction before mixing). thought_valid [B*n, L, A] (None:
+    target_valid): where the mixed NLL, the thought NLL, the rewards and REINFORCE count, i.e.
     at the positions that thought (``thought_fraction``); the other entries of mixed, thought and
-    after log-probs are ignored.
+    after are ignored. With ``reward_baseline="ema_base"``, ``ema_base_logp`` [B*n, L] (as base,
+    from the EMA copy of the LM, not from the rollout). ``row_valid`` is not read.
     """
-    nll_term, policy_term, metrics = quietstar_loss_terms(config, base_logp, mixed_logp, thought_logp,
-                                                          target_valid, after_logp, ema_base_logp,
-                                                          thought_valid)
+    nll_term, policy_term, metrics = quietstar_loss_terms(config, logp, ema_base_logp)
     return nll_term + policy_term, metrics
 
 
@@ -75,16 +66,17 @@ def _ahead(logp: torch.Tensor, A: int) -> torch.Tensor:
     return torch.stack([F.pad(logp[:, s:], (0, s)) for s in range(A)], dim=-1)
 
 
-def quietstar_loss_terms(config, base_logp, mixed_logp, thought_logp, target_valid,
-                         after_logp=None, ema_base_logp=None, thought_valid=None):
+def quietstar_loss_terms(config: QuietStarConfig, logp: StepLogprobs, ema_base_logp: torch.Tensor | None = None):
     """``quietstar_loss`` as (weighted NLL terms, weighted REINFORCE term, metrics), for a
     caller that treats the two gradients apart (``TrainConfig.policy_max_grad_norm``)."""
+    base_logp, mixed_logp, thought_logp, after_logp = logp.base, logp.mixed, logp.thought, logp.after
+    target_valid = logp.target_valid
     n = config.thoughts_per_position
     A = mixed_logp.shape[-1]
     L = base_logp.shape[1]
 
     base_nll = _masked_mean(-base_logp, target_valid[..., 0])
-    thought_valid = target_valid if thought_valid is None else thought_valid  # where thoughts count
+    thought_valid = target_valid if logp.thought_valid is None else logp.thought_valid  # where thoughts count
     mixed_nll = _step_nlls(mixed_logp, thought_valid)
 
     # Rewards are log-likelihoods of the same A true tokens, summed, with no gradient.

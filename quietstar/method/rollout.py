@@ -12,13 +12,14 @@ With position selection (``select`` / ``rows``, see ``quietstar.method.selection
 over all L tokens and every later pass over the S selected positions' rows only: pass p's block
 then has S tokens, row r that of position i = rows.index[b, r], at position id pos_i + p.
 
-Two ways to run it, equal to float tolerance:
+A ``Rollout`` holds what the passes need of the model and does not change between calls (the
+model builds one, ``QuietStarForCausalLM.rollout``). Two ways to run it, equal to float tolerance:
 
-- ``sample_and_score`` (training): the passes run with gradients while the thought is sampled,
-  one call per thought token (text and START share the first call, the A + 1 passes after the
-  last sampled token share the last), every layer's keys kept per pass in the layout's key
-  store. Each pass is computed once, as in F plain forward passes.
-- ``sample_thoughts`` + ``score_grid``: sample without gradients, then score all F = k + A + 2
+- ``Rollout.sample_and_score`` (training): the passes run with gradients while the thought is
+  sampled, one call per thought token (text and START share the first call, the A + 1 passes
+  after the last sampled token share the last), every layer's keys kept per pass in the
+  layout's key store. Each pass is computed once, as in F plain forward passes.
+- ``Rollout.sample`` + ``Rollout.score``: sample without gradients, then score all F = k + A + 2
   passes as ONE forward over an [F*L]-token sequence. Fixed thoughts (``score_thoughts``) need
   only the second half; activation checkpointing needs a single forward to recompute.
 """
@@ -29,8 +30,11 @@ from dataclasses import dataclass
 
 import torch
 
+from torch import nn
+
 from quietstar.method.attention import ThoughtLayout
 from quietstar.method.selection import ThoughtRows
+from quietstar.method.vocab import VocabHead
 
 
 @dataclass
@@ -92,116 +96,118 @@ class _Passes:
         return text_hidden, rest
 
 
-def _sample_passes(run: _Passes, head, input_ids, start_id: int, num_tokens: int, temperature: float,
-                   generator, logprob_temperature: float | None = None, select=None):
-    """Runs passes 0..k (text, START, t_1..t_{k-1}) and samples t_j from pass j's output with
-    ``head`` (a ``vocab.VocabHead``).
+@dataclass(frozen=True)
+class Rollout:
+    """The thought rollout of a model: its decoder (token vectors -> final hidden states), its
+    embedding (meta tokens included), its LM head (samples the thought tokens, gives the entropy
+    that chooses where to think), the START / END ids, A (``ahead_tokens``) and the pad id.
 
-    ``select`` (the text's final hidden states [B, L, d] -> ThoughtRows) picks the thinking
-    positions once the text pass has run; without it (and without ``run.rows``) all L think and
-    the text shares its call with START. Returns the thoughts [B, W, k], the text's hidden states
-    [B, L, d], those of passes 1..k ([B, W, d] each) and, with ``logprob_temperature``, the
-    thought tokens' log-probabilities at that temperature [B, W, k] (with gradients; from the
-    chunks of logits they were sampled from), else None."""
-    B, L = input_ids.shape
-    if select is None and run.rows is None and num_tokens > 0:
-        base, first = run(torch.full_like(input_ids, start_id)[:, None], text=input_ids)
-    else:
-        base, _ = run(None, text=input_ids)
-        if select is not None:
-            run.rows = select(base)
-        W = L if run.rows is None else run.rows.index.shape[1]
-        if num_tokens == 0:
-            return input_ids.new_zeros(B, W, 0), base, [], None
-        first = run(input_ids.new_full((B, 1, W), start_id))[1]
-    hidden = [first[:, 0]]
-    tokens, logps = [], []
-    for j in range(1, num_tokens + 1):
-        token, logp = head.sample(hidden[j - 1], temperature, generator, logprob_temperature)  # [B, W]
-        tokens.append(token)
-        logps.append(logp)
-        if j < num_tokens:
-            hidden.append(run(token[:, None])[1][:, 0])
-    thought_logp = torch.stack(logps, dim=-1) if logprob_temperature is not None else None
-    return torch.stack(tokens, dim=-1), base, hidden, thought_logp
-
-
-@torch.no_grad()
-def sample_thoughts(
-    decoder,
-    embed,
-    head,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    start_id: int,
-    num_tokens: int,
-    temperature: float,
-    generator: torch.Generator | None = None,
-    select=None,
-) -> tuple[torch.Tensor, ThoughtRows | None]:
-    """Samples a k-token thought after every position, or after those ``select`` picks (see
-    ``_sample_passes``): returns (ids [B, W, k], the W rows' ThoughtRows or None for all L).
-
-    ``head`` (a ``vocab.VocabHead``) must mask the meta tokens, so they are never sampled inside
-    a thought. The text's keys/values are computed once and every pass adds one key per thinking
-    position.
+    ``select`` (of ``sample`` and ``sample_and_score``: the text's final hidden states [B, L, d]
+    -> ThoughtRows, see ``selection.thought_rows_chooser``) picks the thinking positions once
+    the text pass has run; without it all L think.
     """
-    run = _Passes(decoder, embed, attention_mask, keep_keys=True)
-    thoughts = _sample_passes(run, head, input_ids, start_id, num_tokens, temperature, generator,
-                              select=select)[0]
-    return thoughts, run.rows
 
+    decoder: nn.Module
+    embed: nn.Module
+    head: VocabHead
+    start_id: int
+    end_id: int
+    ahead_tokens: int
+    pad_id: int
 
-def sample_and_score(decoder, embed, head, input_ids, attention_mask, start_id: int, end_id: int,
-                     num_tokens: int, ahead_tokens: int, temperature: float, pad_id: int,
-                     generator: torch.Generator | None = None, logprob_temperature: float | None = 1.0,
-                     select=None):
-    """Samples thoughts and scores them in the same passes, with gradients; at every position,
-    or at those ``select`` picks after the text pass (see ``_sample_passes``).
+    @torch.no_grad()
+    def sample(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, num_tokens: int,
+               temperature: float, generator: torch.Generator | None = None,
+               select=None) -> tuple[torch.Tensor, ThoughtRows | None]:
+        """Samples a k-token thought (k = ``num_tokens``) after every position, or after those
+        ``select`` picks: returns (ids [B, W, k], the W rows' ThoughtRows or None for all L).
 
-    Returns (thoughts [B, W, k], GridHidden, the thought tokens' log-probabilities at
-    ``logprob_temperature`` [B, W, k], or None without it): the REINFORCE log-probabilities
-    come from the chunks of logits the tokens were sampled from, so no [tokens x V] tensor is
-    kept for them.
-    Not under activation checkpointing: recomputing a call would store its keys twice.
-    """
-    k = num_tokens
-    run = _Passes(decoder, embed, attention_mask, keep_keys=True)
-    thoughts, base, hidden, thought_logp = _sample_passes(run, head, input_ids, start_id, k, temperature,
-                                                          generator, logprob_temperature, select)
-    ids = thought_pass_ids(input_ids, thoughts, start_id, end_id, ahead_tokens, pad_id, run.rows)
-    rest = run(ids[:, k:])[1]  # t_k, END and the teacher-forced tokens: [B, A + 1, W, d]
-    grid = GridHidden(base=base, thought=torch.stack(hidden, dim=2), after=rest[:, 1:].transpose(1, 2),
-                      rows=run.rows)
-    return thoughts, grid, thought_logp
+        The head masks the meta tokens, so they are never sampled inside a thought. The text's
+        keys/values are computed once and every pass adds one key per thinking position.
+        """
+        run = _Passes(self.decoder, self.embed, attention_mask, keep_keys=True)
+        thoughts = self._sample_passes(run, input_ids, num_tokens, temperature, generator, None, select)[0]
+        return thoughts, run.rows
 
+    def sample_and_score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, num_tokens: int,
+                         temperature: float, generator: torch.Generator | None = None,
+                         logprob_temperature: float | None = 1.0, select=None):
+        """Samples thoughts and scores them in the same passes, with gradients; at every position,
+        or at those ``select`` picks after the text pass.
 
-def thought_pass_ids(input_ids: torch.Tensor, thought_ids: torch.Tensor, start_id: int, end_id: int,
-                     ahead_tokens: int, pad_id: int, rows: ThoughtRows | None = None) -> torch.Tensor:
-    """The [B, F - 1, W] input ids of passes 1..F-1 (see the module docstring) for thoughts
-    ``thought_ids`` [B, W, k] at every position (W = L) or at ``rows``."""
-    B, L = input_ids.shape
-    W = thought_ids.shape[1]
-    passes = [input_ids.new_full((B, W), start_id)]
-    passes += list(thought_ids.unbind(-1))
-    passes.append(input_ids.new_full((B, W), end_id))
-    for s in range(1, ahead_tokens):
-        # Teacher-forced x_{i+s}; beyond the text a pad token, whose predictions are masked out.
-        shifted = torch.cat([input_ids[:, s:], input_ids.new_full((B, min(s, L)), pad_id)], 1)[:, :L]
-        passes.append(shifted if rows is None else rows.gather(shifted))
-    return torch.stack(passes, dim=1)
+        Returns (thoughts [B, W, k], GridHidden, the thought tokens' log-probabilities at
+        ``logprob_temperature`` [B, W, k], or None without it): the REINFORCE log-probabilities
+        come from the chunks of logits the tokens were sampled from, so no [tokens x V] tensor is
+        kept for them.
+        Not under activation checkpointing: recomputing a call would store its keys twice.
+        """
+        k = num_tokens
+        run = _Passes(self.decoder, self.embed, attention_mask, keep_keys=True)
+        thoughts, base, hidden, thought_logp = self._sample_passes(run, input_ids, k, temperature, generator,
+                                                                   logprob_temperature, select)
+        ids = self.pass_ids(input_ids, thoughts, run.rows)
+        rest = run(ids[:, k:])[1]  # t_k, END and the teacher-forced tokens: [B, A + 1, W, d]
+        grid = GridHidden(base=base, thought=torch.stack(hidden, dim=2), after=rest[:, 1:].transpose(1, 2),
+                          rows=run.rows)
+        return thoughts, grid, thought_logp
 
+    def score(self, input_ids: torch.Tensor, thought_ids: torch.Tensor, attention_mask: torch.Tensor,
+              rows: ThoughtRows | None = None) -> GridHidden:
+        """All F passes as one forward with gradients, for thoughts ``thought_ids`` [B, W, k] at
+        every position or at ``rows``: returns the hidden states that matter."""
+        k = thought_ids.shape[-1]
+        ids = self.pass_ids(input_ids, thought_ids, rows)
+        base, hidden = _Passes(self.decoder, self.embed, attention_mask, keep_keys=False, rows=rows)(
+            ids, text=input_ids)
+        return GridHidden(
+            base=base,
+            thought=hidden[:, :k].transpose(1, 2),
+            after=hidden[:, k + 1:k + 1 + self.ahead_tokens].transpose(1, 2),
+            rows=rows,
+        )
 
-def score_grid(decoder, embed, input_ids, thought_ids, attention_mask, start_id, end_id,
-               ahead_tokens: int, pad_id: int, rows: ThoughtRows | None = None) -> GridHidden:
-    """All F passes as one forward with gradients, for thoughts ``thought_ids`` [B, W, k] at
-    every position or at ``rows``: returns the hidden states that matter."""
-    k = thought_ids.shape[-1]
-    ids = thought_pass_ids(input_ids, thought_ids, start_id, end_id, ahead_tokens, pad_id, rows)
-    base, hidden = _Passes(decoder, embed, attention_mask, keep_keys=False, rows=rows)(ids, text=input_ids)
-    return GridHidden(
-        base=base,
-        thought=hidden[:, :k].transpose(1, 2),
-        after=hidden[:, k + 1:k + 1 + ahead_tokens].transpose(1, 2),
-        rows=rows,
-    )
+    def pass_ids(self, input_ids: torch.Tensor, thought_ids: torch.Tensor,
+                 rows: ThoughtRows | None = None) -> torch.Tensor:
+        """The [B, F - 1, W] input ids of passes 1..F-1 (see the module docstring) for thoughts
+        ``thought_ids`` [B, W, k] at every position (W = L) or at ``rows``."""
+        B, L = input_ids.shape
+        W = thought_ids.shape[1]
+        passes = [input_ids.new_full((B, W), self.start_id)]
+        passes += list(thought_ids.unbind(-1))
+        passes.append(input_ids.new_full((B, W), self.end_id))
+        for s in range(1, self.ahead_tokens):
+            # Teacher-forced x_{i+s}; beyond the text a pad token, whose predictions are masked out.
+            shifted = torch.cat([input_ids[:, s:], input_ids.new_full((B, min(s, L)), self.pad_id)], 1)[:, :L]
+            passes.append(shifted if rows is None else rows.gather(shifted))
+        return torch.stack(passes, dim=1)
+
+    def _sample_passes(self, run: _Passes, input_ids, num_tokens: int, temperature: float, generator,
+                       logprob_temperature: float | None, select):
+        """Runs passes 0..k (text, START, t_1..t_{k-1}) and samples t_j from pass j's output.
+
+        Without ``select`` (and without ``run.rows``) the text shares its call with START.
+        Returns the thoughts [B, W, k], the text's hidden states [B, L, d], those of passes 1..k
+        ([B, W, d] each) and, with ``logprob_temperature``, the thought tokens' log-probabilities
+        at that temperature [B, W, k] (with gradients; from the chunks of logits they were
+        sampled from), else None."""
+        B, L = input_ids.shape
+        if select is None and run.rows is None and num_tokens > 0:
+            base, first = run(torch.full_like(input_ids, self.start_id)[:, None], text=input_ids)
+        else:
+            base, _ = run(None, text=input_ids)
+            if select is not None:
+                run.rows = select(base)
+            W = L if run.rows is None else run.rows.index.shape[1]
+            if num_tokens == 0:
+                return input_ids.new_zeros(B, W, 0), base, [], None
+            first = run(input_ids.new_full((B, 1, W), self.start_id))[1]
+        hidden = [first[:, 0]]
+        tokens, logps = [], []
+        for j in range(1, num_tokens + 1):
+            token, logp = self.head.sample(hidden[j - 1], temperature, generator, logprob_temperature)  # [B, W]
+            tokens.append(token)
+            logps.append(logp)
+            if j < num_tokens:
+                hidden.append(run(token[:, None])[1][:, 0])
+        thought_logp = torch.stack(logps, dim=-1) if logprob_temperature is not None else None
+        return torch.stack(tokens, dim=-1), base, hidden, thought_logp

@@ -4,6 +4,9 @@ The paper's finding is that thoughts help the difficult tokens most, so a rollou
 chosen share of the positions only (``QuietStarConfig.thought_fraction``). The text pass still
 runs over all L tokens; every later pass runs over the S selected positions' rows alone, each
 row attending to its own text prefix and its own thought (``ThoughtRows`` is the bookkeeping).
+The one place that chooses: training (``thought_rows_chooser``, over the positions with a target)
+and inference (``inference_chooser``, over the positions with a next token) both call
+``select_positions`` on the entropy of the rollout's own text pass.
 """
 
 from __future__ import annotations
@@ -20,6 +23,19 @@ def logits_entropy(logits: torch.Tensor) -> torch.Tensor:
     """Entropy (nats) of softmax(logits) [..., V] -> [...]; -inf logits (the meta tokens) have
     probability 0 and add nothing."""
     return torch.special.entr(logits.float().softmax(-1)).sum(-1)
+
+
+def next_token_candidates(attention_mask: torch.Tensor) -> torch.Tensor:
+    """[B, L] bool: the real positions whose next token is real too, the ones a thought there
+    helps predict (what training's targets count as valid when nothing is ignored)."""
+    real = attention_mask.bool()
+    return real & torch.cat([real[:, 1:], torch.zeros_like(real[:, :1])], 1)
+
+
+def check_thought_fraction(fraction) -> None:
+    """Refuses a thought fraction outside (0, 1]."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"thought_fraction must be in (0, 1] (1 = every position thinks), got {fraction}")
 
 
 def select_positions(candidates: torch.Tensor, fraction: float, how: str,
@@ -120,3 +136,20 @@ def thought_rows_chooser(entropy_fn, candidates: torch.Tensor, thought_positions
         chosen = select_positions(candidates, fraction, how, entropy, generator)
         return ThoughtRows.from_mask(chosen).repeat_interleave(n)
     return choose
+
+
+def inference_chooser(entropy_fn, attention_mask: torch.Tensor, thought_positions: torch.Tensor | None,
+                      fraction: float | None, how: str, generator: torch.Generator | None):
+    """How an inference rollout (``think``, ``sample_thoughts``) picks the positions that think:
+    None when all do (no ``thought_positions``; ``fraction`` None or 1), else a function of the
+    text pass's final hidden states [B, L, d] -> ThoughtRows. Given ``thought_positions`` [B, L]
+    win (where the text is real); else ``fraction`` of the ``next_token_candidates`` by ``how``,
+    through ``thought_rows_chooser`` as in training."""
+    if fraction is not None:
+        check_thought_fraction(fraction)
+    if thought_positions is not None:
+        rows = ThoughtRows.from_mask(thought_positions & attention_mask.bool())
+        return lambda hidden: rows
+    if fraction is None:
+        return None
+    return thought_rows_chooser(entropy_fn, next_token_candidates(attention_mask), None, 1, fraction, how, generator)

@@ -43,14 +43,16 @@ def training_targets(input_ids, attention_mask, labels, ahead_tokens: int):
 
 @dataclass
 class StepLogprobs:
-    """The log-likelihoods ``losses.quietstar_loss_terms`` takes, at every position [B*n, L, ...]."""
+    """The log-likelihoods ``losses.quietstar_loss_terms`` takes, and where they count, at every
+    position [B*n, L, ...] (rows grouped as [B*n], the n thoughts of a text adjacent)."""
 
     base: torch.Tensor                   # [B*n, L]     log p_base(x_{i+1})
     mixed: torch.Tensor                  # [B*n, L, A]  log p_mix(x_{i+1+s}) (0 where no thought)
     thought: torch.Tensor                # [B*n, L, k]  the thought tokens, REINFORCE temperature
-    after: torch.Tensor | None           # [B*n, L, A]  post-thought, unmixed (when needed)
-    thought_valid: torch.Tensor | None   # [B*n, L, A]  where thoughts count; None: every valid target
-    row_valid: torch.Tensor              # [B*n, W, A]  the thought rows' valid targets
+    target_valid: torch.Tensor           # [B*n, L, A]  x_{i+1+s} exists and is not ignored
+    row_valid: torch.Tensor              # [B*n, W, A]  the thought rows' valid targets (all L: target_valid)
+    after: torch.Tensor | None = None    # [B*n, L, A]  post-thought, unmixed (when needed)
+    thought_valid: torch.Tensor | None = None  # [B*n, L, A]  where thoughts count; None: every valid target
 
 
 def step_logprobs(config: QuietStarConfig, head: VocabHead, grid: GridHidden, mixed: torch.Tensor,
@@ -75,8 +77,9 @@ def step_logprobs(config: QuietStarConfig, head: VocabHead, grid: GridHidden, mi
         with torch.set_grad_enabled(torch.is_grad_enabled() and config.thought_loss_weight > 0):
             after = head.logprobs(grid.after, row_targets)
     if rows is None:
-        return StepLogprobs(base, mixed_logp, thought_logp, after, None, valid)
+        return StepLogprobs(base, mixed_logp, thought_logp, valid, valid, after)
     # back to [B*n, L, ...]; positions without a thought count in the base NLL only
-    return StepLogprobs(base, rows.scatter(mixed_logp, L), rows.scatter(thought_logp, L),
-                        None if after is None else rows.scatter(after, L),
-                        valid & rows.mask(L)[..., None], rows.gather(valid) & rows.valid[..., None])
+    return StepLogprobs(base, rows.scatter(mixed_logp, L), rows.scatter(thought_logp, L), valid,
+                        rows.gather(valid) & rows.valid[..., None],
+                        after=None if after is None else rows.scatter(after, L),
+                        thought_valid=valid & rows.mask(L)[..., None])

@@ -17,10 +17,11 @@ from quietstar.method.losses import NonFiniteLossError, quietstar_loss_terms
 from quietstar.method.meta_tokens import MetaTokenEmbedding, add_meta_tokens
 from quietstar.method.mixing import MixingHead
 from quietstar.models.model_card import TrainingFacts
-from quietstar.method.rollout import GridHidden, sample_and_score, sample_thoughts, score_grid, text_positions
-from quietstar.method.selection import ThoughtRows, check_thought_positions, thought_rows_chooser
+from quietstar.method.rollout import GridHidden, Rollout, text_positions
+from quietstar.method.selection import ThoughtRows, check_thought_positions, inference_chooser, thought_rows_chooser
 from quietstar.method.targets import step_logprobs, training_targets
 from quietstar.method.vocab import VocabHead
+from quietstar.utils.modes import eval_mode
 
 
 @dataclass
@@ -131,6 +132,12 @@ class QuietStarForCausalLM(nn.Module):
     def decoder(self):
         return self.lm.get_decoder()
 
+    @property
+    def rollout(self) -> Rollout:
+        """The rollout of the current decoder, embedding and head: built on access, as FSDP or peft may wrap them."""
+        return Rollout(self.decoder, self.embedding, self.vocab_head(), self.start_id, self.end_id,
+                       self.config.ahead_tokens, self.tokenizer.pad_token_id)
+
     def vocab_head(self, lm=None) -> VocabHead:
         """The LM head of ``lm`` (default the model's own LM) as the loss and the sampler use it:
         the meta tokens are never predicted; ``config.loss_chunk_tokens`` rows at a time."""
@@ -187,10 +194,6 @@ class QuietStarForCausalLM(nn.Module):
                              "thoughts are inserted by the model")
         return attention_mask
 
-    def _targets(self, input_ids, attention_mask, labels):
-        """The training targets: (target ids, target valid), both [B, L, A]: x_{i+1+s}."""
-        return training_targets(input_ids, attention_mask, labels, self.config.ahead_tokens)
-
     def _mix(self, grid: GridHidden) -> tuple[torch.Tensor, torch.Tensor]:
         """Mixed hidden states [B, W, A, d] and weights [B, W, A] of the W thought rows; step s
         pairs the post-thought state of position i with the base state of position i+s (both
@@ -205,11 +208,6 @@ class QuietStarForCausalLM(nn.Module):
             idx = (grid.rows.index[:, :, None] + ahead).clamp(max=L - 1)  # [B, S, A]
             base = grid.base[torch.arange(B, device=idx.device)[:, None, None], idx]  # [B, S, A, d]
         return self.mixing_head(base, grid.after)
-
-    def _score(self, input_ids, thought_ids, attention_mask, rows: ThoughtRows | None = None) -> GridHidden:
-        return score_grid(self.decoder, self.embedding, input_ids, thought_ids, attention_mask,
-                          self.start_id, self.end_id, self.config.ahead_tokens,
-                          self.tokenizer.pad_token_id, rows)
 
     # ------------------------------------------------------------------ public computations
     def base_logits(self, input_ids, attention_mask=None) -> torch.Tensor:
@@ -245,15 +243,16 @@ class QuietStarForCausalLM(nn.Module):
         if thought_positions is not None:
             rows = ThoughtRows.from_mask(thought_positions & attention_mask.bool())
             thought_ids = rows.gather(thought_ids)
-        return self._thought_scores(self._score(input_ids, thought_ids, attention_mask, rows), steps)
+        return self._thought_scores(self.rollout.score(input_ids, thought_ids, attention_mask, rows), steps)
 
     @torch.no_grad()
     def think(self, input_ids, attention_mask=None, num_tokens=None, temperature=None, generator=None,
-              thought_positions=None, steps: int | None = None) -> tuple[torch.Tensor, ThoughtScores]:
+              thought_positions=None, steps: int | None = None, *, thought_fraction: float | None = None,
+              thought_selection: str | None = None) -> tuple[torch.Tensor, ThoughtScores]:
         """``sample_thoughts`` and ``score_thoughts`` of those thoughts in one rollout, without
-        gradients or dropout: the text pass runs once and the scoring passes continue the sampling
-        passes. Returns (thoughts [B, L, k], ThoughtScores), equal to the two calls' with the same
-        generator; the arguments are theirs (k = ``num_tokens`` >= 1)."""
+        gradients or dropout: the text pass runs once (``thought_fraction`` chooses on it) and the
+        scoring passes continue the sampling passes. Returns (thoughts [B, L, k], ThoughtScores),
+        equal to the two calls' with the same generator; the arguments are theirs (k = ``num_tokens`` >= 1)."""
         attention_mask = self._check_text(input_ids, attention_mask)
         check_thought_positions(thought_positions, input_ids)
         steps = self._check_steps(steps)
@@ -262,19 +261,11 @@ class QuietStarForCausalLM(nn.Module):
             raise ValueError(f"think needs a thought of num_tokens >= 1, got {k}; k = 0 is base_logits")
         L = input_ids.shape[1]
         self.check_rollout_positions(L, f"thinking on {L} tokens", k)
-        select = None
-        if thought_positions is not None:
-            rows = ThoughtRows.from_mask(thought_positions & attention_mask.bool())
-            select = lambda hidden: rows  # noqa: E731
-        was_training = self.lm.training
-        self.lm.eval()
-        try:
-            thoughts, grid, _ = sample_and_score(
-                self.decoder, self.embedding, self.vocab_head(), input_ids, attention_mask, self.start_id,
-                self.end_id, k, self.config.ahead_tokens, temperature, self.tokenizer.pad_token_id,
-                generator, logprob_temperature=None, select=select)
-        finally:
-            self.lm.train(was_training)
+        select = self._select(attention_mask, thought_positions, thought_fraction, thought_selection, generator)
+        with eval_mode(self.lm):
+            thoughts, grid, _ = self.rollout.sample_and_score(
+                input_ids, attention_mask, num_tokens=k, temperature=temperature, generator=generator,
+                logprob_temperature=None, select=select)
         if grid.rows is not None:
             thoughts = grid.rows.scatter(thoughts, L, self.tokenizer.pad_token_id)
         return thoughts, self._thought_scores(grid, steps)
@@ -306,31 +297,47 @@ class QuietStarForCausalLM(nn.Module):
                              rows.put(mixed_logits, ahead), rows.mask(L))
 
     def sample_thoughts(self, input_ids, attention_mask=None, num_tokens=None, temperature=None,
-                        generator=None, thought_positions=None) -> torch.Tensor:
+                        generator=None, thought_positions=None, *, thought_fraction: float | None = None,
+                        thought_selection: str | None = None) -> torch.Tensor:
         """Samples one thought after every position, or only at ``thought_positions`` [B, L] bool
         (the pad id elsewhere): [B, L, k] inner token ids (k = ``num_tokens``, default the
-        config's; ``temperature`` likewise, 0 = greedy)."""
+        config's; ``temperature`` likewise, 0 = greedy). Or at a ``thought_fraction`` in (0, 1] of
+        each row's positions with a next token, chosen as in training by ``thought_selection``
+        (default the config's): "entropy" of the rollout's own text pass, or "random" from
+        ``generator``; None (default): every position, whatever the config's fraction. Given
+        ``thought_positions`` win."""
         attention_mask = self._check_text(input_ids, attention_mask)
         check_thought_positions(thought_positions, input_ids)
-        select = None
-        if thought_positions is not None:
-            rows = ThoughtRows.from_mask(thought_positions & attention_mask.bool())
-            select = lambda hidden: rows  # noqa: E731
+        select = self._select(attention_mask, thought_positions, thought_fraction, thought_selection, generator)
         thoughts, rows = self._sample(input_ids, attention_mask, num_tokens, temperature, generator, select)
         return thoughts if rows is None else rows.scatter(thoughts, input_ids.shape[1], self.tokenizer.pad_token_id)
 
+    @torch.no_grad()
+    def choose_thought_positions(self, input_ids, attention_mask=None, thought_fraction: float = 1.0,
+                                 thought_selection: str | None = None, generator=None) -> torch.Tensor:
+        """[B, L] bool: where ``sample_thoughts`` / ``think`` at ``thought_fraction`` would think (the
+        same text pass and draws from ``generator``; fraction 1: every real position), from the text
+        pass alone: for thoughts made elsewhere (controls), as ``score_thoughts``' thought_positions."""
+        attention_mask = self._check_text(input_ids, attention_mask)
+        select = self._select(attention_mask, None, thought_fraction, thought_selection, generator)
+        if select is None:
+            return attention_mask.bool()
+        return self._sample(input_ids, attention_mask, 0, 0.0, select=select)[1].mask(input_ids.shape[1])
+
+    def _select(self, attention_mask, thought_positions, thought_fraction, thought_selection, generator):
+        """``selection.inference_chooser`` with this model's entropy and, unless given, selection."""
+        how = self.config.thought_selection if thought_selection is None else thought_selection
+        return inference_chooser(self.vocab_head().entropy, attention_mask, thought_positions, thought_fraction,
+                                 how, generator)
+
     def _sample(self, input_ids, attention_mask, num_tokens=None, temperature=None, generator=None,
                 select=None) -> tuple[torch.Tensor, ThoughtRows | None]:
-        """``rollout.sample_thoughts`` without dropout: (thoughts [B, W, k], their rows or None)."""
+        """``Rollout.sample`` without dropout (k, temperature: the config's unless given)."""
         k, temperature = self.config.thought_settings(num_tokens, temperature)
         self.check_positions(input_ids.shape[1] + k, f"sampling thoughts on {input_ids.shape[1]} tokens")
-        was_training = self.lm.training
-        self.lm.eval()  # sampled without dropout, as the model predicts at inference
-        try:
-            return sample_thoughts(self.decoder, self.embedding, self.vocab_head(), input_ids,
-                                   attention_mask, self.start_id, k, temperature, generator, select)
-        finally:
-            self.lm.train(was_training)
+        with eval_mode(self.lm):  # sampled without dropout, as the model predicts at inference
+            return self.rollout.sample(input_ids, attention_mask, num_tokens=k, temperature=temperature,
+                                       generator=generator, select=select)
 
     def forward(self, input_ids, attention_mask=None, labels=None, generator=None,
                 check_finite: bool = True, thought_ids=None, thought_positions=None) -> QuietStarOutput:
@@ -347,7 +354,7 @@ class QuietStarForCausalLM(nn.Module):
         n = cfg.thoughts_per_position
         attention_mask = self._check_text(input_ids, attention_mask)
         check_thought_positions(thought_positions, input_ids)
-        targets, valid = self._targets(input_ids, attention_mask, labels)
+        targets, valid = training_targets(input_ids, attention_mask, labels, cfg.ahead_tokens)
         L = input_ids.shape[1]
         self.check_rollout_positions(L, f"a training step on {L} tokens",
                                      None if thought_ids is None else thought_ids.shape[-1])
@@ -357,7 +364,8 @@ class QuietStarForCausalLM(nn.Module):
         if thought_ids is not None and thought_positions is None and cfg.thought_fraction < 1:
             raise ValueError("replaying thought_ids with thought_fraction < 1 needs the positions they "
                              "were sampled at: pass the earlier output's thought_positions too")
-        head = self.vocab_head()  # every vocabulary-sized product, chunked (see vocab.py)
+        rollout = self.rollout
+        head = rollout.head  # every vocabulary-sized product, chunked (see vocab.py)
         select = thought_rows_chooser(head.entropy, valid[..., 0], thought_positions, n, cfg.thought_fraction,
                                       cfg.thought_selection, generator)
         # The n thoughts of a text are adjacent rows: [B*n, ...].
@@ -365,16 +373,15 @@ class QuietStarForCausalLM(nn.Module):
         targets, valid = targets.repeat_interleave(n, 0), valid.repeat_interleave(n, 0)
 
         # 1. sample and score the thoughts (at the W rows that think: every position, or S chosen).
-        thoughts, grid, thought_logp = self._rollout(input_ids, attention_mask, generator, thought_ids,
-                                                     select, head)
+        thoughts, grid, thought_logp = self._training_rollout(rollout, input_ids, attention_mask, generator,
+                                                              thought_ids, select)
         # 2. mix each post-thought state with the base state that predicts the same token.
         mixed, w = self._mix(grid)
         # 3. log-likelihoods: base next token, mixed A tokens, thought tokens (REINFORCE temperature).
         logp = step_logprobs(cfg, head, grid, mixed, thoughts, thought_logp, targets, valid)
 
         # 4. the objective: NLLs and REINFORCE; detached metrics beside it.
-        nll_term, policy_term, metrics = quietstar_loss_terms(cfg, logp.base, logp.mixed, logp.thought, valid,
-                                                              logp.after, ema_base_logp, logp.thought_valid)
+        nll_term, policy_term, metrics = quietstar_loss_terms(cfg, logp, ema_base_logp)
         loss = nll_term + policy_term
 
         if check_finite and not torch.isfinite(loss):
@@ -393,7 +400,7 @@ class QuietStarForCausalLM(nn.Module):
         return QuietStarOutput(loss, metrics, thoughts.view(-1, n, *thoughts.shape[1:]),
                                {"nll": nll_term, "policy": policy_term}, positions)
 
-    def _rollout(self, input_ids, attention_mask, generator, thought_ids, select, head: VocabHead):
+    def _training_rollout(self, rollout: Rollout, input_ids, attention_mask, generator, thought_ids, select):
         """Step 1 of ``forward`` on its [B*n] rows: (thoughts [B*n, W, k], GridHidden, the thought
         tokens' log-probabilities at the REINFORCE temperature [B*n, W, k] where they were sampled
         in the scored passes, else None). Sampled and scored in the same passes where each pass runs once,
@@ -410,14 +417,13 @@ class QuietStarForCausalLM(nn.Module):
             if select is not None:  # given thought_positions (forward checked): no text pass needed
                 rows = select(None)
                 thoughts = rows.gather(thoughts)
-            return thoughts, self._score(input_ids, thoughts, attention_mask, rows), None
+            return thoughts, rollout.score(input_ids, thoughts, attention_mask, rows), None
         if getattr(self.lm, "is_activation_checkpointing", False):
             thoughts, rows = self._sample(input_ids, attention_mask, generator=generator, select=select)
-            return thoughts, self._score(input_ids, thoughts, attention_mask, rows), None
-        return sample_and_score(
-            self.decoder, self.embedding, head, input_ids, attention_mask, self.start_id,
-            self.end_id, cfg.sampled_thought_tokens, cfg.ahead_tokens, cfg.thought_temperature,
-            self.tokenizer.pad_token_id, generator, cfg.policy_logprob_temperature, select)
+            return thoughts, rollout.score(input_ids, thoughts, attention_mask, rows), None
+        return rollout.sample_and_score(input_ids, attention_mask, num_tokens=cfg.sampled_thought_tokens,
+                                        temperature=cfg.thought_temperature, generator=generator,
+                                        logprob_temperature=cfg.policy_logprob_temperature, select=select)
 
     # ------------------------------------------------------------------ the EMA baseline (RLP)
     def ema_baseline_enable(self) -> None:
