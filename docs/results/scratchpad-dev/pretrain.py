@@ -2,7 +2,7 @@
 decoy base: wf=0.8 decoy=0.5 threads=2, see README.md). Options key=value: h layers steps lr b wf
 decoy threads out."""
 import random, time, sys, torch, transformers, numpy as np, math
-from quietstar.scratchpad_corpus import scratchpad_corpus, scratchpad_tokenizer, scratchpad_problem
+from quietstar.data.scratchpad import scratchpad_corpus, scratchpad_tokenizer, scratchpad_problem
 args = dict(a.split("=") for a in sys.argv[1:])
 torch.set_num_threads(int(args.get("threads", 1)))
 DECOY = float(args.get("decoy", 0.0))

@@ -2,8 +2,8 @@ import random, time, sys, math, torch, transformers, numpy as np
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 from quietstar import QuietStarForCausalLM, QuietStarConfig
-from quietstar.optim import parameter_groups
-from quietstar.evaluation import thoughts_for
+from quietstar.training.optim import parameter_groups
+from quietstar.evaluation.tasks import thoughts_for
 torch.set_num_threads(1)
 args = dict(a.split("=") for a in sys.argv[1:])
 H = int(args.get("h", 128)); LAYERS = int(args.get("layers", 2)); PRE = int(args.get("pre", 2000)); QS = int(args.get("qs", 300))
@@ -117,7 +117,7 @@ for step in range(QS + 1):
         print("qs", step, m, round(time.time() - t), flush=True)
     if step % int(args.get('every', 100)) == 0 and step: content_eval(model, f"step{step}")
 
-from quietstar.statistics import summarize
+from quietstar.evaluation.statistics import summarize
 import json
 model.eval()
 nll = {}

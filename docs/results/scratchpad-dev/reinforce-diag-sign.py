@@ -6,12 +6,12 @@ sys.argv=["x", "bw=0", "mw=0", "tw=0"]
 from pathlib import Path
 __file__ = str(Path(__file__).resolve().parent / "reinforce.py")  # its setup: model, data, helpers
 exec(open(__file__).read().split("shares = {")[0])
-import quietstar.modeling as M
+import quietstar.models.modeling as M
 cap = {}
 orig = M.quietstar_loss_terms
-def spy(cfg, base, mixed, thought, valid, after=None, ema=None, tvalid=None):
-    cap.update(thought=thought, after=after, tvalid=tvalid, valid=valid)
-    return orig(cfg, base, mixed, thought, valid, after, ema, tvalid)
+def spy(cfg, logp, ema=None):  # the loss takes the step's StepLogprobs
+    cap.update(thought=logp.thought, after=logp.after, tvalid=logp.thought_valid, valid=logp.target_valid)
+    return orig(cfg, logp, ema)
 M.quietstar_loss_terms = spy
 x = batch([next(train_docs) for _ in range(32)])
 think = torch.zeros_like(x, dtype=torch.bool); think[:, :-1] = (x[:, :-1] == EQ) & (x[:, 1:] != DASH)

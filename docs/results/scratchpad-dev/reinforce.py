@@ -22,10 +22,10 @@ import torch
 import transformers
 
 from quietstar import QuietStarConfig, QuietStarForCausalLM
-from quietstar.evaluation import thoughts_for
-from quietstar.optim import parameter_groups
-from quietstar.scratchpad_corpus import partial_products, scratchpad_corpus, scratchpad_tokenizer
-from quietstar.statistics import summarize
+from quietstar.evaluation.tasks import thoughts_for
+from quietstar.training.optim import parameter_groups
+from quietstar.data.scratchpad import partial_products, scratchpad_corpus, scratchpad_tokenizer
+from quietstar.evaluation.statistics import summarize
 
 torch.set_num_threads(1)
 args = dict(a.split("=", 1) for a in sys.argv[1:])
