@@ -86,12 +86,14 @@ class TrainingRecipe:
 
     Raises ``TrainingDiverged`` (after saving) when ``max_nonfinite_steps`` steps in a row are
     non-finite. Ctrl-C / SIGTERM stop after the current step with a checkpoint
-    (``TrainResult.interrupted``).
+    (``TrainResult.interrupted``). ``tune_cpu``: see ``train``.
     """
 
-    def __init__(self, config: TrainConfig, eval_hooks: Sequence[EvalHook] | None = None):
+    def __init__(self, config: TrainConfig, eval_hooks: Sequence[EvalHook] | None = None, *,
+                 tune_cpu: bool = False):
         self.config = config                     # with output_dir resolved by setup_run_folder
         self.extra_hooks = list(eval_hooks or [])
+        self.tune_cpu = tune_cpu
         # The run's state, None until the stage that sets it (setup_accelerator first, then on).
         self.accelerator: Accelerator | None = None
         self.world: int | None = None            # processes
@@ -250,10 +252,9 @@ class TrainingRecipe:
         self.model, self.optimizer = self.accelerator.prepare(self.model, optimizer)
         self.unwrapped = self.accelerator.unwrap_model(self.model)
         self.device = self.accelerator.device
-        precision = self.config.precision  # "auto": bf16 where the GPU has it
-        self.bf16 = precision == "bf16" or (precision == "auto" and self.device.type == "cuda"
-                                            and torch.cuda.is_bf16_supported())
-        if self.device.type == "cpu":
+        p = self.config.precision  # "auto": bf16 where the GPU has it
+        self.bf16 = p == "bf16" or (p == "auto" and self.device.type == "cuda" and torch.cuda.is_bf16_supported())
+        if self.tune_cpu and self.device.type == "cpu":
             # Subnormal floats (SmolLM2's small activations underflow: a forward is 6x faster with
             # them flushed to zero) and malloc returning each step's activation memory.
             tune_for_training()
@@ -368,9 +369,8 @@ class TrainingRecipe:
         return record, rows, out
 
     def _clip_gradients(self, apart: dict[str, dict] | None) -> tuple[float | None, dict[str, float]]:
-        """Clips the step's gradient; returns its norm and extra metrics. With ``apart`` (the NLL
-        and policy gradients kept apart, policy_max_grad_norm) each is clipped at its own norm and
-        the two are summed into ``.grad``."""
+        """Clips the step's gradient; returns its norm and extra metrics. ``apart`` (policy_max_grad_norm):
+        the NLL and policy gradients held apart, each clipped at its own norm, then summed into ``.grad``."""
         cfg, params = self.config, self.model.parameters
         extra: dict[str, float] = {}
         if apart is not None:  # .grad = the NLL gradient, clipped below as usual
@@ -492,7 +492,9 @@ class TrainingRecipe:
         self.closing.close()
 
 
-def train(config: TrainConfig, eval_hooks: Sequence[EvalHook] | None = None) -> TrainResult:
-    """Trains ``config.model`` with Quiet-STaR; see ``TrainConfig`` for every setting and
-    ``TrainingRecipe`` for the stages."""
-    return TrainingRecipe(config, eval_hooks).run()
+def train(config: TrainConfig, eval_hooks: Sequence[EvalHook] | None = None, *,
+          tune_cpu: bool = False) -> TrainResult:
+    """Trains ``config.model`` with Quiet-STaR (the settings: ``TrainConfig``; the stages:
+    ``TrainingRecipe``). ``tune_cpu``: on a CPU run, apply ``training.cpu.tune_for_training``
+    before the first step (process-wide, never undone; ``quietstar train`` does)."""
+    return TrainingRecipe(config, eval_hooks, tune_cpu=tune_cpu).run()
