@@ -138,9 +138,9 @@ def test_required_fields_are_required_flags(capsys):
 
 def test_model_arguments_refuse_negative_thought_settings():
     assert ModelArguments().thought_tokens is None and ModelArguments().seed == 0
-    with pytest.raises(ValueError, match="--thought-tokens must be >= 0"):
+    with pytest.raises(ValueError, match="thought_tokens must be an int >= 0 .*-2"):
         ModelArguments(thought_tokens=-2)
-    with pytest.raises(ValueError, match="--thought-temperature must be a finite number >= 0"):
+    with pytest.raises(ValueError, match="thought_temperature must be a finite number >= 0"):
         ModelArguments(thought_temperature=float("nan"))
 
 

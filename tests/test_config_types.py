@@ -4,8 +4,11 @@ thought tokens that already exist in the tokenizer, and resume checks."""
 from __future__ import annotations
 
 import math
+import re
 import types
-from dataclasses import fields
+import typing
+from dataclasses import dataclass, fields
+from typing import Literal
 
 import pytest
 import yaml
@@ -16,6 +19,7 @@ from quietstar.training.checkpoint import list_checkpoints, resumed_settings
 from quietstar.cli import train as command
 from quietstar.training.recipe import TrainConfig, train
 from quietstar.training.config import INFINITE_OK, load_config
+from quietstar.utils.settings import check_field_types
 
 
 @pytest.fixture(autouse=True)
@@ -81,7 +85,7 @@ def test_yaml_booleans_optional_nulls_and_literals_that_fit_are_kept(tmp_path):
     ({"learning_rate": "fast"}, "learning_rate must be a number \\(float\\), got 'fast'"),
     ({"learning_rate": None}, "learning_rate must be float, not null"),
     ({"lr_schedule": "step"}, "lr_schedule must be one of cosine, linear, constant; got 'step'"),
-    ({"quietstar": {"reward_source": "other"}}, "reward_source must be 'mixed' or 'thought', got 'other'"),
+    ({"quietstar": {"reward_source": "other"}}, "QuietStarConfig: reward_source must be one of mixed, thought; got 'other'"),
     ({"quietstar": 5}, "TrainConfig: quietstar must be a mapping of QuietStarConfig settings.*got 5"),
     ({"quietstar": "fast"}, "quietstar must be a mapping"),
     ({"model": 5}, "TrainConfig: model must be a string, got 5"),
@@ -93,13 +97,32 @@ def test_values_of_the_wrong_type_are_refused_naming_field_and_value(settings, m
 
 
 @pytest.mark.parametrize("cls", [TrainConfig, QuietStarConfig])
-def test_every_literal_field_refuses_other_values(cls):
-    literal = [f.name for f in fields(cls) if f.type.startswith("Literal[")]
+def test_every_literal_field_refuses_other_values_naming_field_value_and_choices(cls):
+    hints = typing.get_type_hints(cls)
+    literal = [f.name for f in fields(cls) if typing.get_origin(hints[f.name]) is Literal]
     assert literal
     for name in literal:
+        choices = ", ".join(typing.get_args(hints[name]))
         for bad in ("no-such-choice", 5):
-            with pytest.raises(ValueError, match=f"{name} must be"):
+            with pytest.raises(ValueError, match=re.escape(f"{cls.__name__}: {name} must be one of "
+                                                           f"{choices}; got {bad!r}")):
                 cls.from_dict({name: bad})
+
+
+def test_literal_choices_are_checked_from_the_annotation_alone():
+    @dataclass
+    class Settings:
+        mode: Literal["x", "y"] = "x"
+        level: Literal[1, 2] = 1
+
+        def __post_init__(self):
+            check_field_types(self)
+
+    assert (Settings(mode="y", level=2).mode, Settings(mode="y", level=2).level) == ("y", 2)
+    with pytest.raises(ValueError, match=re.escape("Settings: mode must be one of x, y; got 'z'")):
+        Settings(mode="z")
+    with pytest.raises(ValueError, match=re.escape("Settings: level must be one of 1, 2; got True")):
+        Settings(level=True)  # equal to 1, but not an int choice
 
 
 def test_quietstar_config_from_dict_checks_types_too():
@@ -143,7 +166,7 @@ def test_the_float_fields_are_the_ones_checked():
 @pytest.fixture
 def recorded(monkeypatch):
     seen = []
-    monkeypatch.setattr(command, "train", lambda config: seen.append(config) or types.SimpleNamespace(interrupted=False))
+    monkeypatch.setattr(command, "train", lambda config, **kw: seen.append(config) or types.SimpleNamespace(interrupted=False))
     return seen
 
 
@@ -195,7 +218,7 @@ def test_negative_thought_settings_are_refused_by_the_model():
         model.generate(ids, max_new_tokens=1, thought_temperature=-1)
     with pytest.raises(ValueError, match="thought_tokens must be an int >= 0"):
         model.generate(ids, max_new_tokens=1, thought_tokens=-2)
-    with pytest.raises(ValueError, match="thought_temperature must be >= 0"):
+    with pytest.raises(ValueError, match="QuietStarConfig: thought_temperature must be a finite number >= 0.*-1"):
         QuietStarConfig(thought_temperature=-1.0)
 
 

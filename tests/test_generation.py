@@ -337,7 +337,7 @@ def test_cli_sampling_options(saved_model, capsys, monkeypatch):
     assert cli.main(["generate", *map(str, base), "--sample", "--top-p", "1.5"]) == 2
     assert capsys.readouterr().err == "quietstar generate: error: top_p must be in (0, 1], got 1.5\n"
     assert cli.main(["generate", *map(str, base), "--thought-tokens", "-1"]) == 2
-    assert "--thought-tokens must be >= 0" in capsys.readouterr().err
+    assert "thought_tokens must be an int >= 0" in capsys.readouterr().err
 
 
 def test_generate_arguments_rules():
@@ -347,7 +347,7 @@ def test_generate_arguments_rules():
     assert GenerateArguments("m", "p", sample=True, temperature=0.5, top_k=3).top_k == 3
     with pytest.raises(ValueError, match="need --sample"):
         GenerateArguments("m", "p", top_k=3)
-    with pytest.raises(ValueError, match="--thought-temperature must be a finite number >= 0"):
+    with pytest.raises(ValueError, match="thought_temperature must be a finite number >= 0 .*-1.0"):
         GenerateArguments("m", "p", thought_temperature=-1.0)
 
 

@@ -88,8 +88,8 @@ def test_terms_add_up_to_the_loss_and_sources_need_their_inputs():
 
 
 @pytest.mark.parametrize("bad, message", [
-    ({"reward_source": "base"}, "reward_source must be 'mixed' or 'thought'"),
-    ({"reward_baseline": "ema"}, "reward_baseline must be 'thought_mean', 'base' or 'ema_base'"),
+    ({"reward_source": "base"}, "reward_source must be one of mixed, thought; got 'base'"),
+    ({"reward_baseline": "ema"}, "reward_baseline must be one of thought_mean, base, ema_base; got 'ema'"),
     ({"ema_decay": 1.0}, "ema_decay must be in"),
     ({"ema_decay": -0.1}, "ema_decay must be in"),
 ])

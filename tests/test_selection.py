@@ -85,7 +85,7 @@ def test_config_validates_the_fraction_and_selection():
         QuietStarConfig(thought_fraction=0.0)
     with pytest.raises(ValueError, match=r"thought_fraction must be in \(0, 1\]"):
         QuietStarConfig(thought_fraction=1.5)
-    with pytest.raises(ValueError, match="thought_selection must be 'entropy' or 'random'"):
+    with pytest.raises(ValueError, match="thought_selection must be one of entropy, random; got 'hard'"):
         QuietStarConfig(thought_selection="hard")
     assert QuietStarConfig(thought_fraction=0.25, thought_selection="random").thought_fraction == 0.25
 

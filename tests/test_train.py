@@ -23,6 +23,7 @@ from quietstar.training.recipe import (
     HeldoutLoss,
     TrainConfig,
     TrainingDiverged,
+    TrainingRecipe,
     build_model,
     build_optimizer,
     load_config,
@@ -89,7 +90,7 @@ def test_quietstar_train_starts_from_the_cpu_demo_preset_unless_given_a_config(m
     from quietstar.cli import train as command
 
     seen = []
-    monkeypatch.setattr(command, "train", lambda config: seen.append(config) or types.SimpleNamespace(interrupted=False))
+    monkeypatch.setattr(command, "train", lambda config, **kw: seen.append(config) or types.SimpleNamespace(interrupted=False))
     assert TrainConfig().quietstar == QuietStarConfig()
     assert QuietStarConfig().sampled_thought_tokens == 9 and QuietStarConfig().policy_loss_weight == 1e6
     assert command.main(["--max-steps", "3"]) == 0
@@ -230,6 +231,25 @@ def test_train_equals_a_plain_reference_loop(tiny_model_dir, tmp_path):
     records = read_metrics(result.output_dir / "metrics.jsonl")
     assert [r["step"] for r in records] == [1, 2]
     assert [r["lr"] for r in records] == [1e-3 / 2, 1e-3]
+
+
+def test_setup_then_train_step_outside_run_is_the_first_step_of_run(tiny_model_dir, tmp_path):
+    """setup() sets up everything: train_step right after it (outside run) is run()'s first step,
+    recorded as step 1, with the same numbers and weights."""
+    result = train(tiny_config(tiny_model_dir, tmp_path / "run", max_steps=1))
+    recipe = TrainingRecipe(tiny_config(tiny_model_dir, tmp_path / "by-hand", max_steps=1))
+    recipe.setup()
+    record, rows, out = recipe.train_step(0)
+    recipe.finish(0.0, interrupted=False)
+    timings = ("tokens_per_s", "step_time_s")
+    first = read_metrics(result.output_dir / "metrics.jsonl")[0]
+    assert record["step"] == 1 and record["loss"] == first["loss"] and math.isfinite(record["loss"])
+    assert {k: v for k, v in record.items() if k not in timings} == \
+        {k: v for k, v in first.items() if k not in timings}
+    trained, by_hand = final_weights(result), recipe.unwrapped.state_dict()
+    assert trained.keys() == by_hand.keys()
+    for key in trained:
+        torch.testing.assert_close(by_hand[key], trained[key], rtol=0, atol=0, msg=key)
 
 
 def test_policy_and_nll_gradients_clipped_apart_equal_a_plain_reference_loop(tiny_model_dir, tmp_path):

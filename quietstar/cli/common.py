@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
-import math
 import os
 import sys
 import tempfile
@@ -17,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from quietstar.utils.settings import OUTPUT, option, parse_dataclass
+from quietstar.method.config import check_thought_settings
 from quietstar.models.loading import EMBEDDED_MODEL, load_quietstar_model, resolve_device, resolve_dtype
 
 
@@ -37,7 +37,7 @@ class ModelArguments:
     """seed of thought and answer sampling"""
 
     def __post_init__(self):
-        check_thought_settings(self.thought_tokens, self.thought_temperature)
+        check_thought_settings(self.thought_tokens, self.thought_temperature)  # before any model is loaded
         check_device(self.device)
 
 
@@ -80,16 +80,6 @@ def check_device(device: str | None) -> None:
         resolve_device(device)
     except ValueError as e:
         raise ValueError(f"--device: {e}") from None
-
-
-def check_thought_settings(thought_tokens: int | None, thought_temperature: float | None) -> None:
-    """Refuses a negative --thought-tokens or --thought-temperature before any model is loaded."""
-    if thought_tokens is not None and thought_tokens < 0:
-        raise ValueError(f"--thought-tokens must be >= 0 (0 = no thought), got {thought_tokens}")
-    if thought_temperature is not None and not (math.isfinite(thought_temperature)
-                                                and thought_temperature >= 0):
-        raise ValueError(f"--thought-temperature must be a finite number >= 0 (0 = greedy), got "
-                         f"{thought_temperature}")
 
 
 def check_at_least(minimum: int, **values: int | None) -> None:

@@ -15,9 +15,9 @@ import torch
 
 from quietstar.utils.settings import add_dataclass_arguments, field_docs, option
 from quietstar.utils.batching import model_device
+from quietstar.method.config import check_thought_settings
 from quietstar.method.generation import generate
-from quietstar.cli.common import (LoadingArguments, check_at_least, check_device, check_thought_settings,
-                     command_main, parse_settings)
+from quietstar.cli.common import LoadingArguments, check_at_least, check_device, command_main, parse_settings
 
 HELP = "generate text, thinking before every token"
 

@@ -1,4 +1,6 @@
-"""``quietstar train``: every TrainConfig and QuietStarConfig field as a flag, then the recipe.
+"""``quietstar train``: every TrainConfig and QuietStarConfig field as a flag, then the recipe,
+with the process tuned for training on a CPU run (``quietstar.training.cpu``; the process is the
+run's own, unlike a Python caller's).
 
 ``python -m quietstar train ...`` and ``accelerate launch -m quietstar train ...`` run it too.
 Exit codes: 0 done, 130 interrupted (saved), 1 diverged (saved), 2 bad input (``quietstar.cli.main``).
@@ -40,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
                   file=sys.stderr)
         config = load_config(config_file, given, resumed_settings=resumed_settings)
         check_outputs(config)
-        result = train(config)
+        result = train(config, tune_cpu=True)  # the process is this run's: tune it for training
     except TrainingDiverged as e:
         print(f"quietstar train: {e}", file=sys.stderr)
         return 1

@@ -22,6 +22,17 @@ from quietstar.utils.settings import check_field_types
 QUIETSTAR_CONFIG_NAME = "quietstar_config.json"
 
 
+def check_thought_settings(thought_tokens: int | None, thought_temperature: float | None) -> None:
+    """The one rule for a thought's length and temperature, wherever they enter (the config,
+    ``QuietStarConfig.thought_settings``, the commands' flags): the length an int >= 0 (0 = no
+    thought), the temperature a finite number >= 0 (0 = greedy). None: not given."""
+    k, T = thought_tokens, thought_temperature
+    if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 0):
+        raise ValueError(f"thought_tokens must be an int >= 0 (0 = no thought), got {k!r}")
+    if T is not None and not (isinstance(T, (int, float)) and math.isfinite(T) and T >= 0):
+        raise ValueError(f"thought_temperature must be a finite number >= 0 (0 = greedy), got {T!r}")
+
+
 @dataclass
 class QuietStarConfig:
     """Method settings. Every field is validated in ``__post_init__`` (its type, then its range;
@@ -129,18 +140,16 @@ class QuietStarConfig:
              f"ahead_tokens must be an int >= 1, got {self.ahead_tokens!r}")
         need(isinstance(self.thoughts_per_position, int) and self.thoughts_per_position >= 1,
              f"thoughts_per_position must be an int >= 1, got {self.thoughts_per_position!r}")
-        need(self.reward_source in ("mixed", "thought"),
-             f"reward_source must be 'mixed' or 'thought', got {self.reward_source!r}")
-        need(self.reward_baseline in ("thought_mean", "base", "ema_base"),
-             f"reward_baseline must be 'thought_mean', 'base' or 'ema_base', got {self.reward_baseline!r}")
         need(isinstance(self.ema_decay, (int, float)) and 0 <= self.ema_decay < 1,
              f"ema_decay must be in [0, 1), got {self.ema_decay!r}")
         need(not (self.reward_baseline == "thought_mean" and self.thoughts_per_position == 1
                   and self.policy_loss_weight != 0),
              "reward_baseline='thought_mean' with thoughts_per_position=1 makes every reward 0; "
              "use thoughts_per_position >= 2 or reward_baseline='base' / 'ema_base'")
-        need(self.thought_temperature >= 0 and math.isfinite(self.thought_temperature),
-             f"thought_temperature must be >= 0 (0 = greedy), got {self.thought_temperature!r}")
+        try:  # the rule it follows at inference too
+            check_thought_settings(None, self.thought_temperature)
+        except ValueError as e:
+            raise ValueError(f"QuietStarConfig: {e}") from None
         need(self.policy_logprob_temperature > 0,
              f"policy_logprob_temperature must be > 0, got {self.policy_logprob_temperature!r}")
         for name in ("policy_loss_weight", "base_loss_weight", "mixed_loss_weight", "thought_loss_weight"):
@@ -155,8 +164,6 @@ class QuietStarConfig:
         need(bool(self.meta_token_init), "meta_token_init must be a non-empty string")
         need(0 < self.thought_fraction <= 1,
              f"thought_fraction must be in (0, 1] (1 = every position thinks), got {self.thought_fraction!r}")
-        need(self.thought_selection in ("entropy", "random"),
-             f"thought_selection must be 'entropy' or 'random', got {self.thought_selection!r}")
         need(isinstance(self.loss_chunk_tokens, int) and self.loss_chunk_tokens >= 0,
              f"loss_chunk_tokens must be an int >= 0, got {self.loss_chunk_tokens!r}")
 
@@ -176,10 +183,7 @@ class QuietStarConfig:
         k = 0 means no thought (the base model); temperature 0 means greedy thoughts."""
         k = self.sampled_thought_tokens if thought_tokens is None else thought_tokens
         T = self.thought_temperature if thought_temperature is None else thought_temperature
-        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
-            raise ValueError(f"thought_tokens must be an int >= 0 (0 = no thought), got {k!r}")
-        if not (isinstance(T, (int, float)) and math.isfinite(T) and T >= 0):
-            raise ValueError(f"thought_temperature must be a finite number >= 0 (0 = greedy), got {T!r}")
+        check_thought_settings(k, T)
         return k, float(T)
 
     def to_dict(self) -> dict:

@@ -1,6 +1,7 @@
 """The components a training run is set up from (the recipe in ``quietstar.training.recipe`` uses them):
-the model (fp32 master weights, LoRA, activation checkpointing), the training batches and the
-held-out batches, the held-out loss, and the generator of each micro-batch's thoughts."""
+the model (fp32 master weights, LoRA, activation checkpointing) and its fingerprint, the training
+batches and the held-out batches, the held-out loss, and the generator of each micro-batch's
+thoughts."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import itertools
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -22,7 +23,11 @@ from quietstar.training.config import TrainConfig
 def thought_generator(seed: int, step: int, sample_index: int,
                       device: torch.device | str = "cpu") -> torch.Generator:
     """The generator that samples the thoughts of the micro-batch starting at global sequence
-    ``sample_index`` of optimiser step ``step`` (see the module docstring)."""
+    ``sample_index`` of optimiser step ``step``, seeded from (seed, step, sample_index). So the
+    thoughts do not depend on how a step is split over processes (with the same
+    ``micro_batch_size``, one process with gradient accumulation samples exactly what N processes
+    do), and a resumed run samples exactly what the uninterrupted one would have: the generator
+    needs no saved state."""
     digest = hashlib.sha256(f"quietstar-thoughts:{seed}:{step}:{sample_index}".encode()).digest()
     return torch.Generator(device=device).manual_seed(int.from_bytes(digest[:8], "little") >> 1)
 
@@ -64,6 +69,14 @@ def build_model(config: TrainConfig) -> QuietStarForCausalLM:
         model.activation_checkpointing_enable()
     model.train()
     return model
+
+
+def model_fingerprint(model: QuietStarForCausalLM, config: TrainConfig) -> dict[str, Any]:
+    """What a checkpoint must match to be resumed into this model."""
+    text = model.lm.config.get_text_config()
+    return {"model_type": text.model_type, "vocab_size": text.vocab_size,
+            "hidden_size": text.hidden_size, "num_hidden_layers": text.num_hidden_layers,
+            "lora_rank": config.lora_rank}
 
 
 def build_data(config: TrainConfig, tokenizer):

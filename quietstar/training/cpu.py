@@ -1,5 +1,7 @@
-"""Process settings that make training on a CPU fast; ``quietstar train`` applies them on CPU
-(the benchmarks too, to both sides of every comparison)."""
+"""Process settings that make training on a CPU fast. They hold for the whole process and are
+never undone: ``quietstar train`` applies them on a CPU run, Python's ``train()`` only when asked
+(``train(config, tune_cpu=True)``); the benchmarks apply ``keep_freed_memory`` to both sides of
+every comparison."""
 
 from __future__ import annotations
 

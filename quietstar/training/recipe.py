@@ -6,52 +6,53 @@ One recipe from a laptop CPU to a GPU cluster (it runs as is under ``accelerate 
     config = load_config("examples/train.yaml", {"max_steps": 100})
     result = train(config)            # -> TrainResult(output_dir, checkpoint, ...)
 
-The recipe's stages, in the order ``run`` calls them: ``setup`` (accelerator and run folder,
-then ``setup_model``, ``setup_data``, ``setup_optimizer`` and, when resuming,
-``load_checkpoint``), then per step ``train_step`` and ``log_step``, every ``eval_every`` steps
-``evaluate``, every ``checkpoint_every`` steps ``save_checkpoint``, and at the end ``finish``.
-The pieces it is built from live in their own modules: the configuration (``train_config``),
-the model, data and held-out loss (``train_setup``), the optimiser and schedule (``optim``),
-checkpoints (``checkpoint``), logs and plots (``metrics``), the run folder and console
-(``run_folder``), FSDP / DeepSpeed (``distributed``).
+``run()`` is ``setup()`` (every ``setup_*`` stage in order, ``load_checkpoint`` when resuming,
+``start_data``), then per step ``train_step`` and ``log_step`` (``evaluate`` every ``eval_every``
+steps, ``save_checkpoint`` every ``checkpoint_every``), then ``finish()``. The pieces live in
+their own modules: the configuration (``config``), the model, data, held-out loss and thought
+generators (``components``), the optimiser and schedule (``optim``), the two gradients of
+``policy_max_grad_norm`` (``gradients``), checkpoints (``checkpoint``), logs and plots
+(``metrics``), the run folder and console (``run_folder``), FSDP / DeepSpeed (``distributed``).
 
 Batches. ``batch_size`` is the *global* number of sequences per optimiser step; each process runs
 ``micro_batch_size`` of them per forward pass, accumulating gradients over
 ``batch_size / (micro_batch_size * processes)`` passes. Global sequence j of step s is always
-the same sequence, whatever the number of processes.
-
-Thought sampling is random. Each micro-batch samples its thoughts with its own ``torch.Generator``
-seeded from (seed, step, global index of its first sequence) (``thought_generator``). So the
-thoughts do not depend on how a step is split over processes (with the same
-``micro_batch_size``, one process with gradient accumulation samples exactly what N processes
-do), and a resumed run samples exactly what the uninterrupted one would have: the generator needs
-no saved state.
+the same sequence, whatever the number of processes. Each micro-batch samples its thoughts with
+its own generator (``components.thought_generator``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from quietstar.training import checkpoint
 from quietstar.training.cpu import tune_for_training
 from quietstar.training.distributed import build_model_whole, shard_lm_embedding
+from quietstar.training.gradients import add_back, clip_policy_apart, hold_apart
 from quietstar.training.metrics import CURVES_NAME, METRICS_NAME, MetricsLogger, SampleWriter, format_sample, \
     plot_training_curves, thought_samples
+from quietstar.data.corpora import TokenBatches
 from quietstar.models.model_card import TrainingFacts
 from quietstar.models.modeling import QuietStarForCausalLM
 from quietstar.training.optim import build_optimizer, lr_at, set_learning_rate
 from quietstar.training.run_folder import StopRequests, prepare_output_dir, run_logging, running_mean, summary
 from quietstar.training.config import TrainConfig, load_config
-from quietstar.training.components import EvalHook, HeldoutLoss, build_data, build_model, thought_generator
+from quietstar.training.components import EvalHook, HeldoutLoss, build_data, build_model, model_fingerprint, \
+    thought_generator
+
+if TYPE_CHECKING:  # for the annotations; the code imports both where it uses them
+    from accelerate import Accelerator
+    from tqdm.auto import tqdm
 
 __all__ = ["TrainConfig", "TrainResult", "TrainingDiverged", "TrainingRecipe", "EvalHook",
            "HeldoutLoss", "build_data", "build_model", "build_optimizer", "load_config", "lr_at",
@@ -79,46 +80,72 @@ class TrainingDiverged(RuntimeError):
     """Too many non-finite steps in a row; a checkpoint of the last good weights was saved."""
 
 
-def _fingerprint(model: QuietStarForCausalLM, config: TrainConfig) -> dict[str, Any]:
-    """What a checkpoint must match to be resumed into this model."""
-    text = model.lm.config.get_text_config()
-    return {"model_type": text.model_type, "vocab_size": text.vocab_size,
-            "hidden_size": text.hidden_size, "num_hidden_layers": text.num_hidden_layers,
-            "lora_rank": config.lora_rank}
-
-
-def _use_bf16(precision: str, device: torch.device) -> bool:
-    if precision == "auto":
-        return device.type == "cuda" and torch.cuda.is_bf16_supported()
-    return precision == "bf16"
-
-
 # ============================================================================ the recipe
 class TrainingRecipe:
     """A Quiet-STaR training run in named stages; ``run()`` calls them in order.
 
     Raises ``TrainingDiverged`` (after saving) when ``max_nonfinite_steps`` steps in a row are
     non-finite. Ctrl-C / SIGTERM stop after the current step with a checkpoint
-    (``TrainResult.interrupted``).
+    (``TrainResult.interrupted``). ``tune_cpu``: see ``train``.
     """
 
-    def __init__(self, config: TrainConfig, eval_hooks: Sequence[EvalHook] | None = None):
-        self.config = config
+    def __init__(self, config: TrainConfig, eval_hooks: Sequence[EvalHook] | None = None, *,
+                 tune_cpu: bool = False):
+        self.config = config                     # with output_dir resolved by setup_run_folder
         self.extra_hooks = list(eval_hooks or [])
-        self.step = self.start_step = self.nonfinite = 0
+        self.tune_cpu = tune_cpu
+        # The run's state, None until the stage that sets it (setup_accelerator first, then on).
+        self.accelerator: Accelerator | None = None
+        self.world: int | None = None            # processes
+        self.rank: int | None = None
+        self.main: bool | None = None            # the main process (logs, plots, the summary)
+        self.accumulation: int | None = None     # micro-batches per optimiser step and process
+        self.deepspeed: bool | None = None
+        self.sharded: bool | None = None         # FSDP or DeepSpeed: no whole state per process
+        self.ema: bool | None = None             # reward_baseline="ema_base": an EMA copy of the LM
+        self.resume_from: Path | None = None     # the checkpoint this run continues
+        self.out_dir: Path | None = None
+        self.new_folder: Path | None = None      # created by this run: removed if it fails before step 1
+        self.closing = contextlib.ExitStack()    # the console and train.log logging, closed by finish
+        self.model: Any = None                   # as accelerate prepared it (wrapped when distributed)
+        self.unwrapped: QuietStarForCausalLM | None = None
+        self.tokenizer: Any = None
+        self.fingerprint: dict[str, Any] | None = None  # what a resumed checkpoint must match
+        self.batches: TokenBatches | None = None
+        self.hooks: list[EvalHook] | None = None  # the held-out loss, then the extra hooks
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.device: torch.device | None = None
+        self.bf16: bool | None = None            # bf16 autocast
         self.state: dict[str, Any] | None = None  # the resumed checkpoint's training state
+        self.batch_iter: Iterator[dict[str, torch.Tensor]] | None = None
+        self.pending: dict[str, torch.Tensor] | None = None  # the first batch, read by start_data
+        self.metrics: MetricsLogger | None = None  # main process only
+        self.samples: SampleWriter | None = None   # main process, with sample_every
+        self.step = self.start_step = 0          # optimiser steps done; those done before a resume
+        self.nonfinite = 0                       # non-finite steps in a row
+        self.stop = StopRequests()               # Ctrl-C / SIGTERM; its handlers are set in the loop
+        self.stop_requested = False              # by any process, agreed at the last step
+        self.bar: tqdm | None = None             # the progress bar, in the loop
         self.history: dict[str, list[float]] = {k: [] for k in PROGRESS_METRICS}
         self.first_eval: dict[str, float] = {}
-        self.record: dict[str, Any] = {}
+        self.record: dict[str, Any] = {}         # the last step's
         self.last_checkpoint: Path | None = None
         self.last_eval: dict[str, float] = {}    # the latest held-out figures, for the model card
         self.last_samples: list[str] = []        # the latest sampled thoughts, likewise
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
-        """Accelerator, run folder; model, data, optimiser; the checkpoint when resuming."""
+        """Every stage before the first step, in order; ``train_step`` can run right after."""
         self.setup_accelerator()
         self.setup_run_folder()
+        self.setup_logging()
+        self.setup_model()
+        self.setup_data()
+        self.setup_optimizer()
+        if self.resume_from is not None:
+            self.load_checkpoint(self.resume_from)
+        self.start_data()
+        self.setup_metrics()
 
     def setup_accelerator(self) -> None:
         from accelerate import Accelerator, DistributedType, PartialState
@@ -169,12 +196,11 @@ class TrainingRecipe:
             if self.world > 1:
                 broadcast_object_list(name)
             out_dir = Path("runs") / name[0]
-        # The folders this run creates, removed again if it fails before its first step.
-        self.new_folder: Path | None = None
+        new_folder = None  # the folders this run creates, removed again if it fails before step 1
         if not out_dir.exists():
-            self.new_folder = out_dir
-            while not self.new_folder.parent.exists():
-                self.new_folder = self.new_folder.parent
+            new_folder = out_dir
+            while not new_folder.parent.exists():
+                new_folder = new_folder.parent
         prepare_output_dir(out_dir, self.resume_from is not None, self.rank)
         self.out_dir = out_dir
         self.config = TrainConfig.from_dict({**cfg.to_dict(), "output_dir": str(out_dir)})
@@ -182,9 +208,18 @@ class TrainingRecipe:
         if self.main:
             checkpoint.remove_partial(out_dir)
             self.config.save(out_dir)
+        self.new_folder = new_folder
+
+    def setup_logging(self) -> None:
+        """INFO logs to the console and ``train.log`` (main process), until ``finish``."""
+        self.closing.enter_context(run_logging(logger, self.out_dir, self.main))
 
     def setup_model(self) -> None:
+        """The model, seeded first: the weights the method adds (mixing head, meta tokens) are drawn."""
+        from accelerate.utils import set_seed
+
         cfg = self.config
+        set_seed(cfg.seed)
         logger.info(f"Loading {cfg.model} ...")
         if self.deepspeed:
             model = build_model_whole(lambda: build_model(cfg), self.accelerator)
@@ -200,12 +235,12 @@ class TrainingRecipe:
             model.ema_baseline_enable()  # before accelerate moves and wraps the model
         self.model = self.unwrapped = model
         self.tokenizer = model.tokenizer
-        self.fingerprint = _fingerprint(model, cfg)
+        self.fingerprint = model_fingerprint(model, cfg)
 
     def setup_data(self) -> None:
         cfg = self.config
         self.batches, heldout = build_data(cfg, self.tokenizer)
-        self.hooks: list[EvalHook] = ([HeldoutLoss(heldout, cfg.seed)] if heldout else []) + self.extra_hooks
+        self.hooks = ([HeldoutLoss(heldout, cfg.seed)] if heldout else []) + self.extra_hooks
         if self.hooks and not cfg.eval_every:
             raise ValueError("eval hooks were given but eval_every is 0; set eval_every")
 
@@ -217,8 +252,9 @@ class TrainingRecipe:
         self.model, self.optimizer = self.accelerator.prepare(self.model, optimizer)
         self.unwrapped = self.accelerator.unwrap_model(self.model)
         self.device = self.accelerator.device
-        self.bf16 = _use_bf16(self.config.precision, self.device)
-        if self.device.type == "cpu":
+        p = self.config.precision  # "auto": bf16 where the GPU has it
+        self.bf16 = p == "bf16" or (p == "auto" and self.device.type == "cuda" and torch.cuda.is_bf16_supported())
+        if self.tune_cpu and self.device.type == "cpu":
             # Subnormal floats (SmolLM2's small activations underflow: a forward is 6x faster with
             # them flushed to zero) and malloc returning each step's activation memory.
             tune_for_training()
@@ -267,6 +303,19 @@ class TrainingRecipe:
         if self.state is not None:
             checkpoint.restore_rng(self.state["rng"])
 
+    def setup_metrics(self) -> None:
+        """The main process's metrics and thoughts logs; a fresh run starts them afresh (-1: keep no
+        record), also in a folder left by a run killed before its first checkpoint."""
+        cfg = self.config
+        resumed = self.start_step if self.state is not None else -1
+        self.metrics = MetricsLogger(self.out_dir, cfg.report_to, cfg.to_dict(), resume_step=resumed) \
+            if self.main else None
+        self.samples = SampleWriter(self.out_dir, resume_step=resumed) if self.main and cfg.sample_every else None
+        logger.info(f"Training {cfg.max_steps - self.start_step} steps "
+                    + (f"(from step {self.start_step}) " if self.start_step else "")
+                    + f"of {cfg.batch_size} x {cfg.seq_len} tokens on {self.world} x {self.device.type}"
+                    + (" (bf16)" if self.bf16 else "") + f"; run folder {self.out_dir}")
+
     # ------------------------------------------------------------------ steps
     def train_step(self, step: int) -> tuple[dict[str, Any], dict[str, torch.Tensor], Any]:
         """One optimiser step over ``accumulation`` micro-batches of this process. Returns the
@@ -292,9 +341,9 @@ class TrainingRecipe:
                     acc.backward(out.loss)
                 else:
                     acc.backward(out.terms["nll"], retain_graph=True)
-                    _move_grads(self.model.parameters(), apart["nll"])
+                    hold_apart(self.model.parameters(), apart["nll"])
                     acc.backward(out.terms["policy"])
-                    _move_grads(self.model.parameters(), apart["policy"])
+                    hold_apart(self.model.parameters(), apart["policy"])
             for name, value in {"loss": out.loss.detach(), **out.metrics}.items():
                 sums[name] = sums.get(name, 0) + value.float() / self.accumulation
         grad_norm, extra = self._clip_gradients(apart if cfg.policy_max_grad_norm is not None else None)
@@ -320,21 +369,15 @@ class TrainingRecipe:
         return record, rows, out
 
     def _clip_gradients(self, apart: dict[str, dict] | None) -> tuple[float | None, dict[str, float]]:
-        """Clips the step's gradient; returns its norm and extra metrics. With ``apart`` (the NLL
-        and policy gradients kept apart, policy_max_grad_norm) each is clipped at its own norm and
-        the two are summed into ``.grad``."""
+        """Clips the step's gradient; returns its norm and extra metrics. ``apart`` (policy_max_grad_norm):
+        the NLL and policy gradients held apart, each clipped at its own norm, then summed into ``.grad``."""
         cfg, params = self.config, self.model.parameters
         extra: dict[str, float] = {}
-        if apart is not None:
-            _move_grads(apart["policy"], None)  # clip the policy gradient alone, put it aside
-            extra["policy_grad_norm"] = float(torch.nn.utils.clip_grad_norm_(list(params()),
-                                                                             cfg.policy_max_grad_norm))
-            apart["policy"] = {}
-            _move_grads(params(), apart["policy"])
-            _move_grads(apart["nll"], None)  # .grad = the NLL gradient, clipped below as usual
+        if apart is not None:  # .grad = the NLL gradient, clipped below as usual
+            extra["policy_grad_norm"] = clip_policy_apart(params, apart, cfg.policy_max_grad_norm)
         grad_norm = self.accelerator.clip_grad_norm_(params(), cfg.max_grad_norm)
         if apart is not None:
-            _add_grads(apart["policy"])
+            add_back(apart["policy"])
         return (float(grad_norm) if grad_norm is not None else None), extra
 
     def _reduce(self, sums: dict[str, torch.Tensor]) -> tuple[dict[str, float], bool]:
@@ -387,43 +430,21 @@ class TrainingRecipe:
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> TrainResult:
+        """``setup``, the steps, ``finish``."""
         started = time.perf_counter()
-        self.setup()
         try:
-            with run_logging(logger, self.out_dir, self.main):
-                self._setup_training()
-                self.new_folder = None  # from here on the folder holds a run
-                interrupted = self._loop()
-                total = time.perf_counter() - started
-                self.finish(total, interrupted)
+            self.setup()
+            self.new_folder = None  # from here on the folder holds a run
+            interrupted = self._loop()
+            total = time.perf_counter() - started
+            self.finish(total, interrupted)
         except BaseException:
+            self.closing.close()
             if self.new_folder is not None and self.main:  # bad model or data: leave nothing behind
                 shutil.rmtree(self.new_folder, ignore_errors=True)
             raise
         self.accelerator.wait_for_everyone()
         return TrainResult(self.out_dir, self.last_checkpoint, self.step, self.record, interrupted, total)
-
-    def _setup_training(self) -> None:
-        from accelerate.utils import set_seed
-
-        cfg = self.config
-        set_seed(cfg.seed)
-        self.setup_model()
-        self.setup_data()
-        self.setup_optimizer()
-        if self.resume_from is not None:
-            self.load_checkpoint(self.resume_from)
-        self.start_data()
-        # A fresh run starts its logs afresh (-1: keep no record), also in a folder that a run
-        # killed before its first checkpoint left: its records would otherwise be repeated.
-        resumed = self.start_step if self.state is not None else -1
-        self.metrics = MetricsLogger(self.out_dir, cfg.report_to, cfg.to_dict(), resume_step=resumed) \
-            if self.main else None
-        self.samples = SampleWriter(self.out_dir, resume_step=resumed) if self.main and cfg.sample_every else None
-        logger.info(f"Training {cfg.max_steps - self.start_step} steps "
-                    + (f"(from step {self.start_step}) " if self.start_step else "")
-                    + f"of {cfg.batch_size} x {cfg.seq_len} tokens on {self.world} x {self.device.type}"
-                    + (" (bf16)" if self.bf16 else "") + f"; run folder {self.out_dir}")
 
     def _loop(self) -> bool:
         """Steps until max_steps or a stop request; returns whether it was interrupted."""
@@ -434,9 +455,8 @@ class TrainingRecipe:
             results = self.evaluate(0)
             if self.main:
                 self.metrics.log({"step": 0, **results})
-        self.bar = tqdm(total=cfg.max_steps, initial=self.start_step, disable=not self.main, unit="step",
-                        dynamic_ncols=True, desc="quietstar train")
-        with StopRequests() as self.stop:
+        with tqdm(total=cfg.max_steps, initial=self.start_step, disable=not self.main, unit="step",
+                  dynamic_ncols=True, desc="quietstar train") as self.bar, self.stop:
             while self.step < cfg.max_steps:
                 record, rows, out = self.train_step(self.step)
                 self.step += 1
@@ -446,7 +466,6 @@ class TrainingRecipe:
                 self.log_step(record, rows, out)
                 if self.nonfinite >= cfg.max_nonfinite_steps:
                     saved = self.save_checkpoint(self.step)
-                    self.bar.close()
                     raise TrainingDiverged(
                         f"stopped at step {self.step}: {self.nonfinite} steps in a row had a NaN/inf loss "
                         f"or gradient. Saved {saved} (the weights before them). Lower --learning-rate or "
@@ -455,9 +474,7 @@ class TrainingRecipe:
                 if self.step % cfg.checkpoint_every == 0 or self.step == cfg.max_steps or self.stop_requested:
                     self.save_checkpoint(self.step)
                 if self.stop_requested:
-                    self.bar.close()
                     return True
-        self.bar.close()
         return False
 
     def finish(self, total: float, interrupted: bool) -> None:
@@ -472,27 +489,12 @@ class TrainingRecipe:
                 url = self.unwrapped.push_to_hub(self.config.push_to_hub,
                                                  folder=self.last_checkpoint / checkpoint.MODEL_DIR)
                 logger.info(f"Pushed {self.last_checkpoint.name}/model to {url}")
+        self.closing.close()
 
 
-def _move_grads(params, into: dict | None) -> None:
-    """Moves gradients out of ``.grad``: ``params`` (an iterable of parameters) into ``into``
-    (added to what it holds), or, with ``into=None``, back from the dict ``params`` into ``.grad``."""
-    if into is None:
-        for p, g in params.items():
-            p.grad = g
-        return
-    for p in params:
-        if p.grad is not None:
-            into[p] = into[p] + p.grad if p in into else p.grad
-            p.grad = None
-
-
-def _add_grads(extra: dict) -> None:
-    for p, g in extra.items():
-        p.grad = g if p.grad is None else p.grad + g
-
-
-def train(config: TrainConfig, eval_hooks: Sequence[EvalHook] | None = None) -> TrainResult:
-    """Trains ``config.model`` with Quiet-STaR; see ``TrainConfig`` for every setting and
-    ``TrainingRecipe`` for the stages."""
-    return TrainingRecipe(config, eval_hooks).run()
+def train(config: TrainConfig, eval_hooks: Sequence[EvalHook] | None = None, *,
+          tune_cpu: bool = False) -> TrainResult:
+    """Trains ``config.model`` with Quiet-STaR (the settings: ``TrainConfig``; the stages:
+    ``TrainingRecipe``). ``tune_cpu``: on a CPU run, apply ``training.cpu.tune_for_training``
+    before the first step (process-wide, never undone; ``quietstar train`` does)."""
+    return TrainingRecipe(config, eval_hooks, tune_cpu=tune_cpu).run()

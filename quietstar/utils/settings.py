@@ -251,9 +251,9 @@ def _typed(hint: Any, value: Any, name: str, finite: bool) -> Any:
         return value  # check_field_types builds it (its own errors name its class)
     if typing.get_origin(hint) is Literal:
         choices = typing.get_args(hint)
-        if not any(type(value) is type(c) for c in choices):
+        if not any(type(value) is type(c) and value == c for c in choices):  # True is not 1
             raise ValueError(f"{name} must be one of {', '.join(map(str, choices))}; got {value!r}")
-        return value  # which of the choices: the class's own checks say, in its words
+        return value
     if hint is bool:
         if not isinstance(value, bool):
             raise ValueError(f"{name} must be {BOOL_SPELLINGS}, got {value!r}"
@@ -297,9 +297,9 @@ def check_field_types(obj: Any, infinite_ok: Collection[str] = ()) -> None:
     """Checks every field of the dataclass instance ``obj`` against its type, in place: a number
     given as a string ("3e-5") or an int for a float field becomes a float, an integral float
     for an int field an int, a mapping for a nested dataclass field its instance; anything else
-    that does not fit (a string for a bool, 2.5 for an int, a number for a Literal, a scalar
-    where a section belongs) is a ValueError "<Class>: <field> must be ...". NaN is refused for
-    every number; inf too, except for the fields named in ``infinite_ok``."""
+    that does not fit (a string for a bool, 2.5 for an int, a value not among a Literal's
+    choices, a scalar where a section belongs) is a ValueError "<Class>: <field> must be ...".
+    NaN is refused for every number; inf too, except for the fields named in ``infinite_ok``."""
     hints = typing.get_type_hints(type(obj))
     label = type(obj).__name__
     for f in dataclasses.fields(obj):
