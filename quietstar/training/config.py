@@ -219,11 +219,6 @@ class TrainConfig:
         need(self.push_to_hub is None or re.fullmatch(r"[\w.-]+/[\w.-]+", self.push_to_hub) is not None,
              f"push_to_hub must be a Hub repo id 'owner/name', got {self.push_to_hub!r}")
         need(bool(self.lora_target_modules.strip()), "lora_target_modules must not be empty")
-        for name, allowed in (("data_mode", ("pack", "crop")),
-                              ("lr_schedule", ("cosine", "linear", "constant")),
-                              ("precision", ("auto", "fp32", "bf16")), ("report_to", REPORT_TO)):
-            value = getattr(self, name)
-            need(value in allowed, f"{name} must be one of {', '.join(allowed)}; got {value!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
