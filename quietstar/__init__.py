@@ -6,6 +6,7 @@ drop_deepspeed_cpu_notice()  # before anything imports DeepSpeed (see quietstar/
 
 from quietstar.method.config import QuietStarConfig  # noqa: E402
 from quietstar.models.modeling import NonFiniteLossError, QuietStarForCausalLM, QuietStarOutput, ThoughtScores  # noqa: E402
+from quietstar.utils.errors import QuietStarInputError  # noqa: E402
 
 # Imported on first use (the module's __getattr__): the training names bring transformers.Trainer
 # and the training recipe with its accelerate set-up, which using a model needs none of.
@@ -20,7 +21,7 @@ _LAZY_EXPORTS = {
 }
 
 __all__ = ["QuietStarConfig", "QuietStarForCausalLM", "QuietStarOutput", "ThoughtScores",
-           "NonFiniteLossError", *_LAZY_EXPORTS]
+           "NonFiniteLossError", "QuietStarInputError", *_LAZY_EXPORTS]
 __version__ = "0.1.0"
 
 

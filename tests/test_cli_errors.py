@@ -13,6 +13,7 @@ import pytest
 
 from conftest import make_lm, make_model, make_tokenizer
 from quietstar.cli import main as cli
+from quietstar.utils.errors import MissingDependencyError, QuietStarInputError
 
 FIXTURES = Path(__file__).parent / "fixtures"
 G = str(FIXTURES / "gsm8k_tiny.jsonl")
@@ -252,24 +253,47 @@ def test_output_paths_are_checked_before_the_model_loads(inputs, monkeypatch, ca
         assert "--out" in capsys.readouterr().err
 
 
-def test_an_error_that_is_not_bad_input_keeps_its_traceback(tmp_path, monkeypatch):
-    """Only bad input (ValueError, OSError, ImportError) becomes a message: a bug still raises."""
+@pytest.mark.parametrize("bug", [KeyError("a bug"), ValueError("a bug"), ImportError("a bug"),
+                                 RuntimeError("a bug")], ids=lambda e: type(e).__name__)
+def test_an_error_that_is_not_bad_input_keeps_its_traceback(tmp_path, monkeypatch, bug):
+    """Only bad input (QuietStarInputError, OSError) becomes a message: a bug raises, a plain
+    ValueError or ImportError from inside the code included."""
     import quietstar.cli.inspect_thoughts as command
 
-    def bug(*args, **kwargs):
-        raise KeyError("a bug")
+    def fails(*args, **kwargs):
+        raise bug
 
-    monkeypatch.setattr(command, "write_page", bug)
+    monkeypatch.setattr(command, "write_page", fails)
     monkeypatch.setattr(command.LoadingArguments, "load", lambda self, model, device: None)
-    with pytest.raises(KeyError, match="a bug"):
+    with pytest.raises(type(bug), match="a bug"):
         cli.main(["inspect", "--model", "m", "--text", "hi there", "--out", str(tmp_path / "page.html")])
+
+
+@pytest.mark.parametrize("error", [QuietStarInputError("bad input"), MissingDependencyError("pip install x"),
+                                   FileNotFoundError("no such file")], ids=lambda e: type(e).__name__)
+def test_bad_input_shows_its_traceback_only_when_asked(tmp_path, monkeypatch, capsys, error):
+    import quietstar.cli.inspect_thoughts as command
+
+    def fails(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(command.LoadingArguments, "load", fails)
+    argv = ["inspect", "--model", "m", "--text", "hi", "--out", str(tmp_path / "page.html")]
+    monkeypatch.delenv("QUIETSTAR_TRACEBACK", raising=False)
+    assert cli.main(argv) == 2
+    assert capsys.readouterr().err == f"quietstar inspect: error: {error}\n"
+    monkeypatch.setenv("QUIETSTAR_TRACEBACK", "1")
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("Traceback (most recent call last):") and "in fails" in err
+    assert err.endswith(f"quietstar inspect: error: {error}\n")
 
 
 def test_a_multi_line_message_is_joined_into_one(tmp_path, monkeypatch, capsys):
     import quietstar.cli.inspect_thoughts as command
 
     def fails(*args, **kwargs):
-        raise ValueError("first line\n  second line\n")
+        raise QuietStarInputError("first line\n  second line\n")
 
     monkeypatch.setattr(command.LoadingArguments, "load", fails)
     assert cli.main(["inspect", "--model", "m", "--text", "hi", "--out", str(tmp_path / "page.html")]) == 2

@@ -13,6 +13,7 @@ import torch
 
 from conftest import make_lm, make_model, make_tokenizer
 from quietstar.cli import main as cli
+from quietstar.utils.errors import QuietStarInputError
 
 COMMIT_A, COMMIT_B = "a" * 40, "b" * 40
 
@@ -122,7 +123,7 @@ def test_generate_and_analyze_take_the_loading_flags(monkeypatch, saved, tmp_pat
 
     def spy(model, *args, **kwargs):
         dtypes.append(model.lm.dtype)
-        raise ValueError("stop here")
+        raise QuietStarInputError("stop here")
 
     monkeypatch.setattr(generate, "generate", spy)
     monkeypatch.setattr(analyze, "token_nlls", spy)

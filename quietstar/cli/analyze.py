@@ -17,6 +17,7 @@ from quietstar.utils.settings import add_dataclass_arguments, option
 from quietstar.data.corpora import load_texts
 from quietstar.evaluation.plots import plot_difficulty
 from quietstar.cli.common import LoadingArguments, ModelArguments, check_at_least, command_main, parse_settings
+from quietstar.utils.errors import QuietStarInputError
 
 HELP = "per-token NLL gains against token difficulty"
 
@@ -50,8 +51,8 @@ class AnalyzeArguments:
     def __post_init__(self):
         bad = [f for f in self.thought_fractions if not 0 < f <= 1]
         if bad or not self.thought_fractions:
-            raise ValueError(f"--thought-fractions must be shares in (0, 1] (1 = every position), got "
-                             f"{','.join(map(str, self.thought_fractions)) or 'none'}")
+            raise QuietStarInputError(f"--thought-fractions must be shares in (0, 1] (1 = every position), got "
+                                      f"{','.join(map(str, self.thought_fractions)) or 'none'}")
         check_at_least(1, limit=self.limit, batch_size=self.batch_size, buckets=self.buckets)
         check_at_least(2, max_length=self.max_length)  # a token and its successor
 
@@ -68,14 +69,14 @@ def run(args: argparse.Namespace) -> int:
     loading = parse_settings(LoadingArguments, args)
     settings = parse_settings(AnalyzeArguments, args)
     if model_args.thought_tokens == 0:  # the analysis compares a thought with none
-        raise ValueError("--thought-tokens must be >= 1 (the analysis compares a thought with none), got 0")
+        raise QuietStarInputError("--thought-tokens must be >= 1 (the analysis compares a thought with none), got 0")
     texts = list(load_texts(settings.data, num_documents=settings.limit))  # before the model: bad data fails fast
     if not texts:
-        raise ValueError(f"--data {settings.data} holds no documents; give a file with text in it")
+        raise QuietStarInputError(f"--data {settings.data} holds no documents; give a file with text in it")
     model = loading.load(model_args.model, model_args.device)
     K, T = model.config.thought_settings(model_args.thought_tokens, model_args.thought_temperature)
     if K < 1:
-        raise ValueError(f"--thought-tokens must be >= 1, got {K} (the model's own)")
+        raise QuietStarInputError(f"--thought-tokens must be >= 1, got {K} (the model's own)")
     runs = [(f, token_nlls(model, texts, K, T, settings.max_length, settings.batch_size, model_args.seed,
                            progress=True, thought_source=settings.thought_source, thought_fraction=f,
                            thought_selection=settings.thought_selection))

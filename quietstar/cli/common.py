@@ -1,7 +1,7 @@
 """What several commands share: the model flags (``ModelArguments``, ``LoadingArguments``),
 settings parsed with their output paths checked (``parse_settings``), and ``command_main``.
 
-Errors are not caught here: a command raises ValueError / OSError for bad input and
+Errors are not caught here: a command raises QuietStarInputError / OSError for bad input and
 ``quietstar.cli.main.main``, the one error boundary, reports it on one line with exit code 2.
 """
 
@@ -18,6 +18,7 @@ from pathlib import Path
 from quietstar.utils.settings import OUTPUT, option, parse_dataclass
 from quietstar.method.config import check_thought_settings
 from quietstar.models.loading import EMBEDDED_MODEL, load_quietstar_model, resolve_device, resolve_dtype
+from quietstar.utils.errors import QuietStarInputError
 
 
 @dataclass
@@ -61,15 +62,15 @@ class LoadingArguments:
         try:
             resolve_dtype(self.dtype)
         except ValueError as e:
-            raise ValueError(f"--dtype: {e}") from None
+            raise QuietStarInputError(f"--dtype: {e}") from None
         if self.device_map is not None and importlib.util.find_spec("accelerate") is None:
-            raise ValueError(f"--device-map {self.device_map} needs the package accelerate: "
-                             "pip install accelerate (or use --device)")
+            raise QuietStarInputError(f"--device-map {self.device_map} needs the package accelerate: "
+                                      "pip install accelerate (or use --device)")
 
     def load(self, model: str, device: str | None):
         """The QuietStarForCausalLM named by ``model``, loaded so, then moved to ``device``."""
         if device is not None and self.device_map is not None:
-            raise ValueError("give --device or --device-map, not both")
+            raise QuietStarInputError("give --device or --device-map, not both")
         return load_quietstar_model(model, device, self.dtype, revision=self.revision,
                                     cache_dir=self.cache_dir, device_map=self.device_map)
 
@@ -79,14 +80,14 @@ def check_device(device: str | None) -> None:
     try:
         resolve_device(device)
     except ValueError as e:
-        raise ValueError(f"--device: {e}") from None
+        raise QuietStarInputError(f"--device: {e}") from None
 
 
 def check_at_least(minimum: int, **values: int | None) -> None:
     """Refuses an integer setting below ``minimum`` (None: not given), naming its flag."""
     for name, value in values.items():
         if value is not None and value < minimum:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= {minimum}, got {value}")
+            raise QuietStarInputError(f"--{name.replace('_', '-')} must be >= {minimum}, got {value}")
 
 
 def check_output(path: str | Path, flag: str, folder: bool = False) -> Path:
@@ -97,20 +98,20 @@ def check_output(path: str | Path, flag: str, folder: bool = False) -> Path:
     Nothing is left behind."""
     path = Path(path).expanduser()
     if folder and path.exists() and not path.is_dir():
-        raise ValueError(f"{flag} {path} is a file; give a folder (it is created if missing)")
+        raise QuietStarInputError(f"{flag} {path} is a file; give a folder (it is created if missing)")
     if not folder and path.is_dir():
-        raise ValueError(f"{flag} {path} is a folder; give a file name")
+        raise QuietStarInputError(f"{flag} {path} is a folder; give a file name")
     parent = path if folder else path.parent
     while not parent.exists():
         parent = parent.parent
     if not parent.is_dir():
-        raise ValueError(f"{flag} {path} lies inside {parent}, which is a file, not a folder; "
-                         f"choose another {flag}")
+        raise QuietStarInputError(f"{flag} {path} lies inside {parent}, which is a file, not a folder; "
+                                  f"choose another {flag}")
     try:
         fd, probe = tempfile.mkstemp(prefix=".quietstar-write-test-", dir=parent)
     except OSError as e:
-        raise ValueError(f"{flag} {path}: cannot create files in {parent} ({e.strerror or e}); "
-                         f"choose another {flag}") from None
+        raise QuietStarInputError(f"{flag} {path}: cannot create files in {parent} ({e.strerror or e}); "
+                                  f"choose another {flag}") from None
     os.close(fd)
     os.unlink(probe)
     return path

@@ -15,6 +15,7 @@ from typing import Literal
 from quietstar.utils.settings import add_dataclass_arguments, option
 from quietstar.evaluation.tasks import METRICS, evaluate, format_table, load_items
 from quietstar.cli.common import LoadingArguments, ModelArguments, check_at_least, command_main, parse_settings
+from quietstar.utils.errors import QuietStarInputError
 
 HELP = "GSM8K / CommonsenseQA / lm-eval scores with and without thoughts"
 
@@ -49,11 +50,11 @@ class EvalArguments:
     def __post_init__(self):
         unknown = [m for m in self.metrics if m not in METRICS]
         if unknown:
-            raise ValueError(f"--metrics: unknown metric(s) {unknown}; choose from {','.join(METRICS)}")
+            raise QuietStarInputError(f"--metrics: unknown metric(s) {unknown}; choose from {','.join(METRICS)}")
         if not self.metrics and not self.lm_eval:
-            raise ValueError(f"--metrics is empty; choose from {','.join(METRICS)}")
+            raise QuietStarInputError(f"--metrics is empty; choose from {','.join(METRICS)}")
         if self.lm_eval_include is not None and not self.lm_eval:
-            raise ValueError("--lm-eval-include adds lm-eval tasks: it needs --lm-eval TASK")
+            raise QuietStarInputError("--lm-eval-include adds lm-eval tasks: it needs --lm-eval TASK")
         check_at_least(1, limit=self.limit, batch_size=self.batch_size, cot_samples=self.cot_samples,
                        cot_max_tokens=self.cot_max_tokens)
 

@@ -18,6 +18,7 @@ from quietstar.utils.batching import model_device
 from quietstar.method.config import check_thought_settings
 from quietstar.method.generation import generate
 from quietstar.cli.common import LoadingArguments, check_at_least, check_device, command_main, parse_settings
+from quietstar.utils.errors import QuietStarInputError
 
 HELP = "generate text, thinking before every token"
 
@@ -62,11 +63,11 @@ class GenerateArguments:
         check_device(self.device)
         check_at_least(1, max_new_tokens=self.max_new_tokens)
         if not (math.isfinite(self.thought_threshold) and self.thought_threshold >= 0):
-            raise ValueError(f"--thought-threshold must be a finite number >= 0 (0 = think before every "
-                             f"token), got {self.thought_threshold}")
+            raise QuietStarInputError(f"--thought-threshold must be a finite number >= 0 (0 = think before every "
+                                      f"token), got {self.thought_threshold}")
         if not self.sample and (self.top_k is not None or self.top_p is not None
                                 or self.temperature != 1.0):
-            raise ValueError("--temperature/--top-k/--top-p need --sample")
+            raise QuietStarInputError("--temperature/--top-k/--top-p need --sample")
 
 
 DIM, RESET = "\x1b[2m", "\x1b[0m"
@@ -142,7 +143,7 @@ def run(args: argparse.Namespace) -> int:
         streamer = TextStreamer(model.tokenizer)
     input_ids = model.tokenizer(settings.prompt, return_tensors="pt").input_ids.to(device)
     if input_ids.shape[1] == 0:
-        raise ValueError("--prompt is empty (it encodes to no token); give a text to continue")
+        raise QuietStarInputError("--prompt is empty (it encodes to no token); give a text to continue")
     generator = None
     if settings.seed is not None:
         generator = torch.Generator(device=device).manual_seed(settings.seed)

@@ -14,6 +14,7 @@ from pathlib import Path
 from quietstar.utils.settings import add_dataclass_arguments, option
 from quietstar.evaluation.viewer import model_display_name, write_page
 from quietstar.cli.common import LoadingArguments, ModelArguments, command_main, parse_settings
+from quietstar.utils.errors import QuietStarInputError
 
 HELP = "write an HTML page showing each token's thought"
 
@@ -32,9 +33,9 @@ class InspectArguments:
 
     def __post_init__(self):
         if self.text is None and self.text_file is None:
-            raise ValueError("give the text to inspect: --text TEXT or --text-file FILE")
+            raise QuietStarInputError("give the text to inspect: --text TEXT or --text-file FILE")
         if self.text is not None and self.text_file is not None:
-            raise ValueError("give --text or --text-file, not both")
+            raise QuietStarInputError("give --text or --text-file, not both")
 
 
 def read_text_file(path: str) -> str:
@@ -44,9 +45,9 @@ def read_text_file(path: str) -> str:
     except FileNotFoundError:
         raise FileNotFoundError(f"--text-file {path} does not exist") from None
     except IsADirectoryError:
-        raise ValueError(f"--text-file {path} is a folder; give a text file") from None
+        raise QuietStarInputError(f"--text-file {path} is a folder; give a text file") from None
     except UnicodeDecodeError as e:
-        raise ValueError(f"--text-file {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+        raise QuietStarInputError(f"--text-file {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

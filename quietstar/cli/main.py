@@ -5,18 +5,24 @@ Each subcommand is a module of ``quietstar.cli`` that provides ``add_arguments(p
 arguments are parsed), so one command does not pay for another's dependencies and
 ``quietstar --help`` imports none of them; a command module that fails to import raises.
 
-``main`` is the one error boundary of every command: bad input (``USER_ERRORS``: a ValueError,
-an OSError such as a missing or unreadable file, an ImportError of an optional dependency) and
-bad flags end as one line ``quietstar <command>: error: <what is wrong and what to do>`` on
-stderr and exit code 2, without a traceback; Ctrl-C outside training exits 130. Commands raise
-such errors; they do not catch them.
+``main`` is the one error boundary of every command: bad input (``USER_ERRORS``: a
+``QuietStarInputError``, which includes a missing optional dependency, or an OSError such as a
+missing or unreadable file) and bad flags end as one line ``quietstar <command>: error: <what is
+wrong and what to do>`` on stderr and exit code 2, without a traceback; Ctrl-C outside training
+exits 130. Any other exception is a bug and keeps its traceback. ``QUIETSTAR_TRACEBACK=1`` prints
+the traceback of bad input too (before the one line). Commands raise such errors; they do not
+catch them.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+import traceback
+
+from quietstar.utils.errors import QuietStarInputError
 
 # name -> (module, help); the help is kept here so that listing the commands imports nothing.
 COMMANDS = {
@@ -28,8 +34,9 @@ COMMANDS = {
 }
 
 
-USER_ERRORS = (ValueError, OSError, ImportError)
+USER_ERRORS = (QuietStarInputError, OSError)
 """What bad input raises: reported on one line, exit code 2 (anything else is a bug: traceback)."""
+TRACEBACK_ENV = "QUIETSTAR_TRACEBACK"  # "1": show the traceback of bad input too
 
 
 class Parser(argparse.ArgumentParser):
@@ -96,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except USER_ERRORS as error:
+        if os.environ.get(TRACEBACK_ENV, "").strip().lower() in ("1", "true", "yes", "on"):
+            traceback.print_exc()
         print(f"quietstar {args.command}: error: {one_line(error)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

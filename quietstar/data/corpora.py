@@ -32,6 +32,7 @@ import torch
 from quietstar.data.arithmetic import arithmetic_corpus
 from quietstar.data.scratchpad import scratchpad_corpus
 from quietstar.utils.hub import is_hub_id
+from quietstar.utils.errors import QuietStarInputError
 
 BUILTIN_ARITHMETIC = "builtin:arithmetic"
 BUILTIN_SCRATCHPAD = "builtin:scratchpad"
@@ -62,24 +63,24 @@ def _record_text(record: Any, text_field: str | None, where: str) -> str:
     if isinstance(record, str):
         return record
     if not isinstance(record, dict):
-        raise ValueError(f"{where}: a record must be a JSON object (or a string), got "
-                         f"{type(record).__name__} {str(record)[:40]}")
+        raise QuietStarInputError(f"{where}: a record must be a JSON object (or a string), got "
+                                  f"{type(record).__name__} {str(record)[:40]}")
     if text_field is not None:
         if text_field not in record:
-            raise ValueError(f"{where}: record has no field {text_field!r} "
-                             f"(fields: {sorted(record)})")
+            raise QuietStarInputError(f"{where}: record has no field {text_field!r} "
+                                      f"(fields: {sorted(record)})")
         return str(record[text_field])
     if "text" in record:
         return str(record["text"])
     if "question" in record and "answer" in record:  # GSM8K layout
         return f"Question: {record['question']}\nAnswer: {record['answer']}"
-    raise ValueError(f"{where}: record has no 'text' field and is not question/answer "
-                     f"(fields: {sorted(record)}); pass text_field=...")
+    raise QuietStarInputError(f"{where}: record has no 'text' field and is not question/answer "
+                              f"(fields: {sorted(record)}); pass text_field=...")
 
 
-def _not_utf8(path: Path, line_no: int, error: UnicodeDecodeError) -> ValueError:
-    return ValueError(f"{path}:{line_no} is not UTF-8 text ({error.reason}, byte "
-                      f"{error.object[error.start:error.start + 1]!r}); save the file as UTF-8")
+def _not_utf8(path: Path, line_no: int, error: UnicodeDecodeError) -> QuietStarInputError:
+    return QuietStarInputError(f"{path}:{line_no} is not UTF-8 text ({error.reason}, byte "
+                               f"{error.object[error.start:error.start + 1]!r}); save the file as UTF-8")
 
 
 def read_utf8(path: Path) -> str:
@@ -105,8 +106,8 @@ def read_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
             try:
                 yield line_no, json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{line_no} is not valid JSON ({e.msg}, column {e.colno}); the "
-                                 "file must be JSON lines: one JSON record per line") from None
+                raise QuietStarInputError(f"{path}:{line_no} is not valid JSON ({e.msg}, column {e.colno}); the "
+                                          "file must be JSON lines: one JSON record per line") from None
 
 
 def _read_txt(path: Path) -> Iterator[str]:
@@ -155,7 +156,7 @@ def _read_local(path: Path, text_field: str | None) -> Iterator[str]:
         elif file.suffix == ".parquet":
             yield from _read_parquet(file, text_field)
         else:
-            raise ValueError(f"unsupported file type {file} (expected one of {LOCAL_SUFFIXES})")
+            raise QuietStarInputError(f"unsupported file type {file} (expected one of {LOCAL_SUFFIXES})")
 
 
 def _looks_local(source: str) -> bool:
@@ -172,7 +173,7 @@ def _load_hub(source: str, split: str, text_field: str | None, streaming: bool) 
     try:
         ds = datasets.load_dataset(name, config or None, split=split, streaming=streaming)
     except (ConnectionError, FileNotFoundError) as e:  # DatasetNotFoundError is a FileNotFoundError
-        raise ValueError(
+        raise QuietStarInputError(
             f"dataset {source!r} could not be found locally or downloaded from the Hugging Face "
             f"Hub ({type(e).__name__}: {e}). Use a local .txt/.jsonl/.json/.parquet file or "
             f"directory, or the offline corpus {BUILTIN_ARITHMETIC!r}.") from e
@@ -200,7 +201,7 @@ def load_texts(source: str, *, split: str = "train", text_field: str | None = No
     if source in BUILTIN_CORPORA:
         return BUILTIN_CORPORA[source](2000 if num_documents is None else num_documents, seed)
     if source.startswith("builtin:"):
-        raise ValueError(f"unknown built-in corpus {source!r}; available: {sorted(BUILTIN_CORPORA)}")
+        raise QuietStarInputError(f"unknown built-in corpus {source!r}; available: {sorted(BUILTIN_CORPORA)}")
     if _looks_local(source):
         path = Path(source).expanduser()
         if not path.exists():
@@ -254,7 +255,7 @@ def heldout_split(texts: Iterable[str], num_heldout: int) -> tuple[list[str], It
     duplicated text is never both trained on and evaluated on. The one held-out split of the
     project: training, its held-out loss and the experiments all cut the data here."""
     if num_heldout < 0:
-        raise ValueError(f"num_heldout must be >= 0, got {num_heldout}")
+        raise QuietStarInputError(f"num_heldout must be >= 0, got {num_heldout}")
     heldout = list(itertools.islice(texts, num_heldout))
     return heldout, _Remaining(texts, len(heldout), set(heldout))
 
@@ -269,8 +270,8 @@ def _token_ids(texts: Iterable[str], tokenizer, add_eos: bool,
     """Token ids per non-empty document, with EOS appended (unless already last)."""
     eos = tokenizer.eos_token_id
     if add_eos and eos is None:
-        raise ValueError("the tokenizer has no EOS token, which packing needs to separate "
-                         "documents; set tokenizer.eos_token or pass add_eos=False")
+        raise QuietStarInputError("the tokenizer has no EOS token, which packing needs to separate "
+                                  "documents; set tokenizer.eos_token or pass add_eos=False")
     texts = (t for t in texts if t.strip())
     while batch := list(itertools.islice(texts, chunk)):  # batched: fast tokenizers parallelise
         # The tokenizer's own special tokens are kept (e.g. a Llama BOS at every document start),
@@ -299,7 +300,7 @@ def pack_documents(texts: Iterable[str], tokenizer, seq_len: int, *, mode: str =
     Labels are not shifted: Hugging Face causal LMs shift them internally.
     """
     if seq_len < 1:
-        raise ValueError(f"seq_len must be positive, got {seq_len}")
+        raise QuietStarInputError(f"seq_len must be positive, got {seq_len}")
     if mode == "pack":
         buffer: list[int] = []
         for ids in _token_ids(texts, tokenizer, add_eos):
@@ -315,8 +316,8 @@ def pack_documents(texts: Iterable[str], tokenizer, seq_len: int, *, mode: str =
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None \
             else tokenizer.eos_token_id
         if pad is None:
-            raise ValueError("crop mode pads short documents but the tokenizer has neither a pad "
-                             "nor an EOS token; set tokenizer.pad_token")
+            raise QuietStarInputError("crop mode pads short documents but the tokenizer has neither a pad "
+                                      "nor an EOS token; set tokenizer.pad_token")
         for ids in _token_ids(texts, tokenizer, add_eos):
             ids = ids[:seq_len]
             n_pad = seq_len - len(ids)
@@ -325,7 +326,7 @@ def pack_documents(texts: Iterable[str], tokenizer, seq_len: int, *, mode: str =
             yield {"input_ids": input_ids, "attention_mask": mask,
                    "labels": input_ids.masked_fill(mask == 0, -100)}
     else:
-        raise ValueError(f"mode must be 'pack' or 'crop', got {mode!r}")
+        raise QuietStarInputError(f"mode must be 'pack' or 'crop', got {mode!r}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -376,8 +377,8 @@ class TokenBatches:
                  shuffle_buffer: int = 10_000, epochs: int | None = None,
                  drop_last: bool = True, name: str = "dataset"):
         if batch_size < 1 or seq_len < 1:
-            raise ValueError(f"batch_size and seq_len must be positive, got {batch_size}, "
-                             f"{seq_len}")
+            raise QuietStarInputError(f"batch_size and seq_len must be positive, got {batch_size}, "
+                                      f"{seq_len}")
         if isinstance(texts, Iterator):
             raise TypeError("texts must be re-iterable (a list or load_texts(...)), not a "
                             "one-shot iterator/generator: it is re-read every epoch and on resume")
@@ -423,13 +424,13 @@ class TokenBatches:
                 yield self._advance(pending)
             if n_documents[0] == 0:
                 why = self.texts.why_empty() if isinstance(self.texts, _Remaining) else _NO_TEXT
-                raise ValueError(f"{self.name} has no documents: {why}")
+                raise QuietStarInputError(f"{self.name} has no documents: {why}")
             if n_examples == 0:
-                raise ValueError(
+                raise QuietStarInputError(
                     f"{self.name} produced no complete sequence of {self.seq_len} tokens; use a "
                     f"shorter --seq-len, mode crop, or more data")
             if n_examples < self.batch_size and self.drop_last:
-                raise ValueError(
+                raise QuietStarInputError(
                     f"{self.name} produced only {n_examples} sequences of {self.seq_len} tokens, "
                     f"fewer than one batch of {self.batch_size}; use a smaller --batch-size, a "
                     f"shorter --seq-len, mode crop, or more data")
@@ -452,7 +453,7 @@ class TokenBatches:
         # Replaying is only exact with the same layout; refuse rather than resume silently wrong.
         for key in ("seed", "seq_len", "batch_size", "mode", "shuffle", "shuffle_buffer"):
             if key in state and state[key] != getattr(self, key):
-                raise ValueError(f"cannot resume data position: {key} was {state[key]!r}, now "
-                                 f"{getattr(self, key)!r}")
+                raise QuietStarInputError(f"cannot resume data position: {key} was {state[key]!r}, now "
+                                          f"{getattr(self, key)!r}")
         self.epoch, self.batch_in_epoch = int(state["epoch"]), int(state["batch_in_epoch"])
         self.batches_consumed = int(state.get("batches_consumed", 0))

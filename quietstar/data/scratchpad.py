@@ -34,6 +34,8 @@ import random
 
 from tokenizers import Tokenizer, models, pre_tokenizers
 
+from quietstar.utils.errors import QuietStarInputError
+
 SCRATCHPAD_WORDS = ["<pad>", "<eos>", "---"] + [str(d) for d in range(10)] + ["*", "+", "=", ";"]
 PROBLEMS_PER_DOCUMENT = 8
 
@@ -61,7 +63,7 @@ def scratchpad_corpus(num_documents: int, seed: int, worked_fraction: float = 0.
     ``decoy_fraction``. Deterministic per ``seed`` (a private RNG)."""
     for name, value in (("worked_fraction", worked_fraction), ("decoy_fraction", decoy_fraction)):
         if not 0.0 <= value <= 1.0:
-            raise ValueError(f"{name} must be in [0, 1], got {value}")
+            raise QuietStarInputError(f"{name} must be in [0, 1], got {value}")
     rng = random.Random(seed)
     docs = []
     for _ in range(num_documents):

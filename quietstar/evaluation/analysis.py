@@ -28,6 +28,7 @@ from quietstar.utils.modes import eval_mode
 from quietstar.evaluation.tasks import next_token_logits
 from quietstar.method.selection import check_thought_fraction
 from quietstar.evaluation.statistics import format_cell, summarize
+from quietstar.utils.errors import QuietStarInputError
 
 
 @dataclass
@@ -44,7 +45,7 @@ def token_windows(texts: Sequence[str], tokenizer, max_length: int) -> list[tupl
     """(document, token ids) windows of at most ``max_length`` tokens. Consecutive windows of a
     text share one token, so every token after a text's first is predicted exactly once."""
     if max_length < 2:
-        raise ValueError(f"max_length must be >= 2 (a token and its successor), got {max_length}")
+        raise QuietStarInputError(f"max_length must be >= 2 (a token and its successor), got {max_length}")
     windows = []
     for d, text in enumerate(texts):
         ids = tokenizer(text).input_ids
@@ -79,18 +80,18 @@ def token_nlls(model, texts: Sequence[str], thought_tokens: int | None = None,
     """
     check_thought_fraction(thought_fraction)
     if think_at is not None and thought_fraction < 1:
-        raise ValueError("give either thought_fraction < 1 or think_at, not both")
+        raise QuietStarInputError("give either thought_fraction < 1 or think_at, not both")
     K, T = model.config.thought_settings(thought_tokens, thought_temperature)
     tokenizer, device = model.tokenizer, model_device(model)
     windows = token_windows(texts, tokenizer, max_length)
     if not windows:
-        raise ValueError("the texts hold no token with a predecessor; give longer texts")
+        raise QuietStarInputError("the texts hold no token with a predecessor; give longer texts")
     if think_at is not None:
         n_tokens = sum(len(w) - 1 for _, w in windows)
         think_at = np.asarray(think_at)
         if think_at.dtype != bool or think_at.shape != (n_tokens,):
-            raise ValueError(f"think_at must be a bool array of one entry per predicted token "
-                             f"({n_tokens}), got {think_at.dtype} {think_at.shape}")
+            raise QuietStarInputError(f"think_at must be a bool array of one entry per predicted token "
+                                      f"({n_tokens}), got {think_at.dtype} {think_at.shape}")
     done = 0  # tokens of the result so far
     generator = torch.Generator(device).manual_seed(seed)
     base, thinking, document, thought = [], [], [], []
@@ -146,12 +147,12 @@ def difficulty_report(base, other, groups=None, buckets: int = 10, hardest_fract
     base, other = np.asarray(base, np.float64), np.asarray(other, np.float64)
     groups = None if groups is None else np.asarray(groups)
     if base.shape != other.shape or base.ndim != 1 or (groups is not None and groups.shape != base.shape):
-        raise ValueError(f"base, other (and groups) must be 1-D arrays of one length; got "
-                         f"{base.shape}, {other.shape}{'' if groups is None else f', {groups.shape}'}")
+        raise QuietStarInputError(f"base, other (and groups) must be 1-D arrays of one length; got "
+                                  f"{base.shape}, {other.shape}{'' if groups is None else f', {groups.shape}'}")
     if not 1 <= buckets <= base.size:
-        raise ValueError(f"buckets must be between 1 and the number of tokens ({base.size}), got {buckets}")
+        raise QuietStarInputError(f"buckets must be between 1 and the number of tokens ({base.size}), got {buckets}")
     if not 0 < hardest_fraction <= 1:
-        raise ValueError(f"hardest_fraction must be in (0, 1], got {hardest_fraction}")
+        raise QuietStarInputError(f"hardest_fraction must be in (0, 1], got {hardest_fraction}")
 
     def compare(index: np.ndarray) -> dict:
         g = None if groups is None else groups[index]

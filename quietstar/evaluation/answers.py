@@ -11,6 +11,8 @@ from collections import Counter
 from decimal import Decimal, InvalidOperation
 from typing import Iterable, Sequence
 
+from quietstar.utils.errors import QuietStarInputError
+
 # A number as people write it: optional sign, digits with optional thousands commas, optional
 # decimals. "1,000" is one number; "1,2" is not a thousands group and reads as "1".
 _NUMBER = re.compile(r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?")
@@ -37,12 +39,12 @@ def normalize_number(text: str) -> str | None:
 def parse_gsm8k_gold(answer: str) -> str:
     """The final answer of a GSM8K solution: the number after "####" (e.g. "... #### 1,000" -> "1000")."""
     if "####" not in answer:
-        raise ValueError(f"GSM8K answer has no '#### <number>' line: {answer[-80:]!r}; "
-                         "GSM8K files must keep the dataset's own answer format")
+        raise QuietStarInputError(f"GSM8K answer has no '#### <number>' line: {answer[-80:]!r}; "
+                                  "GSM8K files must keep the dataset's own answer format")
     final = answer.rsplit("####", 1)[1]
     number = normalize_number(final)
     if number is None:
-        raise ValueError(f"GSM8K answer {final.strip()!r} after '####' is not a number")
+        raise QuietStarInputError(f"GSM8K answer {final.strip()!r} after '####' is not a number")
     return number
 
 

@@ -21,11 +21,12 @@ import torch
 try:
     from lm_eval.models.huggingface import HFLM
 except ImportError as e:  # pragma: no cover - depends on the environment
-    raise ImportError("quietstar's lm-eval support needs lm-evaluation-harness: "
-                      "pip install 'lm-eval>=0.4.5' (or pip install 'quietstar[eval]')") from e
+    raise MissingDependencyError("quietstar's lm-eval support needs lm-evaluation-harness: "
+                                 "pip install 'lm-eval>=0.4.5' (or pip install 'quietstar[eval]')") from e
 
 from quietstar.evaluation.tasks import next_token_logits
 from quietstar.evaluation.statistics import format_cell, summarize
+from quietstar.utils.errors import MissingDependencyError, QuietStarInputError
 
 
 class QuietStarLM(HFLM):
@@ -125,8 +126,8 @@ def evaluate_lm_eval(model, tasks: Sequence[str], thought_tokens: int | None = N
     known = set(manager.match_tasks(list(tasks)))
     unknown = [t for t in tasks if t not in known and not Path(t).is_file()]
     if unknown:
-        raise ValueError(f"--lm-eval: unknown lm-eval task(s) {', '.join(unknown)}; `lm-eval ls tasks` "
-                         "lists them (local task YAMLs: --lm-eval-include DIR)")
+        raise QuietStarInputError(f"--lm-eval: unknown lm-eval task(s) {', '.join(unknown)}; `lm-eval ls tasks` "
+                                  "lists them (local task YAMLs: --lm-eval-include DIR)")
     raw, per_doc = {}, {}
     for mode, k in (("off", 0), ("on", K)):
         lm = QuietStarLM(model, k, T, batch_size=batch_size, seed=seed)

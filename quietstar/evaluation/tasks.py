@@ -38,6 +38,7 @@ from quietstar.utils.batching import model_device, pad_sequences
 from quietstar.utils.modes import eval_mode
 from quietstar.data.corpora import read_jsonl
 from quietstar.evaluation.statistics import format_cell, summarize
+from quietstar.utils.errors import QuietStarInputError
 
 TASKS = ("gsm8k", "csqa")
 METRICS = ("direct", "accuracy", "cot")
@@ -72,8 +73,8 @@ def gsm8k_item(record: dict, index: int) -> Item:
     try:
         question, answer = record["question"], record["answer"]
     except KeyError as e:
-        raise ValueError(f"GSM8K record {index} has no {e.args[0]!r} field; expected "
-                         "{'question': ..., 'answer': '... #### <number>'}") from None
+        raise QuietStarInputError(f"GSM8K record {index} has no {e.args[0]!r} field; expected "
+                                  "{'question': ..., 'answer': '... #### <number>'}") from None
     return Item(str(record.get("id", index)), question.strip(), parse_gsm8k_gold(answer))
 
 
@@ -84,10 +85,10 @@ def csqa_item(record: dict, index: int) -> Item:
         labels, texts = record["choices"]["label"], record["choices"]["text"]
         question, key = record["question"], record["answerKey"]
     except (KeyError, TypeError) as e:
-        raise ValueError(f"CommonsenseQA record {index} lacks {e}; expected {{'question', "
-                         "'choices': {'label': [...], 'text': [...]}, 'answerKey'}") from None
+        raise QuietStarInputError(f"CommonsenseQA record {index} lacks {e}; expected {{'question', "
+                                  "'choices': {'label': [...], 'text': [...]}, 'answerKey'}") from None
     if key not in labels:
-        raise ValueError(f"CommonsenseQA record {index}: answerKey {key!r} is not one of {labels}")
+        raise QuietStarInputError(f"CommonsenseQA record {index}: answerKey {key!r} is not one of {labels}")
     choices = " ".join(f"({label}) {text}" for label, text in zip(labels, texts))
     return Item(str(record.get("id", index)), f"{question.strip()}\n{choices}", key, tuple(labels))
 
@@ -96,23 +97,23 @@ def load_items(task: str, data: str | None = None, limit: int | None = None) -> 
     """The task's items from a local JSONL file in the dataset's own format, or else from the
     Hugging Face Hub (GSM8K test, CommonsenseQA validation); the first ``limit`` only."""
     if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; choose one of {TASKS}")
+        raise QuietStarInputError(f"unknown task {task!r}; choose one of {TASKS}")
     if data is not None:
         path = Path(data).expanduser()
         if path.is_dir():
-            raise ValueError(f"--data {path} is a folder; give a JSONL file in {HUB_SOURCES[task][0]}'s format")
+            raise QuietStarInputError(f"--data {path} is a folder; give a JSONL file in {HUB_SOURCES[task][0]}'s format")
         if not path.is_file():
             raise FileNotFoundError(f"data file {str(path)!r} does not exist")
         records, lines = [], []
         for line_no, record in read_jsonl(path):
             lines.append(line_no)
             if not isinstance(record, dict):
-                raise ValueError(f"{path}:{line_no} holds a JSON {type(record).__name__}, not a record "
-                                 "(an object {...} per line)")
+                raise QuietStarInputError(f"{path}:{line_no} holds a JSON {type(record).__name__}, not a record "
+                                          "(an object {...} per line)")
             records.append(record)
         if not records:
-            raise ValueError(f"--data {path} holds no records; give a JSONL file in {HUB_SOURCES[task][0]}'s "
-                             "format, one record per line")
+            raise QuietStarInputError(f"--data {path} holds no records; give a JSONL file in {HUB_SOURCES[task][0]}'s "
+                                      "format, one record per line")
     else:
         import datasets
 
@@ -120,8 +121,8 @@ def load_items(task: str, data: str | None = None, limit: int | None = None) -> 
         try:
             records = datasets.load_dataset(name, config, split=split)
         except (ConnectionError, FileNotFoundError, ValueError) as e:
-            raise ValueError(f"could not load {name} ({type(e).__name__}: {e}); without network "
-                             f"pass a local copy with --data FILE.jsonl in {name}'s format") from e
+            raise QuietStarInputError(f"could not load {name} ({type(e).__name__}: {e}); without network "
+                                      f"pass a local copy with --data FILE.jsonl in {name}'s format") from e
     if limit is not None:
         records = [records[i] for i in range(min(limit, len(records)))]
     make = gsm8k_item if task == "gsm8k" else csqa_item
@@ -130,14 +131,14 @@ def load_items(task: str, data: str | None = None, limit: int | None = None) -> 
         try:
             items.append(make(record, i))
         except ValueError as e:
-            raise ValueError(f"{path}:{lines[i]}: {e}" if data is not None else str(e)) from None
+            raise QuietStarInputError(f"{path}:{lines[i]}: {e}" if data is not None else str(e)) from None
     return items
 
 
 # --------------------------------------------------------------------------------------- model helpers
 def _batches(items: Sequence, size: int, description: str, progress: bool):
     if size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {size}")
+        raise QuietStarInputError(f"batch_size must be >= 1, got {size}")
     starts = range(0, len(items), size)
     for start in tqdm(starts, desc=description, disable=not progress, leave=False):
         yield items[start:start + size]
@@ -162,7 +163,7 @@ def thoughts_for(model, input_ids, attention_mask, thought_tokens: int, source: 
     The last two are controls: if the model gains as much from them as from its own thoughts, the
     gain does not come from what the thoughts say."""
     if source not in THOUGHT_SOURCES:
-        raise ValueError(f"thought source must be one of {THOUGHT_SOURCES}, got {source!r}")
+        raise QuietStarInputError(f"thought source must be one of {THOUGHT_SOURCES}, got {source!r}")
     if source == "random":
         vocab = model.lm.get_output_embeddings().weight.shape[0]
         allowed = torch.ones(vocab, dtype=torch.bool)
@@ -241,7 +242,7 @@ def answer_vocabulary(tokenizer, task: str, labels: Sequence[str] = (), vocab_si
     tokenizers that glue it to the first answer token (" 72", " B"); special tokens never belong.
     """
     if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; choose one of {TASKS}")
+        raise QuietStarInputError(f"unknown task {task!r}; choose one of {TASKS}")
     # Keyed on the tokenizer's size too: adding tokens (as from_base does) must not reuse a stale mask.
     return _answer_vocabulary_cached(tokenizer, len(tokenizer), task, tuple(labels),
                                      vocab_size or len(tokenizer))
@@ -259,7 +260,7 @@ def answer_token_span(tokenizer, prompt: str, answer: str) -> tuple[list[int], i
     ends = [end for _, end in encoding["offset_mapping"]]
     first = next(j for j, end in enumerate(ends) if end > start)
     if first == 0:
-        raise ValueError(f"the prompt {prompt!r} encodes to no token before the answer")
+        raise QuietStarInputError(f"the prompt {prompt!r} encodes to no token before the answer")
     return encoding["input_ids"], first
 
 
@@ -347,7 +348,7 @@ def cot_predictions(model, items: Sequence[Item], thought_tokens: int = 0, sampl
     trigger ``COT_ANSWER_TRIGGER``.
     """
     if samples < 1:
-        raise ValueError(f"cot samples must be >= 1, got {samples}")
+        raise QuietStarInputError(f"cot samples must be >= 1, got {samples}")
     results = []
     label = f"cot ({'thoughts off' if thought_tokens == 0 else f'{thought_tokens}-token thoughts'})"
     for batch in _batches(items, max(1, batch_size // samples), label, progress):
@@ -377,14 +378,14 @@ def evaluate(model, task: str, items: Sequence[Item], metrics: Sequence[str] = (
     """
     unknown = sorted(set(metrics) - set(METRICS))
     if unknown:
-        raise ValueError(f"unknown metric(s) {unknown}; choose from {METRICS}")
+        raise QuietStarInputError(f"unknown metric(s) {unknown}; choose from {METRICS}")
     if "cot" in metrics and task != "gsm8k":
-        raise ValueError("the chain-of-thought metric reads an arabic-numeral answer: GSM8K only")
+        raise QuietStarInputError("the chain-of-thought metric reads an arabic-numeral answer: GSM8K only")
     if not items:
-        raise ValueError("no items to evaluate")
+        raise QuietStarInputError("no items to evaluate")
     K, T = model.config.thought_settings(thought_tokens, thought_temperature)
     if K < 1:
-        raise ValueError(f"thought_tokens must be >= 1 (thoughts off is always measured too), got {K}")
+        raise QuietStarInputError(f"thought_tokens must be >= 1 (thoughts off is always measured too), got {K}")
     per_item = [{"id": item.id, "answer": item.answer} for item in items]
     results = {}
     with eval_mode(model):

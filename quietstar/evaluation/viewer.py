@@ -21,6 +21,7 @@ import torch
 
 from quietstar.utils.batching import model_device
 from quietstar.utils.modes import eval_mode
+from quietstar.utils.errors import QuietStarInputError
 
 
 @dataclass
@@ -48,8 +49,8 @@ def token_thoughts(model, text: str, thought_tokens: int | None = None,
     ids = tokenizer(text, return_tensors="pt").input_ids.to(device)
     L, A = ids.shape[1], model.config.ahead_tokens
     if L < 2:
-        raise ValueError(f"the text has {L} token{'' if L == 1 else 's'}; inspecting thoughts needs "
-                         "at least 2 (a token and the next one, which its thought predicts)")
+        raise QuietStarInputError(f"the text has {L} token{'' if L == 1 else 's'}; inspecting thoughts needs "
+                                  "at least 2 (a token and the next one, which its thought predicts)")
     with eval_mode(model):
         generator = torch.Generator(device).manual_seed(seed)
         thoughts = model.sample_thoughts(ids, num_tokens=k, temperature=temperature, generator=generator)

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Literal
 
 from quietstar.utils.settings import check_field_types
+from quietstar.utils.errors import QuietStarInputError
 
 QUIETSTAR_CONFIG_NAME = "quietstar_config.json"
 
@@ -28,9 +29,9 @@ def check_thought_settings(thought_tokens: int | None, thought_temperature: floa
     thought), the temperature a finite number >= 0 (0 = greedy). None: not given."""
     k, T = thought_tokens, thought_temperature
     if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 0):
-        raise ValueError(f"thought_tokens must be an int >= 0 (0 = no thought), got {k!r}")
+        raise QuietStarInputError(f"thought_tokens must be an int >= 0 (0 = no thought), got {k!r}")
     if T is not None and not (isinstance(T, (int, float)) and math.isfinite(T) and T >= 0):
-        raise ValueError(f"thought_temperature must be a finite number >= 0 (0 = greedy), got {T!r}")
+        raise QuietStarInputError(f"thought_temperature must be a finite number >= 0 (0 = greedy), got {T!r}")
 
 
 @dataclass
@@ -131,7 +132,7 @@ class QuietStarConfig:
 
         def need(ok: bool, message: str) -> None:
             if not ok:
-                raise ValueError(f"QuietStarConfig: {message}")
+                raise QuietStarInputError(f"QuietStarConfig: {message}")
 
         need(isinstance(self.sampled_thought_tokens, int) and self.sampled_thought_tokens >= 1,
              f"sampled_thought_tokens must be an int >= 1 (tokens between START and END), got "
@@ -149,7 +150,7 @@ class QuietStarConfig:
         try:  # the rule it follows at inference too
             check_thought_settings(None, self.thought_temperature)
         except ValueError as e:
-            raise ValueError(f"QuietStarConfig: {e}") from None
+            raise QuietStarInputError(f"QuietStarConfig: {e}") from None
         need(self.policy_logprob_temperature > 0,
              f"policy_logprob_temperature must be > 0, got {self.policy_logprob_temperature!r}")
         for name in ("policy_loss_weight", "base_loss_weight", "mixed_loss_weight", "thought_loss_weight"):
@@ -194,7 +195,7 @@ class QuietStarConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ValueError(f"QuietStarConfig: unknown field(s) {unknown}; known fields: {sorted(known)}")
+            raise QuietStarInputError(f"QuietStarConfig: unknown field(s) {unknown}; known fields: {sorted(known)}")
         return cls(**data)
 
     def save(self, directory: str | Path) -> None:
@@ -209,5 +210,5 @@ class QuietStarConfig:
             raise FileNotFoundError(f"{path} not found: {directory} is not a saved QuietStar model "
                                     "(save one with model.save_pretrained(dir))") from None
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path} is corrupt ({e}); restore it or re-save the model") from None
+            raise QuietStarInputError(f"{path} is corrupt ({e}); restore it or re-save the model") from None
         return cls.from_dict(data)

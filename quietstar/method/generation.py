@@ -32,6 +32,7 @@ from quietstar.method.rollout import text_positions
 from quietstar.method.sampling import sample
 from quietstar.method.selection import logits_entropy
 from quietstar.utils.modes import eval_mode
+from quietstar.utils.errors import QuietStarInputError
 
 
 @dataclass
@@ -80,32 +81,32 @@ def _check_inputs(model, input_ids, attention_mask, max_new_tokens, do_sample, t
                   top_p, thought_threshold):
     """Refuses inputs generation cannot honour (the thought settings: ``thought_settings``)."""
     if input_ids.dim() != 2 or input_ids.shape[1] == 0:
-        raise ValueError(f"input_ids must be [batch, length] with length >= 1, got shape "
-                         f"{tuple(input_ids.shape)}")
+        raise QuietStarInputError(f"input_ids must be [batch, length] with length >= 1, got shape "
+                                  f"{tuple(input_ids.shape)}")
     if attention_mask is not None and attention_mask.shape != input_ids.shape:
-        raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)} but input_ids has "
-                         f"{tuple(input_ids.shape)}; they must match")
+        raise QuietStarInputError(f"attention_mask has shape {tuple(attention_mask.shape)} but input_ids has "
+                                  f"{tuple(input_ids.shape)}; they must match")
     if attention_mask is not None and not attention_mask[:, -1].all():
-        raise ValueError("the prompts are right-padded; pad on the left for generation "
-                         "(tokenizer.padding_side = 'left')")
+        raise QuietStarInputError("the prompts are right-padded; pad on the left for generation "
+                                  "(tokenizer.padding_side = 'left')")
     if ((input_ids == model.start_id) | (input_ids == model.end_id)).any():
-        raise ValueError("input_ids contain the thought meta tokens; prompts must not: thoughts are "
-                         "inserted by the model")
+        raise QuietStarInputError("input_ids contain the thought meta tokens; prompts must not: thoughts are "
+                                  "inserted by the model")
     if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        raise QuietStarInputError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     if do_sample and not temperature > 0:
-        raise ValueError(f"temperature must be > 0 when sampling, got {temperature}; use "
-                         "do_sample=False for greedy decoding")
+        raise QuietStarInputError(f"temperature must be > 0 when sampling, got {temperature}; use "
+                                  "do_sample=False for greedy decoding")
     if not do_sample and (top_k is not None or top_p is not None):
-        raise ValueError("top_k / top_p only apply when sampling; pass do_sample=True")
+        raise QuietStarInputError("top_k / top_p only apply when sampling; pass do_sample=True")
     if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k must be >= 1, got {top_k}")
+        raise QuietStarInputError(f"top_k must be >= 1, got {top_k}")
     if top_p is not None and not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        raise QuietStarInputError(f"top_p must be in (0, 1], got {top_p}")
     if isinstance(thought_threshold, bool) or not isinstance(thought_threshold, (int, float)) or not (
             math.isfinite(thought_threshold) and thought_threshold >= 0):
-        raise ValueError(f"thought_threshold must be a finite number >= 0 (nats of the base prediction's "
-                         f"entropy; 0 = think before every token), got {thought_threshold!r}")
+        raise QuietStarInputError(f"thought_threshold must be a finite number >= 0 (nats of the base prediction's "
+                                  f"entropy; 0 = think before every token), got {thought_threshold!r}")
 
 
 def _special_ids(model, eos_token_id):
@@ -183,8 +184,8 @@ def generate(
         attention_mask = torch.ones_like(input_ids)
     show_thoughts = hasattr(streamer, "put_thought") and k > 0
     if show_thoughts and input_ids.shape[0] > 1:
-        raise ValueError(f"a streamer that shows thoughts takes one prompt at a time, got "
-                         f"{input_ids.shape[0]}")
+        raise QuietStarInputError(f"a streamer that shows thoughts takes one prompt at a time, got "
+                                  f"{input_ids.shape[0]}")
     eos, pad = _special_ids(model, eos_token_id)
 
     def choose(logits: torch.Tensor) -> torch.Tensor:

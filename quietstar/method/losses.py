@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from quietstar.method.config import QuietStarConfig
 from quietstar.method.targets import StepLogprobs
+from quietstar.utils.errors import QuietStarInputError
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -86,7 +87,7 @@ def quietstar_loss_terms(config: QuietStarConfig, logp: StepLogprobs, ema_base_l
     base_ll = (_ahead(base_logp.detach(), A) * valid).sum(-1)          # [B*n, L] no thought
     if config.reward_source == "thought":
         if after_logp is None:
-            raise ValueError("reward_source='thought' needs after_logp, the post-thought log-likelihoods")
+            raise QuietStarInputError("reward_source='thought' needs after_logp, the post-thought log-likelihoods")
         reward_ll = (after_logp.detach() * valid).sum(-1)
     else:
         reward_ll = thought_ll
@@ -98,7 +99,7 @@ def quietstar_loss_terms(config: QuietStarConfig, logp: StepLogprobs, ema_base_l
         reward = reward_ll - base_ll
     else:
         if ema_base_logp is None:
-            raise ValueError("reward_baseline='ema_base' needs ema_base_logp, the EMA copy's log-likelihoods")
+            raise QuietStarInputError("reward_baseline='ema_base' needs ema_base_logp, the EMA copy's log-likelihoods")
         reward = reward_ll - (_ahead(ema_base_logp.detach(), A) * valid).sum(-1)
     positive = _masked_mean((reward > 0).float(), position_valid)
     spread = _masked_mean(reward.view(-1, n, L).std(1, correction=0), position_valid.view(-1, n, L)[:, 0])
@@ -110,7 +111,7 @@ def quietstar_loss_terms(config: QuietStarConfig, logp: StepLogprobs, ema_base_l
     extra = {}
     if config.thought_loss_weight > 0:
         if after_logp is None:
-            raise ValueError("thought_loss_weight > 0 needs after_logp, the post-thought log-likelihoods")
+            raise QuietStarInputError("thought_loss_weight > 0 needs after_logp, the post-thought log-likelihoods")
         thought_nll = _step_nlls(after_logp, thought_valid).mean()
         nll_term = nll_term + config.thought_loss_weight * thought_nll
         extra["thought_nll"] = thought_nll

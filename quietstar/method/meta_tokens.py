@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from quietstar.utils.errors import QuietStarInputError
+
 
 # Where a tokenizer records the meta tokens this library added to it (saved with it, in
 # tokenizer_config.json), so that wrapping it again, saved or not, reuses them.
@@ -28,7 +30,7 @@ def add_meta_tokens(tokenizer, start: str, end: str, *, saved: bool = False) -> 
     also one saved before that record existed), any added special token of exactly that string.
     """
     if tokenizer.pad_token_id is None:
-        raise ValueError(
+        raise QuietStarInputError(
             "the tokenizer has no pad token; set one before wrapping, e.g. "
             "`tokenizer.pad_token = tokenizer.eos_token` (padding is masked out of the loss)")
     vocab = tokenizer.get_vocab()
@@ -41,7 +43,7 @@ def add_meta_tokens(tokenizer, start: str, end: str, *, saved: bool = False) -> 
         added = tokenizer.added_tokens_decoder.get(vocab[token])
         if added is not None and added.content == token and added.special and (saved or token in ours):
             continue  # the meta token this library added before
-        raise ValueError(
+        raise QuietStarInputError(
             f"{field} {token!r} is already a token of the tokenizer (id {vocab[token]}"
             + (", its EOS token" if token == tokenizer.eos_token else "")
             + "); the thought tokens must be new strings, not in its vocabulary: choose another "
@@ -55,8 +57,8 @@ def add_meta_tokens(tokenizer, start: str, end: str, *, saved: bool = False) -> 
     for token, idx in zip((start, end), ids):
         encoded = tokenizer(token, add_special_tokens=False).input_ids
         if idx is None or encoded != [idx]:
-            raise ValueError(f"the tokenizer does not encode {token!r} as one token (got {encoded}); "
-                             "it cannot hold quietstar's meta tokens")
+            raise QuietStarInputError(f"the tokenizer does not encode {token!r} as one token (got {encoded}); "
+                                      "it cannot hold quietstar's meta tokens")
     return ids[0], ids[1]
 
 

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
+from quietstar.utils.errors import QuietStarInputError
+
 SELECTIONS = ("entropy", "random")
 
 
@@ -35,7 +37,7 @@ def next_token_candidates(attention_mask: torch.Tensor) -> torch.Tensor:
 def check_thought_fraction(fraction) -> None:
     """Refuses a thought fraction outside (0, 1]."""
     if not 0 < fraction <= 1:
-        raise ValueError(f"thought_fraction must be in (0, 1] (1 = every position thinks), got {fraction}")
+        raise QuietStarInputError(f"thought_fraction must be in (0, 1] (1 = every position thinks), got {fraction}")
 
 
 def select_positions(candidates: torch.Tensor, fraction: float, how: str,
@@ -46,11 +48,11 @@ def select_positions(candidates: torch.Tensor, fraction: float, how: str,
     [B, L] (how="entropy": the base prediction is least sure there) or a uniform random number
     drawn from ``generator`` (how="random": the unbiased control). Ties go to the earlier position."""
     if how not in SELECTIONS:
-        raise ValueError(f"thought selection must be one of {SELECTIONS}, got {how!r}")
+        raise QuietStarInputError(f"thought selection must be one of {SELECTIONS}, got {how!r}")
     B, L = candidates.shape
     if how == "entropy":
         if entropy is None:
-            raise ValueError("entropy selection needs the base prediction's entropy [B, L]")
+            raise QuietStarInputError("entropy selection needs the base prediction's entropy [B, L]")
         score = entropy.float()
     else:
         score = torch.rand(B, L, generator=generator, device=candidates.device)
@@ -112,8 +114,8 @@ def check_thought_positions(thought_positions, input_ids: torch.Tensor) -> None:
             or thought_positions.shape != input_ids.shape):
         got = (f"{thought_positions.dtype} {tuple(thought_positions.shape)}"
                if isinstance(thought_positions, torch.Tensor) else type(thought_positions).__name__)
-        raise ValueError(f"thought_positions must be a bool tensor [batch, length] = "
-                         f"{list(input_ids.shape)} (True = think there), got {got}")
+        raise QuietStarInputError(f"thought_positions must be a bool tensor [batch, length] = "
+                                  f"{list(input_ids.shape)} (True = think there), got {got}")
 
 
 def thought_rows_chooser(entropy_fn, candidates: torch.Tensor, thought_positions: torch.Tensor | None,

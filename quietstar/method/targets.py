@@ -17,6 +17,7 @@ import torch
 from quietstar.method.config import QuietStarConfig
 from quietstar.method.rollout import GridHidden
 from quietstar.method.vocab import VocabHead
+from quietstar.utils.errors import QuietStarInputError
 
 
 def training_targets(input_ids, attention_mask, labels, ahead_tokens: int):
@@ -24,12 +25,12 @@ def training_targets(input_ids, attention_mask, labels, ahead_tokens: int):
     B, L = input_ids.shape
     A = ahead_tokens
     if L < A + 1:
-        raise ValueError(f"sequence length {L} is shorter than ahead_tokens + 1 = {A + 1}: each "
-                         f"thought is trained to predict {A} true tokens; use longer sequences "
-                         "or a smaller ahead_tokens")
+        raise QuietStarInputError(f"sequence length {L} is shorter than ahead_tokens + 1 = {A + 1}: each "
+                                  f"thought is trained to predict {A} true tokens; use longer sequences "
+                                  "or a smaller ahead_tokens")
     if labels is not None and labels.shape != input_ids.shape:
-        raise ValueError(f"labels has shape {tuple(labels.shape)} but input_ids has "
-                         f"{tuple(input_ids.shape)}; they must match")
+        raise QuietStarInputError(f"labels has shape {tuple(labels.shape)} but input_ids has "
+                                  f"{tuple(input_ids.shape)}; they must match")
     if labels is None:
         labels = input_ids.masked_fill(attention_mask == 0, -100)
     # targets[b, i, s] = x_{i+1+s}, valid where inside the text and not ignored, and only at

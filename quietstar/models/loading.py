@@ -27,6 +27,7 @@ from typing import Any
 from quietstar.utils.embedded_model import EMBEDDED_ALIASES, EMBEDDED_MODEL, is_embedded_name
 from quietstar.utils.hub import is_hub_id, offline
 from quietstar.utils.log_filters import quiet_transformers
+from quietstar.utils.errors import MissingDependencyError, QuietStarInputError
 
 __all__ = [
     "EMBEDDED_MODEL",
@@ -76,7 +77,7 @@ def embedded_gguf_path() -> Path:
     except (ImportError, ValueError):
         spec = None
     if spec is None:
-        raise ImportError(_INSTALL_HINT)
+        raise MissingDependencyError(_INSTALL_HINT)
     folders: list[Path] = [Path(p) for p in (spec.submodule_search_locations or [])]
     if spec.origin and spec.origin not in ("namespace", "built-in", "frozen"):
         folders.append(Path(spec.origin).parent)
@@ -149,7 +150,7 @@ def embedded_model_dir(cache_dir: str | os.PathLike | None = None) -> Path:
     if _cached_folder_ok(target, source):
         return target
     if gguf is None:  # nothing cached and nothing to convert from
-        raise ImportError(_INSTALL_HINT)
+        raise MissingDependencyError(_INSTALL_HINT)
     _require_gguf_dependencies()
 
     root.mkdir(parents=True, exist_ok=True)
@@ -199,7 +200,7 @@ def _move_into_place(tmp: Path, target: Path, source: dict[str, Any]) -> None:
 def _require_gguf_dependencies() -> None:
     missing = [m for m in ("gguf", "accelerate") if importlib.util.find_spec(m) is None]
     if missing:
-        raise ImportError(f"{_INSTALL_HINT}; missing: {', '.join(missing)}")
+        raise MissingDependencyError(f"{_INSTALL_HINT}; missing: {', '.join(missing)}")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -222,7 +223,7 @@ def resolve_dtype(dtype: Any) -> Any:
         value = getattr(torch, name, None)
         if isinstance(value, torch.dtype) and value.is_floating_point:
             return value
-    raise ValueError(f"Unknown dtype {dtype!r}: use a torch floating dtype, 'float32', 'bfloat16', 'float16' or 'auto'")
+    raise QuietStarInputError(f"Unknown dtype {dtype!r}: use a torch floating dtype, 'float32', 'bfloat16', 'float16' or 'auto'")
 
 
 def resolve_device(device: Any) -> Any:
@@ -239,13 +240,13 @@ def resolve_device(device: Any) -> Any:
     try:
         parsed = torch.device(device)
     except (RuntimeError, TypeError):
-        raise ValueError(f"unknown device {device!r}; use cpu, cuda, cuda:N, mps or auto") from None
+        raise QuietStarInputError(f"unknown device {device!r}; use cpu, cuda, cuda:N, mps or auto") from None
     if not available.get(parsed.type, True):
-        raise ValueError(f"device {device!r}: {parsed.type.upper()} is not available here (torch "
-                         f"{torch.__version__}); use --device cpu or auto")
+        raise QuietStarInputError(f"device {device!r}: {parsed.type.upper()} is not available here (torch "
+                                  f"{torch.__version__}); use --device cpu or auto")
     if parsed.type == "cuda" and parsed.index is not None and parsed.index >= torch.cuda.device_count():
-        raise ValueError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA "
-                         "device(s); use another index, or auto")
+        raise QuietStarInputError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA "
+                                  "device(s); use another index, or auto")
     return device
 
 
@@ -299,7 +300,7 @@ def _loading_kwargs(dtype: Any, revision: str | None, cache_dir: str | os.PathLi
                     device_map: Any) -> dict[str, Any]:
     """transformers' ``from_pretrained`` keywords for the given loading settings (None: left out)."""
     if device_map is not None and importlib.util.find_spec("accelerate") is None:
-        raise ImportError(f"device_map={device_map!r} needs the package accelerate: pip install accelerate")
+        raise MissingDependencyError(f"device_map={device_map!r} needs the package accelerate: pip install accelerate")
     given = {"dtype": dtype, "revision": revision, "cache_dir": cache_dir, "device_map": device_map}
     return {key: value for key, value in given.items() if value is not None}
 
@@ -335,7 +336,7 @@ def load_base_model(
     resolved_dtype = resolve_dtype(dtype)
     resolved_device = resolve_device(device)
     if device is not None and device_map is not None:
-        raise ValueError("give device or device_map, not both")
+        raise QuietStarInputError("give device or device_map, not both")
     name = os.fspath(name_or_path)
     if not isinstance(name, str):
         raise TypeError(f"name_or_path must be a str or path, got {type(name_or_path).__name__}")
@@ -348,16 +349,16 @@ def load_base_model(
     if is_embedded_name(stripped):
         model, tokenizer = _load_local_folder(embedded_model_dir(), folder_kwargs)
     elif stripped.lower().startswith("embedded:"):
-        raise ValueError(f"Unknown embedded model {stripped!r}: the only embedded model is {EMBEDDED_MODEL!r} "
-                         "(alias 'embedded')")
+        raise QuietStarInputError(f"Unknown embedded model {stripped!r}: the only embedded model is {EMBEDDED_MODEL!r} "
+                                  "(alias 'embedded')")
     elif path.is_dir():
         model, tokenizer = _load_local_folder(path, folder_kwargs)
     elif path.is_file() and path.suffix.lower() == ".gguf":
         model, tokenizer = load_gguf_model(path, dtype=resolved_dtype)
     elif path.exists():
-        raise ValueError(f"Model {name!r} is a file, not a model folder: {_FIX_HINT}")
+        raise QuietStarInputError(f"Model {name!r} is a file, not a model folder: {_FIX_HINT}")
     elif _is_local(stripped):
-        raise ValueError(f"Model {name!r} not found: no such local folder ({path.resolve()}); {_FIX_HINT}")
+        raise QuietStarInputError(f"Model {name!r} not found: no such local folder ({path.resolve()}); {_FIX_HINT}")
     else:
         local_only = offline()
         hub = {k: v for k, v in load_kwargs.items() if k in ("revision", "cache_dir")}
@@ -365,7 +366,7 @@ def load_base_model(
             config = AutoConfig.from_pretrained(stripped, local_files_only=local_only, **hub)
         except (OSError, ValueError) as error:
             where = "in the local Hugging Face cache (offline mode)" if local_only else "on the Hugging Face Hub"
-            raise ValueError(
+            raise QuietStarInputError(
                 f"Model {name!r}{f' (revision {revision!r})' if revision else ''} is not a local folder and "
                 f"could not be loaded {where}: {_FIX_HINT}. "
                 f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})"
@@ -373,7 +374,7 @@ def load_base_model(
         try:
             tokenizer = AutoTokenizer.from_pretrained(stripped, local_files_only=local_only, **hub)
         except OSError as error:
-            raise ValueError(f"Model {name!r} has no loadable tokenizer: {error}") from error
+            raise QuietStarInputError(f"Model {name!r} has no loadable tokenizer: {error}") from error
         model = AutoModelForCausalLM.from_pretrained(stripped, config=config, local_files_only=local_only,
                                                      **load_kwargs)
 
@@ -390,19 +391,19 @@ def _load_local_folder(folder: Path, kwargs: dict[str, Any]) -> tuple[Any, Any]:
     from quietstar.models.tokenizer_files import load_tokenizer, verify_tokenization
 
     if not (folder / "config.json").is_file():
-        raise ValueError(
+        raise QuietStarInputError(
             f"Model folder {str(folder)!r} has no config.json, so it is not a Hugging Face checkpoint: {_FIX_HINT}"
         )
     try:
         json.loads((folder / "config.json").read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as error:
-        raise ValueError(f"Model folder {str(folder)!r}: config.json is not valid JSON ({error}); "
-                         "restore the file or save the model again") from None
+        raise QuietStarInputError(f"Model folder {str(folder)!r}: config.json is not valid JSON ({error}); "
+                                  "restore the file or save the model again") from None
     with quiet_transformers():
         try:
             tokenizer = load_tokenizer(folder, local_files_only=True)
         except (OSError, ValueError, TypeError) as error:
-            raise ValueError(f"Model folder {str(folder)!r} has no loadable tokenizer: {error}") from error
+            raise QuietStarInputError(f"Model folder {str(folder)!r} has no loadable tokenizer: {error}") from error
         verify_tokenization(tokenizer, folder)
         model = AutoModelForCausalLM.from_pretrained(str(folder), local_files_only=True, **kwargs)
     return model, tokenizer
@@ -416,8 +417,8 @@ def _is_local(name: str) -> bool:
 
 def _check_revision(name: str, revision: str | None) -> None:
     if revision is not None and _is_local(name):
-        raise ValueError(f"a revision applies to Hub ids; {name!r} is a local model: drop the revision "
-                         "(or pass the Hub id)")
+        raise QuietStarInputError(f"a revision applies to Hub ids; {name!r} is a local model: drop the revision "
+                                  "(or pass the Hub id)")
 
 
 def _quietstar_folder(name: str, revision: str | None, cache_dir: str | os.PathLike | None) -> bool:
@@ -451,7 +452,7 @@ def load_quietstar_model(name: str, device: str | None = None, dtype: str | None
 
     resolve_device(device)  # an unknown or absent device fails before anything loads
     if device is not None and device_map is not None:
-        raise ValueError("give device or device_map, not both")
+        raise QuietStarInputError("give device or device_map, not both")
     _check_revision(name, revision)
     if _quietstar_folder(name, revision, cache_dir):
         kwargs = _loading_kwargs(resolve_dtype(dtype), None, None, device_map)

@@ -22,6 +22,7 @@ from quietstar.method.selection import ThoughtRows, check_thought_positions, inf
 from quietstar.method.targets import step_logprobs, training_targets
 from quietstar.method.vocab import VocabHead
 from quietstar.utils.modes import eval_mode
+from quietstar.utils.errors import QuietStarInputError
 
 
 @dataclass
@@ -84,7 +85,7 @@ class QuietStarForCausalLM(nn.Module):
                                            saved=saved_tokenizer)
         init_ids = tokenizer(config.meta_token_init, add_special_tokens=False).input_ids
         if not init_ids:
-            raise ValueError(f"meta_token_init {config.meta_token_init!r} encodes to no token")
+            raise QuietStarInputError(f"meta_token_init {config.meta_token_init!r} encodes to no token")
         base_embed = model.get_input_embeddings()
         with torch.no_grad():
             init = base_embed(torch.tensor([init_ids[0]], device=base_embed.weight.device))[0].float()
@@ -167,7 +168,7 @@ class QuietStarForCausalLM(nn.Module):
         message = (f"{what} needs position ids up to {positions - 1}, but {type(self.lm).__name__} has "
                    f"{limit} positions (max_position_embeddings)")
         if not rotary:
-            raise ValueError(f"{message}; shorten the text, or use fewer thought or ahead tokens")
+            raise QuietStarInputError(f"{message}; shorten the text, or use fewer thought or ahead tokens")
         warnings.warn(f"{message}: its rotary embeddings go beyond the range it was trained on, "
                       "and predictions there degrade", stacklevel=3)
 
@@ -181,17 +182,17 @@ class QuietStarForCausalLM(nn.Module):
     def _check_text(self, input_ids, attention_mask):
         """Validates token ids [B, L >= 1] and their mask; returns the mask (ones if None)."""
         if input_ids.dim() != 2 or input_ids.shape[1] == 0:
-            raise ValueError(f"input_ids must be [batch, length] with length >= 1, got shape "
-                             f"{tuple(input_ids.shape)}")
+            raise QuietStarInputError(f"input_ids must be [batch, length] with length >= 1, got shape "
+                                      f"{tuple(input_ids.shape)}")
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         if attention_mask.shape != input_ids.shape:
-            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)} but input_ids has "
-                             f"{tuple(input_ids.shape)}; they must match")
+            raise QuietStarInputError(f"attention_mask has shape {tuple(attention_mask.shape)} but input_ids has "
+                                      f"{tuple(input_ids.shape)}; they must match")
         meta = (input_ids == self.start_id) | (input_ids == self.end_id)
         if meta.any():
-            raise ValueError("input_ids contain the thought meta tokens; the text must not: "
-                             "thoughts are inserted by the model")
+            raise QuietStarInputError("input_ids contain the thought meta tokens; the text must not: "
+                                      "thoughts are inserted by the model")
         return attention_mask
 
     def _mix(self, grid: GridHidden) -> tuple[torch.Tensor, torch.Tensor]:
@@ -233,10 +234,10 @@ class QuietStarForCausalLM(nn.Module):
         check_thought_positions(thought_positions, input_ids)
         steps = self._check_steps(steps)
         if thought_ids.dim() != 3 or thought_ids.shape[:2] != input_ids.shape:
-            raise ValueError(f"thought_ids must be [batch, length, k] matching input_ids "
-                             f"{tuple(input_ids.shape)}, got {tuple(thought_ids.shape)}")
+            raise QuietStarInputError(f"thought_ids must be [batch, length, k] matching input_ids "
+                                      f"{tuple(input_ids.shape)}, got {tuple(thought_ids.shape)}")
         if ((thought_ids == self.start_id) | (thought_ids == self.end_id)).any():
-            raise ValueError("thought_ids contain START/END; pass only the inner thought tokens")
+            raise QuietStarInputError("thought_ids contain START/END; pass only the inner thought tokens")
         L = input_ids.shape[1]
         self.check_rollout_positions(L, f"scoring thoughts on {L} tokens", thought_ids.shape[-1])
         rows = None
@@ -258,7 +259,7 @@ class QuietStarForCausalLM(nn.Module):
         steps = self._check_steps(steps)
         k, temperature = self.config.thought_settings(num_tokens, temperature)
         if k < 1:
-            raise ValueError(f"think needs a thought of num_tokens >= 1, got {k}; k = 0 is base_logits")
+            raise QuietStarInputError(f"think needs a thought of num_tokens >= 1, got {k}; k = 0 is base_logits")
         L = input_ids.shape[1]
         self.check_rollout_positions(L, f"thinking on {L} tokens", k)
         select = self._select(attention_mask, thought_positions, thought_fraction, thought_selection, generator)
@@ -275,8 +276,8 @@ class QuietStarForCausalLM(nn.Module):
         if steps is None:
             return A
         if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= A:
-            raise ValueError(f"steps must be an int in 1..ahead_tokens = 1..{A} (the ahead predictions "
-                             f"returned), got {steps!r}")
+            raise QuietStarInputError(f"steps must be an int in 1..ahead_tokens = 1..{A} (the ahead predictions "
+                                      f"returned), got {steps!r}")
         return steps
 
     def _thought_scores(self, grid: GridHidden, steps: int) -> ThoughtScores:
@@ -362,8 +363,8 @@ class QuietStarForCausalLM(nn.Module):
         if cfg.reward_baseline == "ema_base":
             ema_base_logp = self._ema_base_logp(input_ids, attention_mask, targets[..., 0]).repeat_interleave(n, 0)
         if thought_ids is not None and thought_positions is None and cfg.thought_fraction < 1:
-            raise ValueError("replaying thought_ids with thought_fraction < 1 needs the positions they "
-                             "were sampled at: pass the earlier output's thought_positions too")
+            raise QuietStarInputError("replaying thought_ids with thought_fraction < 1 needs the positions they "
+                                      "were sampled at: pass the earlier output's thought_positions too")
         rollout = self.rollout
         head = rollout.head  # every vocabulary-sized product, chunked (see vocab.py)
         select = thought_rows_chooser(head.entropy, valid[..., 0], thought_positions, n, cfg.thought_fraction,
@@ -411,8 +412,8 @@ class QuietStarForCausalLM(nn.Module):
         n = cfg.thoughts_per_position
         if thought_ids is not None:
             if thought_ids.dim() != 4 or thought_ids.shape[:3] != (Bn // n, n, L):
-                raise ValueError(f"thought_ids must be [batch, thoughts_per_position, length, k] = "
-                                 f"[{Bn // n}, {n}, {L}, k], got {tuple(thought_ids.shape)}")
+                raise QuietStarInputError(f"thought_ids must be [batch, thoughts_per_position, length, k] = "
+                                          f"[{Bn // n}, {n}, {L}, k], got {tuple(thought_ids.shape)}")
             thoughts, rows = thought_ids.reshape(Bn, L, -1), None
             if select is not None:  # given thought_positions (forward checked): no text pass needed
                 rows = select(None)

@@ -24,6 +24,7 @@ from quietstar.models.model_card import CARD_NAME, TrainingFacts, render_card
 from quietstar.utils.hub import is_hub_id, offline
 from quietstar.utils.log_filters import quiet_transformers
 from quietstar.models.tokenizer_files import load_tokenizer, save_tokenization_check, verify_tokenization
+from quietstar.utils.errors import QuietStarInputError
 
 HEAD_WEIGHTS_NAME = "quietstar_head.safetensors"
 # The head file's keys: the START/END vectors under one name, the mixing head's parameters under
@@ -141,7 +142,7 @@ def load_head_state_dict(model, tensors: dict[str, torch.Tensor]) -> None:
         model.embedding.scaled_vectors.data.copy_(tensors.pop(META_VECTORS_KEY))
         model.mixing_head.load_state_dict({k.removeprefix(MIXING_HEAD_PREFIX): v for k, v in tensors.items()})
     except (KeyError, RuntimeError) as e:
-        raise ValueError(f"the head weights do not fit this model ({str(e).strip().splitlines()[0]})") from None
+        raise QuietStarInputError(f"the head weights do not fit this model ({str(e).strip().splitlines()[0]})") from None
 
 
 def save_head(model, directory: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> Path:
@@ -160,7 +161,7 @@ def read_head_file(directory: str | Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(path)
     except (SafetensorError, OSError, ValueError) as e:
-        raise ValueError(f"{path} is corrupt ({e})") from None
+        raise QuietStarInputError(f"{path} is corrupt ({e})") from None
 
 
 def load_head(model, directory: str | Path) -> None:
@@ -168,9 +169,9 @@ def load_head(model, directory: str | Path) -> None:
     try:
         tensors = read_head_file(directory)
     except ValueError as e:
-        raise ValueError(f"{e}; restore it from a backup or an earlier save") from None
+        raise QuietStarInputError(f"{e}; restore it from a backup or an earlier save") from None
     try:
         load_head_state_dict(model, tensors)
     except ValueError as e:
-        raise ValueError(f"{Path(directory) / HEAD_WEIGHTS_NAME} does not fit this model: {e}; it "
-                         "was saved from a different base model or is damaged") from None
+        raise QuietStarInputError(f"{Path(directory) / HEAD_WEIGHTS_NAME} does not fit this model: {e}; it "
+                                  "was saved from a different base model or is damaged") from None

@@ -18,6 +18,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from quietstar.utils.errors import QuietStarInputError
+
 CHECK_NAME = "quietstar_tokenizer_check.json"
 # Whitespace runs, newlines, digits, punctuation, accents and a meta-token-like string: where
 # tokenizers of one vocabulary but different pre-tokenizers or normalisers part ways.
@@ -43,8 +45,8 @@ def load_tokenizer(folder: str | Path, **kwargs: Any):
         try:
             saved_class = json.loads(config_file.read_text(encoding="utf-8")).get("tokenizer_class")
         except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
-            raise ValueError(f"{config_file} is not valid JSON ({e}); restore it or re-save the "
-                             "tokenizer") from None
+            raise QuietStarInputError(f"{config_file} is not valid JSON ({e}); restore it or re-save the "
+                                      "tokenizer") from None
     if saved_class in GENERIC_CLASSES and (folder / "tokenizer.json").is_file():
         return PreTrainedTokenizerFast.from_pretrained(str(folder), **kwargs)
     return AutoTokenizer.from_pretrained(str(folder), **kwargs)
@@ -72,11 +74,11 @@ def verify_tokenization(tokenizer, folder: str | Path) -> None:
         saved = json.loads(path.read_text(encoding="utf-8"))
         pairs = list(zip(saved["probes"], saved["ids"], strict=True))
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as e:
-        raise ValueError(f"{path} is damaged ({e}); re-save the model") from None
+        raise QuietStarInputError(f"{path} is damaged ({e}); re-save the model") from None
     for text, ids in pairs:
         now = tokenizer(text, add_special_tokens=False).input_ids
         if now != ids:
-            raise ValueError(
+            raise QuietStarInputError(
                 f"the tokenizer read back from {Path(folder)} ({type(tokenizer).__name__}) tokenizes "
                 f"{text!r} as {now[:12]} but the saved one as {ids[:12]}; the folder's tokenizer "
                 "files and its tokenizer_config.json's tokenizer_class disagree: re-save the model "

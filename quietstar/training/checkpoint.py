@@ -36,6 +36,7 @@ from quietstar.models import saved_model
 from quietstar.models.modeling import QuietStarForCausalLM
 from quietstar.training.config import TRAIN_CONFIG_NAME, TrainConfig
 from quietstar.utils.log_filters import quiet_transformers
+from quietstar.utils.errors import QuietStarInputError
 
 PREFIX = "checkpoint-"
 STATE_NAME = "training_state.pt"
@@ -47,7 +48,7 @@ FORMAT = 1
 _NAME = re.compile(rf"^{PREFIX}(\d+)$")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(QuietStarInputError):
     """A checkpoint is missing, corrupt or does not fit the model being trained."""
 
 

@@ -18,6 +18,7 @@ from quietstar.method.config import QUIETSTAR_CONFIG_NAME
 from quietstar.data.corpora import TokenBatches, heldout_split, load_texts
 from quietstar.models.modeling import QuietStarForCausalLM
 from quietstar.training.config import TrainConfig
+from quietstar.utils.errors import MissingDependencyError, QuietStarInputError
 
 
 def thought_generator(seed: int, step: int, sample_index: int,
@@ -36,7 +37,7 @@ def _apply_lora(model: QuietStarForCausalLM, config: TrainConfig) -> None:
     try:
         from peft import LoraConfig, get_peft_model
     except ImportError as e:
-        raise ImportError("--lora-rank needs peft: pip install peft (or pip install quietstar[lora])") from e
+        raise MissingDependencyError("--lora-rank needs peft: pip install peft (or pip install quietstar[lora])") from e
     targets: str | list[str] = config.lora_target_modules.strip()
     if targets != "all-linear":
         targets = [t.strip() for t in targets.split(",") if t.strip()]
@@ -47,8 +48,8 @@ def _apply_lora(model: QuietStarForCausalLM, config: TrainConfig) -> None:
             warnings.simplefilter("ignore", FutureWarning)
             model.lm = get_peft_model(model.lm, lora)
     except ValueError as e:
-        raise ValueError(f"LoRA could not be applied to {config.model} ({e}); check "
-                         "--lora-target-modules") from None
+        raise QuietStarInputError(f"LoRA could not be applied to {config.model} ({e}); check "
+                                  "--lora-target-modules") from None
 
 
 def build_model(config: TrainConfig) -> QuietStarForCausalLM:
@@ -87,17 +88,17 @@ def build_data(config: TrainConfig, tokenizer):
     if config.eval_every:
         heldout, texts = heldout_split(texts, config.eval_documents)
         if len(heldout) < config.eval_documents:
-            raise ValueError(f"the data {config.data!r} has only {len(heldout)} documents, all taken "
-                             f"for evaluation (--eval-documents {config.eval_documents}); use more "
-                             "data, a smaller --eval-documents, or --eval-every 0")
+            raise QuietStarInputError(f"the data {config.data!r} has only {len(heldout)} documents, all taken "
+                                      f"for evaluation (--eval-documents {config.eval_documents}); use more "
+                                      "data, a smaller --eval-documents, or --eval-every 0")
         held = TokenBatches(heldout, tokenizer, config.seq_len, config.micro_batch_size,
                             mode=config.data_mode, shuffle=False, epochs=1,
                             name=f"held-out part of {config.data!r}")
         heldout_batches = list(itertools.islice(held, config.eval_batches))
         if len(heldout_batches) < config.eval_batches:
-            raise ValueError(f"the {config.eval_documents} held-out documents give only "
-                             f"{len(heldout_batches)} of --eval-batches {config.eval_batches} "
-                             "batches; raise --eval-documents or lower --eval-batches")
+            raise QuietStarInputError(f"the {config.eval_documents} held-out documents give only "
+                                      f"{len(heldout_batches)} of --eval-batches {config.eval_batches} "
+                                      "batches; raise --eval-documents or lower --eval-batches")
     batches = TokenBatches(texts, tokenizer, config.seq_len, config.batch_size,
                            mode=config.data_mode, seed=config.seed,
                            name=f"training data {config.data!r}")

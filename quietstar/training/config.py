@@ -25,6 +25,7 @@ import yaml
 from quietstar.method.config import QuietStarConfig
 from quietstar.utils.embedded_model import EMBEDDED_MODEL
 from quietstar.utils.settings import check_field_types, merge, option, read_yaml
+from quietstar.utils.errors import QuietStarInputError
 
 TRAIN_CONFIG_NAME = "train_config.yaml"
 PRESETS_DIR = Path(__file__).parent / "presets"
@@ -183,7 +184,7 @@ class TrainConfig:
 
         def need(ok: bool, message: str) -> None:
             if not ok:
-                raise ValueError(f"TrainConfig: {message}")
+                raise QuietStarInputError(f"TrainConfig: {message}")
 
         for name in ("seq_len", "batch_size", "micro_batch_size", "max_steps", "checkpoint_every",
                      "keep_checkpoints", "eval_batches", "eval_documents", "max_nonfinite_steps"):
@@ -231,9 +232,9 @@ class TrainConfig:
         if unknown:
             method = {f.name for f in fields(QuietStarConfig)}
             hint = [f"{u} belongs under 'quietstar:'" for u in unknown if u in method]
-            raise ValueError(f"unknown training setting(s) {unknown}"
-                             + (f" ({'; '.join(hint)})" if hint else "")
-                             + f"; known: {sorted(known)}")
+            raise QuietStarInputError(f"unknown training setting(s) {unknown}"
+                                      + (f" ({'; '.join(hint)})" if hint else "")
+                                      + f"; known: {sorted(known)}")
         return cls(**data)
 
     def to_yaml(self) -> str:
@@ -281,8 +282,8 @@ def load_config(config_file: str | Path | None = None, overrides: dict[str, Any]
     base: dict[str, Any] = {}
     if explicit.get("resume"):
         if resumed_settings is None:
-            raise ValueError("load_config: resuming needs resumed_settings="
-                             "quietstar.training.checkpoint.resumed_settings (the resumed run's "
-                             "saved settings)")
+            raise QuietStarInputError("load_config: resuming needs resumed_settings="
+                                      "quietstar.training.checkpoint.resumed_settings (the resumed run's "
+                                      "saved settings)")
         base = resumed_settings(explicit["resume"], explicit.get("output_dir"))
     return TrainConfig.from_dict(merge(base, explicit))

@@ -32,6 +32,7 @@ from transformers import Trainer, TrainingArguments
 from quietstar.training.checkpoint import load_model_weights
 from quietstar.models.modeling import QuietStarForCausalLM
 from quietstar.training.optim import parameter_groups
+from quietstar.utils.errors import QuietStarInputError
 
 
 @dataclass
@@ -44,7 +45,7 @@ class QuietStarTrainingArguments(TrainingArguments):
     def __post_init__(self):
         super().__post_init__()
         if not self.mixing_head_lr_multiplier > 0:
-            raise ValueError(f"mixing_head_lr_multiplier must be > 0, got {self.mixing_head_lr_multiplier}")
+            raise QuietStarInputError(f"mixing_head_lr_multiplier must be > 0, got {self.mixing_head_lr_multiplier}")
 
 
 class QuietStarTrainer(Trainer):
@@ -55,15 +56,15 @@ class QuietStarTrainer(Trainer):
             raise TypeError(f"QuietStarTrainer trains a QuietStarForCausalLM, got {type(model).__name__}; "
                             "wrap the LM with QuietStarForCausalLM.from_base(lm, tokenizer, config)")
         if getattr(model.lm, "peft_config", None):
-            raise ValueError("QuietStarTrainer does not save LoRA adapters yet; use quietstar train "
-                             "--lora-rank for LoRA")
+            raise QuietStarInputError("QuietStarTrainer does not save LoRA adapters yet; use quietstar train "
+                                      "--lora-rank for LoRA")
         # Trainer aligns a given tokenizer's special tokens with ``model.config``, which it takes
         # for a transformers config; the model's config is the method's. The model saves its own
         # tokenizer (with the meta tokens), so none is passed on.
         tokenizer = kwargs.pop("processing_class", None)
         if tokenizer is not None and tokenizer is not model.tokenizer:
-            raise ValueError("pass no processing_class, or the model's own tokenizer (model.tokenizer, "
-                             "which holds the thought tokens); the model saves it with itself")
+            raise QuietStarInputError("pass no processing_class, or the model's own tokenizer (model.tokenizer, "
+                                      "which holds the thought tokens); the model saves it with itself")
         super().__init__(model=model, args=args, **kwargs)
         vars(model.config).pop("use_cache", None)  # Trainer sets it on any model.config
         self._metric_sums: dict[str, float] = {}

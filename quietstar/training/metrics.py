@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from quietstar.training.config import REPORT_TO
+from quietstar.utils.errors import MissingDependencyError, QuietStarInputError
 
 METRICS_NAME = "metrics.jsonl"
 SAMPLES_JSONL = "samples.jsonl"
@@ -55,7 +56,7 @@ class MetricsLogger:
     def __init__(self, output_dir: str | Path, report_to: str = "none",
                  run_config: dict[str, Any] | None = None, resume_step: int | None = None):
         if report_to not in REPORT_TO:
-            raise ValueError(f"report_to must be one of {REPORT_TO}, got {report_to!r}")
+            raise QuietStarInputError(f"report_to must be one of {REPORT_TO}, got {report_to!r}")
         self.output_dir = Path(output_dir)
         self.path = self.output_dir / METRICS_NAME
         if resume_step is not None and self.path.exists():
@@ -66,15 +67,15 @@ class MetricsLogger:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError as e:
-                raise ImportError("--report-to tensorboard needs the tensorboard package: "
-                                  "pip install tensorboard (or use --report-to none)") from e
+                raise MissingDependencyError("--report-to tensorboard needs the tensorboard package: "
+                                             "pip install tensorboard (or use --report-to none)") from e
             self._tensorboard = SummaryWriter(str(self.output_dir / "tensorboard"))
         elif report_to == "wandb":
             try:
                 import wandb
             except ImportError as e:
-                raise ImportError("--report-to wandb needs the wandb package: pip install wandb "
-                                  "(or use --report-to none / tensorboard)") from e
+                raise MissingDependencyError("--report-to wandb needs the wandb package: pip install wandb "
+                                             "(or use --report-to none / tensorboard)") from e
             self._wandb = wandb.init(project="quietstar", name=self.output_dir.name,
                                      dir=str(self.output_dir), config=run_config, resume="allow")
 

@@ -49,6 +49,7 @@ from quietstar.training.run_folder import StopRequests, prepare_output_dir, run_
 from quietstar.training.config import TrainConfig, load_config
 from quietstar.training.components import EvalHook, HeldoutLoss, build_data, build_model, model_fingerprint, \
     thought_generator
+from quietstar.utils.errors import QuietStarInputError
 
 if TYPE_CHECKING:  # for the annotations; the code imports both where it uses them
     from accelerate import Accelerator
@@ -155,9 +156,9 @@ class TrainingRecipe:
         self.world = PartialState(cpu=cpu).num_processes
         per_step = cfg.micro_batch_size * self.world
         if cfg.batch_size % per_step:
-            raise ValueError(f"batch_size {cfg.batch_size} is not divisible by micro_batch_size "
-                             f"{cfg.micro_batch_size} x {self.world} processes; use a batch_size that "
-                             f"is a multiple of {per_step}")
+            raise QuietStarInputError(f"batch_size {cfg.batch_size} is not divisible by micro_batch_size "
+                                      f"{cfg.micro_batch_size} x {self.world} processes; use a batch_size that "
+                                      f"is a multiple of {per_step}")
         self.accumulation = cfg.batch_size // per_step
         # accumulate() in train_step skips the gradient sync of all but the last micro-batch, and
         # backward() divides the loss by the number of micro-batches (DeepSpeed: its engine does both).
@@ -166,15 +167,15 @@ class TrainingRecipe:
         self.deepspeed = self.accelerator.distributed_type == DistributedType.DEEPSPEED
         self.sharded = self.deepspeed or self.accelerator.distributed_type == DistributedType.FSDP
         if self.sharded and cfg.lora_rank:
-            raise ValueError("LoRA with FSDP / DeepSpeed is not supported; use DDP (or one process) "
-                             "for LoRA, or train all weights (--lora-rank 0)")
+            raise QuietStarInputError("LoRA with FSDP / DeepSpeed is not supported; use DDP (or one process) "
+                                      "for LoRA, or train all weights (--lora-rank 0)")
         self.ema = cfg.quietstar.reward_baseline == "ema_base"
         if self.sharded and self.ema:
-            raise ValueError("reward_baseline='ema_base' with FSDP / DeepSpeed is not supported (its "
-                             "EMA copy of the LM is not sharded); use DDP or one process")
+            raise QuietStarInputError("reward_baseline='ema_base' with FSDP / DeepSpeed is not supported (its "
+                                      "EMA copy of the LM is not sharded); use DDP or one process")
         if self.world > 1 and cfg.policy_max_grad_norm is not None:
-            raise ValueError("policy_max_grad_norm (two backward passes per step) runs in one process "
-                             "for now; unset it or train with one process")
+            raise QuietStarInputError("policy_max_grad_norm (two backward passes per step) runs in one process "
+                                      "for now; unset it or train with one process")
 
     def setup_run_folder(self) -> None:
         """The run folder (every process must agree on its name), checked writable, with the
@@ -182,9 +183,9 @@ class TrainingRecipe:
         cfg = self.config
         self.resume_from = checkpoint.resolve_resume(cfg.resume, cfg.output_dir) if cfg.resume else None
         if self.resume_from is not None and cfg.max_steps < checkpoint.step_of(self.resume_from):
-            raise ValueError(f"max_steps {cfg.max_steps} is below the step of the resumed checkpoint "
-                             f"{self.resume_from} ({checkpoint.step_of(self.resume_from)}): a resumed "
-                             "run continues up to max_steps; give a larger --max-steps")
+            raise QuietStarInputError(f"max_steps {cfg.max_steps} is below the step of the resumed checkpoint "
+                                      f"{self.resume_from} ({checkpoint.step_of(self.resume_from)}): a resumed "
+                                      "run continues up to max_steps; give a larger --max-steps")
         if cfg.output_dir:
             out_dir = Path(cfg.output_dir)
         elif self.resume_from is not None:
@@ -242,7 +243,7 @@ class TrainingRecipe:
         self.batches, heldout = build_data(cfg, self.tokenizer)
         self.hooks = ([HeldoutLoss(heldout, cfg.seed)] if heldout else []) + self.extra_hooks
         if self.hooks and not cfg.eval_every:
-            raise ValueError("eval hooks were given but eval_every is 0; set eval_every")
+            raise QuietStarInputError("eval hooks were given but eval_every is 0; set eval_every")
 
     def setup_optimizer(self) -> None:
         """The optimiser, then accelerate's preparation of model and optimiser for the device(s)."""

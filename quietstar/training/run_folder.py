@@ -14,6 +14,7 @@ from typing import Any
 
 from quietstar.training.checkpoint import latest_checkpoint
 from quietstar.training.metrics import CURVES_NAME, METRICS_NAME, SAMPLES_MD
+from quietstar.utils.errors import QuietStarInputError
 
 
 class StopRequests:
@@ -86,8 +87,8 @@ def prepare_output_dir(path: Path, resuming: bool, rank: int) -> None:
                               f"({e.strerror or e}); choose another --output-dir") from None
     latest = latest_checkpoint(path)
     if latest is not None and not resuming:
-        raise ValueError(f"{path} already holds a run ({latest.name}); continue it with "
-                         f"--resume latest --output-dir {path}, or choose another --output-dir")
+        raise QuietStarInputError(f"{path} already holds a run ({latest.name}); continue it with "
+                                  f"--resume latest --output-dir {path}, or choose another --output-dir")
 
 
 def format_time(seconds: float) -> str:

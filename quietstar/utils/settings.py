@@ -33,6 +33,8 @@ from typing import Any, Literal, Union
 
 import yaml
 
+from quietstar.utils.errors import QuietStarInputError
+
 
 def field_docs(cls: type) -> dict[str, str]:
     """The docstring under each field of a dataclass (read from its source)."""
@@ -196,16 +198,16 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     except FileNotFoundError:
         raise FileNotFoundError(f"config file {path} not found") from None
     except UnicodeDecodeError:
-        raise ValueError(f"config file {path} is not UTF-8 text; give a YAML file") from None
+        raise QuietStarInputError(f"config file {path} is not UTF-8 text; give a YAML file") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         what = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise ValueError(f"config file {path} is not valid YAML: {what}{where}") from None
+        raise QuietStarInputError(f"config file {path} is not valid YAML: {what}{where}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ValueError(f"config file {path} must hold a mapping of settings, got {type(data).__name__}")
+        raise QuietStarInputError(f"config file {path} must hold a mapping of settings, got {type(data).__name__}")
     return data
 
 
@@ -241,23 +243,23 @@ def _typed(hint: Any, value: Any, name: str, finite: bool) -> Any:
             raise TypeError(f"unsupported type {hint} of {name}")
         hint = args[0]
     if value is None:
-        raise ValueError(f"{name} must be {_type_name(hint)}, not null")
+        raise QuietStarInputError(f"{name} must be {_type_name(hint)}, not null")
     if _nested(hint):
         if isinstance(value, hint):
             return value
         if not isinstance(value, dict):
-            raise ValueError(f"{name} must be a mapping of {hint.__name__} settings (a section "
-                             f"'{name}:' with settings under it), got {value!r}")
+            raise QuietStarInputError(f"{name} must be a mapping of {hint.__name__} settings (a section "
+                                      f"'{name}:' with settings under it), got {value!r}")
         return value  # check_field_types builds it (its own errors name its class)
     if typing.get_origin(hint) is Literal:
         choices = typing.get_args(hint)
         if not any(type(value) is type(c) and value == c for c in choices):  # True is not 1
-            raise ValueError(f"{name} must be one of {', '.join(map(str, choices))}; got {value!r}")
+            raise QuietStarInputError(f"{name} must be one of {', '.join(map(str, choices))}; got {value!r}")
         return value
     if hint is bool:
         if not isinstance(value, bool):
-            raise ValueError(f"{name} must be {BOOL_SPELLINGS}, got {value!r}"
-                             + (" (a string: write it unquoted as true or false)"
+            raise QuietStarInputError(f"{name} must be {BOOL_SPELLINGS}, got {value!r}"
+                                      + (" (a string: write it unquoted as true or false)"
                                 if isinstance(value, str) else ""))
         return value
     if hint in (int, float):
@@ -266,28 +268,28 @@ def _typed(hint: Any, value: Any, name: str, finite: bool) -> Any:
             try:
                 number = float(value.strip())
             except ValueError:
-                raise ValueError(f"{name} must be a number ({hint.__name__}), got {value!r}") from None
+                raise QuietStarInputError(f"{name} must be a number ({hint.__name__}), got {value!r}") from None
         if isinstance(number, bool) or not isinstance(number, (int, float)):
-            raise ValueError(f"{name} must be a number ({hint.__name__}), got {value!r}")
+            raise QuietStarInputError(f"{name} must be a number ({hint.__name__}), got {value!r}")
         if math.isnan(number):
-            raise ValueError(f"{name} must be a number, got NaN")
+            raise QuietStarInputError(f"{name} must be a number, got NaN")
         if hint is int:
             if isinstance(number, float) and not (math.isfinite(number) and number.is_integer()):
-                raise ValueError(f"{name} must be a whole number (int), got {value!r}")
+                raise QuietStarInputError(f"{name} must be a whole number (int), got {value!r}")
             return int(number)
         if finite and not math.isfinite(number):
-            raise ValueError(f"{name} must be a finite number, got {value!r}")
+            raise QuietStarInputError(f"{name} must be a finite number, got {value!r}")
         return float(number)
     if hint is str:
         if isinstance(value, os.PathLike):
             return os.fspath(value)
         if not isinstance(value, str):
-            raise ValueError(f"{name} must be a string, got {value!r} ({type(value).__name__}); "
-                             "quote it in YAML")
+            raise QuietStarInputError(f"{name} must be a string, got {value!r} ({type(value).__name__}); "
+                                      "quote it in YAML")
         return value
     if typing.get_origin(hint) is tuple and typing.get_args(hint)[1:] == (Ellipsis,):
         if isinstance(value, str) or not isinstance(value, (list, tuple)):
-            raise ValueError(f"{name} must be a list, got {value!r}")
+            raise QuietStarInputError(f"{name} must be a list, got {value!r}")
         item = typing.get_args(hint)[0]
         return tuple(_typed(item, v, f"{name}[{i}]", finite) for i, v in enumerate(value))
     return value
@@ -306,7 +308,7 @@ def check_field_types(obj: Any, infinite_ok: Collection[str] = ()) -> None:
         try:
             value = _typed(hints[f.name], getattr(obj, f.name), f.name, finite=f.name not in infinite_ok)
         except ValueError as e:
-            raise ValueError(f"{label}: {e}") from None
+            raise QuietStarInputError(f"{label}: {e}") from None
         hint = hints[f.name]
         if _nested(hint) and isinstance(value, dict):
             value = hint.from_dict(value) if hasattr(hint, "from_dict") else hint(**value)
