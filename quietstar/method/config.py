@@ -73,6 +73,16 @@ class QuietStarConfig:
     drop_negative_rewards: bool = True
     """Clamp rewards below zero to zero, as in the paper (with n=2 only the better thought learns)."""
 
+    policy_positions: Literal["partial", "reference"] = "partial"
+    """Which positions' thoughts REINFORCE learns from. "partial": every position that thought
+    and has a next token (0..L-2); one among the last A sums its reward over the true tokens that
+    exist. "reference": positions 0..L-2-A of the batch only, as the reference code slices them
+    (every reward then sums A tokens; L-1-A, whose A tokens exist too, is left out as well); the
+    policy loss and the reward metrics average over those. "partial" is the default: it keeps
+    every thought that has a target in the gradient, where the reference leaves out the last A
+    of them (1.6% at L = 256, A = 4; 13% at L = 32), and the recorded results used it.
+    "reference" needs sequences of at least A + 2 tokens. See docs/fidelity.md."""
+
     policy_loss_weight: float = 1e6
     """Weight of the REINFORCE loss in the total loss."""
 
@@ -84,6 +94,16 @@ class QuietStarConfig:
 
     mixed_loss_weight: float = 0.5
     """Weight of the mean over the A ahead steps of the mixed (post-thought) NLL."""
+
+    meta_tokens_in_loss: bool = False
+    """False: START/END are out of every softmax, the losses' too (their logits -inf), so the NLLs
+    and rewards are those of the distribution the model predicts from: it never emits them.
+    True: the NLLs and rewards use the full softmax, the meta tokens' logits included, as the
+    reference code does (it masks them only to sample, and the REINFORCE log-probabilities of the
+    thought tokens stay masked here too); it raises the NLLs by about 2/V at initialisation. Only
+    meta tokens with a row in the LM head take part (a vocabulary padded beyond the tokenizer's;
+    quietstar never resizes the base model). Sampling, scoring and generation always mask them.
+    See docs/fidelity.md."""
 
     thought_loss_weight: float = 0.0
     """Weight of the mean over the A ahead steps of the NLL of the post-thought prediction
@@ -102,6 +122,12 @@ class QuietStarConfig:
     mixing_weight_bounded: bool = False
     """False: the mixing weight w is the raw MLP output (unbounded, the reference code).
     True: w = tanh(output), bounded to (-1, 1). Either way w = 0 at initialisation."""
+
+    mixing_head_bias: bool = True
+    """Whether the mixing head's last layer has a bias (starting at 0, not decayed). The reference
+    code's has none (False). Either way w = 0 at initialisation and the loss is the same there;
+    the bias is a learned constant share of the thought, and the saved models and recorded
+    results have one, so it stays the default. See docs/fidelity.md."""
 
     start_thought_token: str = "<|startofthought|>"
     end_thought_token: str = "<|endofthought|>"
@@ -177,6 +203,20 @@ class QuietStarConfig:
     def passes_per_step(self) -> int:
         """F: model passes per training step = text + thought inputs + (A-1) teacher-forced."""
         return 1 + self.passes_per_thought + self.ahead_tokens - 1
+
+    def check_training_length(self, length: int, what: str = "sequence length") -> None:
+        """The one rule for the length of a training sequence, wherever it enters (TrainConfig's
+        seq_len, the loss): A + 1 tokens (each thought is trained to predict A true tokens), and
+        A + 2 with policy_positions="reference" (REINFORCE at positions 0..L-2-A)."""
+        A = self.ahead_tokens
+        if self.policy_positions == "reference" and length < A + 2:
+            raise QuietStarInputError(
+                f"{what} {length} must be at least ahead_tokens + 2 = {A + 2} with policy_positions="
+                f"'reference', which counts REINFORCE at positions 0..L-2-A only (none at L = {length}, "
+                f"A = {A}); use longer sequences or policy_positions='partial'")
+        if length < A + 1:
+            raise QuietStarInputError(f"{what} {length} must exceed ahead_tokens {A}: every thought is "
+                                      "trained to predict that many true tokens")
 
     def thought_settings(self, thought_tokens: int | None = None,
                          thought_temperature: float | None = None) -> tuple[int, float]:

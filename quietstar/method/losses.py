@@ -43,6 +43,9 @@ def quietstar_loss(config: QuietStarConfig, logp: StepLogprobs,
                                   learns from (0 when they all score alike)
         thought_gain              mean over positions of sum_s [log p_mix - log p_base]: > 0 = thoughts help
 
+    policy_loss and the three reward metrics count at the positions ``config.policy_positions``
+    names ("reference": 0..L-2-A only), the NLLs and thought_gain at every position that thought.
+
     Rows are grouped as [B*n] with the n thoughts of a text adjacent. Of ``logp``: base
     [B*n, L] (log p_base(x_{i+1}) at position i), mixed [B*n, L, A], thought [B*n, L, k]
     (thought tokens at the REINFORCE temperature), target_valid [B*n, L, A] (x_{i+1+s} exists
@@ -83,6 +86,10 @@ def quietstar_loss_terms(config: QuietStarConfig, logp: StepLogprobs, ema_base_l
     # Rewards are log-likelihoods of the same A true tokens, summed, with no gradient.
     valid = thought_valid.to(mixed_logp.dtype)
     position_valid = thought_valid[..., 0]
+    policy_valid = position_valid  # where REINFORCE counts (config.policy_positions)
+    if config.policy_positions == "reference":  # the reference code's slice: 0..L-2-A
+        config.check_training_length(L)
+        policy_valid = position_valid & (torch.arange(L, device=position_valid.device) < L - 1 - A)
     thought_ll = (mixed_logp.detach() * valid).sum(-1)                 # [B*n, L] mixed prediction
     base_ll = (_ahead(base_logp.detach(), A) * valid).sum(-1)          # [B*n, L] no thought
     if config.reward_source == "thought":
@@ -101,11 +108,11 @@ def quietstar_loss_terms(config: QuietStarConfig, logp: StepLogprobs, ema_base_l
         if ema_base_logp is None:
             raise QuietStarInputError("reward_baseline='ema_base' needs ema_base_logp, the EMA copy's log-likelihoods")
         reward = reward_ll - (_ahead(ema_base_logp.detach(), A) * valid).sum(-1)
-    positive = _masked_mean((reward > 0).float(), position_valid)
-    spread = _masked_mean(reward.view(-1, n, L).std(1, correction=0), position_valid.view(-1, n, L)[:, 0])
+    positive = _masked_mean((reward > 0).float(), policy_valid)
+    spread = _masked_mean(reward.view(-1, n, L).std(1, correction=0), policy_valid.view(-1, n, L)[:, 0])
     if config.drop_negative_rewards:
         reward = reward.clamp(min=0)
-    policy_loss = _masked_mean(-reward * thought_logp.mean(-1), position_valid)
+    policy_loss = _masked_mean(-reward * thought_logp.mean(-1), policy_valid)
 
     nll_term = config.base_loss_weight * base_nll + config.mixed_loss_weight * mixed_nll.mean()
     extra = {}
@@ -121,7 +128,7 @@ def quietstar_loss_terms(config: QuietStarConfig, logp: StepLogprobs, ema_base_l
                "mixed_nll": mixed_nll.mean(), **extra,
                **{f"mixed_nll_{s + 1}": mixed_nll[s] for s in range(A)},
                "policy_loss": policy_loss,
-               "mean_reward": _masked_mean(reward, position_valid),
+               "mean_reward": _masked_mean(reward, policy_valid),
                "positive_reward_fraction": positive,
                "reward_spread": spread,
                "thought_gain": _masked_mean(thought_ll - base_ll, position_valid)}

@@ -11,20 +11,23 @@ class MixingHead(nn.Module):
 
     The mixed hidden state is ``h_base + w * (h_thought - h_base)`` and, the LM head being linear,
     its logits are the same interpolation of the two logits. The last layer starts at zero, so
-    w = 0 and the model starts as exactly the base model.
+    w = 0 and the model starts as exactly the base model; ``bias=False`` leaves its bias out, as
+    the reference code does.
     """
 
-    def __init__(self, hidden_size: int, mlp_hidden_size: int | None = None, bounded: bool = False):
+    def __init__(self, hidden_size: int, mlp_hidden_size: int | None = None, bounded: bool = False,
+                 *, bias: bool = True):
         super().__init__()
         width = mlp_hidden_size or hidden_size
         self.bounded = bounded
         self.mlp = nn.Sequential(
             nn.Linear(2 * hidden_size, width), nn.ReLU(),
             nn.Linear(width, width), nn.ReLU(),
-            nn.Linear(width, 1),
+            nn.Linear(width, 1, bias=bias),
         )
         nn.init.zeros_(self.mlp[-1].weight)
-        nn.init.zeros_(self.mlp[-1].bias)
+        if bias:
+            nn.init.zeros_(self.mlp[-1].bias)
 
     def weight(self, base_hidden: torch.Tensor, thought_hidden: torch.Tensor) -> torch.Tensor:
         """Mixing weight, shape ``base_hidden.shape[:-1]``."""

@@ -42,6 +42,13 @@ def training_targets(input_ids, attention_mask, labels, ahead_tokens: int):
     return targets.clamp(min=0), valid
 
 
+def loss_head(config: QuietStarConfig, head: VocabHead) -> VocabHead:
+    """The head whose softmax the NLLs and rewards use: ``head`` (the meta tokens masked, as the
+    model predicts), or with ``meta_tokens_in_loss`` the full softmax, as the reference code's
+    losses. The thought tokens' REINFORCE log-probabilities keep ``head``: they are sampled masked."""
+    return head.unmasked() if config.meta_tokens_in_loss else head
+
+
 @dataclass
 class StepLogprobs:
     """The log-likelihoods ``losses.quietstar_loss_terms`` takes, and where they count, at every
@@ -67,16 +74,17 @@ def step_logprobs(config: QuietStarConfig, head: VocabHead, grid: GridHidden, mi
     ``valid`` [B*n, L, A] are ``training_targets``' (repeated n times)."""
     rows = grid.rows
     L = grid.base.shape[1]
+    nll_head = loss_head(config, head)
     row_targets = targets if rows is None else rows.gather(targets)           # [B*n, W, A]
-    base = head.logprobs(grid.base, targets[..., 0])                          # [B*n, L]
-    mixed_logp = head.logprobs(mixed, row_targets)                            # [B*n, W, A]
+    base = nll_head.logprobs(grid.base, targets[..., 0])                      # [B*n, L]
+    mixed_logp = nll_head.logprobs(mixed, row_targets)                        # [B*n, W, A]
     if thought_logp is None:  # not sampled in the scored passes: from their hidden states
         thought_logp = head.logprobs(grid.thought, thoughts, config.policy_logprob_temperature)
     after = None
     if config.thought_loss_weight > 0 or config.reward_source == "thought":
         # with a gradient only as a loss term; the reward alone needs none
         with torch.set_grad_enabled(torch.is_grad_enabled() and config.thought_loss_weight > 0):
-            after = head.logprobs(grid.after, row_targets)
+            after = nll_head.logprobs(grid.after, row_targets)
     if rows is None:
         return StepLogprobs(base, mixed_logp, thought_logp, valid, valid, after)
     # back to [B*n, L, ...]; positions without a thought count in the base NLL only

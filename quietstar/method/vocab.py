@@ -16,7 +16,7 @@ recompute: faster, [tokens x V] memory).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +40,11 @@ class VocabHead:
     # partitions it): then each chunk calls it under torch.utils.checkpoint instead (slower:
     # autograd's log-softmax, the sampling logits computed once more with gradients).
     module: torch.nn.Module | None = None
+
+    def unmasked(self) -> "VocabHead":
+        """This head with no id masked: every row of the LM head in the softmax, the meta tokens'
+        included (``QuietStarConfig.meta_tokens_in_loss``)."""
+        return replace(self, masked_ids=self.masked_ids[:0])
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """All logits [..., V] of ``hidden`` [..., d], with gradients (the public scoring APIs)."""

@@ -19,7 +19,7 @@ from quietstar.method.mixing import MixingHead
 from quietstar.models.model_card import TrainingFacts
 from quietstar.method.rollout import GridHidden, Rollout, text_positions
 from quietstar.method.selection import ThoughtRows, check_thought_positions, inference_chooser, thought_rows_chooser
-from quietstar.method.targets import step_logprobs, training_targets
+from quietstar.method.targets import loss_head, step_logprobs, training_targets
 from quietstar.method.vocab import VocabHead
 from quietstar.utils.modes import eval_mode
 from quietstar.utils.errors import QuietStarInputError
@@ -91,7 +91,7 @@ class QuietStarForCausalLM(nn.Module):
             init = base_embed(torch.tensor([init_ids[0]], device=base_embed.weight.device))[0].float()
         embedding = MetaTokenEmbedding(base_embed, start_id, end_id, init, config.meta_token_lr_multiplier)
         head = MixingHead(model.config.get_text_config().hidden_size, config.mixing_head_hidden_size,
-                          config.mixing_weight_bounded)
+                          config.mixing_weight_bounded, bias=config.mixing_head_bias)
         attention.install(model)
         return cls(model, tokenizer, config, embedding, head.to(base_embed.weight.device))
 
@@ -449,7 +449,7 @@ class QuietStarForCausalLM(nn.Module):
         hidden = ema.get_decoder()(inputs_embeds=ema.get_input_embeddings()(input_ids),
                                    attention_mask=attention_mask,
                                    position_ids=text_positions(attention_mask)).last_hidden_state
-        return self.vocab_head(ema).logprobs(hidden, next_tokens)
+        return loss_head(self.config, self.vocab_head(ema)).logprobs(hidden, next_tokens)
 
     def generate(self, input_ids, attention_mask=None, **kwargs):
         """Thinking generation (see ``quietstar.method.generation.generate`` for the arguments)."""

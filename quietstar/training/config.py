@@ -199,9 +199,10 @@ class TrainConfig:
              f"batch_size {self.batch_size} is not a multiple of micro_batch_size "
              f"{self.micro_batch_size}; make batch_size = micro_batch_size * processes * "
              "accumulation steps")
-        need(self.seq_len >= self.quietstar.ahead_tokens + 1,
-             f"seq_len {self.seq_len} must exceed ahead_tokens {self.quietstar.ahead_tokens}: every "
-             "thought is trained to predict that many true tokens")
+        try:
+            self.quietstar.check_training_length(self.seq_len, "seq_len")
+        except QuietStarInputError as e:
+            raise QuietStarInputError(f"TrainConfig: {e}") from None
         need(self.learning_rate > 0 and math.isfinite(self.learning_rate),
              f"learning_rate must be finite and > 0, got {self.learning_rate!r}")
         need(self.mixing_head_lr_multiplier > 0 and math.isfinite(self.mixing_head_lr_multiplier),
