@@ -29,7 +29,7 @@ from conftest import make_lm, make_tokenizer, random_text
 from quietstar import QuietStarConfig, QuietStarForCausalLM
 from quietstar.method.losses import quietstar_loss
 from quietstar.method.targets import StepLogprobs
-from quietstar.training.config import TrainConfig
+from quietstar.training.config import TrainConfig, load_config, presets
 from quietstar.utils.errors import QuietStarInputError
 
 REFERENCE = dict(policy_positions="reference", meta_tokens_in_loss=True, mixing_head_bias=False)
@@ -260,3 +260,19 @@ def test_mixing_head_without_bias_saves_and_loads(tmp_path):
     with pytest.raises(QuietStarInputError, match="does not fit this model"):
         QuietStarForCausalLM.from_pretrained(tmp_path / "with-bias")
 
+
+def test_paper_preset_uses_the_reference_definitions():
+    """The paper's run: the method's defaults (the paper's values) and, where the paper is
+    silent, the reference code's definitions."""
+    assert "paper" in presets()
+    config = load_config("paper")
+    method = config.quietstar
+    assert (method.policy_positions, method.meta_tokens_in_loss, method.mixing_head_bias) == \
+        ("reference", True, False)
+    # the rest of the method is the paper's: QuietStarConfig's defaults
+    defaults = QuietStarConfig()
+    for name in ("sampled_thought_tokens", "ahead_tokens", "thoughts_per_position", "policy_loss_weight",
+                 "base_loss_weight", "mixed_loss_weight", "policy_logprob_temperature",
+                 "meta_token_lr_multiplier", "thought_temperature"):
+        assert getattr(method, name) == getattr(defaults, name), name
+    assert (config.seq_len, config.batch_size, config.learning_rate, config.max_steps) == (256, 8, 1e-6, 100)
