@@ -69,25 +69,29 @@ def fixed_thoughts(B: int, L: int, seed: int = 5) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------ the reference
-def masked_logits(model, logits: torch.Tensor) -> torch.Tensor:
-    """The plain model's logits with the meta tokens never predicted (as the wrapped model's)."""
+def masked_logits(model, logits: torch.Tensor, end_allowed: bool = False) -> torch.Tensor:
+    """The plain model's logits with the meta tokens never predicted (as the wrapped model's);
+    ``end_allowed``: END may be (a thought token where END ends a thought)."""
     V = logits.shape[-1]
-    meta = [i for i in (model.start_id, model.end_id) if i < V]
+    meta = [i for i in (model.start_id, model.end_id) if i < V and not (end_allowed and i == model.end_id)]
     return logits.index_fill(-1, torch.tensor(meta), float("-inf")) if meta else logits
 
 
-def run_plain(model, seq: list[int], lm=None):
+def run_plain(model, seq: list[int], lm=None, end_allowed: bool = False):
     """The plain transformers model on one unpadded sequence: (logits [n, V], final hidden [n, d])."""
     lm = model.lm if lm is None else lm
     embed = model.get_input_embeddings() if lm is model.lm else lm.get_input_embeddings()
     out = lm(inputs_embeds=embed(torch.tensor(seq)[None]), output_hidden_states=True)
-    return masked_logits(model, out.logits[0]), out.hidden_states[-1][0]
+    return masked_logits(model, out.logits[0], end_allowed), out.hidden_states[-1][0]
 
 
 def reference_loss(model, x, mask, thoughts, positions):
     """The objective of ``model.config`` written out position by position, thought by thought."""
     cfg = model.config
     T = cfg.thought_logprob_temperature
+    prefix = list(model.thought_prefix_ids)
+    m = len(prefix)
+    stops = (model.end_id, model.tokenizer.eos_token_id) if cfg.thought_can_end else ()
     base_terms, by_position = [], []  # by_position: per (b, position) the G thoughts' numbers
     mixed_terms = [[] for _ in range(H)]
     for b in range(x.shape[0]):
@@ -101,16 +105,21 @@ def reference_loss(model, x, mask, thoughts, positions):
             group = []
             for g in range(G):
                 c = thoughts[b, g, p].tolist()
-                seq = text[:j + 1] + [model.start_id] + c + [model.end_id] + text[j + 1:j + H]
+                stop = next((u for u, t in enumerate(c) if t in stops), None)  # ends the thought
+                own = c if stop is None else c[:stop]
+                seq = text[:j + 1] + [model.start_id] + prefix + own + [model.end_id] + text[j + 1:j + H]
                 t_logits, t_hidden = run_plain(model, seq)
-                u0 = j + 1  # START's output predicts c[0]
-                thought_lp = torch.stack([(t_logits[u0 + u] / T).log_softmax(-1)[c[u]] for u in range(K)])
+                thought_logits = run_plain(model, seq, end_allowed=bool(stops))[0]
+                u0 = j + 1 + m  # the output of START (or of the prefix's last token) predicts c[0]
+                actions = K if stop is None else stop + 1  # the stop token is an action too
+                thought_lp = torch.stack([(thought_logits[u0 + u] / T).log_softmax(-1)[c[u]]
+                                          for u in range(actions)])
                 after, mixed, ema, base_ahead, steps = [], [], [], [], []
                 for s in range(H):
                     if j + 1 + s >= len(text):
                         break
                     target = text[j + 1 + s]
-                    row = j + 2 + K + s  # END's output (s = 0), then the teacher-forced tokens'
+                    row = j + 2 + m + len(own) + s  # END's output (s = 0), then the teacher-forced tokens'
                     after.append(t_logits[row].log_softmax(-1)[target])
                     base_ahead.append(logp[j + s, target])
                     mixed_h, _ = model.mixing_head(hidden[j + s], t_hidden[row])
@@ -120,7 +129,7 @@ def reference_loss(model, x, mask, thoughts, positions):
                         ema_logits, _ = run_plain(model, text[:j + 1 + s], lm=model.ema_lm)
                         ema.append(ema_logits[-1].log_softmax(-1)[target])
                     steps.append(s)
-                predicted = int(t_logits[j + 2 + K].argmax())
+                predicted = int(t_logits[j + 2 + m + len(own)].argmax())
                 group.append(dict(thought_lp=thought_lp, after=after, mixed=mixed, ema=ema,
                                   base_ahead=base_ahead, steps=steps, predicted=predicted,
                                   target=text[j + 1]))
@@ -168,7 +177,10 @@ def rpt_text_that_rewards(model, x, mask, thoughts, positions):
                 real_index = mask[b].nonzero().flatten().tolist()
                 j = real_index.index(p)
                 text = x[b, real_index].tolist()
-                seq = text[:j + 1] + [model.start_id] + thoughts[b, 0, p].tolist() + [model.end_id]
+                c = thoughts[b, 0, p].tolist()
+                stops = (model.end_id, model.tokenizer.eos_token_id) if model.config.thought_can_end else ()
+                own = c[:next((u for u, t in enumerate(c) if t in stops), len(c))]
+                seq = text[:j + 1] + [model.start_id] + list(model.thought_prefix_ids) + own + [model.end_id]
                 x[b, real_index[j + 1]] = int(run_plain(model, seq)[0][-1].argmax())
     return x
 
@@ -208,6 +220,42 @@ def test_objective_equals_the_sequential_reference_with_gradients(objective, ext
     assert moved > 0, "the reference has no gradient: the test would prove nothing"
     if objective == "rpt":
         assert 0 < out.metrics["mean_reward"] < 1
+
+
+def ending_thoughts(model, B: int, L: int) -> torch.Tensor:
+    """Fixed thoughts of which some end early: at END as their first token (an empty thought),
+    at EOS as their second, at EOS as their last; the ids after a stop are arbitrary (not read)."""
+    thoughts = fixed_thoughts(B, L)
+    eos = model.tokenizer.eos_token_id
+    thoughts[:, 0, ::3, 0] = model.end_id
+    thoughts[:, 1, 1::3, 1] = eos
+    thoughts[:, 2, ::2, K - 1] = eos
+    return thoughts
+
+
+@pytest.mark.parametrize("objective", ["rlp", "rpt"])
+@pytest.mark.parametrize("padding", ["none", "left", "right"])
+@pytest.mark.parametrize("prefix", ["", "Q:"])
+def test_early_ended_thoughts_and_a_prefix_equal_the_reference(objective, padding, prefix):
+    """thought_can_end: a thought is its tokens before the first END / EOS, closed by END, the
+    stop token's log-probability in the surrogate; thought_prefix: forced after START."""
+    model = build(objective, thought_can_end=True, thought_prefix=prefix)
+    assert len(model.thought_prefix_ids) == (2 if prefix else 0)
+    x, mask = text_batch(padding)
+    positions = chosen_positions(mask)
+    thoughts = ending_thoughts(model, *x.shape)
+    if objective == "rpt":
+        x = rpt_text_that_rewards(model, x, mask, thoughts, positions)
+    out = model(x, mask, thought_ids=thoughts, thought_positions=positions)
+    expected = reference_loss(model, x, mask, thoughts, positions)
+    assert abs(out.loss.item() - expected.item()) < ATOL
+    ours, params = grads_of(model, out.loss)
+    theirs, _ = grads_of(model, expected)
+    for a, b, p in zip(ours, theirs, params):
+        a = torch.zeros_like(p) if a is None else a
+        b = torch.zeros_like(p) if b is None else b
+        scale = model.config.meta_token_lr_multiplier if p is model.embedding.scaled_vectors else 1.0
+        torch.testing.assert_close(a, b, atol=ATOL * scale, rtol=0)
 
 
 @pytest.mark.parametrize("objective", ["rlp", "rpt"])

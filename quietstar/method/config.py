@@ -164,6 +164,23 @@ class QuietStarConfig:
     ``thought_selection``. None: ``thought_fraction`` decides. RLP / RPT think at a few positions
     per document with long thoughts; a count keeps a step's cost fixed whatever the length."""
 
+    thought_can_end: bool = False
+    """rlp / rpt: a thought may end before its k tokens: END (where the LM head has a row for it)
+    and EOS become sampleable inside it, and the first one sampled ends it. The thought is then
+    the tokens before it, closed by END (an EOS is replaced by END), followed by the true next
+    tokens at the position ids they would have right after it; the stop token's log-probability
+    counts in the surrogate (stopping is an action), the ids after it are padding, masked from
+    every loss. |c| in the surrogate is the thought's own token count. Training and ``think`` /
+    ``score_thoughts``; ``generate`` still thinks k tokens. "quietstar" refuses it (its REINFORCE
+    term averages over all k)."""
+
+    thought_prefix: str = ""
+    """Text forced at the start of every thought, after START and before the k sampled tokens
+    (e.g. "<think>\n" for an instruct model, so its own reasoning habit starts the thought): a
+    thought is START, the prefix's m tokens, t_1..t_k, END, so a step runs m more passes
+    (F = m + k + A + 2) and positions go m further. The prefix tokens are inputs, never sampled,
+    and carry no loss. "": none (the paper)."""
+
     clip_eps_low: float = 0.2
     """rlp / rpt: the surrogate clips the importance ratio below at 1 - clip_eps_low (PPO's 0.2;
     the papers' values are not stated in their text)."""
@@ -233,6 +250,11 @@ class QuietStarConfig:
             need(self.thought_temperature > 0,
                  f"objective={self.objective!r} needs thought_temperature > 0: the surrogate's ratio is "
                  "of the sampling policy's probabilities, which greedy thoughts do not have")
+        need(not (self.thought_can_end and self.objective == "quietstar"),
+             "thought_can_end needs objective='rlp' or 'rpt': the quietstar objective's REINFORCE term "
+             "averages over all k thought tokens")
+        need(self.start_thought_token not in self.thought_prefix and self.end_thought_token not in self.thought_prefix,
+             "thought_prefix must not contain the thought meta tokens (START comes before it, END after the thought)")
         need(0 <= self.clip_eps_low < 1, f"clip_eps_low must be in [0, 1), got {self.clip_eps_low!r}")
         need(self.clip_eps_high >= 0, f"clip_eps_high must be >= 0, got {self.clip_eps_high!r}")
         need(self.next_token_loss_weight >= 0,
@@ -254,7 +276,8 @@ class QuietStarConfig:
 
     @property
     def passes_per_thought(self) -> int:
-        """Model passes that feed a thought's tokens (START, k sampled, END)."""
+        """Model passes that feed a thought's tokens (START, k sampled, END; a ``thought_prefix``
+        adds its token count)."""
         return self.sampled_thought_tokens + 2
 
     @property

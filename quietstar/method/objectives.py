@@ -70,13 +70,14 @@ class ThoughtLogprobs:
 
 
 def thought_logprobs(config: QuietStarConfig, head: VocabHead, grid: GridHidden, thoughts: torch.Tensor,
-                     thought_logp: torch.Tensor | None, targets: torch.Tensor, valid: torch.Tensor,
-                     thought_mask: torch.Tensor | None = None) -> ThoughtLogprobs:
+                     thought_logp: torch.Tensor | None, targets: torch.Tensor, valid: torch.Tensor, *,
+                     thought_head: VocabHead | None = None) -> ThoughtLogprobs:
     """The log-likelihoods of a scored rollout ``grid`` that RLP / RPT need: ``thoughts``
     [B*G, W, k], their log-probabilities at the sampling temperature ``thought_logp`` (from the
-    sampling passes; None: from ``grid.thought``), ``targets`` / ``valid`` [B*G, L, h] of
-    ``targets.training_targets`` (repeated G times), ``thought_mask`` [B*G, W, k] (None: every
-    token is the thought's own)."""
+    sampling passes; None: from ``grid.thought`` by ``thought_head``, the head they were sampled
+    from, default ``head``: ``Rollout.thought_head``), ``targets`` / ``valid`` [B*G, L, h] of
+    ``targets.training_targets`` (repeated G times). ``grid.thought_mask`` says which thought
+    ids are the thought's own (None: all)."""
     rows = grid.rows
     row_targets = targets if rows is None else rows.gather(targets)            # [B*G, W, h]
     row_valid = valid if rows is None else rows.gather(valid) & rows.valid[..., None]
@@ -84,14 +85,13 @@ def thought_logprobs(config: QuietStarConfig, head: VocabHead, grid: GridHidden,
     with torch.set_grad_enabled(torch.is_grad_enabled() and config.next_token_loss_weight > 0):
         base = head.logprobs(grid.base, targets[..., 0])                      # [B*G, L]
     if thought_logp is None:  # given thoughts: from the passes that read them
-        thought_logp = head.logprobs(grid.thought, thoughts, config.thought_logprob_temperature)
+        thought_logp = (thought_head or head).logprobs(grid.thought, thoughts, config.thought_logprob_temperature)
     predicted = None
     with torch.no_grad():  # the reward: no gradient
         after = head.logprobs(grid.after, row_targets)                        # [B*G, W, h]
         if config.objective == "rpt":
             predicted = head.sample(grid.after[:, :, 0], 0.0)[0]              # [B*G, W] greedy
-    if thought_mask is None:
-        thought_mask = torch.ones_like(thoughts, dtype=torch.bool)
+    thought_mask = torch.ones_like(thoughts, dtype=torch.bool) if grid.thought_mask is None else grid.thought_mask
     return ThoughtLogprobs(base, valid, after, thought_logp, thought_mask, row_targets, row_valid,
                            predicted, rows)
 

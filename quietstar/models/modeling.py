@@ -71,6 +71,9 @@ class QuietStarForCausalLM(nn.Module):
         self.register_buffer("_meta_logit_ids", torch.tensor(meta_in_vocab, dtype=torch.long),
                              persistent=False)
         self.ema_lm = None  # config.uses_ema_copy: a frozen, slowly updated copy of lm
+        # config.thought_prefix as the ids forced after START (the config checked its text)
+        self.thought_prefix_ids = tuple(tokenizer(config.thought_prefix, add_special_tokens=False).input_ids
+                                        if config.thought_prefix else ())
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -138,8 +141,13 @@ class QuietStarForCausalLM(nn.Module):
     @property
     def rollout(self) -> Rollout:
         """The rollout of the current decoder, embedding and head: built on access, as FSDP or peft may wrap them."""
-        return Rollout(self.decoder, self.embedding, self.vocab_head(), self.start_id, self.end_id,
-                       self.config.ahead_tokens, self.tokenizer.pad_token_id)
+        head = self.vocab_head()
+        stops = ()
+        if self.config.thought_can_end:  # END where the head has a row for it, and EOS
+            stops = tuple(i for i in (self.end_id, self.tokenizer.eos_token_id)
+                          if i is not None and i < head.weight.shape[0])
+        return Rollout(self.decoder, self.embedding, head, self.start_id, self.end_id,
+                       self.config.ahead_tokens, self.tokenizer.pad_token_id, self.thought_prefix_ids, stops)
 
     def vocab_head(self, lm=None) -> VocabHead:
         """The LM head of ``lm`` (default the model's own LM) as the loss and the sampler use it:
@@ -179,7 +187,7 @@ class QuietStarForCausalLM(nn.Module):
         teacher-forced token after a ``thought_tokens``-token thought, default the config's k)
         sits at position length - 1 + k + A + 1."""
         k = self.config.sampled_thought_tokens if thought_tokens is None else thought_tokens
-        self.check_positions(length + k + self.config.ahead_tokens + 1, what)
+        self.check_positions(length + len(self.thought_prefix_ids) + k + self.config.ahead_tokens + 1, what)
 
     def _check_text(self, input_ids, attention_mask):
         """Validates token ids [B, L >= 1] and their mask; returns the mask (ones if None)."""
@@ -337,7 +345,8 @@ class QuietStarForCausalLM(nn.Module):
                 select=None) -> tuple[torch.Tensor, ThoughtRows | None]:
         """``Rollout.sample`` without dropout (k, temperature: the config's unless given)."""
         k, temperature = self.config.thought_settings(num_tokens, temperature)
-        self.check_positions(input_ids.shape[1] + k, f"sampling thoughts on {input_ids.shape[1]} tokens")
+        self.check_positions(input_ids.shape[1] + len(self.thought_prefix_ids) + k,
+                             f"sampling thoughts on {input_ids.shape[1]} tokens")
         with eval_mode(self.lm):  # sampled without dropout, as the model predicts at inference
             return self.rollout.sample(input_ids, attention_mask, num_tokens=k, temperature=temperature,
                                        generator=generator, select=select)
@@ -386,7 +395,8 @@ class QuietStarForCausalLM(nn.Module):
             nll_term, policy_term, metrics = self._quietstar_terms(head, grid, thoughts, thought_logp, targets,
                                                                    valid, ema_base_logp)
         else:  # rlp / rpt: the LM reads its own thought, no mixing head (objectives.py)
-            logp = thought_logprobs(cfg, head, grid, thoughts, thought_logp, targets, valid)
+            logp = thought_logprobs(cfg, head, grid, thoughts, thought_logp, targets, valid,
+                                    thought_head=rollout.thought_head)
             nll_term, policy_term, metrics = successor_loss_terms(
                 cfg, logp, ema_base_logp=ema_base_logp, token_strings=self.tokenizer.convert_ids_to_tokens)
         loss = nll_term + policy_term
