@@ -17,7 +17,7 @@ import torch
 
 from conftest import make_lm, make_tokenizer, random_text
 from quietstar import QuietStarConfig, QuietStarForCausalLM, TrainConfig, train
-from quietstar.method.objectives import clipped_surrogate, prefix_match
+from quietstar.method.objectives import clipped_surrogate, prefix_match, thought_health
 from quietstar.training.config import load_config
 from quietstar.utils.errors import QuietStarInputError
 
@@ -192,6 +192,7 @@ def grads_of(model, loss):
 
 @pytest.mark.parametrize("objective,extra", [
     ("quietstar", {"policy_loss_weight": 1.0}),
+    ("quietstar", {"policy_loss_weight": 1.0, "thought_prefix": "Q:"}),
     ("rlp", {}),
     ("rlp", {"next_token_loss_weight": 0.3}),
     ("rpt", {}),
@@ -311,6 +312,23 @@ def test_rpt_reward_matches_a_token_that_spans_two_true_tokens():
                         tok.convert_ids_to_tokens).tolist() == [True]
 
 
+def test_thought_health_by_hand():
+    """Two thoughts at two positions: at the first both write the next token 7 and are equal; at
+    the second one ends after a token, and its 8 (the next token) is after its end: no leak."""
+    thoughts = torch.tensor([[[5, 7, 9], [4, 4, 4]],     # g = 0: positions w = 0, 1
+                             [[5, 7, 9], [4, 8, 1]]])    # g = 1
+    own = torch.ones(2, 2, 3, dtype=torch.bool)
+    own[1, 1, 1:] = False
+    next_tokens = torch.tensor([[7, 8], [7, 8]])
+    health = thought_health(thoughts, own, next_tokens, torch.ones(2, 2, dtype=torch.bool), 2)
+    assert {k: round(v.item(), 4) for k, v in health.items()} == {
+        "leak_rate": 0.5, "thought_length": 2.5, "distinct_thoughts": 0.75}
+    first_only = torch.tensor([[True, False], [True, False]])
+    health = thought_health(thoughts, own, next_tokens, first_only, 2)
+    assert {k: round(v.item(), 4) for k, v in health.items()} == {
+        "leak_rate": 1.0, "thought_length": 3.0, "distinct_thoughts": 0.5}
+
+
 # ------------------------------------------------------------------ settings
 @pytest.mark.parametrize("bad,message", [
     ({"objective": "rlp", "thoughts_per_position": 1}, "group size G"),
@@ -355,5 +373,7 @@ def test_presets_train_their_objective(tiny_model_dir, tmp_path, preset, objecti
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "policy_loss" in r]
     assert len(steps) == 2 and all(math.isfinite(r["mean_reward"]) for r in steps)
+    health = ("leak_rate", "thought_length", "distinct_thoughts", "reward_spread")
+    assert all(math.isfinite(r[name]) for r in steps for name in health)
     state = torch.load(result.checkpoint / "training_state.pt", weights_only=False)
     assert ("ema" in state) == (objective == "rlp")

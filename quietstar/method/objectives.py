@@ -65,6 +65,7 @@ class ThoughtLogprobs:
     thought_mask: torch.Tensor  # [B*G, W, k]  the thought's own tokens (False after an early end)
     row_targets: torch.Tensor   # [B*G, W, h]  x_{i+1+s} of each row
     row_valid: torch.Tensor     # [B*G, W, h]  the row thinks and x_{i+1+s} is valid
+    thought_ids: torch.Tensor   # [B*G, W, k]  the thoughts (ids after an early end: not read)
     predicted: torch.Tensor | None = None  # [B*G, W] rpt: the greedy post-thought token
     rows: ThoughtRows | None = None        # the W rows' positions; None: all L
 
@@ -92,7 +93,7 @@ def thought_logprobs(config: QuietStarConfig, head: VocabHead, grid: GridHidden,
         if config.objective == "rpt":
             predicted = head.sample(grid.after[:, :, 0], 0.0)[0]              # [B*G, W] greedy
     thought_mask = torch.ones_like(thoughts, dtype=torch.bool) if grid.thought_mask is None else grid.thought_mask
-    return ThoughtLogprobs(base, valid, after, thought_logp, thought_mask, row_targets, row_valid,
+    return ThoughtLogprobs(base, valid, after, thought_logp, thought_mask, row_targets, row_valid, thoughts,
                            predicted, rows)
 
 
@@ -130,6 +131,32 @@ def prefix_match(predicted: torch.Tensor, continuation: torch.Tensor, valid: tor
     return torch.tensor(hits, dtype=torch.bool, device=predicted.device)
 
 
+@torch.no_grad()
+def thought_health(thoughts: torch.Tensor, own: torch.Tensor, next_tokens: torch.Tensor,
+                   counted: torch.Tensor, group: int) -> dict[str, torch.Tensor]:
+    """What the thoughts look like, from the step's own tensors (no extra pass): ``thoughts``
+    [N*G, W, k] with ``own`` [N*G, W, k] (the thought's own ids), ``next_tokens`` [N*G, W] (the
+    true x_{i+1} of each row), ``counted`` [N*G, W] (the thoughts that count), G = ``group``
+    adjacent rows per text. Means over the counted thoughts (or their positions):
+
+        leak_rate          share of thoughts that contain the next true token x_{i+1}: a thought
+                           that writes the target earns a likelihood reward without reasoning
+        thought_length     mean count of a thought's own tokens (k unless thoughts end early)
+        distinct_thoughts  distinct thoughts among a position's G, over G (1: all differ)
+    """
+    GW = thoughts.shape[1]
+    leak = ((thoughts == next_tokens[..., None]) & own).any(-1)               # [N*G, W]
+    length = own.sum(-1).to(torch.float32)                                    # [N*G, W]
+    ids = thoughts.masked_fill(~own, -1).view(-1, group, GW, thoughts.shape[-1])  # [N, G, W, k]
+    same = (ids[:, :, None] == ids[:, None]).all(-1)                          # [N, G, G, W]: g equals g'
+    earlier = torch.ones(group, group, dtype=torch.bool, device=ids.device).tril(-1)  # g' < g
+    repeated = (same & earlier[None, :, :, None]).any(2)                      # [N, G, W]
+    distinct = (~repeated).sum(1).to(torch.float32) / group                   # [N, W]
+    return {"leak_rate": _masked_mean(leak.to(torch.float32), counted),
+            "thought_length": _masked_mean(length, counted),
+            "distinct_thoughts": _masked_mean(distinct, counted.view(-1, group, GW)[:, 0])}
+
+
 def _ahead(logp: torch.Tensor, h: int) -> torch.Tensor:
     """[B, L] next-token log-likelihoods -> [B, L, h]: log p(x_{i+1+s}) sits at position i+s."""
     return torch.stack([F.pad(logp[:, s:], (0, s)) for s in range(h)], dim=-1)
@@ -160,6 +187,7 @@ def successor_loss_terms(config: QuietStarConfig, logp: ThoughtLogprobs, *,
         positive_reward_fraction  share of thoughts with r > 0 (rlp: thinking beat the EMA copy)
         reward_spread             std of r over a group, mean over positions (0: nothing to learn)
         thought_gain              mean of sum_s [log p_theta(after c) - log p_theta(no thought)]
+        leak_rate, thought_length, distinct_thoughts   ``thought_health``
     """
     G = config.thoughts_per_position
     BG, W, h = logp.after.shape
@@ -210,5 +238,6 @@ def successor_loss_terms(config: QuietStarConfig, logp: ThoughtLogprobs, *,
                "mean_reward": _masked_mean(reward, position_valid),
                "positive_reward_fraction": _masked_mean((reward > 0).to(valid.dtype), position_valid),
                "reward_spread": _masked_mean(spread, position_valid.view(-1, G, W)[:, 0]),
-               "thought_gain": _masked_mean(((logp.after - base_rows) * valid).sum(-1), position_valid)}
+               "thought_gain": _masked_mean(((logp.after - base_rows) * valid).sum(-1), position_valid),
+               **thought_health(logp.thought_ids, logp.thought_mask, logp.row_targets[..., 0], position_valid, G)}
     return nll_term, policy_loss, {name: value.detach() for name, value in metrics.items()}
