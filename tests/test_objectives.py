@@ -272,6 +272,24 @@ def test_successors_train_the_thought_tokens_only(objective):
                                 "policy_loss", "positive_reward_fraction", "thought_nll"}
 
 
+@pytest.mark.parametrize("objective", ["rlp", "rpt"])
+def test_a_successor_model_predicts_from_its_own_thought_everywhere(objective):
+    """rlp / rpt train the LM to read its own thought (no mixing head), so what the model predicts
+    with a thought is the post-thought prediction (w = 1): in score_thoughts and in generate."""
+    model = build(objective)
+    x = random_text(1, 7, seed=2)
+    scores = model.score_thoughts(x, fixed_thoughts(1, 7)[:, 0])
+    torch.testing.assert_close(scores.mixed_logits, scores.thought_logits)
+    assert (scores.mixing_weight == 1).all()
+    out = model.generate(x, max_new_tokens=1, output_logits=True, return_thoughts=True,
+                         generator=torch.Generator().manual_seed(0))
+    thought_ids = torch.zeros(1, 7, K, dtype=torch.long)
+    thought_ids[0, -1] = out.thought_ids[0, 0]
+    after = model.score_thoughts(x, thought_ids).thought_logits[:, -1, 0]
+    V = out.logits[0].shape[-1]
+    torch.testing.assert_close(out.logits[0], after[:, :V], atol=1e-5, rtol=0)
+
+
 # ------------------------------------------------------------------ the parts by hand
 def test_clipped_surrogate_by_hand():
     """Ratio 1.5 against the sampling policy: clipped at 1.2 for a positive advantage (no

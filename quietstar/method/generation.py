@@ -2,7 +2,8 @@
 
 For each new token the model (1) reads the latest token, which gives its base hidden state
 ``h_base``; (2) thinks on top of the cache: START, k sampled thought tokens, END, whose last
-hidden state is ``h_thought``; (3) mixes the two with the mixing head and picks the next token
+hidden state is ``h_thought``; (3) mixes the two (``model.mix``: the mixing head; for rlp / rpt the
+post-thought state itself) and picks the next token
 from the mixed logits; (4) drops the k + 2 thought entries from the cache, so no later token
 ever sees a thought. Position ids follow the text alone (a thought after the token at position
 p sits at p+1 .. p+k+2, exactly as in training), so the numbers equal ``score_thoughts``.
@@ -324,7 +325,7 @@ class _Thinker:
                 hidden = decoder(model.embedding.base(token[:, None]), pos[:, m + j + 1:m + j + 2])
         # t_k's own output is not needed (END comes next in any case): one call for both.
         hidden = decoder(torch.cat([model.embedding.base(token[:, None]), end], 1), pos[:, m + k + 1:])
-        mixed, w = model.mixing_head(h_base, hidden[:, -1])
+        mixed, w = model.mix(h_base, hidden[:, -1])
         decoder.drop_last(k + 2 + m)
         logits = model.logits(mixed)
         if self.threshold > 0:  # the rows below the threshold predict with the base

@@ -205,6 +205,17 @@ class QuietStarForCausalLM(nn.Module):
                                       "thoughts are inserted by the model")
         return attention_mask
 
+    def mix(self, base_hidden: torch.Tensor, thought_hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the model predicts from after a thought, as (hidden states [..., d], weights
+        [...]), for base and post-thought states [..., d] that predict the same token: the mixing
+        head's interpolation for "quietstar"; for "rlp" / "rpt", which train the LM to read its
+        own thought and have no mixing head, the post-thought state itself (w = 1). Every path
+        that predicts with a thought (training's held-out numbers, ``score_thoughts``, ``think``,
+        ``generate``, the evaluations) goes through here."""
+        if self.config.objective == "quietstar":
+            return self.mixing_head(base_hidden, thought_hidden)
+        return thought_hidden, thought_hidden.new_ones(thought_hidden.shape[:-1])
+
     def _mix(self, grid: GridHidden) -> tuple[torch.Tensor, torch.Tensor]:
         """Mixed hidden states [B, W, A, d] and weights [B, W, A] of the W thought rows; step s
         pairs the post-thought state of position i with the base state of position i+s (both
@@ -218,7 +229,7 @@ class QuietStarForCausalLM(nn.Module):
         else:
             idx = (grid.rows.index[:, :, None] + ahead).clamp(max=L - 1)  # [B, S, A]
             base = grid.base[torch.arange(B, device=idx.device)[:, None, None], idx]  # [B, S, A, d]
-        return self.mixing_head(base, grid.after)
+        return self.mix(base, grid.after)
 
     # ------------------------------------------------------------------ public computations
     def base_logits(self, input_ids, attention_mask=None) -> torch.Tensor:
