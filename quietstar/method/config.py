@@ -75,7 +75,9 @@ class QuietStarConfig:
     of the next token(s), group baseline, clipped surrogate). Formulas: the module docstring.
     For rlp / rpt, ``thoughts_per_position`` is the group size G (>= 2), ``ahead_tokens`` the
     next-token horizon h (1 = the RLP paper), ``thought_temperature`` the sampling policy's
-    temperature (> 0) and ``thought_selection`` where they think (presets: ``rlp``, ``rpt``)."""
+    temperature (> 0) and ``thought_selection`` where they think (presets: ``rlp``, ``rpt``).
+    A model trained by rlp / rpt predicts after a thought from the post-thought state itself,
+    at inference too (``QuietStarForCausalLM.mix``: no mixing head)."""
 
     sampled_thought_tokens: int = 9
     """k: tokens sampled between START and END (START/END not counted). Passes spent on one
