@@ -42,8 +42,7 @@ class QuietStarOutput:
     """What a training-mode forward returns."""
 
     loss: torch.Tensor
-    metrics: dict[str, torch.Tensor]  # detached scalars: the objective's (quietstar_loss's and
-                                      # mean_mixing_weight, or successor_loss_terms')
+    metrics: dict[str, torch.Tensor]  # detached scalars: the objective's loss terms' (and mean_mixing_weight)
     thought_ids: torch.Tensor         # [B, n, L, k] the sampled thoughts (inner tokens; pad id
                                       # where no thought)
     terms: dict[str, torch.Tensor]    # "nll", "policy": the weighted terms of loss, with gradients
@@ -72,8 +71,7 @@ class QuietStarForCausalLM(nn.Module):
                              persistent=False)
         self.ema_lm = None  # config.uses_ema_copy: a frozen, slowly updated copy of lm
         # config.thought_prefix as the ids forced after START (the config checked its text)
-        self.thought_prefix_ids = tuple(tokenizer(config.thought_prefix, add_special_tokens=False).input_ids
-                                        if config.thought_prefix else ())
+        self.thought_prefix_ids = tuple(tokenizer(config.thought_prefix, add_special_tokens=False).input_ids)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -141,12 +139,11 @@ class QuietStarForCausalLM(nn.Module):
     @property
     def rollout(self) -> Rollout:
         """The rollout of the current decoder, embedding and head: built on access, as FSDP or peft may wrap them."""
-        head = self.vocab_head()
         stops = ()
-        if self.config.thought_can_end:  # END where the head has a row for it, and EOS
-            stops = tuple(i for i in (self.end_id, self.tokenizer.eos_token_id)
-                          if i is not None and i < head.weight.shape[0])
-        return Rollout(self.decoder, self.embedding, head, self.start_id, self.end_id,
+        if self.config.thought_can_end:  # END where the head has a row for it (masked there), and EOS
+            end = self.end_id if self.end_id in self._meta_logit_ids.tolist() else None
+            stops = tuple(i for i in (end, self.tokenizer.eos_token_id) if i is not None)
+        return Rollout(self.decoder, self.embedding, self.vocab_head(), self.start_id, self.end_id,
                        self.config.ahead_tokens, self.tokenizer.pad_token_id, self.thought_prefix_ids, stops)
 
     def vocab_head(self, lm=None) -> VocabHead:
@@ -206,12 +203,10 @@ class QuietStarForCausalLM(nn.Module):
         return attention_mask
 
     def mix(self, base_hidden: torch.Tensor, thought_hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """What the model predicts from after a thought, as (hidden states [..., d], weights
-        [...]), for base and post-thought states [..., d] that predict the same token: the mixing
-        head's interpolation for "quietstar"; for "rlp" / "rpt", which train the LM to read its
-        own thought and have no mixing head, the post-thought state itself (w = 1). Every path
-        that predicts with a thought (training's held-out numbers, ``score_thoughts``, ``think``,
-        ``generate``, the evaluations) goes through here."""
+        """What the model predicts with a thought, (hidden [..., d], weight [...]), from base and
+        post-thought states [..., d] of the same token: the mixing head's for "quietstar", the
+        post-thought state (w = 1) for "rlp" / "rpt" (no mixing head). Every prediction with a
+        thought (score_thoughts, think, generate, the evaluations) comes from here."""
         if self.config.objective == "quietstar":
             return self.mixing_head(base_hidden, thought_hidden)
         return thought_hidden, thought_hidden.new_ones(thought_hidden.shape[:-1])
@@ -385,11 +380,9 @@ class QuietStarForCausalLM(nn.Module):
         ema_base_logp = None
         if cfg.uses_ema_copy:
             ema_base_logp = self._ema_base_logp(input_ids, attention_mask, targets[..., 0]).repeat_interleave(n, 0)
-        if thought_ids is not None and thought_positions is None and (cfg.thought_fraction < 1
-                                                                      or cfg.thought_count is not None):
-            raise QuietStarInputError("replaying thought_ids with thought_fraction < 1 or a thought_count needs "
-                                      "the positions they were sampled at: pass the earlier output's "
-                                      "thought_positions too")
+        if thought_ids is not None and thought_positions is None and (cfg.thought_fraction < 1 or cfg.thought_count):
+            raise QuietStarInputError("replaying thought_ids with thought_fraction < 1 or a thought_count needs the "
+                                      "positions they were sampled at: pass the earlier output's thought_positions too")
         rollout = self.rollout
         head = rollout.head  # every vocabulary-sized product, chunked (see vocab.py)
         select = thought_rows_chooser(head.entropy, valid[..., 0], thought_positions, n, cfg.thought_fraction,
@@ -427,10 +420,8 @@ class QuietStarForCausalLM(nn.Module):
                                {"nll": nll_term, "policy": policy_term}, positions)
 
     def _quietstar_terms(self, head, grid, thoughts, thought_logp, targets, valid, ema_base_logp):
-        """The "quietstar" objective of a scored rollout: mix each post-thought state with the base
-        state that predicts the same token, take the log-likelihoods (base next token, mixed A
-        tokens, thought tokens at the REINFORCE temperature) and the loss terms; the metrics
-        gain ``mean_mixing_weight``."""
+        """The "quietstar" objective of a scored rollout: mix, the log-likelihoods (targets.py),
+        the loss terms (losses.py); the metrics gain ``mean_mixing_weight``."""
         mixed, w = self._mix(grid)
         logp = step_logprobs(self.config, head, grid, mixed, thoughts, thought_logp, targets, valid)
         nll_term, policy_term, metrics = quietstar_loss_terms(self.config, logp, ema_base_logp)
