@@ -155,7 +155,7 @@ def test_the_float_fields_are_the_ones_checked():
     assert set(float_fields(QuietStarConfig)) == {
         "thought_temperature", "ema_decay", "policy_loss_weight", "policy_logprob_temperature",
         "base_loss_weight", "mixed_loss_weight", "meta_token_lr_multiplier", "thought_fraction",
-        "thought_loss_weight"}
+        "thought_loss_weight", "clip_eps_low", "clip_eps_high", "next_token_loss_weight"}
     assert set(float_fields(TrainConfig)) == {
         "learning_rate", "mixing_head_lr_multiplier", "weight_decay", "min_lr_ratio",
         "max_grad_norm", "policy_max_grad_norm", "lora_alpha"}

@@ -7,6 +7,35 @@ they count. In particular a thought is laid out as
 
 and ``sampled_thought_tokens`` is k: the start and end tokens are *not* counted. The paper's
 "12 ahead" run (``n_ahead=12`` in its code) samples k = 9 tokens.
+
+``objective`` chooses what the same rollout is trained for (``quietstar.method.objectives``
+writes the two successors out). Position i predicts x_{i+1}; a thought c at i is sampled after
+x_0..x_i; G = ``thoughts_per_position`` thoughts per chosen position; h = ``ahead_tokens``.
+
+- "quietstar" (the 2024 paper): base NLL + mixed NLL + REINFORCE (``losses.quietstar_loss``).
+- "rlp" (Reinforcement as a Pretraining Objective, NVIDIA): with the post-thought prediction
+  p_theta (no mixing head) and an EMA copy p_EMA of the LM (``ema_decay`` = tau),
+
+      r(c)   = sum_{s<h} log p_theta(x_{i+1+s} | x_<=i, c, x_{i+1..i+s})
+               - sum_{s<h} log p_EMA(x_{i+1+s} | x_<=i+s)                    (no gradient)
+      A(c_g) = G/(G-1) * (r(c_g) - mean_g' r(c_g'))                         (leave-one-out)
+      L      = mean over thoughts of -(1/|c|) sum_u min(rho_u A, clip(rho_u, 1-eps_low, 1+eps_high) A)
+      rho_u  = pi_theta(c_u | ...) / pi_old(c_u | ...)   at ``thought_temperature``
+
+  gradients reach the thought tokens only (no KL); + ``next_token_loss_weight`` x base NLL.
+- "rpt" (Reinforcement Pre-Training, Microsoft): r(c) = 1 if the greedy post-thought
+  prediction of x_{i+1} is an exact prefix of the true continuation ending on a token boundary
+  (its token's text equals the text of x_{i+1..i+j} for some 1 <= j <= h), else 0; A = r - mean
+  over the group; the same clipped surrogate; positions by ``thought_selection`` ("entropy",
+  the paper's).
+
+What each objective reads: ``sampled_thought_tokens``, ``thoughts_per_position``,
+``thought_temperature``, ``ahead_tokens``, ``thought_fraction`` / ``thought_count``,
+``thought_selection``, ``loss_chunk_tokens`` and the meta-token settings all three; the mixing
+head, ``reward_source``, ``reward_baseline``, ``drop_negative_rewards``, the three NLL weights,
+``policy_loss_weight`` and ``policy_logprob_temperature`` only "quietstar"; ``clip_eps_low``,
+``clip_eps_high`` and ``next_token_loss_weight`` only "rlp" and "rpt"; ``ema_decay`` "rlp" and
+``reward_baseline="ema_base"``.
 """
 
 from __future__ import annotations
@@ -37,7 +66,18 @@ def check_thought_settings(thought_tokens: int | None, thought_temperature: floa
 @dataclass
 class QuietStarConfig:
     """Method settings. Every field is validated in ``__post_init__`` (its type, then its range;
-    every float must be finite)."""
+    every float must be finite). The module docstring writes out each ``objective``."""
+
+    objective: Literal["quietstar", "rlp", "rpt"] = "quietstar"
+    """What the thoughts are trained for: "quietstar" (the 2024 method: mixing head, NLLs,
+    REINFORCE), "rlp" (information gain against an EMA copy, leave-one-out group advantage,
+    clipped surrogate on the thought tokens) or "rpt" (reward 1 for an exact prefix prediction
+    of the next token(s), group baseline, clipped surrogate). Formulas: the module docstring.
+    For rlp / rpt, ``thoughts_per_position`` is the group size G (>= 2), ``ahead_tokens`` the
+    next-token horizon h (1 = the RLP paper), ``thought_temperature`` the sampling policy's
+    temperature (> 0) and ``thought_selection`` where they think (presets: ``rlp``, ``rpt``).
+    A model trained by rlp / rpt predicts after a thought from the post-thought state itself,
+    at inference too (``QuietStarForCausalLM.mix``: no mixing head)."""
 
     sampled_thought_tokens: int = 9
     """k: tokens sampled between START and END (START/END not counted). Passes spent on one
@@ -146,6 +186,40 @@ class QuietStarConfig:
     text pass, no thought) has the highest entropy, where the paper finds thoughts help; "random",
     a uniform share from the forward's generator (the unbiased control)."""
 
+    thought_count: int | None = None
+    """Thinking positions per sequence in a training step, instead of ``thought_fraction``
+    (which then must stay 1): min(count, positions with a target), chosen by
+    ``thought_selection``. None: ``thought_fraction`` decides. RLP / RPT think at a few positions
+    per document with long thoughts; a count keeps a step's cost fixed whatever the length."""
+
+    thought_can_end: bool = False
+    """rlp / rpt: a thought may end before its k tokens: END (where the LM head has a row for it)
+    and EOS become sampleable inside it, and the first one sampled ends it. The thought is then
+    the tokens before it, closed by END (an EOS is replaced by END), followed by the true next
+    tokens at the position ids they would have right after it; the stop token's log-probability
+    counts in the surrogate (stopping is an action), the ids after it are padding, masked from
+    every loss. |c| in the surrogate is the thought's own token count. Training and ``think`` /
+    ``score_thoughts``; ``generate`` still thinks k tokens. "quietstar" refuses it (its REINFORCE
+    term averages over all k)."""
+
+    thought_prefix: str = ""
+    """Text forced at the start of every thought, after START and before the k sampled tokens
+    (e.g. "<think>\n" for an instruct model, so its own reasoning habit starts the thought): a
+    thought is START, the prefix's m tokens, t_1..t_k, END, so a step runs m more passes
+    (F = m + k + A + 2) and positions go m further. The prefix tokens are inputs, never sampled,
+    and carry no loss. "": none (the paper)."""
+
+    clip_eps_low: float = 0.2
+    """rlp / rpt: the surrogate clips the importance ratio below at 1 - clip_eps_low (PPO's 0.2;
+    the papers' values are not stated in their text)."""
+
+    clip_eps_high: float = 0.2
+    """rlp / rpt: ... and above at 1 + clip_eps_high."""
+
+    next_token_loss_weight: float = 0.0
+    """rlp / rpt: weight of the LM's own next-token NLL (no thought, every position) added to the
+    surrogate; 0 = the papers (no next-token term). "quietstar" has ``base_loss_weight``."""
+
     loss_chunk_tokens: int = 256
     """Rows of vocabulary-sized logits computed at a time, everywhere the method needs them
     (base and mixed NLL, the REINFORCE log-probabilities, the thought sampling): each chunk's
@@ -169,8 +243,8 @@ class QuietStarConfig:
              f"thoughts_per_position must be an int >= 1, got {self.thoughts_per_position!r}")
         need(isinstance(self.ema_decay, (int, float)) and 0 <= self.ema_decay < 1,
              f"ema_decay must be in [0, 1), got {self.ema_decay!r}")
-        need(not (self.reward_baseline == "thought_mean" and self.thoughts_per_position == 1
-                  and self.policy_loss_weight != 0),
+        need(not (self.objective == "quietstar" and self.reward_baseline == "thought_mean"
+                  and self.thoughts_per_position == 1 and self.policy_loss_weight != 0),
              "reward_baseline='thought_mean' with thoughts_per_position=1 makes every reward 0; "
              "use thoughts_per_position >= 2 or reward_baseline='base' / 'ema_base'")
         try:  # the rule it follows at inference too
@@ -191,12 +265,47 @@ class QuietStarConfig:
         need(bool(self.meta_token_init), "meta_token_init must be a non-empty string")
         need(0 < self.thought_fraction <= 1,
              f"thought_fraction must be in (0, 1] (1 = every position thinks), got {self.thought_fraction!r}")
+        need(self.thought_count is None or self.thought_count >= 1,
+             f"thought_count must be None or an int >= 1 (positions per sequence), got {self.thought_count!r}")
+        need(self.thought_count is None or self.thought_fraction == 1,
+             f"give thought_count ({self.thought_count}) or thought_fraction ({self.thought_fraction}) "
+             "< 1, not both: each chooses how many positions think")
+        if self.objective != "quietstar":
+            need(self.thoughts_per_position >= 2,
+                 f"objective={self.objective!r} needs thoughts_per_position (the group size G) >= 2: "
+                 f"its advantage compares a thought with the others of its group, got "
+                 f"{self.thoughts_per_position}")
+            need(self.thought_temperature > 0,
+                 f"objective={self.objective!r} needs thought_temperature > 0: the surrogate's ratio is "
+                 "of the sampling policy's probabilities, which greedy thoughts do not have")
+        need(not (self.thought_can_end and self.objective == "quietstar"),
+             "thought_can_end needs objective='rlp' or 'rpt': the quietstar objective's REINFORCE term "
+             "averages over all k thought tokens")
+        need(self.start_thought_token not in self.thought_prefix and self.end_thought_token not in self.thought_prefix,
+             "thought_prefix must not contain the thought meta tokens (START comes before it, END after the thought)")
+        need(0 <= self.clip_eps_low < 1, f"clip_eps_low must be in [0, 1), got {self.clip_eps_low!r}")
+        need(self.clip_eps_high >= 0, f"clip_eps_high must be >= 0, got {self.clip_eps_high!r}")
+        need(self.next_token_loss_weight >= 0,
+             f"next_token_loss_weight must be >= 0, got {self.next_token_loss_weight!r}")
         need(isinstance(self.loss_chunk_tokens, int) and self.loss_chunk_tokens >= 0,
              f"loss_chunk_tokens must be an int >= 0, got {self.loss_chunk_tokens!r}")
 
     @property
+    def uses_ema_copy(self) -> bool:
+        """Training keeps an EMA copy of the LM: the RLP objective, or ``reward_baseline="ema_base"``."""
+        return self.objective == "rlp" or (self.objective == "quietstar" and self.reward_baseline == "ema_base")
+
+    @property
+    def thought_logprob_temperature(self) -> float:
+        """The temperature of the thought tokens' log-probabilities in the policy term: the
+        REINFORCE temperature for "quietstar"; for rlp / rpt the sampling temperature, so the
+        surrogate's ratio is of the policy that sampled."""
+        return self.policy_logprob_temperature if self.objective == "quietstar" else self.thought_temperature
+
+    @property
     def passes_per_thought(self) -> int:
-        """Model passes that feed a thought's tokens (START, k sampled, END)."""
+        """Model passes that feed a thought's tokens (START, k sampled, END; a ``thought_prefix``
+        adds its token count)."""
         return self.sampled_thought_tokens + 2
 
     @property

@@ -2,7 +2,8 @@
 
 For each new token the model (1) reads the latest token, which gives its base hidden state
 ``h_base``; (2) thinks on top of the cache: START, k sampled thought tokens, END, whose last
-hidden state is ``h_thought``; (3) mixes the two with the mixing head and picks the next token
+hidden state is ``h_thought``; (3) mixes the two (``model.mix``: the mixing head; for rlp / rpt the
+post-thought state itself) and picks the next token
 from the mixed logits; (4) drops the k + 2 thought entries from the cache, so no later token
 ever sees a thought. Position ids follow the text alone (a thought after the token at position
 p sits at p+1 .. p+k+2, exactly as in training), so the numbers equal ``score_thoughts``.
@@ -176,9 +177,10 @@ def generate(
     _check_inputs(model, input_ids, attention_mask, max_new_tokens, do_sample, temperature, top_k,
                   top_p, thought_threshold)
     k, thought_t = model.config.thought_settings(thought_tokens, thought_temperature)
-    # The last token fed is the last-but-one new one, at L + N - 2; its thought ends at + k + 2.
+    m = len(model.thought_prefix_ids) if k else 0  # the thought_prefix's tokens, after START
+    # The last token fed is the last-but-one new one, at L + N - 2; its thought ends at + m + k + 2.
     L, N = input_ids.shape[1], max_new_tokens
-    model.check_positions(L + max(N - 1, 0) + (k + 2 if k and N else 0),
+    model.check_positions(L + max(N - 1, 0) + (m + k + 2 if k and N else 0),
                           f"generating {N} tokens after a {L}-token prompt")
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
@@ -192,7 +194,7 @@ def generate(
         return sample(logits, temperature if do_sample else 0.0, generator, top_k, top_p)
 
     with eval_mode(model):  # no dropout
-        decoder = _CachedDecoder(model, attention_mask, max_new_tokens + k + 2)
+        decoder = _CachedDecoder(model, attention_mask, max_new_tokens + m + k + 2)
         thinker = (_Thinker(model, decoder, k, thought_t, generator, input_ids.device, thought_threshold)
                    if k > 0 else None)
         steps = _Steps(keep_thoughts=thinker is not None and return_thoughts, keep_logits=output_logits)
@@ -294,32 +296,37 @@ class _Thinker:
         self.model, self.decoder, self.k = model, decoder, k
         self.temperature, self.generator, self.threshold = temperature, generator, threshold
         self.meta = model.embedding(torch.tensor([model.start_id, model.end_id], device=device))
-        self.offsets = torch.arange(k + 3, device=device)  # x, START, t_1..t_k, END
+        # the thought_prefix, forced after START as in training (m tokens)
+        self.prefix = model.embedding(torch.tensor(model.thought_prefix_ids, dtype=torch.long, device=device))
+        self.m = len(model.thought_prefix_ids)
+        self.offsets = torch.arange(k + 3 + self.m, device=device)  # x, START, prefix, t_1..t_k, END
 
     def __call__(self, text_embeds: torch.Tensor, text_positions: torch.Tensor):
-        model, decoder, k = self.model, self.decoder, self.k
+        model, decoder, k, m = self.model, self.decoder, self.k, self.m
         B = text_embeds.shape[0]
         start, end = self.meta.to(text_embeds.dtype)[:, None, None].expand(2, B, 1, -1)
-        pos = text_positions[:, -1:] + self.offsets  # [B, k + 3], the last text token's first
-        hidden = decoder(torch.cat([text_embeds, start], 1), torch.cat([text_positions, pos[:, 1:2]], 1))
-        h_base = hidden[:, -2]
+        prefix = self.prefix.to(text_embeds.dtype)[None].expand(B, m, -1)
+        pos = text_positions[:, -1:] + self.offsets  # [B, m + k + 3], the last text token's first
+        hidden = decoder(torch.cat([text_embeds, start, prefix], 1),
+                         torch.cat([text_positions, pos[:, 1:2 + m]], 1))
+        h_base = hidden[:, -2 - m]
         think = torch.ones(B, dtype=torch.bool, device=h_base.device)
         if self.threshold > 0:  # think only where the base prediction is unsure enough
             base_logits = model.logits(h_base)
             think = logits_entropy(base_logits) > self.threshold
             if not think.any():
-                decoder.drop_last(1)  # START's entry
+                decoder.drop_last(1 + m)  # START's and the prefix's entries
                 return (base_logits, text_positions.new_zeros(B, k), h_base.new_zeros(B), think)
         thought = []
-        for j in range(1, k + 1):  # hidden[:, -1] is the state of START, then of t_{j-1}
+        for j in range(1, k + 1):  # hidden[:, -1] is the state of START (or the prefix's last), then of t_{j-1}
             token = sample(model.logits(hidden[:, -1]).float(), self.temperature, self.generator)
             thought.append(token)
             if j < k:
-                hidden = decoder(model.embedding.base(token[:, None]), pos[:, j + 1:j + 2])
+                hidden = decoder(model.embedding.base(token[:, None]), pos[:, m + j + 1:m + j + 2])
         # t_k's own output is not needed (END comes next in any case): one call for both.
-        hidden = decoder(torch.cat([model.embedding.base(token[:, None]), end], 1), pos[:, k + 1:])
-        mixed, w = model.mixing_head(h_base, hidden[:, -1])
-        decoder.drop_last(k + 2)
+        hidden = decoder(torch.cat([model.embedding.base(token[:, None]), end], 1), pos[:, m + k + 1:])
+        mixed, w = model.mix(h_base, hidden[:, -1])
+        decoder.drop_last(k + 2 + m)
         logits = model.logits(mixed)
         if self.threshold > 0:  # the rows below the threshold predict with the base
             logits = torch.where(think[:, None], logits, base_logits)

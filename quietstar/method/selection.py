@@ -42,9 +42,10 @@ def check_thought_fraction(fraction) -> None:
 
 def select_positions(candidates: torch.Tensor, fraction: float, how: str,
                      entropy: torch.Tensor | None = None,
-                     generator: torch.Generator | None = None) -> torch.Tensor:
+                     generator: torch.Generator | None = None, *, count: int | None = None) -> torch.Tensor:
     """The positions that think, [B, L] bool: in each row b, the round(fraction * c_b) (at least
-    one) of its c_b ``candidates`` [B, L] with the highest score, where the score is ``entropy``
+    one; or min(``count``, c_b) when a count is given) of its c_b ``candidates`` [B, L] with the
+    highest score, where the score is ``entropy``
     [B, L] (how="entropy": the base prediction is least sure there) or a uniform random number
     drawn from ``generator`` (how="random": the unbiased control). Ties go to the earlier position."""
     if how not in SELECTIONS:
@@ -58,10 +59,13 @@ def select_positions(candidates: torch.Tensor, fraction: float, how: str,
         score = torch.rand(B, L, generator=generator, device=candidates.device)
     score = score.masked_fill(~candidates, float("-inf"))
     available = candidates.sum(1)                                             # [B]
-    count = torch.round(available * fraction).clamp(min=1).minimum(available)  # [B]
+    if count is None:
+        chosen = torch.round(available * fraction).clamp(min=1).minimum(available)  # [B]
+    else:
+        chosen = available.clamp(max=count)                                       # [B]
     order = torch.sort(score, dim=1, descending=True, stable=True).indices     # [B, L]
     rank = torch.empty_like(order).scatter_(1, order, torch.arange(L, device=order.device).expand(B, L))
-    return (rank < count[:, None]) & candidates
+    return (rank < chosen[:, None]) & candidates
 
 
 @dataclass
@@ -119,23 +123,25 @@ def check_thought_positions(thought_positions, input_ids: torch.Tensor) -> None:
 
 
 def thought_rows_chooser(entropy_fn, candidates: torch.Tensor, thought_positions: torch.Tensor | None,
-                         n: int, fraction: float, how: str, generator: torch.Generator | None):
+                         n: int, fraction: float, how: str, generator: torch.Generator | None, *,
+                         count: int | None = None):
     """How a training forward picks the positions that think: None when all do (fraction 1, no
-    ``thought_positions``: the paper), else a function of the text pass's final hidden states
+    ``count``, no ``thought_positions``: the paper), else a function of the text pass's final hidden states
     [B*n, L, d] (the n copies of a text adjacent) -> ThoughtRows. ``entropy_fn`` maps final
     hidden states [B, L, d] to the base prediction's entropy [B, L] (``vocab.VocabHead.entropy``,
     chunked). Only ``candidates`` [B, L]
     (positions with a target) are chosen, and the n copies of a text think at the same positions:
-    ``thought_positions`` [B, L] if given, else ``fraction`` of them by ``how``."""
+    ``thought_positions`` [B, L] if given, else ``count`` (per sequence) or ``fraction`` of them
+    by ``how``."""
     if thought_positions is not None:
         rows = ThoughtRows.from_mask(thought_positions & candidates).repeat_interleave(n)
         return lambda hidden: rows
-    if fraction == 1.0:
+    if fraction == 1.0 and count is None:
         return None
 
     def choose(hidden: torch.Tensor) -> ThoughtRows:
         entropy = entropy_fn(hidden[::n]) if how == "entropy" else None
-        chosen = select_positions(candidates, fraction, how, entropy, generator)
+        chosen = select_positions(candidates, fraction, how, entropy, generator, count=count)
         return ThoughtRows.from_mask(chosen).repeat_interleave(n)
     return choose
 

@@ -16,6 +16,7 @@ from quietstar.method.config import QuietStarConfig
 from quietstar.method.losses import NonFiniteLossError, quietstar_loss_terms
 from quietstar.method.meta_tokens import MetaTokenEmbedding, add_meta_tokens
 from quietstar.method.mixing import MixingHead
+from quietstar.method.objectives import successor_loss_terms, thought_logprobs
 from quietstar.models.model_card import TrainingFacts
 from quietstar.method.rollout import GridHidden, Rollout, text_positions
 from quietstar.method.selection import ThoughtRows, check_thought_positions, inference_chooser, thought_rows_chooser
@@ -41,7 +42,7 @@ class QuietStarOutput:
     """What a training-mode forward returns."""
 
     loss: torch.Tensor
-    metrics: dict[str, torch.Tensor]  # detached scalars: quietstar_loss's, and mean_mixing_weight
+    metrics: dict[str, torch.Tensor]  # detached scalars: the objective's loss terms' (and mean_mixing_weight)
     thought_ids: torch.Tensor         # [B, n, L, k] the sampled thoughts (inner tokens; pad id
                                       # where no thought)
     terms: dict[str, torch.Tensor]    # "nll", "policy": the weighted terms of loss, with gradients
@@ -68,7 +69,9 @@ class QuietStarForCausalLM(nn.Module):
         meta_in_vocab = [i for i in (self.start_id, self.end_id) if i < vocab]
         self.register_buffer("_meta_logit_ids", torch.tensor(meta_in_vocab, dtype=torch.long),
                              persistent=False)
-        self.ema_lm = None  # reward_baseline="ema_base": a frozen, slowly updated copy of lm
+        self.ema_lm = None  # config.uses_ema_copy: a frozen, slowly updated copy of lm
+        # config.thought_prefix as the ids forced after START (the config checked its text)
+        self.thought_prefix_ids = tuple(tokenizer(config.thought_prefix, add_special_tokens=False).input_ids)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -136,8 +139,12 @@ class QuietStarForCausalLM(nn.Module):
     @property
     def rollout(self) -> Rollout:
         """The rollout of the current decoder, embedding and head: built on access, as FSDP or peft may wrap them."""
+        stops = ()
+        if self.config.thought_can_end:  # END where the head has a row for it (masked there), and EOS
+            end = self.end_id if self.end_id in self._meta_logit_ids.tolist() else None
+            stops = tuple(i for i in (end, self.tokenizer.eos_token_id) if i is not None)
         return Rollout(self.decoder, self.embedding, self.vocab_head(), self.start_id, self.end_id,
-                       self.config.ahead_tokens, self.tokenizer.pad_token_id)
+                       self.config.ahead_tokens, self.tokenizer.pad_token_id, self.thought_prefix_ids, stops)
 
     def vocab_head(self, lm=None) -> VocabHead:
         """The LM head of ``lm`` (default the model's own LM) as the loss and the sampler use it:
@@ -177,7 +184,7 @@ class QuietStarForCausalLM(nn.Module):
         teacher-forced token after a ``thought_tokens``-token thought, default the config's k)
         sits at position length - 1 + k + A + 1."""
         k = self.config.sampled_thought_tokens if thought_tokens is None else thought_tokens
-        self.check_positions(length + k + self.config.ahead_tokens + 1, what)
+        self.check_positions(length + len(self.thought_prefix_ids) + k + self.config.ahead_tokens + 1, what)
 
     def _check_text(self, input_ids, attention_mask):
         """Validates token ids [B, L >= 1] and their mask; returns the mask (ones if None)."""
@@ -195,6 +202,15 @@ class QuietStarForCausalLM(nn.Module):
                                       "thoughts are inserted by the model")
         return attention_mask
 
+    def mix(self, base_hidden: torch.Tensor, thought_hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the model predicts with a thought, (hidden [..., d], weight [...]), from base and
+        post-thought states [..., d] of the same token: the mixing head's for "quietstar", the
+        post-thought state (w = 1) for "rlp" / "rpt" (no mixing head). Every prediction with a
+        thought (score_thoughts, think, generate, the evaluations) comes from here."""
+        if self.config.objective == "quietstar":
+            return self.mixing_head(base_hidden, thought_hidden)
+        return thought_hidden, thought_hidden.new_ones(thought_hidden.shape[:-1])
+
     def _mix(self, grid: GridHidden) -> tuple[torch.Tensor, torch.Tensor]:
         """Mixed hidden states [B, W, A, d] and weights [B, W, A] of the W thought rows; step s
         pairs the post-thought state of position i with the base state of position i+s (both
@@ -208,7 +224,7 @@ class QuietStarForCausalLM(nn.Module):
         else:
             idx = (grid.rows.index[:, :, None] + ahead).clamp(max=L - 1)  # [B, S, A]
             base = grid.base[torch.arange(B, device=idx.device)[:, None, None], idx]  # [B, S, A, d]
-        return self.mixing_head(base, grid.after)
+        return self.mix(base, grid.after)
 
     # ------------------------------------------------------------------ public computations
     def base_logits(self, input_ids, attention_mask=None) -> torch.Tensor:
@@ -335,14 +351,16 @@ class QuietStarForCausalLM(nn.Module):
                 select=None) -> tuple[torch.Tensor, ThoughtRows | None]:
         """``Rollout.sample`` without dropout (k, temperature: the config's unless given)."""
         k, temperature = self.config.thought_settings(num_tokens, temperature)
-        self.check_positions(input_ids.shape[1] + k, f"sampling thoughts on {input_ids.shape[1]} tokens")
+        self.check_positions(input_ids.shape[1] + len(self.thought_prefix_ids) + k,
+                             f"sampling thoughts on {input_ids.shape[1]} tokens")
         with eval_mode(self.lm):  # sampled without dropout, as the model predicts at inference
             return self.rollout.sample(input_ids, attention_mask, num_tokens=k, temperature=temperature,
                                        generator=generator, select=select)
 
     def forward(self, input_ids, attention_mask=None, labels=None, generator=None,
                 check_finite: bool = True, thought_ids=None, thought_positions=None) -> QuietStarOutput:
-        """One training step's loss: sample n thoughts per position, score them, mix, REINFORCE.
+        """One training step's loss: sample n thoughts per position, score them, and train them by
+        ``config.objective`` (quietstar: mix, NLLs, REINFORCE; rlp / rpt: ``method.objectives``).
 
         ``thought_ids`` [B, n, L, k] replaces sampling with given thoughts (inner tokens), e.g. to
         replay the ``thought_ids`` of an earlier output. ``thought_positions`` [B, L] bool thinks
@@ -360,15 +378,15 @@ class QuietStarForCausalLM(nn.Module):
         self.check_rollout_positions(L, f"a training step on {L} tokens",
                                      None if thought_ids is None else thought_ids.shape[-1])
         ema_base_logp = None
-        if cfg.reward_baseline == "ema_base":
+        if cfg.uses_ema_copy:
             ema_base_logp = self._ema_base_logp(input_ids, attention_mask, targets[..., 0]).repeat_interleave(n, 0)
-        if thought_ids is not None and thought_positions is None and cfg.thought_fraction < 1:
-            raise QuietStarInputError("replaying thought_ids with thought_fraction < 1 needs the positions they "
-                                      "were sampled at: pass the earlier output's thought_positions too")
+        if thought_ids is not None and thought_positions is None and (cfg.thought_fraction < 1 or cfg.thought_count):
+            raise QuietStarInputError("replaying thought_ids with thought_fraction < 1 or a thought_count needs the "
+                                      "positions they were sampled at: pass the earlier output's thought_positions too")
         rollout = self.rollout
         head = rollout.head  # every vocabulary-sized product, chunked (see vocab.py)
         select = thought_rows_chooser(head.entropy, valid[..., 0], thought_positions, n, cfg.thought_fraction,
-                                      cfg.thought_selection, generator)
+                                      cfg.thought_selection, generator, count=cfg.thought_count)
         # The n thoughts of a text are adjacent rows: [B*n, ...].
         input_ids, attention_mask = input_ids.repeat_interleave(n, 0), attention_mask.repeat_interleave(n, 0)
         targets, valid = targets.repeat_interleave(n, 0), valid.repeat_interleave(n, 0)
@@ -376,30 +394,40 @@ class QuietStarForCausalLM(nn.Module):
         # 1. sample and score the thoughts (at the W rows that think: every position, or S chosen).
         thoughts, grid, thought_logp = self._training_rollout(rollout, input_ids, attention_mask, generator,
                                                               thought_ids, select)
-        # 2. mix each post-thought state with the base state that predicts the same token.
-        mixed, w = self._mix(grid)
-        # 3. log-likelihoods: base next token, mixed A tokens, thought tokens (REINFORCE temperature).
-        logp = step_logprobs(cfg, head, grid, mixed, thoughts, thought_logp, targets, valid)
-
-        # 4. the objective: NLLs and REINFORCE; detached metrics beside it.
-        nll_term, policy_term, metrics = quietstar_loss_terms(cfg, logp, ema_base_logp)
+        # 2. the objective from the scored rollout: NLL and policy terms; detached metrics beside them.
+        if cfg.objective == "quietstar":
+            nll_term, policy_term, metrics = self._quietstar_terms(head, grid, thoughts, thought_logp, targets,
+                                                                   valid, ema_base_logp)
+        else:  # rlp / rpt: the LM reads its own thought, no mixing head (objectives.py)
+            logp = thought_logprobs(cfg, head, grid, thoughts, thought_logp, targets, valid,
+                                    thought_head=rollout.thought_head)
+            nll_term, policy_term, metrics = successor_loss_terms(
+                cfg, logp, ema_base_logp=ema_base_logp, token_strings=self.tokenizer.convert_ids_to_tokens)
         loss = nll_term + policy_term
 
         if check_finite and not torch.isfinite(loss):
-            bad = [name for name in ("base_nll", "mixed_nll", "policy_loss")
-                   if not torch.isfinite(metrics[name])]
+            bad = [name for name in ("base_nll", "mixed_nll", "thought_nll", "policy_loss")
+                   if name in metrics and not torch.isfinite(metrics[name])]
             raise NonFiniteLossError(
                 f"the QuietStar loss is {loss.item()} (non-finite parts: {bad or 'the weighted sum'}); "
                 "lower the learning rate or policy_loss_weight, check the data for empty sequences, or "
                 "train in float32 / bfloat16 instead of float16")
-        mask = logp.row_valid.to(w.dtype)
-        metrics["mean_mixing_weight"] = (w.detach() * mask).sum() / mask.sum().clamp(min=1)
         positions = None
         if grid.rows is not None:
             thoughts = grid.rows.scatter(thoughts, L, self.tokenizer.pad_token_id)
             positions = grid.rows.mask(L)[::n]
         return QuietStarOutput(loss, metrics, thoughts.view(-1, n, *thoughts.shape[1:]),
                                {"nll": nll_term, "policy": policy_term}, positions)
+
+    def _quietstar_terms(self, head, grid, thoughts, thought_logp, targets, valid, ema_base_logp):
+        """The "quietstar" objective of a scored rollout: mix, the log-likelihoods (targets.py),
+        the loss terms (losses.py); the metrics gain ``mean_mixing_weight``."""
+        mixed, w = self._mix(grid)
+        logp = step_logprobs(self.config, head, grid, mixed, thoughts, thought_logp, targets, valid)
+        nll_term, policy_term, metrics = quietstar_loss_terms(self.config, logp, ema_base_logp)
+        mask = logp.row_valid.to(w.dtype)
+        metrics["mean_mixing_weight"] = (w.detach() * mask).sum() / mask.sum().clamp(min=1)
+        return nll_term, policy_term, metrics
 
     def _training_rollout(self, rollout: Rollout, input_ids, attention_mask, generator, thought_ids, select):
         """Step 1 of ``forward`` on its [B*n] rows: (thoughts [B*n, W, k], GridHidden, the thought
@@ -424,12 +452,12 @@ class QuietStarForCausalLM(nn.Module):
             return thoughts, rollout.score(input_ids, thoughts, attention_mask, rows), None
         return rollout.sample_and_score(input_ids, attention_mask, num_tokens=cfg.sampled_thought_tokens,
                                         temperature=cfg.thought_temperature, generator=generator,
-                                        logprob_temperature=cfg.policy_logprob_temperature, select=select)
+                                        logprob_temperature=cfg.thought_logprob_temperature, select=select)
 
     # ------------------------------------------------------------------ the EMA baseline (RLP)
     def ema_baseline_enable(self) -> None:
-        """Makes the EMA copy of the LM that ``reward_baseline="ema_base"`` measures thoughts
-        against: a frozen deep copy, moved by ``update_ema_baseline`` after every optimiser step
+        """Makes the EMA copy of the LM that RLP and ``reward_baseline="ema_base"`` measure thoughts
+        against (``config.uses_ema_copy``): a frozen deep copy, moved by ``update_ema_baseline`` after every optimiser step
         (``quietstar train`` does both; a training forward makes the copy if it is missing)."""
         if self.ema_lm is None:
             ema = copy.deepcopy(self.lm).requires_grad_(False).eval()

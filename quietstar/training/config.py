@@ -214,9 +214,10 @@ class TrainConfig:
         need(self.policy_max_grad_norm is None or self.policy_max_grad_norm > 0,
              f"policy_max_grad_norm must be None or > 0 (inf: separate, unclipped), got "
              f"{self.policy_max_grad_norm!r}")
-        need(not (self.lora_rank and self.quietstar.reward_baseline == "ema_base"),
-             "reward_baseline='ema_base' with LoRA is not supported (the EMA copy would follow the "
-             "frozen base weights); train all weights (--lora-rank 0) or use another baseline")
+        need(not (self.lora_rank and self.quietstar.uses_ema_copy),
+             "objective='rlp' or reward_baseline='ema_base' with LoRA is not supported (the EMA copy would "
+             "follow the frozen base weights); train all weights (--lora-rank 0) or use another objective "
+             "or baseline")
         need(self.lora_alpha > 0, f"lora_alpha must be > 0, got {self.lora_alpha!r}")
         need(self.push_to_hub is None or re.fullmatch(r"[\w.-]+/[\w.-]+", self.push_to_hub) is not None,
              f"push_to_hub must be a Hub repo id 'owner/name', got {self.push_to_hub!r}")

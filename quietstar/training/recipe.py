@@ -103,7 +103,7 @@ class TrainingRecipe:
         self.accumulation: int | None = None     # micro-batches per optimiser step and process
         self.deepspeed: bool | None = None
         self.sharded: bool | None = None         # FSDP or DeepSpeed: no whole state per process
-        self.ema: bool | None = None             # reward_baseline="ema_base": an EMA copy of the LM
+        self.ema: bool | None = None             # an EMA copy of the LM (QuietStarConfig.uses_ema_copy)
         self.resume_from: Path | None = None     # the checkpoint this run continues
         self.out_dir: Path | None = None
         self.new_folder: Path | None = None      # created by this run: removed if it fails before step 1
@@ -169,10 +169,10 @@ class TrainingRecipe:
         if self.sharded and cfg.lora_rank:
             raise QuietStarInputError("LoRA with FSDP / DeepSpeed is not supported; use DDP (or one process) "
                                       "for LoRA, or train all weights (--lora-rank 0)")
-        self.ema = cfg.quietstar.reward_baseline == "ema_base"
+        self.ema = cfg.quietstar.uses_ema_copy
         if self.sharded and self.ema:
-            raise QuietStarInputError("reward_baseline='ema_base' with FSDP / DeepSpeed is not supported (its "
-                                      "EMA copy of the LM is not sharded); use DDP or one process")
+            raise QuietStarInputError("objective='rlp' or reward_baseline='ema_base' with FSDP / DeepSpeed is not "
+                                      "supported (its EMA copy of the LM is not sharded); use DDP or one process")
         if self.world > 1 and cfg.policy_max_grad_norm is not None:
             raise QuietStarInputError("policy_max_grad_norm (two backward passes per step) runs in one process "
                                       "for now; unset it or train with one process")
@@ -289,8 +289,8 @@ class TrainingRecipe:
         if self.ema:
             if "ema" not in self.state:
                 raise checkpoint.CheckpointError(f"{path} holds no EMA copy of the LM, which "
-                                                 "reward_baseline='ema_base' needs; resume with that "
-                                                 "run's reward_baseline, or start a fresh run")
+                                                 "objective='rlp' / reward_baseline='ema_base' needs; resume "
+                                                 "with that run's settings, or start a fresh run")
             self.unwrapped.ema_lm.load_state_dict(self.state["ema"])
         self.batches.load_state_dict(self.state["data"])
         self.step = self.start_step = int(self.state["step"])

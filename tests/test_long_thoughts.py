@@ -1,0 +1,141 @@
+"""Long thoughts at a few positions: early ending at END / EOS when sampling, a thought prefix,
+and the cost of the thought part (k + 1 decoder calls, keys for the S chosen rows only).
+
+The exact equality of early-ended and prefixed thoughts with a sequential reference is in
+tests/test_objectives.py; here the sampling path is checked against replaying its thoughts.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import make_lm, make_tokenizer, random_text
+from quietstar import QuietStarConfig, QuietStarForCausalLM
+from quietstar.method import rollout as rollout_module
+from quietstar.utils.errors import QuietStarInputError
+
+H, G = 2, 3
+
+
+def build(k: int, **kw) -> QuietStarForCausalLM:
+    config = QuietStarConfig(**{"objective": "rlp", "sampled_thought_tokens": k, "ahead_tokens": H,
+                                "thoughts_per_position": G, "thought_temperature": 1.0, **kw})
+    return QuietStarForCausalLM.from_base(make_lm("llama"), make_tokenizer(), config)
+
+
+def eager_eos(model) -> None:
+    """EOS becomes likely after about half of the hidden states (its logit row made large), so
+    sampled thoughts end early often, but not always."""
+    with torch.no_grad():
+        model.lm.get_output_embeddings().weight[model.tokenizer.eos_token_id] *= 40
+
+
+def test_sampled_thoughts_end_at_a_stop_and_replay_exactly():
+    """With thought_can_end the sampling passes feed END right after a stop and padding after
+    it; replaying the same thoughts through the one-forward scoring gives the same gradients
+    and metrics, so both paths lay each row out alike."""
+    model = build(8, thought_can_end=True, thought_count=3, thought_selection="random")
+    eager_eos(model)
+    x = random_text(2, 12, seed=4)
+    out = model(x, generator=torch.Generator().manual_seed(0))
+    rows = out.thought_positions[:, None].expand(-1, G, -1)            # [B, G, L]
+    thoughts = out.thought_ids[rows]                                      # [rows, k]
+    stops = (thoughts == model.tokenizer.eos_token_id) | (thoughts == model.end_id)
+    first = torch.where(stops.any(1), stops.float().argmax(1), 8)
+    assert (first < 8).any() and (first == 8).any(), "the test needs ended and unended thoughts"
+    after_stop = torch.arange(8)[None, :] > first[:, None]
+    assert (thoughts[after_stop] == model.tokenizer.pad_token_id).all()
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    sampled = torch.autograd.grad(out.loss, params, allow_unused=True)
+    replay = model(x, thought_ids=out.thought_ids, thought_positions=out.thought_positions)
+    replayed = torch.autograd.grad(replay.loss, params, allow_unused=True)
+    for a, b in zip(sampled, replayed):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    for name in ("mean_reward", "thought_nll", "thought_gain", "reward_spread"):
+        torch.testing.assert_close(out.metrics[name], replay.metrics[name], atol=1e-6, rtol=1e-6)
+
+
+def test_without_thought_can_end_a_sampled_eos_is_an_ordinary_thought_token():
+    model = build(8, thought_count=3, thought_selection="random")
+    eager_eos(model)
+    out = model(random_text(2, 12, seed=4), generator=torch.Generator().manual_seed(0))
+    rows = out.thought_positions[:, None].expand(-1, G, -1)
+    thoughts = out.thought_ids[rows]
+    eos = thoughts == model.tokenizer.eos_token_id
+    assert eos.any() and (eos.float().argmax(1) < 7).any()
+    # nothing is padded after it: the tokens that follow an EOS are sampled ones
+    following = torch.roll(eos, 1, dims=1) & ~eos
+    following[:, 0] = False
+    assert (thoughts[following] != model.tokenizer.pad_token_id).any()
+
+
+class _Recorder(rollout_module._Passes):
+    made: list = []
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        _Recorder.made.append(self)
+
+
+@pytest.mark.parametrize("k", [4, 16])
+@pytest.mark.parametrize("prefix", ["", "Q:"])
+def test_the_thought_part_costs_k_plus_one_calls_and_keys_for_the_chosen_rows_only(monkeypatch, k, prefix):
+    """A training step on L tokens with S chosen positions per sequence: the text pass, then
+    START (and the prefix) in one call, one call per later thought token, one for the last
+    token, END and the teacher-forced tokens: k + 2 decoder calls (k + 1 when every position
+    thinks: the text shares START's call). Every layer keeps the text's L keys once and, per
+    thought pass, S keys per sequence (not L): memory O(L + S (m + k + A)) keys per layer."""
+    monkeypatch.setattr(rollout_module, "_Passes", _Recorder)
+    _Recorder.made = []
+    model = build(k, thought_count=2, thought_prefix=prefix)
+    m = len(model.thought_prefix_ids)
+    model.ema_baseline_enable()  # before the hook: the EMA copy's own text pass is not counted
+    calls = []
+    model.decoder.register_forward_hook(lambda *args: calls.append(1))
+    B, L = 2, 40
+    model(random_text(B, L, seed=1), generator=torch.Generator().manual_seed(0))
+    assert len(calls) == k + 2
+    (run,) = _Recorder.made
+    stores = list(run.key_store.values())
+    assert len(stores) == model.lm.config.num_hidden_layers
+    for store in stores:
+        assert store.text_key.shape[0] == B * G and store.text_key.shape[2] == L
+        assert len(store.own_keys) == 1 + m + k + H  # START, prefix, t_1..t_k, END, A - 1 forced
+        assert all(block.shape[2] == 2 for block in store.own_keys)  # S = 2 rows, not L
+
+    calls.clear()
+    every = build(k, thought_prefix=prefix)
+    every.ema_baseline_enable()
+    every.decoder.register_forward_hook(lambda *args: calls.append(1))
+    every(random_text(B, 10, seed=1), generator=torch.Generator().manual_seed(0))
+    assert len(calls) == k + 1
+
+
+def test_a_thought_prefix_is_forced_in_generation_too():
+    """generate feeds START and the prefix in one cached call: its output equals the thought
+    scored with the prefix in the rollout (score_thoughts), for the first generated token."""
+    model = build(3, objective="quietstar", thought_prefix="Q:", thoughts_per_position=2)
+    with torch.no_grad():
+        last = model.mixing_head.mlp[-1]
+        last.bias.fill_(0.5)  # the mixed prediction reads the thought
+    x = random_text(1, 7, seed=2)
+    out = model.generate(x, max_new_tokens=1, return_thoughts=True, output_logits=True,
+                         generator=torch.Generator().manual_seed(0))
+    thought_ids = torch.zeros(1, 7, 3, dtype=torch.long)
+    thought_ids[0, -1] = out.thought_ids[0, 0]                            # the first token's thought
+    scores = model.score_thoughts(x, thought_ids)
+    V = out.logits[0].shape[-1]
+    torch.testing.assert_close(out.logits[0], scores.mixed_logits[:, -1, 0, :V], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("bad,message", [
+    ({"objective": "quietstar", "thought_can_end": True}, "thought_can_end needs objective"),
+    ({"thought_prefix": "<|endofthought|>"}, "must not contain the thought meta tokens"),
+])
+def test_long_thought_settings_are_checked(bad, message):
+    with pytest.raises(QuietStarInputError, match=message):
+        QuietStarConfig(**{"objective": "rlp", **bad})
