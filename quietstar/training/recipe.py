@@ -45,7 +45,9 @@ from quietstar.data.corpora import TokenBatches
 from quietstar.models.model_card import TrainingFacts
 from quietstar.models.modeling import QuietStarForCausalLM
 from quietstar.training.optim import build_optimizer, lr_at, set_learning_rate
-from quietstar.training.run_folder import StopRequests, prepare_output_dir, run_logging, running_mean, summary
+from quietstar.training.run_folder import StopRequests, check_writable, claim_output_dir, refuse_nested, \
+    run_logging, running_mean, summary
+from quietstar.training.run_lock import RunLock
 from quietstar.training.config import TrainConfig, load_config
 from quietstar.training.components import EvalHook, HeldoutLoss, build_data, build_model, model_fingerprint, \
     thought_generator
@@ -106,6 +108,7 @@ class TrainingRecipe:
         self.ema: bool | None = None             # reward_baseline="ema_base": an EMA copy of the LM
         self.resume_from: Path | None = None     # the checkpoint this run continues
         self.out_dir: Path | None = None
+        self.lock: RunLock | None = None         # the run folder's (main process), held until the end
         self.new_folder: Path | None = None      # created by this run: removed if it fails before step 1
         self.closing = contextlib.ExitStack()    # the console and train.log logging, closed by finish
         self.model: Any = None                   # as accelerate prepared it (wrapped when distributed)
@@ -197,23 +200,45 @@ class TrainingRecipe:
             if self.world > 1:
                 broadcast_object_list(name)
             out_dir = Path("runs") / name[0]
-        new_folder = None  # the folders this run creates, removed again if it fails before step 1
-        if not out_dir.exists():
-            new_folder = out_dir
-            while not new_folder.parent.exists():
-                new_folder = new_folder.parent
-        prepare_output_dir(out_dir, self.resume_from is not None, self.rank)
+        refuse_nested(out_dir)  # reads only; every process alike
+        self.new_folder = self._claim_folder(out_dir, self.resume_from is not None)
         self.out_dir = out_dir
         self.config = TrainConfig.from_dict({**cfg.to_dict(), "output_dir": str(out_dir)})
         self.last_checkpoint = self.resume_from
         if self.main:
             checkpoint.remove_partial(out_dir)
             self.config.save(out_dir)
-        self.new_folder = new_folder
+
+    def _claim_folder(self, out_dir: Path, resuming: bool) -> Path | None:
+        """The main process takes the folder's lock before anything is written there; the others
+        wait for its answer (refusing with it), then check they can write. Returns the topmost folder the main process created (see ``claim_output_dir``)."""
+        error, new_folder = None, None
+        if self.main:
+            try:
+                self.lock, new_folder = claim_output_dir(out_dir, resuming)
+            except (QuietStarInputError, OSError) as e:
+                error = e
+        if self.world > 1:
+            from accelerate.utils import broadcast_object_list
+
+            message = [None if error is None else str(error)]
+            broadcast_object_list(message)
+            if message[0] is not None and error is None:
+                raise QuietStarInputError(message[0])
+        if error is not None:
+            raise error
+        if not self.main:
+            check_writable(out_dir, self.rank)
+        return new_folder
 
     def setup_logging(self) -> None:
-        """INFO logs to the console and ``train.log`` (main process), until ``finish``."""
-        self.closing.enter_context(run_logging(logger, self.out_dir, self.main))
+        """INFO logs of the training modules to the console and ``train.log`` (main process),
+        until ``finish``."""
+        self.closing.enter_context(run_logging(logging.getLogger("quietstar.training"), self.out_dir, self.main))
+        if self.lock is not None and self.lock.taken_over is not None:
+            dead = self.lock.taken_over
+            logger.warning(f"Took over {self.lock.path}: its run (pid {dead['pid']}, started "
+                           f"{dead.get('started') or 'at an unknown time'}) is no longer running")
 
     def setup_model(self) -> None:
         """The model, seeded first: the weights the method adds (mixing head, meta tokens) are drawn."""
@@ -441,9 +466,12 @@ class TrainingRecipe:
             self.finish(total, interrupted)
         except BaseException:
             self.closing.close()
-            if self.new_folder is not None and self.main:  # bad model or data: leave nothing behind
+            if self.new_folder is not None and self.lock is not None:  # bad model or data: leave nothing
                 shutil.rmtree(self.new_folder, ignore_errors=True)
             raise
+        finally:
+            if self.lock is not None:
+                self.lock.release()
         self.accelerator.wait_for_everyone()
         return TrainResult(self.out_dir, self.last_checkpoint, self.step, self.record, interrupted, total)
 

@@ -1,5 +1,6 @@
-"""The run folder and the console of ``quietstar train``: checks before writing, logging to the
-console and ``train.log``, Ctrl-C / SIGTERM as a request to stop after saving, the summary."""
+"""The run folder and the console of ``quietstar train``: checks before writing (not inside another
+run, taken with its lock), logging to the console and ``train.log``, Ctrl-C / SIGTERM as a request
+to stop after saving, the summary."""
 
 from __future__ import annotations
 
@@ -12,9 +13,13 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from quietstar.training.checkpoint import latest_checkpoint
+from quietstar.training.checkpoint import PREFIX, STATE_NAME, latest_checkpoint, list_checkpoints
+from quietstar.training.config import TRAIN_CONFIG_NAME
 from quietstar.training.metrics import CURVES_NAME, METRICS_NAME, SAMPLES_MD
+from quietstar.training.run_lock import LOCK_NAME, RunFolderInUse, RunLock, acquire
 from quietstar.utils.errors import QuietStarInputError
+
+LOG_NAME = "train.log"
 
 
 class StopRequests:
@@ -58,7 +63,7 @@ def run_logging(logger: logging.Logger, output_dir: Path, enabled: bool):
     if not enabled:
         yield
         return
-    console, file = _TqdmHandler(), logging.FileHandler(output_dir / "train.log", encoding="utf-8")
+    console, file = _TqdmHandler(), logging.FileHandler(output_dir / LOG_NAME, encoding="utf-8")
     console.setFormatter(logging.Formatter("%(message)s"))
     file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     old_level, old_propagate = logger.level, logger.propagate
@@ -76,7 +81,86 @@ def run_logging(logger: logging.Logger, output_dir: Path, enabled: bool):
         logger.propagate = old_propagate
 
 
-def prepare_output_dir(path: Path, resuming: bool, rank: int) -> None:
+def enclosing_run(path: str | Path) -> Path | None:
+    """The run folder or checkpoint folder ``path`` lies inside, if any (its nearest such parent)."""
+    for parent in Path(path).expanduser().resolve().parents:
+        if is_run_folder(parent):
+            return parent
+    return None
+
+
+def is_run_folder(folder: Path) -> bool:
+    """Whether ``folder`` holds a training run or is a checkpoint: its lock, a checkpoint folder,
+    or a ``train_config.yaml`` beside what a run or a checkpoint writes with it (a lone
+    ``train_config.yaml`` may be a user's settings file)."""
+    try:
+        if (folder / LOCK_NAME).exists() or list_checkpoints(folder):
+            return True
+        return (folder / TRAIN_CONFIG_NAME).is_file() and any(
+            (folder / name).exists() for name in (LOG_NAME, METRICS_NAME, STATE_NAME))
+    except OSError:  # a parent this user may not list
+        return False
+
+
+def refuse_nested(path: Path) -> None:
+    """Refuses an output folder inside another run's folder or a checkpoint: that run's files and
+    this one's would mix, and its checkpoint rotation or a rewrite of its step could delete it."""
+    outer = enclosing_run(path)
+    if outer is None:
+        return
+    if outer.name.startswith(PREFIX):
+        where = f"the checkpoint {outer} (of the run {outer.parent})"
+    else:
+        where = f"the run folder {outer}"
+    raise QuietStarInputError(f"--output-dir {path} lies inside {where}; a run folder must not be "
+                              "inside another run or checkpoint: choose a folder outside it")
+
+
+def claim_output_dir(path: Path, resuming: bool) -> tuple[RunLock, Path | None]:
+    """Main process: creates the run folder, takes its lock (``run_lock``: before anything else is
+    written there) and refuses a folder that holds a run unless resuming. Returns the lock and the
+    topmost folder this call created (None: it existed), which the caller may remove again while
+    it holds the lock."""
+    try:
+        created = make_folders(path)
+        lock = acquire(path)
+    except RunFolderInUse:
+        raise
+    except OSError as e:
+        raise PermissionError(f"cannot write to the output folder {path} "
+                              f"({e.strerror or e}); choose another --output-dir") from None
+    latest = latest_checkpoint(path)
+    if latest is not None and not resuming:
+        lock.release()
+        raise QuietStarInputError(f"{path} already holds a run ({latest.name}); continue it with "
+                                  f"--resume latest --output-dir {path}, or choose another --output-dir")
+    return lock, created
+
+
+def make_folders(path: Path) -> Path | None:
+    """``path`` and its missing parents; returns the topmost folder this call created (one created
+    by another process meanwhile is not counted: it is not this run's to remove)."""
+    missing = []
+    folder = path
+    while not folder.exists():
+        missing.append(folder)
+        folder = folder.parent
+    created = None
+    for folder in reversed(missing):
+        try:
+            folder.mkdir()
+        except FileExistsError:
+            if not folder.is_dir():
+                raise
+            continue
+        created = created or folder
+    if not path.is_dir():
+        raise NotADirectoryError(f"{path} is not a folder")
+    return created
+
+
+def check_writable(path: Path, rank: int) -> None:
+    """A process other than the main one: the run folder (made by the main one) is writable."""
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe = path / f".write-test-{rank}"
@@ -85,10 +169,6 @@ def prepare_output_dir(path: Path, resuming: bool, rank: int) -> None:
     except OSError as e:
         raise PermissionError(f"cannot write to the output folder {path} "
                               f"({e.strerror or e}); choose another --output-dir") from None
-    latest = latest_checkpoint(path)
-    if latest is not None and not resuming:
-        raise QuietStarInputError(f"{path} already holds a run ({latest.name}); continue it with "
-                                  f"--resume latest --output-dir {path}, or choose another --output-dir")
 
 
 def format_time(seconds: float) -> str:

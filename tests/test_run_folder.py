@@ -1,0 +1,202 @@
+"""The run folder: one owner at a time (its lock), no run inside another."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from test_checkpoint import subprocess_env, train_args, wait_for_steps
+from test_train import tiny_config
+
+from quietstar.cli.main import main as cli_main
+from quietstar.training.metrics import read_metrics
+from quietstar.training.recipe import train
+from quietstar.training.run_folder import enclosing_run
+from quietstar.training.run_lock import LOCK_NAME, RunFolderInUse, acquire, process_start
+
+
+@pytest.fixture(autouse=True)
+def no_plots(monkeypatch):
+    monkeypatch.setattr("quietstar.training.recipe.plot_training_curves", lambda *args: None)
+
+
+def snapshot(folder: Path) -> dict[str, tuple[int, int]]:
+    """Every path under ``folder`` with its size and modification time (a folder: its entries)."""
+    return {str(p.relative_to(folder)): (p.stat().st_size if p.is_file() else -1, p.stat().st_mtime_ns
+                                         if p.is_file() else -1) for p in sorted(folder.rglob("*"))}
+
+
+def write_lock(folder: Path, **owner) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = folder / LOCK_NAME
+    lock.write_text(json.dumps({"host": socket.gethostname(), "started": "2024-01-01 00:00:00",
+                                "token": "x", **owner}))
+    return lock
+
+
+def dead_pid() -> int:
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()  # reaped: the pid names no process now
+    return process.pid
+
+
+# ----------------------------------------------------------------------------- the lock
+def test_a_second_run_on_a_folder_in_use_fails_fast_and_writes_nothing(tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    first = subprocess.Popen(train_args(tiny_model_dir, out, "--max-steps", "100000",
+                                        "--checkpoint-every", "100000"),
+                             env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for_steps(out, 2, first)
+        first.send_signal(signal.SIGSTOP)  # holds still (and keeps its lock) while the second one runs
+        before = snapshot(out)
+        started = time.monotonic()
+        try:
+            second = subprocess.run(train_args(tiny_model_dir, out, "--max-steps", "5"), env=subprocess_env(),
+                                    capture_output=True, text=True, timeout=300)
+        finally:
+            first.send_signal(signal.SIGCONT)
+        took = time.monotonic() - started
+        assert snapshot(out) == before
+        assert second.returncode == 2, second.stderr[-3000:]
+        last = second.stderr.strip().splitlines()[-1]
+        assert last.startswith(f"quietstar train: error: {out} is in use by another quietstar train "
+                               f"(pid {first.pid} ")
+        assert "still running" in last and "Traceback" not in second.stderr
+        assert "Loading" not in second.stderr, "refused only after loading the model"
+        assert took < 120
+        first.send_signal(signal.SIGINT)
+        _, stderr = first.communicate(timeout=120)
+        assert first.returncode == 130, stderr[-3000:]
+    finally:
+        if first.poll() is None:  # a failed assertion: leave no training behind
+            first.kill()
+            first.wait()
+    assert not (out / LOCK_NAME).exists()  # released at the end of the run
+    steps = [r["step"] for r in read_metrics(out / "metrics.jsonl")]
+    assert steps == list(range(1, len(steps) + 1))  # one run's records: each step once
+
+
+def test_a_lock_left_by_a_dead_process_is_taken_over(tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    pid = dead_pid()
+    write_lock(out, pid=pid, process_start=None)
+    result = train(tiny_config(tiny_model_dir, out, max_steps=1))
+    assert result.step == 1 and not (out / LOCK_NAME).exists()
+    assert f"Took over {out / LOCK_NAME}: its run (pid {pid}, started 2024-01-01 00:00:00) is no longer running" \
+        in (out / "train.log").read_text()
+
+
+def test_a_reused_pid_does_not_keep_a_lock(tmp_path):
+    """The pid is alive (this process) but started at another time: a dead run's pid, reused."""
+    if process_start(os.getpid()) is None:
+        pytest.skip("no /proc: process start times are not known here")
+    write_lock(tmp_path, pid=os.getpid(), process_start=process_start(os.getpid()) + 1)
+    lock = acquire(tmp_path)
+    assert lock.taken_over["pid"] == os.getpid() and lock.owner["token"] != "x"
+    lock.release()
+    assert not (tmp_path / LOCK_NAME).exists()
+
+
+def test_a_live_owner_or_another_hosts_lock_is_refused_with_the_way_out(tiny_model_dir, tmp_path):
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        out = tmp_path / "live"
+        lock = write_lock(out, pid=sleeper.pid, process_start=process_start(sleeper.pid))
+        before = snapshot(out), lock.read_text()
+        with pytest.raises(RunFolderInUse, match=rf"is in use by another quietstar train \(pid {sleeper.pid} "
+                                                 rf"on host .*still running\); wait for it"):
+            train(tiny_config(tiny_model_dir, out, max_steps=1))
+        assert (snapshot(out), lock.read_text()) == before
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    out = tmp_path / "elsewhere"
+    lock = write_lock(out, pid=1, host="another-machine")
+    with pytest.raises(RunFolderInUse, match=rf"pid 1 on host another-machine.*cannot be checked from here; "
+                                             rf"if that run is no longer running, delete {lock}"):
+        train(tiny_config(tiny_model_dir, out, max_steps=1))
+    assert lock.exists()
+    damaged = write_lock(tmp_path / "damaged")
+    damaged.write_text("")  # killed between creating the file and writing it
+    with pytest.raises(RunFolderInUse, match=r"cannot be read \(damaged\?\); if no quietstar train"):
+        train(tiny_config(tiny_model_dir, tmp_path / "damaged", max_steps=1))
+
+
+def test_the_lock_is_released_after_an_error(tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    with pytest.raises(ValueError, match="unknown built-in corpus"):
+        train(tiny_config(tiny_model_dir, out, data="builtin:poetry"))
+    assert not (out / LOCK_NAME).exists()
+    # A folder the failed run created is removed again, lock and all.
+    with pytest.raises(ValueError, match="unknown built-in corpus"):
+        train(tiny_config(tiny_model_dir, tmp_path / "new" / "run", data="builtin:poetry"))
+    assert not (tmp_path / "new").exists()
+
+
+# ----------------------------------------------------------------------------- nested folders
+def test_an_output_folder_inside_a_run_or_a_checkpoint_is_refused(tiny_model_dir, tmp_path):
+    run = tmp_path / "run"
+    first = train(tiny_config(tiny_model_dir, run, max_steps=1))
+    nested = run / "sub"
+    code = cli_main(["train", "--model", str(tiny_model_dir), "--output-dir", str(nested), "--max-steps", "1"])
+    assert code == 2 and not nested.exists()
+    with pytest.raises(ValueError, match=rf"--output-dir {nested} lies inside the run folder {run}; "
+                                         "a run folder must not be inside another run"):
+        train(tiny_config(tiny_model_dir, nested, max_steps=1))
+    inside = first.checkpoint / "eval-run"
+    with pytest.raises(ValueError, match=rf"lies inside the checkpoint {first.checkpoint} \(of the run {run}\)"):
+        train(tiny_config(tiny_model_dir, inside, max_steps=1))
+    assert not inside.exists()
+    # What makes a folder a run: a lock, a checkpoint folder, or train_config.yaml with a run's files.
+    (tmp_path / "locked").mkdir()
+    (tmp_path / "locked" / LOCK_NAME).write_text("{}")
+    (tmp_path / "copied" / "checkpoint-000010").mkdir(parents=True)
+    (tmp_path / "early").mkdir()
+    (tmp_path / "early" / "train_config.yaml").write_text("seq_len: 16\n")
+    (tmp_path / "early" / "train.log").write_text("")
+    for folder in ("locked", "copied", "early"):
+        assert enclosing_run(tmp_path / folder / "a" / "b") == tmp_path / folder
+    # A lone train_config.yaml is a settings file, not a run.
+    (tmp_path / "project").mkdir()
+    (tmp_path / "project" / "train_config.yaml").write_text("seq_len: 16\n")
+    assert enclosing_run(tmp_path / "project" / "runs" / "a") is None
+
+
+def _race_for_the_lock(folder, start, done, results):
+    start.wait()
+    try:
+        lock = acquire(folder)
+    except RunFolderInUse:
+        results.put("refused")
+        return
+    results.put("took it")
+    done.wait(60)  # hold it while the others try
+    lock.release()
+
+
+def test_processes_racing_for_a_dead_runs_lock_leave_exactly_one_owner(tmp_path):
+    import multiprocessing
+
+    write_lock(tmp_path, pid=dead_pid(), process_start=None)  # every racer takes the takeover path
+    context = multiprocessing.get_context("fork")
+    start, done, results = context.Event(), context.Event(), context.Queue()
+    racers = [context.Process(target=_race_for_the_lock, args=(tmp_path, start, done, results))
+              for _ in range(6)]
+    for racer in racers:
+        racer.start()
+    start.set()
+    outcomes = sorted(results.get(timeout=60) for _ in racers)
+    done.set()
+    for racer in racers:
+        racer.join(60)
+    assert outcomes == ["refused"] * 5 + ["took it"]
+    assert not (tmp_path / LOCK_NAME).exists() and not list(tmp_path.iterdir())  # released, no takeover file
