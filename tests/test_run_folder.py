@@ -1,4 +1,5 @@
-"""The run folder: one owner at a time (its lock), no run inside another."""
+"""The run folder: one owner at a time (its lock), no run inside another, a push checked before
+the work."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -169,6 +171,87 @@ def test_an_output_folder_inside_a_run_or_a_checkpoint_is_refused(tiny_model_dir
     (tmp_path / "project").mkdir()
     (tmp_path / "project" / "train_config.yaml").write_text("seq_len: 16\n")
     assert enclosing_run(tmp_path / "project" / "runs" / "a") is None
+
+
+# ----------------------------------------------------------------------------- push to the Hub
+class FakeHub:
+    """huggingface_hub's HfApi and get_token, as far as a push uses them."""
+
+    def __init__(self, monkeypatch, token="hf_token", whoami=None, upload_error=None):
+        import huggingface_hub
+
+        self.uploads = []
+        hub = self
+
+        class Api:
+            def __init__(self, token=None):
+                pass
+
+            def whoami(self, token=None, **kwargs):
+                if isinstance(whoami, BaseException):
+                    raise whoami
+                return whoami or {"name": "me", "auth": {"accessToken": {"role": "write"}}}
+
+            def create_repo(self, repo_id, **kwargs):
+                if upload_error is not None:
+                    raise upload_error
+                return f"https://huggingface.co/{repo_id}"
+
+            def upload_folder(self, repo_id, folder_path, **kwargs):
+                hub.uploads.append((repo_id, Path(folder_path)))
+
+        monkeypatch.setattr(huggingface_hub, "HfApi", Api)
+        monkeypatch.setattr(huggingface_hub, "get_token", lambda: token)
+        for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+            monkeypatch.delenv(name, raising=False)
+
+
+class ConnectError(Exception):
+    """What the Hub's HTTP client raises without a network (not an OSError)."""
+
+
+def http_error(status: int):
+    from huggingface_hub.errors import HfHubHTTPError
+
+    return HfHubHTTPError(f"{status} Client Error", response=types.SimpleNamespace(
+        headers={}, status_code=status, request=None))
+
+
+@pytest.mark.parametrize("case, message", [
+    ("offline", "needs the network, but the Hub is switched off .*HF_HUB_OFFLINE"),
+    ("no_token", "needs a Hugging Face token with write access: log in with `hf auth login` or set HF_TOKEN"),
+    ("bad_token", r"the Hub refuses the Hugging Face token \(401"),
+    ("read_token", "the Hugging Face token can only read"),
+    ("no_network", r"cannot reach the Hugging Face Hub \(ConnectError: Name or service not known\)"),
+])
+def test_a_push_that_cannot_happen_is_refused_before_any_work(tiny_model_dir, tmp_path, monkeypatch, case, message):
+    FakeHub(monkeypatch, token=None if case == "no_token" else "hf_token", whoami={
+        "bad_token": http_error(401), "no_network": ConnectError("Name or service not known"),
+        "read_token": {"auth": {"accessToken": {"role": "read"}}}}.get(case))
+    if case == "offline":
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match=f"--push-to-hub me/tiny: {message}" if case in
+                       ("bad_token", "read_token", "no_network") else f"--push-to-hub me/tiny {message}"):
+        train(tiny_config(tiny_model_dir, out, push_to_hub="me/tiny"))
+    assert not out.exists()
+
+
+def test_a_push_that_fails_at_the_end_keeps_the_model_and_says_how_to_push_it(tiny_model_dir, tmp_path,
+                                                                             monkeypatch, capsys):
+    hub = FakeHub(monkeypatch, upload_error=ConnectError("connection reset by peer"))
+    out = tmp_path / "my run"
+    code = cli_main(["train", "--model", str(tiny_model_dir), "--output-dir", str(out), "--max-steps", "1",
+                     "--seq-len", "16", "--num-documents", "40", "--eval-every", "0", "--sample-every", "0",
+                     "--sampled-thought-tokens", "2", "--ahead-tokens", "2", "--push-to-hub", "me/tiny"])
+    assert code == 1 and hub.uploads == []  # trained and saved, not pushed
+    model = out / "checkpoint-000001" / "model"
+    assert (model / "model.safetensors").is_file()
+    err = capsys.readouterr().err
+    line = next(line for line in err.splitlines() if "Pushing to the Hub repo" in line)
+    assert line == (f"Pushing to the Hub repo me/tiny failed (ConnectError: connection reset by peer); the "
+                    f"model stays saved in {model}; push it later with: hf upload me/tiny '{model}' .")
+    assert "Traceback" not in err and line in (out / "train.log").read_text()
 
 
 def _race_for_the_lock(folder, start, done, results):

@@ -45,13 +45,14 @@ from quietstar.data.corpora import TokenBatches
 from quietstar.models.model_card import TrainingFacts
 from quietstar.models.modeling import QuietStarForCausalLM
 from quietstar.training.optim import build_optimizer, lr_at, set_learning_rate
-from quietstar.training.run_folder import StopRequests, check_writable, claim_output_dir, refuse_nested, \
-    run_logging, running_mean, summary
+from quietstar.training.run_folder import StopRequests, check_writable, claim_output_dir, push_failed_message, \
+    refuse_nested, run_logging, running_mean, summary
 from quietstar.training.run_lock import RunLock
 from quietstar.training.config import TrainConfig, load_config
 from quietstar.training.components import EvalHook, HeldoutLoss, build_data, build_model, model_fingerprint, \
     thought_generator
 from quietstar.utils.errors import QuietStarInputError
+from quietstar.utils.hub import check_can_push
 
 if TYPE_CHECKING:  # for the annotations; the code imports both where it uses them
     from accelerate import Accelerator
@@ -77,6 +78,7 @@ class TrainResult:
     metrics: dict[str, Any]   # the last step's record
     interrupted: bool         # stopped by Ctrl-C / SIGTERM (after saving)
     elapsed_s: float
+    pushed_to: str | None = None  # the Hub repo's URL, where push_to_hub uploaded the model
 
 
 class TrainingDiverged(RuntimeError):
@@ -134,6 +136,7 @@ class TrainingRecipe:
         self.first_eval: dict[str, float] = {}
         self.record: dict[str, Any] = {}         # the last step's
         self.last_checkpoint: Path | None = None
+        self.pushed_to: str | None = None
         self.last_eval: dict[str, float] = {}    # the latest held-out figures, for the model card
         self.last_samples: list[str] = []        # the latest sampled thoughts, likewise
 
@@ -210,11 +213,14 @@ class TrainingRecipe:
             self.config.save(out_dir)
 
     def _claim_folder(self, out_dir: Path, resuming: bool) -> Path | None:
-        """The main process takes the folder's lock before anything is written there; the others
-        wait for its answer (refusing with it), then check they can write. Returns the topmost folder the main process created (see ``claim_output_dir``)."""
+        """The main process checks the push and takes the folder's lock before anything is written
+        there; the others wait for its answer (refusing with it), then check they can write.
+        Returns the topmost folder the main process created (see ``claim_output_dir``)."""
         error, new_folder = None, None
         if self.main:
             try:
+                if self.config.push_to_hub:
+                    check_can_push(self.config.push_to_hub)
                 self.lock, new_folder = claim_output_dir(out_dir, resuming)
             except (QuietStarInputError, OSError) as e:
                 error = e
@@ -473,7 +479,8 @@ class TrainingRecipe:
             if self.lock is not None:
                 self.lock.release()
         self.accelerator.wait_for_everyone()
-        return TrainResult(self.out_dir, self.last_checkpoint, self.step, self.record, interrupted, total)
+        return TrainResult(self.out_dir, self.last_checkpoint, self.step, self.record, interrupted, total,
+                           self.pushed_to)
 
     def _loop(self) -> bool:
         """Steps until max_steps or a stop request; returns whether it was interrupted."""
@@ -515,10 +522,18 @@ class TrainingRecipe:
             logger.info(summary(self.out_dir, self.last_checkpoint, self.step, total, self.history,
                                 self.first_eval, self.record, interrupted, self.start_step))
             if self.config.push_to_hub and self.last_checkpoint is not None and not interrupted:
-                url = self.unwrapped.push_to_hub(self.config.push_to_hub,
-                                                 folder=self.last_checkpoint / checkpoint.MODEL_DIR)
-                logger.info(f"Pushed {self.last_checkpoint.name}/model to {url}")
+                self.push(self.config.push_to_hub, self.last_checkpoint / checkpoint.MODEL_DIR)
         self.closing.close()
+
+    def push(self, repo_id: str, folder: Path) -> None:
+        """Uploads the saved model ``folder``; a failure (checked as far as possible before the
+        run) keeps the model and logs how to upload it later, on one line."""
+        try:
+            self.pushed_to = self.unwrapped.push_to_hub(repo_id, folder=folder)
+        except Exception as e:  # the Hub client's errors (network, HTTP) are of many kinds
+            logger.error(push_failed_message(repo_id, folder, e))
+            return
+        logger.info(f"Pushed {folder.parent.name}/model to {self.pushed_to}")
 
 
 def train(config: TrainConfig, eval_hooks: Sequence[EvalHook] | None = None, *,

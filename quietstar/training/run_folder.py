@@ -1,12 +1,14 @@
 """The run folder and the console of ``quietstar train``: checks before writing (not inside another
 run, taken with its lock), logging to the console and ``train.log``, Ctrl-C / SIGTERM as a request
-to stop after saving, the summary."""
+to stop after saving, and what a run tells the user at its end (the summary, a push that
+failed)."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
 import math
+import shlex
 import signal
 import sys
 import threading
@@ -205,3 +207,12 @@ def summary(out_dir: Path, last_checkpoint: Path | None, step: int, total: float
     lines += [f"  {CURVES_NAME}   the training curves", f"  {SAMPLES_MD}   sampled thoughts",
               f"  {METRICS_NAME}   every step's numbers"]
     return "\n".join(lines)
+
+
+def push_failed_message(repo_id: str, folder: Path, error: BaseException) -> str:
+    """One line for a push that failed at the end of a run: the model stays saved, and the
+    command that uploads it later."""
+    text = str(error).strip()
+    reason = f"{type(error).__name__}: {text.splitlines()[0] if text else ''}".rstrip(": ")
+    return (f"Pushing to the Hub repo {repo_id} failed ({reason}); the model stays saved in {folder}; "
+            f"push it later with: hf upload {shlex.quote(repo_id)} {shlex.quote(str(folder))} .")
