@@ -1,5 +1,5 @@
 """The run folder: one owner at a time (its lock), no run inside another, a push checked before
-the work."""
+the work, and what a run tells the user at its end (a stop after NaNs, the summary)."""
 
 from __future__ import annotations
 
@@ -18,9 +18,10 @@ from test_checkpoint import subprocess_env, train_args, wait_for_steps
 from test_train import tiny_config
 
 from quietstar.cli.main import main as cli_main
+from quietstar.training import checkpoint
 from quietstar.training.metrics import read_metrics
-from quietstar.training.recipe import train
-from quietstar.training.run_folder import enclosing_run
+from quietstar.training.recipe import TrainingDiverged, train
+from quietstar.training.run_folder import diverged_message, enclosing_run, summary
 from quietstar.training.run_lock import LOCK_NAME, RunFolderInUse, acquire, process_start
 
 
@@ -252,6 +253,94 @@ def test_a_push_that_fails_at_the_end_keeps_the_model_and_says_how_to_push_it(ti
     assert line == (f"Pushing to the Hub repo me/tiny failed (ConnectError: connection reset by peer); the "
                     f"model stays saved in {model}; push it later with: hf upload me/tiny '{model}' .")
     assert "Traceback" not in err and line in (out / "train.log").read_text()
+
+
+# ----------------------------------------------------------------------------- the end of a run
+def test_a_diverged_run_says_what_its_checkpoint_holds(tiny_model_dir, tmp_path):
+    """A learning rate of 1e9: step 1 is finite but its update ruins the weights, the next steps
+    are NaN. The checkpoint saved at the stop holds the weights after step 1, not good ones."""
+    out = tmp_path / "run"
+    config = tiny_config(tiny_model_dir, out, max_steps=10, learning_rate=1e9, checkpoint_every=1,
+                         keep_checkpoints=1, max_nonfinite_steps=2)
+    with pytest.raises(TrainingDiverged) as caught:
+        train(config)
+    message = str(caught.value)
+    saved = checkpoint.latest_checkpoint(out)
+    assert message.startswith(f"stopped at step 3: 2 steps in a row had a NaN/inf loss or gradient (skipped: "
+                              f"they changed no weight). Saved {saved}: the weights after step 1, the last "
+                              "finite step (loss ")
+    assert "the weights before them" not in message
+    assert "the weights were already damaged before the first NaN" in message
+    scale = float(message.split("largest |weight| ")[1].split(" ")[0])
+    assert scale > 1e6
+    assert "Lower --learning-rate (now 1e+09)" in message
+    assert message.endswith("start afresh (no checkpoint from before step 1 is kept)")
+    # The stop deletes no older checkpoint (keep_checkpoints=1 notwithstanding).
+    assert [p.name for p in checkpoint.list_checkpoints(out)] == ["checkpoint-000002", "checkpoint-000003"]
+
+
+def test_the_stop_message_names_only_checkpoints_from_before_the_damage(tmp_path):
+    for step in (4, 8, 9, 10):
+        (tmp_path / checkpoint.checkpoint_name(step)).mkdir()
+    saved = tmp_path / checkpoint.checkpoint_name(10)
+    good = {"step": 9, "loss": 2.5, "grad_norm": 1e7}
+    damaged = diverged_message(step=10, streak=1, saved=saved, last_good=good, start_step=0,
+                               weight_scale=(5e4, 1.2), learning_rate=1e-2)
+    assert "largest |weight| 5e+04 (1.2 at step 0)" in damaged
+    assert damaged.endswith(f"resume from a checkpoint saved before step 9 (kept: checkpoint-000004, "
+                            f"checkpoint-000008: --resume {tmp_path / 'checkpoint-000008'}), or start afresh")
+    intact = diverged_message(step=10, streak=1, saved=saved, last_good=good, start_step=0,
+                              weight_scale=(1.5, 1.2), learning_rate=1e-2)
+    assert intact.endswith(f"then continue with --resume {saved}")
+    unknown = diverged_message(step=10, streak=1, saved=saved, last_good=None, start_step=8,
+                               weight_scale=None, learning_rate=1e-2)
+    assert "the weights this run started from at step 8" in unknown and "may already be damaged" in unknown
+    assert "kept: checkpoint-000004:" in unknown
+
+
+def write_metrics(folder: Path, records: list[dict]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def test_the_summary_of_a_short_run_compares_steps_that_differ(tmp_path):
+    write_metrics(tmp_path, [{"step": s, "base_nll": 4.0 - s, "model_nll": 3.5 - s} for s in (1, 2, 3)])
+    text = summary(tmp_path, last_checkpoint=None, step=3, start_step=0, elapsed=2, interrupted=False)
+    assert "mean of 5 steps" not in text
+    assert "Training NLL, mean of step 1 -> step 3: 3.000 -> 1.000 without thought, 2.500 -> 0.500 with" in text
+    write_metrics(tmp_path, [{"step": 1, "base_nll": 4.0, "model_nll": 3.5}])
+    one = summary(tmp_path, last_checkpoint=None, step=1, start_step=0, elapsed=2, interrupted=False)
+    assert "Training NLL" not in one  # nothing to compare
+
+
+def test_the_summary_lists_only_files_that_exist(tmp_path):
+    write_metrics(tmp_path, [])
+    text = summary(tmp_path, last_checkpoint=tmp_path / "checkpoint-000001", step=1, start_step=0, elapsed=1,
+                   interrupted=False)
+    assert "samples.md" not in text and "training_curves.png" not in text and "checkpoint-000001" not in text
+    assert "metrics.jsonl   every step's numbers" in text
+    (tmp_path / "samples.md").write_text("# Thoughts")
+    assert "samples.md   sampled thoughts" in summary(tmp_path, last_checkpoint=None, step=1, start_step=0,
+                                                     elapsed=1, interrupted=False)
+
+
+def test_the_summary_of_a_resumed_run_covers_the_whole_run(tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    settings = dict(eval_every=2, eval_batches=1, eval_documents=5)
+    train(tiny_config(tiny_model_dir, out, max_steps=2, **settings))
+    result = train(tiny_config(tiny_model_dir, out, max_steps=4, resume="latest", **settings))
+    records = read_metrics(out / "metrics.jsonl")
+    start, end = records[0], records[-1]
+    assert (start["step"], end["step"]) == (0, 4)
+    log = (out / "train.log").read_text()
+    last = log[log.rindex("Done:"):]
+    assert last.startswith("Done: 2 steps in ") and "(steps 3-4; resumed at step 2)." in last
+    assert (f"Held-out NLL, step 0 -> step 4: {start['eval/nll_without_thought']:.4f} -> "
+            f"{end['eval/nll_without_thought']:.4f} without thought, {start['eval/nll_with_thought']:.4f} -> "
+            f"{end['eval/nll_with_thought']:.4f} with thought") in last
+    assert start["eval/nll_without_thought"] != end["eval/nll_without_thought"]
+    assert "Training NLL, mean of steps 1-2 -> steps 3-4" in last
+    assert "samples.md" not in last and f"{result.checkpoint.name}/model" in last
 
 
 def _race_for_the_lock(folder, start, done, results):

@@ -45,8 +45,8 @@ from quietstar.data.corpora import TokenBatches
 from quietstar.models.model_card import TrainingFacts
 from quietstar.models.modeling import QuietStarForCausalLM
 from quietstar.training.optim import build_optimizer, lr_at, set_learning_rate
-from quietstar.training.run_folder import StopRequests, check_writable, claim_output_dir, push_failed_message, \
-    refuse_nested, run_logging, running_mean, summary
+from quietstar.training.run_folder import StopRequests, check_writable, claim_output_dir, diverged_message, \
+    push_failed_message, refuse_nested, run_logging, running_mean, summary
 from quietstar.training.run_lock import RunLock
 from quietstar.training.config import TrainConfig, load_config
 from quietstar.training.components import EvalHook, HeldoutLoss, build_data, build_model, model_fingerprint, \
@@ -133,9 +133,10 @@ class TrainingRecipe:
         self.stop_requested = False              # by any process, agreed at the last step
         self.bar: tqdm | None = None             # the progress bar, in the loop
         self.history: dict[str, list[float]] = {k: [] for k in PROGRESS_METRICS}
-        self.first_eval: dict[str, float] = {}
         self.record: dict[str, Any] = {}         # the last step's
         self.last_checkpoint: Path | None = None
+        self.last_good: dict[str, Any] | None = None  # the last finite step's record
+        self.start_scale: float | None = None    # the largest |weight| before the first step
         self.pushed_to: str | None = None
         self.last_eval: dict[str, float] = {}    # the latest held-out figures, for the model card
         self.last_samples: list[str] = []        # the latest sampled thoughts, likewise
@@ -153,6 +154,7 @@ class TrainingRecipe:
             self.load_checkpoint(self.resume_from)
         self.start_data()
         self.setup_metrics()
+        self.start_scale = self.weight_scale()
 
     def setup_accelerator(self) -> None:
         from accelerate import Accelerator, DistributedType, PartialState
@@ -292,8 +294,9 @@ class TrainingRecipe:
             tune_for_training()
 
     # ------------------------------------------------------------------ checkpoints
-    def save_checkpoint(self, step: int) -> Path:
-        """Checkpoint ``step`` (every process takes part; see ``checkpoint.save_checkpoint``)."""
+    def save_checkpoint(self, step: int, keep_all: bool = False) -> Path:
+        """Checkpoint ``step`` (every process takes part; see ``checkpoint.save_checkpoint``);
+        ``keep_all``: delete no older checkpoint."""
         acc = self.accelerator
         full_state = acc.get_state_dict(self.model) if self.sharded else None  # a collective
         state = {"step": step, "optimizer": None if self.sharded else self.optimizer.state_dict(),
@@ -306,7 +309,8 @@ class TrainingRecipe:
                               heldout=dict(self.last_eval), samples=list(self.last_samples))
         self.last_checkpoint = checkpoint.save_checkpoint(
             self.out_dir, step, self.unwrapped, training_state=state, config=self.config,
-            keep=self.config.keep_checkpoints, full_state=full_state, lora=bool(self.config.lora_rank),
+            keep=None if keep_all else self.config.keep_checkpoints, full_state=full_state,
+            lora=bool(self.config.lora_rank),
             save_sharded=(lambda folder: acc.save_state(str(folder))) if self.sharded else None,
             is_main=self.main, barrier=acc.wait_for_everyone, training=facts)
         return self.last_checkpoint
@@ -420,6 +424,14 @@ class TrainingRecipe:
         reduced = self.accelerator.reduce(packed, "sum").tolist()
         return dict(zip(names, reduced[:-1])), reduced[-1] > 0
 
+    def weight_scale(self) -> float | None:
+        """The largest |weight| of the model (None where sharded: no process holds it whole)."""
+        if self.sharded:
+            return None
+        with torch.no_grad():
+            return max((p.detach().abs().max().float().item() for p in self.unwrapped.parameters()
+                        if p.numel()), default=0.0)
+
     def evaluate(self, step: int) -> dict[str, float]:
         """Every eval hook, with the model in eval mode and no gradients."""
         self.unwrapped.eval()
@@ -428,7 +440,6 @@ class TrainingRecipe:
             for hook in self.hooks:
                 results |= hook(self.unwrapped, step)
         self.unwrapped.train()
-        self.first_eval.update({k: v for k, v in results.items() if k not in self.first_eval})
         self.last_eval = results
         logger.info(f"step {step} held-out: " + ", ".join(
             f"{k.removeprefix('eval/')} {v:.4f}" for k, v in results.items()))
@@ -496,17 +507,19 @@ class TrainingRecipe:
             while self.step < cfg.max_steps:
                 record, rows, out = self.train_step(self.step)
                 self.step += 1
+                if not record.get("skipped"):
+                    self.last_good = record
                 if self.hooks and (self.step % cfg.eval_every == 0 or self.step == cfg.max_steps):
                     record |= self.evaluate(self.step)
                 self.record = record
                 self.log_step(record, rows, out)
                 if self.nonfinite >= cfg.max_nonfinite_steps:
-                    saved = self.save_checkpoint(self.step)
-                    raise TrainingDiverged(
-                        f"stopped at step {self.step}: {self.nonfinite} steps in a row had a NaN/inf loss "
-                        f"or gradient. Saved {saved} (the weights before them). Lower --learning-rate or "
-                        "--policy-loss-weight (or use --precision fp32), then continue with "
-                        f"--resume {saved}")
+                    saved = self.save_checkpoint(self.step, keep_all=True)  # an earlier one may be the good one
+                    now = self.weight_scale()
+                    raise TrainingDiverged(diverged_message(
+                        step=self.step, streak=self.nonfinite, saved=saved, last_good=self.last_good,
+                        start_step=self.start_step, learning_rate=cfg.learning_rate,
+                        weight_scale=None if now is None else (now, self.start_scale)))
                 if self.step % cfg.checkpoint_every == 0 or self.step == cfg.max_steps or self.stop_requested:
                     self.save_checkpoint(self.step)
                 if self.stop_requested:
@@ -519,8 +532,8 @@ class TrainingRecipe:
             self.metrics.close()
         if self.main:
             plot_training_curves(self.out_dir / METRICS_NAME, self.out_dir / CURVES_NAME)
-            logger.info(summary(self.out_dir, self.last_checkpoint, self.step, total, self.history,
-                                self.first_eval, self.record, interrupted, self.start_step))
+            logger.info(summary(self.out_dir, last_checkpoint=self.last_checkpoint, step=self.step,
+                                start_step=self.start_step, elapsed=total, interrupted=interrupted))
             if self.config.push_to_hub and self.last_checkpoint is not None and not interrupted:
                 self.push(self.config.push_to_hub, self.last_checkpoint / checkpoint.MODEL_DIR)
         self.closing.close()
