@@ -194,3 +194,60 @@ def test_a_fresh_start_after_a_kill_before_the_first_checkpoint_logs_each_step_o
     run_in_process(train_args(tiny_model_dir, out, "--max-steps", "3"))
     assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [1, 2, 3]
     assert all(r["loss"] != 9.0 for r in read_metrics(out / "metrics.jsonl"))
+
+
+def save_by_hand(run_dir: Path, step: int, keep: int | None = 2) -> Path:
+    """A checkpoint as save_checkpoint writes one (its files and their checksums), without a model."""
+    folder = checkpoint.begin(run_dir, step)
+    (folder / "model").mkdir()
+    (folder / "model" / "model.safetensors").write_bytes(b"w" * 100)
+    checkpoint.save_training_state(folder, {"step": step})
+    checkpoint.write_checksums(folder)
+    return checkpoint.commit(run_dir, step, keep=keep)
+
+
+def test_rotation_deletes_only_what_the_run_wrote(tmp_path, caplog):
+    for step in (1, 2):
+        save_by_hand(tmp_path, step)
+    (tmp_path / "checkpoint-000001" / "my-eval").mkdir()  # a user's results inside a checkpoint
+    (tmp_path / "checkpoint-000001" / "my-eval" / "gsm8k.json").write_text("{}")
+    (tmp_path / "checkpoint-000002" / "model" / "notes.txt").write_text("lr 1e-5 was better")
+    with caplog.at_level("WARNING", logger="quietstar.training.checkpoint"):
+        save_by_hand(tmp_path, 3)
+        save_by_hand(tmp_path, 4)
+        save_by_hand(tmp_path, 5)
+    # The two with the user's files stay; complete checkpoints of the run beyond the newest two go.
+    assert [p.name for p in checkpoint.list_checkpoints(tmp_path)] == [
+        "checkpoint-000001", "checkpoint-000002", "checkpoint-000004", "checkpoint-000005"]
+    assert (tmp_path / "checkpoint-000001" / "my-eval" / "gsm8k.json").exists()
+    warnings = caplog.text
+    assert f"kept {tmp_path / 'checkpoint-000001'} (beyond --keep-checkpoints 2): it holds files a checkpoint " \
+           "does not (my-eval); delete it yourself when done" in warnings
+    assert "(model/notes.txt)" in warnings
+    # Without checksums (an older checkpoint): the protocol's names only, with a training state.
+    (tmp_path / "checkpoint-000004" / "checksums.json").unlink()
+    assert checkpoint.foreign_files(tmp_path / "checkpoint-000004") == []
+    (tmp_path / "checkpoint-000004" / "training_state.pt").unlink()
+    assert checkpoint.foreign_files(tmp_path / "checkpoint-000004") == ["no training_state.pt"]
+
+
+def test_rewriting_a_step_sets_a_checkpoint_with_user_files_aside(tmp_path, caplog):
+    save_by_hand(tmp_path, 4)
+    (tmp_path / "checkpoint-000004" / "README.txt").write_text("the one we sent to the paper")
+    with caplog.at_level("WARNING", logger="quietstar.training.checkpoint"):
+        save_by_hand(tmp_path, 4)  # a run resumed from an earlier step reaches step 4 again
+    kept = [p for p in tmp_path.iterdir() if p.name.startswith("checkpoint-000004.kept-")]
+    assert len(kept) == 1 and (kept[0] / "README.txt").exists()
+    assert not (tmp_path / "checkpoint-000004" / "README.txt").exists()
+    assert f"holds files a checkpoint does not (README.txt): kept as {kept[0].name}" in caplog.text
+
+
+def test_a_training_run_keeps_a_checkpoint_holding_user_files(tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    run_in_process(train_args(tiny_model_dir, out, "--max-steps", "1"))
+    (out / "checkpoint-000001" / "eval").mkdir()
+    run_in_process(train_args(tiny_model_dir, out, "--max-steps", "3", "--checkpoint-every", "1",
+                              "--keep-checkpoints", "1", "--resume", "latest"))
+    assert (out / "checkpoint-000001" / "eval").is_dir()
+    assert [p.name for p in checkpoint.list_checkpoints(out)] == ["checkpoint-000001", "checkpoint-000003"]
+    assert f"kept {out / 'checkpoint-000001'} (beyond --keep-checkpoints 1)" in (out / "train.log").read_text()

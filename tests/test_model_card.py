@@ -141,6 +141,9 @@ def test_training_writes_its_facts_into_the_card_and_pushes_the_last_model(tiny_
         def __init__(self, token=None):
             pass
 
+        def whoami(self, token=None, **kwargs):  # the check before the run
+            return {"name": "me", "auth": {"accessToken": {"role": "write"}}}
+
         def create_repo(self, repo_id, **kwargs):
             return f"https://huggingface.co/{repo_id}"
 
@@ -149,6 +152,9 @@ def test_training_writes_its_facts_into_the_card_and_pushes_the_last_model(tiny_
             uploads.append((repo_id, Path(folder_path), (Path(folder_path) / "README.md").read_text()))
 
     monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: "hf_token")
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
     monkeypatch.setattr("quietstar.training.recipe.plot_training_curves", lambda *args: None)
     config = TrainConfig.from_dict(dict(
         model=str(tiny_model_dir), output_dir=str(tmp_path / "run"), seq_len=16, max_steps=2,
@@ -159,6 +165,7 @@ def test_training_writes_its_facts_into_the_card_and_pushes_the_last_model(tiny_
     assert "- data: `builtin:arithmetic`" in card and "- optimiser steps: 2 of 16 tokens" in card
     assert "| nll_with_thought |" in card and "«" in card
     assert uploads == [("me/tiny-thinker", result.checkpoint / "model", card)]
+    assert result.pushed_to == "https://huggingface.co/me/tiny-thinker"
     import pytest
 
     with pytest.raises(ValueError, match="push_to_hub must be a Hub repo id 'owner/name'"):

@@ -3,7 +3,8 @@ with the process tuned for training on a CPU run (``quietstar.training.cpu``; th
 run's own, unlike a Python caller's).
 
 ``python -m quietstar train ...`` and ``accelerate launch -m quietstar train ...`` run it too.
-Exit codes: 0 done, 130 interrupted (saved), 1 diverged (saved), 2 bad input (``quietstar.cli.main``).
+Exit codes: 0 done, 130 interrupted (saved), 1 diverged or the push to the Hub failed (saved),
+2 bad input (``quietstar.cli.main``).
 """
 
 from __future__ import annotations
@@ -48,7 +49,9 @@ def run(args: argparse.Namespace) -> int:
         return 1
     finally:  # bad input propagates to quietstar.cli.main.main: one line, exit code 2
         _end_process_group()
-    return 130 if result.interrupted else 0
+    if result.interrupted:
+        return 130
+    return 1 if config.push_to_hub and result.pushed_to is None else 0  # trained, saved, not pushed
 
 
 def _end_process_group() -> None:

@@ -13,17 +13,22 @@ A checkpoint is a folder ``<run>/checkpoint-<step>/``:
 ``save_checkpoint`` and ``load_checkpoint`` are the one place that writes and reads this
 protocol: the folder is written into a hidden temporary folder next to its final place, every
 file is fsync'ed, and only then is the folder renamed: a crash mid-write leaves the previous
-checkpoints intact and at worst a ``.tmp-*`` folder, which the next run removes.
+checkpoints intact and at worst a ``.tmp-*`` folder, which the next run removes. Only what
+this protocol wrote is ever deleted: a checkpoint folder holding anything else (a user's notes,
+an evaluation's output) is kept, with a warning, when rotation or a rewrite of its step would
+delete it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import random
 import re
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -44,8 +49,11 @@ CHECKSUMS_NAME = "checksums.json"
 MODEL_DIR = "model"
 ADAPTER_DIR = "adapter"
 SHARDED_DIR = "accelerate_state"
+PROTOCOL_NAMES = (MODEL_DIR, ADAPTER_DIR, STATE_NAME, CHECKSUMS_NAME, TRAIN_CONFIG_NAME, SHARDED_DIR)
 FORMAT = 1
 _NAME = re.compile(rf"^{PREFIX}(\d+)$")
+
+logger = logging.getLogger(__name__)
 
 
 class CheckpointError(QuietStarInputError):
@@ -148,23 +156,62 @@ def begin(run_dir: str | Path, step: int) -> Path:
     return tmp
 
 
-def commit(run_dir: str | Path, step: int, keep: int) -> Path:
-    """fsyncs the temporary folder, renames it into place and deletes all but the last ``keep``."""
+def commit(run_dir: str | Path, step: int, keep: int | None) -> Path:
+    """fsyncs the temporary folder, renames it into place and deletes all but the last ``keep``
+    (None: none) of the checkpoints that hold only what this protocol wrote (``foreign_files``)."""
     run_dir = Path(run_dir)
     tmp, final = temp_folder(run_dir, step), run_dir / checkpoint_name(step)
     _fsync_tree(tmp)
     if final.exists():  # a previous run reached this step: replace it, never half-way
         old = run_dir / f".tmp-{checkpoint_name(step)}-old"
         shutil.rmtree(old, ignore_errors=True)
+        foreign = foreign_files(final)
+        if foreign:  # not ours alone: set it aside under a name no run lists
+            old = run_dir / f"{final.name}.kept-{time.strftime('%Y%m%d-%H%M%S')}"
+            logger.warning(f"{final} holds files a checkpoint does not ({', '.join(foreign)}): kept "
+                           f"as {old.name} instead of being replaced")
         os.rename(final, old)
         os.rename(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
+        if not foreign:
+            shutil.rmtree(old, ignore_errors=True)
     else:
         os.rename(tmp, final)
     _fsync(run_dir)  # make the rename itself durable
-    for stale in list_checkpoints(run_dir)[:-keep]:
-        shutil.rmtree(stale, ignore_errors=True)
+    for stale in list_checkpoints(run_dir)[:-keep] if keep else []:
+        foreign = foreign_files(stale)
+        if foreign:
+            logger.warning(f"kept {stale} (beyond --keep-checkpoints {keep}): it holds files a "
+                           f"checkpoint does not ({', '.join(foreign)}); delete it yourself when done")
+        else:
+            shutil.rmtree(stale, ignore_errors=True)
     return final
+
+
+def foreign_files(checkpoint: Path, shown: int = 3) -> list[str]:
+    """What ``checkpoint`` holds besides what ``save_checkpoint`` wrote: the files its
+    checksums.json lists and their folders (a checkpoint from before checksums: the protocol's
+    top-level names, with its training state). The first ``shown`` paths, then how many more."""
+    try:
+        written = set(json.loads((checkpoint / CHECKSUMS_NAME).read_text(encoding="utf-8")))
+    except FileNotFoundError:
+        written = None
+    except (OSError, ValueError, TypeError):
+        return [f"an unreadable {CHECKSUMS_NAME}"]
+    if written is None:
+        if not (checkpoint / STATE_NAME).is_file():
+            return [f"no {STATE_NAME}"]
+        extra = sorted(p.name for p in checkpoint.iterdir() if p.name not in PROTOCOL_NAMES)
+    else:
+        allowed = {CHECKSUMS_NAME} | written | {folder for name in written for folder in _folders_of(name)}
+        extra = sorted(p.relative_to(checkpoint).as_posix() for p in checkpoint.rglob("*"))
+        extra = [name for name in extra if name not in allowed]
+        extra = [name for name in extra if not any(name.startswith(e + "/") for e in extra)]  # a folder, not its files
+    return extra[:shown] + ([f"{len(extra) - shown} more"] if len(extra) > shown else [])
+
+
+def _folders_of(relative: str) -> list[str]:
+    parts = relative.split("/")[:-1]
+    return ["/".join(parts[:i]) for i in range(1, len(parts) + 1)]
 
 
 # ------------------------------------------------------------------------------ model weights
@@ -391,13 +438,14 @@ def verify_checksums(checkpoint: Path) -> None:
 
 # ------------------------------------------------------------------------------ the protocol
 def save_checkpoint(run_dir: str | Path, step: int, model: QuietStarForCausalLM, *,
-                    training_state: dict[str, Any], config, keep: int,
+                    training_state: dict[str, Any], config, keep: int | None,
                     full_state: dict[str, torch.Tensor] | None = None, lora: bool = False,
                     save_sharded=None, is_main: bool = True, barrier=None, training=None) -> Path:
     """Writes checkpoint ``step`` of the run in ``run_dir`` and returns its folder.
 
     Temporary folder -> model -> adapter (LoRA) -> training state -> config (``config.save``)
-    -> fsync and atomic rename -> older checkpoints beyond ``keep`` deleted. In a distributed
+    -> fsync and atomic rename -> older checkpoints beyond ``keep`` deleted (None: none; see
+    ``commit``). In a distributed
     run every process calls it: ``save_sharded(folder)`` (FSDP / DeepSpeed: accelerate's
     ``save_state``) runs on every process, the rest on the main one, and ``barrier`` (accelerate's
     ``wait_for_everyone``) orders the two. ``full_state`` is the gathered full state dict of a

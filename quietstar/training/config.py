@@ -14,7 +14,6 @@ run's saved settings take its place).
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -24,6 +23,7 @@ import yaml
 
 from quietstar.method.config import QuietStarConfig
 from quietstar.utils.embedded_model import EMBEDDED_MODEL
+from quietstar.utils.hub import valid_repo_id
 from quietstar.utils.settings import check_field_types, merge, option, read_yaml
 from quietstar.utils.errors import QuietStarInputError
 
@@ -168,7 +168,9 @@ class TrainConfig:
 
     push_to_hub: str | None = None
     """At the end, upload the last checkpoint's model (with its model card) to this Hugging Face
-    Hub repo ("owner/name", created if missing; needs a token: huggingface-cli login)."""
+    Hub repo ("owner/name", created if missing). The token (hf auth login, or HF_TOKEN) and the
+    Hub are checked before training; an upload that still fails keeps the checkpoint and prints
+    the command that pushes it later."""
 
     max_nonfinite_steps: int = 3
     """Stop (after saving) when this many steps in a row have a NaN/inf loss or gradient; such
@@ -219,7 +221,7 @@ class TrainConfig:
              "follow the frozen base weights); train all weights (--lora-rank 0) or use another objective "
              "or baseline")
         need(self.lora_alpha > 0, f"lora_alpha must be > 0, got {self.lora_alpha!r}")
-        need(self.push_to_hub is None or re.fullmatch(r"[\w.-]+/[\w.-]+", self.push_to_hub) is not None,
+        need(self.push_to_hub is None or ("/" in self.push_to_hub and valid_repo_id(self.push_to_hub)),
              f"push_to_hub must be a Hub repo id 'owner/name', got {self.push_to_hub!r}")
         need(bool(self.lora_target_modules.strip()), "lora_target_modules must not be empty")
 

@@ -45,11 +45,14 @@ from quietstar.data.corpora import TokenBatches
 from quietstar.models.model_card import TrainingFacts
 from quietstar.models.modeling import QuietStarForCausalLM
 from quietstar.training.optim import build_optimizer, lr_at, set_learning_rate
-from quietstar.training.run_folder import StopRequests, prepare_output_dir, run_logging, running_mean, summary
+from quietstar.training.run_folder import StopRequests, check_writable, claim_output_dir, diverged_message, \
+    push_failed_message, refuse_nested, run_logging, running_mean, summary
+from quietstar.training.run_lock import RunLock
 from quietstar.training.config import TrainConfig, load_config
 from quietstar.training.components import EvalHook, HeldoutLoss, build_data, build_model, model_fingerprint, \
     thought_generator
 from quietstar.utils.errors import QuietStarInputError
+from quietstar.utils.hub import check_can_push
 
 if TYPE_CHECKING:  # for the annotations; the code imports both where it uses them
     from accelerate import Accelerator
@@ -75,6 +78,7 @@ class TrainResult:
     metrics: dict[str, Any]   # the last step's record
     interrupted: bool         # stopped by Ctrl-C / SIGTERM (after saving)
     elapsed_s: float
+    pushed_to: str | None = None  # the Hub repo's URL, where push_to_hub uploaded the model
 
 
 class TrainingDiverged(RuntimeError):
@@ -106,6 +110,7 @@ class TrainingRecipe:
         self.ema: bool | None = None             # an EMA copy of the LM (QuietStarConfig.uses_ema_copy)
         self.resume_from: Path | None = None     # the checkpoint this run continues
         self.out_dir: Path | None = None
+        self.lock: RunLock | None = None         # the run folder's (main process), held until the end
         self.new_folder: Path | None = None      # created by this run: removed if it fails before step 1
         self.closing = contextlib.ExitStack()    # the console and train.log logging, closed by finish
         self.model: Any = None                   # as accelerate prepared it (wrapped when distributed)
@@ -128,9 +133,11 @@ class TrainingRecipe:
         self.stop_requested = False              # by any process, agreed at the last step
         self.bar: tqdm | None = None             # the progress bar, in the loop
         self.history: dict[str, list[float]] = {k: [] for k in PROGRESS_METRICS}
-        self.first_eval: dict[str, float] = {}
         self.record: dict[str, Any] = {}         # the last step's
         self.last_checkpoint: Path | None = None
+        self.last_good: dict[str, Any] | None = None  # the last finite step's record
+        self.start_scale: float | None = None    # the largest |weight| before the first step
+        self.pushed_to: str | None = None
         self.last_eval: dict[str, float] = {}    # the latest held-out figures, for the model card
         self.last_samples: list[str] = []        # the latest sampled thoughts, likewise
 
@@ -147,6 +154,7 @@ class TrainingRecipe:
             self.load_checkpoint(self.resume_from)
         self.start_data()
         self.setup_metrics()
+        self.start_scale = self.weight_scale()
 
     def setup_accelerator(self) -> None:
         from accelerate import Accelerator, DistributedType, PartialState
@@ -197,23 +205,48 @@ class TrainingRecipe:
             if self.world > 1:
                 broadcast_object_list(name)
             out_dir = Path("runs") / name[0]
-        new_folder = None  # the folders this run creates, removed again if it fails before step 1
-        if not out_dir.exists():
-            new_folder = out_dir
-            while not new_folder.parent.exists():
-                new_folder = new_folder.parent
-        prepare_output_dir(out_dir, self.resume_from is not None, self.rank)
+        refuse_nested(out_dir)  # reads only; every process alike
+        self.new_folder = self._claim_folder(out_dir, self.resume_from is not None)
         self.out_dir = out_dir
         self.config = TrainConfig.from_dict({**cfg.to_dict(), "output_dir": str(out_dir)})
         self.last_checkpoint = self.resume_from
         if self.main:
             checkpoint.remove_partial(out_dir)
             self.config.save(out_dir)
-        self.new_folder = new_folder
+
+    def _claim_folder(self, out_dir: Path, resuming: bool) -> Path | None:
+        """The main process checks the push and takes the folder's lock before anything is written
+        there; the others wait for its answer (refusing with it), then check they can write.
+        Returns the topmost folder the main process created (see ``claim_output_dir``)."""
+        error, new_folder = None, None
+        if self.main:
+            try:
+                if self.config.push_to_hub:
+                    check_can_push(self.config.push_to_hub)
+                self.lock, new_folder = claim_output_dir(out_dir, resuming)
+            except (QuietStarInputError, OSError) as e:
+                error = e
+        if self.world > 1:
+            from accelerate.utils import broadcast_object_list
+
+            message = [None if error is None else str(error)]
+            broadcast_object_list(message)
+            if message[0] is not None and error is None:
+                raise QuietStarInputError(message[0])
+        if error is not None:
+            raise error
+        if not self.main:
+            check_writable(out_dir, self.rank)
+        return new_folder
 
     def setup_logging(self) -> None:
-        """INFO logs to the console and ``train.log`` (main process), until ``finish``."""
-        self.closing.enter_context(run_logging(logger, self.out_dir, self.main))
+        """INFO logs of the training modules to the console and ``train.log`` (main process),
+        until ``finish``."""
+        self.closing.enter_context(run_logging(logging.getLogger("quietstar.training"), self.out_dir, self.main))
+        if self.lock is not None and self.lock.taken_over is not None:
+            dead = self.lock.taken_over
+            logger.warning(f"Took over {self.lock.path}: its run (pid {dead['pid']}, started "
+                           f"{dead.get('started') or 'at an unknown time'}) is no longer running")
 
     def setup_model(self) -> None:
         """The model, seeded first: the weights the method adds (mixing head, meta tokens) are drawn."""
@@ -261,8 +294,9 @@ class TrainingRecipe:
             tune_for_training()
 
     # ------------------------------------------------------------------ checkpoints
-    def save_checkpoint(self, step: int) -> Path:
-        """Checkpoint ``step`` (every process takes part; see ``checkpoint.save_checkpoint``)."""
+    def save_checkpoint(self, step: int, keep_all: bool = False) -> Path:
+        """Checkpoint ``step`` (every process takes part; see ``checkpoint.save_checkpoint``);
+        ``keep_all``: delete no older checkpoint."""
         acc = self.accelerator
         full_state = acc.get_state_dict(self.model) if self.sharded else None  # a collective
         state = {"step": step, "optimizer": None if self.sharded else self.optimizer.state_dict(),
@@ -275,7 +309,8 @@ class TrainingRecipe:
                               heldout=dict(self.last_eval), samples=list(self.last_samples))
         self.last_checkpoint = checkpoint.save_checkpoint(
             self.out_dir, step, self.unwrapped, training_state=state, config=self.config,
-            keep=self.config.keep_checkpoints, full_state=full_state, lora=bool(self.config.lora_rank),
+            keep=None if keep_all else self.config.keep_checkpoints, full_state=full_state,
+            lora=bool(self.config.lora_rank),
             save_sharded=(lambda folder: acc.save_state(str(folder))) if self.sharded else None,
             is_main=self.main, barrier=acc.wait_for_everyone, training=facts)
         return self.last_checkpoint
@@ -389,6 +424,14 @@ class TrainingRecipe:
         reduced = self.accelerator.reduce(packed, "sum").tolist()
         return dict(zip(names, reduced[:-1])), reduced[-1] > 0
 
+    def weight_scale(self) -> float | None:
+        """The largest |weight| of the model (None where sharded: no process holds it whole)."""
+        if self.sharded:
+            return None
+        with torch.no_grad():
+            return max((p.detach().abs().max().float().item() for p in self.unwrapped.parameters()
+                        if p.numel()), default=0.0)
+
     def evaluate(self, step: int) -> dict[str, float]:
         """Every eval hook, with the model in eval mode and no gradients."""
         self.unwrapped.eval()
@@ -397,7 +440,6 @@ class TrainingRecipe:
             for hook in self.hooks:
                 results |= hook(self.unwrapped, step)
         self.unwrapped.train()
-        self.first_eval.update({k: v for k, v in results.items() if k not in self.first_eval})
         self.last_eval = results
         logger.info(f"step {step} held-out: " + ", ".join(
             f"{k.removeprefix('eval/')} {v:.4f}" for k, v in results.items()))
@@ -441,11 +483,15 @@ class TrainingRecipe:
             self.finish(total, interrupted)
         except BaseException:
             self.closing.close()
-            if self.new_folder is not None and self.main:  # bad model or data: leave nothing behind
+            if self.new_folder is not None and self.lock is not None:  # bad model or data: leave nothing
                 shutil.rmtree(self.new_folder, ignore_errors=True)
             raise
+        finally:
+            if self.lock is not None:
+                self.lock.release()
         self.accelerator.wait_for_everyone()
-        return TrainResult(self.out_dir, self.last_checkpoint, self.step, self.record, interrupted, total)
+        return TrainResult(self.out_dir, self.last_checkpoint, self.step, self.record, interrupted, total,
+                           self.pushed_to)
 
     def _loop(self) -> bool:
         """Steps until max_steps or a stop request; returns whether it was interrupted."""
@@ -461,17 +507,19 @@ class TrainingRecipe:
             while self.step < cfg.max_steps:
                 record, rows, out = self.train_step(self.step)
                 self.step += 1
+                if not record.get("skipped"):
+                    self.last_good = record
                 if self.hooks and (self.step % cfg.eval_every == 0 or self.step == cfg.max_steps):
                     record |= self.evaluate(self.step)
                 self.record = record
                 self.log_step(record, rows, out)
                 if self.nonfinite >= cfg.max_nonfinite_steps:
-                    saved = self.save_checkpoint(self.step)
-                    raise TrainingDiverged(
-                        f"stopped at step {self.step}: {self.nonfinite} steps in a row had a NaN/inf loss "
-                        f"or gradient. Saved {saved} (the weights before them). Lower --learning-rate or "
-                        "--policy-loss-weight (or use --precision fp32), then continue with "
-                        f"--resume {saved}")
+                    saved = self.save_checkpoint(self.step, keep_all=True)  # an earlier one may be the good one
+                    now = self.weight_scale()
+                    raise TrainingDiverged(diverged_message(
+                        step=self.step, streak=self.nonfinite, saved=saved, last_good=self.last_good,
+                        start_step=self.start_step, learning_rate=cfg.learning_rate,
+                        weight_scale=None if now is None else (now, self.start_scale)))
                 if self.step % cfg.checkpoint_every == 0 or self.step == cfg.max_steps or self.stop_requested:
                     self.save_checkpoint(self.step)
                 if self.stop_requested:
@@ -484,13 +532,21 @@ class TrainingRecipe:
             self.metrics.close()
         if self.main:
             plot_training_curves(self.out_dir / METRICS_NAME, self.out_dir / CURVES_NAME)
-            logger.info(summary(self.out_dir, self.last_checkpoint, self.step, total, self.history,
-                                self.first_eval, self.record, interrupted, self.start_step))
+            logger.info(summary(self.out_dir, last_checkpoint=self.last_checkpoint, step=self.step,
+                                start_step=self.start_step, elapsed=total, interrupted=interrupted))
             if self.config.push_to_hub and self.last_checkpoint is not None and not interrupted:
-                url = self.unwrapped.push_to_hub(self.config.push_to_hub,
-                                                 folder=self.last_checkpoint / checkpoint.MODEL_DIR)
-                logger.info(f"Pushed {self.last_checkpoint.name}/model to {url}")
+                self.push(self.config.push_to_hub, self.last_checkpoint / checkpoint.MODEL_DIR)
         self.closing.close()
+
+    def push(self, repo_id: str, folder: Path) -> None:
+        """Uploads the saved model ``folder``; a failure (checked as far as possible before the
+        run) keeps the model and logs how to upload it later, on one line."""
+        try:
+            self.pushed_to = self.unwrapped.push_to_hub(repo_id, folder=folder)
+        except Exception as e:  # the Hub client's errors (network, HTTP) are of many kinds
+            logger.error(push_failed_message(repo_id, folder, e))
+            return
+        logger.info(f"Pushed {folder.parent.name}/model to {self.pushed_to}")
 
 
 def train(config: TrainConfig, eval_hooks: Sequence[EvalHook] | None = None, *,
