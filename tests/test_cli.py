@@ -59,6 +59,23 @@ def test_help_lists_every_command_and_imports_none():
     assert imported == "[]"
 
 
+HEAVY = ("torch", "transformers", "accelerate", "numpy", "huggingface_hub", "matplotlib")
+
+
+@pytest.mark.parametrize("command", ["", *NAMES])
+def test_help_imports_no_heavy_package(command):
+    # `python -m quietstar [COMMAND] --help` in a fresh interpreter: the flags come from
+    # dataclasses, so listing them must not wait seconds for torch / transformers to import.
+    done = python("import runpy, sys\n"
+                  f"sys.argv = ['quietstar', *{[command] if command else []!r}, '--help']\n"
+                  "try:\n    runpy.run_module('quietstar', run_name='__main__', alter_sys=True)\n"
+                  "except SystemExit as e:\n    assert e.code == 0, e.code\n"
+                  f"print(sorted({{m.split('.')[0] for m in sys.modules}} & set({HEAVY!r})))")
+    assert done.returncode == 0, done.stderr
+    assert "usage: quietstar" in done.stdout
+    assert done.stdout.splitlines()[-1] == "[]"
+
+
 def test_table_help_is_each_modules_help():
     for name, (module_name, help_line) in cli.COMMANDS.items():
         module = importlib.import_module(module_name)

@@ -6,8 +6,6 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from huggingface_hub.utils import HFValidationError, validate_repo_id
-
 OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
 TRUE_VALUES = ("1", "ON", "YES", "TRUE")  # huggingface_hub's and transformers' spellings of "set"
 
@@ -26,6 +24,8 @@ def is_hub_id(name: Any) -> bool:
     without a Hub lookup."""
     if not isinstance(name, str) or os.path.exists(name):
         return False
+    from huggingface_hub.utils import HFValidationError, validate_repo_id  # not for every --help
+
     try:
         validate_repo_id(name)
     except HFValidationError:
