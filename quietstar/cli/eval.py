@@ -30,7 +30,12 @@ class EvalArguments:
     limit: int | None = option(None, shown_default="all")
     """evaluate the first N items only"""
     metrics: tuple[str, ...] = ("direct",)
-    """comma-separated, from direct,accuracy,cot"""
+    """comma-separated, from direct,accuracy,cot. direct: the paper's teacher-forced expected
+    accuracy, not argmax accuracy: with the gold answer after the prompt, each answer token's
+    probability under the softmax restricted to the answer vocabulary (digits and newline for
+    gsm8k, the choice letters and newline for csqa), multiplied over the answer's tokens (its
+    closing newline included), the mean over items. accuracy: the greedy answer's exact match.
+    cot: zero-shot chain of thought (gsm8k), a majority vote over --cot-samples answers"""
     batch_size: int = 8
     """sequences per model call"""
     cot_samples: int = 8
