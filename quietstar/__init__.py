@@ -5,12 +5,17 @@ from quietstar.utils.log_filters import drop_deepspeed_cpu_notice
 drop_deepspeed_cpu_notice()  # before anything imports DeepSpeed (see quietstar/utils/log_filters.py)
 
 from quietstar.method.config import QuietStarConfig  # noqa: E402
-from quietstar.models.modeling import NonFiniteLossError, QuietStarForCausalLM, QuietStarOutput, ThoughtScores  # noqa: E402
 from quietstar.utils.errors import QuietStarInputError  # noqa: E402
 
-# Imported on first use (the module's __getattr__): the training names bring transformers.Trainer
-# and the training recipe with its accelerate set-up, which using a model needs none of.
+# Imported on first use (the module's __getattr__): the model's names bring torch and transformers,
+# which importing any quietstar module (every command's `--help` does) must not pay for; the
+# training names bring transformers.Trainer and the training recipe with its accelerate set-up,
+# which using a model needs none of.
 _LAZY_EXPORTS = {
+    "QuietStarForCausalLM": "quietstar.models.modeling",
+    "QuietStarOutput": "quietstar.models.modeling",
+    "ThoughtScores": "quietstar.models.modeling",
+    "NonFiniteLossError": "quietstar.models.modeling",
     "QuietStarTrainer": "quietstar.training.hf_trainer",
     "QuietStarTrainingArguments": "quietstar.training.hf_trainer",
     "TrainConfig": "quietstar.training.config",
@@ -20,8 +25,7 @@ _LAZY_EXPORTS = {
     "load_quietstar_model": "quietstar.models.loading",
 }
 
-__all__ = ["QuietStarConfig", "QuietStarForCausalLM", "QuietStarOutput", "ThoughtScores",
-           "NonFiniteLossError", "QuietStarInputError", *_LAZY_EXPORTS]
+__all__ = ["QuietStarConfig", "QuietStarInputError", *_LAZY_EXPORTS]
 __version__ = "0.1.0"
 
 

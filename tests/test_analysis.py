@@ -163,6 +163,45 @@ def test_thought_sources_own_random_and_shifted():
         make("none")
 
 
+def test_shifted_thoughts_at_chosen_positions_are_those_of_the_position_half_a_row_on():
+    """With thought_positions (--think-at hardest, a fraction) only the chosen positions get a
+    thought; the shifted control must give each one the own thought of the position L/2 further on
+    (sampled there for it), not the pad ids of a position that did not think."""
+    from quietstar.evaluation.tasks import thoughts_for
+
+    model = make_model()
+    x = torch.randint(2, 300, (2, 10), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(x)
+    chosen = torch.zeros_like(x, dtype=torch.bool)
+    chosen[0, [1, 4, 8]] = chosen[1, [0, 2]] = True  # none of them L/2 = 5 away from another
+    own = model.sample_thoughts(x, mask, num_tokens=3, temperature=0.0)  # greedy, every position
+    expected = torch.roll(own, shifts=-5, dims=1)[chosen]
+    shifted = thoughts_for(model, x, mask, 3, "shifted", thought_temperature=0.0, thought_positions=chosen)
+    assert not (expected == model.tokenizer.pad_token_id).all(-1).any()
+    assert torch.equal(shifted[chosen], expected)
+
+
+@pytest.mark.parametrize("source", ["shifted", "random"])
+def test_controls_at_chosen_tokens_equal_the_controls_everywhere(source):
+    """``think_at`` (the thought-content experiment's --think-at hardest) with a control: the
+    chosen tokens get the NLL of that control thinking everywhere (greedy thoughts; the random
+    ones drawn alike), every other token its base NLL. One window per batch: a padded row's
+    positions past its end have thoughts of their own, which differ between the two paths."""
+    model = make_model()
+    with torch.no_grad():
+        model.mixing_head.mlp[-1].bias.fill_(0.6)
+    texts = CORPUS[:3]
+    settings = dict(thought_tokens=2, thought_temperature=0.0, max_length=24, batch_size=1,
+                    thought_source=source)
+    everywhere = token_nlls(model, texts, **settings)
+    chosen = np.random.default_rng(0).random(everywhere.base.size) < 0.2
+    some = token_nlls(model, texts, think_at=chosen, **settings)
+    assert 0 < chosen.sum() < chosen.size
+    np.testing.assert_allclose(some.thinking[~chosen], some.base[~chosen], rtol=1e-6)
+    np.testing.assert_allclose(some.thinking[chosen], everywhere.thinking[chosen], rtol=1e-4)
+    assert not np.allclose(some.thinking[chosen], some.base[chosen])
+
+
 def test_short_windows_need_no_padding():
     """score_thoughts takes any length, so windows shorter than ahead_tokens + 1 are scored as
     they are: the same NLLs as each window alone."""

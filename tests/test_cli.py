@@ -59,6 +59,23 @@ def test_help_lists_every_command_and_imports_none():
     assert imported == "[]"
 
 
+HEAVY = ("torch", "transformers", "accelerate", "numpy", "huggingface_hub", "matplotlib")
+
+
+@pytest.mark.parametrize("command", ["", *NAMES])
+def test_help_imports_no_heavy_package(command):
+    # `python -m quietstar [COMMAND] --help` in a fresh interpreter: the flags come from
+    # dataclasses, so listing them must not wait seconds for torch / transformers to import.
+    done = python("import runpy, sys\n"
+                  f"sys.argv = ['quietstar', *{[command] if command else []!r}, '--help']\n"
+                  "try:\n    runpy.run_module('quietstar', run_name='__main__', alter_sys=True)\n"
+                  "except SystemExit as e:\n    assert e.code == 0, e.code\n"
+                  f"print(sorted({{m.split('.')[0] for m in sys.modules}} & set({HEAVY!r})))")
+    assert done.returncode == 0, done.stderr
+    assert "usage: quietstar" in done.stdout
+    assert done.stdout.splitlines()[-1] == "[]"
+
+
 def test_table_help_is_each_modules_help():
     for name, (module_name, help_line) in cli.COMMANDS.items():
         module = importlib.import_module(module_name)
@@ -123,7 +140,8 @@ def test_help_shows_the_real_default_rules(capsys):
     text = " ".join(help_text(capsys, "generate").split())
     assert "(default: cuda when available, else cpu)" in text and "--greedy | --sample" in text
     text = " ".join(help_text(capsys, "eval").split())
-    assert "--metrics METRICS comma-separated, from direct,accuracy,cot (default: direct)" in text
+    assert "--metrics METRICS comma-separated, from direct,accuracy,cot. direct: " in text
+    assert "over --cot-samples answers (default: direct)" in text
     assert "--lm-eval TASK" in text and "--lm-eval-include DIR" in text
     assert "(default: embedded:smollm2-135m-instruct)" in text
 
@@ -209,3 +227,14 @@ def test_empty_prompt_is_refused(tmp_path, monkeypatch, capsys):
     assert cli.main(["generate", "--model", "m", "--prompt", ""]) == 2
     assert capsys.readouterr().err.strip() == (
         "quietstar generate: error: --prompt is empty (it encodes to no token); give a text to continue")
+
+
+def test_eval_help_and_readme_say_what_the_direct_metric_measures(capsys):
+    # "direct" is not argmax accuracy: a user reading 0.03 must know it is the paper's
+    # teacher-forced expected accuracy (tests/test_evaluation.py computes it by hand).
+    help_out = "".join(help_text(capsys, "eval").split())  # the help wraps lines (and hyphenated words)
+    readme = "".join((ROOT / "README.md").read_text(encoding="utf-8").split())
+    for text in (help_out, readme):
+        for phrase in ("teacher-forced expected accuracy", "not argmax accuracy",
+                       "softmax restricted to the answer vocabulary", "mean over items"):
+            assert "".join(phrase.split()) in text, phrase

@@ -263,7 +263,7 @@ def test_an_error_that_is_not_bad_input_keeps_its_traceback(tmp_path, monkeypatc
     def fails(*args, **kwargs):
         raise bug
 
-    monkeypatch.setattr(command, "write_page", fails)
+    monkeypatch.setattr("quietstar.evaluation.viewer.write_page", fails)  # run() imports it
     monkeypatch.setattr(command.LoadingArguments, "load", lambda self, model, device: None)
     with pytest.raises(type(bug), match="a bug"):
         cli.main(["inspect", "--model", "m", "--text", "hi there", "--out", str(tmp_path / "page.html")])

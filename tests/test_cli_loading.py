@@ -21,15 +21,13 @@ COMMIT_A, COMMIT_B = "a" * 40, "b" * 40
 @pytest.fixture
 def loaded(monkeypatch, tmp_path):
     """Runs ``quietstar inspect`` up to the page and returns the model it loaded."""
-    import quietstar.cli.inspect_thoughts as command
-
     seen = []
 
     def page(model, text, out, *args, title=None, **kwargs):
         seen.append((model, title))
         return Path(out)
 
-    monkeypatch.setattr(command, "write_page", page)
+    monkeypatch.setattr("quietstar.evaluation.viewer.write_page", page)  # run() imports it
 
     def run(*argv: str):
         assert cli.main(["inspect", "--text", "hi there", "--out", str(tmp_path / "page.html"), *argv]) == 0
@@ -116,17 +114,14 @@ def test_a_plain_hub_model_in_a_local_cache_loads_offline(loaded, tmp_path, monk
 
 def test_generate_and_analyze_take_the_loading_flags(monkeypatch, saved, tmp_path, capsys):
     """Every command with --model passes the flags on (here: --dtype into generate and analyze)."""
-    import quietstar.cli.analyze as analyze
-    import quietstar.cli.generate as generate
-
     dtypes = []
 
     def spy(model, *args, **kwargs):
         dtypes.append(model.lm.dtype)
         raise QuietStarInputError("stop here")
 
-    monkeypatch.setattr(generate, "generate", spy)
-    monkeypatch.setattr(analyze, "token_nlls", spy)
+    monkeypatch.setattr("quietstar.method.generation.generate", spy)  # the commands' run() imports them
+    monkeypatch.setattr("quietstar.evaluation.analysis.token_nlls", spy)
     assert cli.main(["generate", "--model", str(saved), "--prompt", "hi", "--dtype", "float16"]) == 2
     data = tmp_path / "d.txt"
     data.write_text("some text to analyse here")

@@ -166,7 +166,7 @@ def test_the_float_fields_are_the_ones_checked():
 @pytest.fixture
 def recorded(monkeypatch):
     seen = []
-    monkeypatch.setattr(command, "train", lambda config, **kw: seen.append(config) or types.SimpleNamespace(interrupted=False))
+    monkeypatch.setattr("quietstar.training.recipe.train", lambda config, **kw: seen.append(config) or types.SimpleNamespace(interrupted=False))
     return seen
 
 

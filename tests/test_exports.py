@@ -1,4 +1,5 @@
-"""The package's public names: the model's at import, the training and loading ones on first use."""
+"""The package's public names: the config and the input error at import; the model's, the training
+and the loading ones (torch, transformers) on first use."""
 
 from __future__ import annotations
 
@@ -36,13 +37,16 @@ def test_import_quietstar_leaves_the_training_stack_unimported_until_a_name_is_u
 
 def test_each_lazy_name_is_the_object_of_its_module():
     from quietstar.models.loading import load_base_model, load_quietstar_model
+    from quietstar.models.modeling import NonFiniteLossError, QuietStarForCausalLM, QuietStarOutput, ThoughtScores
     from quietstar.training.config import TrainConfig
     from quietstar.training.hf_trainer import QuietStarTrainer, QuietStarTrainingArguments
     from quietstar.training.recipe import TrainResult, train
 
     expected = {"QuietStarTrainer": QuietStarTrainer, "QuietStarTrainingArguments": QuietStarTrainingArguments,
                 "TrainConfig": TrainConfig, "train": train, "TrainResult": TrainResult,
-                "load_base_model": load_base_model, "load_quietstar_model": load_quietstar_model}
+                "load_base_model": load_base_model, "load_quietstar_model": load_quietstar_model,
+                "QuietStarForCausalLM": QuietStarForCausalLM, "QuietStarOutput": QuietStarOutput,
+                "ThoughtScores": ThoughtScores, "NonFiniteLossError": NonFiniteLossError}
     for name, obj in expected.items():
         assert getattr(quietstar, name) is obj, name
     namespace: dict = {}

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 import torch
 
+from conftest import make_model
 from quietstar import QuietStarConfig, QuietStarForCausalLM
 
 pytestmark = pytest.mark.integration
@@ -50,3 +54,24 @@ def test_training_step_on_smollm2(smollm):
     assert out.thought_ids.shape == (1, 2, x.shape[1], 4)
     assert model.mixing_head.mlp[-1].weight.grad.abs().sum() > 0
     model.zero_grad()
+
+
+def test_the_readmes_python_loading_snippet_runs(tmp_path, monkeypatch):
+    """The README's snippet that loads the embedded model from Python runs as written (its last
+    line reads the folder the README's first snippet saves: here a tiny saved model)."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    [snippet] = [block for block in re.findall(r"```python\n(.*?)```", readme, flags=re.S)
+                 if "embedded:smollm2-135m-instruct" in block]
+    make_model().save_pretrained(tmp_path / "my-thinking-model")
+    monkeypatch.chdir(tmp_path)
+    names: dict = {}
+    exec(compile(snippet, "README.md", "exec"), names)
+    lm, tok, model, trained = names["lm"], names["tok"], names["model"], names["trained"]
+    assert lm.config.num_hidden_layers == 30 and len(tok) == 49152 + 2  # SmolLM2, plus START/END
+    assert isinstance(model, QuietStarForCausalLM) and model.config == QuietStarConfig()
+    assert model.lm.config.num_hidden_layers == 30 and model.lm is not lm
+    assert isinstance(trained, QuietStarForCausalLM) and trained.lm.config.num_hidden_layers != 30
+    x = model.tokenizer(["Natalia sold 48 clips in April."], return_tensors="pt").input_ids
+    with torch.no_grad():
+        out = model(x, generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(out.loss)

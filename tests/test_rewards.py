@@ -126,6 +126,66 @@ def test_thought_reward_gives_a_signal_at_initialisation():
     assert out.metrics["mean_reward"].item() == pytest.approx(reward[:, :L - 1].mean().item(), abs=1e-6)
 
 
+def test_thought_reward_is_a_constant_to_the_loss():
+    """The thought-alone reward is a number, not a path for gradient: with ``after`` carrying a
+    gradient (as it does when thought_loss_weight > 0 trains the post-thought prediction), the
+    REINFORCE term sends none into it; its gradient to the thought log-probabilities is the
+    hand-computed -reward / (k * positions)."""
+    cfg = QuietStarConfig(reward_source="thought", reward_baseline="thought_mean", drop_negative_rewards=False,
+                          policy_loss_weight=2.0, ahead_tokens=2, sampled_thought_tokens=2)
+    base, mixed, after, ema, thought, valid = toy()
+    after = after.clone().requires_grad_()
+    _, policy, _ = quietstar_loss_terms(cfg, step(base, mixed, thought, valid, after))
+    grad_after, grad_thought = torch.autograd.grad(policy, (after, thought), allow_unused=True)
+    assert grad_after is None or not grad_after.any()
+    rewards = hand_rewards(cfg, base, mixed, after, ema, valid)
+    positions = [(r, i) for r in range(2) for i in range(3) if valid[r, i, 0]]
+    for r in range(2):
+        for i in range(3):
+            expected = -2.0 * rewards[r][i] / 2 / len(positions) if (r, i) in positions else 0.0
+            assert grad_thought[r, i].tolist() == pytest.approx([expected] * 2, abs=1e-6)
+
+
+@pytest.mark.parametrize("thought_loss_weight", [0.0, 0.5])
+def test_thought_reward_sends_no_gradient_into_the_language_model(monkeypatch, thought_loss_weight):
+    """A training step with the thought-alone reward and the policy weight only (plus, second
+    case, the post-thought NLL): the gradient on every parameter equals that of the REINFORCE
+    estimator written out with the reward detached (and of the NLL term), from the step's own
+    log-likelihoods. A reward left with its graph would add d(reward)/d(parameters)."""
+    from quietstar.models import modeling
+
+    model = make_model("llama", thoughts_per_position=2, reward_source="thought", drop_negative_rewards=False,
+                       policy_loss_weight=1.0, base_loss_weight=0.0, mixed_loss_weight=0.0,
+                       thought_loss_weight=thought_loss_weight)
+    seen = {}
+
+    def spy(cfg, logp, ema_base_logp=None):
+        seen["logp"] = logp
+        return quietstar_loss_terms(cfg, logp, ema_base_logp)
+
+    monkeypatch.setattr(modeling, "quietstar_loss_terms", spy)
+    out = model(random_text(1, 8, seed=3), generator=torch.Generator().manual_seed(0))
+    logp = seen["logp"]
+    valid = (logp.target_valid if logp.thought_valid is None else logp.thought_valid).float()
+    ll = (logp.after.detach() * valid).sum(-1)                       # [n, L]: a constant
+    reward = ll - ll.mean(0, keepdim=True)
+    position = valid[..., 0]
+    hand = (-reward * logp.thought.mean(-1) * position).sum() / position.sum()
+    if thought_loss_weight:
+        steps = [(-logp.after[..., s] * valid[..., s]).sum() / valid[..., s].sum() for s in range(valid.shape[-1])]
+        hand = hand + thought_loss_weight * torch.stack(steps).mean()
+    params = [p for p in model.parameters() if p.requires_grad]
+    got = torch.autograd.grad(out.loss, params, retain_graph=True, allow_unused=True)
+    expected = torch.autograd.grad(hand, params, allow_unused=True)
+    assert any(e is not None and e.abs().sum() > 0 for e in expected)  # the estimator reaches the LM
+    for p, g, e in zip(params, got, expected):
+        g = torch.zeros_like(p) if g is None else g
+        e = torch.zeros_like(p) if e is None else e
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-7)
+    if thought_loss_weight == 0:
+        assert not logp.after.requires_grad  # the reward alone builds no graph through the head
+
+
 def test_ema_baseline_starts_as_the_base_and_follows_the_lm():
     x = random_text(1, 8, seed=4)
     common = dict(thoughts_per_position=2, reward_source="thought", drop_negative_rewards=False)

@@ -11,6 +11,7 @@ from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 
 from conftest import TOKENIZER_SIZE, make_lm, make_tokenizer
 from quietstar import QuietStarConfig, QuietStarForCausalLM
+from quietstar.cli import main as cli
 from quietstar.models.loading import load_base_model
 from quietstar.models.tokenizer_files import CHECK_NAME, PROBES, load_tokenizer
 
@@ -67,3 +68,22 @@ def test_a_reload_that_tokenizes_differently_is_refused(tmp_path):
         QuietStarForCausalLM.from_pretrained(tmp_path)
     (tmp_path / CHECK_NAME).unlink()  # a folder saved before the check existed still loads
     QuietStarForCausalLM.from_pretrained(tmp_path)
+
+
+def test_the_base_model_loader_refuses_a_reload_that_tokenizes_differently(tmp_path, capsys):
+    """A saved model trained on (``quietstar train --model DIR``) is read by load_base_model, not
+    from_pretrained: the same check must refuse a tokenizer that reads back differently there,
+    before any training (else every token id of the run means another token)."""
+    model = QuietStarForCausalLM.from_base(make_lm("llama"), make_tokenizer(), QuietStarConfig())
+    model.save_pretrained(tmp_path / "m")
+    load_base_model(tmp_path / "m")  # as saved: loads
+    check = json.loads((tmp_path / "m" / CHECK_NAME).read_text(encoding="utf-8"))
+    check["ids"][1] = [5, 6, 7]
+    (tmp_path / "m" / CHECK_NAME).write_text(json.dumps(check), encoding="utf-8")
+    with pytest.raises(ValueError, match=r"tokenizes '  two  spaces.*but the saved one as \[5, 6, 7\]"):
+        load_base_model(tmp_path / "m")
+    assert cli.main(["train", "--model", str(tmp_path / "m"), "--output-dir", str(tmp_path / "run"),
+                     "--max-steps", "1"]) == 2
+    error = capsys.readouterr().err.splitlines()[-1]
+    assert error.startswith("quietstar train: error: the tokenizer read back from ") and "[5, 6, 7]" in error
+    assert not (tmp_path / "run").exists()  # refused before the run folder

@@ -90,7 +90,7 @@ def test_quietstar_train_starts_from_the_cpu_demo_preset_unless_given_a_config(m
     from quietstar.cli import train as command
 
     seen = []
-    monkeypatch.setattr(command, "train", lambda config, **kw: seen.append(config) or types.SimpleNamespace(interrupted=False))
+    monkeypatch.setattr("quietstar.training.recipe.train", lambda config, **kw: seen.append(config) or types.SimpleNamespace(interrupted=False))
     assert TrainConfig().quietstar == QuietStarConfig()
     assert QuietStarConfig().sampled_thought_tokens == 9 and QuietStarConfig().policy_loss_weight == 1e6
     assert command.main(["--max-steps", "3"]) == 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 import shutil
 import subprocess
 
@@ -126,12 +127,33 @@ def test_render_html_escapes_and_colours():
     records = [TokenThought("<b>", "x & y", 0.5, 0.1, 2), TokenThought(" a\n", "</span>", -0.25, -0.2, 1),
                TokenThought("end", "z", math.nan, 0.0, 0)]
     page = render_html(records, title="T<1>", subtitle="s")
-    assert "&lt;b&gt;" in page and "x &amp; y" in page and "&lt;/span&gt;" in page and "T&lt;1&gt;" in page
+    assert "&lt;b&gt;" in page and "x\u2423&amp;\u2423y" in page and "&lt;/span&gt;" in page and "T&lt;1&gt;" in page
     assert "<b>" not in page and "\u21b5" in page                  # the newline is made visible
     assert "rgba(0, 160, 60, 0.750)" in page                       # the largest gain: full green
     assert "rgba(220, 40, 40, 0.375)" in page                      # half of it, negative: half red
     assert "n/a (last token)" in page and "+0.500 nats over 2 tokens" in page
     assert "<script" not in page and "http" not in page            # self-contained
+
+
+def test_whitespace_tokens_and_thoughts_are_visible_in_the_table_and_tooltips():
+    """A token that is a bare space (or newline, tab, no-break space, nothing) must not be an
+    empty table cell; the running text keeps its spaces so that it reads as written."""
+    records = [TokenThought(" ", "  \n", 0.5, 0.1, 2), TokenThought("\n", "\t<", -0.1, 0.0, 1),
+               TokenThought(" the", "", 0.2, 0.0, 1), TokenThought("\u00a0", "\u200b", math.nan, 0.0, 0)]
+    page = render_html(records)
+    cells = re.findall(r'<td class="code">(.*?)</td>', page, flags=re.S)
+    assert cells == ["\u2423", "\u2423\u2423\u21b5", "\u21b5", "\u2192&lt;", "\u2423the", "\u2205",
+                     "\\xa0", "\\u200b"]
+    tips = re.findall(r'<span class="tip">thought: (.*?)\n', page)
+    assert tips == ["\u2423\u2423\u21b5", "\u2192&lt;", "\u2205", "\\u200b"]
+    assert '<span class="tok" ' in page and '"> <span class="tip">' in page  # the text: a plain space
+    # With a real tokenizer: every token and thought cell of a text with runs of blanks shows something.
+    model = make_model()
+    text = "a  b\n\n c\t d"
+    page = render_html(token_thoughts(model, text, thought_tokens=2))
+    cells = re.findall(r'<td class="code">(.*?)</td>', page, flags=re.S)
+    assert len(cells) == 2 * len(model.tokenizer(text).input_ids)
+    assert all(cell and not any(ch.isspace() for ch in cell) for cell in cells), cells
 
 
 def test_inspect_cli(tmp_path, capsys):

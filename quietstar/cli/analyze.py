@@ -12,10 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from quietstar.evaluation.analysis import difficulty_report, format_difficulty_table, format_fraction_table, fraction_report, token_nlls
 from quietstar.utils.settings import add_dataclass_arguments, option
-from quietstar.data.corpora import load_texts
-from quietstar.evaluation.plots import plot_difficulty
 from quietstar.cli.common import LoadingArguments, ModelArguments, check_at_least, command_main, parse_settings
 from quietstar.utils.errors import QuietStarInputError
 
@@ -65,6 +62,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # Here, not at the top: they bring torch and matplotlib, which --help must not wait for.
+    from quietstar.data.corpora import load_texts
+    from quietstar.evaluation.analysis import (difficulty_report, format_difficulty_table, format_fraction_table,
+                                               fraction_report, token_nlls)
+    from quietstar.evaluation.plots import plot_difficulty
+
     model_args = parse_settings(ModelArguments, args)
     loading = parse_settings(LoadingArguments, args)
     settings = parse_settings(AnalyzeArguments, args)

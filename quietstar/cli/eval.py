@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Literal
 
 from quietstar.utils.settings import add_dataclass_arguments, option
-from quietstar.evaluation.tasks import METRICS, evaluate, format_table, load_items
 from quietstar.cli.common import LoadingArguments, ModelArguments, check_at_least, command_main, parse_settings
 from quietstar.utils.errors import QuietStarInputError
 
@@ -31,7 +30,12 @@ class EvalArguments:
     limit: int | None = option(None, shown_default="all")
     """evaluate the first N items only"""
     metrics: tuple[str, ...] = ("direct",)
-    """comma-separated, from direct,accuracy,cot"""
+    """comma-separated, from direct,accuracy,cot. direct: the paper's teacher-forced expected
+    accuracy, not argmax accuracy: with the gold answer after the prompt, each answer token's
+    probability under the softmax restricted to the answer vocabulary (digits and newline for
+    gsm8k, the choice letters and newline for csqa), multiplied over the answer's tokens (its
+    closing newline included), the mean over items. accuracy: the greedy answer's exact match.
+    cot: zero-shot chain of thought (gsm8k), a majority vote over --cot-samples answers"""
     batch_size: int = 8
     """sequences per model call"""
     cot_samples: int = 8
@@ -48,6 +52,8 @@ class EvalArguments:
     """write the results as JSON here"""
 
     def __post_init__(self):
+        from quietstar.evaluation.tasks import METRICS  # torch: not for --help
+
         unknown = [m for m in self.metrics if m not in METRICS]
         if unknown:
             raise QuietStarInputError(f"--metrics: unknown metric(s) {unknown}; choose from {','.join(METRICS)}")
@@ -70,6 +76,8 @@ def run(args: argparse.Namespace) -> int:
     model_args = parse_settings(ModelArguments, args)
     loading = parse_settings(LoadingArguments, args)
     settings = parse_settings(EvalArguments, args)
+    from quietstar.evaluation.tasks import evaluate, format_table, load_items  # torch: not for --help
+
     if settings.lm_eval:
         from quietstar.evaluation.lm_eval_adapter import evaluate_lm_eval, format_lm_eval_table  # ImportError: not installed
 

@@ -9,16 +9,15 @@ import argparse
 import math
 import sys
 from dataclasses import dataclass
-from typing import Literal
-
-import torch
+from typing import TYPE_CHECKING, Literal
 
 from quietstar.utils.settings import add_dataclass_arguments, field_docs, option
-from quietstar.utils.batching import model_device
 from quietstar.method.config import check_thought_settings
-from quietstar.method.generation import generate
 from quietstar.cli.common import LoadingArguments, check_at_least, check_device, command_main, parse_settings
 from quietstar.utils.errors import QuietStarInputError
+
+if TYPE_CHECKING:
+    import torch
 
 HELP = "generate text, thinking before every token"
 
@@ -129,6 +128,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # Here, not at the top: they bring torch and transformers, which --help must not wait for.
+    import torch
+
+    from quietstar.method.generation import generate
+    from quietstar.utils.batching import model_device
+
     settings = parse_settings(GenerateArguments, args)
     loading = parse_settings(LoadingArguments, args)
     device = settings.device

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from quietstar.utils.settings import add_dataclass_arguments, option
-from quietstar.evaluation.viewer import model_display_name, write_page
 from quietstar.cli.common import LoadingArguments, ModelArguments, command_main, parse_settings
 from quietstar.utils.errors import QuietStarInputError
 
@@ -58,6 +57,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from quietstar.evaluation.viewer import model_display_name, write_page  # torch: not for --help
+
     model_args = parse_settings(ModelArguments, args)
     loading = parse_settings(LoadingArguments, args)
     settings = parse_settings(InspectArguments, args)

@@ -13,9 +13,7 @@ import argparse
 import sys
 
 from quietstar.utils.settings import add_dataclass_arguments, given_settings
-from quietstar.training.checkpoint import resumed_settings
-from quietstar.training.recipe import TrainConfig, TrainingDiverged, load_config, train
-from quietstar.training.config import DEFAULT_PRESET, config_file_path, presets
+from quietstar.training.config import DEFAULT_PRESET, TrainConfig, config_file_path, load_config, presets
 from quietstar.cli.common import check_outputs, command_main
 
 HELP = "train a model with Quiet-STaR"
@@ -33,6 +31,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # Here, not at the top: they bring torch and transformers, which --help must not wait for.
+    from quietstar.training.checkpoint import resumed_settings
+    from quietstar.training.recipe import TrainingDiverged, train
+
     try:
         given = given_settings(args, TrainConfig)
         config_file = args.config

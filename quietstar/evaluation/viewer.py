@@ -3,7 +3,8 @@
 Each token is coloured by its thought's gain: how much more likely the thought made the next true
 tokens, sum over the ahead steps s of [log p_mixed(x_{i+1+s}) - log p_base(x_{i+1+s})] in nats
 (the quantity Quiet-STaR's REINFORCE rewards); green helped, red hurt. Hovering a token shows its
-thought, gain and mixing weight; a table beside the text lists them all. The page is one
+thought, gain and mixing weight; a table beside the text lists them all, whitespace shown
+(``visible_whitespace``: a token that is a bare space is ␣, not an empty cell). The page is one
 self-contained file (inline CSS, no scripts, no network).
 
 The ``quietstar inspect`` command (``quietstar/cli/inspect_thoughts.py``) writes it:
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import html
 import math
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -91,8 +93,29 @@ td.code { font-family: ui-monospace, monospace; white-space: pre-wrap; }
 
 
 def _visible(token: str) -> str:
-    """Token text for display: whitespace made visible where it would otherwise vanish."""
+    """Token text in the running text: newlines and tabs marked, which would otherwise vanish
+    (spaces stay spaces, so the text reads as written; each token's background shows it)."""
     return token.replace("\n", "\u21b5\n").replace("\t", "\u2192")
+
+
+WHITESPACE_SYMBOLS = {" ": "\u2423", "\n": "\u21b5", "\t": "\u2192", "\r": "\u240d"}  # ␣ ↵ → ␍
+EMPTY_SYMBOL = "\u2205"  # ∅: a token or thought that decodes to no text
+
+
+def visible_whitespace(text: str) -> str:
+    """``text`` for a table cell or a tooltip, where a space, a newline or an invisible character
+    would leave the cell blank or look like nothing: spaces as ␣, newlines as ↵, tabs as →,
+    carriage returns as ␍, any other blank or invisible character as its escape (``\\xa0``,
+    ``\\u200b``), and no text at all as ∅."""
+    return "".join(map(_visible_char, text)) if text else EMPTY_SYMBOL
+
+
+def _visible_char(ch: str) -> str:
+    if ch in WHITESPACE_SYMBOLS:
+        return WHITESPACE_SYMBOLS[ch]
+    if ch.isspace() or unicodedata.category(ch) in ("Cc", "Cf", "Zs", "Zl", "Zp"):  # blank or invisible
+        return ch.encode("unicode_escape").decode("ascii")
+    return ch
 
 
 def _colour(gain: float, scale: float) -> str:
@@ -111,14 +134,14 @@ def render_html(records: list[TokenThought], title: str = "Quiet-STaR thoughts",
     spans, rows = [], []
     for i, r in enumerate(records):
         gain_text = "n/a (last token)" if math.isnan(r.gain) else f"{r.gain:+.3f} nats over {r.steps} tokens"
-        tip = f"thought: {_visible(r.thought)}\ngain: {gain_text}\nmixing weight: {r.weight:+.3f}"
+        tip = f"thought: {visible_whitespace(r.thought)}\ngain: {gain_text}\nmixing weight: {r.weight:+.3f}"
         w_alpha = 0.0 if w_scale == 0 else abs(r.weight) / w_scale
         style = (f"background: {_colour(r.gain, scale)}; "
                  f"border-bottom-color: rgba(40, 80, 220, {w_alpha:.3f})")
         spans.append(f'<span class="tok" style="{style}">{html.escape(_visible(r.token))}'
                      f'<span class="tip">{html.escape(tip)}</span></span>')
-        rows.append(f'<tr><td class="num">{i}</td><td class="code">{html.escape(_visible(r.token))}</td>'
-                    f'<td class="code">{html.escape(_visible(r.thought))}</td>'
+        rows.append(f'<tr><td class="num">{i}</td><td class="code">{html.escape(visible_whitespace(r.token))}</td>'
+                    f'<td class="code">{html.escape(visible_whitespace(r.thought))}</td>'
                     f'<td class="num" style="background: {_colour(r.gain, scale)}">'
                     f'{"n/a" if math.isnan(r.gain) else f"{r.gain:+.3f}"}</td>'
                     f'<td class="num">{r.weight:+.3f}</td></tr>')
@@ -132,6 +155,7 @@ def render_html(records: list[TokenThought], title: str = "Quiet-STaR thoughts",
 with the thought minus without it: <span style="background: rgba(0,160,60,0.6)">helped</span>
 <span style="background: rgba(220,40,40,0.6)">hurt</span> (full colour = {scale:.3f} nats).
 Underline: the mixing weight (full blue = |w| {w_scale:.3f}). Hover a token to see its thought.
+In the thoughts and the table \u2423 is a space, \u21b5 a newline, \u2192 a tab, \u2205 no text.
 Mean gain {mean_gain:+.4f} nats per token.</p>
 <div class="text">{"".join(spans)}</div>
 <table><thead><tr><th>#</th><th>token</th><th>thought after it</th><th>gain (nats)</th>

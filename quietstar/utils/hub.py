@@ -8,8 +8,6 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from huggingface_hub.utils import HFValidationError, validate_repo_id
-
 from quietstar.utils.errors import QuietStarInputError
 
 OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
@@ -33,6 +31,8 @@ def is_hub_id(name: Any) -> bool:
 
 def valid_repo_id(name: str) -> bool:
     """Whether huggingface_hub accepts ``name`` as a repo id (``"name"`` or ``"owner/name"``)."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id  # not for every --help
+
     try:
         validate_repo_id(name)
     except HFValidationError:
