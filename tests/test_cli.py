@@ -76,6 +76,21 @@ def test_help_imports_no_heavy_package(command):
     assert done.stdout.splitlines()[-1] == "[]"
 
 
+@pytest.mark.parametrize("argv", [["generate", "--model", "m", "--prompt", "p", "--top-k", "2"],
+                                  ["inspect", "--model", "m"],
+                                  ["analyze", "--model", "m", "--data", "d", "--out", "o", "--thought-fractions", "2"],
+                                  ["train", "--max-steps", "many"]])
+def test_a_wrong_flag_is_refused_before_torch_is_imported(argv):
+    # Checking the flags needs none of the run's packages: the one-line error comes at once.
+    done = python("import sys\n"
+                  "from quietstar.cli.main import main\n"
+                  f"try:\n    code = main({argv!r})\nexcept SystemExit as e:\n    code = e.code\n"
+                  f"print(code, sorted({{m.split('.')[0] for m in sys.modules}} & set({HEAVY!r})))")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[-1] == "2 []"
+    assert done.stderr.startswith(f"quietstar {argv[0]}: error: ")
+
+
 def test_table_help_is_each_modules_help():
     for name, (module_name, help_line) in cli.COMMANDS.items():
         module = importlib.import_module(module_name)

@@ -62,15 +62,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    # Here, not at the top: they bring torch and matplotlib, which --help must not wait for.
+    model_args = parse_settings(ModelArguments, args)
+    loading = parse_settings(LoadingArguments, args)
+    settings = parse_settings(AnalyzeArguments, args)
+    # Here, after the flags are checked: torch and matplotlib, which --help and a wrong flag
+    # must not wait for.
     from quietstar.data.corpora import load_texts
     from quietstar.evaluation.analysis import (difficulty_report, format_difficulty_table, format_fraction_table,
                                                fraction_report, token_nlls)
     from quietstar.evaluation.plots import plot_difficulty
 
-    model_args = parse_settings(ModelArguments, args)
-    loading = parse_settings(LoadingArguments, args)
-    settings = parse_settings(AnalyzeArguments, args)
     if model_args.thought_tokens == 0:  # the analysis compares a thought with none
         raise QuietStarInputError("--thought-tokens must be >= 1 (the analysis compares a thought with none), got 0")
     texts = list(load_texts(settings.data, num_documents=settings.limit))  # before the model: bad data fails fast

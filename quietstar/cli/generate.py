@@ -128,14 +128,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    # Here, not at the top: they bring torch and transformers, which --help must not wait for.
+    settings = parse_settings(GenerateArguments, args)
+    loading = parse_settings(LoadingArguments, args)
+    # Here, after the flags are checked: torch and transformers, which --help and a wrong flag
+    # must not wait for.
     import torch
 
     from quietstar.method.generation import generate
     from quietstar.utils.batching import model_device
 
-    settings = parse_settings(GenerateArguments, args)
-    loading = parse_settings(LoadingArguments, args)
     device = settings.device
     if device is None and loading.device_map is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -57,11 +57,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from quietstar.evaluation.viewer import model_display_name, write_page  # torch: not for --help
-
     model_args = parse_settings(ModelArguments, args)
     loading = parse_settings(LoadingArguments, args)
     settings = parse_settings(InspectArguments, args)
+    from quietstar.evaluation.viewer import model_display_name, write_page  # torch: not for a wrong flag
+
     text = settings.text if settings.text is not None else read_text_file(settings.text_file)
     model = loading.load(model_args.model, model_args.device)
     path = write_page(model, text, settings.out, model_args.thought_tokens,

@@ -209,9 +209,11 @@ def _require_gguf_dependencies() -> None:
 
 
 def resolve_dtype(dtype: Any) -> Any:
+    if dtype is None:  # before importing torch: the commands check their flags with it
+        return None
     import torch
 
-    if dtype is None or isinstance(dtype, torch.dtype):
+    if isinstance(dtype, torch.dtype):
         return dtype
     if isinstance(dtype, str):
         name = dtype.strip().lower().removeprefix("torch.")
@@ -229,12 +231,12 @@ def resolve_dtype(dtype: Any) -> Any:
 def resolve_device(device: Any) -> Any:
     """``device`` as torch takes it (``"auto"``: cuda, else mps, else cpu; None stays None);
     ValueError for a name torch does not know or a device this machine does not have."""
+    if device is None:  # before importing torch: the commands check their flags with it
+        return None
     import torch
 
     available = {"cuda": torch.cuda.is_available(),
                  "mps": getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()}
-    if device is None:
-        return None
     if isinstance(device, str) and device.strip().lower() == "auto":
         return next((kind for kind, present in available.items() if present), "cpu")
     try:
