@@ -46,7 +46,7 @@ from quietstar.models.model_card import TrainingFacts
 from quietstar.models.modeling import QuietStarForCausalLM
 from quietstar.training.optim import build_optimizer, lr_at, set_learning_rate
 from quietstar.training.run_folder import StopRequests, prepare_output_dir, run_logging, running_mean, summary
-from quietstar.training.config import TrainConfig, load_config
+from quietstar.training.config import SettingsOrigin, TrainConfig, load_config, settings_report
 from quietstar.training.components import EvalHook, HeldoutLoss, build_data, build_model, model_fingerprint, \
     thought_generator
 from quietstar.utils.errors import QuietStarInputError
@@ -91,8 +91,9 @@ class TrainingRecipe:
     """
 
     def __init__(self, config: TrainConfig, eval_hooks: Sequence[EvalHook] | None = None, *,
-                 tune_cpu: bool = False):
+                 tune_cpu: bool = False, origin: SettingsOrigin | None = None):
         self.config = config                     # with output_dir resolved by setup_run_folder
+        self.origin = origin                     # where each setting came from (for the log)
         self.extra_hooks = list(eval_hooks or [])
         self.tune_cpu = tune_cpu
         # The run's state, None until the stage that sets it (setup_accelerator first, then on).
@@ -214,6 +215,8 @@ class TrainingRecipe:
     def setup_logging(self) -> None:
         """INFO logs to the console and ``train.log`` (main process), until ``finish``."""
         self.closing.enter_context(run_logging(logger, self.out_dir, self.main))
+        if self.main:  # before the model loads: a long load shows what it is loading for
+            logger.info(settings_report(self.config, self.origin))
 
     def setup_model(self) -> None:
         """The model, seeded first: the weights the method adds (mixing head, meta tokens) are drawn."""
@@ -494,8 +497,9 @@ class TrainingRecipe:
 
 
 def train(config: TrainConfig, eval_hooks: Sequence[EvalHook] | None = None, *,
-          tune_cpu: bool = False) -> TrainResult:
+          tune_cpu: bool = False, origin: SettingsOrigin | None = None) -> TrainResult:
     """Trains ``config.model`` with Quiet-STaR (the settings: ``TrainConfig``; the stages:
     ``TrainingRecipe``). ``tune_cpu``: on a CPU run, apply ``training.cpu.tune_for_training``
-    before the first step (process-wide, never undone; ``quietstar train`` does)."""
-    return TrainingRecipe(config, eval_hooks, tune_cpu=tune_cpu).run()
+    before the first step (process-wide, never undone; ``quietstar train`` does). ``origin``:
+    ``config.resolve_config``'s, named in the settings the run starts by logging."""
+    return TrainingRecipe(config, eval_hooks, tune_cpu=tune_cpu, origin=origin).run()
