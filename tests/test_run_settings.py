@@ -219,3 +219,80 @@ def test_every_fixed_setting_names_a_real_field_and_lora_ones_count_only_with_lo
                 resolve()
         else:
             assert resolve()[0].lora_alpha == 8.0  # no adapter: nothing depends on it
+
+
+def test_resume_latest_on_a_first_run_starts_it_and_the_same_command_continues_it(tiny_model_dir, tmp_path,
+                                                                                   capsys):
+    """The README's `--config ... --resume latest` failed on a first run (no checkpoint yet)."""
+    command_line = ["--resume", "latest", *tiny_flags(tiny_model_dir, tmp_path / "new" / "run")]
+    code, err = run_command([*command_line, "--max-steps", "1"], capsys)
+    assert code == 0
+    assert f"--resume latest: {tmp_path / 'new' / 'run'} holds no checkpoint yet, so this is a new run" in err
+    assert "Settings: the cpu-demo preset < flags" in err
+    code, err = run_command([*command_line, "--max-steps", "2"], capsys)
+    assert code == 0 and "holds no checkpoint yet" not in err
+    assert "Settings: the resumed run's saved settings < flags" in err and "Training 1 steps (from step 1)" in err
+    code, err = run_command(["--resume", "latest", "--max-steps", "1"], capsys)
+    assert code == 2 and "--resume latest needs --output-dir" in err
+
+
+# ----------------------------------------------------------------------------- edited settings
+def test_a_hand_edited_train_config_is_named_as_edited_with_how_to_change_settings(paper_run, capsys):
+    """It was called damaged, with advice to delete the run's only checkpoint."""
+    ckpt = checkpoint.latest_checkpoint(paper_run)
+    saved = ckpt / "train_config.yaml"
+    saved.write_text(saved.read_text().replace("max_steps: 1\n", "max_steps: 5\n"))
+    before = folder_snapshot(paper_run)
+    code, err = run_command(["--resume", "latest", "--output-dir", str(paper_run), "--max-steps", "2"], capsys)
+    assert code == 2 and "Traceback" not in err and "delete" not in err and "damaged" not in err
+    message = err.strip().splitlines()[-1]
+    assert message.startswith(f"quietstar train: error: {saved} was edited after the checkpoint was written "
+                              "(changed: max_steps): it holds valid settings")
+    assert f"cp {paper_run / 'train_config.yaml'} {saved} puts it back" in message
+    assert f"quietstar train --resume {ckpt} --max-steps N ... (flags) or --config FILE" in message
+    assert "every setting may change" in message and "seq_len" in message  # and which may not
+    assert folder_snapshot(paper_run) == before
+    with pytest.raises(checkpoint.CheckpointError, match="was edited after"):  # the Python API's path
+        checkpoint.verify_checksums(ckpt)
+    (paper_run / "train_config.yaml").unlink()  # no original left: undo by hand
+    code, err = run_command(["--resume", str(ckpt), "--max-steps", "2"], capsys)
+    assert code == 2 and "put back the values you changed" in err and "delete" not in err
+    saved.write_text(saved.read_text().replace("max_steps: 5\n", "max_steps: 1\n"))  # the edit undone
+    assert command.main(["--resume", str(ckpt), "--max-steps", "2"]) == 0
+
+
+@pytest.mark.parametrize("edit, reason", [
+    (lambda text: text + "max_steps: [\n", "is not valid YAML"),
+    (lambda text: text.replace("max_steps: 1\n", "max_steps: -5\n"), "max_steps must be an int >= 1"),
+    (lambda text: text.replace("seq_len: 16\n", "seq_len: 16\nsequence_length: 16\n"), "unknown training setting"),
+])
+def test_a_train_config_that_no_longer_holds_valid_settings_is_named_so(paper_run, capsys, edit, reason):
+    saved = checkpoint.latest_checkpoint(paper_run) / "train_config.yaml"
+    saved.write_text(edit(saved.read_text()))
+    code, err = run_command(["--resume", "latest", "--output-dir", str(paper_run), "--max-steps", "2"], capsys)
+    assert code == 2 and "Traceback" not in err and "delete" not in err
+    assert f"{saved} has changed since it was written" in err and "no longer holds valid settings" in err
+    assert reason in err and f"cp {paper_run / 'train_config.yaml'} {saved} puts it back" in err
+
+
+def test_damage_advice_names_an_earlier_checkpoint_and_never_deletes_the_only_one(tiny_model_dir, tmp_path):
+    result = train(TrainConfig.from_dict({
+        "model": str(tiny_model_dir), "output_dir": str(tmp_path / "run"), "seq_len": 16, "batch_size": 2,
+        "max_steps": 2, "checkpoint_every": 1, "eval_every": 0, "sample_every": 0, "num_documents": 40,
+        "quietstar": {"sampled_thought_tokens": 2, "ahead_tokens": 2}}))
+    first, last = list_checkpoints(result.output_dir)
+    for ckpt in (first, last):
+        state = ckpt / "training_state.pt"
+        state.write_bytes(state.read_bytes()[:100])
+    with pytest.raises(checkpoint.CheckpointError, match=f"damaged; delete {re.escape(str(last))} .*to resume "
+                                                         "from checkpoint-000001, an earlier checkpoint"):
+        checkpoint.verify_checksums(last)
+    with pytest.raises(checkpoint.CheckpointError, match="resume from another checkpoint of the run: --resume "
+                                                         + re.escape(str(last))):
+        checkpoint.verify_checksums(first)
+    import shutil
+    shutil.rmtree(last)
+    with pytest.raises(checkpoint.CheckpointError, match="checkpoint-000001 is the run's only checkpoint, so "
+                                                         "keep it") as error:
+        checkpoint.verify_checksums(first)
+    assert "delete" not in str(error.value)

@@ -585,19 +585,25 @@ def test_checkpoint_of_another_model_is_refused(tiny_model_dir, tmp_path):
 @pytest.mark.parametrize("damaged", ["training_state.pt", "model/model.safetensors",
                                      "model/quietstar_head.safetensors"])
 def test_corrupt_checkpoint_names_the_fix(tiny_model_dir, tmp_path, damaged):
+    """A damaged file is named; the advice never deletes the run's only checkpoint."""
     result = train(tiny_config(tiny_model_dir, tmp_path / "run", max_steps=1))
     path = result.checkpoint / damaged
     path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])
-    with pytest.raises(CheckpointError, match=r"corrupt.*delete .*checkpoint-000001"):
+    with pytest.raises(CheckpointError, match=r"damaged; checkpoint-000001 is the run's only checkpoint, so "
+                                              r"keep it") as error:
         train(tiny_config(tiny_model_dir, tmp_path / "run", max_steps=2, resume="latest"))
+    assert "delete" not in str(error.value)
 
 
-def test_resume_needs_a_checkpoint(tiny_model_dir, tmp_path):
+def test_resume_latest_without_a_checkpoint_is_a_new_run_but_a_named_folder_must_hold_one(tiny_model_dir, tmp_path):
     (tmp_path / "empty-run").mkdir()
-    with pytest.raises(CheckpointError, match="holds no checkpoint"):
-        train(tiny_config(tiny_model_dir, tmp_path / "empty-run", resume="latest"))
+    result = train(tiny_config(tiny_model_dir, tmp_path / "empty-run", max_steps=1, resume="latest"))
+    assert [p.name for p in list_checkpoints(result.output_dir)] == ["checkpoint-000001"]
+    assert "holds no checkpoint yet, so this is a new run" in (result.output_dir / "train.log").read_text()
     with pytest.raises(CheckpointError, match="not a checkpoint folder or a run folder"):
         train(tiny_config(tiny_model_dir, tmp_path / "x", resume=str(tmp_path / "nowhere")))
+    with pytest.raises(CheckpointError, match="not a checkpoint folder or a run folder"):
+        train(tiny_config(tiny_model_dir, tmp_path / "x", resume=str(tmp_path / "empty-run" / "metrics.jsonl")))
 
 
 def test_cli_reports_bad_input_in_one_line(tiny_model_dir, tmp_path, capsys):

@@ -216,6 +216,9 @@ class TrainingRecipe:
         """INFO logs to the console and ``train.log`` (main process), until ``finish``."""
         self.closing.enter_context(run_logging(logger, self.out_dir, self.main))
         if self.main:  # before the model loads: a long load shows what it is loading for
+            if self.config.resume and self.resume_from is None:
+                logger.info(f"--resume {self.config.resume}: {self.out_dir} holds no checkpoint yet, so "
+                            "this is a new run (the same command continues it once it has saved one)")
             logger.info(settings_report(self.config, self.origin))
 
     def setup_model(self) -> None:
