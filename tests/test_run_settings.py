@@ -296,3 +296,33 @@ def test_damage_advice_names_an_earlier_checkpoint_and_never_deletes_the_only_on
                                                          "keep it") as error:
         checkpoint.verify_checksums(first)
     assert "delete" not in str(error.value)
+
+
+# ----------------------------------------------------------------------------- the examples
+def test_examples_train_yaml_is_the_cpu_demo_method_with_the_changes_it_names():
+    """It gave policy weight 1e6 with a comment calling the preset's 100 (the preset has 1.0)."""
+    text = (REPO / "examples" / "train.yaml").read_text()
+    example, preset = load_config(REPO / "examples" / "train.yaml"), load_config(DEFAULT_PRESET)
+    assert "base" not in yaml.safe_load(text)  # layered on the preset, as its header says
+    assert example.quietstar == dataclasses.replace(preset.quietstar, sampled_thought_tokens=8)
+    assert example.mixing_head_lr_multiplier == preset.mixing_head_lr_multiplier
+    assert "with the method of the cpu-demo preset" in text
+    assert "longer thoughts than its 4" in text and preset.quietstar.sampled_thought_tokens == 4
+    # The preset's settings as the example, the preset's own file and the README put them in words.
+    words = one_line(text.replace("#", ""))
+    assert "policy weight 1, the mixing head at 30x the learning rate, base and mixed NLL weights 1" in words
+    readme = one_line((REPO / "README.md").read_text())
+    assert "k = 4, policy weight 1, head learning rate 30x, NLL weights 1" in readme
+    assert CPU_DEMO == {n: pair for n, pair in differences(preset, TrainConfig()).items()}
+
+
+def test_examples_trainer_takes_the_preset_settings(tmp_path):
+    """It gave policy weight 100 and the head at 1x as "the cpu-demo preset's method"."""
+    example = load_script("examples/trainer.py")
+    preset = load_config(DEFAULT_PRESET)
+    args = example.training_arguments(preset, str(tmp_path / "out"), 2)
+    assert (args.mixing_head_lr_multiplier, args.learning_rate, args.warmup_steps, args.max_grad_norm,
+            args.weight_decay) == (30.0, preset.learning_rate, preset.warmup_steps, preset.max_grad_norm,
+                                   preset.weight_decay)
+    assert args.lr_scheduler_kwargs == {"min_lr_rate": preset.min_lr_ratio}
+    assert "The settings are those of the cpu-demo preset" in example.__doc__
