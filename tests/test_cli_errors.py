@@ -162,8 +162,8 @@ CASES = [
     ("train", "output-dir-inside-a-file", PLAIN + ["--output-dir", "a-file/run"], "lies inside a-file, which is a file"),
     ("train", "output-dir-is-a-file", PLAIN + ["--output-dir", "a-file"], "--output-dir a-file is a file"),
     ("train", "output-dir-unwritable", PLAIN + ["--output-dir", "{unwritable}/run"], "cannot create files in"),
-    ("train", "resume-without-a-run", PLAIN[:2] + ["--output-dir", "empty-dir", "--resume", "latest"],
-     "empty-dir holds no checkpoint-* folder"),
+    ("train", "resume-without-a-run", PLAIN[:2] + ["--resume", "empty-dir"],  # (latest there: a new run)
+     "--resume empty-dir: not a checkpoint folder or a run folder holding checkpoint-* folders"),
     ("train", "unknown-flag", ["--frobnicate"], "unrecognized arguments: --frobnicate (see quietstar train --help)"),
 ]
 

@@ -79,32 +79,36 @@ def test_flags_override_yaml_which_overrides_defaults(tmp_path):
     assert config.lr_schedule == "linear"           # YAML beats default
     assert config.quietstar.ahead_tokens == 3
     assert config.quietstar.thought_temperature == 0.5
-    assert config.quietstar.sampled_thought_tokens == 9  # a config file starts from the paper's
+    assert config.quietstar.sampled_thought_tokens == 4  # a config file layers on the cpu-demo preset
     assert config.activation_checkpointing is True and config.text_field is None
     assert config.batch_size == TrainConfig().batch_size  # untouched
 
 
 def test_quietstar_train_starts_from_the_cpu_demo_preset_unless_given_a_config(monkeypatch, capsys, tmp_path):
-    """One story of defaults: the dataclasses hold the paper's method; the command starts from
-    the cpu-demo preset (and says so), a --config or a resumed run's own settings replace it."""
+    """One story of defaults: the dataclasses hold the paper's method (the paper preset); a new
+    run starts from the cpu-demo preset (and says so), a --config file layers on it, a resumed
+    run's own settings take its place."""
     from quietstar.cli import train as command
 
     seen = []
-    monkeypatch.setattr("quietstar.training.recipe.train", lambda config, **kw: seen.append(config) or types.SimpleNamespace(interrupted=False))
+    monkeypatch.setattr(command, "train", lambda config, **kw: seen.append((config, kw["origin"]))
+                        or types.SimpleNamespace(interrupted=False))
     assert TrainConfig().quietstar == QuietStarConfig()
     assert QuietStarConfig().sampled_thought_tokens == 9 and QuietStarConfig().policy_loss_weight == 1e6
     assert command.main(["--max-steps", "3"]) == 0
-    demo = seen[-1]
+    demo, origin = seen[-1]
     assert (demo.quietstar.sampled_thought_tokens, demo.quietstar.policy_loss_weight, demo.max_steps) == (4, 1.0, 3)
     assert (demo.mixing_head_lr_multiplier, demo.quietstar.base_loss_weight, demo.quietstar.mixed_loss_weight) == (30, 1.0, 1.0)
-    assert "cpu-demo preset" in capsys.readouterr().err
+    assert origin.layers == ["the cpu-demo preset", "flags"] and "no --config" in origin.remarks[0]
     assert command.main(["--config", "cpu-demo", "--policy-loss-weight", "7"]) == 0
-    assert (seen[-1].quietstar.sampled_thought_tokens, seen[-1].quietstar.policy_loss_weight) == (4, 7.0)
+    assert (seen[-1][0].quietstar.sampled_thought_tokens, seen[-1][0].quietstar.policy_loss_weight) == (4, 7.0)
     (tmp_path / "mine.yaml").write_text("seq_len: 24\n")
     assert command.main(["--config", str(tmp_path / "mine.yaml")]) == 0
-    assert seen[-1].quietstar == QuietStarConfig() and seen[-1].seq_len == 24
+    assert seen[-1][0] == TrainConfig.from_dict({**load_config("cpu-demo").to_dict(), "seq_len": 24})
+    assert command.main(["--config", "defaults", "--seq-len", "24"]) == 0
+    assert seen[-1][0] == TrainConfig(seq_len=24)
     assert command.main(["--config", "no-such-preset"]) == 2
-    assert "neither a YAML file nor a preset; presets: cpu-demo" in capsys.readouterr().err
+    assert "neither a YAML file nor a preset; presets: cpu-demo, defaults, paper" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("settings, message", [
@@ -581,19 +585,25 @@ def test_checkpoint_of_another_model_is_refused(tiny_model_dir, tmp_path):
 @pytest.mark.parametrize("damaged", ["training_state.pt", "model/model.safetensors",
                                      "model/quietstar_head.safetensors"])
 def test_corrupt_checkpoint_names_the_fix(tiny_model_dir, tmp_path, damaged):
+    """A damaged file is named; the advice never deletes the run's only checkpoint."""
     result = train(tiny_config(tiny_model_dir, tmp_path / "run", max_steps=1))
     path = result.checkpoint / damaged
     path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])
-    with pytest.raises(CheckpointError, match=r"corrupt.*delete .*checkpoint-000001"):
+    with pytest.raises(CheckpointError, match=r"damaged; checkpoint-000001 is the run's only checkpoint, so "
+                                              r"keep it") as error:
         train(tiny_config(tiny_model_dir, tmp_path / "run", max_steps=2, resume="latest"))
+    assert "delete" not in str(error.value)
 
 
-def test_resume_needs_a_checkpoint(tiny_model_dir, tmp_path):
+def test_resume_latest_without_a_checkpoint_is_a_new_run_but_a_named_folder_must_hold_one(tiny_model_dir, tmp_path):
     (tmp_path / "empty-run").mkdir()
-    with pytest.raises(CheckpointError, match="holds no checkpoint"):
-        train(tiny_config(tiny_model_dir, tmp_path / "empty-run", resume="latest"))
+    result = train(tiny_config(tiny_model_dir, tmp_path / "empty-run", max_steps=1, resume="latest"))
+    assert [p.name for p in list_checkpoints(result.output_dir)] == ["checkpoint-000001"]
+    assert "holds no checkpoint yet, so this is a new run" in (result.output_dir / "train.log").read_text()
     with pytest.raises(CheckpointError, match="not a checkpoint folder or a run folder"):
         train(tiny_config(tiny_model_dir, tmp_path / "x", resume=str(tmp_path / "nowhere")))
+    with pytest.raises(CheckpointError, match="not a checkpoint folder or a run folder"):
+        train(tiny_config(tiny_model_dir, tmp_path / "x", resume=str(tmp_path / "empty-run" / "metrics.jsonl")))
 
 
 def test_cli_reports_bad_input_in_one_line(tiny_model_dir, tmp_path, capsys):

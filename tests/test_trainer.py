@@ -80,4 +80,7 @@ def test_example_script_trains_saves_and_reloads(tiny_model_dir, tmp_path):
                         "--output-dir", str(tmp_path / "run")])
     model = QuietStarForCausalLM.from_pretrained(out)
     assert model.config.sampled_thought_tokens == 4
+    from quietstar.training.config import load_config
+
+    assert model.config == load_config("cpu-demo").quietstar  # the preset's method, as it says
     assert (tmp_path / "run" / "checkpoint-2" / "quietstar_head.safetensors").is_file()

@@ -13,21 +13,37 @@ import argparse
 import sys
 
 from quietstar.utils.settings import add_dataclass_arguments, given_settings
-from quietstar.training.config import DEFAULT_PRESET, TrainConfig, config_file_path, load_config, presets
+from quietstar.training.config import BASE_KEY, DEFAULT_PRESET, DEFAULTS_PRESET, TrainConfig, differences, \
+    load_config, presets, resolve_config
 from quietstar.cli.common import check_outputs, command_main
 
 HELP = "train a model with Quiet-STaR"
+SETTINGS_RULE = (
+    f"Settings come in layers, each over the ones before. A new run: the {DEFAULT_PRESET} preset "
+    f"(the defaults shown below) < the --config file < the flags; a --config file layers on the "
+    f"preset its '{BASE_KEY}:' key names ('{BASE_KEY}: {DEFAULTS_PRESET}': the dataclass defaults), "
+    f"{DEFAULT_PRESET} without one, and --config PRESET is that preset alone. A resumed run: its "
+    "own saved settings < the --config file (its base is not applied again) < the flags; the "
+    "settings its checkpoint depends on (seed, seq_len, batch_size, LoRA, ...) cannot change. "
+    "Every run starts by printing the settings that differ from the paper's defaults and where "
+    "each came from.")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Flags for every TrainConfig and QuietStarConfig field (given flags override --config)."""
-    parser.add_argument("--config", metavar="YAML", default=None,
+    """Flags for every TrainConfig and QuietStarConfig field (given flags override --config), with
+    the defaults of a new run (the default preset's) in the help."""
+    parser.description = f"{HELP}. {SETTINGS_RULE}"
+    parser.add_argument("--config", metavar="YAML", default=argparse.SUPPRESS,
                         help="YAML file of settings (the same names as the flags, with the method's "
-                             "under 'quietstar:'), or the name of a preset "
-                             f"({', '.join(presets())}); flags given here override it (default: "
-                             f"the {DEFAULT_PRESET} preset, unless resuming: then the run's own "
-                             "saved settings)")
-    add_dataclass_arguments(parser, TrainConfig, TrainConfig(), title="training")
+                             "under 'quietstar:'), layered on the preset its 'base:' key names "
+                             f"({DEFAULT_PRESET} without one), or the name of a preset "
+                             f"({', '.join(presets())}; {DEFAULTS_PRESET}: the paper's method; paper: its run); flags "
+                             f"override it (default: the {DEFAULT_PRESET} preset, unless resuming: "
+                             "then the run's own saved settings)")
+    preset, paper = load_config(DEFAULT_PRESET), TrainConfig()
+    notes = {name: f"from the {DEFAULT_PRESET} preset; {paper_value} with --config {DEFAULTS_PRESET}"
+             for name, (_, paper_value) in differences(preset, paper).items()}
+    add_dataclass_arguments(parser, TrainConfig, preset, title="training", notes=notes)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -37,15 +53,11 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         given = given_settings(args, TrainConfig)
-        config_file = args.config
-        if config_file is None and not given.get("resume"):
-            config_file = DEFAULT_PRESET
-            print(f"quietstar train: starting from the {DEFAULT_PRESET} preset "
-                  f"({config_file_path(DEFAULT_PRESET)}); --config FILE or PRESET for others",
-                  file=sys.stderr)
-        config = load_config(config_file, given, resumed_settings=resumed_settings)
+        config, origin = resolve_config(vars(args).get("config"), given, resumed_settings=resumed_settings,
+                                        overrides_label="flags")
         check_outputs(config)
-        result = train(config, tune_cpu=True)  # the process is this run's: tune it for training
+        # the process is this run's: tune it for training
+        result = train(config, tune_cpu=True, origin=origin)
     except TrainingDiverged as e:
         print(f"quietstar train: {e}", file=sys.stderr)
         return 1

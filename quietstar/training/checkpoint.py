@@ -39,7 +39,7 @@ from safetensors.torch import load_file
 
 from quietstar.models import saved_model
 from quietstar.models.modeling import QuietStarForCausalLM
-from quietstar.training.config import TRAIN_CONFIG_NAME, TrainConfig
+from quietstar.training.config import TRAIN_CONFIG_NAME, TrainConfig, differences, resume_rule
 from quietstar.utils.log_filters import quiet_transformers
 from quietstar.utils.errors import QuietStarInputError
 
@@ -80,18 +80,15 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
-def resolve_resume(resume: str, output_dir: str | Path | None) -> Path:
+def resolve_resume(resume: str, output_dir: str | Path | None) -> Path | None:
     """The checkpoint folder ``resume`` points at: a checkpoint folder, a run folder (its latest
-    checkpoint), or ``"latest"`` (the latest checkpoint in ``output_dir``)."""
+    checkpoint), or ``"latest"``: the latest checkpoint in ``output_dir``, None while it holds
+    none (a new run: the same command starts a run, then continues it)."""
     if resume == "latest":
         if output_dir is None:
             raise CheckpointError("--resume latest needs --output-dir (the run folder to continue); "
                                   "or pass the run or checkpoint folder itself: --resume PATH")
-        found = latest_checkpoint(output_dir)
-        if found is None:
-            raise CheckpointError(f"--resume latest: {output_dir} holds no checkpoint-* folder; "
-                                  "start without --resume, or point --resume at a checkpoint")
-        return found
+        return latest_checkpoint(output_dir)
     path = Path(resume).expanduser()
     if _NAME.match(path.name) and path.is_dir():
         return path
@@ -101,14 +98,19 @@ def resolve_resume(resume: str, output_dir: str | Path | None) -> Path:
                           "checkpoint-* folders; pass one of those, or 'latest' with --output-dir")
 
 
-def resumed_settings(resume: str, output_dir: str | Path | None) -> dict[str, Any]:
+def resumed_settings(resume: str, output_dir: str | Path | None) -> dict[str, Any] | None:
     """The settings of the checkpoint ``resume`` points at (see ``resolve_resume``), as a dict
-    for ``load_config`` to merge under the given ones, with ``output_dir`` its run folder."""
+    for ``load_config`` to merge under the given ones, with ``output_dir`` its run folder; None
+    for ``"latest"`` with no checkpoint yet (a new run). The file is checked against the
+    checkpoint's checksums first: an edited or damaged one is refused before it is used."""
     found = resolve_resume(resume, output_dir)
+    if found is None:
+        return None
     if not (found / TRAIN_CONFIG_NAME).is_file():
         raise CheckpointError(f"{found / TRAIN_CONFIG_NAME} is missing: {found} is not a complete "
                               "checkpoint (every checkpoint holds the settings it was trained "
-                              "with); resume from another checkpoint, or start a fresh run")
+                              f"with); {_recovery(found)}")
+    verify_checksums(found, only=(TRAIN_CONFIG_NAME,))
     settings = TrainConfig.saved_settings(found)
     settings["output_dir"] = str(found.parent)  # robust to a moved run folder / another cwd
     return settings
@@ -414,26 +416,71 @@ def write_checksums(folder: Path) -> Path:
     return path
 
 
-def verify_checksums(checkpoint: Path) -> None:
-    """CheckpointError naming the first file of ``checkpoint`` that is missing or whose bytes
-    changed since it was written (a checkpoint from before checksums existed is not checked)."""
+def verify_checksums(checkpoint: Path, only: tuple[str, ...] | None = None) -> None:
+    """CheckpointError naming the first file of ``checkpoint`` (of those named in ``only``, if
+    given) that is missing or whose bytes changed since it was written (a checkpoint from before
+    checksums existed is not checked). A changed ``train_config.yaml`` that still holds valid
+    settings is reported as edited by hand, with how to change settings on resume instead."""
     path = checkpoint / CHECKSUMS_NAME
     if not path.exists():
         return
     try:
         sums = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path} is corrupt ({e}); delete {checkpoint} to resume from an "
-                              "earlier checkpoint") from None
+        raise CheckpointError(f"{path} is corrupt ({e}); {_recovery(checkpoint)}") from None
     for name, digest in sums.items():
+        if only is not None and name not in only:
+            continue
         file = checkpoint / name
         if not file.is_file():
-            raise CheckpointError(f"{file} is missing; the checkpoint is incomplete: delete {checkpoint} "
-                                  "to resume from an earlier one")
+            raise CheckpointError(f"{file} is missing; the checkpoint is incomplete: {_recovery(checkpoint)}")
         if _sha256(file) != digest:
+            if name == TRAIN_CONFIG_NAME:
+                raise _changed_settings(checkpoint, digest)
             raise CheckpointError(f"{file} has changed since it was written (its SHA-256 does not "
-                                  f"match {CHECKSUMS_NAME}): the file is damaged; delete {checkpoint} "
-                                  "to resume from an earlier checkpoint")
+                                  f"match {CHECKSUMS_NAME}): the file is damaged; {_recovery(checkpoint)}")
+
+
+def _changed_settings(checkpoint: Path, digest: str) -> CheckpointError:
+    """The error for a checkpoint's train_config.yaml whose bytes changed: edited by hand (it
+    still holds valid settings) or damaged; either way it can be put back from the run folder's
+    copy when that is the original."""
+    file, run_copy = checkpoint / TRAIN_CONFIG_NAME, checkpoint.parent / TRAIN_CONFIG_NAME
+    original = run_copy.is_file() and _sha256(run_copy) == digest
+    restore = f"the run folder's copy is the original: cp {run_copy} {file} puts it back"
+    try:
+        edited = TrainConfig.from_dict(TrainConfig.saved_settings(checkpoint))
+    except (ValueError, TypeError) as e:
+        return CheckpointError(f"{file} has changed since it was written (its SHA-256 does not match "
+                               f"{CHECKSUMS_NAME}) and no longer holds valid settings ({e}): "
+                               + (restore if original else _recovery(checkpoint)))
+    changes, undo = "", f"put back the values you changed: the file is compared byte for byte with {CHECKSUMS_NAME}"
+    if original:
+        names = ", ".join(differences(TrainConfig.from_dict(TrainConfig.saved_settings(checkpoint.parent)),
+                                      edited)) or "formatting only"
+        changes, undo = f" (changed: {names})", restore
+    return CheckpointError(
+        f"{file} was edited after the checkpoint was written{changes}: it holds valid settings, but "
+        f"a checkpoint's train_config.yaml records what it was trained with and is not read as "
+        f"settings to change. Undo the edit ({undo}); to change settings, give them when resuming: "
+        f"quietstar train --resume {checkpoint} --max-steps N ... (flags) or --config FILE; {resume_rule()}")
+
+
+def _recovery(checkpoint: Path) -> str:
+    """What to do about a damaged ``checkpoint``: resume from an earlier one where there is one,
+    never delete the run's only checkpoint."""
+    named = _NAME.match(checkpoint.name)
+    if named is None:
+        return "resume from another checkpoint, or start a new run"
+    others = [c for c in list_checkpoints(checkpoint.parent) if c.name != checkpoint.name]
+    earlier = [c for c in others if step_of(c) < int(named.group(1))]
+    if earlier:
+        return (f"delete {checkpoint} (or move it out of {checkpoint.parent}) to resume from "
+                f"{earlier[-1].name}, an earlier checkpoint")
+    if others:
+        return f"resume from another checkpoint of the run: --resume {others[-1]}"
+    return (f"{checkpoint.name} is the run's only checkpoint, so keep it (restore the file from a "
+            "backup if you have one) and start a new run in another --output-dir")
 
 
 # ------------------------------------------------------------------------------ the protocol

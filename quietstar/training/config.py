@@ -5,10 +5,18 @@ of truth: the command-line flags, their help and defaults are generated from the
 docstrings (``quietstar.utils.settings``), a YAML file uses the same names, and the resolved
 configuration is saved with the run and every checkpoint as ``train_config.yaml``.
 
-The defaults are one story: ``QuietStarConfig`` holds the paper's values; a preset is a YAML
-file of settings in ``quietstar/training/presets/`` that a run starts from. ``quietstar train`` starts
-from ``cpu-demo`` unless given ``--config`` (a file or another preset) or resuming (the resumed
-run's saved settings take its place).
+The defaults are one story: ``QuietStarConfig`` holds the paper's values (the ``paper`` preset);
+a preset is a YAML file of settings in ``quietstar/training/presets/``. The settings of a run are
+layers, each over the ones before (``load_config``, for ``quietstar train`` and Python alike):
+
+    new run:      the base preset  <  the --config file  <  the flags
+    resumed run:  the run's saved settings  <  the --config file  <  the flags
+
+The base preset is ``cpu-demo``, or the preset the file names with ``base: NAME`` (``base:
+paper`` starts from the paper's defaults; ``--config PRESET`` is that preset alone). A resumed run's
+saved settings already hold its base, so a file's base is not applied again, and the settings
+its checkpoint depends on (``RESUME_FIXED``) may not change. ``settings_report`` prints what
+differs from the defaults and which layer set it, at the start of every run.
 """
 
 from __future__ import annotations
@@ -17,7 +25,7 @@ import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, Literal, NamedTuple, get_args
 
 import yaml
 
@@ -29,7 +37,15 @@ from quietstar.utils.errors import QuietStarInputError
 
 TRAIN_CONFIG_NAME = "train_config.yaml"
 PRESETS_DIR = Path(__file__).parent / "presets"
-DEFAULT_PRESET = "cpu-demo"
+DEFAULT_PRESET = "cpu-demo"  # the base of a new run, unless its --config file names another
+DEFAULTS_PRESET = "defaults"  # the dataclass defaults (the paper's method): no settings of its own
+BASE_KEY = "base"            # a settings file's key naming the preset it layers on
+# What a resumed run may not change: the data position (seed, seq_len, batch_size, data_mode),
+# the LoRA adapter, and how the saved START/END vectors and mixing head are read (the vectors are
+# stored divided by meta_token_lr_multiplier). Checked once, when the settings are resolved.
+RESUME_FIXED = ("seed", "seq_len", "batch_size", "data_mode", "lora_rank", "lora_alpha",
+                "lora_target_modules", "quietstar.meta_token_lr_multiplier",
+                "quietstar.mixing_head_hidden_size", "quietstar.mixing_weight_bounded")
 INFINITE_OK = ("max_grad_norm", "policy_max_grad_norm")  # inf: no clipping
 ReportTo = Literal["none", "tensorboard", "wandb"]
 REPORT_TO = get_args(ReportTo)  # where metrics go besides metrics.jsonl (metrics.MetricsLogger)
@@ -40,8 +56,10 @@ class TrainConfig:
     """Everything a training run needs; the method's own settings live in ``quietstar``.
 
     The defaults are the paper's method (``QuietStarConfig()``) on the embedded
-    SmolLM2-135M-Instruct. ``quietstar train`` starts from the ``cpu-demo`` preset instead
-    (``presets/cpu-demo.yaml``: shorter thoughts and a policy weight the LM survives on a CPU).
+    SmolLM2-135M-Instruct: the ``paper`` preset. A new run of ``quietstar train`` (and
+    ``load_config``) starts from the ``cpu-demo`` preset instead (``presets/cpu-demo.yaml``:
+    shorter thoughts and a policy weight the LM survives on a CPU) and layers a ``--config`` file
+    on it, unless the file names another base (``base: defaults``); see ``load_config``.
     """
 
     model: str = EMBEDDED_MODEL
@@ -263,6 +281,8 @@ def presets() -> list[str]:
 
 def config_file_path(name_or_path: str | Path) -> Path:
     """A YAML file of settings: a path, or the name of a shipped preset ("cpu-demo")."""
+    if not str(name_or_path).strip():
+        raise QuietStarInputError(f"--config is empty; give a YAML file or a preset ({', '.join(presets())})")
     path = Path(name_or_path).expanduser()
     if path.suffix in (".yaml", ".yml") or path.exists():
         return path
@@ -273,21 +293,181 @@ def config_file_path(name_or_path: str | Path) -> Path:
     return preset
 
 
-def load_config(config_file: str | Path | None = None, overrides: dict[str, Any] | None = None, *,
-                resumed_settings: Callable[[str, str | None], dict[str, Any]] | None = None) -> TrainConfig:
-    """The resolved configuration: defaults < the resumed checkpoint's saved config < the YAML
-    ``config_file`` (a path or a preset name) < ``overrides``
-    (``{"seq_len": 32, "quietstar": {"ahead_tokens": 2}}``).
+@dataclass
+class SettingsOrigin:
+    """Where the settings of a resolved ``TrainConfig`` came from: its layers, first to last
+    ("the cpu-demo preset", "file run.yaml", "flags"), the layer that set each setting (dotted
+    names: "seq_len", "quietstar.ahead_tokens"; unset ones are the defaults), and remarks on how
+    the layers were chosen."""
 
-    Resuming (a ``resume`` setting), ``resumed_settings(resume, output_dir)`` reads the settings
-    the resumed run was trained with: ``quietstar.training.checkpoint.resumed_settings``, which
-    knows checkpoint folders (this module sits below them)."""
-    explicit = merge(read_yaml(config_file_path(config_file)) if config_file else {}, overrides or {})
-    base: dict[str, Any] = {}
+    layers: list[str]
+    by_setting: dict[str, str]
+    remarks: list[str] = field(default_factory=list)
+
+
+def _dotted(settings: dict[str, Any]) -> list[str]:
+    """The settings a (nested) mapping gives, as dotted names."""
+    names = []
+    for key, value in settings.items():
+        if key == "quietstar" and isinstance(value, dict):
+            names += [f"quietstar.{name}" for name in value]
+        else:
+            names.append(str(key))
+    return names
+
+
+def setting(config: TrainConfig, name: str) -> Any:
+    """A setting of ``config`` by its dotted name ("quietstar.ahead_tokens")."""
+    value: Any = config
+    for part in name.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def differences(config: TrainConfig, other: TrainConfig) -> dict[str, tuple[Any, Any]]:
+    """The settings (dotted names, in field order) whose values differ: name -> (config's, other's)."""
+    mine, theirs = config.to_dict(), other.to_dict()
+    flat = {n: (mine[n], theirs[n]) for n in mine if n != "quietstar"}
+    flat |= {f"quietstar.{n}": (v, theirs["quietstar"][n]) for n, v in mine["quietstar"].items()}
+    return {n: pair for n, pair in flat.items() if pair[0] != pair[1]}
+
+
+class _SettingsFile(NamedTuple):
+    label: str                # "the cpu-demo preset", "file run.yaml"
+    settings: dict[str, Any]  # its own, without the base key
+    base: str | None          # the preset it names as its base, if it does
+    preset: bool              # a shipped preset, named as one
+
+
+def _settings_file(path: Path, preset: bool) -> _SettingsFile:
+    settings = read_yaml(path)
+    named = BASE_KEY in settings
+    base = settings.pop(BASE_KEY, None)
+    if named and (not isinstance(base, str) or base not in presets()):
+        raise QuietStarInputError(f"{path}: {BASE_KEY}: {base!r} is not a preset; name the preset the "
+                                  f"file's settings layer on, one of {', '.join(presets())} "
+                                  f"({DEFAULTS_PRESET}: the dataclass defaults; without '{BASE_KEY}:', "
+                                  f"{DEFAULT_PRESET})")
+    return _SettingsFile(f"the {path.stem} preset" if preset else f"file {path}", settings, base, preset)
+
+
+def _preset_layers(name: str, seen: tuple[str, ...] = ()) -> list[tuple[str, dict[str, Any]]]:
+    """The layers of preset ``name``: its base's, then its own settings (``paper``: none)."""
+    if name == DEFAULTS_PRESET:
+        return []
+    if name in seen:
+        raise QuietStarInputError(f"preset {name}: its '{BASE_KEY}:' keys form a cycle "
+                                  f"({' -> '.join(seen + (name,))})")
+    file = _settings_file(PRESETS_DIR / f"{name}.yaml", preset=True)
+    return _preset_layers(file.base or DEFAULT_PRESET, seen + (name,)) + [(file.label, file.settings)]
+
+
+def resolve_config(config_file: str | Path | None = None, overrides: dict[str, Any] | None = None, *,
+                   resumed_settings: Callable[[str, str | None], dict[str, Any] | None] | None = None,
+                   overrides_label: str = "overrides") -> tuple[TrainConfig, SettingsOrigin]:
+    """``load_config``'s configuration and where each of its settings came from
+    (``overrides_label`` names the overrides' layer, e.g. "flags")."""
+    overrides = overrides or {}
+    file = None
+    if config_file is not None:
+        path = config_file_path(config_file)
+        file = _settings_file(path, preset=path.parent.resolve() == PRESETS_DIR.resolve()
+                              and str(config_file) == path.stem)
+    base = file.base if file is not None and file.base else DEFAULT_PRESET
+    explicit = merge(file.settings if file is not None else {}, overrides)
+    saved = None
     if explicit.get("resume"):
         if resumed_settings is None:
             raise QuietStarInputError("load_config: resuming needs resumed_settings="
                                       "quietstar.training.checkpoint.resumed_settings (the resumed run's "
                                       "saved settings)")
-        base = resumed_settings(explicit["resume"], explicit.get("output_dir"))
-    return TrainConfig.from_dict(merge(base, explicit))
+        saved = resumed_settings(explicit["resume"], explicit.get("output_dir"))
+    remarks = []
+    if saved is not None:  # None: "latest" with no checkpoint yet, a new run
+        layers = [("the resumed run's saved settings", saved)]
+        if file is not None and base != DEFAULTS_PRESET:
+            remarks.append(f"resuming: {file.label} applies over the run's saved settings, which hold "
+                           f"its base already: the {base} preset is not applied again")
+    else:
+        layers = _preset_layers(base)
+        if file is None:
+            remarks.append(f"no --config: a new run starts from the {DEFAULT_PRESET} preset "
+                           f"({PRESETS_DIR / DEFAULT_PRESET}.yaml); --config FILE or PRESET for others")
+        elif file.base is None and not file.preset:
+            remarks.append(f"{file.label} layers on the {DEFAULT_PRESET} preset; to start from the "
+                           f"dataclass defaults (the paper's method) instead, put '{BASE_KEY}: {DEFAULTS_PRESET}' in it")
+    layers += ([(file.label, file.settings)] if file is not None else []) \
+        + ([(overrides_label, overrides)] if overrides else [])
+    merged: dict[str, Any] = {}
+    by_setting: dict[str, str] = {}
+    for layer, settings in layers:
+        merged = merge(merged, settings)
+        by_setting |= dict.fromkeys(_dotted(settings), layer)
+    config = TrainConfig.from_dict(merged)
+    if saved is not None:
+        _check_resume_fixed(config, TrainConfig.from_dict(saved), by_setting)
+    return config, SettingsOrigin([layer for layer, _ in layers], by_setting, remarks)
+
+
+def _check_resume_fixed(config: TrainConfig, saved: TrainConfig, by_setting: dict[str, str]) -> None:
+    """Refuses a change of a ``RESUME_FIXED`` setting on resume, naming the layer that made it."""
+    unused = ("lora_alpha", "lora_target_modules") if not saved.lora_rank else ()  # no adapter to fit
+    changed = [f"{name} (the run's {setting(saved, name)!r}, {setting(config, name)!r} from "
+               f"{by_setting.get(name, 'the given settings')})"
+               for name in RESUME_FIXED if name not in unused and setting(config, name) != setting(saved, name)]
+    if changed:
+        raise QuietStarInputError(f"a resumed run cannot change {'; '.join(changed)}: {resume_rule()}; "
+                                  "resume without changing them, or start a new run (another "
+                                  "--output-dir, no --resume; --model CHECKPOINT/model starts from "
+                                  "its language model)")
+
+
+def resume_rule() -> str:
+    """Which settings a resumed run may change, in words (for messages)."""
+    return ("on resume, flags and --config apply over the run's saved settings, and every setting "
+            "may change (max_steps, learning_rate, the loss weights, eval_every, ...) but "
+            + ", ".join(RESUME_FIXED) + ", which the checkpoint's data position and weights depend "
+            "on; the model must keep the checkpoint's architecture")
+
+
+def settings_report(config: TrainConfig, origin: SettingsOrigin | None = None) -> str:
+    """The settings of a run that differ from the defaults (the paper's method), with the value,
+    the default and the layer each came from, as lines of text (printed as a run starts)."""
+    given = origin is None  # a TrainConfig given to train(): no layers to name
+    origin = origin or SettingsOrigin(["given to train()"], {})
+    lines = [f"Settings: {' < '.join(origin.layers)} (each layer over the ones before; the "
+             "defaults are the paper's method)", *[f"  ({r})" for r in origin.remarks]]
+    rows = [(name, _shown(value), _shown(default),
+             origin.by_setting.get(name, "given to train()" if given else "chosen by the run"))
+            for name, (value, default) in differences(config, TrainConfig()).items()]
+    if not rows:
+        return "\n".join(lines + ["  every setting is the default"])
+    header = ("setting", "value", "default", "from")
+    widths = [max(len(row[i]) for row in rows + [header]) for i in range(3)]
+    for row in [header, *rows]:
+        lines.append("  " + "  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[3])
+    return "\n".join(lines)
+
+
+def _shown(value: Any) -> str:
+    return "none" if value is None else str(value)
+
+
+def load_config(config_file: str | Path | None = None, overrides: dict[str, Any] | None = None, *,
+                resumed_settings: Callable[[str, str | None], dict[str, Any] | None] | None = None) -> TrainConfig:
+    """The settings ``quietstar train`` runs with, for ``config_file`` (a YAML file's path or a
+    preset's name, or None) and ``overrides`` (the flags: ``{"seq_len": 32, "quietstar":
+    {"ahead_tokens": 2}}``), each layer over the ones before:
+
+    * a new run: the ``cpu-demo`` preset (or the preset the file names with ``base: NAME``;
+      ``base: defaults`` is the dataclass defaults, ``TrainConfig()``) < the file < ``overrides``.
+      A preset given as ``config_file`` is that preset alone (``"defaults"``: ``TrainConfig()``).
+    * a resumed run (a ``resume`` setting): the settings the run was trained with < the file's
+      own settings (its base is not applied again: the saved settings hold it) < ``overrides``;
+      a change of a ``RESUME_FIXED`` setting is refused. ``resumed_settings(resume, output_dir)``
+      reads them: ``quietstar.training.checkpoint.resumed_settings``, which knows checkpoint
+      folders (this module sits below them); None from it (``"latest"`` with no checkpoint yet)
+      makes a new run.
+
+    ``resolve_config`` also says where each setting came from (``settings_report`` prints it)."""
+    return resolve_config(config_file, overrides, resumed_settings=resumed_settings)[0]

@@ -48,7 +48,7 @@ from quietstar.training.optim import build_optimizer, lr_at, set_learning_rate
 from quietstar.training.run_folder import StopRequests, check_writable, claim_output_dir, diverged_message, \
     push_failed_message, refuse_nested, run_logging, running_mean, summary
 from quietstar.training.run_lock import RunLock
-from quietstar.training.config import TrainConfig, load_config
+from quietstar.training.config import SettingsOrigin, TrainConfig, load_config, settings_report
 from quietstar.training.components import EvalHook, HeldoutLoss, build_data, build_model, model_fingerprint, \
     thought_generator
 from quietstar.utils.errors import QuietStarInputError
@@ -95,8 +95,9 @@ class TrainingRecipe:
     """
 
     def __init__(self, config: TrainConfig, eval_hooks: Sequence[EvalHook] | None = None, *,
-                 tune_cpu: bool = False):
+                 tune_cpu: bool = False, origin: SettingsOrigin | None = None):
         self.config = config                     # with output_dir resolved by setup_run_folder
+        self.origin = origin                     # where each setting came from (for the log)
         self.extra_hooks = list(eval_hooks or [])
         self.tune_cpu = tune_cpu
         # The run's state, None until the stage that sets it (setup_accelerator first, then on).
@@ -241,12 +242,17 @@ class TrainingRecipe:
 
     def setup_logging(self) -> None:
         """INFO logs of the training modules to the console and ``train.log`` (main process),
-        until ``finish``."""
+        until ``finish``; then what the run starts from."""
         self.closing.enter_context(run_logging(logging.getLogger("quietstar.training"), self.out_dir, self.main))
         if self.lock is not None and self.lock.taken_over is not None:
             dead = self.lock.taken_over
             logger.warning(f"Took over {self.lock.path}: its run (pid {dead['pid']}, started "
                            f"{dead.get('started') or 'at an unknown time'}) is no longer running")
+        if self.main:  # before the model loads: a long load shows what it is loading for
+            if self.config.resume and self.resume_from is None:
+                logger.info(f"--resume {self.config.resume}: {self.out_dir} holds no checkpoint yet, so "
+                            "this is a new run (the same command continues it once it has saved one)")
+            logger.info(settings_report(self.config, self.origin))
 
     def setup_model(self) -> None:
         """The model, seeded first: the weights the method adds (mixing head, meta tokens) are drawn."""
@@ -550,8 +556,9 @@ class TrainingRecipe:
 
 
 def train(config: TrainConfig, eval_hooks: Sequence[EvalHook] | None = None, *,
-          tune_cpu: bool = False) -> TrainResult:
+          tune_cpu: bool = False, origin: SettingsOrigin | None = None) -> TrainResult:
     """Trains ``config.model`` with Quiet-STaR (the settings: ``TrainConfig``; the stages:
     ``TrainingRecipe``). ``tune_cpu``: on a CPU run, apply ``training.cpu.tune_for_training``
-    before the first step (process-wide, never undone; ``quietstar train`` does)."""
-    return TrainingRecipe(config, eval_hooks, tune_cpu=tune_cpu).run()
+    before the first step (process-wide, never undone; ``quietstar train`` does). ``origin``:
+    ``config.resolve_config``'s, named in the settings the run starts by logging."""
+    return TrainingRecipe(config, eval_hooks, tune_cpu=tune_cpu, origin=origin).run()

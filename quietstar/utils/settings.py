@@ -27,7 +27,7 @@ import os
 import textwrap
 import types
 import typing
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 from typing import Any, Literal, Union
 
@@ -124,13 +124,14 @@ def _nested(hint: Any) -> bool:
 
 def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, defaults: Any = None,
                             prefix: str = "", title: str | None = None,
-                            exclude: Collection[str] = ()) -> None:
+                            exclude: Collection[str] = (), notes: Mapping[str, str] | None = None) -> None:
     """Adds a flag for every field of dataclass ``cls``, in an argument group ``title`` if given
     (nested dataclass fields: a group each), except the fields named in ``exclude`` (whose flags
     the caller adds by hand, e.g. two opposite flags for one bool).
 
     ``defaults`` (an instance) supplies the defaults shown in the help; fields without a default
-    become required flags. Flags not given stay out of the parsed namespace (argparse.SUPPRESS),
+    become required flags. ``notes`` (dotted field name -> text, "quietstar.ahead_tokens") adds a
+    remark after a field's default, e.g. where that default comes from. Flags not given stay out of the parsed namespace (argparse.SUPPRESS),
     so ``given_settings`` can tell a given value from a default.
     """
     docs = field_docs(cls)
@@ -151,6 +152,8 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, defaults
                    else f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
         doc = docs.get(f.name, "")
         shown = f.metadata.get(SHOWN_DEFAULT, _show(default))
+        if (notes or {}).get(prefix + f.name):
+            shown = f"{shown}, {notes[prefix + f.name]}"
         help_text = (f"{doc} (default: {shown})" if has_default else doc).replace("%", "%%")
         flag = "--" + f.name.replace("_", "-")
         kwargs: dict[str, Any] = {"dest": prefix + f.name, "default": argparse.SUPPRESS,
@@ -164,7 +167,7 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, defaults
         hint = hints[f.name]
         add_dataclass_arguments(parser, hint, getattr(defaults, f.name) if defaults is not None
                                 else hint(), prefix=f"{prefix}{f.name}.",
-                                title=f"{hint.__name__} (under '{f.name}:' in YAML)")
+                                title=f"{hint.__name__} (under '{f.name}:' in YAML)", notes=notes)
 
 
 def given_settings(args: argparse.Namespace, cls: type) -> dict[str, Any]:
@@ -197,6 +200,8 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise FileNotFoundError(f"config file {path} not found") from None
+    except IsADirectoryError:
+        raise QuietStarInputError(f"config file {path} is a folder; give a YAML file") from None
     except UnicodeDecodeError:
         raise QuietStarInputError(f"config file {path} is not UTF-8 text; give a YAML file") from None
     except yaml.YAMLError as e:
