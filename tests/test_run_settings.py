@@ -83,7 +83,7 @@ def test_a_small_config_file_layers_on_the_cpu_demo_preset_unless_it_names_a_bas
 @pytest.mark.parametrize("base", ["papr", "3", "null", "[paper]", "''", "examples/train.yaml"])
 def test_a_base_that_is_not_a_preset_exits_2_naming_the_presets(tmp_path, capsys, base):
     (tmp_path / "run.yaml").write_text(f"base: {base}\nseq_len: 24\n")
-    with pytest.raises(QuietStarInputError, match="base: .* is not a preset.*one of cpu-demo, defaults, paper"):
+    with pytest.raises(QuietStarInputError, match="base: .* is not a preset.*one of cpu-demo, defaults, paper, rlp, rpt"):
         load_config(tmp_path / "run.yaml")
     code, err = run_command(["--config", str(tmp_path / "run.yaml"), "--output-dir", str(tmp_path / "out")], capsys)
     assert code == 2 and err.startswith("quietstar train: error: ") and len(err.strip().splitlines()) == 1
@@ -103,10 +103,10 @@ def test_the_origin_names_the_layer_of_every_setting(tmp_path):
 
 
 @pytest.mark.parametrize("value, message", [
-    ("", "--config is empty; give a YAML file or a preset (cpu-demo, defaults, paper)"),
+    ("", "--config is empty; give a YAML file or a preset (cpu-demo, defaults, paper, rlp, rpt)"),
     ("FOLDER", "is a folder; give a YAML file"),
     ("missing.yaml", "missing.yaml not found"),
-    ("no-such-preset", "neither a YAML file nor a preset; presets: cpu-demo, defaults, paper"),
+    ("no-such-preset", "neither a YAML file nor a preset; presets: cpu-demo, defaults, paper, rlp, rpt"),
 ])
 def test_a_bad_config_value_exits_2_in_one_line(tmp_path, capsys, value, message):
     value = str(tmp_path) if value == "FOLDER" else value

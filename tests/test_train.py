@@ -91,7 +91,7 @@ def test_quietstar_train_starts_from_the_cpu_demo_preset_unless_given_a_config(m
     from quietstar.cli import train as command
 
     seen = []
-    monkeypatch.setattr(command, "train", lambda config, **kw: seen.append((config, kw["origin"]))
+    monkeypatch.setattr("quietstar.training.recipe.train", lambda config, **kw: seen.append((config, kw["origin"]))
                         or types.SimpleNamespace(interrupted=False))
     assert TrainConfig().quietstar == QuietStarConfig()
     assert QuietStarConfig().sampled_thought_tokens == 9 and QuietStarConfig().policy_loss_weight == 1e6
@@ -108,7 +108,7 @@ def test_quietstar_train_starts_from_the_cpu_demo_preset_unless_given_a_config(m
     assert command.main(["--config", "defaults", "--seq-len", "24"]) == 0
     assert seen[-1][0] == TrainConfig(seq_len=24)
     assert command.main(["--config", "no-such-preset"]) == 2
-    assert "neither a YAML file nor a preset; presets: cpu-demo, defaults, paper" in capsys.readouterr().err
+    assert "neither a YAML file nor a preset; presets: cpu-demo, defaults, paper, rlp, rpt" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("settings, message", [
