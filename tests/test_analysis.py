@@ -13,7 +13,8 @@ from matplotlib.image import imread
 
 from conftest import CORPUS, make_lm, make_model, make_tokenizer
 from quietstar.cli import main as cli
-from quietstar.evaluation.analysis import difficulty_report, format_difficulty_table, token_nlls, token_windows
+from quietstar.evaluation.analysis import difficulty_report, format_difficulty_table, format_health, \
+    thought_health_report, token_nlls, token_windows
 from quietstar.evaluation.plots import plot_difficulty
 
 
@@ -309,3 +310,73 @@ def test_analyze_compares_thought_fractions(tmp_path, capsys):
     assert cli.main(["analyze", "--model", str(saved), "--data", str(data), "--out", str(out),
                      "--thought-fractions", "0.5,2"]) == 2
     assert "--thought-fractions must be shares in (0, 1]" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ the thoughts' health
+def _health_by_hand(model, texts, max_length, seed):
+    """leak rate and distinct thoughts counted thought by thought from the model's own training
+    forward on each window (one window per batch, the same generator draws)."""
+    n = model.config.thoughts_per_position
+    generator = torch.Generator().manual_seed(seed)
+    leaks, distinct, count = 0, 0.0, 0
+    model.eval()
+    for _, window in token_windows(texts, model.tokenizer, max_length):
+        short = max(model.config.ahead_tokens + 1 - len(window), 0)  # padded to A + 1 tokens
+        ids = torch.tensor([window + [model.tokenizer.pad_token_id] * short])
+        mask = torch.tensor([[1] * len(window) + [0] * short])
+        with torch.no_grad():
+            out = model(ids, mask, ids.masked_fill(mask == 0, -100), generator=generator, check_finite=False)
+        for i in range(len(window) - 1):
+            if out.thought_positions is not None and not out.thought_positions[0, i]:
+                continue
+            group = [tuple(t) for t in out.thought_ids[0, :, i].tolist()]
+            leaks += sum(ids[0, i + 1].item() in t for t in group)
+            distinct += len(set(group))
+            count += n
+    return leaks / count, distinct / count, count
+
+
+@pytest.mark.parametrize("config", [{}, {"objective": "rpt", "thought_count": 3, "thought_selection": "random",
+                                         "thought_temperature": 1.0, "ahead_tokens": 1}])
+def test_thought_health_report_counts_thought_by_thought(config):
+    """Leak rate and distinct thoughts as counted by hand; thought length only where thoughts may
+    end early; a tiny vocabulary of thought tokens so that leaks and repeats happen."""
+    model = make_model(sampled_thought_tokens=1, thoughts_per_position=3, **config)
+    texts = ["a b a b a b c a b", "b a b c a b a a"]
+    with torch.no_grad():  # thoughts drawn mostly from the text's few tokens: leaks and equal thoughts happen
+        used = sorted({i for t in texts for i in model.tokenizer(t).input_ids})
+        model.lm.get_output_embeddings().weight[used] *= 40
+    report = thought_health_report(model, texts, max_length=6, batch_size=1, seed=3)
+    leak, distinct, count = _health_by_hand(model, texts, 6, 3)
+    assert report["thoughts"] == count
+    assert report["leak_rate"] == pytest.approx(leak, abs=1e-6) and 0 < leak < 1
+    assert report["distinct_thoughts"] == pytest.approx(distinct, abs=1e-6) and distinct < 1
+    assert report["reward_spread"] >= 0 and "thought_length" not in report
+
+
+def test_thought_health_report_lengths_of_early_ended_thoughts():
+    model = make_model(objective="rlp", thought_can_end=True, sampled_thought_tokens=6, thoughts_per_position=2,
+                       thought_temperature=1.0, ahead_tokens=1)
+    with torch.no_grad():  # EOS likely: thoughts end early, some
+        model.lm.get_output_embeddings().weight[model.tokenizer.eos_token_id] *= 40
+    report = thought_health_report(model, CORPUS[:2], max_length=12, batch_size=2, seed=0)
+    assert 1 <= report["thought_length"] < 6
+    assert "thought length" in format_health(report)
+
+
+def test_analyze_reports_thought_health(tmp_path, capsys):
+    saved = tmp_path / "model"
+    make_model(objective="rlp", thoughts_per_position=2, thought_temperature=0.7, ahead_tokens=1,
+               thought_count=2, thought_selection="random").save_pretrained(saved)
+    data = tmp_path / "heldout.txt"
+    data.write_text("\n\n".join(CORPUS) + "\n")
+    args = ["analyze", "--model", str(saved), "--data", str(data), "--limit", "2", "--max-length", "16",
+            "--buckets", "2"]
+    assert cli.main(args + ["--out", str(tmp_path / "a")]) == 0
+    health = json.loads((tmp_path / "a" / "report.json").read_text())["thought_health"]
+    assert set(health) == {"leak_rate", "distinct_thoughts", "reward_spread", "thoughts"}
+    assert health["thoughts"] > 0 and 0 <= health["leak_rate"] <= 1 and 0 < health["distinct_thoughts"] <= 1
+    assert "thought health (" in capsys.readouterr().out
+    assert cli.main(args + ["--out", str(tmp_path / "b"), "--no-thought-health"]) == 0
+    assert "thought_health" not in json.loads((tmp_path / "b" / "report.json").read_text())
+    assert "thought health" not in capsys.readouterr().out

@@ -20,6 +20,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 
 import dense_reference
 import gpu
+import rlp_step
 import train_step
 from dense_reference import DenseQuietStar
 
@@ -390,3 +391,68 @@ def test_sdpa_thought_attention_equals_general_with_gradients(padded, query_pass
     tol = 1e-12 if dtype == torch.float64 else 1e-5
     for ref, got in zip(*results):
         torch.testing.assert_close(got, ref, atol=tol, rtol=0)
+
+
+# ------------------------------------------------------------------ rlp_step.py
+@pytest.mark.parametrize("vocab_size", [None, 320])  # 320: START / END beyond the LM head, added rows
+def test_rlp_engine_way_computes_the_native_objective(vocab_size):
+    """The engines' way (prompts, the plain model's ``generate``, scoring per position) and the
+    native rollout give the same RLP rewards, loss and gradients on the same thoughts: what the
+    benchmark times is the same work."""
+    S, G, k, L = 3, 3, 4, 20
+    native, engine = rlp_step.build_pair(make_lm("llama", vocab_size=vocab_size), make_tokenizer(),
+                                         rlp_step.rlp_config(k, G))
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():  # an EMA copy apart from the LM, so the rewards are not trivial
+        for (name, ours), (_, theirs) in zip(native.ema_lm.named_parameters(), engine.ema.named_parameters()):
+            if "layers." in name:
+                noise = torch.randn(ours.shape, generator=g) * 0.05
+                ours.add_(noise)
+                theirs.add_(noise)
+    ids = random_text(1, L, seed=3)[0]
+    positions = rlp_step.chosen_positions(L, S)
+    torch.manual_seed(0)
+    thoughts = engine.sample(ids, positions)                                   # [S, G, k]
+    assert thoughts.shape == (S, G, k)
+    assert not torch.isin(thoughts, torch.tensor([native.start_id, native.end_id])).any()
+    theirs = engine.loss_backward(ids, positions, thoughts)
+
+    replay = torch.zeros(1, G, L, k, dtype=torch.long)
+    replay[0, :, positions] = thoughts.transpose(0, 1)
+    mask = torch.zeros(1, L, dtype=torch.bool)
+    mask[0, positions] = True
+    native.train()
+    out = native(ids[None], thought_ids=replay, thought_positions=mask)
+    out.loss.backward()
+    assert abs(theirs["mean_reward"]) > 1e-3  # the rewards are not trivial ...
+    torch.testing.assert_close(out.metrics["mean_reward"].item(), theirs["mean_reward"], atol=1e-5, rtol=0)
+    torch.testing.assert_close(out.loss.item(), theirs["loss"], atol=1e-6, rtol=0)
+
+    plain = dict(engine.lm.named_parameters())
+    meta = [native.start_id, native.end_id]
+    checked = 0
+    for name, p in native.lm.named_parameters():
+        want = p.grad
+        got = plain[name].grad[:want.shape[0]].clone()
+        if want.shape[0] > max(meta):  # START / END rows inside the matrix: their vectors are the embedding's
+            keep = torch.ones(want.shape[0], dtype=torch.bool)
+            keep[meta] = False
+            got, want = got[keep], want[keep]
+        torch.testing.assert_close(got, want, atol=1e-4 * want.abs().max().item() + 1e-9, rtol=0, msg=name)
+        checked += 1
+    assert checked >= 10
+    vectors = native.get_input_embeddings()  # stored / lr_multiplier: the true vectors' gradient
+    want = vectors.scaled_vectors.grad / vectors.lr_multiplier
+    got = engine.lm.get_input_embeddings().weight.grad[meta]
+    assert want.abs().max() > 0
+    torch.testing.assert_close(got, want, atol=1e-4 * want.abs().max().item(), rtol=0)
+
+
+def test_rlp_step_script_prints_its_table(monkeypatch, capsys):
+    monkeypatch.setattr(rlp_step, "measure", lambda spec, timeout: rlp_step.worker(spec))
+    assert rlp_step.main(["--thought-tokens", "3", "--length", "24", "--positions", "2", "--group", "2",
+                          "--hidden", "32", "--layers", "1", "--heads", "2", "--kv-heads", "1", "--vocab", "200",
+                          "--reps", "1"]) == 0
+    row = re.search(r"^\| 3 \| (\d+) \| (\d+) \| (\d+) \| (\d+) \| (\d+\.\d\d) \| (\d+\.\d) \| (\d+\.\d) "
+                    r"\| (\d+\.\d\d) \|$", capsys.readouterr().out, re.M)
+    assert row and float(row[6]) > 0 and float(row[7]) > 0

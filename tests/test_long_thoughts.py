@@ -59,6 +59,24 @@ def test_sampled_thoughts_end_at_a_stop_and_replay_exactly():
         torch.testing.assert_close(out.metrics[name], replay.metrics[name], atol=1e-6, rtol=1e-6)
 
 
+def test_score_thoughts_takes_end_where_it_ends_a_thought():
+    """A sampled thought may end at END (thought_can_end, END in the head): ``score_thoughts``
+    takes such thoughts (held-out evaluation scores them) and reads END as their end, as it
+    reads EOS; without thought_can_end END in a given thought is refused as before."""
+    model = build(3, thought_can_end=True)
+    x = random_text(1, 6, seed=2)
+    with_end, with_eos = torch.full((1, 6, 3), 5), torch.full((1, 6, 3), 5)
+    with_end[..., 1], with_eos[..., 1] = model.end_id, model.tokenizer.eos_token_id
+    with torch.no_grad():
+        a = model.score_thoughts(x, with_end, steps=1).mixed_logits
+        b = model.score_thoughts(x, with_eos, steps=1).mixed_logits
+    torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+    with pytest.raises(QuietStarInputError, match="contain START/END"):
+        build(3).score_thoughts(x, with_end)
+    with pytest.raises(QuietStarInputError, match="contain START/END"):
+        model.score_thoughts(x, with_end.masked_fill(with_end == model.end_id, model.start_id))
+
+
 def test_without_thought_can_end_a_sampled_eos_is_an_ordinary_thought_token():
     model = build(8, thought_count=3, thought_selection="random")
     eager_eos(model)

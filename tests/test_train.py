@@ -441,6 +441,47 @@ def test_heldout_nll_with_thought_covers_every_token_at_a_thought_fraction():
     assert out.metrics["mixed_nll_1"].item() != pytest.approx(out.metrics["base_nll"].item(), rel=1e-3)
 
 
+def test_heldout_own_minus_shifted_by_hand():
+    """eval/own_minus_shifted: at the positions that thought, the NLL after each position's own
+    first thought minus after the own thought of the position L/2 further on, scored alike."""
+    model = make_model("llama", objective="rlp", thoughts_per_position=2, thought_count=3,
+                       thought_selection="random", thought_temperature=0.7, ahead_tokens=1)
+    model.eval()
+    L = 12
+    ids = torch.randint(2, 300, (2, L), generator=torch.Generator().manual_seed(1))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    with torch.no_grad():
+        result = HeldoutLoss([batch], seed=0, own_minus_shifted=True)(model, step=1)
+        out = model(ids, batch["attention_mask"], ids, generator=thought_generator(0, -1, 0), check_finite=False)
+        where = out.thought_positions
+        rolled = torch.roll(where, L // 2, dims=1)  # the positions whose thoughts move here
+        moved = model.sample_thoughts(ids, thought_positions=rolled, generator=thought_generator(0, -2, 0))
+        terms = []
+        for thoughts in (out.thought_ids[:, 0], torch.roll(moved, -(L // 2), dims=1)):
+            logits = model.score_thoughts(ids, thoughts, thought_positions=where, steps=1).mixed_logits[:, :, 0]
+            terms.append(torch.stack([F.cross_entropy(logits[b, i], ids[b, i + 1])
+                                      for b, i in where.nonzero().tolist()]))
+    assert where.sum() == 6 and not where[:, -1].any()
+    assert result["eval/own_minus_shifted"] == pytest.approx((terms[0] - terms[1]).mean().item(), abs=1e-6)
+    assert result["eval/own_minus_shifted"] != 0.0
+    assert "eval/own_minus_shifted" not in HeldoutLoss([batch], seed=0)(model, step=1)
+
+
+def test_own_minus_shifted_logged_for_rlp_or_when_asked(tiny_model_dir, tmp_path):
+    """The rlp / rpt runs log eval/own_minus_shifted at every evaluation; the quietstar default
+    does not (its logged keys stay as they were) unless eval_own_minus_shifted asks."""
+    rlp = {"objective": "rlp", "thoughts_per_position": 2, "thought_count": 2, "thought_selection": "random",
+           "thought_temperature": 0.7, "sampled_thought_tokens": 2, "ahead_tokens": 1}
+    runs = {"rlp": dict(quietstar=rlp), "default": {}, "asked": dict(eval_own_minus_shifted=True)}
+    for name, kw in runs.items():
+        config = tiny_config(tiny_model_dir, tmp_path / name, max_steps=1, eval_every=1, eval_documents=10,
+                             eval_batches=1, **kw)
+        records = [r for r in read_metrics(train(config).output_dir / "metrics.jsonl") if "eval/nll_with_thought" in r]
+        assert len(records) == 2, name  # before the first step and at the end
+        logged = ["eval/own_minus_shifted" in r and math.isfinite(r["eval/own_minus_shifted"]) for r in records]
+        assert logged == [name != "default"] * 2, name
+
+
 def test_eval_hooks_run_every_n_steps_in_eval_mode(tiny_model_dir, tmp_path):
     calls = []
 

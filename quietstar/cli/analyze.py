@@ -44,6 +44,9 @@ class AnalyzeArguments:
     table: the difficulty report is the first's"""
     thought_selection: Literal["entropy", "random"] = "entropy"
     """which positions think at a share < 1: the highest base-prediction entropy, or random"""
+    thought_health: bool = True
+    """also the thoughts' health (leak rate, distinct thoughts, reward spread, thought length
+    when thoughts may end early) from the model's training forward on the same windows"""
 
     def __post_init__(self):
         bad = [f for f in self.thought_fractions if not 0 < f <= 1]
@@ -69,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
     # must not wait for.
     from quietstar.data.corpora import load_texts
     from quietstar.evaluation.analysis import (difficulty_report, format_difficulty_table, format_fraction_table,
-                                               fraction_report, token_nlls)
+                                               format_health, fraction_report, thought_health_report, token_nlls)
     from quietstar.evaluation.plots import plot_difficulty
 
     if model_args.thought_tokens == 0:  # the analysis compares a thought with none
@@ -94,6 +97,10 @@ def run(args: argparse.Namespace) -> int:
                "thought_fraction": settings.thought_fractions[0], "thought_selection": settings.thought_selection}
     if fractions is not None:
         report["fractions"] = fractions
+    health = None
+    if settings.thought_health:
+        health = thought_health_report(model, texts, settings.max_length, settings.batch_size, model_args.seed)
+        report["thought_health"] = health
     out = Path(settings.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -101,6 +108,8 @@ def run(args: argparse.Namespace) -> int:
     print(format_difficulty_table(report))
     if fractions is not None:
         print(format_fraction_table(fractions))
+    if health is not None:
+        print(format_health(health))
     print(f"report and plot written to {out / 'report.json'} and {out / 'difficulty.png'}")
     return 0
 

@@ -21,11 +21,13 @@ from typing import Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from quietstar.utils.batching import model_device, pad_sequences
 from quietstar.utils.modes import eval_mode
 from quietstar.evaluation.tasks import next_token_logits
+from quietstar.method.objectives import thought_health
 from quietstar.method.selection import check_thought_fraction
 from quietstar.evaluation.statistics import format_cell, summarize
 from quietstar.utils.errors import QuietStarInputError
@@ -129,6 +131,70 @@ def token_nlls(model, texts: Sequence[str], thought_tokens: int | None = None,
     base = np.concatenate(base)
     return TokenNLLs(base, np.concatenate(thinking) if K else base, np.concatenate(document),
                      np.concatenate(thought) if thought else None)
+
+
+@torch.no_grad()
+def thought_health_report(model, texts: Sequence[str], max_length: int = 256, batch_size: int = 4,
+                          seed: int = 0) -> dict:
+    """What the model's thoughts look like on ``texts``: its training forward on every window
+    (its objective, its thinking positions and n thoughts per position; no update, the model in
+    eval mode; an rlp model without its EMA copy measures against itself), then per thought that
+    counts (at a thinking position with a next token), as the training log's
+    ``objectives.thought_health``:
+
+        leak_rate          share of thoughts that contain the next true token x_{i+1}
+        distinct_thoughts  distinct thoughts among a position's n, over n (1: all differ)
+        reward_spread      std of the objective's reward over a position's n thoughts
+        thought_length     mean count of a thought's own tokens; only with ``thought_can_end``
+
+    Returns those means over all counted thoughts, and "thoughts": how many counted."""
+    tokenizer, device = model.tokenizer, model_device(model)
+    windows = token_windows(texts, tokenizer, max_length)
+    if not windows:
+        raise QuietStarInputError("the texts hold no token with a predecessor; give longer texts")
+    n = model.config.thoughts_per_position
+    rollout = model.rollout
+    generator = torch.Generator(device).manual_seed(seed)
+    sums = {"leak_rate": 0.0, "distinct_thoughts": 0.0, "reward_spread": 0.0, "thought_length": 0.0}
+    total = 0
+    with eval_mode(model):
+        for start in range(0, len(windows), batch_size):
+            ids, mask = pad_sequences([w for _, w in windows[start:start + batch_size]], tokenizer.pad_token_id,
+                                      "right", device)
+            short = model.config.ahead_tokens + 1 - ids.shape[1]  # the forward needs A + 1 positions
+            if short > 0:
+                ids, mask = F.pad(ids, (0, short), value=tokenizer.pad_token_id), F.pad(mask, (0, short))
+            labels = ids.masked_fill(mask == 0, -100)
+            out = model(ids, mask, labels, generator=generator, check_finite=False)
+            B, _, L, k = out.thought_ids.shape
+            thoughts = out.thought_ids.reshape(B * n, L, k)
+            own = rollout.thought_mask(thoughts, rollout.fed_tokens(thoughts))
+            own = torch.ones_like(thoughts, dtype=torch.bool) if own is None else own
+            counted = torch.zeros_like(mask, dtype=torch.bool)
+            counted[:, :-1] = (labels[:, 1:] != -100) & mask[:, :-1].bool()
+            if out.thought_positions is not None:
+                counted &= out.thought_positions
+            next_tokens = F.pad(ids[:, 1:], (0, 1), value=tokenizer.pad_token_id)
+            health = thought_health(thoughts, own, next_tokens.repeat_interleave(n, 0),
+                                    counted.repeat_interleave(n, 0), n)
+            health["reward_spread"] = out.metrics["reward_spread"]
+            count = int(counted.sum()) * n
+            for key in sums:
+                sums[key] += health[key].item() * count
+            total += count
+    report = {key: value / max(total, 1) for key, value in sums.items()} | {"thoughts": total}
+    if not model.config.thought_can_end:
+        del report["thought_length"]  # always k
+    return report
+
+
+def format_health(report: dict) -> str:
+    """One line of ``thought_health_report``'s result."""
+    parts = [f"leak rate {report['leak_rate']:.1%}", f"distinct thoughts {report['distinct_thoughts']:.1%}",
+             f"reward spread {report['reward_spread']:.3g}"]
+    if "thought_length" in report:
+        parts.append(f"thought length {report['thought_length']:.1f}")
+    return f"thought health ({report['thoughts']} thoughts): " + ", ".join(parts)
 
 
 def difficulty_report(base, other, groups=None, buckets: int = 10, hardest_fraction: float = 0.1,

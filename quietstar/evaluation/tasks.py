@@ -37,6 +37,7 @@ from quietstar.evaluation.answers import first_integer, first_number, majority_v
 from quietstar.utils.batching import model_device, pad_sequences
 from quietstar.utils.modes import eval_mode
 from quietstar.data.corpora import read_jsonl
+from quietstar.method.controls import shifted_thoughts
 from quietstar.evaluation.statistics import format_cell, summarize
 from quietstar.utils.errors import QuietStarInputError
 
@@ -158,7 +159,8 @@ def thoughts_for(model, input_ids, attention_mask, thought_tokens: int, source: 
     * ``"random"``: uniform random tokens of the vocabulary (never a meta token): thoughts with
       no content, through the same mixing head;
     * ``"shifted"``: the model's own thoughts, each moved to the position L // 2 further along
-      the row (cyclically): fluent thoughts about another place in the text.
+      the row (cyclically): fluent thoughts about another place in the text
+      (``method.controls.shifted_thoughts``).
 
     The last two are controls: if the model gains as much from them as from its own thoughts, the
     gain does not come from what the thoughts say."""
@@ -172,15 +174,13 @@ def thoughts_for(model, input_ids, attention_mask, thought_tokens: int, source: 
         picks = torch.randint(0, candidates.numel(), (*input_ids.shape, thought_tokens), generator=generator,
                               device=generator.device if generator is not None else "cpu")
         return candidates.to(picks.device)[picks].to(input_ids.device)
-    shift = input_ids.shape[1] // 2
-    if source == "shifted" and thought_positions is not None:  # sample where they come from
-        thought_positions = torch.roll(thought_positions, shifts=shift, dims=1)
-    thoughts = model.sample_thoughts(input_ids, attention_mask, num_tokens=thought_tokens,
-                                     temperature=thought_temperature, generator=generator,
-                                     thought_positions=thought_positions)
     if source == "shifted":
-        thoughts = torch.roll(thoughts, shifts=-shift, dims=1)
-    return thoughts
+        return shifted_thoughts(model, input_ids, attention_mask, num_tokens=thought_tokens,
+                                temperature=thought_temperature, generator=generator,
+                                thought_positions=thought_positions)
+    return model.sample_thoughts(input_ids, attention_mask, num_tokens=thought_tokens,
+                                 temperature=thought_temperature, generator=generator,
+                                 thought_positions=thought_positions)
 
 
 @torch.no_grad()

@@ -237,7 +237,7 @@ class QuietStarForCausalLM(nn.Module):
 
     def score_thoughts(self, input_ids, thought_ids, attention_mask=None, thought_positions=None,
                        steps: int | None = None) -> ThoughtScores:
-        """Logits with fixed thoughts ``thought_ids`` [B, L, k] (inner tokens; START/END are added),
+        """Logits with fixed thoughts ``thought_ids`` [B, L, k] (inner tokens, END only where it ends one),
         for any length >= 1: steps past the end of the text are computed on padding (ignore them).
 
         ``thought_positions`` [B, L] bool thinks only there (the thoughts elsewhere are not read),
@@ -252,7 +252,7 @@ class QuietStarForCausalLM(nn.Module):
         if thought_ids.dim() != 3 or thought_ids.shape[:2] != input_ids.shape:
             raise QuietStarInputError(f"thought_ids must be [batch, length, k] matching input_ids "
                                       f"{tuple(input_ids.shape)}, got {tuple(thought_ids.shape)}")
-        if ((thought_ids == self.start_id) | (thought_ids == self.end_id)).any():
+        if ((thought_ids == self.start_id) | (thought_ids == self.end_id) & (self.end_id not in self.rollout.stop_ids)).any():
             raise QuietStarInputError("thought_ids contain START/END; pass only the inner thought tokens")
         L = input_ids.shape[1]
         self.check_rollout_positions(L, f"scoring thoughts on {L} tokens", thought_ids.shape[-1])

@@ -15,6 +15,8 @@ from typing import Any, Protocol
 import torch
 
 from quietstar.method.config import QUIETSTAR_CONFIG_NAME
+from quietstar.method.controls import shifted_thoughts
+from quietstar.method.targets import training_targets
 from quietstar.data.corpora import TokenBatches, heldout_split, load_texts
 from quietstar.models.modeling import QuietStarForCausalLM
 from quietstar.training.config import TrainConfig
@@ -125,16 +127,43 @@ class HeldoutLoss:
     NAMES = {"base_nll": "eval/nll_without_thought", "model_nll": "eval/nll_with_thought",
              "thought_gain": "eval/thought_gain"}
 
-    def __init__(self, batches: Sequence[dict[str, torch.Tensor]], seed: int):
-        self.batches, self.seed = list(batches), seed
+    def __init__(self, batches: Sequence[dict[str, torch.Tensor]], seed: int, *, own_minus_shifted: bool = False):
+        """``own_minus_shifted``: also "eval/own_minus_shifted" (``own_minus_shifted``)."""
+        self.batches, self.seed, self.own_minus_shifted = list(batches), seed, own_minus_shifted
 
     def __call__(self, model: QuietStarForCausalLM, step: int) -> dict[str, float]:
         device = next(model.parameters()).device
         sums = dict.fromkeys(self.NAMES, 0.0)
+        shifted = 0.0
         for i, batch in enumerate(self.batches):
             batch = {k: v.to(device) for k, v in batch.items()}
             out = model(batch["input_ids"], batch["attention_mask"], batch["labels"],
                         generator=thought_generator(self.seed, -1, i, device), check_finite=False)
             for key in sums:
                 sums[key] += out.metrics[key].item()
-        return {name: sums[key] / len(self.batches) for key, name in self.NAMES.items()}
+            if self.own_minus_shifted:
+                shifted += own_minus_shifted(model, batch, out, thought_generator(self.seed, -2, i, device))
+        metrics = {name: sums[key] / len(self.batches) for key, name in self.NAMES.items()}
+        if self.own_minus_shifted:
+            metrics["eval/own_minus_shifted"] = shifted / len(self.batches)
+        return metrics
+
+
+def own_minus_shifted(model: QuietStarForCausalLM, batch: dict[str, torch.Tensor], out, generator) -> float:
+    """Mean over the positions that thought in ``out`` (the model's output on ``batch``) of the
+    NLL of x_{i+1} after the position's own first thought minus after the thought of the position
+    L/2 further on (``method.controls.shifted_thoughts``, sampled from ``generator``), both scored
+    alike (``score_thoughts``). Below 0: the model's own thoughts say something useful here."""
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    targets, valid = training_targets(ids, mask, batch["labels"], 1)
+    positions = out.thought_positions
+    own = out.thought_ids[:, 0]                                               # [B, L, k]
+    shifted = shifted_thoughts(model, ids, mask, num_tokens=own.shape[-1], generator=generator,
+                               thought_positions=positions)
+    counted = valid[..., 0] if positions is None else valid[..., 0] & positions
+    nll = []
+    for thoughts in (own, shifted):
+        logits = model.score_thoughts(ids, thoughts, mask, positions, steps=1).mixed_logits[:, :, 0]
+        nll.append(torch.nn.functional.cross_entropy(logits[counted].float(), targets[..., 0][counted],
+                                                     reduction="none"))
+    return (nll[0] - nll[1]).mean().item() if counted.any() else 0.0

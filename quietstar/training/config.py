@@ -180,6 +180,10 @@ class TrainConfig:
     eval_documents: int = 100
     """Documents at the start of the data held out for evaluation (never trained on)."""
 
+    eval_own_minus_shifted: bool = False
+    """Also log eval/own_minus_shifted (held-out NLL with the model's own thoughts minus with
+    those of the position L/2 further on) for the quietstar objective; rlp / rpt always log it."""
+
     report_to: ReportTo = "none"
     """Also send the metrics to TensorBoard (<output_dir>/tensorboard) or Weights & Biases;
     metrics.jsonl is always written."""
@@ -242,6 +246,12 @@ class TrainConfig:
         need(self.push_to_hub is None or ("/" in self.push_to_hub and valid_repo_id(self.push_to_hub)),
              f"push_to_hub must be a Hub repo id 'owner/name', got {self.push_to_hub!r}")
         need(bool(self.lora_target_modules.strip()), "lora_target_modules must not be empty")
+
+    @property
+    def logs_own_minus_shifted(self) -> bool:
+        """Evaluation logs eval/own_minus_shifted: for rlp / rpt (whose thoughts are the point) or
+        when asked; the quietstar default skips its cost and keeps its logged keys."""
+        return self.eval_own_minus_shifted or self.quietstar.objective != "quietstar"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -280,7 +280,8 @@ class TrainingRecipe:
     def setup_data(self) -> None:
         cfg = self.config
         self.batches, heldout = build_data(cfg, self.tokenizer)
-        self.hooks = ([HeldoutLoss(heldout, cfg.seed)] if heldout else []) + self.extra_hooks
+        hook = HeldoutLoss(heldout, cfg.seed, own_minus_shifted=cfg.logs_own_minus_shifted)
+        self.hooks = ([hook] if heldout else []) + self.extra_hooks
         if self.hooks and not cfg.eval_every:
             raise QuietStarInputError("eval hooks were given but eval_every is 0; set eval_every")
 
