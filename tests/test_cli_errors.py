@@ -41,6 +41,8 @@ CASES = [
      "--max-new-tokens must be >= 1, got 0"),
     ("generate", "max-new-tokens-negative", QS + ["--prompt", "hi", "--max-new-tokens", "-3"],
      "--max-new-tokens must be >= 1"),
+    ("generate", "max-new-tokens-past-the-positions", QS + ["--prompt", "hi", "--max-new-tokens", "1000"],
+     "generating 1000 tokens needs position ids up to 1004, but LlamaForCausalLM has 256 positions"),
     ("generate", "max-new-tokens-text", QS + ["--prompt", "hi", "--max-new-tokens", "x"],
      "argument --max-new-tokens: invalid int value: 'x' (see quietstar generate --help)"),
     ("generate", "temperature-0", QS + ["--prompt", "hi", "--sample", "--temperature", "0"],
@@ -251,6 +253,20 @@ def test_output_paths_are_checked_before_the_model_loads(inputs, monkeypatch, ca
                  ["inspect", "--text", "hi there", "--out", "empty-dir"]):
         assert cli.main([*argv, "--model", names["qs"]]) == 2
         assert "--out" in capsys.readouterr().err
+
+
+def test_generate_checks_the_prompt_and_the_length_before_the_model_loads(inputs, monkeypatch, capsys):
+    import quietstar.cli.common as common
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the bad input was refused")
+
+    root, names = inputs
+    monkeypatch.setattr(common, "load_quietstar_model", no_load)
+    for argv, message in ((["--prompt", ""], "--prompt is empty"),
+                          (["--prompt", "hi", "--max-new-tokens", "300"], "generating 300 tokens needs position ids")):
+        assert cli.main(["generate", "--model", names["qs"], *argv]) == 2
+        assert message in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("bug", [KeyError("a bug"), ValueError("a bug"), ImportError("a bug"),

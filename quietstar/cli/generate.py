@@ -16,7 +16,9 @@ import torch
 from quietstar.utils.settings import add_dataclass_arguments, field_docs, option
 from quietstar.utils.batching import model_device
 from quietstar.method.config import check_thought_settings
-from quietstar.method.generation import generate
+from quietstar.method.generation import generate, generation_positions
+from quietstar.models.limits import check_positions
+from quietstar.models.loading import read_model_config, read_quietstar_config
 from quietstar.cli.common import LoadingArguments, check_at_least, check_device, command_main, parse_settings
 from quietstar.utils.errors import QuietStarInputError
 
@@ -57,8 +59,14 @@ class GenerateArguments:
     """random seed for sampling"""
     device: str | None = option(None, shown_default="cuda when available, else cpu")
     """e.g. cpu, cuda"""
+    allow_position_extrapolation: bool | None = option(None,
+                                                       shown_default="the model's allow_position_extrapolation")
+    """let a rotary model generate past its max_position_embeddings, where it was never trained
+    (refused otherwise)"""
 
     def __post_init__(self):
+        if not self.prompt:
+            raise QuietStarInputError("--prompt is empty; give a text to continue")
         check_thought_settings(self.thought_tokens, self.thought_temperature)
         check_device(self.device)
         check_at_least(1, max_new_tokens=self.max_new_tokens)
@@ -131,6 +139,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     settings = parse_settings(GenerateArguments, args)
     loading = parse_settings(LoadingArguments, args)
+    check_length(settings, loading)
     device = settings.device
     if device is None and loading.device_map is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -143,7 +152,7 @@ def run(args: argparse.Namespace) -> int:
         streamer = TextStreamer(model.tokenizer)
     input_ids = model.tokenizer(settings.prompt, return_tensors="pt").input_ids.to(device)
     if input_ids.shape[1] == 0:
-        raise QuietStarInputError("--prompt is empty (it encodes to no token); give a text to continue")
+        raise QuietStarInputError(f"--prompt {settings.prompt!r} encodes to no token; give a text to continue")
     generator = None
     if settings.seed is not None:
         generator = torch.Generator(device=device).manual_seed(settings.seed)
@@ -151,8 +160,24 @@ def run(args: argparse.Namespace) -> int:
              temperature=settings.temperature, top_k=settings.top_k, top_p=settings.top_p,
              streamer=streamer, thought_temperature=settings.thought_temperature,
              thought_tokens=settings.thought_tokens, thought_threshold=settings.thought_threshold,
-             generator=generator)
+             generator=generator, allow_position_extrapolation=settings.allow_position_extrapolation)
     return 0
+
+
+def check_length(settings: GenerateArguments, loading: LoadingArguments) -> None:
+    """--max-new-tokens and the thought length against the model's positions, from its config
+    files alone, before the weights load (a prompt has one token at least; ``generate`` checks
+    again with its length). Skipped where the configs cannot be read without loading."""
+    lm_config = read_model_config(settings.model, revision=loading.revision, cache_dir=loading.cache_dir)
+    method = None if lm_config is None else read_quietstar_config(settings.model, revision=loading.revision,
+                                                                   cache_dir=loading.cache_dir)
+    if method is None:
+        return
+    k, _ = method.thought_settings(settings.thought_tokens, None)
+    allow = settings.allow_position_extrapolation
+    check_positions(lm_config, generation_positions(1, settings.max_new_tokens, k),
+                    f"generating {settings.max_new_tokens} tokens",
+                    method.allow_position_extrapolation if allow is None else allow)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -109,6 +109,14 @@ def _check_inputs(model, input_ids, attention_mask, max_new_tokens, do_sample, t
                                   f"entropy; 0 = think before every token), got {thought_threshold!r}")
 
 
+def generation_positions(prompt_length: int, max_new_tokens: int, thought_tokens: int) -> int:
+    """Position ids that generating ``max_new_tokens`` after a ``prompt_length``-token prompt with
+    ``thought_tokens``-token thoughts may use: the last token fed is the last-but-one new one, at
+    L + N - 2, and its thought ends k + 2 positions further."""
+    L, N, k = prompt_length, max_new_tokens, thought_tokens
+    return L + max(N - 1, 0) + (k + 2 if k and N else 0)
+
+
 def _special_ids(model, eos_token_id):
     """(list of eos ids, pad id), defaulting as transformers' ``generate`` does."""
     gen_config = getattr(model.lm, "generation_config", None)
@@ -143,6 +151,7 @@ def generate(
     return_thoughts: bool = False,
     output_logits: bool = False,
     generator: torch.Generator | None = None,
+    allow_position_extrapolation: bool | None = None,
 ):
     """Generates up to ``max_new_tokens`` tokens, thinking before each one.
 
@@ -169,6 +178,9 @@ def generate(
             tokens thought.
         output_logits: also return the mixed logits of every step (before temperature/top-k/p).
         generator: random generator for thought and token sampling.
+        allow_position_extrapolation: let a rotary model generate past its
+            max_position_embeddings (refused otherwise, before any work); default
+            ``model.config.allow_position_extrapolation``.
 
     Returns:
         [B, L + N] token ids, or a ``GenerateOutput`` if ``return_thoughts`` or ``output_logits``.
@@ -176,10 +188,9 @@ def generate(
     _check_inputs(model, input_ids, attention_mask, max_new_tokens, do_sample, temperature, top_k,
                   top_p, thought_threshold)
     k, thought_t = model.config.thought_settings(thought_tokens, thought_temperature)
-    # The last token fed is the last-but-one new one, at L + N - 2; its thought ends at + k + 2.
     L, N = input_ids.shape[1], max_new_tokens
-    model.check_positions(L + max(N - 1, 0) + (k + 2 if k and N else 0),
-                          f"generating {N} tokens after a {L}-token prompt")
+    model.check_positions(generation_positions(L, N, k), f"generating {N} tokens after a {L}-token prompt",
+                          allow_position_extrapolation)
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     show_thoughts = hasattr(streamer, "put_thought") and k > 0

@@ -47,6 +47,13 @@ class GridHidden:
     rows: ThoughtRows | None = None  # the positions of the W thought rows; None: all (W = L)
 
 
+def rollout_positions(length: int, thought_tokens: int, ahead_tokens: int) -> int:
+    """Position ids a rollout over ``length`` text tokens uses: its last pass (the last
+    teacher-forced token after a ``thought_tokens``-token thought) sits at position
+    length - 1 + k + A + 1."""
+    return length + thought_tokens + ahead_tokens + 1
+
+
 def text_positions(attention_mask: torch.Tensor) -> torch.Tensor:
     """Position ids that start at 0 on the first real token (left padding safe)."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)

@@ -40,6 +40,8 @@ __all__ = [
     "load_base_model",
     "load_gguf_model",
     "load_quietstar_model",
+    "read_model_config",
+    "read_quietstar_config",
     "resolve_device",
     "resolve_dtype",
 ]
@@ -437,6 +439,51 @@ def _quietstar_folder(name: str, revision: str | None, cache_dir: str | os.PathL
     except (EntryNotFoundError, OSError, ValueError):  # not there, not cached, no such repo or
         return False  # no network: loading it as a plain model says what is wrong
     return True
+
+
+def read_model_config(name: str, *, revision: str | None = None, cache_dir: str | os.PathLike | None = None):
+    """The transformers config of the LM that ``name`` names (as ``load_base_model`` and
+    ``load_quietstar_model`` take it), read from its config.json alone, for the checks that come
+    before loading the weights; None where that takes more than reading one file (the embedded
+    model not converted yet, a .gguf file) or fails (loading then says what is wrong)."""
+    from transformers import AutoConfig
+
+    stripped = os.fspath(name).strip()
+    path = Path(stripped).expanduser()
+    if is_embedded_name(stripped):
+        path = default_cache_dir() / EMBEDDED_DIRNAME
+        if not _cached_folder_ok(path, None):
+            return None
+    elif not path.is_dir() and _is_local(stripped):  # a .gguf or no model at all
+        return None
+    hub = {} if path.is_dir() else {"revision": revision, "cache_dir": cache_dir}
+    try:
+        with quiet_transformers():
+            return AutoConfig.from_pretrained(str(path) if path.is_dir() else stripped,
+                                              local_files_only=path.is_dir() or offline(), **hub)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def read_quietstar_config(name: str, *, revision: str | None = None, cache_dir: str | os.PathLike | None = None):
+    """The QuietStarConfig that ``load_quietstar_model`` would load ``name`` with, without loading
+    it: a saved QuietStar model's own (local, or a Hub repo's file), else the defaults it wraps a
+    plain model with; None where the saved file cannot be read (loading then says why)."""
+    from quietstar.method.config import QUIETSTAR_CONFIG_NAME, QuietStarConfig
+
+    stripped = os.fspath(name).strip()
+    if not _quietstar_folder(stripped, revision, cache_dir):
+        return QuietStarConfig()
+    try:
+        if _is_local(stripped):
+            return QuietStarConfig.load(Path(stripped).expanduser())
+        from huggingface_hub import hf_hub_download
+
+        file = hf_hub_download(stripped, QUIETSTAR_CONFIG_NAME, revision=revision, cache_dir=cache_dir,
+                               local_files_only=True)  # _quietstar_folder has just fetched it
+        return QuietStarConfig.load(Path(file).parent)
+    except (OSError, ValueError):
+        return None
 
 
 def load_quietstar_model(name: str, device: str | None = None, dtype: str | None = None, *,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,13 +10,13 @@ import torch
 from torch import nn
 
 from quietstar.method import attention
-from quietstar.models import saved_model
+from quietstar.models import limits, saved_model
 from quietstar.method.config import QuietStarConfig
 from quietstar.method.losses import NonFiniteLossError, quietstar_loss_terms
 from quietstar.method.meta_tokens import MetaTokenEmbedding, add_meta_tokens
 from quietstar.method.mixing import MixingHead
 from quietstar.models.model_card import TrainingFacts
-from quietstar.method.rollout import GridHidden, Rollout, text_positions
+from quietstar.method.rollout import GridHidden, Rollout, rollout_positions, text_positions
 from quietstar.method.selection import ThoughtRows, check_thought_positions, inference_chooser, thought_rows_chooser
 from quietstar.method.targets import step_logprobs, training_targets
 from quietstar.method.vocab import VocabHead
@@ -154,30 +153,18 @@ class QuietStarForCausalLM(nn.Module):
         meta tokens are never predicted."""
         return self.vocab_head(lm).logits(hidden)
 
-    def check_positions(self, positions: int, what: str) -> None:
-        """``what`` needs position ids 0..positions-1 (a thought after position p continues the
-        text's positions: p+1 .. p+k+2, then the teacher-forced tokens). Beyond the LM's
-        ``max_position_embeddings``: a model with learned absolute positions (GPT-2) has no
-        embedding there, so ValueError before any work; a rotary model computes but was not
-        trained there, so a warning."""
-        text = self.lm.config.get_text_config()
-        limit = getattr(text, "max_position_embeddings", None) or getattr(text, "n_positions", None)
-        if limit is None or positions <= limit:
-            return
-        rotary = getattr(text, "rope_parameters", None) is not None or getattr(text, "rope_theta", None) is not None
-        message = (f"{what} needs position ids up to {positions - 1}, but {type(self.lm).__name__} has "
-                   f"{limit} positions (max_position_embeddings)")
-        if not rotary:
-            raise QuietStarInputError(f"{message}; shorten the text, or use fewer thought or ahead tokens")
-        warnings.warn(f"{message}: its rotary embeddings go beyond the range it was trained on, "
-                      "and predictions there degrade", stacklevel=3)
+    def check_positions(self, positions: int, what: str, allow_extrapolation: bool | None = None) -> None:
+        """Refuses ``what``, which needs position ids 0..positions-1, past the LM's
+        ``max_position_embeddings`` (``limits.check_positions``: a rotary LM may go past them with
+        ``allow_extrapolation``, default ``config.allow_position_extrapolation``), before any work."""
+        allow = self.config.allow_position_extrapolation if allow_extrapolation is None else allow_extrapolation
+        limits.check_positions(self.lm.config, positions, what, allow, type(self.lm).__name__)
 
     def check_rollout_positions(self, length: int, what: str, thought_tokens: int | None = None) -> None:
-        """``check_positions`` for a rollout over ``length`` text tokens: its last pass (the last
-        teacher-forced token after a ``thought_tokens``-token thought, default the config's k)
-        sits at position length - 1 + k + A + 1."""
+        """``check_positions`` for a rollout over ``length`` text tokens with a
+        ``thought_tokens``-token thought (default the config's k) and A ahead tokens."""
         k = self.config.sampled_thought_tokens if thought_tokens is None else thought_tokens
-        self.check_positions(length + k + self.config.ahead_tokens + 1, what)
+        self.check_positions(rollout_positions(length, k, self.config.ahead_tokens), what)
 
     def _check_text(self, input_ids, attention_mask):
         """Validates token ids [B, L >= 1] and their mask; returns the mask (ones if None)."""
