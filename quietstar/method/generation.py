@@ -29,6 +29,7 @@ import torch
 from transformers import DynamicCache
 
 from quietstar.method.rollout import text_positions
+from quietstar.utils.batching import check_padding_masked
 from quietstar.method.sampling import sample
 from quietstar.method.selection import logits_entropy
 from quietstar.utils.modes import eval_mode
@@ -83,6 +84,8 @@ def _check_inputs(model, input_ids, attention_mask, max_new_tokens, do_sample, t
     if input_ids.dim() != 2 or input_ids.shape[1] == 0:
         raise QuietStarInputError(f"input_ids must be [batch, length] with length >= 1, got shape "
                                   f"{tuple(input_ids.shape)}")
+    tok = model.tokenizer
+    check_padding_masked(input_ids, attention_mask, tok.pad_token_id, (tok.eos_token_id, tok.bos_token_id))
     if attention_mask is not None and attention_mask.shape != input_ids.shape:
         raise QuietStarInputError(f"attention_mask has shape {tuple(attention_mask.shape)} but input_ids has "
                                   f"{tuple(input_ids.shape)}; they must match")

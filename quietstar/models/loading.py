@@ -333,7 +333,9 @@ def load_base_model(
         ValueError: the name is neither a local folder/file nor loadable from the Hub (or its cache
             when offline), or an unknown ``embedded:`` name, or ``revision`` for a local model.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
+
+    from quietstar.models.weight_files import load_causal_lm
 
     resolved_dtype = resolve_dtype(dtype)
     resolved_device = resolve_device(device)
@@ -377,8 +379,7 @@ def load_base_model(
             tokenizer = AutoTokenizer.from_pretrained(stripped, local_files_only=local_only, **hub)
         except OSError as error:
             raise QuietStarInputError(f"Model {name!r} has no loadable tokenizer: {error}") from error
-        model = AutoModelForCausalLM.from_pretrained(stripped, config=config, local_files_only=local_only,
-                                                     **load_kwargs)
+        model = load_causal_lm(stripped, config=config, local_files_only=local_only, **load_kwargs)
 
     if resolved_device is not None:
         model.to(resolved_device)
@@ -388,9 +389,8 @@ def load_base_model(
 
 def _load_local_folder(folder: Path, kwargs: dict[str, Any]) -> tuple[Any, Any]:
     """(model, tokenizer) of a local Hugging Face folder; ``kwargs``: dtype / device_map."""
-    from transformers import AutoModelForCausalLM
-
     from quietstar.models.tokenizer_files import load_tokenizer, verify_tokenization
+    from quietstar.models.weight_files import load_causal_lm
 
     if not (folder / "config.json").is_file():
         raise QuietStarInputError(
@@ -407,7 +407,7 @@ def _load_local_folder(folder: Path, kwargs: dict[str, Any]) -> tuple[Any, Any]:
         except (OSError, ValueError, TypeError) as error:
             raise QuietStarInputError(f"Model folder {str(folder)!r} has no loadable tokenizer: {error}") from error
         verify_tokenization(tokenizer, folder)
-        model = AutoModelForCausalLM.from_pretrained(str(folder), local_files_only=True, **kwargs)
+        model = load_causal_lm(folder, local_files_only=True, **kwargs)
     return model, tokenizer
 
 

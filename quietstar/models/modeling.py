@@ -20,6 +20,7 @@ from quietstar.method.rollout import GridHidden, Rollout, rollout_positions, tex
 from quietstar.method.selection import ThoughtRows, check_thought_positions, inference_chooser, thought_rows_chooser
 from quietstar.method.targets import step_logprobs, training_targets
 from quietstar.method.vocab import VocabHead
+from quietstar.utils.batching import check_padding_masked
 from quietstar.utils.modes import eval_mode
 from quietstar.utils.errors import QuietStarInputError
 
@@ -80,6 +81,7 @@ class QuietStarForCausalLM(nn.Module):
         tokenizer of a saved QuietStar folder) accepts the meta tokens it already holds."""
         config = config or QuietStarConfig()
         _check_model(model)
+        _check_vocabulary(model, tokenizer, config)  # before the tokenizer gets the meta tokens
         start_id, end_id = add_meta_tokens(tokenizer, config.start_thought_token, config.end_thought_token,
                                            saved=saved_tokenizer)
         init_ids = tokenizer(config.meta_token_init, add_special_tokens=False).input_ids
@@ -171,6 +173,8 @@ class QuietStarForCausalLM(nn.Module):
         if input_ids.dim() != 2 or input_ids.shape[1] == 0:
             raise QuietStarInputError(f"input_ids must be [batch, length] with length >= 1, got shape "
                                       f"{tuple(input_ids.shape)}")
+        tok = self.tokenizer
+        check_padding_masked(input_ids, attention_mask, tok.pad_token_id, (tok.eos_token_id, tok.bos_token_id))
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         if attention_mask.shape != input_ids.shape:
@@ -450,6 +454,13 @@ class QuietStarForCausalLM(nn.Module):
 
 
 def _check_model(model) -> None:
+    if isinstance(model, QuietStarForCausalLM):
+        raise QuietStarInputError("the model is a QuietStarForCausalLM already: use it as it is, or wrap its base LM "
+                                  "anew with QuietStarForCausalLM.from_base(model.lm, model.tokenizer, config)")
+    if not isinstance(model, nn.Module) or not hasattr(model, "config") or not hasattr(model, "get_input_embeddings"):
+        raise QuietStarInputError(f"from_base wraps a loaded transformers causal LM, got {type(model).__name__}; "
+                                  "load one first (AutoModelForCausalLM.from_pretrained(name)), or load a saved "
+                                  "QuietStar model with QuietStarForCausalLM.from_pretrained(folder)")
     if getattr(model.config, "is_encoder_decoder", False):
         raise NotImplementedError(f"{type(model).__name__} is an encoder-decoder model; quietstar "
                                   "wraps decoder-only causal LMs")
@@ -457,3 +468,19 @@ def _check_model(model) -> None:
         raise NotImplementedError(f"{type(model).__name__} is not a causal LM with an output head; "
                                   "load it with AutoModelForCausalLM")
 
+
+
+def _check_vocabulary(model, tokenizer, config: QuietStarConfig) -> None:
+    """Every id the tokenizer can give has a row in the LM's input and output embeddings (but
+    the meta tokens, which live apart): else the first such token fails deep inside torch."""
+    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+    rows = min(getattr(embedding, "num_embeddings", None) or embedding.weight.shape[0],
+               getattr(head, "out_features", None) or head.weight.shape[0])
+    vocab = tokenizer.get_vocab()
+    meta = {vocab.get(config.start_thought_token), vocab.get(config.end_thought_token)}
+    beyond = [i for i in range(rows, len(tokenizer)) if i not in meta]
+    if beyond:
+        raise QuietStarInputError(
+            f"the tokenizer has {rows + len(beyond)} tokens but {type(model).__name__}'s embeddings have {rows} "
+            f"rows, so token ids {beyond[0]}..{beyond[-1]} have none; resize the model to its tokenizer first, "
+            "model.resize_token_embeddings(len(tokenizer)), or use the tokenizer it was trained with")
