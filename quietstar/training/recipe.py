@@ -344,7 +344,7 @@ class TrainingRecipe:
         t0 = time.perf_counter()
         lr = lr_at(step, cfg)
         set_learning_rate(self.optimizer, lr)
-        batch = self.pending if self.pending is not None else next(self.batch_iter)
+        batch = self.pending if self.pending is not None else self._next_batch()
         self.pending = None
         sums: dict[str, torch.Tensor] = {}
         apart: dict[str, dict] = {"nll": {}, "policy": {}}  # policy_max_grad_norm: gradients apart
@@ -386,6 +386,20 @@ class TrainingRecipe:
         if not finite:
             record["skipped"] = True
         return record, rows, out
+
+    def _next_batch(self) -> dict[str, torch.Tensor]:
+        """The next training batch. Bad data that the stream reaches only now (a malformed record
+        deep in a file, a file gone) ends the run as bad input, but the steps done since the last
+        checkpoint are saved first: the data is read as training goes, so no work is lost to it."""
+        try:
+            return next(self.batch_iter)
+        except (QuietStarInputError, OSError) as error:
+            saved = self.start_step if self.last_checkpoint is None else checkpoint.step_of(self.last_checkpoint)
+            if self.step <= saved:
+                raise
+            path = self.save_checkpoint(self.step)
+            raise QuietStarInputError(f"{error}; the {self.step} steps done are saved in {path}: fix the data, then "
+                                      f"continue with --resume {path}") from error
 
     def _clip_gradients(self, apart: dict[str, dict] | None) -> tuple[float | None, dict[str, float]]:
         """Clips the step's gradient; returns its norm and extra metrics. ``apart`` (policy_max_grad_norm):
