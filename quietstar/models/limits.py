@@ -25,6 +25,7 @@ from quietstar.method.rollout import rollout_positions
 from quietstar.utils.errors import QuietStarInputError
 
 GIB = 2 ** 30
+SHORTER = "--seq-len in training, --max-new-tokens in generation"
 # Values of the hidden size that every decoder layer keeps per token for the backward pass, at
 # least: its input, the normalised input, the attention's output, the MLP's input, and four more
 # in the attention and MLP projections. Measured: ~21 for a Llama layer (intermediate = 2 x
@@ -55,11 +56,11 @@ def check_positions(lm_config, positions: int, what: str, allow_extrapolation: b
                f"has {limit} positions (max_position_embeddings)")
     if not rotary:
         raise QuietStarInputError(f"{message}: its learned position embeddings end there; shorten the text "
-                                  "(--seq-len, --max-new-tokens), or use fewer thought or ahead tokens")
+                                  f"({SHORTER}), or use fewer thought or ahead tokens")
     if not allow_extrapolation:
         raise QuietStarInputError(
             f"{message}: its rotary positions were never trained there and its predictions degrade; shorten "
-            "the text (--seq-len, --max-new-tokens) or use fewer thought or ahead tokens, or opt in with "
+            f"the text ({SHORTER}) or use fewer thought or ahead tokens, or opt in with "
             "allow_position_extrapolation (QuietStarConfig; --allow-position-extrapolation for "
             "quietstar train and generate)")
 
