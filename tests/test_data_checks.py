@@ -192,3 +192,9 @@ def test_bad_data_met_mid_run_saves_the_steps_done_first(tmp_path, tiny_model_di
         train(config)
     [saved] = list_checkpoints(tmp_path / "run")
     assert 0 < step_of(saved) < 200 and f"the {step_of(saved)} steps done" in str(error.value)
+
+
+def test_windows_line_ends_separate_txt_documents_too(tmp_path):
+    path = tmp_path / "crlf.txt"
+    path.write_bytes(b"first document\r\nstill the first\r\n\r\nthe second\r\n \r\nthe third\r\n")
+    assert list(load_texts(str(path))) == ["first document\r\nstill the first", "the second", "the third"]

@@ -153,8 +153,8 @@ def read_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
 def _read_txt(path: Path) -> Iterator[str]:
     # A .txt file holds documents separated by one or more blank lines. That is how plain-text
     # corpora are usually laid out (and what arithmetic_corpus joined with "\n\n" gives); a file
-    # without blank lines is a single document.
-    documents = [doc.strip("\n") for doc in re.split(r"\n[ \t]*\n", read_utf8(path)) if doc.strip()]
+    # without blank lines is a single document. Windows line ends (\r\n) separate them alike.
+    documents = [doc.strip("\r\n") for doc in re.split(r"\r?\n[ \t]*\r?\n", read_utf8(path)) if doc.strip()]
     if len(documents) == 1 and (len(documents[0]) > ONE_DOCUMENT_CHARACTERS
                                 or documents[0].count("\n") >= ONE_DOCUMENT_LINES):
         warnings.warn(f"{path} is one document of {len(documents[0]):,} characters on "
