@@ -58,6 +58,15 @@ def test_wrapping_a_wrapped_model_or_no_model_is_refused():
             QuietStarForCausalLM.from_base(not_a_model, make_tokenizer())
 
 
+def test_no_tokenizer_or_a_config_of_another_type_is_refused():
+    for tokenizer in (None, "HuggingFaceTB/SmolLM2-135M"):
+        with pytest.raises(QuietStarInputError, match=r"from_base needs the LM's tokenizer \(AutoTokenizer"):
+            QuietStarForCausalLM.from_base(make_lm(), tokenizer)
+    with pytest.raises(QuietStarInputError, match=r"config must be a QuietStarConfig, got dict; e.g. "
+                                                  r"QuietStarConfig\(\*\*settings\)"):
+        QuietStarForCausalLM.from_base(make_lm(), make_tokenizer(), {"sampled_thought_tokens": 2})
+
+
 # ------------------------------------------------------------------------------ padding without a mask
 def _left_padded(tokenizer, pad_id):
     ids = random_text(2, 10)

@@ -79,8 +79,9 @@ class QuietStarForCausalLM(nn.Module):
 
         The thought token strings must be new to ``tokenizer``; ``saved_tokenizer=True`` (a
         tokenizer of a saved QuietStar folder) accepts the meta tokens it already holds."""
-        config = config or QuietStarConfig()
+        config = QuietStarConfig() if config is None else config
         _check_model(model)
+        _check_tokenizer_and_config(tokenizer, config)
         _check_vocabulary(model, tokenizer, config)  # before the tokenizer gets the meta tokens
         start_id, end_id = add_meta_tokens(tokenizer, config.start_thought_token, config.end_thought_token,
                                            saved=saved_tokenizer)
@@ -468,6 +469,15 @@ def _check_model(model) -> None:
         raise NotImplementedError(f"{type(model).__name__} is not a causal LM with an output head; "
                                   "load it with AutoModelForCausalLM")
 
+
+
+def _check_tokenizer_and_config(tokenizer, config) -> None:
+    if not all(hasattr(tokenizer, name) for name in ("get_vocab", "convert_tokens_to_ids", "__len__")):
+        raise QuietStarInputError(f"from_base needs the LM's tokenizer (AutoTokenizer.from_pretrained(name)), got "
+                                  f"{type(tokenizer).__name__}")
+    if not isinstance(config, QuietStarConfig):
+        raise QuietStarInputError(f"config must be a QuietStarConfig, got {type(config).__name__}; e.g. "
+                                  "QuietStarConfig(**settings) or QuietStarConfig.from_dict(settings)")
 
 
 def _check_vocabulary(model, tokenizer, config: QuietStarConfig) -> None:
