@@ -32,6 +32,8 @@ CASES = [
     ("generate", "model-corrupt-head", ["--model", "corrupt-head", "--prompt", "hi"],
      "quietstar_head.safetensors is corrupt"),
     ("generate", "model-no-weights", ["--model", "no-weights", "--prompt", "hi"], "no file named model.safetensors"),
+    ("generate", "model-truncated-weights", ["--model", "truncated", "--prompt", "hi"],
+     "truncated/model.safetensors is damaged"),
     ("generate", "model-bad-embedded", ["--model", "embedded:nope", "--prompt", "hi"], "Unknown embedded model"),
     ("generate", "model-hub-offline", ["--model", "nobody/no-such-model", "--prompt", "hi"],
      "could not be loaded in the local Hugging Face cache (offline mode)"),
@@ -41,6 +43,8 @@ CASES = [
      "--max-new-tokens must be >= 1, got 0"),
     ("generate", "max-new-tokens-negative", QS + ["--prompt", "hi", "--max-new-tokens", "-3"],
      "--max-new-tokens must be >= 1"),
+    ("generate", "max-new-tokens-past-the-positions", QS + ["--prompt", "hi", "--max-new-tokens", "1000"],
+     "generating 1000 tokens needs position ids up to 1004, but LlamaForCausalLM has 256 positions"),
     ("generate", "max-new-tokens-text", QS + ["--prompt", "hi", "--max-new-tokens", "x"],
      "argument --max-new-tokens: invalid int value: 'x' (see quietstar generate --help)"),
     ("generate", "temperature-0", QS + ["--prompt", "hi", "--sample", "--temperature", "0"],
@@ -107,6 +111,8 @@ CASES = [
      "fields.jsonl:1: record has no 'text' field"),
     ("analyze", "data-not-objects", QS + ["--data", "list.jsonl", "--out", "o"],
      "list.jsonl:1: a record must be a JSON object"),
+    ("analyze", "data-text-a-list", QS + ["--data", "list-text.jsonl", "--out", "o"],
+     "list-text.jsonl:2: field 'text' holds a list"),
     ("analyze", "data-csv", QS + ["--data", "data.csv", "--out", "o"], "unsupported file type data.csv"),
     ("analyze", "data-builtin-unknown", QS + ["--data", "builtin:nope", "--out", "o"], "unknown built-in corpus"),
     ("analyze", "data-hub-offline", QS + ["--data", "nobody/no-such-dataset", "--out", "o"],
@@ -149,6 +155,11 @@ CASES = [
      "training data 'empty.jsonl' has no documents: it holds no text"),
     ("train", "data-wrong-fields", PLAIN + QUIET + ["--data", "fields.jsonl"], "fields.jsonl:1: record has no 'text'"),
     ("train", "data-not-objects", PLAIN + QUIET + ["--data", "list.jsonl"], "list.jsonl:1: a record must be a JSON object"),
+    ("train", "data-text-a-list", PLAIN + QUIET + ["--data", "list-text.jsonl"], "list-text.jsonl:2: field 'text' holds"),
+    ("train", "eval-documents-above-the-corpus", PLAIN + ["--data", "dups.txt", "--eval-documents", "10"],
+     "has only 6 documents, all taken for evaluation (--eval-documents 10); leave --eval-documents unset"),
+    ("train", "seq-len-past-the-positions", PLAIN + ["--seq-len", "250"],
+     "training on seq_len 250 with k=4, A=4 needs position ids up to 258, but LlamaForCausalLM has 256 positions"),
     ("train", "data-only-held-out-duplicates",
      PLAIN + ["--data", "dups.txt", "--eval-documents", "1", "--eval-batches", "1", "--seq-len", "8"],
      "each of its 5 documents after the 1 held out for evaluation repeats a held-out one"),
@@ -159,6 +170,7 @@ CASES = [
     ("train", "config-missing", ["--config", "nope.yaml"], "config file nope.yaml not found"),
     ("train", "config-bad-yaml", ["--config", "bad.yaml"], "config file bad.yaml is not valid YAML: expected the node"),
     ("train", "config-not-utf8", ["--config", "binary.txt"], "config file binary.txt is not UTF-8 text"),
+    ("train", "config-key-twice", PLAIN[:2] + ["--config", "twice.yaml"], "config file twice.yaml gives 'seq_len' twice, at lines 1 and 3"),
     ("train", "output-dir-inside-a-file", PLAIN + ["--output-dir", "a-file/run"], "lies inside a-file, which is a file"),
     ("train", "output-dir-is-a-file", PLAIN + ["--output-dir", "a-file"], "--output-dir a-file is a file"),
     ("train", "output-dir-unwritable", PLAIN + ["--output-dir", "{unwritable}/run"], "cannot create files in"),
@@ -196,6 +208,11 @@ def inputs(tmp_path_factory):
     (root / "nodata" / "x.csv").write_text("a")
     (root / "dups.txt").write_text("same words again and again here\n\n" * 6)
     (root / "bad.yaml").write_text("a: [1,\n")
+    (root / "twice.yaml").write_text("seq_len: 16\nmax_steps: 1\nseq_len: 32\n")
+    (root / "list-text.jsonl").write_text('{"text": "fine words"}\n{"text": ["a", "list"]}\n')
+    shutil.copytree(root / "qs-model", root / "truncated")
+    weights = root / "truncated" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
     if os.geteuid() == 0:  # root writes into any folder: a pseudo file system refuses new files
         unwritable = "/proc/quietstar-test"
     else:
@@ -251,6 +268,20 @@ def test_output_paths_are_checked_before_the_model_loads(inputs, monkeypatch, ca
                  ["inspect", "--text", "hi there", "--out", "empty-dir"]):
         assert cli.main([*argv, "--model", names["qs"]]) == 2
         assert "--out" in capsys.readouterr().err
+
+
+def test_generate_checks_the_prompt_and_the_length_before_the_model_loads(inputs, monkeypatch, capsys):
+    import quietstar.cli.common as common
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the bad input was refused")
+
+    root, names = inputs
+    monkeypatch.setattr(common, "load_quietstar_model", no_load)
+    for argv, message in ((["--prompt", ""], "--prompt is empty"),
+                          (["--prompt", "hi", "--max-new-tokens", "300"], "generating 300 tokens needs position ids")):
+        assert cli.main(["generate", "--model", names["qs"], *argv]) == 2
+        assert message in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("bug", [KeyError("a bug"), ValueError("a bug"), ImportError("a bug"),

@@ -7,6 +7,7 @@ import argparse
 import json
 import math
 import typing
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -139,6 +140,12 @@ def test_answer_vocabulary_comes_from_the_tokenizer():
     # Digit tokens, with or without the glued space; the superscript digits of the vocabulary are not
     # ASCII digits and stay out.
     assert pieces == {*"0123456789", "12", "48", "72", " 48", " 72", "\n"}
+    # A negative or decimal gold answer brings its own signs; an integer one keeps the paper's vocabulary.
+    def signs(answer):
+        vocab = answer_vocabulary(tok, "gsm8k", vocab_size=336, answer=answer)
+        return {tok.decode([i]) for i in vocab.nonzero().flatten().tolist()} - pieces
+
+    assert signs("72") == set() and signs("-3") == {"-"} and signs("0.25") == {"."} and signs("-2.5") == {"-", "."}
     csqa = answer_vocabulary(tok, "csqa", ("A", "B", "C", "D", "E"), 336)
     assert {tok.decode([i]) for i in csqa.nonzero().flatten().tolist()} == {*"ABCDE", "\n"}
 
@@ -174,11 +181,17 @@ def test_direct_score_hand_computed_gsm8k():
     on = direct_scores(model, items, "gsm8k", thought_tokens=2, thought_temperature=0.0, batch_size=3)
     np.testing.assert_allclose(on, [9 / 26 * 1 / 26, 1 / 26 * 3 / 26 * 1 / 26,
                                     1 / 26 * (3 / 26) ** 3 * 1 / 26], rtol=1e-5)
-    # A minus sign is outside the paper's answer vocabulary (digits and newline): probability 0.
-    negative = Item("n", "How cold is it?", "-10")
+    # A negative or decimal answer adds its minus sign or decimal point to its own vocabulary (17
+    # tokens: Z = 4 + 2 + 15 = 21): "-10" is "-", "1", "0", "\n"; "2.5" is "2", ".", "5", "\n".
+    negative, decimal = Item("n", "How cold is it?", "-10"), Item("d", "How far?", "2.5")
+    assert tok.convert_ids_to_tokens(tok(f"{negative.prompt} -10\n").input_ids)[-5:] == ["Ġ", "-", "1", "0", "Ċ"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        scores = direct_scores(model, [items[1], negative, decimal], "gsm8k")
+    np.testing.assert_allclose(scores, [off[1], 2 / 21 ** 4, 1 / 21 ** 4], rtol=1e-5)  # the integer's unchanged
+    # Anything else outside the answer vocabulary scores 0, with a warning.
     with pytest.warns(UserWarning, match="1 answer"):
-        scores = direct_scores(model, [items[1], negative], "gsm8k")
-    assert scores[1] == 0.0 and scores[0] == pytest.approx(off[1], rel=1e-5)
+        assert direct_scores(model, [Item("p", "How much?", "7%")], "gsm8k")[0] == 0.0
 
 
 def test_direct_score_hand_computed_csqa_through_evaluate():

@@ -24,8 +24,9 @@ class AnalyzeArguments:
     """The settings of ``quietstar analyze`` (the model's: ``ModelArguments``)."""
 
     data: str
-    """held-out text the model was not trained on: a .txt/.jsonl/.json/.parquet file or folder,
-    builtin:arithmetic, or a Hugging Face dataset"""
+    """held-out text the model was not trained on: a .txt/.jsonl/.json/.parquet file or folder
+    (a .txt file's documents are separated by blank lines), builtin:arithmetic, or a Hugging Face
+    dataset"""
     out: str = option(output="folder")
     """folder for report.json and difficulty.png"""
     limit: int | None = option(None, shown_default="all")

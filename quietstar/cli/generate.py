@@ -56,8 +56,14 @@ class GenerateArguments:
     """random seed for sampling"""
     device: str | None = option(None, shown_default="cuda when available, else cpu")
     """e.g. cpu, cuda"""
+    allow_position_extrapolation: bool | None = option(None,
+                                                       shown_default="the model's allow_position_extrapolation")
+    """let a rotary model generate past its max_position_embeddings, where it was never trained
+    (refused otherwise)"""
 
     def __post_init__(self):
+        if not self.prompt:
+            raise QuietStarInputError("--prompt is empty; give a text to continue")
         check_thought_settings(self.thought_tokens, self.thought_temperature)
         check_device(self.device)
         check_at_least(1, max_new_tokens=self.max_new_tokens)
@@ -130,6 +136,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     settings = parse_settings(GenerateArguments, args)
     loading = parse_settings(LoadingArguments, args)
+    check_length(settings, loading)
     # Here, after the flags are checked: torch and transformers, which --help and a wrong flag
     # must not wait for.
     import torch
@@ -149,7 +156,7 @@ def run(args: argparse.Namespace) -> int:
         streamer = TextStreamer(model.tokenizer)
     input_ids = model.tokenizer(settings.prompt, return_tensors="pt").input_ids.to(device)
     if input_ids.shape[1] == 0:
-        raise QuietStarInputError("--prompt is empty (it encodes to no token); give a text to continue")
+        raise QuietStarInputError(f"--prompt {settings.prompt!r} encodes to no token; give a text to continue")
     generator = None
     if settings.seed is not None:
         generator = torch.Generator(device=device).manual_seed(settings.seed)
@@ -157,8 +164,24 @@ def run(args: argparse.Namespace) -> int:
              temperature=settings.temperature, top_k=settings.top_k, top_p=settings.top_p,
              streamer=streamer, thought_temperature=settings.thought_temperature,
              thought_tokens=settings.thought_tokens, thought_threshold=settings.thought_threshold,
-             generator=generator)
+             generator=generator, allow_position_extrapolation=settings.allow_position_extrapolation)
     return 0
+
+
+def check_length(settings: GenerateArguments, loading: LoadingArguments) -> None:
+    """--max-new-tokens and the thought length against the model's positions, from its config
+    files alone, before the weights load (a prompt has one token at least; ``generate`` checks
+    again with its length). Skipped where the configs cannot be read without loading."""
+    lm_config = read_model_config(settings.model, revision=loading.revision, cache_dir=loading.cache_dir)
+    method = None if lm_config is None else read_quietstar_config(settings.model, revision=loading.revision,
+                                                                   cache_dir=loading.cache_dir)
+    if method is None:
+        return
+    k, _ = method.thought_settings(settings.thought_tokens, None)
+    allow = settings.allow_position_extrapolation
+    check_positions(lm_config, generation_positions(1, settings.max_new_tokens, k),
+                    f"generating {settings.max_new_tokens} tokens",
+                    method.allow_position_extrapolation if allow is None else allow)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,6 +24,7 @@ import json
 import os
 import random
 import re
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
@@ -38,6 +39,9 @@ BUILTIN_ARITHMETIC = "builtin:arithmetic"
 BUILTIN_SCRATCHPAD = "builtin:scratchpad"
 BUILTIN_CORPORA = {BUILTIN_ARITHMETIC: arithmetic_corpus, BUILTIN_SCRATCHPAD: scratchpad_corpus}
 LOCAL_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
+# A .txt file read as one document this large warns: its documents were likely meant to be apart.
+ONE_DOCUMENT_CHARACTERS = 100_000
+ONE_DOCUMENT_LINES = 1_000
 
 # ---------------------------------------------------------------------------------------------
 # Loading documents
@@ -58,8 +62,9 @@ class _Reiterable:
         return iter(self._make_iter())
 
 
-def _record_text(record: Any, text_field: str | None, where: str) -> str:
-    """One record (dict row or plain string) -> document text."""
+def _record_text(record: Any, text_field: str | None, where: str) -> str | None:
+    """One record (dict row or plain string) -> document text; None where its text is null (no
+    document: ``_texts`` skips and counts it)."""
     if isinstance(record, str):
         return record
     if not isinstance(record, dict):
@@ -69,13 +74,48 @@ def _record_text(record: Any, text_field: str | None, where: str) -> str:
         if text_field not in record:
             raise QuietStarInputError(f"{where}: record has no field {text_field!r} "
                                       f"(fields: {sorted(record)})")
-        return str(record[text_field])
+        return _field_text(record, text_field, where)
     if "text" in record:
-        return str(record["text"])
+        return _field_text(record, "text", where)
     if "question" in record and "answer" in record:  # GSM8K layout
-        return f"Question: {record['question']}\nAnswer: {record['answer']}"
+        question, answer = _field_text(record, "question", where), _field_text(record, "answer", where)
+        if question is None or answer is None:
+            return None
+        return f"Question: {question}\nAnswer: {answer}"
     raise QuietStarInputError(f"{where}: record has no 'text' field and is not question/answer "
                               f"(fields: {sorted(record)}); pass text_field=...")
+
+
+def _field_text(record: dict, name: str, where: str) -> str | None:
+    """The string in field ``name``; None for null; any other value (a list, a number, an object)
+    is refused: made into a string it would train on its Python repr."""
+    value = record[name]
+    if value is None or isinstance(value, str):
+        return value
+    kind = {list: "a list", dict: "an object", bool: "a boolean", int: "a number", float: "a number"}.get(
+        type(value), type(value).__name__)
+    raise QuietStarInputError(f"{where}: field {name!r} holds {kind} ({str(value)[:40]}), not a string of text; "
+                              "fix the record (join a list of strings into one), or choose another field with "
+                              "--text-field")
+
+
+def _texts(records: Iterable[tuple[str, Any]], text_field: str | None, source: str) -> Iterator[str]:
+    """The text of every (where, record); records whose text is null are skipped, as blank
+    documents are, and reported: a warning at the first (where it is), and the count when the
+    records have all been read."""
+    skipped, first = 0, None
+    for where, record in records:
+        text = _record_text(record, text_field, where)
+        if text is not None:
+            yield text
+            continue
+        skipped += 1
+        if first is None:
+            first = where
+            warnings.warn(f"{where}: the record's text is null; skipping it (and any other such record of "
+                          f"{source}: no text, no document)", stacklevel=2)
+    if skipped > 1:
+        warnings.warn(f"{source}: skipped {skipped} records whose text is null (the first at {first})", stacklevel=2)
 
 
 def _not_utf8(path: Path, line_no: int, error: UnicodeDecodeError) -> QuietStarInputError:
@@ -113,11 +153,15 @@ def read_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
 def _read_txt(path: Path) -> Iterator[str]:
     # A .txt file holds documents separated by one or more blank lines. That is how plain-text
     # corpora are usually laid out (and what arithmetic_corpus joined with "\n\n" gives); a file
-    # without blank lines is a single document.
-    text = read_utf8(path)
-    for doc in re.split(r"\n[ \t]*\n", text):
-        if doc.strip():
-            yield doc.strip("\n")
+    # without blank lines is a single document. Windows line ends (\r\n) separate them alike.
+    documents = [doc.strip("\r\n") for doc in re.split(r"\r?\n[ \t]*\r?\n", read_utf8(path)) if doc.strip()]
+    if len(documents) == 1 and (len(documents[0]) > ONE_DOCUMENT_CHARACTERS
+                                or documents[0].count("\n") >= ONE_DOCUMENT_LINES):
+        warnings.warn(f"{path} is one document of {len(documents[0]):,} characters on "
+                      f"{documents[0].count(chr(10)) + 1:,} lines: a .txt file's documents are separated by blank "
+                      "lines and it has none; if it holds several (one per line, say), put a blank line between "
+                      "them, or write them as JSON lines", stacklevel=2)
+    yield from documents
 
 
 def _read_json(path: Path, text_field: str | None) -> Iterator[str]:
@@ -130,19 +174,23 @@ def _read_json(path: Path, text_field: str | None) -> Iterator[str]:
         if isinstance(data, dict):  # {"data": [...]} style: take the first list of records
             data = next((v for v in data.values() if isinstance(v, list)), [data])
         if isinstance(data, list):
-            for i, record in enumerate(data):
-                yield _record_text(record, text_field, f"{path} record {i}")
+            yield from _texts(((f"{path} record {i}", record) for i, record in enumerate(data)), text_field,
+                              str(path))
             return
-    for line_no, record in read_jsonl(path):
-        yield _record_text(record, text_field, f"{path}:{line_no}")
+    yield from _texts(((f"{path}:{line_no}", record) for line_no, record in read_jsonl(path)), text_field, str(path))
 
 
 def _read_parquet(path: Path, text_field: str | None) -> Iterator[str]:
     import pyarrow.parquet as pq  # a dependency of `datasets`
 
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):  # streamed, not all at once
-        for record in batch.to_pylist():
-            yield _record_text(record, text_field, str(path))
+    def records() -> Iterator[tuple[str, Any]]:
+        row = 0
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):  # streamed, not all at once
+            for record in batch.to_pylist():
+                yield f"{path} row {row}", record
+                row += 1
+
+    yield from _texts(records(), text_field, str(path))
 
 
 def _read_local(path: Path, text_field: str | None) -> Iterator[str]:
@@ -177,7 +225,7 @@ def _load_hub(source: str, split: str, text_field: str | None, streaming: bool) 
             f"dataset {source!r} could not be found locally or downloaded from the Hugging Face "
             f"Hub ({type(e).__name__}: {e}). Use a local .txt/.jsonl/.json/.parquet file or "
             f"directory, or the offline corpus {BUILTIN_ARITHMETIC!r}.") from e
-    return _Reiterable(lambda: (_record_text(r, text_field, source) for r in ds))
+    return _Reiterable(lambda: _texts(((f"{source} record {i}", r) for i, r in enumerate(ds)), text_field, source))
 
 
 def load_texts(source: str, *, split: str = "train", text_field: str | None = None,
@@ -246,14 +294,29 @@ class _Remaining:
         return _NO_TEXT
 
 
+# The default held-out split: a tenth of the documents (HELDOUT_SHARE), at most HELDOUT_MOST.
+HELDOUT_MOST = 100
+HELDOUT_SHARE = 10
+
 _NO_TEXT = "it holds no text (empty files or blank documents only); check the data and --text-field"
 
 
-def heldout_split(texts: Iterable[str], num_heldout: int) -> tuple[list[str], Iterable[str]]:
-    """(held-out documents, the rest): the first ``num_heldout`` documents are held out, and
-    the rest (re-iterable, streamed) leaves out every document equal to a held-out one, so a
-    duplicated text is never both trained on and evaluated on. The one held-out split of the
-    project: training, its held-out loss and the experiments all cut the data here."""
+def default_heldout(texts: Iterable[str]) -> int:
+    """How many documents the held-out split takes by default: a tenth of them, at most
+    ``HELDOUT_MOST`` and at least one, so that a small corpus still leaves most of itself to
+    train on. Reads at most the first ``HELDOUT_MOST`` x ``HELDOUT_SHARE`` documents."""
+    read = sum(1 for _ in itertools.islice(texts, HELDOUT_MOST * HELDOUT_SHARE))
+    return min(HELDOUT_MOST, max(1, read // HELDOUT_SHARE)) if read else 0
+
+
+def heldout_split(texts: Iterable[str], num_heldout: int | None = None) -> tuple[list[str], Iterable[str]]:
+    """(held-out documents, the rest): the first ``num_heldout`` documents are held out (None:
+    ``default_heldout`` of them), and the rest (re-iterable, streamed) leaves out every document
+    equal to a held-out one, so a duplicated text is never both trained on and evaluated on. The
+    one held-out split of the project: training, its held-out loss and the experiments all cut
+    the data here."""
+    if num_heldout is None:
+        num_heldout = default_heldout(texts)
     if num_heldout < 0:
         raise QuietStarInputError(f"num_heldout must be >= 0, got {num_heldout}")
     heldout = list(itertools.islice(texts, num_heldout))

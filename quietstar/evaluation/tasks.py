@@ -6,9 +6,9 @@ tokens after every token), each reported as a mean with a bootstrap 95% interval
 ``direct``
     The paper's zero-shot score. The prompt ``"Q: {question}\\nA:"`` is followed by the gold answer
     and a newline, teacher-forced. Each answer token's probability is read from the model's
-    softmax *restricted to the answer vocabulary* (digits and newline for GSM8K, the choice letters
-    and newline for CommonsenseQA) and renormalised; an item scores the product over its answer
-    tokens. It is an expected accuracy, smoother than argmax accuracy. With thoughts on, token
+    softmax *restricted to the answer vocabulary* (digits and newline for GSM8K, with a minus sign
+    and a decimal point for the answers that have them; the choice letters and newline for
+    CommonsenseQA) and renormalised; an item scores the product over its answer tokens. It is an expected accuracy, smoother than argmax accuracy. With thoughts on, token
     x_{j} is predicted by the mixed prediction after a thought at position j-1.
 ``accuracy``
     Greedy answer after ``"Q: ...\\nA:"`` (up to the first newline), exact match.
@@ -212,16 +212,23 @@ def next_token_logits(model, input_ids, attention_mask, thought_tokens: int,
 
 
 # --------------------------------------------------------------------------------------- direct score
-def _answer_piece_rule(task: str, labels: tuple[str, ...]):
+def number_signs(answer: str) -> str:
+    """The signs a GSM8K gold ``answer`` writes besides digits: "-" (negative), "." (decimal)."""
+    return ("-" if answer.startswith("-") else "") + ("." if "." in answer else "")
+
+
+def _answer_piece_rule(task: str, labels: tuple[str, ...], signs: str):
     if task == "gsm8k":
-        return lambda piece: re.fullmatch(r"[0-9]+", piece) is not None
+        # digits, after a leading minus and around a decimal point where the answer has them
+        number = re.compile(("-?" if "-" in signs else "") + "[0-9]*" + (r"\.?[0-9]*" if "." in signs else ""))
+        return lambda piece: number.fullmatch(piece) is not None
     return lambda piece: piece in labels
 
 
 @lru_cache(maxsize=16)
-def _answer_vocabulary_cached(tokenizer, tokenizer_size: int, task: str, labels: tuple[str, ...],
+def _answer_vocabulary_cached(tokenizer, tokenizer_size: int, task: str, labels: tuple[str, ...], signs: str,
                               vocab_size: int) -> torch.Tensor:
-    is_piece = _answer_piece_rule(task, labels)
+    is_piece = _answer_piece_rule(task, labels, signs)
     special = set(tokenizer.all_special_ids)
     ids = range(min(tokenizer_size, vocab_size))
     texts = tokenizer.batch_decode([[i] for i in ids], clean_up_tokenization_spaces=False)
@@ -234,17 +241,22 @@ def _answer_vocabulary_cached(tokenizer, tokenizer_size: int, task: str, labels:
     return allowed
 
 
-def answer_vocabulary(tokenizer, task: str, labels: Sequence[str] = (), vocab_size: int | None = None) -> torch.Tensor:
+def answer_vocabulary(tokenizer, task: str, labels: Sequence[str] = (), vocab_size: int | None = None,
+                      answer: str = "") -> torch.Tensor:
     """[vocab_size] bool: the tokens the direct score may predict, found from the tokenizer.
 
     A token belongs if its text is a newline, or, after at most one leading space, is made of
     digits (GSM8K) or is exactly one choice label (CommonsenseQA). The optional space covers
     tokenizers that glue it to the first answer token (" 72", " B"); special tokens never belong.
+    For a GSM8K gold ``answer`` that is negative or decimal ("-2", "2.5") the minus sign (leading)
+    and the decimal point (between digits) belong too, for that item only: every integer answer
+    keeps the paper's digits-and-newline vocabulary, so its score is unchanged.
     """
     if task not in TASKS:
         raise QuietStarInputError(f"unknown task {task!r}; choose one of {TASKS}")
+    signs = number_signs(answer) if task == "gsm8k" else ""
     # Keyed on the tokenizer's size too: adding tokens (as from_base does) must not reuse a stale mask.
-    return _answer_vocabulary_cached(tokenizer, len(tokenizer), task, tuple(labels),
+    return _answer_vocabulary_cached(tokenizer, len(tokenizer), task, tuple(labels), signs,
                                      vocab_size or len(tokenizer))
 
 
@@ -287,7 +299,7 @@ def direct_scores(model, items: Sequence[Item], task: str, thought_tokens: int =
         _, logits = next_token_logits(model, ids, mask, thought_tokens, thought_temperature, generator,
                                       thought_positions=scored)
         for b, (item, (tokens, first)) in enumerate(zip(batch, encoded)):
-            vocab = answer_vocabulary(tokenizer, task, item.labels, logits.shape[-1]).to(device)
+            vocab = answer_vocabulary(tokenizer, task, item.labels, logits.shape[-1], item.answer).to(device)
             rows = logits[b, first - 1:len(tokens) - 1].float()     # predict tokens first..end
             targets = torch.tensor(tokens[first:], device=device)
             logp = rows.masked_fill(~vocab, float("-inf")).log_softmax(-1)
@@ -295,7 +307,8 @@ def direct_scores(model, items: Sequence[Item], task: str, thought_tokens: int =
             scores.append(logp.gather(-1, targets[:, None]).sum().exp().item())
     if unscorable:
         warnings.warn(f"{unscorable} answer(s) contain tokens outside the {task} answer vocabulary "
-                      "(digits/choice letters and newline) and score 0", stacklevel=2)
+                      "(digits with the answer's minus sign and decimal point / choice letters, and newline) "
+                      "and score 0", stacklevel=2)
     return np.array(scores)
 
 

@@ -227,6 +227,12 @@ class QuietStarConfig:
     any length (``vocab.VocabHead``). 0: all rows at once, kept for the backward (no recompute:
     a little faster, [tokens x V] memory)."""
 
+    allow_position_extrapolation: bool = False
+    """Let a rotary-position model (Llama, Qwen, Mistral, ...) run past its
+    max_position_embeddings (a long seq_len, thought or generation): it computes there but was
+    never trained there, so its predictions degrade. False: such lengths are refused before any
+    work. Learned absolute positions (GPT-2) have no embedding there and are always refused."""
+
     def __post_init__(self) -> None:
         check_field_types(self)  # types; every float finite (NaN / inf refused)
 

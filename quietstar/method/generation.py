@@ -30,6 +30,7 @@ import torch
 from transformers import DynamicCache
 
 from quietstar.method.rollout import text_positions
+from quietstar.utils.batching import check_padding_masked
 from quietstar.method.sampling import sample
 from quietstar.method.selection import logits_entropy
 from quietstar.utils.modes import eval_mode
@@ -84,6 +85,8 @@ def _check_inputs(model, input_ids, attention_mask, max_new_tokens, do_sample, t
     if input_ids.dim() != 2 or input_ids.shape[1] == 0:
         raise QuietStarInputError(f"input_ids must be [batch, length] with length >= 1, got shape "
                                   f"{tuple(input_ids.shape)}")
+    tok = model.tokenizer
+    check_padding_masked(input_ids, attention_mask, tok.pad_token_id, (tok.eos_token_id, tok.bos_token_id))
     if attention_mask is not None and attention_mask.shape != input_ids.shape:
         raise QuietStarInputError(f"attention_mask has shape {tuple(attention_mask.shape)} but input_ids has "
                                   f"{tuple(input_ids.shape)}; they must match")
@@ -108,6 +111,14 @@ def _check_inputs(model, input_ids, attention_mask, max_new_tokens, do_sample, t
             math.isfinite(thought_threshold) and thought_threshold >= 0):
         raise QuietStarInputError(f"thought_threshold must be a finite number >= 0 (nats of the base prediction's "
                                   f"entropy; 0 = think before every token), got {thought_threshold!r}")
+
+
+def generation_positions(prompt_length: int, max_new_tokens: int, thought_tokens: int) -> int:
+    """Position ids that generating ``max_new_tokens`` after a ``prompt_length``-token prompt with
+    ``thought_tokens``-token thoughts may use: the last token fed is the last-but-one new one, at
+    L + N - 2, and its thought ends k + 2 positions further."""
+    L, N, k = prompt_length, max_new_tokens, thought_tokens
+    return L + max(N - 1, 0) + (k + 2 if k and N else 0)
 
 
 def _special_ids(model, eos_token_id):
@@ -144,6 +155,7 @@ def generate(
     return_thoughts: bool = False,
     output_logits: bool = False,
     generator: torch.Generator | None = None,
+    allow_position_extrapolation: bool | None = None,
 ):
     """Generates up to ``max_new_tokens`` tokens, thinking before each one.
 
@@ -170,6 +182,9 @@ def generate(
             tokens thought.
         output_logits: also return the mixed logits of every step (before temperature/top-k/p).
         generator: random generator for thought and token sampling.
+        allow_position_extrapolation: let a rotary model generate past its
+            max_position_embeddings (refused otherwise, before any work); default
+            ``model.config.allow_position_extrapolation``.
 
     Returns:
         [B, L + N] token ids, or a ``GenerateOutput`` if ``return_thoughts`` or ``output_logits``.
@@ -178,10 +193,9 @@ def generate(
                   top_p, thought_threshold)
     k, thought_t = model.config.thought_settings(thought_tokens, thought_temperature)
     m = len(model.thought_prefix_ids) if k else 0  # the thought_prefix's tokens, after START
-    # The last token fed is the last-but-one new one, at L + N - 2; its thought ends at + m + k + 2.
     L, N = input_ids.shape[1], max_new_tokens
-    model.check_positions(L + max(N - 1, 0) + (m + k + 2 if k and N else 0),
-                          f"generating {N} tokens after a {L}-token prompt")
+    model.check_positions(generation_positions(L, N, k + m if k else 0),
+                          f"generating {N} tokens after a {L}-token prompt", allow_position_extrapolation)
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     show_thoughts = hasattr(streamer, "put_thought") and k > 0

@@ -59,6 +59,13 @@ class GridHidden:
     thought_mask: torch.Tensor | None = None  # [B, W, k] the thought's own ids (early end); None: all
 
 
+def rollout_positions(length: int, thought_tokens: int, ahead_tokens: int) -> int:
+    """Position ids a rollout over ``length`` text tokens uses: its last pass (the last
+    teacher-forced token after a ``thought_tokens``-token thought) sits at position
+    length - 1 + k + A + 1."""
+    return length + thought_tokens + ahead_tokens + 1
+
+
 def text_positions(attention_mask: torch.Tensor) -> torch.Tensor:
     """Position ids that start at 0 on the first real token (left padding safe)."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)

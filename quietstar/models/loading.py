@@ -40,6 +40,8 @@ __all__ = [
     "load_base_model",
     "load_gguf_model",
     "load_quietstar_model",
+    "read_model_config",
+    "read_quietstar_config",
     "resolve_device",
     "resolve_dtype",
 ]
@@ -333,7 +335,9 @@ def load_base_model(
         ValueError: the name is neither a local folder/file nor loadable from the Hub (or its cache
             when offline), or an unknown ``embedded:`` name, or ``revision`` for a local model.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
+
+    from quietstar.models.weight_files import load_causal_lm
 
     resolved_dtype = resolve_dtype(dtype)
     resolved_device = resolve_device(device)
@@ -377,8 +381,7 @@ def load_base_model(
             tokenizer = AutoTokenizer.from_pretrained(stripped, local_files_only=local_only, **hub)
         except OSError as error:
             raise QuietStarInputError(f"Model {name!r} has no loadable tokenizer: {error}") from error
-        model = AutoModelForCausalLM.from_pretrained(stripped, config=config, local_files_only=local_only,
-                                                     **load_kwargs)
+        model = load_causal_lm(stripped, config=config, local_files_only=local_only, **load_kwargs)
 
     if resolved_device is not None:
         model.to(resolved_device)
@@ -388,9 +391,8 @@ def load_base_model(
 
 def _load_local_folder(folder: Path, kwargs: dict[str, Any]) -> tuple[Any, Any]:
     """(model, tokenizer) of a local Hugging Face folder; ``kwargs``: dtype / device_map."""
-    from transformers import AutoModelForCausalLM
-
     from quietstar.models.tokenizer_files import load_tokenizer, verify_tokenization
+    from quietstar.models.weight_files import load_causal_lm
 
     if not (folder / "config.json").is_file():
         raise QuietStarInputError(
@@ -407,7 +409,7 @@ def _load_local_folder(folder: Path, kwargs: dict[str, Any]) -> tuple[Any, Any]:
         except (OSError, ValueError, TypeError) as error:
             raise QuietStarInputError(f"Model folder {str(folder)!r} has no loadable tokenizer: {error}") from error
         verify_tokenization(tokenizer, folder)
-        model = AutoModelForCausalLM.from_pretrained(str(folder), local_files_only=True, **kwargs)
+        model = load_causal_lm(folder, local_files_only=True, **kwargs)
     return model, tokenizer
 
 
@@ -439,6 +441,51 @@ def _quietstar_folder(name: str, revision: str | None, cache_dir: str | os.PathL
     except (EntryNotFoundError, OSError, ValueError):  # not there, not cached, no such repo or
         return False  # no network: loading it as a plain model says what is wrong
     return True
+
+
+def read_model_config(name: str, *, revision: str | None = None, cache_dir: str | os.PathLike | None = None):
+    """The transformers config of the LM that ``name`` names (as ``load_base_model`` and
+    ``load_quietstar_model`` take it), read from its config.json alone, for the checks that come
+    before loading the weights; None where that takes more than reading one file (the embedded
+    model not converted yet, a .gguf file) or fails (loading then says what is wrong)."""
+    from transformers import AutoConfig
+
+    stripped = os.fspath(name).strip()
+    path = Path(stripped).expanduser()
+    if is_embedded_name(stripped):
+        path = default_cache_dir() / EMBEDDED_DIRNAME
+        if not _cached_folder_ok(path, None):
+            return None
+    elif not path.is_dir() and _is_local(stripped):  # a .gguf or no model at all
+        return None
+    hub = {} if path.is_dir() else {"revision": revision, "cache_dir": cache_dir}
+    try:
+        with quiet_transformers():
+            return AutoConfig.from_pretrained(str(path) if path.is_dir() else stripped,
+                                              local_files_only=path.is_dir() or offline(), **hub)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def read_quietstar_config(name: str, *, revision: str | None = None, cache_dir: str | os.PathLike | None = None):
+    """The QuietStarConfig that ``load_quietstar_model`` would load ``name`` with, without loading
+    it: a saved QuietStar model's own (local, or a Hub repo's file), else the defaults it wraps a
+    plain model with; None where the saved file cannot be read (loading then says why)."""
+    from quietstar.method.config import QUIETSTAR_CONFIG_NAME, QuietStarConfig
+
+    stripped = os.fspath(name).strip()
+    if not _quietstar_folder(stripped, revision, cache_dir):
+        return QuietStarConfig()
+    try:
+        if _is_local(stripped):
+            return QuietStarConfig.load(Path(stripped).expanduser())
+        from huggingface_hub import hf_hub_download
+
+        file = hf_hub_download(stripped, QUIETSTAR_CONFIG_NAME, revision=revision, cache_dir=cache_dir,
+                               local_files_only=True)  # _quietstar_folder has just fetched it
+        return QuietStarConfig.load(Path(file).parent)
+    except (OSError, ValueError):
+        return None
 
 
 def load_quietstar_model(name: str, device: str | None = None, dtype: str | None = None, *,

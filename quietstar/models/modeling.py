@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,17 +10,18 @@ import torch
 from torch import nn
 
 from quietstar.method import attention
-from quietstar.models import saved_model
+from quietstar.models import limits, saved_model
 from quietstar.method.config import QuietStarConfig
 from quietstar.method.losses import NonFiniteLossError, quietstar_loss_terms
 from quietstar.method.meta_tokens import MetaTokenEmbedding, add_meta_tokens
 from quietstar.method.mixing import MixingHead
 from quietstar.method.objectives import successor_loss_terms, thought_logprobs
 from quietstar.models.model_card import TrainingFacts
-from quietstar.method.rollout import GridHidden, Rollout, text_positions
+from quietstar.method.rollout import GridHidden, Rollout, rollout_positions, text_positions
 from quietstar.method.selection import ThoughtRows, check_thought_positions, inference_chooser, thought_rows_chooser
 from quietstar.method.targets import loss_head, step_logprobs, training_targets
 from quietstar.method.vocab import VocabHead
+from quietstar.utils.batching import check_padding_masked
 from quietstar.utils.modes import eval_mode
 from quietstar.utils.errors import QuietStarInputError
 
@@ -82,8 +82,10 @@ class QuietStarForCausalLM(nn.Module):
 
         The thought token strings must be new to ``tokenizer``; ``saved_tokenizer=True`` (a
         tokenizer of a saved QuietStar folder) accepts the meta tokens it already holds."""
-        config = config or QuietStarConfig()
+        config = QuietStarConfig() if config is None else config
         _check_model(model)
+        _check_tokenizer_and_config(tokenizer, config)
+        _check_vocabulary(model, tokenizer, config)  # before the tokenizer gets the meta tokens
         start_id, end_id = add_meta_tokens(tokenizer, config.start_thought_token, config.end_thought_token,
                                            saved=saved_tokenizer)
         init_ids = tokenizer(config.meta_token_init, add_special_tokens=False).input_ids
@@ -161,36 +163,26 @@ class QuietStarForCausalLM(nn.Module):
         meta tokens are never predicted."""
         return self.vocab_head(lm).logits(hidden)
 
-    def check_positions(self, positions: int, what: str) -> None:
-        """``what`` needs position ids 0..positions-1 (a thought after position p continues the
-        text's positions: p+1 .. p+k+2, then the teacher-forced tokens). Beyond the LM's
-        ``max_position_embeddings``: a model with learned absolute positions (GPT-2) has no
-        embedding there, so ValueError before any work; a rotary model computes but was not
-        trained there, so a warning."""
-        text = self.lm.config.get_text_config()
-        limit = getattr(text, "max_position_embeddings", None) or getattr(text, "n_positions", None)
-        if limit is None or positions <= limit:
-            return
-        rotary = getattr(text, "rope_parameters", None) is not None or getattr(text, "rope_theta", None) is not None
-        message = (f"{what} needs position ids up to {positions - 1}, but {type(self.lm).__name__} has "
-                   f"{limit} positions (max_position_embeddings)")
-        if not rotary:
-            raise QuietStarInputError(f"{message}; shorten the text, or use fewer thought or ahead tokens")
-        warnings.warn(f"{message}: its rotary embeddings go beyond the range it was trained on, "
-                      "and predictions there degrade", stacklevel=3)
+    def check_positions(self, positions: int, what: str, allow_extrapolation: bool | None = None) -> None:
+        """Refuses ``what``, which needs position ids 0..positions-1, past the LM's
+        ``max_position_embeddings`` (``limits.check_positions``: a rotary LM may go past them with
+        ``allow_extrapolation``, default ``config.allow_position_extrapolation``), before any work."""
+        allow = self.config.allow_position_extrapolation if allow_extrapolation is None else allow_extrapolation
+        limits.check_positions(self.lm.config, positions, what, allow, type(self.lm).__name__)
 
     def check_rollout_positions(self, length: int, what: str, thought_tokens: int | None = None) -> None:
-        """``check_positions`` for a rollout over ``length`` text tokens: its last pass (the last
-        teacher-forced token after a ``thought_tokens``-token thought, default the config's k)
-        sits at position length - 1 + k + A + 1."""
+        """``check_positions`` for a rollout over ``length`` text tokens with a
+        ``thought_tokens``-token thought (default the config's k) and A ahead tokens."""
         k = self.config.sampled_thought_tokens if thought_tokens is None else thought_tokens
-        self.check_positions(length + len(self.thought_prefix_ids) + k + self.config.ahead_tokens + 1, what)
+        self.check_positions(rollout_positions(length, len(self.thought_prefix_ids) + k, self.config.ahead_tokens), what)
 
     def _check_text(self, input_ids, attention_mask):
         """Validates token ids [B, L >= 1] and their mask; returns the mask (ones if None)."""
         if input_ids.dim() != 2 or input_ids.shape[1] == 0:
             raise QuietStarInputError(f"input_ids must be [batch, length] with length >= 1, got shape "
                                       f"{tuple(input_ids.shape)}")
+        tok = self.tokenizer
+        check_padding_masked(input_ids, attention_mask, tok.pad_token_id, (tok.eos_token_id, tok.bos_token_id))
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         if attention_mask.shape != input_ids.shape:
@@ -491,6 +483,13 @@ class QuietStarForCausalLM(nn.Module):
 
 
 def _check_model(model) -> None:
+    if isinstance(model, QuietStarForCausalLM):
+        raise QuietStarInputError("the model is a QuietStarForCausalLM already: use it as it is, or wrap its base LM "
+                                  "anew with QuietStarForCausalLM.from_base(model.lm, model.tokenizer, config)")
+    if not isinstance(model, nn.Module) or not hasattr(model, "config") or not hasattr(model, "get_input_embeddings"):
+        raise QuietStarInputError(f"from_base wraps a loaded transformers causal LM, got {type(model).__name__}; "
+                                  "load one first (AutoModelForCausalLM.from_pretrained(name)), or load a saved "
+                                  "QuietStar model with QuietStarForCausalLM.from_pretrained(folder)")
     if getattr(model.config, "is_encoder_decoder", False):
         raise NotImplementedError(f"{type(model).__name__} is an encoder-decoder model; quietstar "
                                   "wraps decoder-only causal LMs")
@@ -498,3 +497,28 @@ def _check_model(model) -> None:
         raise NotImplementedError(f"{type(model).__name__} is not a causal LM with an output head; "
                                   "load it with AutoModelForCausalLM")
 
+
+
+def _check_tokenizer_and_config(tokenizer, config) -> None:
+    if not all(hasattr(tokenizer, name) for name in ("get_vocab", "convert_tokens_to_ids", "__len__")):
+        raise QuietStarInputError(f"from_base needs the LM's tokenizer (AutoTokenizer.from_pretrained(name)), got "
+                                  f"{type(tokenizer).__name__}")
+    if not isinstance(config, QuietStarConfig):
+        raise QuietStarInputError(f"config must be a QuietStarConfig, got {type(config).__name__}; e.g. "
+                                  "QuietStarConfig(**settings) or QuietStarConfig.from_dict(settings)")
+
+
+def _check_vocabulary(model, tokenizer, config: QuietStarConfig) -> None:
+    """Every id the tokenizer can give has a row in the LM's input and output embeddings (but
+    the meta tokens, which live apart): else the first such token fails deep inside torch."""
+    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+    rows = min(getattr(embedding, "num_embeddings", None) or embedding.weight.shape[0],
+               getattr(head, "out_features", None) or head.weight.shape[0])
+    vocab = tokenizer.get_vocab()
+    meta = {vocab.get(config.start_thought_token), vocab.get(config.end_thought_token)}
+    beyond = [i for i in range(rows, len(tokenizer)) if i not in meta]
+    if beyond:
+        raise QuietStarInputError(
+            f"the tokenizer has {rows + len(beyond)} tokens but {type(model).__name__}'s embeddings have {rows} "
+            f"rows, so token ids {beyond[0]}..{beyond[-1]} have none; resize the model to its tokenizer first, "
+            "model.resize_token_embeddings(len(tokenizer)), or use the tokenizer it was trained with")

@@ -17,13 +17,13 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM
 
 from quietstar.method.config import QUIETSTAR_CONFIG_NAME, QuietStarConfig
 from quietstar.models.model_card import CARD_NAME, TrainingFacts, render_card
 from quietstar.utils.hub import is_hub_id, offline
 from quietstar.utils.log_filters import quiet_transformers
 from quietstar.models.tokenizer_files import load_tokenizer, save_tokenization_check, verify_tokenization
+from quietstar.models.weight_files import load_causal_lm
 from quietstar.utils.errors import QuietStarInputError
 
 HEAD_WEIGHTS_NAME = "quietstar_head.safetensors"
@@ -93,7 +93,7 @@ def load_pretrained(model_class, name_or_path: str | Path, *, revision: str | No
     with quiet_transformers():
         tokenizer = load_tokenizer(directory)
         verify_tokenization(tokenizer, directory)
-        lm = AutoModelForCausalLM.from_pretrained(directory, **model_kwargs)
+        lm = load_causal_lm(directory, **model_kwargs)
     lm.eval()
     model = model_class.from_base(lm, tokenizer, config, saved_tokenizer=True)
     load_head(model, directory)

@@ -17,7 +17,7 @@ import torch
 from quietstar.method.config import QUIETSTAR_CONFIG_NAME
 from quietstar.method.controls import shifted_thoughts
 from quietstar.method.targets import training_targets
-from quietstar.data.corpora import TokenBatches, heldout_split, load_texts
+from quietstar.data.corpora import TokenBatches, default_heldout, heldout_split, load_texts
 from quietstar.models.modeling import QuietStarForCausalLM
 from quietstar.training.config import TrainConfig
 from quietstar.utils.errors import MissingDependencyError, QuietStarInputError
@@ -89,16 +89,17 @@ def build_data(config: TrainConfig, tokenizer):
     heldout_batches: list[dict[str, torch.Tensor]] = []
     if config.eval_every:
         heldout, texts = heldout_split(texts, config.eval_documents)
-        if len(heldout) < config.eval_documents:
+        if config.eval_documents is not None and len(heldout) < config.eval_documents:
             raise QuietStarInputError(f"the data {config.data!r} has only {len(heldout)} documents, all taken "
-                                      f"for evaluation (--eval-documents {config.eval_documents}); use more "
-                                      "data, a smaller --eval-documents, or --eval-every 0")
+                                      f"for evaluation (--eval-documents {config.eval_documents}); leave "
+                                      f"--eval-documents unset (a tenth: {default_heldout(heldout)} here), give a "
+                                      "smaller one, use more data, or --eval-every 0")
         held = TokenBatches(heldout, tokenizer, config.seq_len, config.micro_batch_size,
                             mode=config.data_mode, shuffle=False, epochs=1,
                             name=f"held-out part of {config.data!r}")
         heldout_batches = list(itertools.islice(held, config.eval_batches))
         if len(heldout_batches) < config.eval_batches:
-            raise QuietStarInputError(f"the {config.eval_documents} held-out documents give only "
+            raise QuietStarInputError(f"the {len(heldout)} held-out documents give only "
                                       f"{len(heldout_batches)} of --eval-batches {config.eval_batches} "
                                       "batches; raise --eval-documents or lower --eval-batches")
     batches = TokenBatches(texts, tokenizer, config.seq_len, config.batch_size,

@@ -75,7 +75,8 @@ class TrainConfig:
 
     data: str = "builtin:arithmetic"
     """Training text: "builtin:arithmetic" (offline), a local .txt/.jsonl/.json/.parquet file or
-    folder, or a Hugging Face dataset "name" or "name:config" (streamed)."""
+    folder (a .txt file's documents are separated by blank lines; without one it is one document),
+    or a Hugging Face dataset "name" or "name:config" (streamed)."""
 
     data_split: str = "train"
     """Split of a Hugging Face dataset."""
@@ -177,7 +178,7 @@ class TrainConfig:
     eval_batches: int = 2
     """Held-out batches of micro_batch_size sequences per evaluation."""
 
-    eval_documents: int = 100
+    eval_documents: int | None = option(None, shown_default="a tenth of the documents, at most 100")
     """Documents at the start of the data held out for evaluation (never trained on)."""
 
     eval_own_minus_shifted: bool = False
@@ -211,12 +212,15 @@ class TrainConfig:
                 raise QuietStarInputError(f"TrainConfig: {message}")
 
         for name in ("seq_len", "batch_size", "micro_batch_size", "max_steps", "checkpoint_every",
-                     "keep_checkpoints", "eval_batches", "eval_documents", "max_nonfinite_steps"):
+                     "keep_checkpoints", "eval_batches", "max_nonfinite_steps"):
             value = getattr(self, name)
             need(isinstance(value, int) and value >= 1, f"{name} must be an int >= 1, got {value!r}")
         for name in ("warmup_steps", "sample_every", "eval_every", "lora_rank", "seed"):
             value = getattr(self, name)
             need(isinstance(value, int) and value >= 0, f"{name} must be an int >= 0, got {value!r}")
+        need(self.eval_documents is None or self.eval_documents >= 1,
+             f"eval_documents must be None (a tenth of the documents, at most 100) or >= 1, got "
+             f"{self.eval_documents!r}")
         need(self.num_documents is None or self.num_documents >= 1,
              f"num_documents must be None or >= 1, got {self.num_documents!r}")
         need(self.batch_size % self.micro_batch_size == 0,

@@ -42,6 +42,8 @@ from quietstar.training.gradients import add_back, clip_policy_apart, hold_apart
 from quietstar.training.metrics import CURVES_NAME, METRICS_NAME, MetricsLogger, SampleWriter, format_sample, \
     plot_training_curves, thought_samples
 from quietstar.data.corpora import TokenBatches
+from quietstar.models.limits import check_training_memory, check_training_positions
+from quietstar.models.loading import read_model_config
 from quietstar.models.model_card import TrainingFacts
 from quietstar.models.modeling import QuietStarForCausalLM
 from quietstar.training.optim import build_optimizer, lr_at, set_learning_rate
@@ -107,6 +109,7 @@ class TrainingRecipe:
         self.main: bool | None = None            # the main process (logs, plots, the summary)
         self.accumulation: int | None = None     # micro-batches per optimiser step and process
         self.deepspeed: bool | None = None
+        self.sizes_checked = False               # positions and memory, by check_sizes
         self.sharded: bool | None = None         # FSDP or DeepSpeed: no whole state per process
         self.ema: bool | None = None             # an EMA copy of the LM (QuietStarConfig.uses_ema_copy)
         self.resume_from: Path | None = None     # the checkpoint this run continues
@@ -146,6 +149,7 @@ class TrainingRecipe:
     def setup(self) -> None:
         """Every stage before the first step, in order; ``train_step`` can run right after."""
         self.setup_accelerator()
+        self.check_sizes()
         self.setup_run_folder()
         self.setup_logging()
         self.setup_model()
@@ -173,6 +177,9 @@ class TrainingRecipe:
         # backward() divides the loss by the number of micro-batches (DeepSpeed: its engine does both).
         self.accelerator = Accelerator(cpu=cpu, gradient_accumulation_steps=self.accumulation)
         self.rank, self.main = self.accelerator.process_index, self.accelerator.is_main_process
+        self.device = self.accelerator.device
+        p = cfg.precision  # "auto": bf16 where the GPU has it
+        self.bf16 = p == "bf16" or (p == "auto" and self.device.type == "cuda" and torch.cuda.is_bf16_supported())
         self.deepspeed = self.accelerator.distributed_type == DistributedType.DEEPSPEED
         self.sharded = self.deepspeed or self.accelerator.distributed_type == DistributedType.FSDP
         if self.sharded and cfg.lora_rank:
@@ -185,6 +192,21 @@ class TrainingRecipe:
         if self.world > 1 and cfg.policy_max_grad_norm is not None:
             raise QuietStarInputError("policy_max_grad_norm (two backward passes per step) runs in one process "
                                       "for now; unset it or train with one process")
+
+    def check_sizes(self, lm_config=None) -> None:
+        """The base LM's positions and a step's memory against seq_len, k, A, n and the micro-batch
+        (``models.limits``), from the LM's config: read from its file before the run folder, the
+        model or the data is touched, or, where that needs the model (``read_model_config`` gives
+        None), given by ``setup_model`` once it has loaded."""
+        cfg = self.config
+        lm_config = lm_config or read_model_config(cfg.model, revision=cfg.revision, cache_dir=cfg.cache_dir)
+        if lm_config is None:
+            return
+        check_training_positions(lm_config, cfg.quietstar, cfg.seq_len)
+        check_training_memory(lm_config, cfg.quietstar, seq_len=cfg.seq_len, micro_batch_size=cfg.micro_batch_size,
+                              device=self.device, bf16=self.bf16, activation_checkpointing=cfg.activation_checkpointing,
+                              processes_sharing=self.world if self.device.type == "cpu" else 1)
+        self.sizes_checked = True
 
     def setup_run_folder(self) -> None:
         """The run folder (every process must agree on its name), checked writable, with the
@@ -268,9 +290,8 @@ class TrainingRecipe:
                 cfg.micro_batch_size
         else:
             model = build_model(cfg)
-        q = cfg.quietstar
-        model.check_rollout_positions(cfg.seq_len, f"training on seq_len {cfg.seq_len} with "
-                                      f"k={q.sampled_thought_tokens}, A={q.ahead_tokens}")  # before any data is read
+        if not self.sizes_checked:  # its config could not be read before: before any data is read
+            self.check_sizes(model.lm.config)
         if self.ema:
             model.ema_baseline_enable()  # before accelerate moves and wraps the model
         self.model = self.unwrapped = model
@@ -292,9 +313,6 @@ class TrainingRecipe:
         optimizer = build_optimizer(self.model, self.config)
         self.model, self.optimizer = self.accelerator.prepare(self.model, optimizer)
         self.unwrapped = self.accelerator.unwrap_model(self.model)
-        self.device = self.accelerator.device
-        p = self.config.precision  # "auto": bf16 where the GPU has it
-        self.bf16 = p == "bf16" or (p == "auto" and self.device.type == "cuda" and torch.cuda.is_bf16_supported())
         if self.tune_cpu and self.device.type == "cpu":
             # Subnormal floats (SmolLM2's small activations underflow: a forward is 6x faster with
             # them flushed to zero) and malloc returning each step's activation memory.
@@ -368,7 +386,7 @@ class TrainingRecipe:
         t0 = time.perf_counter()
         lr = lr_at(step, cfg)
         set_learning_rate(self.optimizer, lr)
-        batch = self.pending if self.pending is not None else next(self.batch_iter)
+        batch = self.pending if self.pending is not None else self._next_batch()
         self.pending = None
         sums: dict[str, torch.Tensor] = {}
         apart: dict[str, dict] = {"nll": {}, "policy": {}}  # policy_max_grad_norm: gradients apart
@@ -410,6 +428,20 @@ class TrainingRecipe:
         if not finite:
             record["skipped"] = True
         return record, rows, out
+
+    def _next_batch(self) -> dict[str, torch.Tensor]:
+        """The next training batch. Bad data that the stream reaches only now (a malformed record
+        deep in a file, a file gone) ends the run as bad input, but the steps done since the last
+        checkpoint are saved first: the data is read as training goes, so no work is lost to it."""
+        try:
+            return next(self.batch_iter)
+        except (QuietStarInputError, OSError) as error:
+            saved = self.start_step if self.last_checkpoint is None else checkpoint.step_of(self.last_checkpoint)
+            if self.step <= saved:
+                raise
+            path = self.save_checkpoint(self.step)
+            raise QuietStarInputError(f"{error}; the {self.step} steps done are saved in {path}: fix the data, then "
+                                      f"continue with --resume {path}") from error
 
     def _clip_gradients(self, apart: dict[str, dict] | None) -> tuple[float | None, dict[str, float]]:
         """Clips the step's gradient; returns its norm and extra metrics. ``apart`` (policy_max_grad_norm):

@@ -193,17 +193,47 @@ def parse_dataclass(cls: type, args: argparse.Namespace):
     return cls(**given_settings(args, cls))
 
 
+class _DuplicateKey(yaml.YAMLError):
+    def __init__(self, key: Any, first: int, second: int):
+        super().__init__(f"{key!r} at lines {first} and {second}")
+        self.key, self.first, self.second = key, first, second
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping, where PyYAML silently keeps
+    the last value (keys that a merge key ``<<`` brings in may still be overridden)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key, line = self.construct_object(key_node, deep=True), key_node.start_mark.line + 1
+                try:
+                    if key in seen:
+                        raise _DuplicateKey(key, seen[key], line)
+                    seen[key] = line
+                except TypeError:  # an unhashable key: the constructor below says so
+                    continue
+        return super().construct_mapping(node, deep)
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
-    """A YAML file of settings as a dict; clear errors for a missing, invalid or non-mapping file."""
+    """A YAML file of settings as a dict; clear errors for a missing, invalid or non-mapping file,
+    or one that gives a setting twice."""
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
     except FileNotFoundError:
         raise FileNotFoundError(f"config file {path} not found") from None
     except IsADirectoryError:
         raise QuietStarInputError(f"config file {path} is a folder; give a YAML file") from None
     except UnicodeDecodeError:
         raise QuietStarInputError(f"config file {path} is not UTF-8 text; give a YAML file") from None
+    except _DuplicateKey as e:
+        raise QuietStarInputError(f"config file {path} gives {e.key!r} twice, at lines {e.first} and {e.second} (YAML "
+                                  "would keep the last silently); keep one of them") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
