@@ -241,7 +241,7 @@ def test_empty_prompt_is_refused(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(common, "load_quietstar_model", lambda name, device, *args, **kwargs: make_model())
     assert cli.main(["generate", "--model", "m", "--prompt", ""]) == 2
     assert capsys.readouterr().err.strip() == (
-        "quietstar generate: error: --prompt is empty (it encodes to no token); give a text to continue")
+        "quietstar generate: error: --prompt is empty; give a text to continue")
 
 
 def test_eval_help_and_readme_say_what_the_direct_metric_measures(capsys):

@@ -172,6 +172,10 @@ def check_length(settings: GenerateArguments, loading: LoadingArguments) -> None
     """--max-new-tokens and the thought length against the model's positions, from its config
     files alone, before the weights load (a prompt has one token at least; ``generate`` checks
     again with its length). Skipped where the configs cannot be read without loading."""
+    from quietstar.method.generation import generation_positions  # torch: not for --help
+    from quietstar.models.limits import check_positions
+    from quietstar.models.loading import read_model_config, read_quietstar_config
+
     lm_config = read_model_config(settings.model, revision=loading.revision, cache_dir=loading.cache_dir)
     method = None if lm_config is None else read_quietstar_config(settings.model, revision=loading.revision,
                                                                    cache_dir=loading.cache_dir)
