@@ -94,7 +94,7 @@ def test_the_readme_commands_run_in_a_fresh_folder(tiny_model_dir, tmp_path, mon
     assert "Training 1 steps (from step 1)" in err  # the second time: it continues
     run(GENERATE)
     run(GENERATE_MORE)
-    run(EVAL)
+    run(EVAL, ["--cot-max-tokens", "16"])  # the tiny model has 256 positions (the embedded one 8192)
     run(LM_EVAL.replace("TASK", "tiny_mc"), ["--lm-eval-include", str(tmp_path / "tasks")])
     run(ANALYZE)
     run(ANALYZE_MORE)
