@@ -172,6 +172,18 @@ def paper_run(tiny_model_dir, tmp_path, capsys):
     return tmp_path / "run"
 
 
+def test_a_resume_refused_by_its_checkpoint_leaves_the_run_settings_as_they_were(paper_run, capsys):
+    """A damaged checkpoint refuses the resume (exit 2) after the settings were resolved: the run
+    folder's train_config.yaml must still be the run's own, not the refused command's."""
+    saved = (paper_run / "train_config.yaml").read_bytes()
+    weights = next((paper_run / "checkpoint-000001" / "model").glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:100])
+    code, err = run_command(["--resume", "latest", "--output-dir", str(paper_run), "--max-steps", "3",
+                             "--learning-rate", "0.5"], capsys)
+    assert code == 2 and "checkpoint-000001" in err
+    assert (paper_run / "train_config.yaml").read_bytes() == saved
+
+
 def test_resume_is_saved_settings_then_the_file_then_flags_and_no_base_again(paper_run, tiny_model_dir, capsys):
     (paper_run.parent / "more.yaml").write_text("max_steps: 2\nlearning_rate: 0.002\n")  # no base: cpu-demo
     flags = {"resume": "latest", "output_dir": str(paper_run), "max_steps": 3}

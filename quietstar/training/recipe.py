@@ -156,7 +156,9 @@ class TrainingRecipe:
         self.setup_data()
         self.setup_optimizer()
         if self.resume_from is not None:
-            self.load_checkpoint(self.resume_from)
+            self.load_checkpoint(self.resume_from)  # a refusal here leaves the run's settings file as it was
+            if self.main:
+                self.config.save(self.out_dir)
         self.start_data()
         self.setup_metrics()
         self.start_scale = self.weight_scale()
@@ -235,7 +237,8 @@ class TrainingRecipe:
         self.last_checkpoint = self.resume_from
         if self.main:
             checkpoint.remove_partial(out_dir)
-            self.config.save(out_dir)
+            if self.resume_from is None:  # a resumed run's settings are written once its checkpoint loads
+                self.config.save(out_dir)
 
     def _claim_folder(self, out_dir: Path, resuming: bool) -> Path | None:
         """The main process checks the push and takes the folder's lock before anything is written
