@@ -190,19 +190,9 @@ def grads_of(model, loss):
     return torch.autograd.grad(loss, params, allow_unused=True), params
 
 
-@pytest.mark.parametrize("objective,extra", [
-    ("quietstar", {"policy_loss_weight": 1.0}),
-    ("quietstar", {"policy_loss_weight": 1.0, "thought_prefix": "Q:"}),
-    ("rlp", {}),
-    ("rlp", {"next_token_loss_weight": 0.3}),
-    ("rpt", {}),
-])
-@pytest.mark.parametrize("padding", ["none", "left", "right"])
-def test_objective_equals_the_sequential_reference_with_gradients(objective, extra, padding):
-    model = build(objective, **extra)
-    x, mask = text_batch(padding)
-    positions = chosen_positions(mask)
-    thoughts = fixed_thoughts(*x.shape)
+def assert_equals_reference(model, objective, x, mask, thoughts, positions):
+    """The step's loss and every gradient equal ``reference_loss``'s on the same thoughts; returns
+    the step's output and how many parameters the reference's gradient moves."""
     if objective == "rpt":
         x = rpt_text_that_rewards(model, x, mask, thoughts, positions)
     out = model(x, mask, thought_ids=thoughts, thought_positions=positions)
@@ -218,6 +208,22 @@ def test_objective_equals_the_sequential_reference_with_gradients(objective, ext
         scale = model.config.meta_token_lr_multiplier if p is model.embedding.scaled_vectors else 1.0
         torch.testing.assert_close(a, b, atol=ATOL * scale, rtol=0)
         moved += int(b.abs().max() > 1e-4)
+    return out, moved
+
+
+@pytest.mark.parametrize("objective,extra", [
+    ("quietstar", {"policy_loss_weight": 1.0}),
+    ("quietstar", {"policy_loss_weight": 1.0, "thought_prefix": "Q:"}),
+    ("rlp", {}),
+    ("rlp", {"next_token_loss_weight": 0.3}),
+    ("rpt", {}),
+])
+@pytest.mark.parametrize("padding", ["none", "left", "right"])
+def test_objective_equals_the_sequential_reference_with_gradients(objective, extra, padding):
+    model = build(objective, **extra)
+    x, mask = text_batch(padding)
+    positions = chosen_positions(mask)
+    out, moved = assert_equals_reference(model, objective, x, mask, fixed_thoughts(*x.shape), positions)
     assert moved > 0, "the reference has no gradient: the test would prove nothing"
     if objective == "rpt":
         assert 0 < out.metrics["mean_reward"] < 1
@@ -244,19 +250,7 @@ def test_early_ended_thoughts_and_a_prefix_equal_the_reference(objective, paddin
     assert len(model.thought_prefix_ids) == (2 if prefix else 0)
     x, mask = text_batch(padding)
     positions = chosen_positions(mask)
-    thoughts = ending_thoughts(model, *x.shape)
-    if objective == "rpt":
-        x = rpt_text_that_rewards(model, x, mask, thoughts, positions)
-    out = model(x, mask, thought_ids=thoughts, thought_positions=positions)
-    expected = reference_loss(model, x, mask, thoughts, positions)
-    assert abs(out.loss.item() - expected.item()) < ATOL
-    ours, params = grads_of(model, out.loss)
-    theirs, _ = grads_of(model, expected)
-    for a, b, p in zip(ours, theirs, params):
-        a = torch.zeros_like(p) if a is None else a
-        b = torch.zeros_like(p) if b is None else b
-        scale = model.config.meta_token_lr_multiplier if p is model.embedding.scaled_vectors else 1.0
-        torch.testing.assert_close(a, b, atol=ATOL * scale, rtol=0)
+    assert_equals_reference(model, objective, x, mask, ending_thoughts(model, *x.shape), positions)
 
 
 @pytest.mark.parametrize("objective", ["rlp", "rpt"])
