@@ -262,9 +262,34 @@ class QuietStarForCausalLM(nn.Module):
         gradients or dropout: the text pass runs once (``thought_fraction`` chooses on it) and the
         scoring passes continue the sampling passes. Returns (thoughts [B, L, k], ThoughtScores),
         equal to the two calls' with the same generator; the arguments are theirs (k = ``num_tokens`` >= 1)."""
+        steps = self._check_steps(steps)
+        thoughts, grid = self._think(input_ids, attention_mask, num_tokens, temperature, generator,
+                                     thought_positions, thought_fraction, thought_selection)
+        if grid.rows is not None:
+            thoughts = grid.rows.scatter(thoughts, input_ids.shape[1], self.tokenizer.pad_token_id)
+        return thoughts, self._thought_scores(grid, steps)
+
+    @torch.no_grad()
+    def next_token_hidden(self, input_ids, attention_mask=None, generator=None, *,
+                          thought_fraction: float | None = None, thought_selection: str | None = None,
+                          thought_positions=None) -> torch.Tensor:
+        """[B, L, d]: the hidden state of what the model predicts for x_{i+1} with its thoughts
+        (the config's k and temperature, sampled from ``generator``): the mixed state where
+        position i thought, the base state elsewhere (``thought_fraction`` / ``thought_selection`` /
+        ``thought_positions`` as in ``think``). ``vocab_head()`` of it gives the mixed next-token
+        logits of ``think`` a chunk at a time, with no [B, L, V] tensor (distillation's teacher)."""
+        _, grid = self._think(input_ids, attention_mask, None, None, generator, thought_positions,
+                              thought_fraction, thought_selection)
+        mixed, _ = self._mix(grid)                                   # [B, W, A, d]
+        if grid.rows is None:
+            return mixed[:, :, 0]
+        return grid.rows.put(mixed[:, :, 0], grid.base)
+
+    def _think(self, input_ids, attention_mask, num_tokens, temperature, generator, thought_positions,
+               thought_fraction, thought_selection) -> tuple[torch.Tensor, GridHidden]:
+        """Samples and scores thoughts in one rollout without dropout: (thoughts [B, W, k], its GridHidden)."""
         attention_mask = self._check_text(input_ids, attention_mask)
         check_thought_positions(thought_positions, input_ids)
-        steps = self._check_steps(steps)
         k, temperature = self.config.thought_settings(num_tokens, temperature)
         if k < 1:
             raise QuietStarInputError(f"think needs a thought of num_tokens >= 1, got {k}; k = 0 is base_logits")
@@ -275,9 +300,7 @@ class QuietStarForCausalLM(nn.Module):
             thoughts, grid, _ = self.rollout.sample_and_score(
                 input_ids, attention_mask, num_tokens=k, temperature=temperature, generator=generator,
                 logprob_temperature=None, select=select)
-        if grid.rows is not None:
-            thoughts = grid.rows.scatter(thoughts, L, self.tokenizer.pad_token_id)
-        return thoughts, self._thought_scores(grid, steps)
+        return thoughts, grid
 
     def _check_steps(self, steps: int | None) -> int:
         A = self.config.ahead_tokens

@@ -1,0 +1,113 @@
+"""``DistillConfig``: the settings of a distillation run (``quietstar distill``, ``distill()``).
+
+The one source of the command's flags, their help and defaults (``quietstar.utils.settings``),
+and of ``distill_config.yaml``, which a run writes into its folder and every checkpoint. Light
+on purpose (no torch): the command line reads it before anything heavy is imported.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from quietstar.utils.settings import check_field_types, option
+from quietstar.utils.errors import QuietStarInputError
+
+DISTILL_CONFIG_NAME = "distill_config.yaml"
+EXPORT_DIR = "distilled"  # the run folder's plain Hugging Face model, written at the end
+
+
+@dataclass
+class DistillConfig:
+    """A thinking QuietStar model (the teacher) taught to a plain LM (the student, a copy of the
+    teacher's LM): the student matches the teacher's next-token distribution with thoughts."""
+
+    teacher: str
+    """the QuietStar model to distill: a folder saved by quietstar (a run's
+    checkpoint-*/model) or a Hub repo of one"""
+    data: str = "builtin:arithmetic"
+    """training text: builtin:arithmetic, a .txt/.jsonl/.json/.parquet file or folder, or a
+    Hugging Face dataset"""
+    num_documents: int | None = option(None, shown_default="all")
+    """use the first N documents only"""
+    output_dir: str | None = option(None, metavar="DIR", output="folder",
+                                    shown_default="runs/distill-<date>-<time>")
+    """the run folder: checkpoints, metrics.jsonl and, at the end, the plain model in
+    <output_dir>/distilled"""
+    seq_len: int = 64
+    """tokens per training sequence"""
+    batch_size: int = 4
+    """sequences per optimiser step"""
+    max_steps: int = 100
+    """optimiser steps (0: export the teacher's own LM without thoughts, no training)"""
+    learning_rate: float = 3e-5
+    """peak learning rate (AdamW)"""
+    warmup_steps: int = 0
+    """steps of linear warm-up to learning_rate"""
+    lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    """decay after warm-up, down to min_lr_ratio * learning_rate at max_steps"""
+    min_lr_ratio: float = 0.1
+    """the schedule's floor, a share of learning_rate"""
+    weight_decay: float = 0.0
+    """AdamW weight decay of the matrices"""
+    max_grad_norm: float = 1.0
+    """gradient clipping norm"""
+    temperature: float = 1.0
+    """temperature T of both distributions in the loss T^2 KL(teacher || student)"""
+    next_token_loss_weight: float = 0.0
+    """> 0: adds this times the student's plain next-token NLL to the KL"""
+    thought_fraction: float = 1.0
+    """share of the positions at which the teacher thinks, chosen by its thought_selection
+    (1 = every position); elsewhere its base prediction is the target"""
+    seed: int = 0
+    """seed of the data order and the teacher's thoughts"""
+    checkpoint_every: int = 50
+    """steps between checkpoints (and one at the end)"""
+    keep_checkpoints: int = 2
+    """checkpoints kept (the latest)"""
+    resume: str | None = option(None, shown_default="none: a new run")
+    """continue a run: a checkpoint folder, a run folder (its latest checkpoint), or 'latest'
+    (the latest in --output-dir; a new run while it holds none)"""
+    device: str | None = option(None, shown_default="cuda if available, else cpu")
+    """cpu, cuda or auto"""
+
+    def __post_init__(self) -> None:
+        check_field_types(self)
+
+        def need(ok: bool, message: str) -> None:
+            if not ok:
+                raise QuietStarInputError(f"DistillConfig: {message}")
+
+        for name in ("seq_len", "batch_size", "checkpoint_every", "keep_checkpoints"):
+            value = getattr(self, name)
+            need(value >= 1, f"{name} must be >= 1, got {value!r}")
+        for name in ("max_steps", "warmup_steps", "seed"):
+            value = getattr(self, name)
+            need(value >= 0, f"{name} must be >= 0, got {value!r}")
+        need(self.seq_len >= 2, f"seq_len must be >= 2 (a token and its successor), got {self.seq_len}")
+        need(self.num_documents is None or self.num_documents >= 1,
+             f"num_documents must be None or >= 1, got {self.num_documents!r}")
+        need(self.learning_rate > 0 and math.isfinite(self.learning_rate),
+             f"learning_rate must be finite and > 0, got {self.learning_rate!r}")
+        need(self.temperature > 0, f"temperature must be > 0, got {self.temperature!r}")
+        need(self.next_token_loss_weight >= 0, f"next_token_loss_weight must be >= 0, got "
+             f"{self.next_token_loss_weight!r}")
+        need(0 < self.thought_fraction <= 1, f"thought_fraction must be in (0, 1] (1 = every position), got "
+             f"{self.thought_fraction!r}")
+        need(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay!r}")
+        need(0 <= self.min_lr_ratio <= 1, f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio!r}")
+        need(self.max_grad_norm > 0, f"max_grad_norm must be > 0, got {self.max_grad_norm!r}")
+        need(bool(self.teacher.strip()), "teacher must name a QuietStar model folder or Hub repo")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def save(self, directory: str | Path) -> Path:
+        """Writes ``<directory>/distill_config.yaml`` (the run folder or a checkpoint)."""
+        path = Path(directory, DISTILL_CONFIG_NAME)
+        path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False), encoding="utf-8")
+        return path
