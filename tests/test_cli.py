@@ -22,15 +22,17 @@ from quietstar.cli.common import LoadingArguments, ModelArguments
 from quietstar.cli.eval import EvalArguments
 from quietstar.cli.generate import GenerateArguments
 from quietstar.cli.inspect_thoughts import InspectArguments
+from quietstar.training.distill_config import DistillConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-NAMES = ["train", "generate", "eval", "analyze", "inspect"]
+NAMES = ["train", "generate", "eval", "analyze", "inspect", "distill"]
 # command -> the dataclasses its flags come from
 DATACLASSES = {"generate": [GenerateArguments, LoadingArguments],
                "eval": [ModelArguments, LoadingArguments, EvalArguments],
                "analyze": [ModelArguments, LoadingArguments, AnalyzeArguments],
-               "inspect": [ModelArguments, LoadingArguments, InspectArguments]}
+               "inspect": [ModelArguments, LoadingArguments, InspectArguments],
+               "distill": [DistillConfig]}
 
 
 def python(code: str) -> subprocess.CompletedProcess:
@@ -79,7 +81,8 @@ def test_help_imports_no_heavy_package(command):
 @pytest.mark.parametrize("argv", [["generate", "--model", "m", "--prompt", "p", "--top-k", "2"],
                                   ["inspect", "--model", "m"],
                                   ["analyze", "--model", "m", "--data", "d", "--out", "o", "--thought-fractions", "2"],
-                                  ["train", "--max-steps", "many"]])
+                                  ["train", "--max-steps", "many"],
+                                  ["distill", "--teacher", "m", "--temperature", "-1"]])
 def test_a_wrong_flag_is_refused_before_torch_is_imported(argv):
     # Checking the flags needs none of the run's packages: the one-line error comes at once.
     done = python("import sys\n"

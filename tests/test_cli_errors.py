@@ -177,6 +177,20 @@ CASES = [
     ("train", "resume-without-a-run", PLAIN[:2] + ["--resume", "empty-dir"],  # (latest there: a new run)
      "--resume empty-dir: not a checkpoint folder or a run folder holding checkpoint-* folders"),
     ("train", "unknown-flag", ["--frobnicate"], "unrecognized arguments: --frobnicate (see quietstar train --help)"),
+    # ------------------------------------------------------------------ distill
+    ("distill", "teacher-plain", ["--teacher", "{plain}", "--output-dir", "out"],
+     "is a plain model, not a QuietStar model (quietstar_config.json is missing)"),
+    ("distill", "teacher-not-a-model", ["--teacher", "empty-dir", "--output-dir", "out"],
+     "--teacher empty-dir is not a model folder (no config.json)"),
+    ("distill", "teacher-a-file", ["--teacher", "a-file", "--output-dir", "out"], "--teacher a-file is a file"),
+    ("distill", "output-dir-inside-the-teacher", ["--teacher", "{qs}", "--output-dir", "{qs}/run"],
+     "lies inside the teacher"),
+    ("distill", "temperature-zero", ["--teacher", "{qs}", "--temperature", "0"], "temperature must be > 0"),
+    ("distill", "thought-fraction-above-1", ["--teacher", "{qs}", "--thought-fraction", "1.5"],
+     "thought_fraction must be in (0, 1]"),
+    ("distill", "data-missing", ["--teacher", "{qs}", "--output-dir", "out", "--data", "nope.jsonl"],
+     "data path 'nope.jsonl' does not exist"),
+    ("distill", "teacher-missing", ["--output-dir", "out"], "the following arguments are required: --teacher"),
 ]
 
 

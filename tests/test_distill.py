@@ -160,3 +160,14 @@ def test_export_loads_with_transformers_alone(teacher_dir, tmp_path):
     assert seen["generated"] == ids[0, -new:].tolist()
     card = (result.model_dir / "README.md").read_text()
     assert f"distilled from {teacher_dir}" in card and "2 steps" in card
+
+
+def test_command_line_distills_and_prints_the_folder(teacher_dir, tmp_path, capsys):
+    from quietstar.cli.main import main
+
+    code = main(["distill", "--teacher", str(teacher_dir), "--output-dir", str(tmp_path / "run"), "--seq-len", "16",
+                 "--batch-size", "2", "--max-steps", "1", "--device", "cpu", "--temperature", "2"])
+    assert code == 0
+    assert f"the plain model: {tmp_path / 'run' / EXPORT_DIR}" in capsys.readouterr().out
+    assert (tmp_path / "run" / "checkpoint-000001" / "distill_config.yaml").is_file()
+    assert "temperature 2.0" in (tmp_path / "run" / EXPORT_DIR / "README.md").read_text()

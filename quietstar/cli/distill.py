@@ -13,7 +13,7 @@ from quietstar.cli.common import check_device, command_main, parse_settings
 from quietstar.training.distill_config import EXPORT_DIR, DistillConfig
 from quietstar.utils.settings import add_dataclass_arguments
 
-HELP = "train a thought-free plain LM to predict as a thinking model does"
+HELP = "train a plain LM to predict as a thinking model does"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

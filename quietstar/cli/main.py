@@ -31,7 +31,7 @@ COMMANDS = {
     "eval": ("quietstar.cli.eval", "GSM8K / CommonsenseQA / lm-eval scores with and without thoughts"),
     "analyze": ("quietstar.cli.analyze", "per-token NLL gains against token difficulty"),
     "inspect": ("quietstar.cli.inspect_thoughts", "write an HTML page showing each token's thought"),
-    "distill": ("quietstar.cli.distill", "train a thought-free plain LM to predict as a thinking model does"),
+    "distill": ("quietstar.cli.distill", "train a plain LM to predict as a thinking model does"),
 }
 
 
