@@ -286,3 +286,15 @@ def test_example_runs_a_few_grpo_steps(tiny_model_dir, tmp_path):
     summary = example.main(["--model", str(tiny_model_dir), "--output-dir", str(tmp_path), "--max-steps", "2",
                             "--seq-len", "24", "--thought-tokens", "3"])
     assert summary["global_step"] == 2 and (tmp_path / "checkpoint-2" / trl_grpo.EMA_FILE).is_file()
+
+
+def test_benchmark_measures_both_ways_tiny():
+    import os
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+    import trl_rlp
+
+    spec = dict(L=24, k=3, positions=2, G=2, hidden=32, layers=1, heads=2, kv_heads=1, vocab=200, reps=1)
+    for way in (trl_rlp.native, trl_rlp.trl_run):
+        result = way(spec)
+        assert result["time_s"] > 0 and result["peak_bytes"] > 0

@@ -13,7 +13,7 @@ quietstar's definitions and keeps their own engine (vLLM, many GPUs):
     lm, tok = load_base_model("embedded:smollm2-135m-instruct")
     policy = trl_grpo.prepare_policy(lm, tok, config)           # START/END as tokens of the LM
     data = trl_grpo.position_dataset(load_texts("builtin:arithmetic"), tok, config, seq_len=512,
-                                     positions_per_document=8)  # {"train", "heldout"}
+                                     positions_per_document=8, selection="random")  # {"train", "heldout"}
     reward = trl_grpo.ThoughtReward(tok, config)                # RLP's information gain
     trainer = GRPOTrainer(model=policy, reward_funcs=reward, train_dataset=data["train"],
                           args=trl_grpo.grpo_config(config, output_dir="runs/trl-rlp"),
