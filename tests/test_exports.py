@@ -13,7 +13,7 @@ import pytest
 import quietstar
 
 ROOT = Path(__file__).resolve().parents[1]
-HEAVY = ("transformers.trainer", "quietstar.training.recipe", "quietstar.training.hf_trainer")
+HEAVY = ("transformers.trainer", "quietstar.training.recipe", "quietstar.training.hf_trainer", "trl")
 
 
 def test_import_quietstar_leaves_the_training_stack_unimported_until_a_name_is_used():

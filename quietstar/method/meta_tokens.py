@@ -62,6 +62,16 @@ def add_meta_tokens(tokenizer, start: str, end: str, *, saved: bool = False) -> 
     return ids[0], ids[1]
 
 
+def meta_token_init_vector(tokenizer, embedding: nn.Module, text: str) -> torch.Tensor:
+    """[d] float32: the vector START and END start from, the input embedding of ``text``'s first
+    token (``QuietStarConfig.meta_token_init``)."""
+    init_ids = tokenizer(text, add_special_tokens=False).input_ids
+    if not init_ids:
+        raise QuietStarInputError(f"meta_token_init {text!r} encodes to no token")
+    with torch.no_grad():
+        return embedding(torch.tensor([init_ids[0]], device=embedding.weight.device))[0].float()
+
+
 class MetaTokenEmbedding(nn.Module):
     """The base input embedding with the two meta-token rows replaced by learned vectors.
 

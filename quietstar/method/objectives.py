@@ -44,6 +44,7 @@ from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from quietstar.method.config import QuietStarConfig
 from quietstar.method.rollout import GridHidden
@@ -95,6 +96,21 @@ def thought_logprobs(config: QuietStarConfig, head: VocabHead, grid: GridHidden,
     thought_mask = torch.ones_like(thoughts, dtype=torch.bool) if grid.thought_mask is None else grid.thought_mask
     return ThoughtLogprobs(base, valid, after, thought_logp, thought_mask, row_targets, row_valid, thoughts,
                            predicted, rows)
+
+
+def information_gain(after: torch.Tensor, ema: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """RLP's reward r(c) = sum_{s<h} [log p_theta(x_{i+1+s} | x_<=i, c, x_{i+1..i+s}) - log
+    p_EMA(x_{i+1+s} | x_<=i+s)]: ``after`` / ``ema`` [..., h] the two log-likelihoods, ``valid``
+    [..., h] (float: 1 where x_{i+1+s} exists and counts). Returns [...]."""
+    return ((after - ema) * valid).sum(-1)
+
+
+@torch.no_grad()
+def update_ema(ema: nn.Module, live: nn.Module, decay: float) -> None:
+    """RLP's EMA copy after an optimiser step: ema = decay * ema + (1 - decay) * live, parameter
+    by parameter (the two modules alike in structure)."""
+    for copy, param in zip(ema.parameters(), live.parameters(), strict=True):
+        copy.lerp_(param.detach().to(copy.dtype), 1.0 - decay)
 
 
 def clipped_surrogate(logp: torch.Tensor, old_logp: torch.Tensor, advantage: torch.Tensor,
@@ -204,7 +220,7 @@ def successor_loss_terms(config: QuietStarConfig, logp: ThoughtLogprobs, *,
             raise QuietStarInputError("objective='rlp' needs ema_base_logp, the EMA copy's log-likelihoods")
         ema_ahead = _ahead(ema_base_logp.detach(), h)
         ema_rows = ema_ahead if rows is None else rows.gather(ema_ahead)
-        reward = ((logp.after - ema_rows) * valid).sum(-1)                    # information gain
+        reward = information_gain(logp.after, ema_rows, valid)
     else:
         reward = prefix_match(logp.predicted.reshape(-1), logp.row_targets.reshape(-1, h),
                               logp.row_valid.reshape(-1, h), token_strings).view(BG, W).to(valid.dtype)

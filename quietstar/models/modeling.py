@@ -13,9 +13,9 @@ from quietstar.method import attention
 from quietstar.models import limits, saved_model
 from quietstar.method.config import QuietStarConfig
 from quietstar.method.losses import NonFiniteLossError, quietstar_loss_terms
-from quietstar.method.meta_tokens import MetaTokenEmbedding, add_meta_tokens
+from quietstar.method.meta_tokens import MetaTokenEmbedding, add_meta_tokens, meta_token_init_vector
 from quietstar.method.mixing import MixingHead
-from quietstar.method.objectives import successor_loss_terms, thought_logprobs
+from quietstar.method.objectives import successor_loss_terms, thought_logprobs, update_ema
 from quietstar.models.model_card import TrainingFacts
 from quietstar.method.rollout import GridHidden, Rollout, rollout_positions, text_positions
 from quietstar.method.selection import ThoughtRows, check_thought_positions, inference_chooser, thought_rows_chooser
@@ -88,12 +88,8 @@ class QuietStarForCausalLM(nn.Module):
         _check_vocabulary(model, tokenizer, config)  # before the tokenizer gets the meta tokens
         start_id, end_id = add_meta_tokens(tokenizer, config.start_thought_token, config.end_thought_token,
                                            saved=saved_tokenizer)
-        init_ids = tokenizer(config.meta_token_init, add_special_tokens=False).input_ids
-        if not init_ids:
-            raise QuietStarInputError(f"meta_token_init {config.meta_token_init!r} encodes to no token")
         base_embed = model.get_input_embeddings()
-        with torch.no_grad():
-            init = base_embed(torch.tensor([init_ids[0]], device=base_embed.weight.device))[0].float()
+        init = meta_token_init_vector(tokenizer, base_embed, config.meta_token_init)
         embedding = MetaTokenEmbedding(base_embed, start_id, end_id, init, config.meta_token_lr_multiplier)
         head = MixingHead(model.config.get_text_config().hidden_size, config.mixing_head_hidden_size,
                           config.mixing_weight_bounded, bias=config.mixing_head_bias)
@@ -481,8 +477,7 @@ class QuietStarForCausalLM(nn.Module):
     @torch.no_grad()
     def update_ema_baseline(self) -> None:
         """ema = ema_decay * ema + (1 - ema_decay) * lm, parameter by parameter."""
-        for ema, live in zip(self.ema_lm.parameters(), self.lm.parameters(), strict=True):
-            ema.lerp_(live.detach().to(ema.dtype), 1.0 - self.config.ema_decay)
+        update_ema(self.ema_lm, self.lm, self.config.ema_decay)
 
     @torch.no_grad()
     def _ema_base_logp(self, input_ids, attention_mask, next_tokens) -> torch.Tensor:
