@@ -210,18 +210,20 @@ def tables(result: dict) -> str:
     lines = [f"Seeds {result['seeds']}; hardest 10% = {result['hardest_tokens']} of {result['tokens']} "
              "held-out tokens. Differences in nats/token, seed-averaged mean [95% CI over seeds and "
              "documents]; negative = the first predicts better.", "",
-             "| arm | steps | hardest-10% NLL (own / without) | " + " | ".join(keys) + " | bar |",
-             "|---|---|---|" + "---|" * len(keys) + "---|"]
+             "| arm | steps | training s (per seed) | hardest-10% NLL (own / without) | " + " | ".join(keys)
+             + " | bar |", "|---|---|---|---|" + "---|" * len(keys) + "---|"]
     for arm, c in result["arms"].items():
         d = c["differences"]
-        nll = f"{c.get('hardest_own', float('nan')):.3f} / {c['hardest_without']:.3f}"
-        lines.append(f"| {arm} | {c['steps']} | {nll} | " + " | ".join(
+        nll = (f"{c['hardest_own']:.3f}" if "hardest_own" in c else "-") + f" / {c['hardest_without']:.3f}"
+        seconds = ", ".join(str(t) for t in c["train_s"])
+        lines.append(f"| {arm} | {c['steps']} | {seconds} | {nll} | " + " | ".join(
             format_cell(d[k], True) if k in d else "" for k in keys) + f" | {'met' if c['bar'] else 'not met'} |")
     lines += ["", "| arm | direct GSM8K (with / without) | with - cp | without - cp | leak rate | distinct | reward spread |",
               "|---|---|---|---|---|---|---|"]
     for arm, c in result["arms"].items():
         d, h = c["differences"], c["health"] or {}
-        lines.append(f"| {arm} | {c.get('direct_with', float('nan')):.5f} / {c['direct_without']:.5f} | "
+        with_ = f"{c['direct_with']:.5f}" if "direct_with" in c else "-"
+        lines.append(f"| {arm} | {with_} / {c['direct_without']:.5f} | "
                      f"{format_cell(d['direct with - cp'], True, 5) if 'direct with - cp' in d else ''} | "
                      f"{format_cell(d['direct without - cp'], True, 5)} | "
                      + " | ".join(f"{h[k]:.3f}" if k in h else "" for k in ("leak_rate", "distinct_thoughts",
