@@ -74,6 +74,9 @@ def test_an_interrupted_stage_resumes_and_a_new_run_refuses_a_started_one(teache
     run_curriculum(config(teacher_dir, out, curriculum=(2,), curriculum_steps=1), out, distilling=False)
     with pytest.raises(QuietStarInputError, match="already holds a curriculum stage"):
         distill(config(teacher_dir, out, curriculum=(2,), curriculum_steps=2))
+    with pytest.raises(QuietStarInputError, match="a stage of 1 steps with 2 thought tokens, not 2 steps with 3"):
+        run_curriculum(config(teacher_dir, out, curriculum=(3,), curriculum_steps=2, resume="latest"), out,
+                       distilling=False)
     teacher = run_curriculum(config(teacher_dir, out, curriculum=(2,), curriculum_steps=2, resume="latest"), out,
                              distilling=False)
     assert Path(teacher) == stage_model(out, 0, 2)

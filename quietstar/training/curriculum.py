@@ -13,9 +13,10 @@ stages with shrinking thoughts, each a ``quietstar train`` run, the last one's m
 
 A stage whose latest checkpoint is at curriculum_steps is done and not run again; one with an
 earlier checkpoint is resumed from it (``--resume`` given to ``quietstar distill``), so an
-interrupted curriculum continues where it stopped. ``quietstar train --model <saved model>``
-alone would start from the saved LM with fresh START/END vectors and mixing head (w = 0); a
-stage keeps the previous stage's (``StageRecipe``).
+interrupted curriculum continues where it stopped. Stages run where ``quietstar train`` runs
+(accelerate's device: CUDA when available), whatever ``device`` the distillation is given.
+``quietstar train --model <saved model>`` alone would start from the saved LM with fresh
+START/END vectors and mixing head (w = 0); a stage keeps the previous stage's (``StageRecipe``).
 """
 
 from __future__ import annotations
@@ -56,18 +57,18 @@ def stage_dir(output_dir: Path, index: int) -> Path:
 
 
 def stage_model(folder: Path, steps: int, thought_tokens: int) -> Path | None:
-    """A finished stage's model folder (None: not finished); refused when it was trained with
-    other thoughts than the curriculum now gives."""
+    """A finished stage's model folder (None: not started or not finished); refused when the stage
+    was trained with other thoughts, or further, than the curriculum now gives."""
     latest = checkpoint.latest_checkpoint(folder)
-    if latest is None or checkpoint.step_of(latest) < steps:
+    if latest is None:
         return None
-    model = latest / checkpoint.MODEL_DIR
+    model, step = latest / checkpoint.MODEL_DIR, checkpoint.step_of(latest)
     k = QuietStarConfig.load(model).sampled_thought_tokens
-    if k != thought_tokens or checkpoint.step_of(latest) != steps:
-        raise QuietStarInputError(f"{folder} holds a stage of {checkpoint.step_of(latest)} steps with {k} thought "
-                                  f"tokens, not {steps} steps with {thought_tokens}: resume with the curriculum and "
-                                  "curriculum_steps the run was started with, or choose another --output-dir")
-    return model
+    if k != thought_tokens or step > steps:
+        raise QuietStarInputError(f"{folder} holds a stage of {step} steps with {k} thought tokens, not {steps} "
+                                  f"steps with {thought_tokens}: resume with the curriculum and curriculum_steps "
+                                  "the run was started with, or choose another --output-dir")
+    return model if step == steps else None
 
 
 def run_curriculum(config: DistillConfig, output_dir: Path, *, distilling: bool) -> str:

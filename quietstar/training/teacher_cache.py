@@ -117,7 +117,8 @@ class CacheWriter:
 
 
 def _is_shard(name: str) -> bool:
-    return name.startswith("shard-") and name.endswith(".safetensors")
+    """A file an interrupted write leaves: a shard or the index's temporary file."""
+    return (name.startswith("shard-") and name.endswith(".safetensors")) or name == f".{INDEX_NAME}.tmp"
 
 
 class TeacherCache:
