@@ -19,6 +19,7 @@ from quietstar import QuietStarConfig, QuietStarForCausalLM
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
 
 import dense_reference
+import distill_step
 import gpu
 import rlp_step
 import train_step
@@ -456,3 +457,18 @@ def test_rlp_step_script_prints_its_table(monkeypatch, capsys):
     row = re.search(r"^\| 3 \| (\d+) \| (\d+) \| (\d+) \| (\d+) \| (\d+\.\d\d) \| (\d+\.\d) \| (\d+\.\d) "
                     r"\| (\d+\.\d\d) \|$", capsys.readouterr().out, re.M)
     assert row and float(row[6]) > 0 and float(row[7]) > 0
+
+
+def test_distill_step_script_prints_its_table(monkeypatch, capsys):
+    """The three steps run; the cache holds 8k + 4 bytes a token and frees the teacher's weights."""
+    results = []
+    monkeypatch.setattr(distill_step, "measure", lambda spec, timeout: results.append(distill_step.worker(spec))
+                        or results[-1])
+    assert distill_step.main(["--thought-tokens", "2", "--length", "24", "--batch", "2", "--hidden", "32",
+                              "--layers", "1", "--heads", "2", "--kv-heads", "1", "--vocab", "200", "--reps", "1",
+                              "--top-k", "8"]) == 0
+    assert re.search(r"^\| 2 (\| [\d.]+ ){11}\|$", capsys.readouterr().out, re.M)
+    r = results[0]
+    assert r["cache_bytes_per_token"] == pytest.approx(8 * 8 + 4, rel=0.02)  # 8 ids x (4 + 4 bytes) + rest, + headers
+    assert r["fly"]["held_bytes"] > r["cached"]["held_bytes"] >= r["plain"]["held_bytes"]
+    assert all(r[name]["time_s"] > 0 and r[name]["peak_bytes"] > 0 for name in ("fly", "cached", "plain"))

@@ -191,6 +191,10 @@ CASES = [
     ("distill", "data-missing", ["--teacher", "{qs}", "--output-dir", "out", "--data", "nope.jsonl"],
      "data path 'nope.jsonl' does not exist"),
     ("distill", "teacher-missing", ["--output-dir", "out"], "the following arguments are required: --teacher"),
+    ("distill", "curriculum-zero", ["--teacher", "{qs}", "--curriculum", "4,0"],
+     "curriculum must list thought lengths >= 1, got [4, 0]"),
+    ("distill", "curriculum-not-numbers", ["--teacher", "{qs}", "--curriculum", "4,x"], "--curriculum"),
+    ("distill", "cache-top-k-zero", ["--teacher", "{qs}", "--cache-top-k", "0"], "cache_top_k must be >= 1"),
 ]
 
 

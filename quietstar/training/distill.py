@@ -11,10 +11,18 @@ of the teacher's LM, to match the teacher's next-token distribution with thought
               (method.distillation.distillation_kl, both heads a chunk of rows at a time)
               + next_token_loss_weight x the student's next-token NLL
 
-The teacher's distributions are computed on the fly, not read from a cache: they are exact (a
-top-k cache truncates them), follow fresh thoughts every step, and cost no disk; the price is
+By default the teacher's distributions are computed on the fly: exact, no disk, at the price of
 the teacher's rollout (k + 1 decoder calls without gradient) per step and the teacher held in
-memory beside the student (twice the LM's weights).
+memory beside the student (twice the LM's weights). With ``teacher_cache`` the teacher's top-k
+log-probabilities of every step are written once (``training.teacher_cache``: one pass of the
+teacher over the max_steps batches the run will read, with the thoughts it would sample) and the
+steps read them instead (``method.distillation.top_k_distillation_kl``: the KL on the k ids and
+the rest as one bucket); the teacher is then not held during the steps (the student is the
+loaded teacher itself, not a copy). Measured costs: benchmarks/README.md ("Distillation").
+
+With ``curriculum`` (Fast Quiet-STaR) ``training.curriculum`` first runs Quiet-STaR stages with
+the given thought lengths, each a ``quietstar train`` run in ``<output_dir>/stage-<i>``, and the
+last stage's model is the teacher.
 
 The student starts as the teacher's LM (trained to read thoughts, its base prediction already
 the teacher's where it does not think) and is a ``QuietStarForCausalLM`` whose START/END vectors
@@ -40,7 +48,7 @@ import torch
 
 from quietstar.data.corpora import TokenBatches, load_texts
 from quietstar.method.config import QUIETSTAR_CONFIG_NAME
-from quietstar.method.distillation import distillation_kl
+from quietstar.method.distillation import distillation_kl, teacher_top_k, top_k_distillation_kl
 from quietstar.method.rollout import text_positions
 from quietstar.method.targets import training_targets
 from quietstar.models.export import DistillFacts, export_plain
@@ -48,11 +56,13 @@ from quietstar.models.loading import resolve_device
 from quietstar.models.modeling import QuietStarForCausalLM
 from quietstar.training import checkpoint
 from quietstar.training.components import thought_generator
+from quietstar.training.curriculum import run_curriculum
 from quietstar.training.distill_config import EXPORT_DIR, DistillConfig
 from quietstar.training.metrics import MetricsLogger
 from quietstar.training.optim import lr_at, parameter_groups, set_learning_rate
 from quietstar.training.run_folder import claim_output_dir, refuse_nested
 from quietstar.training.run_lock import RunLock
+from quietstar.training.teacher_cache import CacheWriter, TeacherCache, is_complete, weights_sha256
 from quietstar.utils.errors import QuietStarInputError
 
 logger = logging.getLogger(__name__)
@@ -100,8 +110,9 @@ def check_output_outside(output: str | Path, teacher: str) -> None:
 
 
 class DistillRecipe:
-    """A distillation run in named stages (``setup`` builds teacher, student, data and optimiser;
-    then ``train_step``, ``save_checkpoint``, ``export``); ``run()`` calls them in order."""
+    """A distillation run in named stages (``setup`` runs the curriculum, builds teacher, data,
+    teacher cache, student and optimiser; then ``train_step``, ``save_checkpoint``, ``export``);
+    ``run()`` calls them in order."""
 
     def __init__(self, config: DistillConfig):
         self.config = config
@@ -110,7 +121,10 @@ class DistillRecipe:
         self.lock: RunLock | None = None
         self.new_folder: Path | None = None      # created by this run: removed if it fails before a step
         self.resume_from: Path | None = None
-        self.teacher: QuietStarForCausalLM | None = None
+        self.teacher_path: str = config.teacher  # the last curriculum stage's model, if any
+        self.teacher: QuietStarForCausalLM | None = None  # None during the steps from a cache
+        self.cache: TeacherCache | None = None
+        self.texts = None
         self.student: QuietStarForCausalLM | None = None
         self.batches: TokenBatches | None = None
         self.batch_iter = None
@@ -126,8 +140,10 @@ class DistillRecipe:
     def setup(self) -> None:
         """Every stage before the first step, in order; ``train_step`` can run right after."""
         self.setup_run_folder()
-        self.setup_models()
+        self.setup_teacher()
         self.setup_data()
+        self.setup_teacher_cache()
+        self.setup_student()
         self.setup_optimizer()
         if self.resume_from is not None:
             self.load_checkpoint(self.resume_from)
@@ -150,27 +166,70 @@ class DistillRecipe:
             out_dir = Path("runs") / time.strftime("distill-%Y%m%d-%H%M%S")
         check_output_outside(out_dir, cfg.teacher)
         refuse_nested(out_dir)
+        # Before the lock: each stage is a run of its own inside out_dir, which must not be a run yet.
+        self.teacher_path = run_curriculum(cfg, out_dir, distilling=self.resume_from is not None)
         self.lock, self.new_folder = claim_output_dir(out_dir, self.resume_from is not None)
         self.out_dir = out_dir
         checkpoint.remove_partial(out_dir)
         cfg.save(out_dir)
 
-    def setup_models(self) -> None:
-        """The teacher (fp32, eval mode, frozen) and the student: a copy of it whose LM alone trains."""
+    def setup_teacher(self) -> None:
+        """The teacher (fp32, eval mode, frozen)."""
         device = resolve_device(self.config.device) or ("cuda" if torch.cuda.is_available() else "cpu")
         self.device = torch.device(device)
-        teacher = QuietStarForCausalLM.from_pretrained(self.config.teacher, dtype=torch.float32)
+        teacher = QuietStarForCausalLM.from_pretrained(self.teacher_path, dtype=torch.float32)
         self.teacher = teacher.to(self.device).eval().requires_grad_(False)
-        student = copy.deepcopy(self.teacher)
-        student.requires_grad_(False)
-        student.lm.requires_grad_(True)  # START/END and the mixing head: not part of the plain model
-        self.student = student.train()
+
+    def token_batches(self) -> TokenBatches:
+        """The run's batches from the start (the steps' and the teacher cache's alike)."""
+        cfg = self.config
+        return TokenBatches(self.texts, self.teacher.tokenizer, cfg.seq_len, cfg.batch_size, seed=cfg.seed,
+                            name=f"training data {cfg.data!r}")
 
     def setup_data(self) -> None:
         cfg = self.config
-        texts = load_texts(cfg.data, seed=cfg.seed, num_documents=cfg.num_documents)
-        self.batches = TokenBatches(texts, self.teacher.tokenizer, cfg.seq_len, cfg.batch_size, seed=cfg.seed,
-                                    name=f"training data {cfg.data!r}")
+        self.texts = load_texts(cfg.data, seed=cfg.seed, num_documents=cfg.num_documents)
+        self.batches = self.token_batches()
+
+    def setup_teacher_cache(self) -> None:
+        """With ``teacher_cache``: the cache checked against this run, written first where absent
+        (one pass of the teacher over the max_steps batches, as the steps would run it)."""
+        cfg = self.config
+        if cfg.teacher_cache is None:
+            return
+        vocab = self.teacher.lm.get_output_embeddings().weight.shape[0]
+        if cfg.cache_top_k > vocab:
+            raise QuietStarInputError(f"cache_top_k {cfg.cache_top_k} exceeds the teacher's vocabulary ({vocab} "
+                                      f"rows); give at most {vocab}")
+        made_from = {"teacher": self.teacher_path,
+                     "teacher_sha256": weights_sha256(self.teacher, self.teacher.config.to_dict()),
+                     "data": cfg.data, "num_documents": cfg.num_documents, "seq_len": cfg.seq_len,
+                     "batch_size": cfg.batch_size, "seed": cfg.seed, "top_k": cfg.cache_top_k,
+                     "temperature": cfg.temperature, "thought_fraction": cfg.thought_fraction,
+                     "device": self.device.type}
+        if not is_complete(cfg.teacher_cache):
+            started = time.perf_counter()
+            writer = CacheWriter(cfg.teacher_cache, made_from, rows_per_step=cfg.batch_size * cfg.seq_len)
+            head = self.teacher.vocab_head()
+            for step, batch in zip(range(cfg.max_steps), self.token_batches()):
+                batch = {k: v.to(self.device) for k, v in batch.items()}
+                teacher_hidden, _, valid = self.teacher_states(batch, step)
+                writer.add(batch, *teacher_top_k(head, teacher_hidden[valid], cfg.cache_top_k, cfg.temperature))
+            writer.finish()
+            logger.info(f"teacher cache: {cfg.max_steps} steps written to {cfg.teacher_cache} in "
+                        f"{time.perf_counter() - started:.1f} s")
+        self.cache = TeacherCache(cfg.teacher_cache, made_from, cfg.max_steps)
+
+    def setup_student(self) -> None:
+        """The student, whose LM alone trains: a copy of the teacher, or with a teacher cache the
+        loaded teacher itself (no longer needed as a teacher)."""
+        if self.cache is not None:
+            student, self.teacher = self.teacher, None
+        else:
+            student = copy.deepcopy(self.teacher)
+        student.requires_grad_(False)
+        student.lm.requires_grad_(True)  # START/END and the mixing head: not part of the plain model
+        self.student = student.train()
 
     def setup_optimizer(self) -> None:
         cfg = self.config
@@ -180,9 +239,10 @@ class DistillRecipe:
     def fingerprint(self) -> dict[str, Any]:
         """What a resumed checkpoint must match: the model's shape and the run's data and teacher."""
         text, cfg = self.student.lm.config.get_text_config(), self.config
+        stages = {"curriculum": list(cfg.curriculum), "curriculum_steps": cfg.curriculum_steps} if cfg.curriculum else {}
         return {"model_type": text.model_type, "vocab_size": text.vocab_size, "hidden_size": text.hidden_size,
                 "num_hidden_layers": text.num_hidden_layers, "teacher": cfg.teacher, "data": cfg.data,
-                "seed": cfg.seed, "seq_len": cfg.seq_len, "batch_size": cfg.batch_size}
+                "seed": cfg.seed, "seq_len": cfg.seq_len, "batch_size": cfg.batch_size, **stages}
 
     def load_checkpoint(self, path: Path) -> None:
         self.state = checkpoint.load_checkpoint(path, self.student, self.fingerprint(), optimizer=self.optimizer)
@@ -200,20 +260,34 @@ class DistillRecipe:
             checkpoint.restore_rng(self.state["rng"])
 
     # ------------------------------------------------------------------ steps
+    def teacher_states(self, batch: dict[str, torch.Tensor], step: int
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The teacher's mixed next-token states of step ``step`` [B, L, d] (its thoughts from
+        thought_generator(seed, step, 0)), the targets x_{i+1} [B, L] and which exist [B, L]."""
+        cfg = self.config
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        targets, valid = training_targets(ids, mask, batch["labels"], 1)
+        teacher_hidden = self.teacher.next_token_hidden(
+            ids, mask, generator=thought_generator(cfg.seed, step, 0, self.device),
+            thought_fraction=cfg.thought_fraction)                        # [B, L, d]
+        return teacher_hidden, targets[..., 0], valid[..., 0]
+
     def loss(self, batch: dict[str, torch.Tensor], step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The distillation loss of one batch and its detached metrics (``kl``, ``student_nll``)."""
         cfg = self.config
         ids, mask = batch["input_ids"], batch["attention_mask"]
-        targets, valid = training_targets(ids, mask, batch["labels"], 1)
-        targets, valid = targets[..., 0], valid[..., 0]                   # [B, L]: x_{i+1}, has one
-        teacher_hidden = self.teacher.next_token_hidden(
-            ids, mask, generator=thought_generator(cfg.seed, step, 0, self.device),
-            thought_fraction=cfg.thought_fraction)                        # [B, L, d]
         hidden = self.student.lm.get_decoder()(input_ids=ids, attention_mask=mask,
                                                position_ids=text_positions(mask)).last_hidden_state
         head = self.student.vocab_head().unmasked()  # the exported model predicts over all its rows
-        kl = distillation_kl(head, hidden[valid], self.teacher.vocab_head(), teacher_hidden[valid],
-                             cfg.temperature)                             # [N]
+        if self.cache is not None:
+            targets, valid = training_targets(ids, mask, batch["labels"], 1)
+            targets, valid = targets[..., 0], valid[..., 0]               # [B, L]: x_{i+1}, has one
+            top_ids, top_logprobs, rest = (t.to(self.device) for t in self.cache.read(step, batch))  # [N, k], [N]
+            kl = top_k_distillation_kl(head, hidden[valid], top_ids, top_logprobs, rest, cfg.temperature)
+        else:
+            teacher_hidden, targets, valid = self.teacher_states(batch, step)
+            kl = distillation_kl(head, hidden[valid], self.teacher.vocab_head(), teacher_hidden[valid],
+                                 cfg.temperature)                         # [N]
         with torch.set_grad_enabled(torch.is_grad_enabled() and cfg.next_token_loss_weight > 0):
             nll = -head.logprobs(hidden[valid], targets[valid]).mean()
         loss = kl.mean() + (cfg.next_token_loss_weight * nll if cfg.next_token_loss_weight > 0 else 0.0)
@@ -252,8 +326,8 @@ class DistillRecipe:
 
     def export(self) -> Path:
         """The student's LM as a plain Hugging Face folder, ``<output_dir>/distilled``."""
-        cfg, teacher = self.config, self.teacher
-        facts = DistillFacts(teacher=cfg.teacher, data=cfg.data, steps=self.step,
+        cfg, teacher = self.config, self.student  # the student: a copy of the teacher, same config and tokenizer
+        facts = DistillFacts(teacher=self.teacher_path, data=cfg.data, steps=self.step,
                              tokens_per_step=cfg.batch_size * cfg.seq_len, temperature=cfg.temperature,
                              next_token_loss_weight=cfg.next_token_loss_weight,
                              thought_fraction=cfg.thought_fraction,

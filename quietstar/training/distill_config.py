@@ -65,6 +65,23 @@ class DistillConfig:
     (1 = every position); elsewhere its base prediction is the target"""
     seed: int = 0
     """seed of the data order and the teacher's thoughts"""
+    teacher_cache: str | None = option(None, metavar="DIR", shown_default="none: the teacher runs every step")
+    """a folder of the teacher's top-k log-probabilities for every step (cache_top_k of them per
+    position, the rest as one bucket): written by one pass of the teacher over the run's
+    max_steps batches when absent, then read instead of running the teacher (which is then not
+    held in memory); refused when made for another teacher, data, seq_len, batch_size, seed,
+    cache_top_k, temperature or thought_fraction, or for fewer steps"""
+    cache_top_k: int = 64
+    """k of --teacher-cache: ids kept per position (8k + 4 bytes per token on disk; k = the
+    vocabulary size gives the on-the-fly loss)"""
+    curriculum: tuple[int, ...] = option((), metavar="K,K,...", shown_default="none: distill the teacher as it is")
+    """Fast Quiet-STaR: thought lengths of Quiet-STaR stages run before distillation (e.g.
+    8,4): stage i trains the previous stage's model (the first: the teacher) for
+    curriculum_steps steps with thoughts of curriculum[i] tokens, as quietstar train does (its
+    cpu-demo preset's run settings, the teacher's method settings), into <output_dir>/stage-<i>;
+    the last stage's model is then the teacher distilled. A finished stage is not run again"""
+    curriculum_steps: int = 20
+    """optimiser steps of each curriculum stage"""
     checkpoint_every: int = 50
     """steps between checkpoints (and one at the end)"""
     keep_checkpoints: int = 2
@@ -82,7 +99,8 @@ class DistillConfig:
             if not ok:
                 raise QuietStarInputError(f"DistillConfig: {message}")
 
-        for name in ("seq_len", "batch_size", "checkpoint_every", "keep_checkpoints"):
+        for name in ("seq_len", "batch_size", "checkpoint_every", "keep_checkpoints", "cache_top_k",
+                     "curriculum_steps"):
             value = getattr(self, name)
             need(value >= 1, f"{name} must be >= 1, got {value!r}")
         for name in ("max_steps", "warmup_steps", "seed"):
@@ -102,9 +120,13 @@ class DistillConfig:
         need(0 <= self.min_lr_ratio <= 1, f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio!r}")
         need(self.max_grad_norm > 0, f"max_grad_norm must be > 0, got {self.max_grad_norm!r}")
         need(bool(self.teacher.strip()), "teacher must name a QuietStar model folder or Hub repo")
+        need(self.teacher_cache is None or bool(self.teacher_cache.strip()),
+             "teacher_cache must name a folder (or be None: the teacher runs every step)")
+        need(all(k >= 1 for k in self.curriculum), f"curriculum must list thought lengths >= 1, got "
+             f"{list(self.curriculum)}")
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return asdict(self) | {"curriculum": list(self.curriculum)}  # YAML has lists, not tuples
 
     def save(self, directory: str | Path) -> Path:
         """Writes ``<directory>/distill_config.yaml`` (the run folder or a checkpoint)."""

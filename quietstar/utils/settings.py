@@ -5,7 +5,7 @@ docstring (the string literal under the field). From it this module makes
 
 * the argparse flags (``--field-name``), with the docstring and default as help, choices from a
   ``Literal``, ``--flag/--no-flag`` for a ``bool``, "none" for an optional value and a
-  comma-separated list for a ``tuple[str, ...]`` or ``tuple[float, ...]`` (``option`` adds what
+  comma-separated list for a ``tuple[str, ...]``, ``tuple[float, ...]`` or ``tuple[int, ...]`` (``option`` adds what
   the help shows as the default, where the real default is decided later, and the value's name);
 * the settings actually given on the command line, as a dict (flags that were not given are
   absent, so a YAML file or a saved run can supply them);
@@ -100,8 +100,9 @@ def _converter(hint: Any) -> tuple[Callable[[str], Any] | None, tuple | None, bo
         return None, None, True
     if typing.get_origin(hint) is tuple and typing.get_args(hint)[1:] == (Ellipsis,):
         item_type = typing.get_args(hint)[0]
-        if item_type not in (str, float):
-            raise TypeError(f"only tuple[str, ...] and tuple[float, ...] are supported as list flags, got {hint}")
+        if item_type not in (str, float, int):
+            raise TypeError(f"only tuple[str, ...], tuple[float, ...] and tuple[int, ...] are supported as list "
+                            f"flags, got {hint}")
         return _comma_separated(optional, item_type), None, False
     choices = None
     if typing.get_origin(hint) is Literal:

@@ -1,0 +1,164 @@
+"""The teacher cache of ``quietstar distill --teacher-cache``: the top-k KL against a hand-written
+reference, k = V equal to the on-the-fly loss, exact resume from a sharded cache, and the
+refusals of a cache made for another run."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import make_model
+from quietstar.method.distillation import teacher_top_k, top_k_distillation_kl
+from quietstar.training import teacher_cache
+from quietstar.training.distill import distill
+from quietstar.training.distill_config import EXPORT_DIR, DistillConfig
+from quietstar.utils.errors import QuietStarInputError
+from test_distill import thinking_teacher
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("teacher") / "model"
+    thinking_teacher().save_pretrained(path)
+    return path
+
+
+def config(teacher_dir, out, **kw) -> DistillConfig:
+    settings = dict(seq_len=16, batch_size=2, max_steps=3, learning_rate=1e-2, checkpoint_every=1,
+                    keep_checkpoints=5, device="cpu")
+    return DistillConfig(teacher=str(teacher_dir), output_dir=str(out), **(settings | kw))
+
+
+def weights(folder):
+    return load_file(folder / EXPORT_DIR / "model.safetensors")
+
+
+@pytest.mark.parametrize("family, chunk, k, temperature", [("llama", 5, 7, 1.0), ("llama", 0, 20, 2.0),
+                                                           ("gemma2", 4, 3, 0.7), ("llama", 4, None, 1.0)])
+def test_top_k_kl_equals_hand_written_reference(family, chunk, k, temperature):
+    """teacher_top_k = topk of the full log-softmax, rest = log(1 - their mass); the KL on K and the
+    rest bucket, value and gradients (hidden states, head), = the formula written on full
+    distributions; k = V (None) gives the full KL."""
+    teacher, student = make_model(family, seed=0, loss_chunk_tokens=chunk), make_model(family, seed=1,
+                                                                                        loss_chunk_tokens=chunk)
+    t_head, s_head = teacher.vocab_head(), student.vocab_head().unmasked()
+    g = torch.Generator().manual_seed(0)
+    h_t = torch.randn(11, 32, generator=g)
+    vocab = teacher.logits(h_t).shape[-1]
+    k = vocab if k is None else k
+    ids, logprobs, rest = teacher_top_k(t_head, h_t, k, temperature)
+    logp_full = torch.log_softmax(teacher.logits(h_t) / temperature, -1)
+    top = logp_full.topk(k, -1)
+    assert torch.equal(ids, top.indices) and torch.allclose(logprobs, top.values)
+    mass_off = 1 - logprobs.exp().sum(-1)
+    if k < vocab:
+        torch.testing.assert_close(rest.exp(), mass_off, rtol=1e-4, atol=1e-6)
+    else:
+        assert torch.isneginf(rest).all()
+
+    h = torch.randn(11, 32, generator=g, requires_grad=True)
+    kl = top_k_distillation_kl(s_head, h, ids.int(), logprobs, rest, temperature)
+    kl.sum().backward()
+    grads = (h.grad.clone(), student.lm.get_output_embeddings().weight.grad.clone())
+    student.zero_grad()
+
+    h_ref = h.detach().clone().requires_grad_(True)
+    q = torch.softmax(s_head.logits(h_ref).double() / temperature, -1)       # [N, V]
+    p = logprobs.double().exp()
+    q_k = q.gather(1, ids)
+    ref = torch.where(p > 0, p * (p.log() - q_k.log()), 0).sum(-1)
+    if k < vocab:
+        p_rest, q_rest = 1 - p.sum(-1), 1 - q_k.sum(-1)
+        ref = ref + p_rest * (p_rest.log() - q_rest.log())
+    ref = ref * temperature ** 2
+    ref.sum().backward()
+    torch.testing.assert_close(kl.double(), ref, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(grads[0].double(), h_ref.grad.double(), rtol=1e-3, atol=1e-5)
+    torch.testing.assert_close(grads[1].double(), student.lm.get_output_embeddings().weight.grad.double(),
+                               rtol=1e-3, atol=1e-5)
+    if k == vocab:  # the full KL (the on-the-fly loss)
+        from quietstar.method.distillation import distillation_kl
+        torch.testing.assert_close(kl, distillation_kl(s_head, h.detach(), t_head, h_t, temperature),
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_cache_with_k_equal_to_the_vocabulary_gives_the_on_the_fly_run(teacher_dir, tmp_path):
+    vocab = make_model().lm.get_output_embeddings().weight.shape[0]
+    fly = distill(config(teacher_dir, tmp_path / "fly", max_steps=2))
+    cached = distill(config(teacher_dir, tmp_path / "cached", max_steps=2, teacher_cache=str(tmp_path / "cache"),
+                            cache_top_k=vocab))
+    for key in ("loss", "kl", "student_nll", "grad_norm"):
+        assert cached.metrics[key] == pytest.approx(fly.metrics[key], rel=1e-4, abs=1e-5), key
+    a, b = weights(tmp_path / "fly"), weights(tmp_path / "cached")
+    for name in a:  # Adam divides by sqrt(v): float rounding of near-zero gradients moves a weight ~1e-5
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-4)
+    index = json.loads((tmp_path / "cache" / teacher_cache.INDEX_NAME).read_text())
+    assert index["made_from"]["top_k"] == vocab and index["made_from"]["steps"] == 2
+
+
+def test_resume_from_a_sharded_cache_is_exact_and_a_foreign_cache_is_refused(teacher_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(teacher_cache, "SHARD_BYTES", 1)  # one step per shard: reads cross shard files
+    cache = str(tmp_path / "cache")
+    whole = distill(config(teacher_dir, tmp_path / "whole", teacher_cache=cache, cache_top_k=8))
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [
+        "shard-00000.safetensors", "shard-00001.safetensors", "shard-00002.safetensors", teacher_cache.INDEX_NAME]
+    shard = load_file(tmp_path / "cache" / "shard-00001.safetensors")
+    assert shard["ids"].dtype == torch.int32 and shard["ids"].shape == (2 * 15, 8)  # B x (L - 1) rows
+    assert shard["logprobs"].shape == (30, 8) and shard["rest"].shape == (30,)
+    assert whole.metrics["kl"] > 0
+
+    first = distill(config(teacher_dir, tmp_path / "split", teacher_cache=cache, cache_top_k=8, max_steps=1))
+    assert first.step == 1
+    rest = distill(config(teacher_dir, tmp_path / "split", teacher_cache=cache, cache_top_k=8, resume="latest"))
+    assert rest.metrics == {**whole.metrics, "step_time_s": rest.metrics["step_time_s"]}
+    a, b = weights(tmp_path / "whole"), weights(tmp_path / "split")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+    base = config(teacher_dir, tmp_path / "other", teacher_cache=cache, cache_top_k=8)
+    for change, words in [({"temperature": 2.0}, "temperature 1.0, this run has 2.0"),
+                          ({"cache_top_k": 4}, "top_k 8, this run has 4"),
+                          ({"seed": 1}, "seed 0, this run has 1"),
+                          ({"max_steps": 4}, "covers 3 steps, fewer than max_steps 4")]:
+        with pytest.raises(QuietStarInputError, match=words):
+            distill(replace(base, **change))
+    other_teacher = tmp_path / "teacher2"
+    thinking_teacher(seed=5).save_pretrained(other_teacher)
+    with pytest.raises(QuietStarInputError, match="teacher_sha256"):
+        distill(replace(base, teacher=str(other_teacher)))
+    with pytest.raises(QuietStarInputError, match="cache_top_k 100000 exceeds"):
+        distill(replace(base, teacher_cache=str(tmp_path / "new"), cache_top_k=100000))
+
+
+def test_command_line_writes_and_reads_the_cache(teacher_dir, tmp_path, capsys):
+    from quietstar.cli.main import main
+
+    args = ["distill", "--teacher", str(teacher_dir), "--seq-len", "16", "--batch-size", "2", "--max-steps", "1",
+            "--device", "cpu", "--teacher-cache", str(tmp_path / "cache"), "--cache-top-k", "5"]
+    assert main(args + ["--output-dir", str(tmp_path / "a")]) == 0
+    assert main(args + ["--output-dir", str(tmp_path / "b")]) == 0  # reads the cache the first wrote
+    assert json.loads((tmp_path / "cache" / teacher_cache.INDEX_NAME).read_text())["made_from"]["top_k"] == 5
+    a, b = weights(tmp_path / "a"), weights(tmp_path / "b")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(["distill", "--help"])
+    help_text = capsys.readouterr().out
+    assert "--teacher-cache" in help_text and "--cache-top-k" in help_text and "--curriculum" in help_text
+
+
+def test_a_cache_of_other_text_is_refused(teacher_dir, tmp_path):
+    """Same data path and settings, changed text: the step's batch digest refuses the cache."""
+    from quietstar.data.corpora import load_texts
+
+    texts = [t for t in load_texts("builtin:arithmetic", num_documents=200)]
+    data = tmp_path / "data.txt"
+    data.write_text("\n\n".join(texts), encoding="utf-8")
+    settings = dict(data=str(data), teacher_cache=str(tmp_path / "cache"), cache_top_k=4, max_steps=1)
+    distill(config(teacher_dir, tmp_path / "a", **settings))
+    data.write_text("\n\n".join(t.replace("e", "a") for t in texts), encoding="utf-8")
+    with pytest.raises(QuietStarInputError, match="not the text the cache was made from"):
+        distill(config(teacher_dir, tmp_path / "b", **settings))
