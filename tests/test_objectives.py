@@ -341,6 +341,26 @@ def test_thought_health_by_hand():
         "leak_rate": 1.0, "thought_length": 3.0, "distinct_thoughts": 0.5}
 
 
+def test_quietstar_objective_logs_leak_rate_and_distinct_thoughts_as_counted_by_hand():
+    """The quietstar objective's training metrics hold the thoughts' health too (the critique
+    of its reward: a thought that writes the next token earns it without reasoning)."""
+    model = build("quietstar")
+    x, mask = text_batch("right")
+    with torch.no_grad():  # thoughts drawn mostly from the text's own tokens: leaks and repeats happen
+        model.lm.get_output_embeddings().weight[x.unique()] *= 40
+    out = model(x, mask, x.masked_fill(mask == 0, -100), generator=torch.Generator().manual_seed(0))
+    leaks = distinct = count = 0
+    for b in range(x.shape[0]):
+        for i in range(int(mask[b].sum()) - 1):  # positions with a real next token
+            group = [tuple(t) for t in out.thought_ids[b, :, i].tolist()]
+            leaks += sum(x[b, i + 1].item() in t for t in group)
+            distinct += len(set(group)) / len(group)
+            count += 1
+    assert out.metrics["leak_rate"].item() == pytest.approx(leaks / (count * G), abs=1e-6)
+    assert out.metrics["distinct_thoughts"].item() == pytest.approx(distinct / count, abs=1e-6)
+    assert 0 < leaks < count * G and distinct < count  # the case is not trivial
+
+
 # ------------------------------------------------------------------ settings
 @pytest.mark.parametrize("bad,message", [
     ({"objective": "rlp", "thoughts_per_position": 1}, "group size G"),

@@ -15,7 +15,7 @@ from quietstar.method.config import QuietStarConfig
 from quietstar.method.losses import NonFiniteLossError, quietstar_loss_terms
 from quietstar.method.meta_tokens import MetaTokenEmbedding, add_meta_tokens, meta_token_init_vector
 from quietstar.method.mixing import MixingHead
-from quietstar.method.objectives import successor_loss_terms, thought_logprobs, update_ema
+from quietstar.method.objectives import successor_loss_terms, thought_health, thought_logprobs, update_ema
 from quietstar.models.model_card import TrainingFacts
 from quietstar.method.rollout import GridHidden, Rollout, rollout_positions, text_positions
 from quietstar.method.selection import ThoughtRows, check_thought_positions, inference_chooser, thought_rows_chooser
@@ -432,12 +432,18 @@ class QuietStarForCausalLM(nn.Module):
 
     def _quietstar_terms(self, head, grid, thoughts, thought_logp, targets, valid, ema_base_logp):
         """The "quietstar" objective of a scored rollout: mix, the log-likelihoods (targets.py),
-        the loss terms (losses.py); the metrics gain ``mean_mixing_weight``."""
+        the loss terms (losses.py); the metrics gain ``mean_mixing_weight`` and the thoughts'
+        ``leak_rate`` and ``distinct_thoughts`` (``objectives.thought_health``: a thought that
+        writes the next token earns the likelihood reward without reasoning)."""
         mixed, w = self._mix(grid)
         logp = step_logprobs(self.config, head, grid, mixed, thoughts, thought_logp, targets, valid)
         nll_term, policy_term, metrics = quietstar_loss_terms(self.config, logp, ema_base_logp)
         mask = logp.row_valid.to(w.dtype)
         metrics["mean_mixing_weight"] = (w.detach() * mask).sum() / mask.sum().clamp(min=1)
+        next_tokens = (targets if grid.rows is None else grid.rows.gather(targets))[..., 0]  # [B*n, W]
+        own = torch.ones_like(thoughts, dtype=torch.bool)  # quietstar thoughts never end early
+        health = thought_health(thoughts, own, next_tokens, logp.row_valid[..., 0], self.config.thoughts_per_position)
+        metrics |= {name: health[name] for name in ("leak_rate", "distinct_thoughts")}
         return nll_term, policy_term, metrics
 
     def _training_rollout(self, rollout: Rollout, input_ids, attention_mask, generator, thought_ids, select):
