@@ -120,12 +120,15 @@ def _check_inputs(model, input_ids, attention_mask, max_new_tokens, do_sample, t
                                   f"entropy; 0 = think before every token), got {thought_threshold!r}")
 
 
-def generation_positions(prompt_length: int, max_new_tokens: int, thought_tokens: int) -> int:
+def generation_positions(prompt_length: int, max_new_tokens: int, thought_tokens: int, *,
+                         prefix_tokens: int) -> int:
     """Position ids that generating ``max_new_tokens`` after a ``prompt_length``-token prompt with
-    ``thought_tokens``-token thoughts may use: the last token fed is the last-but-one new one, at
-    L + N - 2, and its thought ends k + 2 positions further."""
-    L, N, k = prompt_length, max_new_tokens, thought_tokens
-    return L + max(N - 1, 0) + (k + 2 if k and N else 0)
+    ``thought_tokens``-token thoughts, each opened by a ``prefix_tokens``-token thought_prefix
+    (``QuietStarConfig.thought_prefix_ids``), may use: the last token fed is the last-but-one new
+    one, at L + N - 2, and its thought (START, the prefix, k tokens, END) ends m + k + 2 positions
+    further; without thoughts (k = 0) there is no prefix either."""
+    L, N, k, m = prompt_length, max_new_tokens, thought_tokens, prefix_tokens
+    return L + max(N - 1, 0) + (m + k + 2 if k and N else 0)
 
 
 def _special_ids(model, eos_token_id):
@@ -202,7 +205,7 @@ def generate(
     k, thought_t = model.config.thought_settings(thought_tokens, thought_temperature)
     m = len(model.thought_prefix_ids) if k else 0  # the thought_prefix's tokens, after START
     L, N = input_ids.shape[1], max_new_tokens
-    model.check_positions(generation_positions(L, N, k + m if k else 0),
+    model.check_positions(generation_positions(L, N, k, prefix_tokens=m),
                           f"generating {N} tokens after a {L}-token prompt", allow_position_extrapolation)
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
