@@ -157,3 +157,100 @@ def test_a_thought_prefix_is_forced_in_generation_too():
 def test_long_thought_settings_are_checked(bad, message):
     with pytest.raises(QuietStarInputError, match=message):
         QuietStarConfig(**{"objective": "rlp", **bad})
+
+
+# ------------------------------------------------------------------ generation ends thoughts as training does
+def _left_padded(lengths, pad_id):
+    L = max(lengths)
+    ids, mask = torch.full((len(lengths), L), pad_id), torch.zeros(len(lengths), L, dtype=torch.long)
+    for b, n in enumerate(lengths):
+        ids[b, L - n:], mask[b, L - n:] = random_text(1, n, seed=20 + b)[0], 1
+    return ids, mask
+
+
+def _stop_lengths(model, thoughts):
+    """c per thought: the ids before its first stop (k if none), by the rollout's rule."""
+    return model.rollout.fed_tokens(thoughts)
+
+
+@pytest.mark.parametrize("threshold", [0.0, 5.38])
+def test_generation_ends_a_thought_where_scoring_does(threshold):
+    """With thought_can_end, generation ends each row's thought at its first END / EOS, as the
+    training and scoring rollout does: every generated token's logits equal those of
+    ``score_thoughts`` on the same text and thought, with the text left-padded as generated and
+    right-padded as training pads, in a batch whose rows end their thoughts at different steps
+    (a threshold: rows that do not think take the base prediction)."""
+    k = 4
+    model = build(k, thought_can_end=True, thought_prefix="Q:")
+    with torch.no_grad():  # a sharper head (entropies spread about the threshold), END and EOS
+        head = model.lm.get_output_embeddings().weight  # likely: thoughts end early often, not always
+        head *= 8
+        head[[model.tokenizer.eos_token_id, model.end_id]] *= 30 / 8
+    pad_id = model.tokenizer.pad_token_id
+    lengths, N = [5, 8, 3], 4
+    ids, mask = _left_padded(lengths, pad_id)
+    out = model.generate(ids, mask, max_new_tokens=N, eos_token_id=[], thought_temperature=1.0,
+                         thought_threshold=threshold, return_thoughts=True, output_logits=True,
+                         generator=torch.Generator().manual_seed(3))
+    taken = out.thought_taken                                              # [B, N]
+    c = _stop_lengths(model, out.thought_ids)                              # [B, N]
+    assert (c[taken] < k).any() and (c[taken] == k).any(), "the test needs ended and unended thoughts"
+    assert any(len(set(c[:, s][taken[:, s]].tolist())) > 1 for s in range(N)), "rows must end apart"
+    assert 0 < taken.sum() < taken.numel() if threshold else taken.all()
+
+    L = ids.shape[1]
+    V = out.logits[0].shape[-1]
+    for s in range(N):
+        text = out.sequences[:, :L + s]
+        text_mask = torch.cat([mask, torch.ones(3, s, dtype=torch.long)], 1)
+        n = text_mask.sum(1)
+        right = torch.full_like(text, pad_id)
+        for b in range(3):  # the same texts, right-padded
+            right[b, :n[b]] = text[b, text_mask[b].bool()]
+        right_mask = (torch.arange(L + s) < n[:, None]).long()
+        for x, x_mask, last in ((text, text_mask, torch.full((3,), L + s - 1)), (right, right_mask, n - 1)):
+            thoughts = torch.full((3, L + s, k), 7)
+            thoughts[torch.arange(3), last] = out.thought_ids[:, s]
+            with torch.no_grad():
+                scores = model.score_thoughts(x, thoughts, x_mask, steps=1)
+            expected = scores.mixed_logits[torch.arange(3), last, 0, :V]
+            expected = torch.where(taken[:, s, None], expected, scores.base_logits[torch.arange(3), last, :V])
+            torch.testing.assert_close(out.logits[s], expected, atol=2e-5, rtol=0)
+
+    # as training's thought ids: the stop kept, the pad id after it; the text decoded without it
+    after = torch.arange(k) > c[..., None]
+    assert (out.thought_ids[after & taken[..., None]] == pad_id).all()
+    for b in range(3):
+        for s in range(N):
+            if taken[b, s]:
+                assert out.thoughts[b][s] == model.tokenizer.decode(out.thought_ids[b, s, :c[b, s]].tolist())
+
+
+def test_generation_stops_calling_the_decoder_once_every_thought_has_ended():
+    """Thoughts that all end at their first token cost one call after START's: END's."""
+    k = 6
+    model = build(k, thought_can_end=True)
+    with torch.no_grad():
+        model.lm.get_output_embeddings().weight[model.tokenizer.eos_token_id] *= 1000
+    calls = []
+    model.decoder.register_forward_hook(lambda *args: calls.append(1))
+    out = model.generate(random_text(2, 5, seed=1), max_new_tokens=3, eos_token_id=[], thought_temperature=1.0,
+                         return_thoughts=True, generator=torch.Generator().manual_seed(0))
+    assert (out.thought_ids[..., 0] == model.tokenizer.eos_token_id).all()
+    assert out.thoughts == [["", "", ""], ["", "", ""]]
+    assert len(calls) == 3 * 2  # per token: [x, START], then [END]
+
+
+def test_without_thought_can_end_generation_thinks_k_tokens_through_a_sampled_eos():
+    """thought_can_end=False (quietstar's only choice): an EOS in a thought is an ordinary token,
+    the thought runs its k tokens, and END stays unsampleable, as before."""
+    k = 6
+    model = build(k)
+    eager_eos(model)
+    out = model.generate(random_text(2, 5, seed=1), max_new_tokens=3, eos_token_id=[], thought_temperature=1.0,
+                         return_thoughts=True, generator=torch.Generator().manual_seed(0))
+    eos = out.thought_ids == model.tokenizer.eos_token_id
+    assert eos[..., :-1].any() and not (out.thought_ids == model.end_id).any()
+    following = torch.roll(eos, 1, dims=-1) & ~eos
+    following[..., 0] = False
+    assert (out.thought_ids[following] != model.tokenizer.pad_token_id).all()

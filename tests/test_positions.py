@@ -184,6 +184,55 @@ def test_a_saved_model_that_allows_extrapolation_generates_past_its_positions(tm
     assert "generating 20 tokens needs position ids up to 22" in capsys.readouterr().err
 
 
+def test_generate_counts_the_thought_prefix_before_loading(tmp_path, capsys, monkeypatch):
+    """The early check counts the thought_prefix's tokens (read with the saved tokenizer, as the
+    model reads them): N new tokens after a one-token prompt with k = 3 and the 2-token prefix
+    "Q:" need N + k + 2 + 2 positions. N = 11 fits 16 positions without the prefix and not with
+    it: refused before the weights load, naming both numbers; N = 9 fits exactly and generates,
+    where generate's own check with the real prompt agrees."""
+    from quietstar import QuietStarForCausalLM
+    from quietstar.cli import common
+    from quietstar.cli.generate import main
+
+    lm = make_lm("llama")
+    lm.config.max_position_embeddings = 16
+    config = QuietStarConfig(objective="rlp", sampled_thought_tokens=3, thought_prefix="Q:")
+    model = QuietStarForCausalLM.from_base(lm, make_tokenizer(), config)
+    assert len(model.thought_prefix_ids) == 2
+    model.save_pretrained(tmp_path / "qs")
+    argv = ["--model", str(tmp_path / "qs"), "--prompt", "48", "--max-new-tokens"]
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the check must come before the model loads")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(common, "load_quietstar_model", no_loading)
+        assert main(argv + ["11"]) == 2
+    assert capsys.readouterr().err.startswith(
+        "quietstar generate: error: generating 11 tokens (thoughts of 3 tokens after a 2-token thought_prefix) "
+        "needs position ids up to 17, but LlamaForCausalLM has 16 positions")
+    assert main(argv + ["9"]) == 0
+    capsys.readouterr()
+    with pytest.raises(Exception, match="needs position ids up to 16, but"):  # the exact check agrees
+        model.generate(torch.tensor([[280, 21]]), max_new_tokens=9)
+
+
+def test_the_early_tokenizer_of_a_hub_repo_comes_from_the_cache_offline(tmp_path, monkeypatch):
+    """read_quietstar_tokenizer reads a Hub repo's tokenizer from its cached text files (no
+    weights needed); one not in the cache gives None (the check then counts no prefix and
+    loading says what is missing)."""
+    from quietstar.models.loading import read_quietstar_tokenizer
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    repo = tmp_path / "models--owner--thinker"
+    make_tokenizer().save_pretrained(repo / "snapshots" / "0123abcd")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0123abcd")
+    tokenizer = read_quietstar_tokenizer("owner/thinker", cache_dir=tmp_path)
+    assert QuietStarConfig(thought_prefix="Q:").thought_prefix_ids(tokenizer) == (50, 27)
+    assert read_quietstar_tokenizer("owner/absent", cache_dir=tmp_path) is None
+
+
 # ------------------------------------------------------------------------------------------ memory
 def big_llama(**kwargs):
     settings = dict(vocab_size=128256, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,

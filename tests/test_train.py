@@ -443,7 +443,8 @@ def test_heldout_nll_with_thought_covers_every_token_at_a_thought_fraction():
 
 def test_heldout_own_minus_shifted_by_hand():
     """eval/own_minus_shifted: at the positions that thought, the NLL after each position's own
-    first thought minus after the own thought of the position L/2 further on, scored alike."""
+    first thought minus after the own thought of the next of its row's three thinking positions
+    (cyclically: half of three further on), sampled there, scored alike."""
     model = make_model("llama", objective="rlp", thoughts_per_position=2, thought_count=3,
                        thought_selection="random", thought_temperature=0.7, ahead_tokens=1)
     model.eval()
@@ -454,10 +455,13 @@ def test_heldout_own_minus_shifted_by_hand():
         result = HeldoutLoss([batch], seed=0, own_minus_shifted=True)(model, step=1)
         out = model(ids, batch["attention_mask"], ids, generator=thought_generator(0, -1, 0), check_finite=False)
         where = out.thought_positions
-        rolled = torch.roll(where, L // 2, dims=1)  # the positions whose thoughts move here
-        moved = model.sample_thoughts(ids, thought_positions=rolled, generator=thought_generator(0, -2, 0))
+        sampled = model.sample_thoughts(ids, thought_positions=where, generator=thought_generator(0, -2, 0))
+        moved = sampled.clone()
+        for b in range(2):
+            p = where[b].nonzero().squeeze(1)
+            moved[b, p] = sampled[b, p.roll(-1)]  # p_r <- p_{r + 1}
         terms = []
-        for thoughts in (out.thought_ids[:, 0], torch.roll(moved, -(L // 2), dims=1)):
+        for thoughts in (out.thought_ids[:, 0], moved):
             logits = model.score_thoughts(ids, thoughts, thought_positions=where, steps=1).mixed_logits[:, :, 0]
             terms.append(torch.stack([F.cross_entropy(logits[b, i], ids[b, i + 1])
                                       for b, i in where.nonzero().tolist()]))

@@ -169,22 +169,29 @@ def run(args: argparse.Namespace) -> int:
 
 
 def check_length(settings: GenerateArguments, loading: LoadingArguments) -> None:
-    """--max-new-tokens and the thought length against the model's positions, from its config
-    files alone, before the weights load (a prompt has one token at least; ``generate`` checks
-    again with its length). Skipped where the configs cannot be read without loading."""
+    """--max-new-tokens, the thought length and the thought_prefix's tokens against the model's
+    positions, from its config files (and, for a prefix, its tokenizer) alone, before the weights
+    load (a prompt has one token at least; ``generate`` checks again with its length), by the
+    rule ``generate`` checks with (``generation_positions``). Skipped where the configs cannot be
+    read without loading; the prefix counted where the tokenizer can."""
     from quietstar.method.generation import generation_positions  # torch: not for --help
     from quietstar.models.limits import check_positions
-    from quietstar.models.loading import read_model_config, read_quietstar_config
+    from quietstar.models.loading import read_model_config, read_quietstar_config, read_quietstar_tokenizer
 
-    lm_config = read_model_config(settings.model, revision=loading.revision, cache_dir=loading.cache_dir)
-    method = None if lm_config is None else read_quietstar_config(settings.model, revision=loading.revision,
-                                                                   cache_dir=loading.cache_dir)
+    where = dict(revision=loading.revision, cache_dir=loading.cache_dir)
+    lm_config = read_model_config(settings.model, **where)
+    method = None if lm_config is None else read_quietstar_config(settings.model, **where)
     if method is None:
         return
+    N = settings.max_new_tokens
     k, _ = method.thought_settings(settings.thought_tokens, None)
+    m = 0
+    if k and method.thought_prefix:  # its tokens, as the model counts them (QuietStarConfig.thought_prefix_ids)
+        tokenizer = read_quietstar_tokenizer(settings.model, **where)
+        m = 0 if tokenizer is None else len(method.thought_prefix_ids(tokenizer))
+    what = f"generating {N} tokens" + (f" (thoughts of {k} tokens after a {m}-token thought_prefix)" if m else "")
     allow = settings.allow_position_extrapolation
-    check_positions(lm_config, generation_positions(1, settings.max_new_tokens, k),
-                    f"generating {settings.max_new_tokens} tokens",
+    check_positions(lm_config, generation_positions(1, N, k, prefix_tokens=m), what,
                     method.allow_position_extrapolation if allow is None else allow)
 
 

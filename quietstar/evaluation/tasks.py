@@ -158,8 +158,9 @@ def thoughts_for(model, input_ids, attention_mask, thought_tokens: int, source: 
     * ``"sampled"``: the model's own (``sample_thoughts``), as it predicts;
     * ``"random"``: uniform random tokens of the vocabulary (never a meta token): thoughts with
       no content, through the same mixing head;
-    * ``"shifted"``: the model's own thoughts, each moved to the position L // 2 further along
-      the row (cyclically): fluent thoughts about another place in the text
+    * ``"shifted"``: the model's own thoughts, each moved to the thinking position half the
+      document's thinking positions further on (cyclically; thinking everywhere in an unpadded
+      row: L // 2 further on): fluent thoughts about another place in the text
       (``method.controls.shifted_thoughts``).
 
     The last two are controls: if the model gains as much from them as from its own thoughts, the

@@ -198,9 +198,9 @@ class QuietStarConfig:
     the tokens before it, closed by END (an EOS is replaced by END), followed by the true next
     tokens at the position ids they would have right after it; the stop token's log-probability
     counts in the surrogate (stopping is an action), the ids after it are padding, masked from
-    every loss. |c| in the surrogate is the thought's own token count. Training and ``think`` /
-    ``score_thoughts``; ``generate`` still thinks k tokens. "quietstar" refuses it (its REINFORCE
-    term averages over all k)."""
+    every loss. |c| in the surrogate is the thought's own token count. Training, ``think`` /
+    ``score_thoughts`` and ``generate`` alike. "quietstar" refuses it (its REINFORCE term averages
+    over all k)."""
 
     thought_prefix: str = ""
     """Text forced at the start of every thought, after START and before the k sampled tokens
@@ -307,6 +307,12 @@ class QuietStarConfig:
         REINFORCE temperature for "quietstar"; for rlp / rpt the sampling temperature, so the
         surrogate's ratio is of the policy that sampled."""
         return self.policy_logprob_temperature if self.objective == "quietstar" else self.thought_temperature
+
+    def thought_prefix_ids(self, tokenizer) -> tuple[int, ...]:
+        """``thought_prefix`` as the m ids ``tokenizer`` gives it (no special tokens), forced after
+        START: the model's (``QuietStarForCausalLM.thought_prefix_ids``) and the count of positions
+        a command checks before loading the weights both come from here."""
+        return tuple(tokenizer(self.thought_prefix, add_special_tokens=False).input_ids)
 
     @property
     def passes_per_thought(self) -> int:

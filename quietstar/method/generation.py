@@ -19,6 +19,12 @@ With ``thought_threshold`` > 0 a token is thought about only where the base pred
 the difficult tokens. Otherwise START's cache entry is dropped again and the base prediction picks
 the token, at the cost of one call. A batch thinks when any of its rows needs to; the rows below
 the threshold then still take the base prediction.
+
+With ``QuietStarConfig.thought_can_end`` (rlp / rpt) a row's thought ends where training's and
+``score_thoughts``' do (``Rollout.fed_tokens``: at its first END or EOS): END is fed in place of
+that stop, at the position right after the row's own tokens, and its state is the row's
+post-thought state; rows that ended wait on the pad id (dropped unread) until the last row's
+thought ends, and when all have ended early no further call is made.
 """
 
 from __future__ import annotations
@@ -42,8 +48,9 @@ class GenerateOutput:
     """What ``generate`` returns when asked for more than the token ids."""
 
     sequences: torch.Tensor                 # [B, L + N] prompt and new tokens (pad after eos)
-    thought_ids: torch.Tensor | None        # [B, N, k] the thought behind each new token (pad: none)
-    thoughts: list[list[str]] | None        # [B][N] those thoughts decoded ("" where none)
+    thought_ids: torch.Tensor | None        # [B, N, k] the thought behind each new token (pad: none; with
+                                            # thought_can_end its stop kept, pad after it)
+    thoughts: list[list[str]] | None        # [B][N] those thoughts' texts decoded ("" where none)
     mixing_weight: torch.Tensor | None      # [B, N] w of each new token (0 after eos or without a thought)
     logits: tuple[torch.Tensor, ...] | None  # N x [B, V] mixed logits each token was chosen from
     thought_taken: torch.Tensor | None = None  # [B, N] bool: a thought preceded the token
@@ -113,12 +120,15 @@ def _check_inputs(model, input_ids, attention_mask, max_new_tokens, do_sample, t
                                   f"entropy; 0 = think before every token), got {thought_threshold!r}")
 
 
-def generation_positions(prompt_length: int, max_new_tokens: int, thought_tokens: int) -> int:
+def generation_positions(prompt_length: int, max_new_tokens: int, thought_tokens: int, *,
+                         prefix_tokens: int) -> int:
     """Position ids that generating ``max_new_tokens`` after a ``prompt_length``-token prompt with
-    ``thought_tokens``-token thoughts may use: the last token fed is the last-but-one new one, at
-    L + N - 2, and its thought ends k + 2 positions further."""
-    L, N, k = prompt_length, max_new_tokens, thought_tokens
-    return L + max(N - 1, 0) + (k + 2 if k and N else 0)
+    ``thought_tokens``-token thoughts, each opened by a ``prefix_tokens``-token thought_prefix
+    (``QuietStarConfig.thought_prefix_ids``), may use: the last token fed is the last-but-one new
+    one, at L + N - 2, and its thought (START, the prefix, k tokens, END) ends m + k + 2 positions
+    further; without thoughts (k = 0) there is no prefix either."""
+    L, N, k, m = prompt_length, max_new_tokens, thought_tokens, prefix_tokens
+    return L + max(N - 1, 0) + (m + k + 2 if k and N else 0)
 
 
 def _special_ids(model, eos_token_id):
@@ -169,8 +179,9 @@ def generate(
             tokenizer's eos. Finished rows are filled with the pad id; generation stops when
             every row has finished.
         streamer: a transformers streamer (``put``/``end``), given the prompt, then every new
-            token. If it also has ``put_thought(thought_ids)``, each token's thought [k] is
-            passed to it just before the token (batch of one only).
+            token. If it also has ``put_thought(thought_ids)``, each token's thought [k] (its
+            text: the ids before the stop that ended it, with ``thought_can_end``) is passed to
+            it just before the token (batch of one only).
         thought_temperature: temperature of thought tokens (0 = greedy); default
             ``model.config.thought_temperature``.
         thought_tokens: k, tokens sampled per thought; default
@@ -194,7 +205,7 @@ def generate(
     k, thought_t = model.config.thought_settings(thought_tokens, thought_temperature)
     m = len(model.thought_prefix_ids) if k else 0  # the thought_prefix's tokens, after START
     L, N = input_ids.shape[1], max_new_tokens
-    model.check_positions(generation_positions(L, N, k + m if k else 0),
+    model.check_positions(generation_positions(L, N, k, prefix_tokens=m),
                           f"generating {N} tokens after a {L}-token prompt", allow_position_extrapolation)
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
@@ -263,7 +274,7 @@ def _run_steps(model, decoder, thinker, input_ids, attention_mask, max_new_token
             steps.weights.append(w.float().masked_fill(~unfinished, 0.0))
             steps.taken.append(taken & unfinished)
         if show_thoughts and taken[0]:
-            streamer.put_thought(thought[0].cpu())
+            streamer.put_thought(torch.tensor(_thought_texts(thinker.rollout, thought[:1])[0], dtype=torch.long))
         if streamer is not None:
             streamer.put(token.cpu())
         if eos is not None:
@@ -289,9 +300,22 @@ def _outputs(model, input_ids, steps: _Steps, k: int, return_thoughts: bool, out
                              else torch.zeros(B, N, device=input_ids.device))
         out.thought_taken = (torch.stack(steps.taken, 1) if steps.taken
                              else torch.zeros(B, N, dtype=torch.bool, device=input_ids.device))
-        out.thoughts = [[model.tokenizer.decode(t) if took else "" for t, took in zip(row, taken)]
-                        for row, taken in zip(out.thought_ids.tolist(), out.thought_taken.tolist())]
+        texts = _thought_texts(model.rollout, out.thought_ids)                 # B * N, row-major
+        taken = out.thought_taken.reshape(-1).tolist()
+        decoded = [model.tokenizer.decode(t) if took else "" for t, took in zip(texts, taken)]
+        out.thoughts = [decoded[b * N:(b + 1) * N] for b in range(B)]
     return out
+
+
+def _thought_texts(rollout, thought_ids: torch.Tensor) -> list[list[int]]:
+    """The text of each thought of ``thought_ids`` [..., k], in row-major order: its ids before
+    the stop that ended it (``Rollout.fed_tokens``, the rule training reads thoughts by), all k
+    without ``thought_can_end``."""
+    k = thought_ids.shape[-1]
+    fed = rollout.fed_tokens(thought_ids) if k else None
+    ids = thought_ids.flatten(0, -2).tolist()
+    lengths = [k] * len(ids) if fed is None else fed.reshape(-1).tolist()
+    return [t[:c] for t, c in zip(ids, lengths)]
 
 
 class _Thinker:
@@ -302,13 +326,16 @@ class _Thinker:
     feeds [t_k, END], and returns the mixed logits [B, V], the thought [B, k], the mixing
     weight [B] and which rows thought [B] (with a ``threshold``, see the module docstring; rows
     that did not predict with the base, weight 0). The thought's cache entries are dropped again
-    before it returns.
+    before it returns. With ``QuietStarConfig.thought_can_end`` a row's thought ends where
+    training's does (``_think_until_stop``).
     """
 
     def __init__(self, model, decoder: _CachedDecoder, k: int, temperature: float, generator, device,
                  threshold: float = 0.0):
         self.model, self.decoder, self.k = model, decoder, k
         self.temperature, self.generator, self.threshold = temperature, generator, threshold
+        self.rollout = model.rollout  # the stop rule (thought_can_end)
+        self.head = self.rollout.thought_head  # END sampleable where it ends a thought
         self.meta = model.embedding(torch.tensor([model.start_id, model.end_id], device=device))
         # the thought_prefix, forced after START as in training (m tokens)
         self.prefix = model.embedding(torch.tensor(model.thought_prefix_ids, dtype=torch.long, device=device))
@@ -323,6 +350,7 @@ class _Thinker:
         pos = text_positions[:, -1:] + self.offsets  # [B, m + k + 3], the last text token's first
         hidden = decoder(torch.cat([text_embeds, start, prefix], 1),
                          torch.cat([text_positions, pos[:, 1:2 + m]], 1))
+        text_length = decoder.length - 1 - m  # the cache's entries up to the text: the thought's follow
         h_base = hidden[:, -2 - m]
         think = torch.ones(B, dtype=torch.bool, device=h_base.device)
         if self.threshold > 0:  # think only where the base prediction is unsure enough
@@ -331,18 +359,65 @@ class _Thinker:
             if not think.any():
                 decoder.drop_last(1 + m)  # START's and the prefix's entries
                 return (base_logits, text_positions.new_zeros(B, k), h_base.new_zeros(B), think)
-        thought = []
-        for j in range(1, k + 1):  # hidden[:, -1] is the state of START (or the prefix's last), then of t_{j-1}
-            token = sample(model.logits(hidden[:, -1]).float(), self.temperature, self.generator)
-            thought.append(token)
-            if j < k:
-                hidden = decoder(model.embedding.base(token[:, None]), pos[:, m + j + 1:m + j + 2])
-        # t_k's own output is not needed (END comes next in any case): one call for both.
-        hidden = decoder(torch.cat([model.embedding.base(token[:, None]), end], 1), pos[:, m + k + 1:])
-        mixed, w = model.mix(h_base, hidden[:, -1])
-        decoder.drop_last(k + 2 + m)
+        if self.rollout.stop_ids:
+            thought, h_thought = self._think_until_stop(hidden[:, -1], pos)
+        else:
+            thought, h_thought = self._think(hidden[:, -1], pos, end)
+        mixed, w = model.mix(h_base, h_thought)
+        decoder.drop_last(decoder.length - text_length)
         logits = model.logits(mixed)
         if self.threshold > 0:  # the rows below the threshold predict with the base
             logits = torch.where(think[:, None], logits, base_logits)
             w = w.masked_fill(~think, 0.0)
-        return logits, torch.stack(thought, 1), w, think
+        return logits, thought, w, think
+
+    def _sample(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The next thought token [B] of the last states [B, d], from the thought's head."""
+        return sample(self.head.logits(hidden).float(), self.temperature, self.generator)
+
+    def _think(self, hidden: torch.Tensor, pos: torch.Tensor, end: torch.Tensor):
+        """t_1..t_k from START's (or the prefix's last) state ``hidden`` [B, d], then END: (the
+        thought [B, k], END's state [B, d]); k + 1 more entries in the cache."""
+        decoder, k, m = self.decoder, self.k, self.m
+        embed = self.model.embedding.base
+        thought = []
+        for j in range(1, k + 1):  # hidden is the state of START (or the prefix's last), then of t_{j-1}
+            token = self._sample(hidden)
+            thought.append(token)
+            if j < k:
+                hidden = decoder(embed(token[:, None]), pos[:, m + j + 1:m + j + 2])[:, -1]
+        # t_k's own output is not needed (END comes next in any case): one call for both.
+        hidden = decoder(torch.cat([embed(token[:, None]), end], 1), pos[:, m + k + 1:])
+        return torch.stack(thought, 1), hidden[:, -1]
+
+    def _think_until_stop(self, hidden: torch.Tensor, pos: torch.Tensor):
+        """``_think`` where a thought ends at its first stop id, as training's
+        (``Rollout.fed_tokens``, the one rule): a row that samples a stop at t_j is fed END in
+        t_j's place (position p + m + j + 1, right after its c = j - 1 tokens), and END's output
+        is its state; rows that ended are fed the pad id until every row has (those entries are
+        dropped unread). Returns (the thought [B, k]: its own ids, the stop that ended it kept and
+        the pad id after it, as training's, ``Rollout.thought_mask``; END's state [B, d])."""
+        decoder, k, m, rollout = self.decoder, self.k, self.m, self.rollout
+        embed = self.model.embedding  # END among the ids fed
+        B = hidden.shape[0]
+        tokens, h_thought = [], torch.zeros_like(hidden)
+        for j in range(1, k + 1):
+            token = self._sample(hidden)
+            tokens.append(token)
+            c = rollout.fed_tokens(torch.stack(tokens, 1))        # [B] in 0..j: j while a thought goes on
+            going, ends = c == j, c == j - 1                      # ends: a stop at t_j
+            # pass m + j + 1: t_j while the thought goes on, END in a stop's place, else the pad id
+            ids = torch.where(going, token, torch.where(ends, rollout.end_id, rollout.pad_id))[:, None]
+            if j == k:  # t_k with END, as in _think: one call for both
+                ids = torch.cat([ids, torch.where(going, rollout.end_id, rollout.pad_id)[:, None]], 1)
+            out = decoder(embed(ids), pos[:, m + j + 1:m + j + 1 + ids.shape[1]])   # [B, 1 or 2, d]
+            h_thought = torch.where(ends[:, None], out[:, 0], h_thought)
+            if j == k:
+                h_thought = torch.where(going[:, None], out[:, 1], h_thought)
+            elif not going.any():  # every row's thought has ended: no more calls
+                break
+            hidden = out[:, 0]
+        thought = torch.stack(tokens, 1)
+        thought = torch.cat([thought, thought.new_full((B, k - thought.shape[1]), rollout.pad_id)], 1)
+        own = rollout.thought_mask(thought, rollout.fed_tokens(thought))
+        return thought.masked_fill(~own, rollout.pad_id), h_thought

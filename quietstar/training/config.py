@@ -183,7 +183,8 @@ class TrainConfig:
 
     eval_own_minus_shifted: bool = False
     """Also log eval/own_minus_shifted (held-out NLL with the model's own thoughts minus with
-    those of the position L/2 further on) for the quietstar objective; rlp / rpt always log it."""
+    those of another thinking position of the same text, half its thinking positions further on)
+    for the quietstar objective; rlp / rpt always log it."""
 
     report_to: ReportTo = "none"
     """Also send the metrics to TensorBoard (<output_dir>/tensorboard) or Weights & Biases;
