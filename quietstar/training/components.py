@@ -19,6 +19,7 @@ from quietstar.method.controls import shifted_thoughts
 from quietstar.method.targets import training_targets
 from quietstar.data.corpora import TokenBatches, default_heldout, heldout_split, load_texts
 from quietstar.models.modeling import QuietStarForCausalLM
+from quietstar.models.saved_model import load_head
 from quietstar.training.config import TrainConfig
 from quietstar.utils.errors import MissingDependencyError, QuietStarInputError
 
@@ -62,9 +63,17 @@ def build_model(config: TrainConfig) -> QuietStarForCausalLM:
                                     cache_dir=config.cache_dir)
     if tokenizer.pad_token is None:  # padding is masked out of the loss; any token will do
         tokenizer.pad_token = tokenizer.eos_token
-    # A saved QuietStar model as the base: its tokenizer holds the meta tokens already.
+    # A saved QuietStar model as the base: its tokenizer holds the meta tokens already, and
+    # training continues from its learned START/END vectors and mixing head (not fresh ones).
     saved = (Path(config.model).expanduser() / QUIETSTAR_CONFIG_NAME).is_file()
     model = QuietStarForCausalLM.from_base(lm, tokenizer, config.quietstar, saved_tokenizer=saved)
+    if saved:
+        try:
+            load_head(model, Path(config.model).expanduser())
+        except QuietStarInputError as e:
+            raise QuietStarInputError(f"{config.model} is a saved QuietStar model, and training continues from its "
+                                      f"START/END vectors and mixing head, which do not fit these settings ({e}): "
+                                      "keep its mixing_head_hidden_size, or start from its plain LM") from None
     model._no_split_modules = getattr(lm, "_no_split_modules", None)  # FSDP auto-wrap reads it
     if config.lora_rank:
         _apply_lora(model, config)

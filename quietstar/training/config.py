@@ -64,7 +64,8 @@ class TrainConfig:
 
     model: str = EMBEDDED_MODEL
     """Base model: a Hugging Face model id, a local model folder, or the embedded
-    "embedded:smollm2-135m-instruct" (converted once to a cached safetensors folder)."""
+    "embedded:smollm2-135m-instruct" (converted once to a cached safetensors folder). A saved
+    QuietStar model folder continues with its learned START/END vectors and mixing head."""
 
     revision: str | None = None
     """For a Hub id as model: the branch, tag or commit to load (None: the default branch)."""

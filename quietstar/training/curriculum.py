@@ -15,8 +15,8 @@ A stage whose latest checkpoint is at curriculum_steps is done and not run again
 earlier checkpoint is resumed from it (``--resume`` given to ``quietstar distill``), so an
 interrupted curriculum continues where it stopped. Stages run where ``quietstar train`` runs
 (accelerate's device: CUDA when available), whatever ``device`` the distillation is given.
-``quietstar train --model <saved model>`` alone would start from the saved LM with fresh
-START/END vectors and mixing head (w = 0); a stage keeps the previous stage's (``StageRecipe``).
+Like any ``quietstar train --model <saved model>`` run, a stage continues from the previous
+stage's START/END vectors and mixing head (``components.build_model``).
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ from dataclasses import replace
 from pathlib import Path
 
 from quietstar.method.config import QuietStarConfig
-from quietstar.models.saved_model import load_head
 from quietstar.training import checkpoint
 from quietstar.training.config import resolve_config
 from quietstar.training.distill_config import DistillConfig
@@ -36,20 +35,6 @@ from quietstar.utils.errors import QuietStarInputError
 logger = logging.getLogger(__name__)
 
 STAGE_DIR = "stage-{}"
-
-
-class StageRecipe(TrainingRecipe):
-    """A ``quietstar train`` run whose new model keeps ``start_from``'s START/END vectors and
-    mixing head (a resumed stage reads its own from its checkpoint)."""
-
-    def __init__(self, config, origin, *, start_from: Path):
-        super().__init__(config, origin=origin)
-        self.start_from = start_from
-
-    def setup_model(self) -> None:
-        super().setup_model()
-        if self.resume_from is None:
-            load_head(self.unwrapped, self.start_from)
 
 
 def stage_dir(output_dir: Path, index: int) -> Path:
@@ -107,7 +92,7 @@ def run_curriculum(config: DistillConfig, output_dir: Path, *, distilling: bool)
                     "quietstar": replace(method, sampled_thought_tokens=k).to_dict()}
         train_config, origin = resolve_config(None, settings, resumed_settings=checkpoint.resumed_settings,
                                               overrides_label="quietstar distill --curriculum")
-        result = StageRecipe(train_config, origin, start_from=Path(teacher)).run()
+        result = TrainingRecipe(train_config, origin=origin).run()
         if result.interrupted:
             raise KeyboardInterrupt(f"curriculum stage {i} stopped at step {result.step}; continue with "
                                     f"--resume latest --output-dir {output_dir}")
