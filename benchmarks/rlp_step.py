@@ -47,7 +47,7 @@ import time
 import torch
 from train_step import MIB, LiveTensorBytes, lm_config, tensors_of, tiny_tokenizer
 
-from quietstar import QuietStarConfig, QuietStarForCausalLM
+from quietstar import QuietStarConfig, QuietStarForCausalLM, TrainConfig
 
 
 def chosen_positions(length: int, count: int) -> list[int]:
@@ -162,12 +162,13 @@ def build(spec: dict):
     mask[0, positions] = True
     native.train()
     engine.lm.train()
+    per_backward = TrainConfig().thought_tokens_per_backward  # what `quietstar train` uses
     native_opt = torch.optim.AdamW([p for p in native.parameters() if p.requires_grad], lr=1e-5)
     engine_opt = torch.optim.AdamW(engine.lm.parameters(), lr=1e-5)
 
     def native_step():
         native_opt.zero_grad(set_to_none=True)
-        native(ids[None], thought_positions=mask).loss.backward()
+        native(ids[None], thought_positions=mask, thought_tokens_per_backward=per_backward).loss.backward()
         native_opt.step()
         native.update_ema_baseline()
 

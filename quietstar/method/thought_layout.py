@@ -55,6 +55,13 @@ class PassKeys:
         self.own_values += value_blocks
         self.passes += len(key_blocks)
 
+    @classmethod
+    def of_text(cls, key: torch.Tensor, value: torch.Tensor) -> "PassKeys":
+        """A store holding a text pass's keys and values [B, Hkv, L, D] (pass 0) already."""
+        store = cls()
+        store.add([key], [value])
+        return store
+
     def own_buffers(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The thought passes' keys and values so far, [B, Hkv, L, P, D] each (no autograd)."""
         n = len(self.own_keys)
