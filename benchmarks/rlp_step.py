@@ -9,9 +9,11 @@ horizon 1 (information gain against an EMA copy, leave-one-out group advantage, 
 surrogate on the thought tokens only), on the same tiny random Llama, one document of L tokens,
 S chosen positions (evenly spaced), G thoughts of k tokens at each:
 
-    native   QuietStarForCausalLM: the text pass once, then the S x G thoughts sampled and scored
-             in parallel in the same k + 2 decoder calls (``Rollout.sample_and_score``), the
-             objective's backward, AdamW step, EMA update
+    native   QuietStarForCausalLM as ``quietstar train`` runs it (``TrainConfig``'s
+             ``thought_tokens_per_backward``): the text pass once, the S x G thoughts sampled in
+             parallel without gradients over its keys (k + 1 decoder calls), then scored and
+             differentiated a group of positions at a time (one forward each, its graph freed
+             before the next), the text pass's backward, AdamW step, EMA update
     engine   as GRPO engines do it (TRL, verl, OpenRLHF; here without vLLM) with the plain
              transformers model: per position, x_0..x_i START as the prompt, G completions of k
              tokens sampled by ``generate`` with a KV cache (no gradient), then prompt + thought

@@ -265,13 +265,13 @@ class _FusedThoughtAttention(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q, text_k, text_v, text_mask, own_mask, scale, chunks, keys: PassKeys, *blocks):
+    def forward(ctx, q, text_k, text_v, text_mask, own_mask, scale, chunks, passes, keys: PassKeys, *blocks):
         with torch.autocast(q.device.type, enabled=False):
             B, HQ, L, D = q.shape
             Hkv = text_k.shape[1]
             R = HQ // Hkv
             work = torch.promote_types(q.dtype, torch.float32)  # the merge is float32 at least
-            out_text, lse_text = _text_flash(q, text_k, text_v, text_mask, scale, chunks)
+            out_text, lse_text = _text_flash(q, text_k, text_v, text_mask, scale, chunks, passes)
             key_buf, value_buf = (b.to(work) for b in keys.own_buffers())
             rows = q.view(B, Hkv, R, L, D).transpose(2, 3).to(work)  # [B, Hkv, L, R, D]
             s_own = _small_matmul(rows, key_buf.transpose(-1, -2)).mul_(scale)  # [B, Hkv, L, R, P]
@@ -290,6 +290,7 @@ class _FusedThoughtAttention(torch.autograd.Function):
                                 out_text.view(B, Hkv, R, L, D)).to(q.dtype).reshape(B, HQ, L, D).contiguous()
         ctx.save_for_backward(q, text_k, text_v, text_mask, lse_text, out, text_share, probs)
         ctx.scale, ctx.buffers, ctx.block_dtype, ctx.chunks = scale, (key_buf, value_buf), blocks[0].dtype, chunks
+        ctx.passes = passes
         return out
 
     @staticmethod
@@ -307,7 +308,7 @@ class _FusedThoughtAttention(torch.autograd.Function):
             share = text_share.transpose(2, 3).unsqueeze(-1)  # [B, Hkv, R, L, 1]
             grad_text = (share * g).to(q.dtype).reshape(B, HQ, L, D).contiguous()
             dq, dk, dv = _text_flash_backward(grad_text, q, text_k, text_v, out, lse_text, text_mask, scale,
-                                              ctx.chunks)
+                                              ctx.chunks, ctx.passes)
             g_rows = g.transpose(2, 3).to(work)                                      # [B, Hkv, L, R, D]
             row_dot = (g_rows * out.view(B, Hkv, R, L, D).transpose(2, 3)).sum(-1, keepdim=True)
             d_scores = probs * (_small_matmul(g_rows, value_buf.transpose(-1, -2)) - row_dot)
@@ -317,13 +318,38 @@ class _FusedThoughtAttention(torch.autograd.Function):
             d_keys = _small_matmul(d_scores.transpose(-1, -2), rows).mul_(scale)     # [B, Hkv, L, P, D]
             d_values = _small_matmul(probs.transpose(-1, -2), g_rows)
         dtype = ctx.block_dtype
-        return (dq, dk, dv, None, None, None, None, None,
+        return (dq, dk, dv, None, None, None, None, None, None,
                 *d_keys.to(dtype).unbind(3), *d_values.to(dtype).unbind(3))
 
 
-def _text_flash(q, k, v, mask, scale, chunks):
+def _fold_passes(x: torch.Tensor, passes: int) -> torch.Tensor:
+    """[B, H*Qp, Lq, ...] (heads ordered head, pass) -> [B, H, Lq*Qp, ...] (row r's passes adjacent)."""
+    B, HQ, Lq, *rest = x.shape
+    return x.view(B, HQ // passes, passes, Lq, *rest).transpose(2, 3).reshape(B, HQ // passes, Lq * passes, *rest)
+
+
+def _unfold_passes(x: torch.Tensor, passes: int) -> torch.Tensor:
+    """The inverse of ``_fold_passes``."""
+    B, H, LQ, *rest = x.shape
+    return x.view(B, H, LQ // passes, passes, *rest).transpose(2, 3).reshape(B, H * passes, LQ // passes, *rest)
+
+
+def _folded(chunks, passes: int):
+    """``row_chunks`` of rows whose ``passes`` passes are adjacent query rows."""
+    return tuple((r0 * passes, r1 * passes, end) for r0, r1, end in chunks)
+
+
+def _text_flash(q, k, v, mask, scale, chunks, passes: int = 1):
     """The text part by the CPU flash kernel: (out, log-sum-exp); causal without a mask, else
-    masked, one call per block of rows over the keys it needs (``ThoughtLayout.row_chunks``)."""
+    masked, one call per block of rows over the keys it needs (``ThoughtLayout.row_chunks``).
+    Selected rows with ``passes`` > 1 (a whole thought scored in one call): every pass of a row
+    sees the same text keys, so the passes join the query rows ([B, H, S*Qp, D] instead of one
+    head per pass with S rows each): the kernel then multiplies blocks of rows, not a few rows
+    at a time."""
+    if passes > 1 and chunks is not None:
+        out, lse = _text_flash(_fold_passes(q, passes), k, v, mask.repeat_interleave(passes, 2), scale,
+                               _folded(chunks, passes))
+        return _unfold_passes(out, passes), _unfold_passes(lse, passes)
     flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
     if chunks is None:
         return flash(q, k, v, 0.0, mask is None, attn_mask=mask, scale=scale)
@@ -332,8 +358,13 @@ def _text_flash(q, k, v, mask, scale, chunks):
     return torch.cat([o for o, _ in parts], 2), torch.cat([lse for _, lse in parts], 2)
 
 
-def _text_flash_backward(grad, q, k, v, out, lse, mask, scale, chunks):
+def _text_flash_backward(grad, q, k, v, out, lse, mask, scale, chunks, passes: int = 1):
     """(dq, dk, dv) of ``_text_flash``, block by block as its forward."""
+    if passes > 1 and chunks is not None:
+        dq, dk, dv = _text_flash_backward(
+            _fold_passes(grad, passes), _fold_passes(q, passes), k, v, _fold_passes(out, passes),
+            _fold_passes(lse, passes), mask.repeat_interleave(passes, 2), scale, _folded(chunks, passes))
+        return _unfold_passes(dq, passes), dk, dv
     backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
     if chunks is None:
         return backward(grad, q, k, v, out, lse, 0.0, mask is None, attn_mask=mask, scale=scale)
@@ -369,7 +400,7 @@ def _fused_thought_attention(query, keys: PassKeys, layout: ThoughtLayout, scale
     if layout.query_passes[0] < P:  # some queries do not see every own key: [R = G*Qp, P]
         own_mask = layout.thought_mask(P, None).reshape(Qp, P).repeat(G, 1)
     out = _FusedThoughtAttention.apply(q, keys.text_key, keys.text_value, mask, own_mask, scale,
-                                       layout.row_chunks(), keys,
+                                       layout.row_chunks(), Qp, keys,
                                        *keys.own_keys, *keys.own_values)
     return out.view(B, H, Q, D).transpose(1, 2).contiguous(), None
 

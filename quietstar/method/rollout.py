@@ -33,6 +33,11 @@ model builds one, ``QuietStarForCausalLM.rollout``). Two ways to run it, equal t
 - ``Rollout.sample`` + ``Rollout.score``: sample without gradients, then score all F = k + A + 2
   passes as ONE forward over an [F*L]-token sequence. Fixed thoughts (``score_thoughts``) need
   only the second half; activation checkpointing needs a single forward to recompute.
+- ``Rollout.text_pass`` + ``Rollout.sample_after_text`` + ``Rollout.score_rows`` (rlp / rpt
+  training, ``TrainConfig.thought_tokens_per_backward``): pass 0 once per text, not once per
+  thought; sampling without gradients over its keys; then passes 1..F-1 of any group of rows in
+  one forward against those keys (or against detached copies of them, so that each group's
+  graph can be run backward alone: ``method.held_gradients``).
 """
 
 from __future__ import annotations
