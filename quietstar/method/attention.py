@@ -97,6 +97,9 @@ def _thought_call(module, query, key, value, layout: ThoughtLayout, scaling, dro
     window_binds = sliding_window is not None and sliding_window <= layout.text_len + max(layout.query_passes)
     if (query.device.type == "cpu" and softcap is None and dropout == 0 and not window_binds
             and query.dtype in (torch.float32, torch.float64, torch.bfloat16)):
+        P = len(keys.own_keys)
+        if layout.query_rows is not None and P > 1 and layout.query_passes == tuple(range(1, P + 1)):
+            return _whole_thought_attention(query, key, value, keys, layout, scale)
         return _fused_thought_attention(query, keys, layout, scale)[0]
     if query.device.type != "cpu" and softcap is None and dropout == 0 and not window_binds:
         return _sdpa_thought_attention(query, keys, layout, scale)[0]
@@ -403,6 +406,82 @@ def _fused_thought_attention(query, keys: PassKeys, layout: ThoughtLayout, scale
                                        layout.row_chunks(), Qp, keys,
                                        *keys.own_keys, *keys.own_values)
     return out.view(B, H, Q, D).transpose(1, 2).contiguous(), None
+
+
+class _WholeThoughtAttention(torch.autograd.Function):
+    """A call that holds every thought pass of selected rows (a whole thought scored at once:
+    ``Rollout.score_rows``, ``Rollout.score``) on CPU. Both parts by the flash kernel: the text
+    part with the row's passes as query rows (``_text_flash`` folded), the own part as a causal
+    attention of each row's Qp passes over themselves (batch = the rows); merged through their
+    log-sum-exps. Nothing of size Qp x P is kept, and the own part's work is the kernel's.
+
+    Backward: the merged output is a softmax over both key sets, so each kernel's backward,
+    given the merged output and log-sum-exp (its probabilities then are the joint ones), gives
+    exactly its keys' share of the joint gradient; the queries' gradients add.
+
+    Shapes: q_text [B, H, S*Qp, D] (row-major: a row's passes adjacent), q_own [B*S, H, Qp, D],
+    own_k / own_v [B*S, Hkv, Qp, D]; text keys [B, Hkv, L, D]; ``mask`` [B, 1, S*Qp, L] additive.
+    """
+
+    @staticmethod
+    def forward(ctx, q_text, q_own, text_k, text_v, own_k, own_v, mask, scale, chunks):
+        flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+        with torch.autocast(q_text.device.type, enabled=False):
+            out_text, lse_text = _text_flash(q_text, text_k, text_v, mask, scale, chunks)
+            out_own, lse_own = flash(q_own, own_k, own_v, 0.0, True, scale=scale)
+            out_own, lse_own = _own_to_text(out_own, q_text.shape[0]), _own_to_text(lse_own, q_text.shape[0])
+            lse = torch.logaddexp(lse_text, lse_own)                             # [B, H, S*Qp]
+            work = torch.promote_types(q_text.dtype, torch.float32)
+            out = ((lse_text - lse).exp().unsqueeze(-1) * out_text.to(work)
+                   + (lse_own - lse).exp().unsqueeze(-1) * out_own.to(work)).to(q_text.dtype)
+        ctx.save_for_backward(q_text, q_own, text_k, text_v, own_k, own_v, mask, out, lse)
+        ctx.scale, ctx.chunks = scale, chunks
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        q_text, q_own, text_k, text_v, own_k, own_v, mask, out, lse = ctx.saved_tensors
+        backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+        with torch.autocast(q_text.device.type, enabled=False):
+            grad = grad.to(q_text.dtype).contiguous()
+            dq_text, dk_text, dv_text = _text_flash_backward(grad, q_text, text_k, text_v, out, lse, mask,
+                                                             ctx.scale, ctx.chunks)
+            S = q_own.shape[0] // q_text.shape[0]
+            dq_own, dk_own, dv_own = backward(_text_to_own(grad, S), q_own, own_k, own_v, _text_to_own(out, S),
+                                              _text_to_own(lse, S), 0.0, True, scale=ctx.scale)
+        return dq_text, dq_own, dk_text, dv_text, dk_own, dv_own, None, None, None
+
+
+def _own_to_text(x: torch.Tensor, B: int) -> torch.Tensor:
+    """[B*S, H, Qp, ...] (a row's passes as a sequence) -> [B, H, S*Qp, ...] (row-major rows)."""
+    BS, H, Qp, *rest = x.shape
+    return x.view(B, BS // B, H, Qp, *rest).transpose(1, 2).reshape(B, H, BS // B * Qp, *rest)
+
+
+def _text_to_own(x: torch.Tensor, S: int) -> torch.Tensor:
+    """The inverse of ``_own_to_text``, contiguous."""
+    B, H, SQ, *rest = x.shape
+    return x.view(B, H, S, SQ // S, *rest).transpose(1, 2).reshape(B * S, H, SQ // S, *rest).contiguous()
+
+
+def _whole_thought_attention(query, key, value, keys: PassKeys, layout: ThoughtLayout, scale: float):
+    """``_WholeThoughtAttention`` of a call's queries [B, H, Qp*S, D] and its own keys and values
+    [B, Hkv, Qp*S, D] (pass-major blocks of S rows): [B, Qp*S, H, D]."""
+    B, H, Q, D = query.shape
+    Hkv, S = key.shape[1], layout.query_width
+    Qp = Q // S
+    rows = query.view(B, H, Qp, S, D).transpose(2, 3)                          # [B, H, S, Qp, D]
+    q_text = rows.reshape(B, H, S * Qp, D)
+    q_own = rows.transpose(1, 2).reshape(B * S, H, Qp, D)
+
+    def own(x):  # [B, Hkv, Qp*S, D] -> [B*S, Hkv, Qp, D]
+        return x.view(B, Hkv, Qp, S, D).permute(0, 3, 1, 2, 4).reshape(B * S, Hkv, Qp, D)
+
+    mask = layout.additive_text_mask(query.dtype).repeat_interleave(Qp, 2)   # [B, 1, S*Qp, L]
+    out = _WholeThoughtAttention.apply(q_text, q_own, keys.text_key, keys.text_value, own(key), own(value), mask,
+                                       scale, _folded(layout.row_chunks(), Qp))
+    return out.view(B, H, S, Qp, D).permute(0, 3, 2, 1, 4).reshape(B, Q, H, D)
 
 
 def _sdpa_thought_attention(query, keys: PassKeys, layout: ThoughtLayout, scale: float):
