@@ -187,7 +187,8 @@ def test_a_whole_thought_in_one_call_equals_naive_attention_with_gradients(monke
     real = rows.valid.repeat(1, P)[:, :, None, None]  # padding rows' outputs are never read
     module = torch.nn.Identity()
     layout = attention.ThoughtLayout(L, tuple(range(1, P + 1)), valid, (valid.long().cumsum(-1) - 1).clamp(min=0),
-                                     padded, {module: PassKeys.of_text(k[:, :, :L], v[:, :, :L])}, rows.index)
+                                     padded, {module: PassKeys.of_text(k[:, :, :L], v[:, :, :L])}, rows.index,
+                                     flash_own=True)
     calls = []
     original = attention._WholeThoughtAttention.apply
     monkeypatch.setattr(attention._WholeThoughtAttention, "apply", lambda *args: calls.append(1) or original(*args))
@@ -198,3 +199,32 @@ def test_a_whole_thought_in_one_call_equals_naive_attention_with_gradients(monke
     theirs = [reference * real, *torch.autograd.grad((reference * up * real).sum(), (q, k, v))]
     for a, b in zip(ours, theirs):
         torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-8)
+
+
+def test_train_uses_the_grouped_backward_and_logs_the_same_step(tiny_model_dir, tmp_path, monkeypatch):
+    """``train()`` with rlp scores the thoughts in groups (TrainConfig.thought_tokens_per_backward's
+    default); 0 keeps one graph; the two log the same numbers."""
+    import json
+
+    from quietstar import TrainConfig, train
+    from quietstar.training.config import load_config
+
+    grouped = []
+    original = QuietStarForCausalLM._successor_in_groups
+    monkeypatch.setattr(QuietStarForCausalLM, "_successor_in_groups",
+                        lambda self, *args: grouped.append(args[-1]) or original(self, *args))
+    logged = {}
+    for tokens in (TrainConfig().thought_tokens_per_backward, 0):
+        settings = load_config("rlp").to_dict()
+        settings.update(model=str(tiny_model_dir), output_dir=str(tmp_path / f"run{tokens}"), seq_len=16,
+                        batch_size=1, max_steps=1, eval_every=0, sample_every=0, num_documents=20,
+                        checkpoint_every=1, thought_tokens_per_backward=tokens)
+        settings["quietstar"].update(sampled_thought_tokens=3, thoughts_per_position=2)
+        train(TrainConfig.from_dict(settings))
+        records = (tmp_path / f"run{tokens}" / "metrics.jsonl").read_text().splitlines()
+        logged[tokens] = next(r for r in map(json.loads, records) if "policy_loss" in r)
+    assert TrainConfig().thought_tokens_per_backward > 0
+    assert grouped == [TrainConfig().thought_tokens_per_backward]  # the default's run only
+    ours, theirs = logged.values()
+    for name in ("loss", "policy_loss", "mean_reward", "reward_spread", "grad_norm"):
+        assert ours[name] == pytest.approx(theirs[name], rel=1e-5, abs=1e-6), name

@@ -98,7 +98,8 @@ def _thought_call(module, query, key, value, layout: ThoughtLayout, scaling, dro
     if (query.device.type == "cpu" and softcap is None and dropout == 0 and not window_binds
             and query.dtype in (torch.float32, torch.float64, torch.bfloat16)):
         P = len(keys.own_keys)
-        if layout.query_rows is not None and P > 1 and layout.query_passes == tuple(range(1, P + 1)):
+        if (layout.flash_own and layout.query_rows is not None and P > 1
+                and layout.query_passes == tuple(range(1, P + 1))):
             return _whole_thought_attention(query, key, value, keys, layout, scale)
         return _fused_thought_attention(query, keys, layout, scale)[0]
     if query.device.type != "cpu" and softcap is None and dropout == 0 and not window_binds:
@@ -409,8 +410,8 @@ def _fused_thought_attention(query, keys: PassKeys, layout: ThoughtLayout, scale
 
 
 class _WholeThoughtAttention(torch.autograd.Function):
-    """A call that holds every thought pass of selected rows (a whole thought scored at once:
-    ``Rollout.score_rows``, ``Rollout.score``) on CPU. Both parts by the flash kernel: the text
+    """A call that holds every thought pass of selected rows (a whole thought scored at once by
+    ``Rollout.score_rows``: ``ThoughtLayout.flash_own``) on CPU. Both parts by the flash kernel: the text
     part with the row's passes as query rows (``_text_flash`` folded), the own part as a causal
     attention of each row's Qp passes over themselves (batch = the rows); merged through their
     log-sum-exps. Nothing of size Qp x P is kept, and the own part's work is the kernel's.

@@ -110,6 +110,7 @@ class _Passes:
         self.key_store = {} if keep_keys else None
         self.rows = rows  # the thinking positions; may be set after the text pass (selection by entropy)
         self.done = 0
+        self.flash_own = False  # ThoughtLayout.flash_own
 
     def __call__(self, ids: torch.Tensor | None, text: torch.Tensor | None = None):
         """Runs the next passes: ``text`` [B, L] (pass 0, first call only), then ``ids`` [B, P, W]
@@ -130,7 +131,8 @@ class _Passes:
         ids_all = torch.cat(blocks, 1)
         B, L = ids_all.shape[0], self.positions.shape[1]
         layout = ThoughtLayout(L, tuple(range(self.done, first + P)), self.valid, self.positions,
-                               self.padded, self.key_store, None if self.rows is None else self.rows.index)
+                               self.padded, self.key_store, None if self.rows is None else self.rows.index,
+                               self.flash_own)
         # A ready 4-D mask stops transformers from building its own; the real pattern is the layout's.
         dummy_mask = torch.ones(B, 1, 1, 1, dtype=torch.bool, device=ids_all.device)
         hidden = self.decoder(inputs_embeds=self.embed(ids_all), attention_mask=dummy_mask,
@@ -250,21 +252,24 @@ class Rollout:
         (a view's copy: their gradients reach ``text``'s keys). ``GridHidden.base`` is None."""
         fed = self.fed_tokens(thought_ids)
         ids = self.pass_ids(input_ids, thought_ids, rows, fed)
-        _, hidden = self._after_text(text, attention_mask, rows)(ids)
+        run = self._after_text(text, attention_mask, rows)
+        run.flash_own = True  # every thought pass in this one call: their own part by the flash kernel
+        _, hidden = run(ids)
         return self._grid(None, hidden, thought_ids, rows, fed)
 
-    @torch.no_grad()
     def sample_after_text(self, text: TextPass, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
                           num_tokens: int, temperature: float, generator: torch.Generator | None = None,
                           select=None) -> tuple[torch.Tensor, ThoughtRows | None]:
         """``sample`` on the texts of a ``text_pass`` (``input_ids`` / ``attention_mask``: them
         repeated n times, adjacent), reading its keys instead of running pass 0 again: the same
         draws from ``generator`` as ``sample`` and ``sample_and_score``."""
-        run = self._after_text(text, attention_mask, None)
-        n = input_ids.shape[0] // text.hidden.shape[0]
-        thoughts = self._sample_passes(run, input_ids, num_tokens, temperature, generator, None, select,
-                                       base=text.hidden.repeat_interleave(n, 0))[0]
-        return thoughts, run.rows
+        with torch.inference_mode():  # lighter than no_grad for k small calls; the results are copied out
+            run = self._after_text(text, attention_mask, None)
+            n = input_ids.shape[0] // text.hidden.shape[0]
+            thoughts = self._sample_passes(run, input_ids, num_tokens, temperature, generator, None, select,
+                                           base=text.hidden.repeat_interleave(n, 0))[0]
+        rows = None if run.rows is None else ThoughtRows(run.rows.index.clone(), run.rows.valid.clone())
+        return thoughts.clone(), rows
 
     def _after_text(self, text: TextPass, attention_mask: torch.Tensor, rows: ThoughtRows | None) -> _Passes:
         """The passes after ``text``'s (``attention_mask``: of its texts repeated n times): its

@@ -86,6 +86,9 @@ class ThoughtLayout:
     has_padding: bool = True      # False lets the text part use a plain causal kernel
     key_store: dict | None = None
     rows: torch.Tensor | None = None  # [B, S] long: text position of each thought-pass row; None: all L
+    # A call holding every thought pass of selected rows scores their own part by the flash kernel
+    # (memory linear in the passes; float32 rounding unlike the product path's): Rollout.score_rows.
+    flash_own: bool = False
     _cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)  # per call, all layers
 
     @property
