@@ -293,7 +293,7 @@ class _FusedThoughtAttention(torch.autograd.Function):
             out = torch.addcmul(own_out.transpose(2, 3), text_share.transpose(2, 3).unsqueeze(-1),
                                 out_text.view(B, Hkv, R, L, D)).to(q.dtype).reshape(B, HQ, L, D).contiguous()
         ctx.save_for_backward(q, text_k, text_v, text_mask, lse_text, out, text_share, probs)
-        ctx.scale, ctx.buffers, ctx.block_dtype, ctx.chunks = scale, (key_buf, value_buf), blocks[0].dtype, chunks
+        ctx.scale, ctx.buffers, ctx.block_dtype, ctx.chunks = scale, (key_buf, value_buf), keys.own_keys[0].dtype, chunks
         ctx.passes = passes
         return out
 
@@ -403,9 +403,11 @@ def _fused_thought_attention(query, keys: PassKeys, layout: ThoughtLayout, scale
     own_mask = None
     if layout.query_passes[0] < P:  # some queries do not see every own key: [R = G*Qp, P]
         own_mask = layout.thought_mask(P, None).reshape(Qp, P).repeat(G, 1)
+    # The pass blocks ride along only for their gradients: without any, passing P of them per
+    # call (sampling) made a rollout's argument handling quadratic in k.
+    blocks = (*keys.own_keys, *keys.own_values) if torch.is_grad_enabled() else ()
     out = _FusedThoughtAttention.apply(q, keys.text_key, keys.text_value, mask, own_mask, scale,
-                                       layout.row_chunks(), Qp, keys,
-                                       *keys.own_keys, *keys.own_values)
+                                       layout.row_chunks(), Qp, keys, *blocks)
     return out.view(B, H, Q, D).transpose(1, 2).contiguous(), None
 
 
