@@ -293,7 +293,8 @@ class _FusedThoughtAttention(torch.autograd.Function):
             out = torch.addcmul(own_out.transpose(2, 3), text_share.transpose(2, 3).unsqueeze(-1),
                                 out_text.view(B, Hkv, R, L, D)).to(q.dtype).reshape(B, HQ, L, D).contiguous()
         ctx.save_for_backward(q, text_k, text_v, text_mask, lse_text, out, text_share, probs)
-        ctx.scale, ctx.buffers, ctx.block_dtype, ctx.chunks = scale, (key_buf, value_buf), keys.own_keys[0].dtype, chunks
+        ctx.scale, ctx.buffers, ctx.chunks = scale, (key_buf, value_buf), chunks
+        ctx.block_dtype = keys.own_keys[0].dtype
         ctx.passes = passes
         return out
 
