@@ -9,9 +9,11 @@ horizon 1 (information gain against an EMA copy, leave-one-out group advantage, 
 surrogate on the thought tokens only), on the same tiny random Llama, one document of L tokens,
 S chosen positions (evenly spaced), G thoughts of k tokens at each:
 
-    native   QuietStarForCausalLM: the text pass once, then the S x G thoughts sampled and scored
-             in parallel in the same k + 2 decoder calls (``Rollout.sample_and_score``), the
-             objective's backward, AdamW step, EMA update
+    native   QuietStarForCausalLM as ``quietstar train`` runs it (``TrainConfig``'s
+             ``thought_tokens_per_backward``): the text pass once, the S x G thoughts sampled in
+             parallel without gradients over its keys (k + 1 decoder calls), then scored and
+             differentiated a group of positions at a time (one forward each, its graph freed
+             before the next), the text pass's backward, AdamW step, EMA update
     engine   as GRPO engines do it (TRL, verl, OpenRLHF; here without vLLM) with the plain
              transformers model: per position, x_0..x_i START as the prompt, G completions of k
              tokens sampled by ``generate`` with a KV cache (no gradient), then prompt + thought
@@ -47,7 +49,7 @@ import time
 import torch
 from train_step import MIB, LiveTensorBytes, lm_config, tensors_of, tiny_tokenizer
 
-from quietstar import QuietStarConfig, QuietStarForCausalLM
+from quietstar import QuietStarConfig, QuietStarForCausalLM, TrainConfig
 
 
 def chosen_positions(length: int, count: int) -> list[int]:
@@ -162,12 +164,13 @@ def build(spec: dict):
     mask[0, positions] = True
     native.train()
     engine.lm.train()
+    per_backward = TrainConfig().thought_tokens_per_backward  # what `quietstar train` uses
     native_opt = torch.optim.AdamW([p for p in native.parameters() if p.requires_grad], lr=1e-5)
     engine_opt = torch.optim.AdamW(engine.lm.parameters(), lr=1e-5)
 
     def native_step():
         native_opt.zero_grad(set_to_none=True)
-        native(ids[None], thought_positions=mask).loss.backward()
+        native(ids[None], thought_positions=mask, thought_tokens_per_backward=per_backward).loss.backward()
         native_opt.step()
         native.update_ema_baseline()
 

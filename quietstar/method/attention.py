@@ -97,6 +97,10 @@ def _thought_call(module, query, key, value, layout: ThoughtLayout, scaling, dro
     window_binds = sliding_window is not None and sliding_window <= layout.text_len + max(layout.query_passes)
     if (query.device.type == "cpu" and softcap is None and dropout == 0 and not window_binds
             and query.dtype in (torch.float32, torch.float64, torch.bfloat16)):
+        P = len(keys.own_keys)
+        if (layout.flash_own and layout.query_rows is not None and P > 1
+                and layout.query_passes == tuple(range(1, P + 1))):
+            return _whole_thought_attention(query, key, value, keys, layout, scale)
         return _fused_thought_attention(query, keys, layout, scale)[0]
     if query.device.type != "cpu" and softcap is None and dropout == 0 and not window_binds:
         return _sdpa_thought_attention(query, keys, layout, scale)[0]
@@ -265,13 +269,13 @@ class _FusedThoughtAttention(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q, text_k, text_v, text_mask, own_mask, scale, chunks, keys: PassKeys, *blocks):
+    def forward(ctx, q, text_k, text_v, text_mask, own_mask, scale, chunks, passes, keys: PassKeys, *blocks):
         with torch.autocast(q.device.type, enabled=False):
             B, HQ, L, D = q.shape
             Hkv = text_k.shape[1]
             R = HQ // Hkv
             work = torch.promote_types(q.dtype, torch.float32)  # the merge is float32 at least
-            out_text, lse_text = _text_flash(q, text_k, text_v, text_mask, scale, chunks)
+            out_text, lse_text = _text_flash(q, text_k, text_v, text_mask, scale, chunks, passes)
             key_buf, value_buf = (b.to(work) for b in keys.own_buffers())
             rows = q.view(B, Hkv, R, L, D).transpose(2, 3).to(work)  # [B, Hkv, L, R, D]
             s_own = _small_matmul(rows, key_buf.transpose(-1, -2)).mul_(scale)  # [B, Hkv, L, R, P]
@@ -289,7 +293,9 @@ class _FusedThoughtAttention(torch.autograd.Function):
             out = torch.addcmul(own_out.transpose(2, 3), text_share.transpose(2, 3).unsqueeze(-1),
                                 out_text.view(B, Hkv, R, L, D)).to(q.dtype).reshape(B, HQ, L, D).contiguous()
         ctx.save_for_backward(q, text_k, text_v, text_mask, lse_text, out, text_share, probs)
-        ctx.scale, ctx.buffers, ctx.block_dtype, ctx.chunks = scale, (key_buf, value_buf), blocks[0].dtype, chunks
+        ctx.scale, ctx.buffers, ctx.chunks = scale, (key_buf, value_buf), chunks
+        ctx.block_dtype = keys.own_keys[0].dtype
+        ctx.passes = passes
         return out
 
     @staticmethod
@@ -307,7 +313,7 @@ class _FusedThoughtAttention(torch.autograd.Function):
             share = text_share.transpose(2, 3).unsqueeze(-1)  # [B, Hkv, R, L, 1]
             grad_text = (share * g).to(q.dtype).reshape(B, HQ, L, D).contiguous()
             dq, dk, dv = _text_flash_backward(grad_text, q, text_k, text_v, out, lse_text, text_mask, scale,
-                                              ctx.chunks)
+                                              ctx.chunks, ctx.passes)
             g_rows = g.transpose(2, 3).to(work)                                      # [B, Hkv, L, R, D]
             row_dot = (g_rows * out.view(B, Hkv, R, L, D).transpose(2, 3)).sum(-1, keepdim=True)
             d_scores = probs * (_small_matmul(g_rows, value_buf.transpose(-1, -2)) - row_dot)
@@ -317,13 +323,38 @@ class _FusedThoughtAttention(torch.autograd.Function):
             d_keys = _small_matmul(d_scores.transpose(-1, -2), rows).mul_(scale)     # [B, Hkv, L, P, D]
             d_values = _small_matmul(probs.transpose(-1, -2), g_rows)
         dtype = ctx.block_dtype
-        return (dq, dk, dv, None, None, None, None, None,
+        return (dq, dk, dv, None, None, None, None, None, None,
                 *d_keys.to(dtype).unbind(3), *d_values.to(dtype).unbind(3))
 
 
-def _text_flash(q, k, v, mask, scale, chunks):
+def _fold_passes(x: torch.Tensor, passes: int) -> torch.Tensor:
+    """[B, H*Qp, Lq, ...] (heads ordered head, pass) -> [B, H, Lq*Qp, ...] (row r's passes adjacent)."""
+    B, HQ, Lq, *rest = x.shape
+    return x.view(B, HQ // passes, passes, Lq, *rest).transpose(2, 3).reshape(B, HQ // passes, Lq * passes, *rest)
+
+
+def _unfold_passes(x: torch.Tensor, passes: int) -> torch.Tensor:
+    """The inverse of ``_fold_passes``."""
+    B, H, LQ, *rest = x.shape
+    return x.view(B, H, LQ // passes, passes, *rest).transpose(2, 3).reshape(B, H * passes, LQ // passes, *rest)
+
+
+def _folded(chunks, passes: int):
+    """``row_chunks`` of rows whose ``passes`` passes are adjacent query rows."""
+    return tuple((r0 * passes, r1 * passes, end) for r0, r1, end in chunks)
+
+
+def _text_flash(q, k, v, mask, scale, chunks, passes: int = 1):
     """The text part by the CPU flash kernel: (out, log-sum-exp); causal without a mask, else
-    masked, one call per block of rows over the keys it needs (``ThoughtLayout.row_chunks``)."""
+    masked, one call per block of rows over the keys it needs (``ThoughtLayout.row_chunks``).
+    Selected rows with ``passes`` > 1 (a whole thought scored in one call): every pass of a row
+    sees the same text keys, so the passes join the query rows ([B, H, S*Qp, D] instead of one
+    head per pass with S rows each): the kernel then multiplies blocks of rows, not a few rows
+    at a time."""
+    if passes > 1 and chunks is not None:
+        out, lse = _text_flash(_fold_passes(q, passes), k, v, mask.repeat_interleave(passes, 2), scale,
+                               _folded(chunks, passes))
+        return _unfold_passes(out, passes), _unfold_passes(lse, passes)
     flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
     if chunks is None:
         return flash(q, k, v, 0.0, mask is None, attn_mask=mask, scale=scale)
@@ -332,8 +363,13 @@ def _text_flash(q, k, v, mask, scale, chunks):
     return torch.cat([o for o, _ in parts], 2), torch.cat([lse for _, lse in parts], 2)
 
 
-def _text_flash_backward(grad, q, k, v, out, lse, mask, scale, chunks):
+def _text_flash_backward(grad, q, k, v, out, lse, mask, scale, chunks, passes: int = 1):
     """(dq, dk, dv) of ``_text_flash``, block by block as its forward."""
+    if passes > 1 and chunks is not None:
+        dq, dk, dv = _text_flash_backward(
+            _fold_passes(grad, passes), _fold_passes(q, passes), k, v, _fold_passes(out, passes),
+            _fold_passes(lse, passes), mask.repeat_interleave(passes, 2), scale, _folded(chunks, passes))
+        return _unfold_passes(dq, passes), dk, dv
     backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
     if chunks is None:
         return backward(grad, q, k, v, out, lse, 0.0, mask is None, attn_mask=mask, scale=scale)
@@ -368,10 +404,88 @@ def _fused_thought_attention(query, keys: PassKeys, layout: ThoughtLayout, scale
     own_mask = None
     if layout.query_passes[0] < P:  # some queries do not see every own key: [R = G*Qp, P]
         own_mask = layout.thought_mask(P, None).reshape(Qp, P).repeat(G, 1)
+    # The pass blocks ride along only for their gradients: without any, passing P of them per
+    # call (sampling) made a rollout's argument handling quadratic in k.
+    blocks = (*keys.own_keys, *keys.own_values) if torch.is_grad_enabled() else ()
     out = _FusedThoughtAttention.apply(q, keys.text_key, keys.text_value, mask, own_mask, scale,
-                                       layout.row_chunks(), keys,
-                                       *keys.own_keys, *keys.own_values)
+                                       layout.row_chunks(), Qp, keys, *blocks)
     return out.view(B, H, Q, D).transpose(1, 2).contiguous(), None
+
+
+class _WholeThoughtAttention(torch.autograd.Function):
+    """A call that holds every thought pass of selected rows (a whole thought scored at once by
+    ``Rollout.score_rows``: ``ThoughtLayout.flash_own``) on CPU. Both parts by the flash kernel: the text
+    part with the row's passes as query rows (``_text_flash`` folded), the own part as a causal
+    attention of each row's Qp passes over themselves (batch = the rows); merged through their
+    log-sum-exps. Nothing of size Qp x P is kept, and the own part's work is the kernel's.
+
+    Backward: the merged output is a softmax over both key sets, so each kernel's backward,
+    given the merged output and log-sum-exp (its probabilities then are the joint ones), gives
+    exactly its keys' share of the joint gradient; the queries' gradients add.
+
+    Shapes: q_text [B, H, S*Qp, D] (row-major: a row's passes adjacent), q_own [B*S, H, Qp, D],
+    own_k / own_v [B*S, Hkv, Qp, D]; text keys [B, Hkv, L, D]; ``mask`` [B, 1, S*Qp, L] additive.
+    """
+
+    @staticmethod
+    def forward(ctx, q_text, q_own, text_k, text_v, own_k, own_v, mask, scale, chunks):
+        flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+        with torch.autocast(q_text.device.type, enabled=False):
+            out_text, lse_text = _text_flash(q_text, text_k, text_v, mask, scale, chunks)
+            out_own, lse_own = flash(q_own, own_k, own_v, 0.0, True, scale=scale)
+            out_own, lse_own = _own_to_text(out_own, q_text.shape[0]), _own_to_text(lse_own, q_text.shape[0])
+            lse = torch.logaddexp(lse_text, lse_own)                             # [B, H, S*Qp]
+            work = torch.promote_types(q_text.dtype, torch.float32)
+            out = ((lse_text - lse).exp().unsqueeze(-1) * out_text.to(work)
+                   + (lse_own - lse).exp().unsqueeze(-1) * out_own.to(work)).to(q_text.dtype)
+        ctx.save_for_backward(q_text, q_own, text_k, text_v, own_k, own_v, mask, out, lse)
+        ctx.scale, ctx.chunks = scale, chunks
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        q_text, q_own, text_k, text_v, own_k, own_v, mask, out, lse = ctx.saved_tensors
+        backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+        with torch.autocast(q_text.device.type, enabled=False):
+            grad = grad.to(q_text.dtype).contiguous()
+            dq_text, dk_text, dv_text = _text_flash_backward(grad, q_text, text_k, text_v, out, lse, mask,
+                                                             ctx.scale, ctx.chunks)
+            S = q_own.shape[0] // q_text.shape[0]
+            dq_own, dk_own, dv_own = backward(_text_to_own(grad, S), q_own, own_k, own_v, _text_to_own(out, S),
+                                              _text_to_own(lse, S), 0.0, True, scale=ctx.scale)
+        return dq_text, dq_own, dk_text, dv_text, dk_own, dv_own, None, None, None
+
+
+def _own_to_text(x: torch.Tensor, B: int) -> torch.Tensor:
+    """[B*S, H, Qp, ...] (a row's passes as a sequence) -> [B, H, S*Qp, ...] (row-major rows)."""
+    BS, H, Qp, *rest = x.shape
+    return x.view(B, BS // B, H, Qp, *rest).transpose(1, 2).reshape(B, H, BS // B * Qp, *rest)
+
+
+def _text_to_own(x: torch.Tensor, S: int) -> torch.Tensor:
+    """The inverse of ``_own_to_text``, contiguous."""
+    B, H, SQ, *rest = x.shape
+    return x.view(B, H, S, SQ // S, *rest).transpose(1, 2).reshape(B * S, H, SQ // S, *rest).contiguous()
+
+
+def _whole_thought_attention(query, key, value, keys: PassKeys, layout: ThoughtLayout, scale: float):
+    """``_WholeThoughtAttention`` of a call's queries [B, H, Qp*S, D] and its own keys and values
+    [B, Hkv, Qp*S, D] (pass-major blocks of S rows): [B, Qp*S, H, D]."""
+    B, H, Q, D = query.shape
+    Hkv, S = key.shape[1], layout.query_width
+    Qp = Q // S
+    rows = query.view(B, H, Qp, S, D).transpose(2, 3)                          # [B, H, S, Qp, D]
+    q_text = rows.reshape(B, H, S * Qp, D)
+    q_own = rows.transpose(1, 2).reshape(B * S, H, Qp, D)
+
+    def own(x):  # [B, Hkv, Qp*S, D] -> [B*S, Hkv, Qp, D]
+        return x.view(B, Hkv, Qp, S, D).permute(0, 3, 1, 2, 4).reshape(B * S, Hkv, Qp, D)
+
+    mask = layout.additive_text_mask(query.dtype).repeat_interleave(Qp, 2)   # [B, 1, S*Qp, L]
+    out = _WholeThoughtAttention.apply(q_text, q_own, keys.text_key, keys.text_value, own(key), own(value), mask,
+                                       scale, _folded(layout.row_chunks(), Qp))
+    return out.view(B, H, S, Qp, D).permute(0, 3, 2, 1, 4).reshape(B, Q, H, D)
 
 
 def _sdpa_thought_attention(query, keys: PassKeys, layout: ThoughtLayout, scale: float):

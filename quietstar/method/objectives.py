@@ -73,19 +73,21 @@ class ThoughtLogprobs:
 
 def thought_logprobs(config: QuietStarConfig, head: VocabHead, grid: GridHidden, thoughts: torch.Tensor,
                      thought_logp: torch.Tensor | None, targets: torch.Tensor, valid: torch.Tensor, *,
-                     thought_head: VocabHead | None = None) -> ThoughtLogprobs:
+                     thought_head: VocabHead | None = None, base: torch.Tensor | None = None) -> ThoughtLogprobs:
     """The log-likelihoods of a scored rollout ``grid`` that RLP / RPT need: ``thoughts``
     [B*G, W, k], their log-probabilities at the sampling temperature ``thought_logp`` (from the
     sampling passes; None: from ``grid.thought`` by ``thought_head``, the head they were sampled
     from, default ``head``: ``Rollout.thought_head``), ``targets`` / ``valid`` [B*G, L, h] of
     ``targets.training_targets`` (repeated G times). ``grid.thought_mask`` says which thought
-    ids are the thought's own (None: all)."""
+    ids are the thought's own (None: all). ``base`` [B*G, L]: the base log-likelihoods of
+    x_{i+1} when computed already (``grid.base`` is not read then)."""
     rows = grid.rows
     row_targets = targets if rows is None else rows.gather(targets)            # [B*G, W, h]
     row_valid = valid if rows is None else rows.gather(valid) & rows.valid[..., None]
     # The LM's own next-token prediction: a loss term only when asked for, else a metric.
-    with torch.set_grad_enabled(torch.is_grad_enabled() and config.next_token_loss_weight > 0):
-        base = head.logprobs(grid.base, targets[..., 0])                      # [B*G, L]
+    if base is None:
+        with torch.set_grad_enabled(torch.is_grad_enabled() and config.next_token_loss_weight > 0):
+            base = head.logprobs(grid.base, targets[..., 0])                  # [B*G, L]
     if thought_logp is None:  # given thoughts: from the passes that read them
         thought_logp = (thought_head or head).logprobs(grid.thought, thoughts, config.thought_logprob_temperature)
     predicted = None
@@ -111,6 +113,16 @@ def update_ema(ema: nn.Module, live: nn.Module, decay: float) -> None:
     by parameter (the two modules alike in structure)."""
     for copy, param in zip(ema.parameters(), live.parameters(), strict=True):
         copy.lerp_(param.detach().to(copy.dtype), 1.0 - decay)
+
+
+def join_row_parts(parts: Sequence[ThoughtLogprobs], base: torch.Tensor, rows: ThoughtRows) -> ThoughtLogprobs:
+    """One ThoughtLogprobs of ``rows`` from ``parts`` over consecutive groups of its W rows (in
+    order), detached, with ``base`` [B*G, L] (which may keep its gradient)."""
+    def cat(name):
+        values = [getattr(part, name) for part in parts]
+        return None if values[0] is None else torch.cat([v.detach() for v in values], 1)
+    return ThoughtLogprobs(base, parts[0].target_valid, cat("after"), cat("thought"), cat("thought_mask"),
+                           cat("row_targets"), cat("row_valid"), cat("thought_ids"), cat("predicted"), rows)
 
 
 def clipped_surrogate(logp: torch.Tensor, old_logp: torch.Tensor, advantage: torch.Tensor,

@@ -33,6 +33,11 @@ model builds one, ``QuietStarForCausalLM.rollout``). Two ways to run it, equal t
 - ``Rollout.sample`` + ``Rollout.score``: sample without gradients, then score all F = k + A + 2
   passes as ONE forward over an [F*L]-token sequence. Fixed thoughts (``score_thoughts``) need
   only the second half; activation checkpointing needs a single forward to recompute.
+- ``Rollout.text_pass`` + ``Rollout.sample_after_text`` + ``Rollout.score_rows`` (rlp / rpt
+  training, ``TrainConfig.thought_tokens_per_backward``): pass 0 once per text, not once per
+  thought; sampling without gradients over its keys; then passes 1..F-1 of any group of rows in
+  one forward against those keys (or against detached copies of them, so that each group's
+  graph can be run backward alone: ``method.held_gradients``).
 """
 
 from __future__ import annotations
@@ -44,15 +49,37 @@ import torch
 from torch import nn
 
 from quietstar.method.attention import ThoughtLayout
+from quietstar.method.thought_layout import PassKeys
 from quietstar.method.selection import ThoughtRows
 from quietstar.method.vocab import VocabHead
+
+
+@dataclass
+class TextPass:
+    """Pass 0 of B texts run alone (``Rollout.text_pass``)."""
+
+    hidden: torch.Tensor  # [B, L, d] final hidden states: the base prediction of x_{i+1}
+    keys: dict            # attention module -> (key, value), [B, Hkv, L, D] each
+
+    def detached(self) -> tuple["TextPass", list[torch.Tensor]]:
+        """A copy whose keys and values are new leaves that require grad (and the leaves, keys
+        then values per layer): the thoughts' graphs end there, so each can be run backward
+        alone, and the leaves' gradients are what the text pass's own backward takes."""
+        keys = {module: (key.detach().requires_grad_(), value.detach().requires_grad_())
+                for module, (key, value) in self.keys.items()}
+        return TextPass(self.hidden.detach(), keys), [t for pair in keys.values() for t in pair]
+
+    def tensors(self) -> list[torch.Tensor]:
+        """The keys and values, in ``detached``'s order."""
+        return [t for pair in self.keys.values() for t in pair]
 
 
 @dataclass
 class GridHidden:
     """Final hidden states of a scored rollout."""
 
-    base: torch.Tensor      # [B, L, d]     text pass: predicts x_{i+1} without a thought
+    base: torch.Tensor | None  # [B, L, d]  text pass: predicts x_{i+1} without a thought
+                               #            (None from ``Rollout.score_rows``: the text pass's own)
     thought: torch.Tensor   # [B, W, k, d]  passes 1..k: predict t_1..t_k
     after: torch.Tensor     # [B, W, A, d]  after END and s true tokens: predict x_{i+1+s}
     rows: ThoughtRows | None = None  # the positions of the W thought rows; None: all (W = L)
@@ -83,6 +110,7 @@ class _Passes:
         self.key_store = {} if keep_keys else None
         self.rows = rows  # the thinking positions; may be set after the text pass (selection by entropy)
         self.done = 0
+        self.flash_own = False  # ThoughtLayout.flash_own
 
     def __call__(self, ids: torch.Tensor | None, text: torch.Tensor | None = None):
         """Runs the next passes: ``text`` [B, L] (pass 0, first call only), then ``ids`` [B, P, W]
@@ -103,7 +131,8 @@ class _Passes:
         ids_all = torch.cat(blocks, 1)
         B, L = ids_all.shape[0], self.positions.shape[1]
         layout = ThoughtLayout(L, tuple(range(self.done, first + P)), self.valid, self.positions,
-                               self.padded, self.key_store, None if self.rows is None else self.rows.index)
+                               self.padded, self.key_store, None if self.rows is None else self.rows.index,
+                               self.flash_own)
         # A ready 4-D mask stops transformers from building its own; the real pattern is the layout's.
         dummy_mask = torch.ones(B, 1, 1, 1, dtype=torch.bool, device=ids_all.device)
         hidden = self.decoder(inputs_embeds=self.embed(ids_all), attention_mask=dummy_mask,
@@ -202,11 +231,60 @@ class Rollout:
         """All F passes as one forward with gradients, for thoughts ``thought_ids`` [B, W, k] at
         every position or at ``rows``: returns the hidden states that matter. With ``stop_ids``
         a thought ends at its first stop id (the ids after it are not read)."""
-        k, m = thought_ids.shape[-1], len(self.prefix_ids)
         fed = self.fed_tokens(thought_ids)
         ids = self.pass_ids(input_ids, thought_ids, rows, fed)
         base, hidden = _Passes(self.decoder, self.embed, attention_mask, keep_keys=False, rows=rows)(
             ids, text=input_ids)
+        return self._grid(base, hidden, thought_ids, rows, fed)
+
+    def text_pass(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> TextPass:
+        """Pass 0 alone, with gradients: the text's final hidden states and every layer's keys
+        and values, for ``score_rows`` to score thoughts against, a group of rows at a time."""
+        run = _Passes(self.decoder, self.embed, attention_mask, keep_keys=True)
+        base, _ = run(None, text=input_ids)
+        return TextPass(base, {module: (keys.text_key, keys.text_value) for module, keys in run.key_store.items()})
+
+    def score_rows(self, text: TextPass, input_ids: torch.Tensor, thought_ids: torch.Tensor,
+                   attention_mask: torch.Tensor, rows: ThoughtRows) -> GridHidden:
+        """``score`` of thoughts ``thought_ids`` [B*n, W, k] at ``rows`` against a ``text_pass`` of
+        the B texts (``input_ids`` / ``attention_mask``: the texts repeated n times, adjacent):
+        passes 1..F-1 in one forward, the text's keys repeated for the n thoughts of a position
+        (a view's copy: their gradients reach ``text``'s keys). ``GridHidden.base`` is None."""
+        fed = self.fed_tokens(thought_ids)
+        ids = self.pass_ids(input_ids, thought_ids, rows, fed)
+        run = self._after_text(text, attention_mask, rows)
+        run.flash_own = True  # every thought pass in this one call: their own part by the flash kernel
+        _, hidden = run(ids)
+        return self._grid(None, hidden, thought_ids, rows, fed)
+
+    def sample_after_text(self, text: TextPass, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
+                          num_tokens: int, temperature: float, generator: torch.Generator | None = None,
+                          select=None) -> tuple[torch.Tensor, ThoughtRows | None]:
+        """``sample`` on the texts of a ``text_pass`` (``input_ids`` / ``attention_mask``: them
+        repeated n times, adjacent), reading its keys instead of running pass 0 again: the same
+        draws from ``generator`` as ``sample`` and ``sample_and_score``."""
+        with torch.inference_mode():  # lighter than no_grad for k small calls; the results are copied out
+            run = self._after_text(text, attention_mask, None)
+            n = input_ids.shape[0] // text.hidden.shape[0]
+            thoughts = self._sample_passes(run, input_ids, num_tokens, temperature, generator, None, select,
+                                           base=text.hidden.repeat_interleave(n, 0))[0]
+        rows = None if run.rows is None else ThoughtRows(run.rows.index.clone(), run.rows.valid.clone())
+        return thoughts.clone(), rows
+
+    def _after_text(self, text: TextPass, attention_mask: torch.Tensor, rows: ThoughtRows | None) -> _Passes:
+        """The passes after ``text``'s (``attention_mask``: of its texts repeated n times): its
+        keys repeated for the n thoughts of a position (their gradients reach ``text``'s keys)."""
+        n = attention_mask.shape[0] // text.hidden.shape[0]
+        run = _Passes(self.decoder, self.embed, attention_mask, keep_keys=True, rows=rows)
+        run.key_store = {module: PassKeys.of_text(key.repeat_interleave(n, 0), value.repeat_interleave(n, 0))
+                         for module, (key, value) in text.keys.items()}
+        run.done = 1  # the text's pass is in the store
+        return run
+
+    def _grid(self, base, hidden: torch.Tensor, thought_ids: torch.Tensor, rows: ThoughtRows | None,
+              fed: torch.Tensor | None) -> GridHidden:
+        """The GridHidden of passes 1..F-1's outputs ``hidden`` [B, F - 1, W, d]."""
+        k, m = thought_ids.shape[-1], len(self.prefix_ids)
         hidden = hidden[:, m:]  # passes m+1 .. F-1: the first predicts t_1
         after = (hidden[:, k + 1:k + 1 + self.ahead_tokens].transpose(1, 2) if fed is None
                  else self._after(hidden, fed))
@@ -274,7 +352,7 @@ class Rollout:
         return torch.cat([head, body], dim=1)
 
     def _sample_passes(self, run: _Passes, input_ids, num_tokens: int, temperature: float, generator,
-                       logprob_temperature: float | None, select):
+                       logprob_temperature: float | None, select, base: torch.Tensor | None = None):
         """Runs passes 0..m+k (text, START, the prefix, t_1..t_{k-1}) and samples t_j from pass
         m+j's output.
 
@@ -283,12 +361,13 @@ class Rollout:
         passes m+1..m+k ([B, W, d] each), with ``logprob_temperature`` the thought tokens'
         log-probabilities at that temperature [B, W, k] (with gradients; from the chunks of
         logits they were sampled from) else None, and with ``stop_ids`` c [B, W] (``fed_tokens``)
-        else None."""
+        else None. ``base``: the text's hidden states where ``run`` holds its pass already."""
         B, L = input_ids.shape
-        if select is None and run.rows is None and num_tokens > 0:
+        if base is None and select is None and run.rows is None and num_tokens > 0:
             base, first = run(self._head_ids(input_ids), text=input_ids)
         else:
-            base, _ = run(None, text=input_ids)
+            if base is None:
+                base, _ = run(None, text=input_ids)
             if select is not None:
                 run.rows = select(base)
             W = L if run.rows is None else run.rows.index.shape[1]

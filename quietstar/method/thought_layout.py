@@ -55,6 +55,13 @@ class PassKeys:
         self.own_values += value_blocks
         self.passes += len(key_blocks)
 
+    @classmethod
+    def of_text(cls, key: torch.Tensor, value: torch.Tensor) -> "PassKeys":
+        """A store holding a text pass's keys and values [B, Hkv, L, D] (pass 0) already."""
+        store = cls()
+        store.add([key], [value])
+        return store
+
     def own_buffers(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The thought passes' keys and values so far, [B, Hkv, L, P, D] each (no autograd)."""
         n = len(self.own_keys)
@@ -79,6 +86,9 @@ class ThoughtLayout:
     has_padding: bool = True      # False lets the text part use a plain causal kernel
     key_store: dict | None = None
     rows: torch.Tensor | None = None  # [B, S] long: text position of each thought-pass row; None: all L
+    # A call holding every thought pass of selected rows scores their own part by the flash kernel
+    # (memory linear in the passes; float32 rounding unlike the product path's): Rollout.score_rows.
+    flash_own: bool = False
     _cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)  # per call, all layers
 
     @property

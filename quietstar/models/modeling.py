@@ -15,7 +15,9 @@ from quietstar.method.config import QuietStarConfig
 from quietstar.method.losses import NonFiniteLossError, quietstar_loss_terms
 from quietstar.method.meta_tokens import MetaTokenEmbedding, add_meta_tokens, meta_token_init_vector
 from quietstar.method.mixing import MixingHead
-from quietstar.method.objectives import successor_loss_terms, thought_health, thought_logprobs, update_ema
+from quietstar.method.held_gradients import HeldGradients
+from quietstar.method.objectives import (join_row_parts, successor_loss_terms, thought_health, thought_logprobs,
+                                         update_ema)
 from quietstar.models.model_card import TrainingFacts
 from quietstar.method.rollout import GridHidden, Rollout, rollout_positions, text_positions
 from quietstar.method.selection import ThoughtRows, check_thought_positions, inference_chooser, thought_rows_chooser
@@ -369,7 +371,8 @@ class QuietStarForCausalLM(nn.Module):
                                        generator=generator, select=select)
 
     def forward(self, input_ids, attention_mask=None, labels=None, generator=None,
-                check_finite: bool = True, thought_ids=None, thought_positions=None) -> QuietStarOutput:
+                check_finite: bool = True, thought_ids=None, thought_positions=None,
+                thought_tokens_per_backward: int = 0) -> QuietStarOutput:
         """One training step's loss: sample n thoughts per position, score them, and train them by
         ``config.objective`` (quietstar: mix, NLLs, REINFORCE; rlp / rpt: ``method.objectives``).
 
@@ -379,6 +382,15 @@ class QuietStarForCausalLM(nn.Module):
         choice; replaying thoughts under a fraction < 1 needs the earlier output's
         ``thought_positions``. ``check_finite`` raises ``NonFiniteLossError`` on a NaN/inf loss
         (one host sync).
+
+        ``thought_tokens_per_backward`` > 0 (rlp / rpt, with gradients, without activation
+        checkpointing; ``TrainConfig.thought_tokens_per_backward``): the same loss and gradients
+        at less memory and time: the thoughts are sampled without gradients, the text pass runs
+        once per text (not once per thought), and the thoughts are scored and differentiated a
+        group of positions at a time, each group's thought passes about this many tokens (at
+        least one position), each group's graph freed before the next; the loss's backward
+        then finishes the text pass's (``_successor_in_groups``). 0: every thought in one graph,
+        sampled and scored in the same passes.
         """
         cfg = self.config
         n = cfg.thoughts_per_position
@@ -394,10 +406,19 @@ class QuietStarForCausalLM(nn.Module):
         if thought_ids is not None and thought_positions is None and (cfg.thought_fraction < 1 or cfg.thought_count):
             raise QuietStarInputError("replaying thought_ids with thought_fraction < 1 or a thought_count needs the "
                                       "positions they were sampled at: pass the earlier output's thought_positions too")
+        if thought_tokens_per_backward < 0:
+            raise QuietStarInputError(f"thought_tokens_per_backward must be >= 0 (0: one backward for every "
+                                      f"thought), got {thought_tokens_per_backward}")
         rollout = self.rollout
         head = rollout.head  # every vocabulary-sized product, chunked (see vocab.py)
         select = thought_rows_chooser(head.entropy, valid[..., 0], thought_positions, n, cfg.thought_fraction,
                                       cfg.thought_selection, generator, count=cfg.thought_count)
+        if (thought_tokens_per_backward and cfg.objective != "quietstar" and torch.is_grad_enabled()
+                and not getattr(self.lm, "is_activation_checkpointing", False)):
+            thoughts, rows, nll_term, policy_term, metrics = self._successor_in_groups(
+                rollout, input_ids, attention_mask, targets, valid, ema_base_logp, select, generator, thought_ids,
+                thought_tokens_per_backward)
+            return self._output(nll_term, policy_term, metrics, thoughts, rows, L, check_finite)
         # The n thoughts of a text are adjacent rows: [B*n, ...].
         input_ids, attention_mask = input_ids.repeat_interleave(n, 0), attention_mask.repeat_interleave(n, 0)
         targets, valid = targets.repeat_interleave(n, 0), valid.repeat_interleave(n, 0)
@@ -414,8 +435,14 @@ class QuietStarForCausalLM(nn.Module):
                                     thought_head=rollout.thought_head)
             nll_term, policy_term, metrics = successor_loss_terms(
                 cfg, logp, ema_base_logp=ema_base_logp, token_strings=self.tokenizer.convert_ids_to_tokens)
-        loss = nll_term + policy_term
+        return self._output(nll_term, policy_term, metrics, thoughts, grid.rows, L, check_finite)
 
+    def _output(self, nll_term, policy_term, metrics, thoughts, rows: ThoughtRows | None, L: int,
+                check_finite: bool) -> QuietStarOutput:
+        """The QuietStarOutput of a step's terms and its thoughts [B*n, W, k] at ``rows``
+        (None: all L), after ``forward``'s finiteness check."""
+        n = self.config.thoughts_per_position
+        loss = nll_term + policy_term
         if check_finite and not torch.isfinite(loss):
             bad = [name for name in ("base_nll", "mixed_nll", "thought_nll", "policy_loss")
                    if name in metrics and not torch.isfinite(metrics[name])]
@@ -424,9 +451,9 @@ class QuietStarForCausalLM(nn.Module):
                 "lower the learning rate or policy_loss_weight, check the data for empty sequences, or "
                 "train in float32 / bfloat16 instead of float16")
         positions = None
-        if grid.rows is not None:
-            thoughts = grid.rows.scatter(thoughts, L, self.tokenizer.pad_token_id)
-            positions = grid.rows.mask(L)[::n]
+        if rows is not None:
+            thoughts = rows.scatter(thoughts, L, self.tokenizer.pad_token_id)
+            positions = rows.mask(L)[::n]
         return QuietStarOutput(loss, metrics, thoughts.view(-1, n, *thoughts.shape[1:]),
                                {"nll": nll_term, "policy": policy_term}, positions)
 
@@ -456,13 +483,7 @@ class QuietStarForCausalLM(nn.Module):
         Bn, L = input_ids.shape
         n = cfg.thoughts_per_position
         if thought_ids is not None:
-            if thought_ids.dim() != 4 or thought_ids.shape[:3] != (Bn // n, n, L):
-                raise QuietStarInputError(f"thought_ids must be [batch, thoughts_per_position, length, k] = "
-                                          f"[{Bn // n}, {n}, {L}, k], got {tuple(thought_ids.shape)}")
-            thoughts, rows = thought_ids.reshape(Bn, L, -1), None
-            if select is not None:  # given thought_positions (forward checked): no text pass needed
-                rows = select(None)
-                thoughts = rows.gather(thoughts)
+            thoughts, rows = self._given_thoughts(thought_ids, select, Bn, L)
             return thoughts, rollout.score(input_ids, thoughts, attention_mask, rows), None
         if getattr(self.lm, "is_activation_checkpointing", False):
             thoughts, rows = self._sample(input_ids, attention_mask, generator=generator, select=select)
@@ -470,6 +491,73 @@ class QuietStarForCausalLM(nn.Module):
         return rollout.sample_and_score(input_ids, attention_mask, num_tokens=cfg.sampled_thought_tokens,
                                         temperature=cfg.thought_temperature, generator=generator,
                                         logprob_temperature=cfg.thought_logprob_temperature, select=select)
+
+    def _given_thoughts(self, thought_ids, select, Bn: int, L: int) -> tuple[torch.Tensor, ThoughtRows | None]:
+        """Given ``thought_ids`` [B, n, L, k] as (thoughts [B*n, W, k], their ThoughtRows or None
+        for all L)."""
+        n = self.config.thoughts_per_position
+        if thought_ids.dim() != 4 or thought_ids.shape[:3] != (Bn // n, n, L):
+            raise QuietStarInputError(f"thought_ids must be [batch, thoughts_per_position, length, k] = "
+                                      f"[{Bn // n}, {n}, {L}, k], got {tuple(thought_ids.shape)}")
+        thoughts, rows = thought_ids.reshape(Bn, L, -1), None
+        if select is not None:  # given thought_positions (forward checked): no text pass needed
+            rows = select(None)
+            thoughts = rows.gather(thoughts)
+        return thoughts, rows
+
+    def _successor_in_groups(self, rollout: Rollout, input_ids, attention_mask, targets, valid, ema_base_logp,
+                             select, generator, thought_ids, tokens_per_backward: int):
+        """rlp / rpt as ``forward`` with ``thought_tokens_per_backward``, on the B texts (not yet
+        repeated): (thoughts [B*n, W, k], their ThoughtRows or None for all L, NLL term, policy
+        term, metrics), the terms' gradients those of one backward through all of it.
+
+            text       pass 0 once per text, with gradients; its keys/values detached into leaves
+            sample     all thoughts at once over the text's keys, no gradient (the same draws as
+                       the one-graph path)
+            per group  passes 1..F-1 of a few positions' n thoughts over those leaves, their
+                       part of the surrogate, its gradients (parameters, leaves) held, graph freed
+            loss       the metrics and terms from all groups' detached numbers; the policy term's
+                       backward hands on the held gradients, the leaves' to the text pass
+        """
+        cfg, n, head = self.config, self.config.thoughts_per_position, rollout.head
+        B, L = input_ids.shape
+        ids, mask = input_ids.repeat_interleave(n, 0), attention_mask.repeat_interleave(n, 0)
+        targets, valid_n = targets.repeat_interleave(n, 0), valid.repeat_interleave(n, 0)
+        text = rollout.text_pass(input_ids, attention_mask)                    # [B, L, d], not B*n
+        if thought_ids is None:
+            thoughts, rows = rollout.sample_after_text(text, ids, mask, num_tokens=cfg.sampled_thought_tokens,
+                                                       temperature=cfg.thought_temperature, generator=generator,
+                                                       select=select)
+        else:
+            thoughts, rows = self._given_thoughts(thought_ids, select, B * n, L)
+        every = rows is None  # every position thinks: all L as rows
+        if every:
+            rows = ThoughtRows.from_mask(torch.ones_like(ids, dtype=torch.bool))
+        with torch.set_grad_enabled(cfg.next_token_loss_weight > 0):
+            base = head.logprobs(text.hidden, targets[::n, :, 0]).repeat_interleave(n, 0)  # [B*n, L]
+        leaf_text, leaves = text.detached()
+        params = [p for p in self.parameters() if p.requires_grad]
+        held = HeldGradients(params + leaves)
+        counted = (rows.gather(valid_n)[..., 0] & rows.valid).sum().clamp(min=1)  # the mean's thoughts
+        S = rows.index.shape[1]
+        passes = len(self.thought_prefix_ids) + thoughts.shape[-1] + cfg.ahead_tokens + 1  # F - 1
+        size = max(1, tokens_per_backward // (B * n * passes))                 # positions per group
+        parts = []
+        for start in range(0, S, size):
+            cols = slice(start, start + size)
+            part = ThoughtRows(rows.index[:, cols], rows.valid[:, cols])
+            grid = rollout.score_rows(leaf_text, ids, thoughts[:, cols], mask, part)
+            logp = thought_logprobs(cfg, head, grid, thoughts[:, cols], None, targets, valid_n,
+                                    thought_head=rollout.thought_head, base=base.detach())
+            policy = successor_loss_terms(cfg, logp, ema_base_logp=ema_base_logp,
+                                          token_strings=self.tokenizer.convert_ids_to_tokens)[1]
+            held.add(policy * logp.row_valid[..., 0].sum() / counted)          # its share of the mean
+            parts.append(logp)
+        logp = join_row_parts(parts, base, rows)
+        nll_term, policy, metrics = successor_loss_terms(cfg, logp, ema_base_logp=ema_base_logp,
+                                                         token_strings=self.tokenizer.convert_ids_to_tokens)
+        policy_term = held.attach(policy, params + text.tensors())
+        return thoughts, None if every else rows, nll_term, policy_term, metrics
 
     # ------------------------------------------------------------------ the EMA baseline (RLP)
     def ema_baseline_enable(self) -> None:

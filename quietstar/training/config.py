@@ -105,6 +105,14 @@ class TrainConfig:
     """Sequences per forward pass and process; batch_size / (micro_batch_size * processes)
     passes are accumulated per step."""
 
+    thought_tokens_per_backward: int = 2048
+    """rlp / rpt: the thoughts are sampled without gradients, the text pass runs once per
+    sequence, and the thoughts are scored and differentiated a group of positions at a time,
+    each group's thought passes about this many tokens (at least one position): the same
+    gradients as one backward, with the memory of the text pass plus one group's thoughts. 0:
+    all thoughts sampled and scored in the same passes, one graph (more memory). Not used by
+    the quietstar objective, nor with activation checkpointing."""
+
     max_steps: int = 20
     """Optimiser steps of the whole run (a resumed run continues up to this)."""
 
@@ -217,7 +225,7 @@ class TrainConfig:
                      "keep_checkpoints", "eval_batches", "max_nonfinite_steps"):
             value = getattr(self, name)
             need(isinstance(value, int) and value >= 1, f"{name} must be an int >= 1, got {value!r}")
-        for name in ("warmup_steps", "sample_every", "eval_every", "lora_rank", "seed"):
+        for name in ("warmup_steps", "sample_every", "eval_every", "lora_rank", "seed", "thought_tokens_per_backward"):
             value = getattr(self, name)
             need(isinstance(value, int) and value >= 0, f"{name} must be an int >= 0, got {value!r}")
         need(self.eval_documents is None or self.eval_documents >= 1,

@@ -400,7 +400,7 @@ class TrainingRecipe:
                 with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
                     out = self.model(rows["input_ids"], rows["attention_mask"], rows["labels"],
                                      generator=thought_generator(cfg.seed, step, lo, self.device),
-                                     check_finite=False)
+                                     check_finite=False, thought_tokens_per_backward=cfg.thought_tokens_per_backward)
                 if cfg.policy_max_grad_norm is None:
                     acc.backward(out.loss)
                 else:
