@@ -61,7 +61,7 @@ def test_the_readmes_python_loading_snippet_runs(tmp_path, monkeypatch):
     line reads the folder the README's first snippet saves: here a tiny saved model)."""
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
     [snippet] = [block for block in re.findall(r"```python\n(.*?)```", readme, flags=re.S)
-                 if "embedded:smollm2-135m-instruct" in block]
+                 if "embedded:smollm2-135m-instruct" in block and "load_quietstar_model" in block]
     make_model().save_pretrained(tmp_path / "my-thinking-model")
     monkeypatch.chdir(tmp_path)
     names: dict = {}

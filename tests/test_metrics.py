@@ -61,7 +61,7 @@ def test_the_plot_draws_each_noisy_curve_with_its_ema_over_it():
     # held-out points and the schedule are drawn as they are
     assert nll["eval/nll_with_thought"]["smoothed"] is None
     assert panels["Learning rate"]["lines"][0]["smoothed"] is None
-    assert [line["key"] for line in panels["Mixing weight / reward spread"]["lines"]] == ["reward_spread"]
+    assert [line["key"] for line in panels["Mixing weight / reward spread / leak rate"]["lines"]] == ["reward_spread"]
 
     fig = draw_training_curves(records)
     try:
