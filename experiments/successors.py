@@ -165,19 +165,21 @@ def report(args) -> None:
         runs.setdefault(meta["arm"], []).append(dict(np.load(folder / "measured.npz")) | {"meta": meta})
     for arm in runs:
         runs[arm].sort(key=lambda r: r["meta"]["seed"])
-    cp = runs["cp"]
-    seeds = [r["meta"]["seed"] for r in cp]
-    untrained = cp[0]["untrained"]
+    cp_by_seed = {r["meta"]["seed"]: r for r in runs["cp"]}
+    seeds = sorted(cp_by_seed)
+    untrained = runs["cp"][0]["untrained"]
     hardest = token_subsets(untrained)["hardest"]
     for arm, rs in runs.items():
-        if [r["meta"]["seed"] for r in rs] != seeds:
-            raise ValueError(f"arm {arm} has seeds {[r['meta']['seed'] for r in rs]}, cp has {seeds}")
+        missing = [r["meta"]["seed"] for r in rs if r["meta"]["seed"] not in cp_by_seed]
+        if missing:
+            raise ValueError(f"arm {arm} has seeds {missing} that cp lacks: every difference pairs runs of one seed")
         for r in rs:
             if not np.array_equal(r["untrained"], untrained):
                 raise ValueError(f"arm {arm} seed {r['meta']['seed']} scored other held-out tokens")
-    questions = np.arange(cp[0]["gsm8k_without"].size)
+    questions = np.arange(runs["cp"][0]["gsm8k_without"].size)
     result = {"seeds": seeds, "hardest_tokens": int(hardest.size), "tokens": int(untrained.size), "arms": {}}
     for arm, rs in runs.items():
+        cp = [cp_by_seed[r["meta"]["seed"]] for r in rs]  # each run beside cp of its seed
         cells = {}
         def diff(label, first, second, index=hardest, doc=None):
             diffs = np.stack([f[index] - s[index] for f, s in zip(first, second)])
@@ -198,6 +200,7 @@ def report(args) -> None:
              index=questions, doc=questions)
         health = [r["meta"]["health"] for r in rs if r["meta"]["health"]]
         result["arms"][arm] = {
+            "seeds": [r["meta"]["seed"] for r in rs],
             "steps": rs[0]["meta"]["steps"],
             "train_s": [round(r["meta"]["train_s"]) for r in rs],
             "hardest_without": float(np.mean([r["without"][hardest].mean() for r in rs])),
@@ -228,13 +231,13 @@ def tables(result: dict) -> str:
     lines = [f"Seeds {result['seeds']}; hardest 10% = {result['hardest_tokens']} of {result['tokens']} "
              "held-out tokens. Differences in nats/token, seed-averaged mean [95% CI over seeds and "
              "documents]; negative = the first predicts better.", "",
-             "| arm | steps | training s (per seed) | hardest-10% NLL (own / without) | " + " | ".join(keys)
-             + " | bar |", "|---|---|---|---|" + "---|" * len(keys) + "---|"]
+             "| arm | seeds | steps | training s (per seed) | hardest-10% NLL (own / without) | " + " | ".join(keys)
+             + " | bar |", "|---|---|---|---|---|" + "---|" * len(keys) + "---|"]
     for arm, c in result["arms"].items():
         d = c["differences"]
         nll = (f"{c['hardest_own']:.3f}" if "hardest_own" in c else "-") + f" / {c['hardest_without']:.3f}"
         seconds = ", ".join(str(t) for t in c["train_s"])
-        lines.append(f"| {arm} | {c['steps']} | {seconds} | {nll} | " + " | ".join(
+        lines.append(f"| {arm} | {', '.join(map(str, c['seeds']))} | {c['steps']} | {seconds} | {nll} | " + " | ".join(
             format_cell(d[k], True) if k in d else "" for k in keys) + f" | {'met' if c['bar'] else 'not met'} |")
     lines += ["", "Direct GSM8K score of the 200 held-out questions (with thoughts: the seeds listed); thought "
               "health on the held-out documents (the seeds listed) and in the training log (every step, every seed).", "",
