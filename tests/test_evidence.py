@@ -306,6 +306,15 @@ def test_results_summary_matches_the_recorded_runs():
         assert cells["share_rise"]["ci_low"] > 0.2 and cells["own_minus_shifted_answers"]["ci_high"] < 0
         assert cells["share_rise_without_reinforce"]["mean"] == round(ablation["share_p_q_after - before"]["mean"], 4)
         assert cells["share_rise"]["mean"] - cells["share_rise_without_reinforce"]["mean"] >= 0.2
+    successors = json.loads((results / "successors" / "results.json").read_text())
+    for key, cell in summary["successors_equal_wall_time"].items():
+        match = re.fullmatch(r"(\w+?)_own_minus_(\w+)_hardest10", key)
+        if match is None:
+            continue
+        arm = successors["arms"][match[1]]
+        pooled = arm["differences"][f"own - {match[2]}"]
+        assert [cell[k] for k in ("mean", "ci_low", "ci_high")] == [round(pooled[k], 4) for k in ("mean", "ci_low", "ci_high")], key
+        assert cell["seeds"] == arm["seeds"], key  # an arm pooled over fewer seeds must say so
 
 
 # ---------------------------------------------------------------------------- comparing variants
