@@ -28,17 +28,15 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import random
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-from train_step import MIB, LiveTensorBytes, ideal_loss, lm_config, tensors_of, tiny_tokenizer
+from train_step import MIB, LiveTensorBytes, ideal_loss, lm_config, run_worker, tensors_of, tiny_tokenizer
 
 from quietstar import QuietStarConfig, QuietStarForCausalLM
 
@@ -148,19 +146,6 @@ def measure_in(root: Path, spec: dict) -> dict:
     return result
 
 
-def measure(spec: dict, timeout: float) -> dict:
-    """One k in a fresh process; a crash or a timeout is reported as the error."""
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
-    except subprocess.TimeoutExpired:
-        return {"error": "timeout"}
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
-    if proc.returncode != 0 or not lines:
-        return {"error": (proc.stderr.strip().splitlines()[-1:] or ["crashed"])[0]}
-    return json.loads(lines[-1])
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -193,7 +178,7 @@ def main(argv=None) -> int:
     for k in ks:
         spec = dict(k=k, L=args.length, B=args.batch, top_k=args.top_k, hidden=args.hidden, layers=args.layers,
                     heads=args.heads, kv_heads=args.kv_heads, vocab=args.vocab, reps=args.reps)
-        r = measure(spec, args.timeout)
+        r = run_worker(__file__, json.dumps(spec), timeout=args.timeout)
         if "error" in r:
             print(f"| {k} | {r['error']} |" + " |" * 10, flush=True)
             continue

@@ -232,6 +232,21 @@ def worker(specs: list[dict]) -> list[dict]:
 
 
 # ---------------------------------------------------------------------------- driver
+def run_worker(script: str, *worker_args: str, timeout: float) -> dict:
+    """Runs ``script --worker *worker_args`` in a fresh Python process and returns the last JSON
+    object it printed; a crash or a timeout is returned as ``{"error": ...}`` (stderr's last line,
+    or "timeout"). The benchmarks that measure one configuration per process share it."""
+    cmd = [sys.executable, os.path.abspath(script), "--worker", *worker_args]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+    except subprocess.TimeoutExpired:
+        return {"error": "timeout"}
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        return {"error": (proc.stderr.strip().splitlines()[-1:] or ["crashed"])[0]}
+    return json.loads(lines[-1])
+
+
 def measure(groups: list[list[dict]], timeout: float) -> list[dict]:
     """Runs each group of specs (timed together, see ``worker``) one after another in a fresh
     process; a crash (e.g. out of memory) or a timeout marks the specs not yet reported."""

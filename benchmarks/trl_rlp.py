@@ -25,16 +25,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 
 import torch
 from rlp_step import build, chosen_positions, rlp_config
-from train_step import MIB, LiveTensorBytes, lm_config, tensors_of, tiny_tokenizer
+from train_step import MIB, LiveTensorBytes, lm_config, run_worker, tensors_of, tiny_tokenizer
 
 
 def native(spec: dict) -> dict:
@@ -101,18 +99,6 @@ def trl_run(spec: dict) -> dict:
     return {"time_s": statistics.median(times), "peak_bytes": peak["bytes"]}
 
 
-def measure(name: str, spec: dict, timeout: float) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", name, json.dumps(spec)]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
-    except subprocess.TimeoutExpired:
-        return {"error": "timeout"}
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
-    if proc.returncode != 0 or not lines:
-        return {"error": (proc.stderr.strip().splitlines()[-1:] or ["crashed"])[0]}
-    return json.loads(lines[-1])
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -142,7 +128,7 @@ def main(argv=None) -> int:
           "step time; memory = peak live tensor MiB of one step above weights, EMA copy and optimiser state.\n")
     print("| way | ms / step | thought tok/s | peak MiB |\n|---|---|---|---|", flush=True)
     for name in ("native", "trl"):
-        r = measure(name, spec, args.timeout)
+        r = run_worker(__file__, name, json.dumps(spec), timeout=args.timeout)
         if "error" in r:
             print(f"| {name} | {r['error']} | | |", flush=True)
             continue

@@ -9,10 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
+from safetensors.torch import load_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from quietstar import QuietStarConfig, QuietStarForCausalLM
+from quietstar.training.distill_config import EXPORT_DIR, DistillConfig
 
 torch.set_num_threads(1)  # steadier on a shared 2-core machine
 
@@ -110,6 +112,36 @@ def tiny_model_dir(tmp_path_factory):
     make_lm("llama").save_pretrained(path)
     make_tokenizer().save_pretrained(path)
     return path
+
+
+def thinking_teacher(family: str = "llama", seed: int = 0):
+    """A tiny QuietStar model whose mixing head is not at w = 0, so its thoughts change its prediction."""
+    model = make_model(family, seed=seed)
+    torch.manual_seed(seed + 1)
+    with torch.no_grad():
+        for p in model.mixing_head.parameters():
+            p.normal_(0, 0.5)
+    return model
+
+
+@pytest.fixture(scope="session")
+def teacher_dir(tmp_path_factory):
+    """``thinking_teacher()`` (k = 3) saved once, the teacher of the distillation tests (read-only)."""
+    path = tmp_path_factory.mktemp("teacher") / "model"
+    thinking_teacher().save_pretrained(path)
+    return path
+
+
+def distill_config(teacher_dir, out, **kw) -> DistillConfig:
+    """A tiny CPU distillation run of 3 steps from ``teacher_dir`` into ``out``; ``kw`` overrides."""
+    settings = dict(seq_len=16, batch_size=2, max_steps=3, learning_rate=1e-2, checkpoint_every=1,
+                    keep_checkpoints=5, device="cpu")
+    return DistillConfig(teacher=str(teacher_dir), output_dir=str(out), **(settings | kw))
+
+
+def exported_weights(run_folder) -> dict[str, torch.Tensor]:
+    """The weights of a distillation run's exported plain model."""
+    return load_file(run_folder / EXPORT_DIR / "model.safetensors")
 
 
 @pytest.fixture

@@ -4,6 +4,7 @@ quietstar, the memory tracker counts bytes correctly, and the scripts run end to
 from __future__ import annotations
 
 import copy
+import json
 import os
 import re
 import sys
@@ -305,6 +306,20 @@ def test_train_step_worker_measures_each_method():
     assert all_passes["peak_bytes"] > 3 * ideal["peak_bytes"]
 
 
+def test_run_worker_reads_the_last_json_line_or_names_the_failure(tmp_path):
+    """A fresh process gets ``--worker`` and the arguments; its last JSON line is the result, a crash
+    is named by stderr's last line, a hang by "timeout"."""
+    script = tmp_path / "worker.py"
+    script.write_text("import json, sys, time\n"
+                      "assert sys.argv[1] == '--worker'\n"
+                      "if sys.argv[2] == 'sleep': time.sleep(30)\n"
+                      "if sys.argv[2] == 'crash': raise SystemExit('worker broke')\n"
+                      "print('{\"first\": 1}'); print('progress'); print(json.dumps({'args': sys.argv[2:]}))\n")
+    assert train_step.run_worker(str(script), "a", '{"k": 2}', timeout=60) == {"args": ["a", '{"k": 2}']}
+    assert train_step.run_worker(str(script), "crash", timeout=60) == {"error": "worker broke"}
+    assert train_step.run_worker(str(script), "sleep", timeout=0.5) == {"error": "timeout"}
+
+
 def test_memory_linear_in_length_and_below_the_dense_masks():
     """Deterministic memory (live tensor bytes, not timings) of one training step, k = 4, A = 4,
     n = 2 (F = 10 passes), batch 1, a 1-layer Llama (hidden 16, vocab 64), at L = 64 and 128.
@@ -450,7 +465,7 @@ def test_rlp_engine_way_computes_the_native_objective(vocab_size):
 
 
 def test_rlp_step_script_prints_its_table(monkeypatch, capsys):
-    monkeypatch.setattr(rlp_step, "measure", lambda spec, timeout: rlp_step.worker(spec))
+    monkeypatch.setattr(rlp_step, "run_worker", lambda script, spec, timeout: rlp_step.worker(json.loads(spec)))
     assert rlp_step.main(["--thought-tokens", "3", "--length", "24", "--positions", "2", "--group", "2",
                           "--hidden", "32", "--layers", "1", "--heads", "2", "--kv-heads", "1", "--vocab", "200",
                           "--reps", "1"]) == 0
@@ -462,8 +477,12 @@ def test_rlp_step_script_prints_its_table(monkeypatch, capsys):
 def test_distill_step_script_prints_its_table(monkeypatch, capsys):
     """The three steps run; the cache holds 8k + 4 bytes a token and frees the teacher's weights."""
     results = []
-    monkeypatch.setattr(distill_step, "measure", lambda spec, timeout: results.append(distill_step.worker(spec))
-                        or results[-1])
+
+    def run_here(script, spec, timeout):
+        results.append(distill_step.worker(json.loads(spec)))
+        return results[-1]
+
+    monkeypatch.setattr(distill_step, "run_worker", run_here)
     assert distill_step.main(["--thought-tokens", "2", "--length", "24", "--batch", "2", "--hidden", "32",
                               "--layers", "1", "--heads", "2", "--kv-heads", "1", "--vocab", "200", "--reps", "1",
                               "--top-k", "8"]) == 0

@@ -13,26 +13,19 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
+from conftest import distill_config
 from quietstar.method.config import QuietStarConfig
 from quietstar.models.saved_model import HEAD_WEIGHTS_NAME
 from quietstar.training.curriculum import run_curriculum
 from quietstar.training.distill import distill
 from quietstar.training.distill_config import EXPORT_DIR, DistillConfig
 from quietstar.utils.errors import QuietStarInputError
-from test_distill import PLAIN_LOAD, thinking_teacher
-
-
-@pytest.fixture(scope="module")
-def teacher_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("teacher") / "model"
-    thinking_teacher().save_pretrained(path)  # k = 3
-    return path
+from test_distill import PLAIN_LOAD
 
 
 def config(teacher_dir, out, **kw) -> DistillConfig:
-    settings = dict(seq_len=16, batch_size=2, max_steps=1, learning_rate=1e-2, checkpoint_every=1,
-                    keep_checkpoints=5, device="cpu", curriculum=(2, 1), curriculum_steps=1)
-    return DistillConfig(teacher=str(teacher_dir), output_dir=str(out), **(settings | kw))
+    """conftest's tiny distillation run: one step, after two one-step stages thinking 2, then 1 token."""
+    return distill_config(teacher_dir, out, **(dict(max_steps=1, curriculum=(2, 1), curriculum_steps=1) | kw))
 
 
 def stage_model(out: Path, stage: int, step: int) -> Path:

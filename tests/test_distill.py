@@ -14,27 +14,10 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from conftest import make_model, random_text
+from conftest import distill_config, exported_weights, make_model, random_text, thinking_teacher
 from quietstar.method.distillation import distillation_kl
 from quietstar.training.distill import DistillRecipe, distill
-from quietstar.training.distill_config import EXPORT_DIR, DistillConfig
-
-
-def thinking_teacher(family: str = "llama", seed: int = 0):
-    """A tiny QuietStar model whose mixing head is not at w = 0, so its thoughts change its prediction."""
-    model = make_model(family, seed=seed)
-    torch.manual_seed(seed + 1)
-    with torch.no_grad():
-        for p in model.mixing_head.parameters():
-            p.normal_(0, 0.5)
-    return model
-
-
-@pytest.fixture(scope="module")
-def teacher_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("teacher") / "model"
-    thinking_teacher().save_pretrained(path)
-    return path
+from quietstar.training.distill_config import EXPORT_DIR
 
 
 @pytest.mark.parametrize("family, chunk, temperature", [("llama", 5, 1.0), ("llama", 0, 2.0), ("gemma2", 4, 0.7)])
@@ -79,23 +62,14 @@ def test_teacher_states_are_thinks_mixed_prediction(fraction):
         torch.testing.assert_close(model.logits(hidden)[off], scores.base_logits[off], rtol=1e-5, atol=1e-5)
 
 
-def config(teacher_dir, out, **kw) -> DistillConfig:
-    settings = dict(seq_len=16, batch_size=2, max_steps=3, learning_rate=1e-2, checkpoint_every=1,
-                    keep_checkpoints=5, device="cpu")
-    return DistillConfig(teacher=str(teacher_dir), output_dir=str(out), **(settings | kw))
-
-
-def weights(folder):
-    return load_file(folder / EXPORT_DIR / "model.safetensors")
-
-
 def test_resume_is_exact_and_training_moves_towards_the_teacher(teacher_dir, tmp_path):
-    whole = distill(config(teacher_dir, tmp_path / "whole", next_token_loss_weight=0.5))
-    first = distill(config(teacher_dir, tmp_path / "split", next_token_loss_weight=0.5, max_steps=1))
+    whole = distill(distill_config(teacher_dir, tmp_path / "whole", next_token_loss_weight=0.5))
+    first = distill(distill_config(teacher_dir, tmp_path / "split", next_token_loss_weight=0.5, max_steps=1))
     assert first.step == 1
-    rest = distill(replace(config(teacher_dir, tmp_path / "split", next_token_loss_weight=0.5), resume="latest"))
+    rest = distill(replace(distill_config(teacher_dir, tmp_path / "split", next_token_loss_weight=0.5),
+                           resume="latest"))
     assert rest.step == 3 and rest.metrics == {**whole.metrics, "step_time_s": rest.metrics["step_time_s"]}
-    a, b = weights(tmp_path / "whole"), weights(tmp_path / "split")
+    a, b = exported_weights(tmp_path / "whole"), exported_weights(tmp_path / "split")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     records = [json.loads(line) for line in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3]
@@ -103,10 +77,10 @@ def test_resume_is_exact_and_training_moves_towards_the_teacher(teacher_dir, tmp
 
 
 def test_max_steps_0_exports_the_teachers_lm(teacher_dir, tmp_path):
-    result = distill(config(teacher_dir, tmp_path / "run", max_steps=0))
+    result = distill(distill_config(teacher_dir, tmp_path / "run", max_steps=0))
     assert result.checkpoint is None and result.step == 0
     teacher = load_file(teacher_dir / "model.safetensors")
-    exported = weights(tmp_path / "run")
+    exported = exported_weights(tmp_path / "run")
     assert teacher.keys() == exported.keys() and all(torch.equal(teacher[k], exported[k]) for k in teacher)
     assert "quietstar_head.safetensors" not in {p.name for p in result.model_dir.iterdir()}
     assert "quietstar distill --max-steps 0" in (result.model_dir / "README.md").read_text()
@@ -141,7 +115,7 @@ print(json.dumps({"vocab": sorted(tok.get_vocab()), "size": len(tok), "prompt": 
 def test_export_loads_with_transformers_alone(teacher_dir, tmp_path):
     """No meta token in the tokenizer; the model's logits are the student LM's; generate makes one
     decoder call per new token and equals greedy decoding with the student's plain forward."""
-    recipe = DistillRecipe(config(teacher_dir, tmp_path / "run", max_steps=2))
+    recipe = DistillRecipe(distill_config(teacher_dir, tmp_path / "run", max_steps=2))
     result = recipe.run()
     new = 6
     done = subprocess.run([sys.executable, "-I", "-c", PLAIN_LOAD, str(result.model_dir), str(new)],

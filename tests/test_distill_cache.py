@@ -11,30 +11,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import make_model
+from conftest import distill_config, exported_weights, make_model, thinking_teacher
 from quietstar.method.distillation import teacher_top_k, top_k_distillation_kl
 from quietstar.training import teacher_cache
 from quietstar.training.distill import distill
-from quietstar.training.distill_config import EXPORT_DIR, DistillConfig
 from quietstar.utils.errors import QuietStarInputError
-from test_distill import thinking_teacher
-
-
-@pytest.fixture(scope="module")
-def teacher_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("teacher") / "model"
-    thinking_teacher().save_pretrained(path)
-    return path
-
-
-def config(teacher_dir, out, **kw) -> DistillConfig:
-    settings = dict(seq_len=16, batch_size=2, max_steps=3, learning_rate=1e-2, checkpoint_every=1,
-                    keep_checkpoints=5, device="cpu")
-    return DistillConfig(teacher=str(teacher_dir), output_dir=str(out), **(settings | kw))
-
-
-def weights(folder):
-    return load_file(folder / EXPORT_DIR / "model.safetensors")
 
 
 @pytest.mark.parametrize("family, chunk, k, temperature", [("llama", 5, 7, 1.0), ("llama", 0, 20, 2.0),
@@ -88,12 +69,12 @@ def test_top_k_kl_equals_hand_written_reference(family, chunk, k, temperature):
 
 def test_cache_with_k_equal_to_the_vocabulary_gives_the_on_the_fly_run(teacher_dir, tmp_path):
     vocab = make_model().lm.get_output_embeddings().weight.shape[0]
-    fly = distill(config(teacher_dir, tmp_path / "fly", max_steps=2))
-    cached = distill(config(teacher_dir, tmp_path / "cached", max_steps=2, teacher_cache=str(tmp_path / "cache"),
-                            cache_top_k=vocab))
+    fly = distill(distill_config(teacher_dir, tmp_path / "fly", max_steps=2))
+    cached = distill(distill_config(teacher_dir, tmp_path / "cached", max_steps=2,
+                                    teacher_cache=str(tmp_path / "cache"), cache_top_k=vocab))
     for key in ("loss", "kl", "student_nll", "grad_norm"):
         assert cached.metrics[key] == pytest.approx(fly.metrics[key], rel=1e-4, abs=1e-5), key
-    a, b = weights(tmp_path / "fly"), weights(tmp_path / "cached")
+    a, b = exported_weights(tmp_path / "fly"), exported_weights(tmp_path / "cached")
     for name in a:  # Adam divides by sqrt(v): float rounding of near-zero gradients moves a weight ~1e-5
         torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-4)
     index = json.loads((tmp_path / "cache" / teacher_cache.INDEX_NAME).read_text())
@@ -103,7 +84,7 @@ def test_cache_with_k_equal_to_the_vocabulary_gives_the_on_the_fly_run(teacher_d
 def test_resume_from_a_sharded_cache_is_exact_and_a_foreign_cache_is_refused(teacher_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(teacher_cache, "SHARD_BYTES", 1)  # one step per shard: reads cross shard files
     cache = str(tmp_path / "cache")
-    whole = distill(config(teacher_dir, tmp_path / "whole", teacher_cache=cache, cache_top_k=8))
+    whole = distill(distill_config(teacher_dir, tmp_path / "whole", teacher_cache=cache, cache_top_k=8))
     assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [
         "shard-00000.safetensors", "shard-00001.safetensors", "shard-00002.safetensors", teacher_cache.INDEX_NAME]
     shard = load_file(tmp_path / "cache" / "shard-00001.safetensors")
@@ -111,14 +92,14 @@ def test_resume_from_a_sharded_cache_is_exact_and_a_foreign_cache_is_refused(tea
     assert shard["logprobs"].shape == (30, 8) and shard["rest"].shape == (30,)
     assert whole.metrics["kl"] > 0
 
-    first = distill(config(teacher_dir, tmp_path / "split", teacher_cache=cache, cache_top_k=8, max_steps=1))
+    first = distill(distill_config(teacher_dir, tmp_path / "split", teacher_cache=cache, cache_top_k=8, max_steps=1))
     assert first.step == 1
-    rest = distill(config(teacher_dir, tmp_path / "split", teacher_cache=cache, cache_top_k=8, resume="latest"))
+    rest = distill(distill_config(teacher_dir, tmp_path / "split", teacher_cache=cache, cache_top_k=8, resume="latest"))
     assert rest.metrics == {**whole.metrics, "step_time_s": rest.metrics["step_time_s"]}
-    a, b = weights(tmp_path / "whole"), weights(tmp_path / "split")
+    a, b = exported_weights(tmp_path / "whole"), exported_weights(tmp_path / "split")
     assert all(torch.equal(a[k], b[k]) for k in a)
 
-    base = config(teacher_dir, tmp_path / "other", teacher_cache=cache, cache_top_k=8)
+    base = distill_config(teacher_dir, tmp_path / "other", teacher_cache=cache, cache_top_k=8)
     for change, words in [({"temperature": 2.0}, "temperature 1.0, this run has 2.0"),
                           ({"cache_top_k": 4}, "top_k 8, this run has 4"),
                           ({"seed": 1}, "seed 0, this run has 1"),
@@ -141,7 +122,7 @@ def test_command_line_writes_and_reads_the_cache(teacher_dir, tmp_path, capsys):
     assert main(args + ["--output-dir", str(tmp_path / "a")]) == 0
     assert main(args + ["--output-dir", str(tmp_path / "b")]) == 0  # reads the cache the first wrote
     assert json.loads((tmp_path / "cache" / teacher_cache.INDEX_NAME).read_text())["made_from"]["top_k"] == 5
-    a, b = weights(tmp_path / "a"), weights(tmp_path / "b")
+    a, b = exported_weights(tmp_path / "a"), exported_weights(tmp_path / "b")
     assert all(torch.equal(a[k], b[k]) for k in a)
     capsys.readouterr()
     with pytest.raises(SystemExit):
@@ -158,7 +139,7 @@ def test_a_cache_of_other_text_is_refused(teacher_dir, tmp_path):
     data = tmp_path / "data.txt"
     data.write_text("\n\n".join(texts), encoding="utf-8")
     settings = dict(data=str(data), teacher_cache=str(tmp_path / "cache"), cache_top_k=4, max_steps=1)
-    distill(config(teacher_dir, tmp_path / "a", **settings))
+    distill(distill_config(teacher_dir, tmp_path / "a", **settings))
     data.write_text("\n\n".join(t.replace("e", "a") for t in texts), encoding="utf-8")
     with pytest.raises(QuietStarInputError, match="not the text the cache was made from"):
-        distill(config(teacher_dir, tmp_path / "b", **settings))
+        distill(distill_config(teacher_dir, tmp_path / "b", **settings))

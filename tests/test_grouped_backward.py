@@ -171,7 +171,7 @@ def test_a_whole_thought_in_one_call_equals_naive_attention_with_gradients(monke
     from quietstar.method import attention
     from quietstar.method.selection import ThoughtRows
     from quietstar.method.thought_layout import PassKeys
-    from test_selection import naive_rows_attention
+    from test_selection import assert_equals_naive_rows_attention, rows_attention_inputs
 
     g = torch.Generator().manual_seed(0)
     B, H, Hkv, L, D, P = 2, 4, 2, 40, 8, 5
@@ -180,11 +180,7 @@ def test_a_whole_thought_in_one_call_equals_naive_attention_with_gradients(monke
         valid[1, :3] = False
     rows = ThoughtRows.from_mask(torch.rand(B, L, generator=g) < 0.3)
     S = rows.index.shape[1]
-    q = torch.randn(B, H, P * S, D, dtype=torch.float64, generator=g, requires_grad=True)
-    k = torch.randn(B, Hkv, L + P * S, D, dtype=torch.float64, generator=g, requires_grad=True)
-    v = torch.randn(B, Hkv, L + P * S, D, dtype=torch.float64, generator=g, requires_grad=True)
-    up = torch.randn(B, P * S, H, D, dtype=torch.float64, generator=g)
-    real = rows.valid.repeat(1, P)[:, :, None, None]  # padding rows' outputs are never read
+    q, k, v, up = rows_attention_inputs(g, S, B=B, H=H, Hkv=Hkv, L=L, D=D, P=P)
     module = torch.nn.Identity()
     layout = attention.ThoughtLayout(L, tuple(range(1, P + 1)), valid, (valid.long().cumsum(-1) - 1).clamp(min=0),
                                      padded, {module: PassKeys.of_text(k[:, :, :L], v[:, :, :L])}, rows.index,
@@ -194,11 +190,7 @@ def test_a_whole_thought_in_one_call_equals_naive_attention_with_gradients(monke
     monkeypatch.setattr(attention._WholeThoughtAttention, "apply", lambda *args: calls.append(1) or original(*args))
     out = attention._thought_call(module, q, k[:, :, L:], v[:, :, L:], layout, D ** -0.5, 0.0, None, None)
     assert calls  # the whole-thought kernel ran
-    reference = naive_rows_attention(q, k, v, rows.index, valid, P, S)
-    ours = [out * real, *torch.autograd.grad((out * up * real).sum(), (q, k, v))]
-    theirs = [reference * real, *torch.autograd.grad((reference * up * real).sum(), (q, k, v))]
-    for a, b in zip(ours, theirs):
-        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-8)
+    assert_equals_naive_rows_attention(out, q, k, v, up, rows, valid, P)
 
 
 def test_train_uses_the_grouped_backward_and_logs_the_same_step(tiny_model_dir, tmp_path, monkeypatch):

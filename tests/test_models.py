@@ -277,6 +277,16 @@ def test_embedded_conversion_is_cached_and_atomic(fake_gguf, tmp_path):
     assert len(calls) == 1
 
 
+def test_the_embedded_tokenizer_is_read_early_once_converted(fake_gguf, monkeypatch, tmp_path):
+    """read_quietstar_tokenizer("embedded"), for the checks before loading: None until the embedded
+    model is converted (loading converts it), then the tokenizer loading gives."""
+    monkeypatch.setenv("QUIETSTAR_CACHE", str(tmp_path / "cache"))
+    assert M.read_quietstar_tokenizer("embedded") is None
+    M.embedded_model_dir()
+    early, loaded = M.read_quietstar_tokenizer("embedded"), M.load_base_model("embedded")[1]
+    assert early.get_vocab() == loaded.get_vocab() and early("the cat sat").input_ids == loaded("the cat sat").input_ids
+
+
 def test_embedded_cache_reused_without_package(fake_gguf, monkeypatch, tmp_path):
     folder = M.embedded_model_dir(tmp_path)
     _hide_embedded_package(monkeypatch)

@@ -127,6 +127,28 @@ def test_training_refuses_from_the_config_file_before_the_model_loads(tmp_path, 
     assert "model.safetensors" in capsys.readouterr().err
 
 
+def test_training_counts_the_thought_prefix_before_the_model_loads(tmp_path, capsys):
+    """The early check counts the thought_prefix's tokens, read with the base model's tokenizer as
+    the model reads them ("Q:" is 2 tokens): seq_len 249 with k = 3, A = 3 needs 249 + 3 + 3 + 1
+    = 256 positions without the prefix and 258 with it, so it is refused before the model loads,
+    naming the prefix, as the model's own check refuses it; seq_len 247 fits exactly, and the
+    missing weights stop it, at loading."""
+    from quietstar.cli.train import main
+
+    folder = _plain_folder(tmp_path / "llama", weights=False)  # loading it would fail: no weights
+    run = tmp_path / "run"
+    argv = ["--model", str(folder), "--sampled-thought-tokens", "3", "--ahead-tokens", "3", "--thought-prefix", "Q:",
+            "--output-dir", str(run), "--seq-len"]
+    assert main(argv + ["249"]) == 2
+    assert ("training on seq_len 249 with k=3, A=3 after a 2-token thought_prefix needs position ids up to 257, "
+            "but LlamaForCausalLM has 256 positions") in capsys.readouterr().err
+    assert not run.exists()
+    with pytest.raises(ValueError, match="a training step on 248 tokens needs position ids up to 256"):
+        make_model("llama", thought_prefix="Q:")(random_text(1, 248))  # the exact check: 247 is the longest
+    assert main(argv + ["247"]) == 2
+    assert "model.safetensors" in capsys.readouterr().err
+
+
 def test_training_past_the_positions_runs_when_opted_in(tmp_path):
     from quietstar.training.recipe import TrainConfig, train
 

@@ -123,6 +123,29 @@ def naive_rows_attention(q, k, v, rows, valid, P, Lq):
     return out
 
 
+def rows_attention_inputs(g, S, *, B, H, Hkv, L, D, P):
+    """Random float64 queries q [B, H, P*S, D] of passes 1..P over S rows, keys and values
+    k/v [B, Hkv, L + P*S, D] (the text's, then the thought passes'), with gradients, and an
+    upstream gradient up [B, P*S, H, D] of the output."""
+    q = torch.randn(B, H, P * S, D, dtype=torch.float64, generator=g, requires_grad=True)
+    k = torch.randn(B, Hkv, L + P * S, D, dtype=torch.float64, generator=g, requires_grad=True)
+    v = torch.randn(B, Hkv, L + P * S, D, dtype=torch.float64, generator=g, requires_grad=True)
+    up = torch.randn(B, P * S, H, D, dtype=torch.float64, generator=g)
+    return q, k, v, up
+
+
+def assert_equals_naive_rows_attention(out, q, k, v, up, rows: ThoughtRows, valid, P):
+    """out [B, P*S, H, D] and its gradients of q, k, v (through up) equal naive_rows_attention's
+    at the real rows; padding rows' outputs are never read."""
+    S = rows.index.shape[1]
+    real = rows.valid.repeat(1, P)[:, :, None, None]
+    reference = naive_rows_attention(q, k, v, rows.index, valid, P, S)
+    ours = [out * real, *torch.autograd.grad((out * up * real).sum(), (q, k, v))]
+    theirs = [reference * real, *torch.autograd.grad((reference * up * real).sum(), (q, k, v))]
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-8)
+
+
 @pytest.mark.parametrize("padded", [False, True])
 @pytest.mark.parametrize("path", ["fused", "general", "sdpa"])
 def test_rows_attention_equals_naive_with_gradients(padded, path):
@@ -140,22 +163,14 @@ def test_rows_attention_equals_naive_with_gradients(padded, path):
     mask = torch.tensor([[1, 0, 0, 1, 0, 1, 1], [0, 0, 0, 1, 0, 0, 1]], dtype=torch.bool)
     rows = ThoughtRows.from_mask(mask)
     S = rows.index.shape[1]
-    q = torch.randn(B, H, P * S, D, dtype=torch.float64, generator=g, requires_grad=True)
-    k = torch.randn(B, Hkv, L + P * S, D, dtype=torch.float64, generator=g, requires_grad=True)
-    v = torch.randn(B, Hkv, L + P * S, D, dtype=torch.float64, generator=g, requires_grad=True)
-    up = torch.randn(B, P * S, H, D, dtype=torch.float64, generator=g)
-    real = rows.valid.repeat(1, P)[:, :, None, None]  # padding rows' outputs are never read
+    q, k, v, up = rows_attention_inputs(g, S, B=B, H=H, Hkv=Hkv, L=L, D=D, P=P)
     positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
     layout = attention.ThoughtLayout(L, tuple(range(1, P + 1)), valid, positions, padded, rows=rows.index)
     keys = attention.PassKeys()
     keys.add(k[:, :, :L].split(L, 2), v[:, :, :L].split(L, 2))
     keys.add(k[:, :, L:].split(S, 2), v[:, :, L:].split(S, 2))
     out = fn(q, keys, layout, D ** -0.5)[0]
-    reference = naive_rows_attention(q, k, v, rows.index, valid, P, S)
-    ours = [out * real, *torch.autograd.grad((out * up * real).sum(), (q, k, v))]
-    theirs = [reference * real, *torch.autograd.grad((reference * up * real).sum(), (q, k, v))]
-    for a, b in zip(ours, theirs):
-        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-8)
+    assert_equals_naive_rows_attention(out, q, k, v, up, rows, valid, P)
 
 
 # ---------------------------------------------------------------------------- scoring
@@ -346,10 +361,7 @@ def test_rows_attention_in_blocks_of_keys_equals_general_with_gradients(padded):
     layout = attention.ThoughtLayout(L, (1, 2), valid, (valid.long().cumsum(-1) - 1).clamp(min=0), padded,
                                      rows=rows.index)
     assert len(layout.row_chunks()) >= 2
-    q = torch.randn(B, H, P * S, D, dtype=torch.float64, generator=g, requires_grad=True)
-    k = torch.randn(B, Hkv, L + P * S, D, dtype=torch.float64, generator=g, requires_grad=True)
-    v = torch.randn(B, Hkv, L + P * S, D, dtype=torch.float64, generator=g, requires_grad=True)
-    up = torch.randn(B, P * S, H, D, dtype=torch.float64, generator=g)
+    q, k, v, up = rows_attention_inputs(g, S, B=B, H=H, Hkv=Hkv, L=L, D=D, P=P)
     results = []
     for fn in (attention._fused_thought_attention, attention._general_thought_attention):
         keys = attention.PassKeys()

@@ -70,11 +70,13 @@ def _model_name(lm_config) -> str:
     return architectures[0] if architectures else f"the {lm_config.model_type} model"
 
 
-def check_training_positions(lm_config, config: QuietStarConfig, seq_len: int) -> None:
-    """``check_positions`` for training on ``seq_len``-token sequences with ``config``'s k and A."""
-    k, A = config.sampled_thought_tokens, config.ahead_tokens
-    check_positions(lm_config, rollout_positions(seq_len, k, A),
-                    f"training on seq_len {seq_len} with k={k}, A={A}", config.allow_position_extrapolation)
+def check_training_positions(lm_config, config: QuietStarConfig, seq_len: int, *, prefix_tokens: int) -> None:
+    """``check_positions`` for training on ``seq_len``-token sequences with ``config``'s k and A,
+    each thought opened by its ``prefix_tokens``-token thought_prefix (as the model counts them:
+    ``QuietStarConfig.thought_prefix_ids``)."""
+    k, A, m = config.sampled_thought_tokens, config.ahead_tokens, prefix_tokens
+    what = f"training on seq_len {seq_len} with k={k}, A={A}" + (f" after a {m}-token thought_prefix" if m else "")
+    check_positions(lm_config, rollout_positions(seq_len, m + k, A), what, config.allow_position_extrapolation)
 
 
 def training_memory(lm_config, config: QuietStarConfig, *, seq_len: int, micro_batch_size: int,

@@ -492,15 +492,20 @@ def read_quietstar_config(name: str, *, revision: str | None = None, cache_dir: 
 
 def read_quietstar_tokenizer(name: str, *, revision: str | None = None,
                              cache_dir: str | os.PathLike | None = None):
-    """The tokenizer of the saved QuietStar model ``name`` as loading it reads it
-    (``tokenizer_files.load_tokenizer``), without its weights: a local folder's, or a Hub repo's
-    text files alone (offline: from the cache), for the checks that come before loading; None
-    where it cannot be read that way (loading then says what is wrong)."""
+    """The tokenizer of the model ``name`` (a saved QuietStar model, or the base LM of a training
+    run) as loading it reads it (``tokenizer_files.load_tokenizer``), without its weights: a local
+    folder's (the embedded model's once converted), or a Hub repo's text files alone (offline: from
+    the cache), for the checks that come before loading; None where it cannot be read that way
+    (loading then says what is wrong)."""
     from quietstar.models.tokenizer_files import load_tokenizer
 
     stripped = os.fspath(name).strip()
     try:
-        if _is_local(stripped):
+        if is_embedded_name(stripped):
+            folder = default_cache_dir() / EMBEDDED_DIRNAME
+            if not _cached_folder_ok(folder, None):
+                return None
+        elif _is_local(stripped):
             folder = Path(stripped).expanduser()
         else:
             from huggingface_hub import snapshot_download

@@ -43,7 +43,7 @@ from quietstar.training.metrics import CURVES_NAME, METRICS_NAME, MetricsLogger,
     plot_training_curves, thought_samples
 from quietstar.data.corpora import TokenBatches
 from quietstar.models.limits import check_training_memory, check_training_positions
-from quietstar.models.loading import read_model_config
+from quietstar.models.loading import read_model_config, read_quietstar_tokenizer
 from quietstar.models.model_card import TrainingFacts
 from quietstar.models.modeling import QuietStarForCausalLM
 from quietstar.training.optim import build_optimizer, lr_at, set_learning_rate
@@ -195,16 +195,26 @@ class TrainingRecipe:
             raise QuietStarInputError("policy_max_grad_norm (two backward passes per step) runs in one process "
                                       "for now; unset it or train with one process")
 
-    def check_sizes(self, lm_config=None) -> None:
-        """The base LM's positions and a step's memory against seq_len, k, A, n and the micro-batch
-        (``models.limits``), from the LM's config: read from its file before the run folder, the
-        model or the data is touched, or, where that needs the model (``read_model_config`` gives
-        None), given by ``setup_model`` once it has loaded."""
+    def check_sizes(self, model: QuietStarForCausalLM | None = None) -> None:
+        """The base LM's positions and a step's memory against seq_len, k, A, the thought_prefix's
+        tokens, n and the micro-batch (``models.limits``), from the LM's config and tokenizer: read
+        from their files before the run folder, the model or the data is touched, or, where that
+        needs the model (``read_model_config`` or ``read_quietstar_tokenizer`` gives None), from
+        ``model`` once ``setup_model`` has loaded it."""
         cfg = self.config
-        lm_config = lm_config or read_model_config(cfg.model, revision=cfg.revision, cache_dir=cfg.cache_dir)
+        if model is not None:
+            lm_config, prefix_tokens = model.lm.config, len(model.thought_prefix_ids)
+        else:
+            where = dict(revision=cfg.revision, cache_dir=cfg.cache_dir)
+            lm_config, prefix_tokens = read_model_config(cfg.model, **where), 0
+            if lm_config is not None and cfg.quietstar.thought_prefix:  # its tokens, as the model counts them
+                tokenizer = read_quietstar_tokenizer(cfg.model, **where)
+                if tokenizer is None:
+                    return
+                prefix_tokens = len(cfg.quietstar.thought_prefix_ids(tokenizer))
         if lm_config is None:
             return
-        check_training_positions(lm_config, cfg.quietstar, cfg.seq_len)
+        check_training_positions(lm_config, cfg.quietstar, cfg.seq_len, prefix_tokens=prefix_tokens)
         check_training_memory(lm_config, cfg.quietstar, seq_len=cfg.seq_len, micro_batch_size=cfg.micro_batch_size,
                               device=self.device, bf16=self.bf16, activation_checkpointing=cfg.activation_checkpointing,
                               processes_sharing=self.world if self.device.type == "cpu" else 1)
@@ -293,8 +303,8 @@ class TrainingRecipe:
                 cfg.micro_batch_size
         else:
             model = build_model(cfg)
-        if not self.sizes_checked:  # its config could not be read before: before any data is read
-            self.check_sizes(model.lm.config)
+        if not self.sizes_checked:  # its files could not be read before: before any data is read
+            self.check_sizes(model)
         if self.ema:
             model.ema_baseline_enable()  # before accelerate moves and wraps the model
         self.model = self.unwrapped = model
