@@ -183,10 +183,10 @@ def report(args) -> None:
     if not seeds:
         raise ValueError("no seed has all three arms measured")
     untrained = runs["cp", seeds[0]]["untrained"]
-    for key, r in runs.items():
-        if not np.array_equal(r["untrained"], untrained):
-            raise ValueError(f"{key} scored other held-out tokens")
     document = runs["cp", seeds[0]]["document"]
+    for key, r in runs.items():
+        if not (np.array_equal(r["untrained"], untrained) and np.array_equal(r["document"], document)):
+            raise ValueError(f"{key} scored other held-out tokens")
     subsets = token_subsets(untrained)
 
     def nll(name: str, seed: int) -> np.ndarray:
