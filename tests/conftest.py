@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import os
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,10 @@ from quietstar import QuietStarConfig, QuietStarForCausalLM
 from quietstar.training.distill_config import EXPORT_DIR, DistillConfig
 
 torch.set_num_threads(1)  # steadier on a shared 2-core machine
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Under pytest-xdist (`make test`: one worker per core) the processes a test starts (the CLI,
+    # torchrun, accelerate launch) get one thread too, so a worker never uses more than its core.
+    os.environ["OMP_NUM_THREADS"] = "1"
 
 pytest_plugins = ["pytester", "ci_skips"]
 

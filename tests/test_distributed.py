@@ -142,6 +142,7 @@ def test_processes_import_the_quietstar_under_test(tmp_path):
 @needs_gloo
 def test_two_processes_match_one_process_with_accumulation(tmp_path):
     model_dir = tiny_model(tmp_path)
+    # --standalone: the rendezvous on a free port of localhost (no fixed port to share with other runs)
     run_two_processes([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                        "-m", "quietstar", "train", *as_flags(settings(model_dir, tmp_path / "two"))])
     train_one_process(settings(model_dir, tmp_path / "one"))
@@ -156,8 +157,10 @@ def launch_sharded(config: dict, values: dict, tmp_path) -> str:
     if "deepspeed_config_file" in config.get("deepspeed_config", {}):
         del config["mixed_precision"]  # the DeepSpeed file holds it (accelerate refuses both)
     config_file.write_text(yaml.safe_dump(config))
+    # Port 0: accelerate picks a free port. Its default, 29500, is shared by every launch on the
+    # machine, and two at once (tests in two pytest-xdist workers) would race for it.
     return run_two_processes([sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch",
-                              "--config_file", str(config_file),
+                              "--config_file", str(config_file), "--main_process_port", "0",
                               str(Path(__file__).with_name("sharded_on_cpu.py")), *as_flags(values)])
 
 

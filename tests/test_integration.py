@@ -11,7 +11,8 @@ import torch
 from conftest import make_model
 from quietstar import QuietStarConfig, QuietStarForCausalLM
 
-pytestmark = pytest.mark.integration
+# One pytest-xdist worker for the file (`make test`: --dist loadgroup): it loads SmolLM2 once.
+pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("smollm2")]
 
 
 @pytest.fixture(scope="module")

@@ -352,6 +352,11 @@ def _needs_embedded():
         pytest.skip(f"embedded model unavailable: {error}")
 
 
+# The tests of the session's conversion and GGUF reference (a real 135M model each) run on one
+# pytest-xdist worker (`make test`: --dist loadgroup), which builds them once.
+EMBEDDED_GROUP = pytest.mark.xdist_group("embedded_gguf")
+
+
 @pytest.fixture(scope="session")
 def embedded_conversion(tmp_path_factory):
     """Session-wide temporary quietstar cache root holding the converted embedded model.
@@ -402,6 +407,7 @@ def gguf_reference():
 
 
 @pytest.mark.integration
+@EMBEDDED_GROUP
 def test_embedded_conversion_folder(embedded_cache):
     root, folder, seconds = embedded_cache
     print(f"\nembedded conversion took {seconds:.1f}s")
@@ -414,6 +420,7 @@ def test_embedded_conversion_folder(embedded_cache):
 
 
 @pytest.mark.integration
+@EMBEDDED_GROUP
 def test_embedded_round_trip_logits(embedded_cache, gguf_reference):
     _, folder, _ = embedded_cache
     model, tokenizer = M.load_base_model(str(folder))
@@ -430,6 +437,7 @@ def test_embedded_round_trip_logits(embedded_cache, gguf_reference):
 
 
 @pytest.mark.integration
+@EMBEDDED_GROUP
 def test_embedded_cached_load_is_fast(embedded_cache, monkeypatch):
     root, folder, _ = embedded_cache
 
@@ -456,6 +464,7 @@ def test_embedded_cached_load_is_fast(embedded_cache, monkeypatch):
 
 
 @pytest.mark.integration
+@EMBEDDED_GROUP
 def test_gguf_load_is_plain_and_trainable(embedded_conversion, gguf_reference):
     model = embedded_conversion["gguf_model"]  # what load_gguf_model gave the conversion
     assert not getattr(model, "is_quantized", False)
