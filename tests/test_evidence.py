@@ -315,6 +315,17 @@ def test_results_summary_matches_the_recorded_runs():
         pooled = arm["differences"][f"own - {match[2]}"]
         assert [cell[k] for k in ("mean", "ci_low", "ci_high")] == [round(pooled[k], 4) for k in ("mean", "ci_low", "ci_high")], key
         assert cell["seeds"] == arm["seeds"], key  # an arm pooled over fewer seeds must say so
+    distillation = json.loads((results / "distillation" / "results.json").read_text())
+    cells = {"distilled_minus_cp_hardest10": ("hardest", "distilled - cp"), "distilled_minus_cp_all": ("all", "distilled - cp"),
+             "distilled_minus_teacher_with_hardest10": ("hardest", "distilled - teacher with"),
+             "distilled_minus_teacher_without_hardest10": ("hardest", "distilled - teacher without"),
+             "distilled_minus_teacher_without_all": ("all", "distilled - teacher without"),
+             "teacher_with_minus_without_hardest10": ("hardest", "teacher with - teacher without")}
+    for key, (subset, difference) in cells.items():
+        cell, pooled = summary["distillation_equal_compute"][key], distillation["differences"][subset][difference]
+        assert [cell[k] for k in ("mean", "ci_low", "ci_high")] == [round(pooled[k], 4) for k in ("mean", "ci_low", "ci_high")], key
+        assert cell["seeds"] == distillation["seeds"], key
+    assert ("bar not met" in summary["distillation_equal_compute"]["status"]) == (not distillation["bar_met"])
 
 
 # ---------------------------------------------------------------------------- comparing variants
@@ -354,3 +365,44 @@ def test_variants_are_compared_seed_by_seed(tmp_path):
     with pytest.raises(FileNotFoundError, match="hold no thought_content.py result"):
         compare_variants.main(["--variant", "E", str(tmp_path), "--variant", "F", str(tmp_path),
                                "--out", str(tmp_path / "x")])
+
+
+# ---------------------------------------------------------------------------- distillation's report
+distillation = _load_experiment("distillation")
+
+
+def test_distillation_report_pairs_each_seeds_arms(tmp_path):
+    untrained = np.arange(40, dtype=float)
+    document = np.repeat(np.arange(8), 5)
+    # arm: (NLL without thought at seed i, with thought) as offsets from the untrained NLL
+    arms = {"cp": (-1.0, None), "teacher": (-0.5, -0.6), "distilled": (-0.58, None)}
+    folders = []
+    for seed in (12, 13):
+        for arm, (without, with_) in arms.items():
+            if seed == 13 and arm == "distilled":
+                continue  # seed 13 lacks an arm: left out, and said so
+            folder = tmp_path / f"{arm}-seed{seed}"
+            folder.mkdir()
+            nll = {"untrained": untrained, "document": document, "without": untrained + without + 0.01 * seed}
+            if with_ is not None:
+                nll["with"] = untrained + with_ + 0.01 * seed
+            np.savez(folder / "measured.npz", **nll)
+            meta = {"arm": arm, "seed": seed, "steps": 3, "train_s": 1.0, "median_step_s": 0.5}
+            if arm == "distilled":
+                meta["export_check_max_abs"] = 1e-6
+            (folder / "run.json").write_text(json.dumps(meta))
+            folders.append(str(folder))
+    distillation.main(["report", "--out", str(tmp_path / "out"), *folders])
+    result = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert result["seeds"] == [12] and result["left_out_seeds"] == [13]
+    hard = result["differences"]["hardest"]
+    assert hard["distilled - cp"]["mean"] == pytest.approx(0.42)
+    assert hard["distilled - teacher with"]["mean"] == pytest.approx(0.02)
+    assert hard["teacher with - teacher without"]["mean"] == pytest.approx(-0.1)
+    assert result["hardest_tokens"] == 4 and not result["bar_met"]
+    assert "**not met**" in (tmp_path / "out" / "results.md").read_text()
+
+    np.savez(tmp_path / "cp-seed12" / "measured.npz", untrained=untrained, document=document[::-1],
+             without=untrained)  # the same NLLs of other documents' tokens: refused
+    with pytest.raises(ValueError, match="scored other held-out tokens"):
+        distillation.main(["report", "--out", str(tmp_path / "out2"), *folders])
