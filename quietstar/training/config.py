@@ -317,6 +317,12 @@ def config_file_path(name_or_path: str | Path) -> Path:
     return preset
 
 
+def names_preset(config_file: str | Path) -> bool:
+    """Whether ``config_file``, as ``--config`` takes it, names a shipped preset (not a file)."""
+    path = config_file_path(config_file)
+    return path.parent.resolve() == PRESETS_DIR.resolve() and str(config_file) == path.stem
+
+
 @dataclass
 class SettingsOrigin:
     """Where the settings of a resolved ``TrainConfig`` came from: its layers, first to last
@@ -394,9 +400,7 @@ def resolve_config(config_file: str | Path | None = None, overrides: dict[str, A
     overrides = overrides or {}
     file = None
     if config_file is not None:
-        path = config_file_path(config_file)
-        file = _settings_file(path, preset=path.parent.resolve() == PRESETS_DIR.resolve()
-                              and str(config_file) == path.stem)
+        file = _settings_file(config_file_path(config_file), preset=names_preset(config_file))
     base = file.base if file is not None and file.base else DEFAULT_PRESET
     explicit = merge(file.settings if file is not None else {}, overrides)
     saved = None

@@ -77,11 +77,22 @@ class DistillConfig:
     curriculum: tuple[int, ...] = option((), metavar="K,K,...", shown_default="none: distill the teacher as it is")
     """Fast Quiet-STaR: thought lengths of Quiet-STaR stages run before distillation (e.g.
     8,4): stage i trains the previous stage's model (the first: the teacher) for
-    curriculum_steps steps with thoughts of curriculum[i] tokens, as quietstar train does (its
-    cpu-demo preset's run settings, the teacher's method settings), into <output_dir>/stage-<i>;
-    the last stage's model is then the teacher distilled. A finished stage is not run again"""
+    curriculum_steps steps with thoughts of curriculum[i] tokens, as quietstar train does (the
+    run settings of --curriculum-config, the teacher's method settings), into
+    <output_dir>/stage-<i>; the last stage's model is then the teacher distilled. A finished stage
+    is not run again"""
     curriculum_steps: int = 20
     """optimiser steps of each curriculum stage"""
+    curriculum_config: str | None = option(None, metavar="YAML",
+                                           shown_default="none: the cpu-demo preset, as quietstar train")
+    """the run settings of the curriculum's stages (learning rate, schedule, warm-up, mixing head's
+    lr multiplier, precision, micro-batching, ...): what quietstar train --config takes, a YAML
+    file (layered on the preset its 'base:' names, cpu-demo without one) or a preset's name. The
+    stages set the rest: the distillation's data, num_documents, seq_len, batch_size, seed,
+    checkpoint_every and keep_checkpoints, model, max_steps = curriculum_steps, output_dir,
+    resume, no evaluation, and the teacher's method (a preset's 'quietstar:' settings give way
+    to it); a file that sets any of these is refused. A resumed run must keep the run settings
+    its stages were trained with"""
     checkpoint_every: int = 50
     """steps between checkpoints (and one at the end)"""
     keep_checkpoints: int = 2
@@ -124,6 +135,11 @@ class DistillConfig:
              "teacher_cache must name a folder (or be None: the teacher runs every step)")
         need(all(k >= 1 for k in self.curriculum), f"curriculum must list thought lengths >= 1, got "
              f"{list(self.curriculum)}")
+        need(self.curriculum_config is None or bool(self.curriculum_config.strip()),
+             "curriculum_config must name a YAML file or a preset (or be None: the cpu-demo preset)")
+        need(self.curriculum_config is None or bool(self.curriculum),
+             f"curriculum_config {self.curriculum_config!r} sets the run settings of the curriculum's stages, "
+             "and there is no curriculum: give --curriculum K,K,... too, or drop --curriculum-config")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self) | {"curriculum": list(self.curriculum)}  # YAML has lists, not tuples
