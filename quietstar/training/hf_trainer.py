@@ -13,8 +13,9 @@ objective): the loss is ``model(input_ids, attention_mask, labels).loss``, and e
 over the steps since the last log and logged with Trainer's own ``loss``, so ``report_to`` gets
 them too. For rlp / rpt a training step scores the thoughts in groups of positions
 (``thought_tokens_per_backward``, as ``quietstar train``): the same gradients at less memory and
-time, gradient accumulation's loss scaling included. The optimiser groups are ``quietstar.training.optim.parameter_groups`` (no decay on the START/END
-vectors, whose 100x learning rate comes from their parameterisation; the mixing head at
+time, gradient accumulation's loss scaling included. The optimiser groups are
+``quietstar.training.optim.parameter_groups`` (no decay on the START/END vectors, whose 100x
+learning rate comes from their parameterisation; the mixing head at
 ``mixing_head_lr_multiplier``); checkpoints and ``save_model`` go through
 ``QuietStarForCausalLM.save_pretrained`` and resuming loads them back into the model.
 
