@@ -11,8 +11,11 @@ It runs the same model forward, loss and metrics as ``quietstar train`` (no seco
 objective): the loss is ``model(input_ids, attention_mask, labels).loss``, and every metric of
 ``quietstar_loss`` (base_nll, mixed_nll, policy_loss, mean_reward, thought_gain, ...) is averaged
 over the steps since the last log and logged with Trainer's own ``loss``, so ``report_to`` gets
-them too. The optimiser groups are ``quietstar.training.optim.parameter_groups`` (no decay on the START/END
-vectors, whose 100x learning rate comes from their parameterisation; the mixing head at
+them too. For rlp / rpt a training step scores the thoughts in groups of positions
+(``thought_tokens_per_backward``, as ``quietstar train``): the same gradients at less memory and
+time, gradient accumulation's loss scaling included. The optimiser groups are
+``quietstar.training.optim.parameter_groups`` (no decay on the START/END vectors, whose 100x
+learning rate comes from their parameterisation; the mixing head at
 ``mixing_head_lr_multiplier``); checkpoints and ``save_model`` go through
 ``QuietStarForCausalLM.save_pretrained`` and resuming loads them back into the model.
 
@@ -37,19 +40,36 @@ from quietstar.utils.errors import QuietStarInputError
 
 @dataclass
 class QuietStarTrainingArguments(TrainingArguments):
-    """``TrainingArguments`` plus the settings of quietstar's optimiser groups."""
+    """``TrainingArguments`` plus the settings of quietstar's optimiser groups and of its
+    training forward."""
 
     mixing_head_lr_multiplier: float = field(default=1.0, metadata={
         "help": "The mixing head's learning rate is learning_rate times this (1.0: the paper)."})
+    thought_tokens_per_backward: int = field(default=2048, metadata={
+        "help": "rlp / rpt: the thoughts are sampled without gradients, the text pass runs once per sequence, and "
+                "the thoughts are scored and differentiated a group of positions at a time, each group's thought "
+                "passes about this many tokens (at least one position): the same gradients as one backward, with "
+                "the memory of the text pass plus one group's thoughts. 0: all thoughts in one graph (more "
+                "memory). Not used by the quietstar objective, in evaluation (no gradients), nor with activation "
+                "checkpointing."})
 
     def __post_init__(self):
         super().__post_init__()
         if not self.mixing_head_lr_multiplier > 0:
             raise QuietStarInputError(f"mixing_head_lr_multiplier must be > 0, got {self.mixing_head_lr_multiplier}")
+        tokens = self.thought_tokens_per_backward
+        if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 0:
+            raise QuietStarInputError(f"thought_tokens_per_backward must be an int >= 0, got {tokens!r}; use 0 for "
+                                      "one graph of every thought, or a token count per group (default 2048)")
 
 
 class QuietStarTrainer(Trainer):
     """``Trainer`` for a ``QuietStarForCausalLM`` (see the module docstring)."""
+
+    # compute_loss returns the micro-batch's mean loss (not a sum over num_items_in_batch), so
+    # Trainer divides it by the accumulation steps before backward; the grouped rlp / rpt step's
+    # held gradients are scaled by that backward's incoming gradient, like the rest.
+    loss_is_scaled_for_ga = False
 
     def __init__(self, model: QuietStarForCausalLM, args: TrainingArguments | None = None, **kwargs):
         if not isinstance(model, QuietStarForCausalLM):
@@ -72,8 +92,11 @@ class QuietStarTrainer(Trainer):
 
     # ------------------------------------------------------------------ the objective
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        # grouped only when training: evaluation has no gradients to hold (forward scores in one pass)
+        tokens = getattr(self.args, "thought_tokens_per_backward",
+                         QuietStarTrainingArguments.thought_tokens_per_backward) if model.training else 0
         out = model(inputs["input_ids"], inputs.get("attention_mask"), inputs.get("labels"),
-                    check_finite=False)
+                    check_finite=False, thought_tokens_per_backward=tokens)
         if model.training:
             for name, value in out.metrics.items():
                 self._metric_sums[name] = self._metric_sums.get(name, 0.0) + float(value)
