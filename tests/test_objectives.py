@@ -313,6 +313,16 @@ def test_prefix_match_by_hand():
     assert prefix_match(predicted, continuation, valid, None).tolist() == [True] + [False] * 5
 
 
+def test_prefix_match_of_ids_without_text():
+    """A head wider than the tokenizer samples ids with no token text (None): they match by id only."""
+    strings = {1: "a", 2: "b", 3: "ab"}
+    texts = lambda ids: [strings.get(i) for i in ids]  # noqa: E731: 9 has no text, as past a tokenizer's end
+    predicted = torch.tensor([9, 9, 3, 3])
+    continuation = torch.tensor([[9, 1], [1, 2], [9, 2], [1, 2]])
+    valid = torch.ones(4, 2, dtype=torch.bool)
+    assert prefix_match(predicted, continuation, valid, texts).tolist() == [True, False, False, True]
+
+
 def test_rpt_reward_matches_a_token_that_spans_two_true_tokens():
     """A tokenizer token whose text is two true tokens' texts together earns the reward."""
     tok = make_tokenizer()

@@ -142,7 +142,9 @@ def prefix_match(predicted: torch.Tensor, continuation: torch.Tensor, valid: tor
                  token_strings: Callable[[Sequence[int]], Sequence[str]] | None) -> torch.Tensor:
     """RPT's reward: [N] bool, True where ``predicted`` [N]'s token text equals the concatenated
     texts of ``continuation`` [N, h]'s first j tokens for some j with all of them ``valid``
-    [N, h]. ``token_strings`` maps ids to token texts; None: j = 1 only (equal ids)."""
+    [N, h]. ``token_strings`` maps ids to token texts; None: j = 1 only (equal ids). An id it
+    has no text for (None: a head with more rows than the tokenizer has tokens, as padded
+    vocabularies give) matches by id only."""
     hit = (predicted == continuation[:, 0]) & valid[:, 0]                     # j = 1
     if token_strings is None or continuation.shape[1] == 1:
         return hit
@@ -150,9 +152,11 @@ def prefix_match(predicted: torch.Tensor, continuation: torch.Tensor, valid: tor
     text = dict(zip(ids, token_strings(ids)))
     hits = hit.tolist()
     for r, (p, cont, ok) in enumerate(zip(predicted.tolist(), continuation.tolist(), valid.tolist())):
+        if text[p] is None:
+            continue
         joined = ""
         for token, real in zip(cont, ok):
-            if hits[r] or not real or len(joined) >= len(text[p]):
+            if hits[r] or not real or text[token] is None or len(joined) >= len(text[p]):
                 break
             joined += text[token]
             hits[r] = joined == text[p]
