@@ -149,3 +149,19 @@ def test_grouped_rlp_step_gives_the_one_graph_weights(tmp_path, monkeypatch, acc
 def test_a_negative_thought_token_budget_is_refused():
     with pytest.raises(QuietStarInputError, match="thought_tokens_per_backward must be an int >= 0, got -1; use 0"):
         QuietStarTrainingArguments(output_dir="unused", use_cpu=True, thought_tokens_per_backward=-1)
+
+
+def test_trainer_activation_checkpointing_trains_as_without(tmp_path):
+    """Trainer's activation_checkpointing reaches the LM (with Trainer's arguments) and changes no
+    weight: recomputing the layers in the backward is exact."""
+    weights = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        trainer = trainer_for(tmp_path / str(checkpointing), max_steps=1, save_strategy="no",
+                              activation_checkpointing=checkpointing)
+        trainer.train()
+        assert trainer.model.lm.is_activation_checkpointing == checkpointing
+        weights.append({k: v.clone() for k, v in trainer.model.state_dict().items()})
+    for key, value in weights[0].items():
+        # Adam's step is ~lr = 1e-3 per weight; recomputation changes float32 sums only (~2e-6 seen)
+        torch.testing.assert_close(weights[1][key], value, rtol=0, atol=1e-5, msg=key)

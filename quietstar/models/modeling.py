@@ -589,9 +589,13 @@ class QuietStarForCausalLM(nn.Module):
 
         return generate(self, input_ids, attention_mask=attention_mask, **kwargs)
 
-    def activation_checkpointing_enable(self) -> None:
-        """Recompute each decoder layer in the backward pass (non-reentrant, grid-safe)."""
-        self.lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None,
+                                        every_n_layers: int = 1, offload: bool = False) -> None:
+        """Recompute the decoder layers in the backward pass: the LM's own method and arguments (as
+        Trainer passes them), non-reentrant unless the kwargs say otherwise (grid-safe)."""
+        kwargs = {"use_reentrant": False} | dict(activation_checkpointing_kwargs or {})
+        self.lm.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs, every_n_layers=every_n_layers,
+                                                offload=offload)
 
 
 def _check_model(model) -> None:
