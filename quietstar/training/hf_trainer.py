@@ -33,6 +33,7 @@ import torch
 from transformers import Trainer, TrainingArguments
 
 from quietstar.training.checkpoint import load_model_weights
+from quietstar.training.config import TrainConfig
 from quietstar.models.modeling import QuietStarForCausalLM
 from quietstar.training.optim import parameter_groups
 from quietstar.utils.errors import QuietStarInputError
@@ -45,13 +46,13 @@ class QuietStarTrainingArguments(TrainingArguments):
 
     mixing_head_lr_multiplier: float = field(default=1.0, metadata={
         "help": "The mixing head's learning rate is learning_rate times this (1.0: the paper)."})
-    thought_tokens_per_backward: int = field(default=2048, metadata={
+    thought_tokens_per_backward: int = field(default=TrainConfig.thought_tokens_per_backward, metadata={  # one default
         "help": "rlp / rpt: the thoughts are sampled without gradients, the text pass runs once per sequence, and "
                 "the thoughts are scored and differentiated a group of positions at a time, each group's thought "
                 "passes about this many tokens (at least one position): the same gradients as one backward, with "
                 "the memory of the text pass plus one group's thoughts. 0: all thoughts in one graph (more "
                 "memory). Not used by the quietstar objective, in evaluation (no gradients), nor with activation "
-                "checkpointing."})
+                "checkpointing. As quietstar train's --thought-tokens-per-backward."})
 
     def __post_init__(self):
         super().__post_init__()
@@ -60,7 +61,8 @@ class QuietStarTrainingArguments(TrainingArguments):
         tokens = self.thought_tokens_per_backward
         if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 0:
             raise QuietStarInputError(f"thought_tokens_per_backward must be an int >= 0, got {tokens!r}; use 0 for "
-                                      "one graph of every thought, or a token count per group (default 2048)")
+                                      "one graph of every thought, or a token count per group (default "
+                                      f"{TrainConfig.thought_tokens_per_backward})")
 
 
 class QuietStarTrainer(Trainer):
