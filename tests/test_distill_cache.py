@@ -1,6 +1,7 @@
 """The teacher cache of ``quietstar distill --teacher-cache``: the top-k KL against a hand-written
-reference, k = V equal to the on-the-fly loss, exact resume from a sharded cache, and the
-refusals of a cache made for another run."""
+reference, k = V equal to the on-the-fly loss, exact resume from a sharded cache, a cache grown
+for a resumed run's larger max_steps (and an interrupted growth), and the refusals of a cache made
+for another run."""
 
 from __future__ import annotations
 
@@ -102,8 +103,7 @@ def test_resume_from_a_sharded_cache_is_exact_and_a_foreign_cache_is_refused(tea
     base = distill_config(teacher_dir, tmp_path / "other", teacher_cache=cache, cache_top_k=8)
     for change, words in [({"temperature": 2.0}, "temperature 1.0, this run has 2.0"),
                           ({"cache_top_k": 4}, "top_k 8, this run has 4"),
-                          ({"seed": 1}, "seed 0, this run has 1"),
-                          ({"max_steps": 4}, "covers 3 steps, fewer than max_steps 4")]:
+                          ({"seed": 1}, "seed 0, this run has 1")]:
         with pytest.raises(QuietStarInputError, match=words):
             distill(replace(base, **change))
     other_teacher = tmp_path / "teacher2"
@@ -143,3 +143,100 @@ def test_a_cache_of_other_text_is_refused(teacher_dir, tmp_path):
     data.write_text("\n\n".join(t.replace("e", "a") for t in texts), encoding="utf-8")
     with pytest.raises(QuietStarInputError, match="not the text the cache was made from"):
         distill(distill_config(teacher_dir, tmp_path / "b", **settings))
+
+
+def cached_steps(folder) -> list[dict[str, torch.Tensor]]:
+    """Every step's rows of a complete cache (digest, ids, logprobs, rest), whatever its shards."""
+    index = json.loads((folder / teacher_cache.INDEX_NAME).read_text())
+    steps = []
+    for shard in index["shards"]:
+        tensors = load_file(folder / shard["file"])
+        for j in range(shard["steps"]):
+            a, b = int(tensors["offsets"][j]), int(tensors["offsets"][j + 1])
+            steps.append({"inputs": tensors["inputs"][j], "ids": tensors["ids"][a:b],
+                          "logprobs": tensors["logprobs"][a:b], "rest": tensors["rest"][a:b]})
+    return steps
+
+
+def same_steps(a: list[dict[str, torch.Tensor]], b: list[dict[str, torch.Tensor]]) -> bool:
+    return len(a) == len(b) and all(torch.equal(x[k], y[k]) for x, y in zip(a, b) for k in x)
+
+
+# A constant learning rate: the cosine schedule depends on max_steps, so 2 then 4 steps would
+# otherwise not be the 4-step run whatever the cache does.
+GROW = dict(cache_top_k=6, lr_schedule="constant")
+
+
+def test_a_resumed_run_with_more_steps_grows_the_cache_as_one_written_at_once(teacher_dir, tmp_path):
+    grown, whole = tmp_path / "grown", tmp_path / "whole"
+    distill(distill_config(teacher_dir, tmp_path / "split", max_steps=2, teacher_cache=str(grown), **GROW))
+    assert json.loads((grown / teacher_cache.INDEX_NAME).read_text())["made_from"]["steps"] == 2
+    old = cached_steps(grown)
+    resumed = distill(distill_config(teacher_dir, tmp_path / "split", max_steps=4, teacher_cache=str(grown),
+                                     resume="latest", **GROW))
+    once = distill(distill_config(teacher_dir, tmp_path / "once", max_steps=4, teacher_cache=str(whole), **GROW))
+    assert resumed.step == 4 and resumed.metrics == {**once.metrics, "step_time_s": resumed.metrics["step_time_s"]}
+    a, b = exported_weights(tmp_path / "split"), exported_weights(tmp_path / "once")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+    index = json.loads((grown / teacher_cache.INDEX_NAME).read_text())
+    assert index["made_from"] == json.loads((whole / teacher_cache.INDEX_NAME).read_text())["made_from"]
+    assert [(s["file"], s["first_step"], s["steps"]) for s in index["shards"]] == [
+        ("shard-00000.safetensors", 0, 2), ("shard-00001.safetensors", 2, 2)]  # the old shard untouched
+    assert same_steps(cached_steps(grown)[:2], old)
+    assert same_steps(cached_steps(grown), cached_steps(whole))
+    # A 4-step run from the start reads the grown cache (old and new part checked) as the fresh one.
+    reread = distill(distill_config(teacher_dir, tmp_path / "reread", max_steps=4, teacher_cache=str(grown), **GROW))
+    c = exported_weights(tmp_path / "reread")
+    assert reread.metrics["loss"] == once.metrics["loss"] and all(torch.equal(b[k], c[k]) for k in b)
+
+
+def test_an_interrupted_growth_leaves_the_old_cache_and_a_retry_completes_it(teacher_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(teacher_cache, "SHARD_BYTES", 1)  # one step per shard: growing 2 -> 4 writes two
+    grown, whole = tmp_path / "grown", tmp_path / "whole"
+    distill(distill_config(teacher_dir, tmp_path / "split", max_steps=2, teacher_cache=str(grown), **GROW))
+    index_before, old = (grown / teacher_cache.INDEX_NAME).read_text(), cached_steps(grown)
+
+    write_shard = teacher_cache.CacheWriter._write_shard
+
+    def write_one_then_fail(writer):
+        write_shard(writer)
+        raise RuntimeError("interrupted")
+
+    monkeypatch.setattr(teacher_cache.CacheWriter, "_write_shard", write_one_then_fail)
+    resume = distill_config(teacher_dir, tmp_path / "split", max_steps=4, teacher_cache=str(grown), resume="latest",
+                            **GROW)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        distill(resume)
+    assert (grown / "shard-00002.safetensors").is_file()  # the new shard, listed nowhere
+    assert (grown / teacher_cache.INDEX_NAME).read_text() == index_before
+    assert same_steps(cached_steps(grown), old)
+    # The old cache still serves its 2 steps: a 2-step run from it equals the first.
+    distill(distill_config(teacher_dir, tmp_path / "again", max_steps=2, teacher_cache=str(grown), **GROW))
+    a, b = exported_weights(tmp_path / "split"), exported_weights(tmp_path / "again")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+    monkeypatch.setattr(teacher_cache.CacheWriter, "_write_shard", write_shard)
+    distill(resume)
+    distill(distill_config(teacher_dir, tmp_path / "once", max_steps=4, teacher_cache=str(whole), **GROW))
+    assert sorted(p.name for p in grown.iterdir()) == sorted(p.name for p in whole.iterdir())
+    assert same_steps(cached_steps(grown), cached_steps(whole))
+    a, b = exported_weights(tmp_path / "split"), exported_weights(tmp_path / "once")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_cache_for_fewer_steps_of_another_run_is_refused_not_grown(teacher_dir, tmp_path):
+    cache = tmp_path / "cache"
+    distill(distill_config(teacher_dir, tmp_path / "a", max_steps=2, teacher_cache=str(cache), **GROW))
+    files = {p.name: p.read_bytes() for p in cache.iterdir()}
+    base = distill_config(teacher_dir, tmp_path / "b", max_steps=4, teacher_cache=str(cache), **GROW)
+    other_teacher = tmp_path / "teacher2"
+    thinking_teacher(seed=5).save_pretrained(other_teacher)
+    for change, words in [({"temperature": 2.0}, "made with temperature 1.0, this run has 2.0; give another "
+                                                 "--teacher-cache folder"),
+                          ({"cache_top_k": 4}, "made with top_k 6, this run has 4"),
+                          ({"batch_size": 1}, "made with batch_size 2, this run has 1"),
+                          ({"teacher": str(other_teacher)}, "made with teacher_sha256 ")]:
+        with pytest.raises(QuietStarInputError, match=words):
+            distill(replace(base, **change))
+    assert {p.name: p.read_bytes() for p in cache.iterdir()} == files

@@ -193,7 +193,9 @@ class DistillRecipe:
 
     def setup_teacher_cache(self) -> None:
         """With ``teacher_cache``: the cache checked against this run, written first where absent
-        (one pass of the teacher over the max_steps batches, as the steps would run it)."""
+        (one pass of the teacher over the max_steps batches, as the steps would run it) and grown
+        where it holds fewer steps (the pass from its first missing step: a resumed run with a
+        larger max_steps)."""
         cfg = self.config
         if cfg.teacher_cache is None:
             return
@@ -207,18 +209,26 @@ class DistillRecipe:
                      "batch_size": cfg.batch_size, "seed": cfg.seed, "top_k": cfg.cache_top_k,
                      "temperature": cfg.temperature, "thought_fraction": cfg.thought_fraction,
                      "device": self.device.type}
-        if not is_complete(cfg.teacher_cache):
+        cache = TeacherCache(cfg.teacher_cache, made_from) if is_complete(cfg.teacher_cache) else None
+        first = cache.steps if cache is not None else 0
+        if first < cfg.max_steps:
             started = time.perf_counter()
-            writer = CacheWriter(cfg.teacher_cache, made_from, rows_per_step=cfg.batch_size * cfg.seq_len)
+            writer = CacheWriter(cfg.teacher_cache, made_from, rows_per_step=cfg.batch_size * cfg.seq_len,
+                                 extends=cache)
             head = self.teacher.vocab_head()
+            # From the start: the steps' batches in the steps' order, the first steps' only checked.
             for step, batch in zip(range(cfg.max_steps), self.token_batches()):
+                if step < first:
+                    cache.check_text(step, batch)  # the old part still holds for this run's text
+                    continue
                 batch = {k: v.to(self.device) for k, v in batch.items()}
                 teacher_hidden, _, valid = self.teacher_states(batch, step)
                 writer.add(batch, *teacher_top_k(head, teacher_hidden[valid], cfg.cache_top_k, cfg.temperature))
             writer.finish()
-            logger.info(f"teacher cache: {cfg.max_steps} steps written to {cfg.teacher_cache} in "
+            logger.info(f"teacher cache: steps {first + 1}..{cfg.max_steps} written to {cfg.teacher_cache} in "
                         f"{time.perf_counter() - started:.1f} s")
-        self.cache = TeacherCache(cfg.teacher_cache, made_from, cfg.max_steps)
+            cache = TeacherCache(cfg.teacher_cache, made_from)
+        self.cache = cache
 
     def setup_student(self) -> None:
         """The student, whose LM alone trains: a copy of the teacher, or with a teacher cache the

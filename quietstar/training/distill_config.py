@@ -69,8 +69,9 @@ class DistillConfig:
     """a folder of the teacher's top-k log-probabilities for every step (cache_top_k of them per
     position, the rest as one bucket): written by one pass of the teacher over the run's
     max_steps batches when absent, then read instead of running the teacher (which is then not
-    held in memory); refused when made for another teacher, data, seq_len, batch_size, seed,
-    cache_top_k, temperature or thought_fraction, or for fewer steps"""
+    held in memory); grown (the missing steps written) when made for fewer steps; refused when
+    made for another teacher, data, seq_len, batch_size, seed, cache_top_k, temperature or
+    thought_fraction"""
     cache_top_k: int = 64
     """k of --teacher-cache: ids kept per position (8k + 4 bytes per token on disk; k = the
     vocabulary size gives the on-the-fly loss)"""

@@ -1,12 +1,13 @@
 """The teacher cache of ``quietstar distill --teacher-cache DIR``: the teacher's top-k
-log-probabilities of every step's positions, written once, read by the steps instead of the teacher.
+log-probabilities of every step's positions, written once, read by the steps instead of the teacher,
+and grown when a run (a resumed one) asks for more steps than it was made for.
 
 The folder:
 
     teacher_cache.json        what the cache was made from (teacher and its weights' SHA-256, data,
                               num_documents, seq_len, batch_size, seed, top_k, temperature,
-                              thought_fraction, steps) and its shards; written last: a folder
-                              without it is incomplete
+                              thought_fraction, steps) and its shards; written last (a temporary
+                              file, then os.replace): a folder without it is incomplete
     shard-00000.safetensors   the steps [first, first + n): ids [rows, k] int32, logprobs [rows, k]
                               float32 (log p_t at temperature T), rest [rows] float32 (log of the
                               mass outside the k ids), offsets [n + 1] int64 (step j's rows are
@@ -17,6 +18,11 @@ Rows are a step's positions with a next token, in the order of ``hidden[valid]``
 so a step reads its rows without knowing the others (resume reads from any step). Shards hold
 about ``SHARD_BYTES`` each and are read a step's slice at a time (``safe_open``), so memory does
 not grow with the run. On disk: 8k + 4 bytes per token.
+
+Growing (``CacheWriter(..., extends=cache)``): a complete cache made for the same run but fewer
+steps gets the missing steps as new shard files, then a new index replaces the old one. Until that
+replace the old index lists only the old shards, so an interruption leaves the old cache, valid;
+the next growth removes the unlisted shards it left and writes them again.
 """
 
 from __future__ import annotations
@@ -37,7 +43,7 @@ INDEX_NAME = "teacher_cache.json"
 SHARD_PATTERN = "shard-{:05d}.safetensors"
 SHARD_BYTES = 256 * 2 ** 20  # about this much per shard file (a shard is built in memory, then written)
 FORMAT = 1
-# What must match between the cache and the run (``steps`` only needs to cover max_steps).
+# What must match between the cache and the run (``steps`` fewer than max_steps: the cache grows).
 MATCHED = ("teacher_sha256", "data", "num_documents", "seq_len", "batch_size", "seed", "top_k", "temperature",
            "thought_fraction")
 
@@ -68,25 +74,39 @@ def is_complete(folder: str | Path) -> bool:
 class CacheWriter:
     """Appends steps in order (``add``), a shard file every ``steps_per_shard`` steps; ``finish``
     writes the index, which makes the cache complete. Files of an earlier incomplete write are
-    removed first; a folder holding anything else is refused."""
+    removed first; a folder holding anything else is refused.
 
-    def __init__(self, folder: str | Path, made_from: dict[str, Any], rows_per_step: int):
+    With ``extends`` (the complete cache of ``folder``, checked against the run's ``made_from``)
+    the steps continue its own (the first ``add`` is step ``extends.steps``) in new shard files;
+    ``finish`` replaces its index by one listing its shards and the new ones (``made_from``: the
+    run's, equal to the cache's in ``MATCHED``). Shard files its index does not list (an
+    interrupted growth's) are removed first."""
+
+    def __init__(self, folder: str | Path, made_from: dict[str, Any], rows_per_step: int, *,
+                 extends: TeacherCache | None = None):
         self.folder = Path(folder)
-        if self.folder.exists() and not self.folder.is_dir():
-            raise QuietStarInputError(f"--teacher-cache {folder} is a file; give a folder")
-        self.folder.mkdir(parents=True, exist_ok=True)
-        others = [p.name for p in self.folder.iterdir() if not _is_shard(p.name)]
-        if others:
-            raise QuietStarInputError(f"--teacher-cache {folder} holds other files ({', '.join(sorted(others)[:3])}) "
-                                      f"and no {INDEX_NAME}; give an empty or new folder")
-        for stale in self.folder.iterdir():  # an interrupted write: its shards are rewritten
-            stale.unlink()
+        if extends is not None:
+            listed = {s["file"] for s in extends.shards}
+            for stale in self.folder.iterdir():
+                if _is_shard(stale.name) and stale.name not in listed:
+                    stale.unlink()
+            self.shards, self.steps = list(extends.shards), extends.steps
+        else:
+            if self.folder.exists() and not self.folder.is_dir():
+                raise QuietStarInputError(f"--teacher-cache {folder} is a file; give a folder")
+            self.folder.mkdir(parents=True, exist_ok=True)
+            others = [p.name for p in self.folder.iterdir() if not _is_shard(p.name)]
+            if others:
+                raise QuietStarInputError(f"--teacher-cache {folder} holds other files "
+                                          f"({', '.join(sorted(others)[:3])}) and no {INDEX_NAME}; give an empty "
+                                          "or new folder")
+            for stale in self.folder.iterdir():  # an interrupted write: its shards are rewritten
+                stale.unlink()
+            self.shards, self.steps = [], 0
         self.made_from = made_from
         step_bytes = rows_per_step * (8 * made_from["top_k"] + 4)
         self.steps_per_shard = max(1, SHARD_BYTES // max(step_bytes, 1))
-        self.shards: list[dict[str, Any]] = []
         self.pending: list[tuple[torch.Tensor, ...]] = []
-        self.steps = 0
 
     def add(self, batch: dict[str, torch.Tensor], ids: torch.Tensor, logprobs: torch.Tensor,
             rest: torch.Tensor) -> None:
@@ -100,9 +120,10 @@ class CacheWriter:
     def _write_shard(self) -> None:
         inputs, ids, logprobs, rest = zip(*self.pending)
         rows = torch.tensor([0] + [len(r) for r in rest]).cumsum(0)
-        name = SHARD_PATTERN.format(len(self.shards))
+        name = SHARD_PATTERN.format(len(self.shards))  # a grown cache's old shards are 0..n-1
         save_file({"ids": torch.cat(ids), "logprobs": torch.cat(logprobs), "rest": torch.cat(rest), "offsets": rows,
                    "inputs": torch.stack(inputs)}, self.folder / name)
+        _fsync(self.folder / name)  # on disk before an index lists it
         self.shards.append({"file": name, "first_step": self.steps - len(self.pending), "steps": len(self.pending),
                             "rows": int(rows[-1])})
         self.pending = []
@@ -113,7 +134,17 @@ class CacheWriter:
         index = {"format": FORMAT, "made_from": self.made_from | {"steps": self.steps}, "shards": self.shards}
         temp = self.folder / f".{INDEX_NAME}.tmp"
         temp.write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
-        os.replace(temp, self.folder / INDEX_NAME)
+        _fsync(temp)
+        os.replace(temp, self.folder / INDEX_NAME)  # the old index or the new one, never half of one
+        _fsync(self.folder)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _is_shard(name: str) -> bool:
@@ -122,10 +153,11 @@ def _is_shard(name: str) -> bool:
 
 
 class TeacherCache:
-    """A complete cache, checked against the run (``made_from``, ``max_steps``); ``read(step,
-    batch)`` gives that step's rows."""
+    """A complete cache, checked against the run's ``made_from`` (all but its steps: ``steps``
+    says how many it holds); ``read(step, batch)`` gives that step's rows, ``check_text(step,
+    batch)`` only checks that step's batch."""
 
-    def __init__(self, folder: str | Path, made_from: dict[str, Any], max_steps: int):
+    def __init__(self, folder: str | Path, made_from: dict[str, Any]):
         self.folder = Path(folder)
         try:
             index = json.loads((self.folder / INDEX_NAME).read_text(encoding="utf-8"))
@@ -139,20 +171,13 @@ class TeacherCache:
                     f"--teacher-cache {folder} was made with {key} {saved.get(key)!r}, this run has "
                     f"{made_from[key]!r}; give another --teacher-cache folder (a new one is written) or "
                     "delete this one to rewrite it")
-        if saved.get("steps", 0) < max_steps:
-            raise QuietStarInputError(f"--teacher-cache {folder} covers {saved.get('steps')} steps, fewer than "
-                                      f"max_steps {max_steps}; give another --teacher-cache folder (a new one "
-                                      "is written for max_steps steps)")
         self.made_from = saved
+        self.steps = int(saved.get("steps", 0))
 
     def read(self, step: int, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Step ``step``'s (ids [N, k] int32, log p_t [N, k], log p_t(rest) [N]), on the CPU; refused
         when ``batch`` is not the batch the cache was made from."""
-        shard = next((s for s in self.shards if s["first_step"] <= step < s["first_step"] + s["steps"]), None)
-        if shard is None:
-            raise QuietStarInputError(f"--teacher-cache {self.folder} has no step {step + 1}")
-        j = step - shard["first_step"]
-        path = self.folder / shard["file"]
+        path, j = self._locate(step)
         try:
             with safe_open(path, framework="pt") as f:
                 offsets = f.get_slice("offsets")[j:j + 2]
@@ -160,10 +185,35 @@ class TeacherCache:
                 a, b = int(offsets[0]), int(offsets[1])
                 out = f.get_slice("ids")[a:b], f.get_slice("logprobs")[a:b], f.get_slice("rest")[a:b]
         except (OSError, ValueError) as e:
-            raise QuietStarInputError(f"--teacher-cache {path} is unreadable ({e}); delete the folder to write "
-                                      "the cache again") from None
+            raise self._unreadable(path, e) from None
+        self._check_inputs(step, inputs, batch)
+        return out
+
+    def check_text(self, step: int, batch: dict[str, torch.Tensor]) -> None:
+        """Refuses ``batch`` when it is not step ``step``'s batch the cache was made from (reads
+        only the step's 32-byte digest)."""
+        path, j = self._locate(step)
+        try:
+            with safe_open(path, framework="pt") as f:
+                inputs = f.get_slice("inputs")[j:j + 1][0]
+        except (OSError, ValueError) as e:
+            raise self._unreadable(path, e) from None
+        self._check_inputs(step, inputs, batch)
+
+    def _locate(self, step: int) -> tuple[Path, int]:
+        """The shard file holding step ``step`` and the step's place in it."""
+        shard = next((s for s in self.shards if s["first_step"] <= step < s["first_step"] + s["steps"]), None)
+        if shard is None:
+            raise QuietStarInputError(f"--teacher-cache {self.folder} has no step {step + 1}")
+        return self.folder / shard["file"], step - shard["first_step"]
+
+    @staticmethod
+    def _unreadable(path: Path, error: Exception) -> QuietStarInputError:
+        return QuietStarInputError(f"--teacher-cache {path} is unreadable ({error}); delete the folder to write "
+                                   "the cache again")
+
+    def _check_inputs(self, step: int, inputs: torch.Tensor, batch: dict[str, torch.Tensor]) -> None:
         if not torch.equal(inputs, batch_sha256(batch)):
             raise QuietStarInputError(f"--teacher-cache {self.folder}: step {step + 1}'s text is not the text the "
                                       "cache was made from (the data changed?); delete the folder to write the "
                                       "cache again")
-        return out
