@@ -132,11 +132,12 @@ def remove_partial(run_dir: str | Path) -> None:
 # ------------------------------------------------------------------------------ atomic writes
 def _fsync_tree(folder: Path) -> None:
     for path in sorted(folder.rglob("*"), reverse=True):  # files before their folders
-        _fsync(path)
-    _fsync(folder)
+        fsync(path)
+    fsync(folder)
 
 
-def _fsync(path: Path) -> None:
+def fsync(path: Path) -> None:
+    """Flush a file's or a folder's entry to disk (an atomic write's steps are durable in order)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -178,7 +179,7 @@ def commit(run_dir: str | Path, step: int, keep: int | None) -> Path:
             shutil.rmtree(old, ignore_errors=True)
     else:
         os.rename(tmp, final)
-    _fsync(run_dir)  # make the rename itself durable
+    fsync(run_dir)  # make the rename itself durable
     for stale in list_checkpoints(run_dir)[:-keep] if keep else []:
         foreign = foreign_files(stale)
         if foreign:

@@ -37,6 +37,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from quietstar.training.checkpoint import fsync
 from quietstar.utils.errors import QuietStarInputError
 
 INDEX_NAME = "teacher_cache.json"
@@ -123,7 +124,7 @@ class CacheWriter:
         name = SHARD_PATTERN.format(len(self.shards))  # a grown cache's old shards are 0..n-1
         save_file({"ids": torch.cat(ids), "logprobs": torch.cat(logprobs), "rest": torch.cat(rest), "offsets": rows,
                    "inputs": torch.stack(inputs)}, self.folder / name)
-        _fsync(self.folder / name)  # on disk before an index lists it
+        fsync(self.folder / name)  # on disk before an index lists it
         self.shards.append({"file": name, "first_step": self.steps - len(self.pending), "steps": len(self.pending),
                             "rows": int(rows[-1])})
         self.pending = []
@@ -134,17 +135,9 @@ class CacheWriter:
         index = {"format": FORMAT, "made_from": self.made_from | {"steps": self.steps}, "shards": self.shards}
         temp = self.folder / f".{INDEX_NAME}.tmp"
         temp.write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
-        _fsync(temp)
+        fsync(temp)
         os.replace(temp, self.folder / INDEX_NAME)  # the old index or the new one, never half of one
-        _fsync(self.folder)
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        fsync(self.folder)
 
 
 def _is_shard(name: str) -> bool:
